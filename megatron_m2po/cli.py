@@ -1,0 +1,32 @@
+"""The `m2po` console script: one sub-command per user task, each in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, help). Each module exposes `add_arguments(parser)` and `run(args) -> int`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("megatron_m2po.demo", "tiny CPU demo: warm-start a tiny model, then M2PO RL; prints accuracy before -> after"),
+    "train": ("megatron_m2po.train", "train from a YAML recipe (same as python -m megatron_m2po.train)"),
+    "plot": ("megatron_m2po.plot", "write a PNG of the main curves of a run directory"),
+    "evaluate": ("tools.evaluate", "accuracy of a checkpoint on benchmark files"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="m2po", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        p.set_defaults(_module=module)
+    args, rest = parser.parse_known_args(argv)
+    module = importlib.import_module(args._module)
+    sub_parser = argparse.ArgumentParser(prog=f"m2po {args.command}")
+    module.add_arguments(sub_parser)
+    return int(module.run(sub_parser.parse_args(rest)) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""The records that flow engine -> reward -> queue -> trainer (ENGINES.md, "the common record").
+
+One definition, used by every engine, the queue and its journal, and the trainer, so a
+field means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class SamplingParams:
+    """Sampling settings sent to every engine; `temperature` is also what the trainer divides logits by."""
+
+    max_new_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    stop_token_ids: list[int] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class Sample:
+    """One response to one prompt, as an engine returns it.
+
+    `versions[t]` is the policy version that produced response token t: a response that
+    spans a weight update records both versions, so staleness is per token.
+    """
+
+    prompt_id: str
+    group_index: int
+    prompt_ids: list[int]
+    response_ids: list[int]
+    behavior_logprobs: list[float]
+    versions: list[int]
+    finish_reason: str  # "stop" | "length" | "abort"
+    engine_id: str = ""
+    timings: dict[str, float] = field(default_factory=dict)
+    response_text: str = ""
+    reward: float | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.response_ids)
+        if len(self.behavior_logprobs) != n or len(self.versions) != n:
+            raise ValueError(
+                f"sample {self.prompt_id}#{self.group_index}: {n} response tokens but "
+                f"{len(self.behavior_logprobs)} behavior_logprobs and {len(self.versions)} versions"
+            )
+
+    @property
+    def min_version(self) -> int:
+        return min(self.versions) if self.versions else -1
+
+
+@dataclass
+class Group:
+    """All n responses to one prompt, scored: the unit the replay queue stores and the trainer consumes."""
+
+    prompt_id: str
+    prompt_ids: list[int]
+    samples: list[Sample]
+    answer: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rewards(self) -> list[float]:
+        return [0.0 if s.reward is None else float(s.reward) for s in self.samples]
+
+    @property
+    def min_version(self) -> int:
+        """The oldest policy version any token of the group came from (what staleness is measured against)."""
+        return min(s.min_version for s in self.samples)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.prompt_ids) + len(s.response_ids) for s in self.samples)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Group:
+        samples = [Sample(**s) for s in d["samples"]]
+        return cls(
+            prompt_id=d["prompt_id"],
+            prompt_ids=list(d["prompt_ids"]),
+            samples=samples,
+            answer=d.get("answer", ""),
+            metadata=dict(d.get("metadata", {})),
+        )

