@@ -1,0 +1,59 @@
+"""Math answer reward: last \\boxed{} of the response checked against the gold answer with math-verify.
+
+Runs inside a RewardPool worker process; math-verify's own signal-based timeouts are
+disabled here because the pool's parent enforces the per-sample timeout (signals only
+work in a main thread, and a hung sympy call must be killable from outside).
+"""
+
+from __future__ import annotations
+
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+_BOXED_COMMANDS = ("\\boxed", "\\fbox")
+_GOLD_CONFIG = [LatexExtractionConfig(), ExprExtractionConfig()]
+_PRED_CONFIG = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+
+
+def extract_last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`, or `\\boxed 5`) in `text`, braces balanced; None if absent."""
+    start = max(text.rfind(cmd) for cmd in _BOXED_COMMANDS)
+    if start < 0:
+        return None
+    i = start + (len("\\boxed") if text.startswith("\\boxed", start) else len("\\fbox"))
+    if text.startswith(" ", i):  # "\boxed 5": the argument is the next token
+        rest = text[i + 1 :]
+        token = rest.split("$", 1)[0].split(None, 1)
+        return token[0] if token else None
+    if not text.startswith("{", i):
+        return None
+    depth = 0
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i + 1 : j]
+    return None  # unbalanced: the response was cut off inside the box
+
+
+def _parse_math(expr: str, config) -> list:
+    return parse(f"${expr}$", extraction_config=config, parsing_timeout=None)
+
+
+def math_reward(response: str, answer: str, *, format_reward: float = 0.0) -> float:
+    """1.0 if the last boxed answer of `response` equals `answer` (math-verify), else `format_reward` when an
+    answer was extracted but is wrong (the paper uses 0.1; the released code 0.0), else 0.0."""
+    boxed = extract_last_boxed(response)
+    if boxed is None or not boxed.strip():
+        return 0.0
+    gold = _parse_math(str(answer), _GOLD_CONFIG)
+    pred = _parse_math(boxed, _PRED_CONFIG)
+    if gold and pred and verify(gold, pred, timeout_seconds=None):
+        return 1.0
+    return float(format_reward)
+
+
+def math_reward_with_format(response: str, answer: str) -> float:
+    """The paper's variant: 1.0 correct, 0.1 for an extracted but wrong answer, 0.0 without an answer."""
+    return math_reward(response, answer, format_reward=0.1)

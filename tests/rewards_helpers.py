@@ -1,0 +1,18 @@
+"""Reward functions importable by RewardPool worker processes in tests (hostile behaviours on purpose)."""
+
+import os
+import time
+
+
+def sleepy_reward(response: str, answer: str) -> float:
+    if response == "hang":
+        time.sleep(3600)
+    return 1.0
+
+
+def crashing_reward(response: str, answer: str) -> float:
+    if response == "crash":
+        os._exit(3)
+    if response == "raise":
+        raise RuntimeError("bad input")
+    return 0.5
