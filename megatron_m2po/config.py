@@ -1,0 +1,525 @@
+"""The training job's configuration: typed dataclasses, filled from a YAML recipe plus `a.b=value` overrides.
+
+Every option is defined exactly once here, with a one-line help string, and read in exactly one place
+(`grep m2_budget` finds its definition and its use). Everything is validated before any process group
+or model is built, so a typo costs a second, not a cluster allocation: errors name the key, the file
+and the expected value, and an unknown key suggests the closest valid name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+STALENESS_MODES = ("sync", "fixed", "bounded")
+LOSSES = (
+    "m2po",
+    "m2po_clip",
+    "grpo",
+    "grpo_noclip",
+    "tis",
+    "decoupled_ppo",
+    "gspo",
+    "cispo",
+    "topr",
+    "on_policy",
+)
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key (and the file when there is one)."""
+
+
+def opt(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple | None = None,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    lt: float | None = None,
+) -> Any:
+    """A config field: default, one-line help, and the allowed values (checked by `validate`)."""
+    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    path: str = opt(
+        "", "policy to train: an HF model dir (config.json + safetensors) or a Megatron checkpoint dir"
+    )
+    dtype: str = opt(
+        "auto",
+        "parameter dtype; auto = bf16 on GPU, fp32 on CPU",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
+
+
+@dataclass
+class DataConfig:
+    path: str = opt("", "training prompts: a .jsonl or .parquet file")
+    problem_key: str = opt("problem", "row field holding the problem text")
+    answer_key: str = opt("answer", "row field holding the reference answer")
+    template: str = opt("{problem}", "prompt text built from the row; `{problem}` is replaced by the problem")
+    apply_chat_template: bool = opt(
+        True, "wrap the prompt with the tokenizer's chat template when it has one"
+    )
+    max_prompt_tokens: int = opt(
+        1536, "prompts longer than this (in tokens) are filtered out and counted", gt=0
+    )
+    on_error: str = opt(
+        "raise",
+        "a malformed row: raise an error naming file and line, or skip and count it",
+        choices=("raise", "skip"),
+    )
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = opt("local", "inference engine kind", choices=("local", "sglang", "vllm"))
+    num_engines: int = opt(1, "number of in-process engines (local / vllm); sglang uses `urls`", ge=1)
+    urls: list = opt([], "sglang: server or router base URLs, e.g. [http://127.0.0.1:30000]")
+    max_new_tokens: int = opt(256, "maximum response length in tokens", gt=0)
+    temperature: float = opt(
+        1.0, "sampling temperature; the trainer divides its logits by the same value", gt=0
+    )
+    top_p: float = opt(1.0, "nucleus sampling threshold", gt=0, le=1)
+    top_k: int = opt(-1, "top-k sampling; -1 = off", ge=-1)
+    behavior_logprobs: str = opt(
+        "engine",
+        "behaviour log-probs in the ratio: the engine's sampling log-probs, or `trainer`: recomputed by the "
+        "trainer with the producing weights right after generation (sync/fixed only, as the released code)",
+        choices=("engine", "trainer"),
+    )
+    sync_every: int = opt(
+        1, "push weights to the engines every this many optimizer updates (bounded mode)", ge=1
+    )
+    max_inflight_groups: int = opt(
+        8, "bounded mode: prompt groups generated concurrently by the rollout manager", ge=1
+    )
+    reward_fn: str = opt(
+        "megatron_m2po.rollout.rewards:math_reward",
+        "reward function `module:function(response, answer) -> float`",
+    )
+    reward_workers: int = opt(1, "processes scoring responses", ge=1)
+    reward_timeout: float = opt(5.0, "seconds before a reward call is abandoned and scored 0", gt=0)
+
+
+@dataclass
+class AlgorithmConfig:
+    loss: str = opt("m2po", "policy loss (algorithms.get_loss name)", choices=LOSSES)
+    advantage: str = opt(
+        "grpo", "advantage estimator over each prompt group", choices=("grpo", "drgrpo", "rloo")
+    )
+    aggregation: str = opt(
+        "token_mean",
+        "loss aggregation over the mini-batch",
+        choices=("token_mean", "seq_mean_token_mean", "seq_mean_token_sum"),
+    )
+    m2_budget: float = opt(
+        0.04, "m2po / m2po_clip: second-moment budget tau_M2 on the trust-region tokens", gt=0
+    )
+    m2_scope: str = opt(
+        "global",
+        "m2po mask over the whole optimizer mini-batch (all DP ranks, all micro-batches) "
+        "or per micro-batch as the released code",
+        choices=("global", "per_microbatch"),
+    )
+    clip_eps: float = opt(0.2, "grpo / decoupled_ppo / cispo: lower clip epsilon", gt=0)
+    clip_eps_high: float = opt(
+        0.2, "grpo / decoupled_ppo / cispo: upper clip epsilon (clip-higher: 0.28)", gt=0
+    )
+    dual_clip: float = opt(0.0, "grpo: dual-clip constant c (0 = off, else > 1, e.g. 3)", ge=0)
+    tis_cap: float = opt(2.0, "tis / decoupled_ppo: truncation cap of the importance weight", gt=0)
+    engine_mismatch_tis: bool = opt(
+        False,
+        "multiply the loss by a truncated IS factor for engine-vs-trainer mismatch "
+        "(needs rollout.behavior_logprobs=trainer)",
+    )
+
+
+@dataclass
+class StalenessConfig:
+    mode: str = opt(
+        "bounded",
+        "sync: s=0 on-policy; fixed: the paper's FIFO of `fixed_lag_steps` batches, "
+        "s = fixed_lag_steps x updates per step; bounded: asynchronous, staleness <= max_staleness",
+        choices=STALENESS_MODES,
+    )
+    fixed_lag_steps: int = opt(0, "fixed: K, the number of generated batches held in the FIFO", ge=0)
+    max_staleness: int = opt(4, "bounded: the largest allowed staleness in optimizer updates", ge=0)
+    queue_capacity: int = opt(1024, "most prompt groups the replay queue holds (back-pressure above)", ge=1)
+    journal_fsync: str = opt(
+        "batch", "when the queue journal is fsynced", choices=("batch", "always", "never")
+    )
+
+
+@dataclass
+class TrainConfig:
+    steps: int = opt(
+        100,
+        "training steps; each consumes prompts_per_step groups in prompts_per_step / "
+        "prompts_per_update optimizer updates (fixed mode runs fixed_lag_steps fill steps first)",
+        ge=1,
+    )
+    prompts_per_step: int = opt(8, "prompt groups consumed per step", ge=1)
+    responses_per_prompt: int = opt(8, "responses sampled per prompt (the group size n)", ge=1)
+    prompts_per_update: int = opt(8, "mini-batch: prompt groups per optimizer update", ge=1)
+    micro_batch_size: int = opt(8, "sequences per micro-batch on one DP rank (forward/backward unit)", ge=1)
+    lr: float = opt(1e-6, "peak learning rate", gt=0)
+    min_lr: float = opt(0.0, "final learning rate of a cosine / linear schedule", ge=0)
+    lr_schedule: str = opt("constant", "learning-rate decay", choices=("constant", "cosine", "linear"))
+    warmup_updates: int = opt(0, "optimizer updates of linear warm-up", ge=0)
+    weight_decay: float = opt(0.01, "AdamW weight decay", ge=0)
+    adam_beta1: float = opt(0.9, "AdamW beta1", ge=0, lt=1)
+    adam_beta2: float = opt(0.999, "AdamW beta2", ge=0, lt=1)
+    adam_eps: float = opt(1e-8, "AdamW epsilon", gt=0)
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)", ge=0)
+    seed: int = opt(0, "seed of the model init RNG, prompt order and sampling", ge=0)
+    torch_threads: int = opt(0, "torch intra-op threads of the trainer (0 = leave torch's default)", ge=0)
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = opt(1, "tensor-parallel size", ge=1)
+    pipeline: int = opt(1, "pipeline-parallel size", ge=1)
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = opt(
+        0, "save a training checkpoint every this many steps (0 = only at the end / on SIGTERM)", ge=0
+    )
+    keep_last: int = opt(2, "keep only the newest this many training checkpoints", ge=1)
+    save_at_end: bool = opt(True, "save a checkpoint after the last step")
+    export_hf_at_end: bool = opt(False, "also write the final policy as an HF model dir (run_dir/hf)")
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = opt(
+        "runs/default", "output dir: TensorBoard events, checkpoints, queue journal, resolved config"
+    )
+    console: str = opt("rich", "per-step console progress line", choices=("rich", "tqdm", "none"))
+    tensorboard: bool = opt(True, "write TensorBoard event files to run_dir/tb")
+    histograms: bool = opt(True, "log the staleness histogram every step")
+    level: str = opt("INFO", "python logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+@dataclass
+class EvalConfig:
+    path: str = opt("", "held-out prompts evaluated every `every` steps (empty = no eval)")
+    every: int = opt(
+        0, "evaluate every this many steps (0 = off); also before the first and after the last", ge=0
+    )
+    max_prompts: int = opt(0, "evaluate on at most this many prompts (0 = all)", ge=0)
+    samples_per_prompt: int = opt(1, "responses per eval prompt (accuracy is their average: avg@k)", ge=1)
+    temperature: float = opt(0.0, "eval sampling temperature (0 = greedy)", ge=0)
+    problem_key: str = opt("problem", "eval row field holding the problem text")
+    answer_key: str = opt("answer", "eval row field holding the reference answer")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    staleness: StalenessConfig = field(default_factory=StalenessConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    # ---- derived quantities (one definition each) ----
+    @property
+    def updates_per_step(self) -> int:
+        return self.train.prompts_per_step // self.train.prompts_per_update
+
+    @property
+    def fixed_staleness(self) -> int:
+        """The exact lag s of `fixed` mode in optimizer updates (0 for `sync`)."""
+        if self.staleness.mode == "sync":
+            return 0
+        return self.staleness.fixed_lag_steps * self.updates_per_step
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: _resolve(Config, f) for f in dataclasses.fields(Config)}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _resolve(cls: type, f: dataclasses.Field) -> Any:
+    return _hints(cls)[f.name]
+
+
+def _closest(name: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _coerce(key: str, value: Any, tp: Any, where: str) -> Any:
+    """Check (and where lossless, convert) `value` to the field type `tp`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        tp = next(a for a in args if a is not type(None))
+        origin = typing.get_origin(tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{where}'{key}': expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}'{key}': expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-6` as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}'{key}': expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}'{key}': expected a string, got {value!r}")
+    if tp is list or origin is list:
+        if isinstance(value, list):
+            return list(value)
+        if isinstance(value, str):
+            return [v for v in value.split(",") if v]
+        raise ConfigError(f"{where}'{key}': expected a list, got {value!r}")
+    raise ConfigError(f"{where}'{key}': unsupported field type {tp}")
+
+
+def _set(cfg: Config, dotted: str, value: Any, where: str) -> None:
+    parts = dotted.split(".")
+    sections = _sections()
+    if len(parts) != 2:
+        valid = [f"{s}.{f.name}" for s, cls in sections.items() for f in dataclasses.fields(cls)]
+        same_name = [v for v in valid if v.split(".")[1] == parts[-1]]
+        hint = f"; did you mean '{same_name[0]}'?" if same_name else _closest(dotted, valid)
+        raise ConfigError(f"{where}'{dotted}': keys have the form section.name{hint}")
+    section, name = parts
+    if section not in sections:
+        raise ConfigError(f"{where}unknown section '{section}'{_closest(section, list(sections))}")
+    cls = sections[section]
+    names = [f.name for f in dataclasses.fields(cls)]
+    if name not in names:
+        valid = [f"{section}.{n}" for n in names]
+        raise ConfigError(f"{where}unknown key '{dotted}'{_closest(dotted, valid)}")
+    tp = _hints(cls)[name]
+    setattr(getattr(cfg, section), name, _coerce(dotted, value, tp, where))
+
+
+def _apply_mapping(cfg: Config, data: Any, where: str) -> None:
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}the recipe must be a mapping of sections, got {type(data).__name__}")
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            sections = _sections()
+            if section not in sections:
+                raise ConfigError(
+                    f"{where}unknown section '{section}'{_closest(str(section), list(sections))}"
+                )
+            raise ConfigError(f"{where}section '{section}' must be a mapping of keys, got {values!r}")
+        for name, value in values.items():
+            _set(cfg, f"{section}.{name}", value, where)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value parsed as YAML, so 3 -> int, 1e-6 -> float, [a,b] -> list)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected the form section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- YAML recipe <- `a.b=value` overrides, then `validate`. Raises ConfigError."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        _apply_mapping(cfg, data, f"{path}: ")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set(cfg, key, value, "command line: ")
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        source = f"{path}" + (" + command-line overrides" if overrides else "") if path else "command line"
+        raise ConfigError(f"{source}: {e}") from None
+    return cfg
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """A validated Config from a nested dict (e.g. one saved in a checkpoint)."""
+    cfg = Config()
+    _apply_mapping(cfg, data, "")
+    validate(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _check_field(section: str, f: dataclasses.Field, value: Any) -> None:
+    key = f"{section}.{f.name}"
+    m = f.metadata
+    if m.get("choices") and value not in m["choices"]:
+        close = difflib.get_close_matches(str(value), [str(c) for c in m["choices"]], n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"'{key}': {value!r} is not one of {list(m['choices'])}{hint}")
+    for bound, ok, word in (
+        ("ge", lambda v, b: v >= b, ">="),
+        ("gt", lambda v, b: v > b, ">"),
+        ("le", lambda v, b: v <= b, "<="),
+        ("lt", lambda v, b: v < b, "<"),
+    ):
+        b = m.get(bound)
+        if b is not None and not ok(value, b):
+            raise ConfigError(f"'{key}': must be {word} {b}, got {value!r}")
+
+
+def validate(cfg: Config, world_size: int | None = None) -> None:
+    """Check every value and the relations between them; raise ConfigError naming the key.
+
+    `world_size` (when known, e.g. under torchrun) also checks that TP x PP divides it and that the
+    data-parallel size divides the batch.
+    """
+    for section, cls in _sections().items():
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(cls):
+            _check_field(section, f, getattr(obj, f.name))
+
+    t, s, r, a = cfg.train, cfg.staleness, cfg.rollout, cfg.algorithm
+    if not cfg.model.path:
+        raise ConfigError("'model.path': required (an HF model dir or a Megatron checkpoint dir)")
+    if not cfg.data.path:
+        raise ConfigError("'data.path': required (a .jsonl or .parquet prompt file)")
+    if "{problem}" not in cfg.data.template:
+        raise ConfigError(f"'data.template': must contain '{{problem}}', got {cfg.data.template!r}")
+    if t.prompts_per_step % t.prompts_per_update:
+        raise ConfigError(
+            f"'train.prompts_per_update': {t.prompts_per_update} does not divide "
+            f"train.prompts_per_step={t.prompts_per_step} (a step is a whole number of optimizer updates)"
+        )
+    if t.min_lr > t.lr:
+        raise ConfigError(f"'train.min_lr': {t.min_lr} is larger than train.lr={t.lr}")
+    if a.dual_clip and a.dual_clip <= 1:
+        raise ConfigError(f"'algorithm.dual_clip': must be 0 (off) or > 1, got {a.dual_clip}")
+    if r.behavior_logprobs == "trainer" and s.mode == "bounded":
+        raise ConfigError(
+            "'rollout.behavior_logprobs': `trainer` (recompute with the producing weights) needs "
+            "staleness.mode sync or fixed; in bounded mode the producing weights are gone by consumption"
+        )
+    if a.engine_mismatch_tis and r.behavior_logprobs != "trainer":
+        raise ConfigError(
+            "'algorithm.engine_mismatch_tis': needs rollout.behavior_logprobs=trainer "
+            "(otherwise the engine's log-probs already are the behaviour log-probs)"
+        )
+    if s.mode == "fixed" and s.fixed_lag_steps == 0:
+        raise ConfigError(
+            "'staleness.fixed_lag_steps': must be >= 1 in fixed mode (use staleness.mode=sync for s=0)"
+        )
+    if s.mode != "fixed" and s.fixed_lag_steps:
+        raise ConfigError(
+            f"'staleness.fixed_lag_steps': only used in fixed mode, but staleness.mode={s.mode}"
+        )
+    if s.mode == "bounded" and s.max_staleness < cfg.updates_per_step - 1:
+        raise ConfigError(
+            f"'staleness.max_staleness': {s.max_staleness} is below the {cfg.updates_per_step - 1} updates a step's "
+            "own later mini-batches age by; every group of those mini-batches would be dropped"
+        )
+    if s.queue_capacity < t.prompts_per_step * (1 + s.fixed_lag_steps):
+        raise ConfigError(
+            f"'staleness.queue_capacity': {s.queue_capacity} cannot hold the "
+            f"{t.prompts_per_step * (1 + s.fixed_lag_steps)} groups this mode keeps queued"
+        )
+    if r.engine == "sglang" and not r.urls:
+        raise ConfigError("'rollout.urls': sglang needs at least one server or router URL")
+    if cfg.eval.every and not cfg.eval.path:
+        raise ConfigError("'eval.path': required when eval.every > 0")
+    if world_size is not None:
+        validate_parallel(cfg, world_size)
+
+
+def validate_parallel(cfg: Config, world_size: int) -> int:
+    """Check the parallel layout against the world size; return the data-parallel size."""
+    t, p = cfg.train, cfg.parallel
+    mp = p.tensor * p.pipeline
+    if world_size % mp:
+        raise ConfigError(
+            f"'parallel.tensor' x 'parallel.pipeline' = {mp} does not divide the world size {world_size}"
+        )
+    dp = world_size // mp
+    seqs_per_update = t.prompts_per_update * t.responses_per_prompt
+    if seqs_per_update % dp:
+        raise ConfigError(
+            f"'train.prompts_per_update': {t.prompts_per_update} x train.responses_per_prompt="
+            f"{t.responses_per_prompt} = {seqs_per_update} sequences per update is not divisible by the "
+            f"data-parallel size {dp}"
+        )
+    return dp
+
+
+def reference_markdown() -> str:
+    """The config reference table for docs/training.md, generated from the help strings."""
+    lines = []
+    for section, cls in _sections().items():
+        lines += [f"### `{section}`", "", "| key | default | meaning |", "| --- | --- | --- |"]
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            choices = f.metadata.get("choices")
+            extra = f" One of: {', '.join(map(str, choices))}." if choices else ""
+            lines.append(f"| `{section}.{f.name}` | `{default!r}` | {f.metadata['help']}.{extra} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,121 @@
+"""Config: YAML + overrides with typed parsing, and every kind of bad input rejected naming the key."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from megatron_m2po.config import (
+    ConfigError,
+    load_config,
+    parse_override,
+    reference_markdown,
+    validate_parallel,
+)
+
+RECIPE = """
+model: {path: /models/tiny}
+data: {path: /data/train.jsonl}
+train: {lr: 1e-6, prompts_per_step: 8, prompts_per_update: 4, responses_per_prompt: 4}
+staleness: {mode: bounded, max_staleness: 4}
+"""
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    p = tmp_path / "recipe.yaml"
+    p.write_text(RECIPE)
+    return p
+
+
+def test_yaml_and_overrides_are_typed(recipe):
+    cfg = load_config(
+        recipe,
+        ["algorithm.m2_budget=0.05", "train.steps=7", "rollout.urls=[a,b]", "logging.tensorboard=false"],
+    )
+    assert cfg.train.lr == 1e-6 and isinstance(cfg.train.lr, float)  # YAML 1.1 reads 1e-6 as a string
+    assert cfg.algorithm.m2_budget == 0.05
+    assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
+    assert cfg.rollout.urls == ["a", "b"]
+    assert cfg.logging.tensorboard is False
+    assert cfg.updates_per_step == 2
+
+
+def test_fixed_lag_is_k_times_updates_per_step(recipe):
+    cfg = load_config(recipe, ["staleness.mode=fixed", "staleness.fixed_lag_steps=3"])
+    assert cfg.fixed_staleness == 3 * 2
+    assert load_config(recipe, ["staleness.mode=sync"]).fixed_staleness == 0
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("algorithm.m2_budgt=0.1", "did you mean 'algorithm.m2_budget'"),
+        ("trian.lr=0.1", "did you mean 'train'"),
+        ("lr=0.1", "did you mean 'train.lr'"),
+        ("train.lr=fast", "'train.lr': expected a number"),
+        ("train.steps=1.5", "'train.steps': expected an integer"),
+        ("train.steps=0", "'train.steps': must be >= 1"),
+        ("rollout.top_p=1.5", "'rollout.top_p': must be <= 1"),
+        ("staleness.mode=boundd", "did you mean 'bounded'"),
+        ("train.prompts_per_update=3", "'train.prompts_per_update': 3 does not divide"),
+        ("logging.tensorboard=maybe", "'logging.tensorboard': expected true/false"),
+        ("staleness.fixed_lag_steps=2", "only used in fixed mode"),
+        ("rollout.behavior_logprobs=trainer", "needs staleness.mode sync or fixed"),
+        ("algorithm.dual_clip=0.5", "'algorithm.dual_clip'"),
+        ("staleness.max_staleness=0", "'staleness.max_staleness'"),
+        ("model.path=", "'model.path': required"),
+        ("nonsense", "section.key=value"),
+    ],
+)
+def test_bad_values_name_the_key(recipe, override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_config(recipe, [override])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+    bad.write_text("train:\n  lr: 1e-6\n  warmup: 3\n")
+    with pytest.raises(
+        ConfigError, match=r"bad.yaml: unknown key 'train.warmup'; did you mean 'train.warmup_updates'"
+    ):
+        load_config(bad)
+    bad.write_text("train: 3\n")
+    with pytest.raises(ConfigError, match="section 'train' must be a mapping"):
+        load_config(bad)
+
+
+def test_data_parallel_must_divide_the_update(recipe):
+    cfg = load_config(
+        recipe,
+        [
+            "train.responses_per_prompt=3",
+            "train.prompts_per_update=1",
+            "train.prompts_per_step=1",
+            "staleness.max_staleness=0",
+        ],
+    )
+    assert validate_parallel(cfg, 1) == 1
+    with pytest.raises(ConfigError, match="not divisible by the data-parallel size 2"):
+        validate_parallel(cfg, 2)
+    cfg = load_config(recipe, ["parallel.tensor=2"])
+    with pytest.raises(ConfigError, match="does not divide the world size 3"):
+        validate_parallel(cfg, 3)
+
+
+@given(st.floats(min_value=1e-9, max_value=10, allow_nan=False))
+def test_float_overrides_roundtrip(x):
+    key, value = parse_override(f"train.lr={x!r}")
+    assert key == "train.lr" and float(value) == x
+
+
+def test_every_field_has_help():
+    text = reference_markdown()
+    assert "`algorithm.m2_budget`" in text and "| `train.lr` |" in text
+    assert "|  |" not in text
