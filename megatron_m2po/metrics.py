@@ -1,0 +1,201 @@
+"""Training metrics: TensorBoard scalars/histograms and one console progress line per step.
+
+One name per quantity across TensorBoard, console and docs, grouped by area: `rollout/`, `queue/`,
+`loss/`, `perf/`, `train/`, `eval/`. Only rank 0 writes; other ranks get a disabled logger so the
+loop can call it unconditionally.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+NAMESPACES = ("rollout/", "queue/", "loss/", "perf/", "train/", "eval/", "reward/")
+
+# Dense bf16 peak of one GPU, for the MFU estimate (H100 SXM / H200 share the figure).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+# What the console line shows, in order, when present: (tag, short label, format).
+CONSOLE_FIELDS = (
+    ("rollout/reward_mean", "reward", "{:.3f}"),
+    ("eval/accuracy", "eval", "{:.3f}"),
+    ("loss/value", "loss", "{:+.4f}"),
+    ("loss/m2_before", "m2", "{:.4f}"),
+    ("loss/masked_fraction", "masked", "{:.2%}"),
+    ("train/staleness_mean", "stale", "{:.1f}"),
+    ("queue/depth", "queue", "{:.0f}"),
+    ("train/grad_norm", "gnorm", "{:.3f}"),
+    ("perf/time_step", "s/step", "{:.2f}"),
+)
+
+
+def gpu_peak_flops() -> float | None:
+    """Peak dense bf16 FLOP/s of this process's GPU, or None (CPU / unknown card: no MFU)."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        name = torch.cuda.get_device_name()
+    except Exception:  # noqa: BLE001 - no GPU info means no MFU, never a crash
+        return None
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def mfu(num_params: int, tokens_per_s: float, num_gpus: int, peak_flops: float | None) -> float | None:
+    """Model FLOPs utilisation with the 6 N FLOPs per trained token estimate (attention ignored)."""
+    if not peak_flops or num_gpus <= 0:
+        return None
+    return 6.0 * num_params * tokens_per_s / (peak_flops * num_gpus)
+
+
+class _ConsoleLine:
+    """A progress bar with ETA and the key metrics, via rich or tqdm; a log line when not a terminal."""
+
+    def __init__(self, kind: str, total: int, start: int) -> None:
+        self.kind, self.total, self.done = kind, total, start
+        self.t0, self.start = time.monotonic(), start
+        self._bar = None
+        if kind == "rich" and sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._bar = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.description}"),
+                transient=False,
+            )
+            self._task = self._bar.add_task("", total=total, completed=start)
+            self._bar.start()
+        elif kind == "tqdm":
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
+
+    def eta_seconds(self) -> float:
+        rate = (time.monotonic() - self.t0) / max(1, self.done - self.start)
+        return rate * (self.total - self.done)
+
+    def update(self, step: int, scalars: Mapping[str, float]) -> None:
+        self.done = step
+        text = "  ".join(
+            f"{label} {fmt.format(scalars[tag])}" for tag, label, fmt in CONSOLE_FIELDS if tag in scalars
+        )
+        if self.kind == "none":
+            return
+        if self._bar is None:
+            eta = self.eta_seconds()
+            logger.info("step %d/%d  %s  eta %dm%02ds", step, self.total, text, eta // 60, eta % 60)
+        elif self.kind == "rich":
+            self._bar.update(self._task, completed=step, description=text)
+        else:
+            self._bar.n = step
+            self._bar.set_postfix_str(text)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            if self.kind == "rich":
+                self._bar.stop()
+            else:
+                self._bar.close()
+
+
+class MetricsLogger:
+    """Writes scalars and histograms to `run_dir/tb` and shows a console line per step (rank 0 only)."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        total_steps: int,
+        start_step: int = 0,
+        tensorboard: bool = True,
+        console: str = "rich",
+        enabled: bool = True,
+    ) -> None:
+        self.enabled = enabled
+        self.writer = None
+        self.console = None
+        if not enabled:
+            return
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events of steps a resumed run redoes, so the curves stay single-valued.
+            self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_step or None)
+        self.console = _ConsoleLine(console, total_steps, start_step)
+
+    def log(self, step: int, scalars: Mapping[str, float], *, console: bool = True) -> None:
+        """Write every finite scalar (a non-finite one is logged as a warning and still written)."""
+        if not self.enabled:
+            return
+        for tag, value in scalars.items():
+            if not tag.startswith(NAMESPACES):
+                raise ValueError(f"metric '{tag}' is outside the namespaces {NAMESPACES}")
+            if value is None:
+                continue
+            value = float(value)
+            if not math.isfinite(value):
+                logger.warning("metric %s is %s at step %d", tag, value, step)
+            if self.writer is not None:
+                self.writer.add_scalar(tag, value, step)
+        if console and self.console is not None:
+            self.console.update(step, scalars)
+
+    def histogram(self, step: int, tag: str, values: Iterable[float]) -> None:
+        if not self.enabled or self.writer is None:
+            return
+        import numpy as np
+
+        arr = np.asarray(list(values), dtype=np.float64)
+        if arr.size:
+            self.writer.add_histogram(tag, arr, step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.console is not None:
+            self.console.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
+    """All scalar series of a run (tag -> [(step, value)]), read back with TensorBoard's EventAccumulator."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = Path(run_dir)
+    tb = run_dir / "tb" if (run_dir / "tb").is_dir() else run_dir
+    if not any(tb.glob("events.out.tfevents.*")):
+        raise FileNotFoundError(f"no TensorBoard event files in {tb}")
+    series: dict[str, dict[int, float]] = {}
+    for events in sorted(tb.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0, "histograms": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            for ev in acc.Scalars(tag):
+                series.setdefault(tag, {})[ev.step] = ev.value  # a later file (resumed run) wins
+    return {tag: sorted(points.items()) for tag, points in series.items()}
+
+
+def read_histogram_tags(run_dir: str | Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = Path(run_dir)
+    tb = run_dir / "tb" if (run_dir / "tb").is_dir() else run_dir
+    tags: set[str] = set()
+    for events in tb.glob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events), size_guidance={"histograms": 0})
+        acc.Reload()
+        tags |= set(acc.Tags()["histograms"])
+    return tags
