@@ -1,0 +1,136 @@
+"""Prompt data: field presets on the real benchmark files, templates, chat template, errors naming file and line."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from transformers import AutoTokenizer
+
+from megatron_m2po.data.prompts import M2PO_TEMPLATE, PromptDataError, PromptDataset, read_answer
+from megatron_m2po.models.tiny import make_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return AutoTokenizer.from_pretrained(make_tiny_model("qwen3", tmp_path_factory.mktemp("tiny")))
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize(
+    "stem,rows,first_answer",
+    [
+        ("math500", 500, r"\left( 3, \frac{\pi}{2} \right)"),
+        ("gsm8k", 1319, "18"),
+        ("amc23", 40, "27"),
+        ("minerva_math", 272, None),
+        ("olympiadbench", 675, None),
+        ("aime24", 30, None),
+    ],
+)
+def test_benchmark_presets_read_every_row(shared_data, tokenizer, stem, rows, first_answer):
+    ds = PromptDataset.from_benchmark(shared_data / f"{stem}.jsonl", tokenizer)
+    assert len(ds) == rows and ds.num_skipped_malformed == 0
+    assert all(p.answer for p in ds)
+    if first_answer is not None:
+        assert ds[0].answer == first_answer
+
+
+def test_answer_formats():
+    assert read_answer(["3", "5"], "plain") == "3, 5"
+    assert read_answer(27.0, "plain") == "27"
+    assert read_answer(r"so $\boxed{\frac{1}{2}}$.", "boxed") == r"\frac{1}{2}"
+    assert read_answer("work\n#### 1,234", "gsm8k") == "1234"
+    with pytest.raises(ValueError, match="####"):
+        read_answer("no marker", "gsm8k")
+
+
+def test_chat_template_and_paper_template(tmp_path, tokenizer):
+    f = _write_jsonl(tmp_path / "p.jsonl", [{"problem": "1+1?", "answer": "2"}])
+    ds = PromptDataset(f, tokenizer, template="m2po")
+    assert ds[0].text == M2PO_TEMPLATE.format(problem="1+1?")
+    decoded = tokenizer.decode(ds[0].prompt_ids)
+    assert decoded.startswith("<|im_start|>user\nPlease solve the following math problem: 1+1?.")
+    assert decoded.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    raw = PromptDataset(f, tokenizer, apply_chat_template=False)
+    assert tokenizer.decode(raw[0].prompt_ids) == "1+1?"
+    assert ds[0].prompt_id == "p:1"
+
+
+def test_too_long_prompts_filtered_and_counted(tmp_path, tokenizer):
+    rows = [{"problem": "x" * n, "answer": "1"} for n in (5, 500, 10, 800)]
+    ds = PromptDataset(
+        _write_jsonl(tmp_path / "p.jsonl", rows), tokenizer, apply_chat_template=False, max_prompt_tokens=100
+    )
+    assert len(ds) == 2 and ds.num_filtered_too_long == 2
+    assert ds.metrics()["data/filtered_too_long"] == 2
+
+
+def test_errors_name_file_and_line(tmp_path, tokenizer):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        PromptDataset(tmp_path / "nope.jsonl", tokenizer)
+    bad_json = _write_jsonl(
+        tmp_path / "bad.jsonl",
+        [
+            {"problem": "a", "answer": "1"},
+            "",
+            '{"problem": "b", ',
+        ],
+    )
+    with pytest.raises(PromptDataError, match=r"bad\.jsonl:line 3: invalid JSON"):
+        PromptDataset(bad_json, tokenizer)
+    missing = _write_jsonl(
+        tmp_path / "missing.jsonl", [{"problem": "a", "answer": "1"}, {"question": "b", "answer": "2"}]
+    )
+    with pytest.raises(PromptDataError, match=r"missing\.jsonl:line 2: missing field 'problem'"):
+        PromptDataset(missing, tokenizer)
+    boxless = _write_jsonl(tmp_path / "boxless.jsonl", [{"problem": "a", "solution": "no box"}])
+    with pytest.raises(PromptDataError, match=r"boxless\.jsonl:line 1: field 'solution': no \\boxed"):
+        PromptDataset(boxless, tokenizer, answer_key="solution", answer_format="boxed")
+
+
+def test_skip_mode_counts_bad_rows(tmp_path, tokenizer):
+    f = _write_jsonl(
+        tmp_path / "mixed.jsonl",
+        [
+            {"problem": "a", "answer": "1"},
+            "not json",
+            [1, 2],
+            {"problem": "b"},
+            {"problem": "c", "answer": 3},
+        ],
+    )
+    ds = PromptDataset(f, tokenizer, on_error="skip")
+    assert [p.prompt_id for p in ds] == ["mixed:1", "mixed:5"]
+    assert ds.num_skipped_malformed == 3
+    assert ds[1].answer == "3"
+
+
+def test_parquet_and_row_errors(tmp_path, tokenizer):
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.table({"question": ["q1", "q2"], "final_answer": [["1"], ["2", "3"]]}), path)
+    ds = PromptDataset(path, tokenizer, problem_key="question", answer_key="final_answer")
+    assert [p.answer for p in ds] == ["1", "2, 3"]
+    with pytest.raises(PromptDataError, match=r"p\.parquet:row 1: missing field 'problem'"):
+        PromptDataset(path, tokenizer)
+
+
+def test_epochs_are_deterministic_and_resumable(tmp_path, tokenizer):
+    f = _write_jsonl(tmp_path / "p.jsonl", [{"problem": f"q{i}", "answer": str(i)} for i in range(7)])
+    a = PromptDataset(f, tokenizer, seed=3)
+    first = [p.prompt_id for p in a.next_prompts(10)]
+    assert len(set(first)) == 10  # epoch tag keeps ids unique across epochs
+    assert sorted(x.split("@")[0] for x in first[:7]) == sorted(f"p:{i}" for i in range(1, 8))
+    state = a.state_dict()
+    rest = [p.prompt_id for p in a.next_prompts(5)]
+    b = PromptDataset(f, tokenizer, seed=3)
+    assert [p.prompt_id for p in b.next_prompts(10)] == first
+    c = PromptDataset(f, tokenizer, seed=3)
+    c.load_state_dict(state)
+    assert [p.prompt_id for p in c.next_prompts(5)] == rest
