@@ -1,0 +1,468 @@
+"""M2PO and the baseline policy losses, one interface: `get_loss(name, **hyperparameters)`.
+
+Notation (M2PO.md): for response token t of sequence i, log r = log pi_theta - log mu (mu = the behaviour
+policy that sampled it), r = exp(log r), A the advantage, sg() stop-gradient, M2 = (log r)^2, T the
+trust-region tokens (A > 0, r > 1) or (A < 0, r < 1). Each loss below is a per-token loss l_t; the
+wrapper then multiplies by the optional TIS factor and aggregates (token-mean by default).
+
+Behaviour log-probs, two sources (both supported, the trainer picks):
+* engine: `behavior_log_probs` = the engine's sampling log-probs; the engine-vs-trainer mismatch is then
+  inside r and `tis_cap` must stay None.
+* trainer-recomputed (the released M2PO code): `behavior_log_probs` = log-probs recomputed by the trainer
+  with the producing weights when the batch was produced; pass the engine's as `engine_log_probs` and set
+  `tis_cap` (~2) to weight each token by min(exp(behavior - engine), tis_cap) (truncated IS on mismatch).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from megatron_m2po.algorithms.diagnostics import policy_metrics
+from megatron_m2po.algorithms.m2po_mask import (
+    compute_m2_threshold,
+    m2po_masked_tokens,
+    quantized_m2,
+    trust_region_mask,
+    water_filling_tau,
+)
+
+__all__ = ["AGGREGATIONS", "LOSSES", "LossInputs", "PolicyLoss", "TokenLoss", "aggregate", "get_loss"]
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+_RELEASED_NO_BOUND = (0.0, 100000.0)  # the released m2po_clip's ratio bounds when M2 is within budget
+
+
+@dataclass
+class LossInputs:
+    """What every loss sees: validated [batch, T] tensors, zeros outside the response mask."""
+
+    log_probs: torch.Tensor  # log pi_theta, differentiable
+    behavior_log_probs: torch.Tensor  # log mu
+    advantages: torch.Tensor
+    mask: torch.Tensor  # bool
+    log_ratio: torch.Tensor  # log r, differentiable
+    ratio: torch.Tensor  # r, differentiable
+    trust_region: torch.Tensor  # bool, T
+    proximal_log_probs: torch.Tensor | None = None
+    m2_threshold: float | None = None
+    process_group: dist.ProcessGroup | None = None
+
+
+@dataclass
+class TokenLoss:
+    """A loss's per-token value and which tokens it masked (no gradient) or clipped/truncated."""
+
+    per_token: torch.Tensor
+    masked: torch.Tensor | None = None
+    clipped: torch.Tensor | None = None
+    clipped_keeps_gradient: bool = (
+        False  # truncation (tis, cispo, topr) scales the gradient, clipping zeroes it
+    )
+    extra: dict[str, float | torch.Tensor] = field(default_factory=dict)
+
+
+def _ppo_clip(advantages, ratio, low, high):
+    """max(-A r, -A clip(r, low, high)) and where the clipped branch wins (its gradient is zero there)."""
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, low, high)
+    return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+# ---------------------------------------------------------------------------------------------- the losses
+
+
+def m2po(x: LossInputs, *, m2_budget: float = 0.04, scope: str = "global") -> TokenLoss:
+    """M2PO, paper (Algorithm 1): l_t = -M_t r_t A_t, no clipping.
+
+    M_t = 0 for the largest-M2 tokens of T until mean_T(M2) <= tau_M2 (= m2_budget); masked tokens still count
+    in the normaliser. scope "global": the caller's `m2_threshold` (compute_m2_threshold over the optimizer
+    mini-batch), or if absent the threshold over this call across `process_group`; "per_microbatch": this
+    call's tokens only (the released runs).
+    """
+    if x.m2_threshold is not None and scope == "per_microbatch":
+        raise ValueError("m2po: m2_threshold was passed but scope='per_microbatch' computes its own")
+    theta = x.m2_threshold
+    if theta is None:
+        group = x.process_group if scope == "global" else None
+        theta = compute_m2_threshold(
+            x.log_probs, x.behavior_log_probs, x.advantages, x.mask, m2_budget=m2_budget, process_group=group
+        )
+    masked = m2po_masked_tokens(quantized_m2(x.log_ratio.detach()), x.trust_region, theta)
+    per_token = torch.where(masked, 0.0, -x.advantages * x.ratio)
+    return TokenLoss(per_token, masked=masked, extra={"m2_threshold": min(theta, 1e30)})
+
+
+def m2po_clip(
+    x: LossInputs,
+    *,
+    m2_budget: float = 0.04,
+    miniclip_low: float | None = None,
+    miniclip_high: float | None = None,
+) -> TokenLoss:
+    """M2PO, released code: l_t = max(-A r, -A clip(r, 1 - eps_lo, 1 + eps_hi)), per micro-batch.
+
+    tau by water-filling on the M2 of T (m2po_mask.water_filling_tau); eps_lo = 1 - exp(-tau), eps_hi =
+    exp(tau) - 1, raised to the floors miniclip_low / miniclip_high when given (released defaults 0.3 / 0.5,
+    off in its training path, so off here). M2 within budget: ratio bounds [0, 1e5] as released.
+    """
+    solve = water_filling_tau(x.log_ratio.detach().double().square()[x.trust_region], m2_budget)
+    if solve.tau is None:
+        low_bound, high_bound = _RELEASED_NO_BOUND
+    else:
+        tau = torch.tensor(solve.tau, dtype=torch.float64)
+        low_bound, high_bound = torch.exp(-tau).item(), torch.exp(tau).item()
+    eps_low, eps_high = 1 - low_bound, high_bound - 1
+    if miniclip_low is not None and eps_low < miniclip_low:
+        eps_low = miniclip_low
+    if miniclip_high is not None and eps_high < miniclip_high:
+        eps_high = miniclip_high
+    per_token, clipped = _ppo_clip(x.advantages, x.ratio, 1 - eps_low, 1 + eps_high)
+    extra = {
+        "m2po_tau": -1.0 if solve.tau is None else solve.tau,
+        "m2_capped": solve.m2_after,
+        "clip_low": 1 - eps_low,
+        "clip_high": 1 + eps_high,
+    }
+    return TokenLoss(per_token, clipped=clipped, extra=extra)
+
+
+def grpo(
+    x: LossInputs, *, eps: float = 0.2, eps_high: float | None = None, dual_clip: float | None = None
+) -> TokenLoss:
+    """PPO-clip / GRPO: l_t = max(-A r, -A clip(r, 1 - eps, 1 + eps_high)); clip-higher when eps_high > eps.
+
+    Dual-clip (c = dual_clip, e.g. 3): for A < 0, l_t = min(l_t, -A c), bounding the loss of very large r.
+    """
+    per_token, clipped = _ppo_clip(
+        x.advantages, x.ratio, 1 - eps, 1 + (eps if eps_high is None else eps_high)
+    )
+    if dual_clip is not None:
+        bound = -x.advantages * dual_clip
+        dual = (x.advantages < 0) & (bound < per_token)
+        per_token = torch.where(dual, bound, per_token)
+        clipped = clipped | dual
+    return TokenLoss(per_token, clipped=clipped)
+
+
+def grpo_noclip(x: LossInputs) -> TokenLoss:
+    """Plain importance sampling, eps = infinity: l_t = -A r (the paper's "prosperity before collapse")."""
+    return TokenLoss(-x.advantages * x.ratio)
+
+
+def on_policy(x: LossInputs) -> TokenLoss:
+    """Sanity baseline: l_t = -A exp(log pi - sg(log pi)): value -A (r == 1), gradient -A grad log pi."""
+    return TokenLoss(-x.advantages * torch.exp(x.log_probs - x.log_probs.detach()))
+
+
+def tis(x: LossInputs, *, cap: float = 2.0) -> TokenLoss:
+    """Truncated importance sampling: l_t = -sg(min(r, C)) A log pi, C = cap."""
+    weight = torch.clamp(x.ratio.detach(), max=cap)
+    return TokenLoss(
+        -weight * x.advantages * x.log_probs, clipped=x.ratio.detach() > cap, clipped_keeps_gradient=True
+    )
+
+
+def decoupled_ppo(
+    x: LossInputs, *, eps: float = 0.2, eps_high: float | None = None, behavior_weight_cap: float | None = 2.0
+) -> TokenLoss:
+    """Decoupled PPO (AReaL): PPO clip around the proximal policy, times the truncated weight pi_prox / mu.
+
+    l_t = sg(min(pi_prox / mu, cap)) * max(-A r', -A clip(r', 1 - eps, 1 + eps_high)), r' = pi_theta / pi_prox,
+    pi_prox = the trainer's log-probs recomputed just before the update (`proximal_log_probs`).
+    """
+    if x.proximal_log_probs is None:
+        raise ValueError(
+            "decoupled_ppo: pass proximal_log_probs (the trainer's log-probs before this update)"
+        )
+    prox = x.proximal_log_probs.detach()
+    per_token, clipped = _ppo_clip(
+        x.advantages, torch.exp(x.log_probs - prox), 1 - eps, 1 + (eps if eps_high is None else eps_high)
+    )
+    weight = torch.exp(prox - x.behavior_log_probs)
+    if behavior_weight_cap is not None:
+        weight = torch.clamp(weight, max=behavior_weight_cap)
+    return TokenLoss(
+        weight * per_token, clipped=clipped, extra={"behavior_weight_mean": _masked_mean(weight, x.mask)}
+    )
+
+
+def gspo(x: LossInputs, *, eps_low: float = 3e-4, eps_high: float = 4e-4) -> TokenLoss:
+    """GSPO: sequence ratio s_i = exp(mean_t log r_it), l_t = max(-A s_it, -A clip(s_it, 1 - eps_low, 1 + eps_high)).
+
+    s_it = exp(sg(log s_i) + log pi_t - sg(log pi_t)) has the value s_i and, aggregated seq-mean-token-mean
+    (the default for gspo), the gradient of s_i (GSPO-token with sequence advantages).
+    """
+    lengths = x.mask.sum(-1, keepdim=True).clamp(min=1)
+    log_seq_ratio = (x.log_ratio.detach() * x.mask).sum(-1, keepdim=True) / lengths
+    seq_ratio = torch.exp(log_seq_ratio + x.log_probs - x.log_probs.detach())
+    per_token, clipped = _ppo_clip(x.advantages, seq_ratio, 1 - eps_low, 1 + eps_high)
+    return TokenLoss(per_token, clipped=clipped)
+
+
+def cispo(x: LossInputs, *, eps_low: float | None = None, eps_high: float = 0.28) -> TokenLoss:
+    """CISPO (MiniMax-M1): l_t = -sg(clip(r, 1 - eps_low, 1 + eps_high)) A log pi; eps_low None = no lower bound."""
+    low = 0.0 if eps_low is None else 1 - eps_low
+    r = x.ratio.detach()
+    weight = torch.clamp(r, low, 1 + eps_high)
+    return TokenLoss(-weight * x.advantages * x.log_probs, clipped=weight != r, clipped_keeps_gradient=True)
+
+
+def topr(x: LossInputs) -> TokenLoss:
+    """TOPR (tapered off-policy REINFORCE), sequence level: l_t = -w_i A log pi.
+
+    w_i = 1 for A >= 0 (plain REINFORCE on positive samples); w_i = sg(clip(pi(y_i) / mu(y_i), 0, 1)) for
+    A < 0, with the sequence ratio pi(y_i) / mu(y_i) = exp(sum_t log r_it).
+    """
+    seq_ratio = torch.exp((x.log_ratio.detach() * x.mask).sum(-1, keepdim=True)).expand_as(x.log_probs)
+    negative = x.advantages < 0
+    weight = torch.where(negative, torch.clamp(seq_ratio, max=1.0), 1.0)
+    truncated = negative & (seq_ratio > 1.0)
+    return TokenLoss(-weight * x.advantages * x.log_probs, clipped=truncated, clipped_keeps_gradient=True)
+
+
+LOSSES: dict[str, tuple[Callable[..., TokenLoss], str]] = {
+    # name: (per-token loss, default aggregation)
+    "m2po": (m2po, "token-mean"),
+    "m2po_clip": (m2po_clip, "token-mean"),
+    "grpo": (grpo, "token-mean"),
+    "grpo_noclip": (grpo_noclip, "token-mean"),
+    "tis": (tis, "token-mean"),
+    "decoupled_ppo": (decoupled_ppo, "token-mean"),
+    "gspo": (gspo, "seq-mean-token-mean"),
+    "cispo": (cispo, "token-mean"),
+    "topr": (topr, "token-mean"),
+    "on_policy": (on_policy, "token-mean"),
+}
+
+
+# ----------------------------------------------------------------------------------------- aggregation
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values.detach() * mask).sum() / mask.sum().clamp(min=1)
+
+
+def aggregate(
+    per_token: torch.Tensor, mask: torch.Tensor, mode: str, normalizer: float | None = None
+) -> torch.Tensor:
+    """Reduce [batch, T] per-token losses to a scalar.
+
+    token-mean: sum_it l_it / N_tokens; seq-mean-token-mean: sum_i (mean_t l_it) / N_seqs;
+    seq-mean-token-sum: sum_i (sum_t l_it) / N_seqs. N counts this call's tokens (sequences with at least one
+    response token) unless `normalizer` gives the count over the whole optimizer mini-batch (all DP ranks and
+    micro-batches): then the result is this call's share of the global mean.
+    """
+    per_token = torch.where(mask, per_token, 0.0)
+    if mode == "token-mean":
+        total = per_token.sum()
+        count = mask.sum()
+    else:
+        seq_sum = per_token.sum(-1)
+        lengths = mask.sum(-1)
+        total = (seq_sum / lengths.clamp(min=1)).sum() if mode == "seq-mean-token-mean" else seq_sum.sum()
+        count = (lengths > 0).sum()
+    if normalizer is not None:
+        return total / normalizer
+    return total / count.clamp(min=1)
+
+
+# ----------------------------------------------------------------------------------------- the wrapper
+
+
+_TENSOR_ARGS = ("log_probs", "behavior_log_probs", "advantages", "response_mask")
+_OPTIONAL_TENSORS = ("proximal_log_probs", "engine_log_probs", "staleness")
+
+
+class PolicyLoss:
+    """A configured loss: `(log_probs, behavior_log_probs, advantages, response_mask, **optional) -> (loss, metrics)`.
+
+    Tensors are [batch, response_len]; advantages per token. Optional keyword arguments:
+    proximal_log_probs (decoupled_ppo), engine_log_probs (for tis_cap), staleness (ints, metrics only),
+    m2_threshold (m2po, global scope), normalizer (see `aggregate`), process_group (the data-parallel group).
+    Positions outside response_mask are ignored, whatever they hold (NaN padding included).
+    Non-finite log_probs inside the mask always raise: a NaN in the trainer's own forward poisons the
+    gradient upstream whether or not the token is masked. Non-finite behaviour / engine / proximal log-probs
+    or advantages raise too by default (`nonfinite="raise"`); with `nonfinite="mask"` those tokens are
+    dropped from the loss and its token count and counted in `loss/nonfinite_tokens`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        aggregation: str | None = None,
+        tis_cap: float | None = None,
+        nonfinite: str = "raise",
+        **hyperparameters,
+    ):
+        fn, default_aggregation = LOSSES[name]
+        self.name, self.fn, self.hyperparameters = name, fn, hyperparameters
+        self.aggregation = aggregation or default_aggregation
+        self.tis_cap, self.nonfinite = tis_cap, nonfinite
+
+    def __repr__(self) -> str:
+        return f"PolicyLoss({self.name!r}, aggregation={self.aggregation!r}, tis_cap={self.tis_cap}, {self.hyperparameters})"
+
+    def __call__(
+        self,
+        log_probs: torch.Tensor,
+        behavior_log_probs: torch.Tensor,
+        advantages: torch.Tensor,
+        response_mask: torch.Tensor,
+        *,
+        proximal_log_probs: torch.Tensor | None = None,
+        engine_log_probs: torch.Tensor | None = None,
+        staleness: torch.Tensor | None = None,
+        m2_threshold: float | None = None,
+        normalizer: float | None = None,
+        process_group: dist.ProcessGroup | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        tensors = dict(
+            log_probs=log_probs,
+            behavior_log_probs=behavior_log_probs,
+            advantages=advantages,
+            response_mask=response_mask,
+            proximal_log_probs=proximal_log_probs,
+            engine_log_probs=engine_log_probs,
+            staleness=staleness,
+        )
+        self._check_shapes(tensors)
+        if self.tis_cap is not None and engine_log_probs is None:
+            raise ValueError(
+                f"{self.name}: tis_cap={self.tis_cap} needs engine_log_probs (the engine's sampling log-probs) "
+                "when behavior_log_probs are the trainer's recomputed ones"
+            )
+        if normalizer is not None and not normalizer > 0:
+            raise ValueError(f"{self.name}: normalizer must be > 0, got {normalizer}")
+        mask = response_mask.bool()
+        mask, n_nonfinite = self._check_finite(tensors, mask)
+
+        dtype = torch.promote_types(log_probs.dtype, torch.float32)
+
+        def clean(t):
+            return None if t is None else torch.where(mask, t.to(dtype), 0.0)
+
+        lp, blp, adv = clean(log_probs), clean(behavior_log_probs), clean(advantages)
+        log_ratio = lp - blp
+        inputs = LossInputs(
+            log_probs=lp,
+            behavior_log_probs=blp,
+            advantages=adv,
+            mask=mask,
+            log_ratio=log_ratio,
+            ratio=torch.exp(log_ratio),
+            trust_region=trust_region_mask(log_ratio.detach(), adv, mask),
+            proximal_log_probs=clean(proximal_log_probs),
+            m2_threshold=m2_threshold,
+            process_group=process_group,
+        )
+        out = self.fn(inputs, **self.hyperparameters)
+        per_token = out.per_token
+        extra = dict(out.extra)
+        if self.tis_cap is not None:
+            tis_weight = torch.clamp(torch.exp(blp - clean(engine_log_probs)), max=self.tis_cap).detach()
+            per_token = per_token * tis_weight
+            extra["tis_weight_mean"] = _masked_mean(tis_weight, mask)
+        loss = aggregate(per_token, mask, self.aggregation, normalizer)
+        extra["nonfinite_tokens"] = float(n_nonfinite)
+        metrics = policy_metrics(inputs, out, staleness=staleness, extra=extra)
+        return loss, metrics
+
+    def _check_shapes(self, tensors: dict[str, torch.Tensor | None]) -> None:
+        shape = tensors["log_probs"].shape
+        if len(shape) != 2:
+            raise ValueError(
+                f"{self.name}: log_probs must be [batch, response_len], got shape {tuple(shape)}"
+            )
+        for key, t in tensors.items():
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{self.name}: {key} must be a torch.Tensor, got {type(t).__name__}")
+            if t.shape != shape:
+                raise ValueError(
+                    f"{self.name}: {key} has shape {tuple(t.shape)}, log_probs has {tuple(shape)}"
+                )
+            if key not in ("response_mask", "staleness") and not t.is_floating_point():
+                raise TypeError(f"{self.name}: {key} must be floating point, got {t.dtype}")
+        if not tensors["log_probs"].is_floating_point():
+            raise TypeError(f"{self.name}: log_probs must be floating point")
+
+    def _check_finite(
+        self, tensors: dict[str, torch.Tensor | None], mask: torch.Tensor
+    ) -> tuple[torch.Tensor, int]:
+        bad_any = torch.zeros_like(mask)
+        reports = []
+        for key in (
+            "log_probs",
+            "behavior_log_probs",
+            "advantages",
+            "proximal_log_probs",
+            "engine_log_probs",
+        ):
+            t = tensors[key]
+            if t is None:
+                continue
+            bad = mask & ~torch.isfinite(t.detach())
+            if bool(bad.any()):
+                first = tuple(torch.nonzero(bad)[0].tolist())
+                reports.append(
+                    f"{key} has {int(bad.sum())} non-finite values in the response mask, first at {first}"
+                )
+                if key == "log_probs" or self.nonfinite == "raise":
+                    raise ValueError(f"{self.name}: {reports[-1]}")
+                bad_any |= bad
+        return mask & ~bad_any, int(bad_any.sum())
+
+
+def get_loss(name: str, **hyperparameters) -> PolicyLoss:
+    """The loss `name` (one of LOSSES) with its hyperparameters checked against the loss's signature.
+
+    Common hyperparameters: aggregation ("token-mean" | "seq-mean-token-mean" | "seq-mean-token-sum"),
+    tis_cap (float, truncated IS on engine-vs-trainer mismatch), nonfinite ("raise" | "mask").
+    """
+    if name not in LOSSES:
+        raise ValueError(f"get_loss: unknown loss {name!r}; choose one of {sorted(LOSSES)}")
+    fn, _ = LOSSES[name]
+    allowed = [p for p in inspect.signature(fn).parameters if p != "x"]
+    common = ("aggregation", "tis_cap", "nonfinite")
+    unknown = sorted(set(hyperparameters) - set(allowed) - set(common))
+    if unknown:
+        raise ValueError(
+            f"get_loss({name!r}): unknown hyperparameters {unknown}; {name} takes {allowed + list(common)}"
+        )
+    aggregation = hyperparameters.get("aggregation")
+    if aggregation is not None and aggregation not in AGGREGATIONS:
+        raise ValueError(
+            f"get_loss({name!r}): aggregation must be one of {AGGREGATIONS}, got {aggregation!r}"
+        )
+    if hyperparameters.get("nonfinite", "raise") not in ("raise", "mask"):
+        raise ValueError(
+            f"get_loss({name!r}): nonfinite must be 'raise' or 'mask', got {hyperparameters['nonfinite']!r}"
+        )
+    if hyperparameters.get("scope", "global") not in ("global", "per_microbatch"):
+        raise ValueError(
+            f"get_loss({name!r}): scope must be 'global' or 'per_microbatch', got {hyperparameters['scope']!r}"
+        )
+    for key in (
+        "m2_budget",
+        "eps",
+        "cap",
+        "tis_cap",
+        "dual_clip",
+        "behavior_weight_cap",
+        "eps_low",
+        "eps_high",
+    ):
+        value = hyperparameters.get(key)
+        if value is not None and not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+            raise ValueError(f"get_loss({name!r}): {key} must be a positive finite number, got {value!r}")
+    if hyperparameters.get("dual_clip") is not None and hyperparameters["dual_clip"] <= 1:
+        raise ValueError(f"get_loss({name!r}): dual_clip must be > 1, got {hyperparameters['dual_clip']}")
+    return PolicyLoss(name, **hyperparameters)
