@@ -71,7 +71,15 @@ class DataConfig:
     path: str = opt("", "training prompts: a .jsonl or .parquet file")
     problem_key: str = opt("problem", "row field holding the problem text")
     answer_key: str = opt("answer", "row field holding the reference answer")
-    template: str = opt("{problem}", "prompt text built from the row; `{problem}` is replaced by the problem")
+    answer_format: str = opt(
+        "plain",
+        "how the answer field is read: as is, its last \\boxed{}, or GSM8K's `#### x`",
+        choices=("plain", "boxed", "gsm8k"),
+    )
+    template: str = opt(
+        "{problem}",
+        "prompt text built from the row; `{problem}` is replaced by the problem; `m2po` = the paper's",
+    )
     apply_chat_template: bool = opt(
         True, "wrap the prompt with the tokenizer's chat template when it has one"
     )
@@ -111,6 +119,9 @@ class RolloutConfig:
     reward_fn: str = opt(
         "megatron_m2po.rollout.rewards:math_reward",
         "reward function `module:function(response, answer) -> float`",
+    )
+    format_reward: float = opt(
+        0.0, "reward of an extracted but wrong answer (the paper: 0.1; released code: 0)", ge=0
     )
     reward_workers: int = opt(1, "processes scoring responses", ge=1)
     reward_timeout: float = opt(5.0, "seconds before a reward call is abandoned and scored 0", gt=0)
@@ -445,8 +456,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError("'model.path': required (an HF model dir or a Megatron checkpoint dir)")
     if not cfg.data.path:
         raise ConfigError("'data.path': required (a .jsonl or .parquet prompt file)")
-    if "{problem}" not in cfg.data.template:
-        raise ConfigError(f"'data.template': must contain '{{problem}}', got {cfg.data.template!r}")
+    if "{problem}" not in cfg.data.template and cfg.data.template not in ("plain", "m2po"):
+        raise ConfigError(
+            f"'data.template': must contain '{{problem}}' or be plain/m2po, got {cfg.data.template!r}"
+        )
     if t.prompts_per_step % t.prompts_per_update:
         raise ConfigError(
             f"'train.prompts_per_update': {t.prompts_per_update} does not divide "
