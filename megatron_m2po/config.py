@@ -134,9 +134,9 @@ class AlgorithmConfig:
         "grpo", "advantage estimator over each prompt group", choices=("grpo", "drgrpo", "rloo")
     )
     aggregation: str = opt(
-        "token_mean",
+        "token-mean",
         "loss aggregation over the mini-batch",
-        choices=("token_mean", "seq_mean_token_mean", "seq_mean_token_sum"),
+        choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
     )
     m2_budget: float = opt(
         0.04, "m2po / m2po_clip: second-moment budget tau_M2 on the trust-region tokens", gt=0
