@@ -1,0 +1,79 @@
+"""Fill a live Megatron model (this rank's shard) from an HF safetensors dir, reading only this rank's bytes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from megatron_m2po.checkpoint.hf_io import HFSafetensorsReader
+from megatron_m2po.checkpoint.mapping import (
+    Layout,
+    WeightRule,
+    global_rules,
+    hf_names,
+    hf_slices_for_rank,
+    layer_rules,
+    megatron_name,
+    tied_output_rule,
+    to_megatron_shard,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def local_rules(model, hf_config) -> Iterator[tuple[WeightRule, str, int | None]]:
+    """(rule, megatron parameter name, global layer) for every parameter this rank's model holds."""
+    from megatron_m2po.models.builder import unwrap_model
+
+    gpt = unwrap_model(model)
+    params = dict(gpt.named_parameters())
+    te = any(name.endswith("layer_norm_weight") for name in params)
+    offset = get_transformer_layer_offset(gpt.config)
+    rules = list(global_rules(hf_config))
+    if gpt.post_process and gpt.share_embeddings_and_output_weights and not gpt.pre_process:
+        rules.append(tied_output_rule())
+    for rule in rules:
+        name = megatron_name(rule)
+        if name in params:
+            yield rule, name, None
+    for local_layer in range(len(gpt.decoder.layers)):
+        for rule in layer_rules(hf_config):
+            yield rule, megatron_name(rule, local_layer, transformer_engine=te), offset + local_layer
+
+
+def load_hf_weights(model, hf_dir: str | Path, hf_config) -> None:
+    """Copy the HF weights into this rank's parameters; every parameter must be covered exactly once."""
+    from megatron_m2po.models.builder import unwrap_model
+
+    gpt = unwrap_model(model)
+    params = dict(gpt.named_parameters())
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    layout = Layout.from_hf_config(hf_config)
+    filled: set[str] = set()
+    with HFSafetensorsReader(hf_dir) as reader, torch.no_grad():
+        for rule, name, layer in local_rules(gpt, hf_config):
+            if name not in params:
+                raise KeyError(f"megatron parameter {name!r} (from {rule.hf}) not found in the model")
+            names = hf_names(rule, layer)
+            shapes = [reader.shape(n) for n in names]
+            slices = hf_slices_for_rank(rule, layout, shapes, tp_rank, tp_size)
+            parts = [reader.read(n, s) for n, s in zip(names, slices)]
+            shard = to_megatron_shard(rule, layout, parts, tp_size)
+            param = params[name]
+            if tuple(shard.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"{hf_dir}: {names} give shape {tuple(shard.shape)} for {name!r}, the model expects "
+                    f"{tuple(param.shape)} (config.json and weights disagree?)"
+                )
+            param.copy_(shard)
+            filled.add(name)
+    missing = sorted(set(params) - filled)
+    if missing:
+        raise KeyError(f"{hf_dir}: no mapping filled megatron parameters {missing}")
+    logger.info("loaded %d tensors from %s (tp %d/%d)", len(filled), hf_dir, tp_rank, tp_size)

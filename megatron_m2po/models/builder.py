@@ -1,0 +1,132 @@
+"""HF config -> Megatron `TransformerConfig` + `GPTModel` for this rank, and the plain forward used by tests."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
+from transformers import PretrainedConfig
+
+from megatron_m2po import platform
+from megatron_m2po.checkpoint.mapping import Layout, architecture
+from megatron_m2po.models.hf_config import validate_hf_config
+
+# llama3 rope-scaling parameters megatron-core hard-codes; any other value is applied by `_set_llama3_inv_freq`.
+_MEGATRON_LLAMA3_DEFAULTS = {
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+def transformer_config(hf_config: PretrainedConfig, *, dtype: torch.dtype | None = None) -> TransformerConfig:
+    """Megatron's TransformerConfig equivalent to the HF config, for the current TP/PP sizes."""
+    arch = architecture(hf_config)
+    dtype = dtype or platform.default_dtype()
+    layout = Layout.from_hf_config(hf_config)
+    return TransformerConfig(
+        num_layers=hf_config.num_hidden_layers,
+        hidden_size=hf_config.hidden_size,
+        ffn_hidden_size=hf_config.intermediate_size,
+        num_attention_heads=layout.num_heads,
+        num_query_groups=layout.num_kv_heads,
+        kv_channels=layout.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=hf_config.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch == "Qwen2ForCausalLM",
+        qk_layernorm=arch == "Qwen3ForCausalLM",
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=getattr(hf_config, "initializer_range", 0.02),
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=not platform.on_gpu(),
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        attention_softmax_in_fp32=True,
+    )
+
+
+def build_model(
+    hf_config: PretrainedConfig,
+    *,
+    dtype: torch.dtype | None = None,
+    use_transformer_engine: bool | None = None,
+) -> GPTModel:
+    """The randomly initialised GPTModel for this TP/PP rank (parallel_state must be initialised)."""
+    validate_hf_config(hf_config, tensor_parallel=parallel_state.get_tensor_model_parallel_world_size())
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if hf_config.num_hidden_layers % pp != 0:
+        raise ValueError(
+            f"num_hidden_layers={hf_config.num_hidden_layers} is not divisible by pipeline_parallel={pp}"
+        )
+    config = transformer_config(hf_config, dtype=dtype)
+    rope = dict(getattr(hf_config, "rope_parameters", None) or {})
+    llama3 = rope.get("rope_type") == "llama3"
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=platform.gpt_layer_spec(
+            qk_layernorm=config.qk_layernorm, use_transformer_engine=use_transformer_engine
+        ),
+        vocab_size=hf_config.vocab_size,
+        max_sequence_length=hf_config.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        position_embedding_type="rope",
+        rotary_base=rope.get("rope_theta", 10000.0),
+        rope_scaling=llama3,
+        rope_scaling_factor=rope.get("factor", 8.0),
+    )
+    if llama3:
+        _set_llama3_inv_freq(model, rope)
+    if platform.on_gpu():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def _set_llama3_inv_freq(model: GPTModel, rope: dict) -> None:
+    """megatron-core applies llama3 scaling with fixed low/high_freq_factor and original length; use the config's.
+
+    The scaling itself is Megatron's (`RotaryEmbedding._apply_scaling`, equal to HF's formula); only its
+    parameters come from the HF config, so e.g. a model with original_max_position_embeddings != 8192 is exact.
+    """
+    rotary = model.rotary_pos_emb
+    dim = rotary.inv_freq.numel() * 2
+    base = 1.0 / (rope["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    params = {key: rope.get(key, default) for key, default in _MEGATRON_LLAMA3_DEFAULTS.items()}
+    rotary.inv_freq = rotary._apply_scaling(base, factor=rope["factor"], **params).to(rotary.inv_freq.device)
+
+
+def unwrap_model(model) -> GPTModel:
+    """The GPTModel inside DDP / Float16Module wrappers (or a one-element list of chunks)."""
+    if isinstance(model, (list, tuple)):
+        if len(model) != 1:
+            raise ValueError(f"virtual pipeline chunks are not supported (got {len(model)} model chunks)")
+        model = model[0]
+    while not isinstance(model, GPTModel) and hasattr(model, "module"):
+        model = model.module
+    if not isinstance(model, GPTModel):
+        raise TypeError(f"expected a megatron GPTModel (possibly wrapped), got {type(model).__name__}")
+    return model
+
+
+def forward_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits [b, s, vocab/tp] of a right-padded batch (causal mask, positions 0..s-1); PP=1 only."""
+    if parallel_state.get_pipeline_model_parallel_world_size() != 1:
+        raise RuntimeError("forward_logits runs a single stage; with PP>1 use Megatron's pipeline schedule")
+    b, s = input_ids.shape
+    position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0).expand(b, s)
+    return model(input_ids, position_ids, None)
