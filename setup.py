@@ -21,6 +21,7 @@ CORE = [
     "matplotlib>=3.8",
     "pyarrow>=15",  # parquet prompt files
     "aiohttp>=3.9",  # SGLang / vLLM HTTP clients
+    "msgpack>=1.0",  # replay-queue journal records
 ]
 
 EXTRAS = {

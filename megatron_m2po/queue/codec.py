@@ -1,0 +1,215 @@
+"""Binary encoding of a `Group` for the journal.
+
+Why not JSON or pickle: a realistic group (8 responses x 2k tokens) carries ~50k numbers;
+JSON floats are slow and large, pickle is unsafe to load and Python-version dependent.
+The scalar fields go into a small msgpack header; the token ids, log-probs and versions go
+into a packed little-endian body (int32/float32 when exact, wider otherwise), which
+`struct` converts from Python lists at C speed. A response whose tokens all come from one
+policy version (the common case) stores its versions as one number.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from megatron_m2po.types import Group, Sample
+
+# dtype codes -> struct letters; all little-endian.
+_INT_CODES = {"i4": "i", "i8": "q"}
+_FLOAT_CODES = {"f4": "f", "f8": "d"}
+_ITEM_SIZE = {"i4": 4, "i8": 8, "f4": 4, "f8": 8}
+LOGPROB_DTYPES = ("float32", "float64")
+
+
+class CodecError(ValueError):
+    """A group cannot be encoded, or a journal payload cannot be decoded."""
+
+
+@dataclass(frozen=True)
+class VersionRange:
+    """Oldest and newest policy version of any response token of a group."""
+
+    low: int
+    high: int
+
+
+def _sample_version_range(versions: list[int]) -> tuple[int, int] | None:
+    if not versions:
+        return None
+    first = versions[0]
+    if versions.count(first) == len(versions):  # C-speed fast path: one version for the whole response
+        return first, first
+    return min(versions), max(versions)
+
+
+def version_range(group: Group) -> VersionRange:
+    """The versions staleness is measured against; empty responses carry no version and are ignored."""
+    ranges = [r for s in group.samples if (r := _sample_version_range(s.versions)) is not None]
+    if not ranges:
+        raise CodecError(
+            f"group {group.prompt_id!r}: no sample has a response token, so it has no policy version "
+            "(the queue measures staleness from Sample.versions)"
+        )
+    return VersionRange(min(r[0] for r in ranges), max(r[1] for r in ranges))
+
+
+def _pack_ints(values: list[int]) -> tuple[str, bytes]:
+    n = len(values)
+    try:
+        return "i4", struct.pack(f"<{n}i", *values)
+    except struct.error:  # an id or version beyond int32
+        return "i8", struct.pack(f"<{n}q", *values)
+
+
+def _pack_floats(values: list[float], dtype: str) -> tuple[str, bytes]:
+    n = len(values)
+    if dtype == "float32":
+        try:
+            return "f4", struct.pack(f"<{n}f", *values)
+        except (struct.error, OverflowError):  # beyond float32 range: keep it exact instead
+            pass
+    return "f8", struct.pack(f"<{n}d", *values)
+
+
+def encode_group(group: Group, *, logprob_dtype: str = "float32") -> tuple[list[bytes], VersionRange]:
+    """Encode `group` as a list of byte chunks (header first) to write with one `writev`.
+
+    `logprob_dtype="float32"` is lossless for engines that sample in fp32 (all of ours);
+    "float64" keeps any Python float bit-exact.
+    """
+    if logprob_dtype not in LOGPROB_DTYPES:
+        raise CodecError(f"logprob_dtype must be one of {LOGPROB_DTYPES}, got {logprob_dtype!r}")
+    if not isinstance(group.prompt_id, str) or not group.prompt_id:
+        raise CodecError(f"group prompt_id must be a non-empty string, got {group.prompt_id!r}")
+    if not group.samples:
+        raise CodecError(f"group {group.prompt_id!r} has no samples")
+    body: list[bytes] = []
+    code, blob = _pack_ints(group.prompt_ids)
+    body.append(blob)
+    samples_meta = []
+    low = high = None
+    for s in group.samples:
+        meta: dict[str, Any] = {
+            "group_index": s.group_index,
+            "finish_reason": s.finish_reason,
+            "engine_id": s.engine_id,
+            "timings": s.timings,
+            "response_text": s.response_text,
+            "reward": s.reward,
+            "n": len(s.response_ids),
+        }
+        if s.prompt_ids is group.prompt_ids or s.prompt_ids == group.prompt_ids:
+            meta["prompt"] = None  # the usual case: same prompt as the group, stored once
+        else:
+            pcode, pblob = _pack_ints(s.prompt_ids)
+            meta["prompt"] = [pcode, len(s.prompt_ids)]
+            body.append(pblob)
+        meta["ids"], blob = _pack_ints(s.response_ids)
+        body.append(blob)
+        meta["logprobs"], blob = _pack_floats(s.behavior_logprobs, logprob_dtype)
+        body.append(blob)
+        vr = _sample_version_range(s.versions)
+        if vr is None:
+            meta["versions"] = None
+        else:
+            if vr[0] == vr[1]:
+                meta["versions"] = ["const", vr[0]]
+            else:
+                vcode, blob = _pack_ints(s.versions)
+                meta["versions"] = [vcode]
+                body.append(blob)
+            low = vr[0] if low is None else min(low, vr[0])
+            high = vr[1] if high is None else max(high, vr[1])
+        samples_meta.append(meta)
+    if low is None or high is None:
+        raise CodecError(
+            f"group {group.prompt_id!r}: no sample has a response token, so it has no policy version"
+        )
+    header = {
+        "prompt_id": group.prompt_id,
+        "answer": group.answer,
+        "metadata": group.metadata,
+        "prompt": [code, len(group.prompt_ids)],
+        "samples": samples_meta,
+    }
+    try:
+        head = msgpack.packb(header, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise CodecError(
+            f"group {group.prompt_id!r}: metadata/timings must be msgpack-serializable (str, numbers, "
+            f"lists, dicts): {e}"
+        ) from e
+    return [struct.pack("<I", len(head)), head, *body], VersionRange(low, high)
+
+
+class _Reader:
+    def __init__(self, buf: memoryview, offset: int) -> None:
+        self.buf = buf
+        self.offset = offset
+
+    def take(self, code: str, n: int) -> list:
+        letter = _INT_CODES.get(code) or _FLOAT_CODES.get(code)
+        if letter is None:
+            raise CodecError(f"unknown array dtype code {code!r}")
+        size = _ITEM_SIZE[code] * n
+        if self.offset + size > len(self.buf):
+            raise CodecError(f"array of {n} x {code} runs past the end of the record")
+        values = list(struct.unpack_from(f"<{n}{letter}", self.buf, self.offset))
+        self.offset += size
+        return values
+
+
+def decode_group(payload: bytes | memoryview) -> Group:
+    """Inverse of `encode_group` (payload = the concatenated chunks)."""
+    buf = memoryview(payload)
+    try:
+        (head_len,) = struct.unpack_from("<I", buf, 0)
+        header = msgpack.unpackb(buf[4 : 4 + head_len], raw=False, strict_map_key=False)
+        reader = _Reader(buf, 4 + head_len)
+        pcode, pn = header["prompt"]
+        prompt_ids = reader.take(pcode, pn)
+        samples = []
+        for meta in header["samples"]:
+            n = meta["n"]
+            s_prompt = prompt_ids if meta["prompt"] is None else reader.take(*meta["prompt"])
+            ids = reader.take(meta["ids"], n)
+            logprobs = reader.take(meta["logprobs"], n)
+            vmeta = meta["versions"]
+            if vmeta is None:
+                versions: list[int] = []
+            elif vmeta[0] == "const":
+                versions = [vmeta[1]] * n
+            else:
+                versions = reader.take(vmeta[0], n)
+            samples.append(
+                Sample(
+                    prompt_id=header["prompt_id"],
+                    group_index=meta["group_index"],
+                    prompt_ids=list(s_prompt),
+                    response_ids=ids,
+                    behavior_logprobs=logprobs,
+                    versions=versions,
+                    finish_reason=meta["finish_reason"],
+                    engine_id=meta["engine_id"],
+                    timings=meta["timings"],
+                    response_text=meta["response_text"],
+                    reward=meta["reward"],
+                )
+            )
+        if reader.offset != len(buf):
+            raise CodecError(f"{len(buf) - reader.offset} trailing bytes after the last array")
+    except CodecError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, struct.error, msgpack.UnpackException) as e:
+        raise CodecError(f"malformed group record: {type(e).__name__}: {e}") from e
+    return Group(
+        prompt_id=header["prompt_id"],
+        prompt_ids=prompt_ids,
+        samples=samples,
+        answer=header["answer"],
+        metadata=header["metadata"],
+    )
