@@ -1,0 +1,453 @@
+"""The training loop: `python -m megatron_m2po.train --config RECIPE.yaml [a.b=value ...] [--resume]`.
+
+Runs under `torchrun` (any TP x PP x DP) or as one plain process. Rank 0 also hosts the rollout side
+(prompts, engines, rewards, replay queue); every rank trains. Per step:
+
+    batch from the queue -> broadcast -> per mini-batch: [M2 pre-pass] -> micro-batches through Megatron's
+    schedule -> optimizer step -> version += 1 -> weight sync -> metrics -> checkpoint
+
+The three staleness modes are the same calls in a different order (docs/training.md):
+- `sync`:    generate a step batch with the current weights, train on it (s = 0).
+- `fixed`:   the paper's FIFO: keep K generated batches queued; each step generates one more with the
+             current weights and trains on the oldest, so every batch is s = K x updates-per-step old
+             (the first K batches come from the base model).
+- `bounded`: a background thread generates continuously; the queue admits work only if it can be
+             consumed within `max_staleness` updates, and drops (counts) what got too stale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_m2po import algorithms, platform
+from megatron_m2po.config import Config, ConfigError, load_config, validate_parallel
+from megatron_m2po.metrics import MetricsLogger, gpu_peak_flops, mfu
+from megatron_m2po.models import load_hf_config, load_policy
+from megatron_m2po.trainer import checkpointing
+from megatron_m2po.trainer.batching import (
+    TRAINER_LOGPROBS_KEY,
+    groups_to_rows,
+    make_microbatches,
+    rollout_metrics,
+    shard_for_rank,
+    split_minibatches,
+)
+from megatron_m2po.trainer.distribute import broadcast_from_rank0, merge_metrics_to_rank0, rank
+from megatron_m2po.trainer.optimizer import build_optimizer, wrap_ddp
+from megatron_m2po.trainer.producer import Producer
+from megatron_m2po.trainer.step import forward_logprobs, train_update
+from megatron_m2po.types import Group
+
+logger = logging.getLogger("megatron_m2po.train")
+
+
+@dataclass
+class Progress:
+    """What a checkpoint must restore besides weights: where the run is."""
+
+    step: int = 0  # training steps done
+    version: int = 0  # optimizer updates done = policy version
+
+
+def build_loss(cfg: Config):
+    """`algorithms.get_loss` with the hyperparameters that loss takes, from the `algorithm` section."""
+    a = cfg.algorithm
+    hp: dict[str, Any] = {"aggregation": a.aggregation}
+    if a.loss in ("m2po", "m2po_clip"):
+        hp["m2_budget"] = a.m2_budget
+    if a.loss == "m2po":
+        hp["scope"] = a.m2_scope
+    if a.loss in ("grpo", "decoupled_ppo"):
+        hp.update(eps=a.clip_eps, eps_high=a.clip_eps_high)
+    if a.loss == "grpo" and a.dual_clip:
+        hp["dual_clip"] = a.dual_clip
+    if a.loss == "decoupled_ppo":
+        hp["behavior_weight_cap"] = a.tis_cap
+    if a.loss == "tis":
+        hp["cap"] = a.tis_cap
+    if a.loss == "cispo":
+        hp["eps_high"] = a.clip_eps_high
+    if a.engine_mismatch_tis:
+        hp["tis_cap"] = a.tis_cap
+    return algorithms.get_loss(a.loss, **hp)
+
+
+def _dtype(cfg: Config) -> torch.dtype:
+    if cfg.model.dtype == "auto":
+        return platform.default_dtype()
+    return getattr(torch, cfg.model.dtype)
+
+
+class Trainer:
+    """The model side: policy, optimizer, loss, and the per-batch update (every rank)."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.dtype = _dtype(cfg)
+        self.hf_config = load_hf_config(cfg.model.path)
+        self.model = wrap_ddp(load_policy(cfg.model.path, dtype=self.dtype))
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.dtype)
+        self.loss_fn = build_loss(cfg)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.pad_id = int(
+            getattr(self.hf_config, "pad_token_id", None) or getattr(self.hf_config, "eos_token_id", 0) or 0
+        )
+        mp = (
+            parallel_state.get_tensor_model_parallel_world_size()
+            * parallel_state.get_pipeline_model_parallel_world_size()
+        )
+        self.num_params = sum(p.numel() for p in self.model.parameters()) * mp  # for the MFU estimate
+
+    def _microbatches(self, rows, version: int):
+        mine = shard_for_rank(rows, self.dp_rank, self.dp_size)
+        L = max(
+            len(r.tokens) for r in rows
+        )  # one shape for the whole mini-batch on every rank (pipeline p2p)
+        return make_microbatches(
+            mine,
+            self.cfg.train.micro_batch_size,
+            consumer_version=version,
+            pad_id=self.pad_id,
+            fixed_shape=True,
+            seq_len=L,
+        )
+
+    def update(self, groups: list[Group], version: int) -> dict[str, float]:
+        """One optimizer update on one mini-batch of groups consumed at policy `version`."""
+        cfg, a = self.cfg, self.cfg.algorithm
+        rewards = torch.tensor([r for g in groups for r in g.rewards], dtype=torch.float32)
+        ids = [g.prompt_id for g in groups for _ in g.samples]
+        advantages = algorithms.compute_advantages(rewards, ids, estimator=a.advantage)
+        rows = groups_to_rows(groups, advantages, behavior_source=cfg.rollout.behavior_logprobs)
+        mbs = self._microbatches(rows, version)
+        # The loss is a mean over the whole mini-batch (all DP ranks): DDP averages over DP, hence / dp.
+        if a.aggregation == "token-mean":
+            total = sum(len(r.tokens) - r.prompt_len for r in rows)
+        else:
+            total = sum(1 for r in rows if len(r.tokens) > r.prompt_len)
+        normalizer = max(total, 1) / self.dp_size
+
+        m2_threshold = proximal = None
+        if (a.loss == "m2po" and a.m2_scope == "global") or a.loss == "decoupled_ppo":
+            current = forward_logprobs(self.model, mbs, cfg.rollout.temperature)
+            if a.loss == "decoupled_ppo":
+                proximal = current
+            elif parallel_state.is_pipeline_last_stage():
+                m2_threshold = algorithms.compute_m2_threshold(
+                    current,
+                    [m.behavior_logprobs for m in mbs],
+                    [m.advantages for m in mbs],
+                    [m.response_mask for m in mbs],
+                    m2_budget=a.m2_budget,
+                    process_group=parallel_state.get_data_parallel_group(),
+                )
+        return train_update(
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            mbs,
+            self.loss_fn,
+            temperature=cfg.rollout.temperature,
+            normalizer=normalizer,
+            m2_threshold=m2_threshold,
+            proximal_logprobs=proximal,
+            engine_logprobs_for_tis=a.engine_mismatch_tis,
+        )
+
+    def recompute_behavior_logprobs(self, groups: list[Group] | None) -> None:
+        """rollout.behavior_logprobs=trainer: log-probs of the current (= producing) weights, stored in the groups.
+
+        Collective. Each DP rank computes an interleaved share; rank 0 collects them into its groups.
+        """
+        from megatron_m2po.trainer.distribute import gather_to_rank0
+
+        groups = broadcast_from_rank0(groups)
+        zeros = torch.zeros(len([s for g in groups for s in g.samples]))
+        rows = groups_to_rows(groups, zeros, behavior_source="engine")
+        mine = list(range(self.dp_rank, len(rows), self.dp_size))
+        out: dict[int, list[float]] = {}
+        if mine:
+            L = max(len(r.tokens) for r in rows)
+            mbs = make_microbatches(
+                [rows[i] for i in mine],
+                self.cfg.train.micro_batch_size,
+                consumer_version=0,
+                pad_id=self.pad_id,
+                fixed_shape=True,
+                seq_len=L,
+            )
+            lps = forward_logprobs(self.model, mbs, self.cfg.rollout.temperature)
+            flat = [lp_row for lp in lps for lp_row in lp]
+            for i, lp_row in zip(mine, flat):
+                r = rows[i]
+                out[i] = lp_row[r.prompt_len - 1 : len(r.tokens) - 1].tolist()
+        parts = gather_to_rank0(out if parallel_state.is_pipeline_last_stage() else {})
+        if parts is None:
+            return
+        merged = {k: v for p in parts for k, v in p.items()}
+        i = 0
+        for g in groups:  # on rank 0 these are the producer's own Group objects
+            g.metadata[TRAINER_LOGPROBS_KEY] = [merged[i + j] for j in range(len(g.samples))]
+            i += len(g.samples)
+
+    def state_dict_extra(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler.state_dict()}
+
+
+def _install_sigterm() -> dict[str, bool]:
+    """SIGTERM (a scheduler's pre-emption) -> save a checkpoint after the current step, then exit."""
+    flag = {"stop": False}
+
+    def handler(signum, frame):
+        logger.warning("SIGTERM: checkpointing after this step, then exiting")
+        flag["stop"] = True
+
+    signal.signal(signal.SIGTERM, handler)
+    return flag
+
+
+def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
+    """Run (or continue, with `resume`) the job described by `cfg`; returns rank 0's last metrics."""
+    if cfg.train.torch_threads:
+        torch.set_num_threads(cfg.train.torch_threads)
+    platform.init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline, seed=cfg.train.seed)
+    validate_parallel(cfg, torch.distributed.get_world_size())
+    run_dir = Path(cfg.logging.run_dir)
+    ckpt_root = run_dir / "checkpoints"
+    is_rank0 = rank() == 0
+    if is_rank0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+
+    # ---- model side (every rank) and where the run stands
+    trainer = Trainer(cfg)
+    progress, saved = Progress(), None
+    ckpt = checkpointing.latest_checkpoint(ckpt_root) if resume else None
+    if ckpt is not None:
+        saved = checkpointing.load_checkpoint(ckpt, trainer.model, trainer.optimizer)
+        trainer.scheduler.load_state_dict(saved["scheduler"])
+        progress = Progress(step=saved["step"], version=saved["version"])
+        logger.info("resumed from %s at step %d (version %d)", ckpt, progress.step, progress.version)
+    elif resume:
+        logger.info("--resume: no checkpoint in %s, starting fresh", ckpt_root)
+
+    # ---- rollout side (rank 0) and metrics
+    producer = Producer(cfg, trainer, run_dir, saved=saved) if is_rank0 else None
+    metrics_log = MetricsLogger(
+        run_dir,
+        total_steps=cfg.train.steps,
+        start_step=progress.step,
+        tensorboard=cfg.logging.tensorboard,
+        console=cfg.logging.console,
+        enabled=is_rank0,
+    )
+    stop = _install_sigterm()
+    sync_weights(
+        producer, trainer, progress.version
+    )  # engines serve the policy we train (after a resume too)
+    if cfg.staleness.mode == "bounded" and is_rank0:
+        producer.start(progress.version)
+    peak = gpu_peak_flops()
+    u, P, B = cfg.updates_per_step, cfg.train.prompts_per_step, cfg.train.prompts_per_update
+    last: dict[str, float] = {}
+    try:
+        while progress.step < cfg.train.steps:
+            step_start = time.monotonic()
+            timings = {
+                "perf/time_generate": 0.0,
+                "perf/time_wait": 0.0,
+                "perf/time_train": 0.0,
+                "perf/time_sync": 0.0,
+            }
+            if cfg.staleness.mode in ("sync", "fixed"):
+                t = time.monotonic()
+                fill_queue(producer, trainer, progress.version)
+                timings["perf/time_generate"] += time.monotonic() - t
+                t = time.monotonic()
+                step_batch = broadcast_from_rank0(producer.take(P) if is_rank0 else None)
+                timings["perf/time_wait"] += time.monotonic() - t
+                minibatches = split_minibatches(step_batch, B)
+            else:
+                step_batch, minibatches = [], None
+            step_metrics: list[dict[str, float]] = []
+            stale_hist: list[int] = []
+            train_tokens = 0
+            for j in range(u):
+                if minibatches is not None:
+                    groups = minibatches[j]
+                else:  # bounded: each update takes its mini-batch when it runs, so staleness is measured then
+                    t = time.monotonic()
+                    groups = broadcast_from_rank0(producer.take(B) if is_rank0 else None)
+                    timings["perf/time_wait"] += time.monotonic() - t
+                    step_batch.extend(groups)
+                _, stale = rollout_metrics(groups, progress.version)
+                stale_hist += stale
+                t = time.monotonic()
+                step_metrics.append(trainer.update(groups, progress.version))
+                timings["perf/time_train"] += time.monotonic() - t
+                train_tokens += sum(g.num_tokens for g in groups)
+                progress.version += 1
+                if is_rank0:
+                    producer.publish_version(progress.version)
+                if cfg.staleness.mode == "bounded" and progress.version % cfg.rollout.sync_every == 0:
+                    t = time.monotonic()
+                    sync_weights(producer, trainer, progress.version)
+                    timings["perf/time_sync"] += time.monotonic() - t
+            progress.step += 1
+
+            # ---- metrics
+            scalars = _mean_metrics(step_metrics)
+            scalars = merge_metrics_to_rank0(scalars)
+            if is_rank0:
+                roll, _ = rollout_metrics(step_batch, progress.version - u)
+                scalars.update(roll)
+                scalars["train/staleness_mean"] = sum(stale_hist) / max(1, len(stale_hist))
+                scalars["train/staleness_max"] = float(max(stale_hist, default=0))
+                scalars.update(producer.metrics())
+                scalars.update(timings)
+                step_time = time.monotonic() - step_start
+                scalars["perf/time_step"] = step_time
+                scalars["perf/train_tokens_per_s"] = train_tokens / max(timings["perf/time_train"], 1e-9)
+                m = mfu(
+                    trainer.num_params,
+                    scalars["perf/train_tokens_per_s"],
+                    torch.distributed.get_world_size(),
+                    peak,
+                )
+                if m is not None:
+                    scalars["perf/mfu"] = m
+                scalars["train/step"] = float(progress.step)
+                scalars["train/version"] = float(progress.version)
+                if cfg.logging.histograms:
+                    metrics_log.histogram(progress.step, "train/staleness", stale_hist)
+                metrics_log.log(progress.step, scalars)
+                last = scalars
+
+            # ---- checkpoint
+            stop_now = broadcast_from_rank0(stop["stop"])
+            due = cfg.checkpoint.save_every and progress.step % cfg.checkpoint.save_every == 0
+            final = progress.step == cfg.train.steps and cfg.checkpoint.save_at_end
+            if due or final or stop_now:
+                save(ckpt_root, progress, trainer, producer)
+            if stop_now:
+                break
+        if cfg.checkpoint.export_hf_at_end and progress.step == cfg.train.steps:
+            export_hf(trainer, run_dir / "hf", cfg.model.path)
+    finally:
+        if producer is not None:
+            producer.close()
+        metrics_log.close()
+    return last
+
+
+def _mean_metrics(per_update: list[dict[str, float]]) -> dict[str, float]:
+    keys = {k for d in per_update for k in d}
+    out = {}
+    for k in keys:
+        vals = [d[k] for d in per_update if k in d]
+        out[k] = max(vals) if k.endswith("_max") else sum(vals) / len(vals)
+    return out
+
+
+def fill_queue(producer: Producer | None, trainer: Trainer, version: int) -> None:
+    """sync/fixed: generate with the current weights until the queue holds (K + 1) step batches.
+
+    The first call fills the FIFO with K + 1 batches of the base model; later calls add one batch per
+    step (after a crash, only the part of it the journal did not already hold).
+    """
+    cfg = trainer.cfg
+    P = cfg.train.prompts_per_step
+    target = (cfg.staleness.fixed_lag_steps + 1) * P
+    while True:
+        need = broadcast_from_rank0(min(P, target - producer.depth()) if producer is not None else None)
+        if need <= 0:
+            return
+        groups = producer.generate(need, version) if producer is not None else None
+        if cfg.rollout.behavior_logprobs == "trainer":
+            trainer.recompute_behavior_logprobs(groups)
+        if producer is not None:
+            producer.put(groups)
+
+
+def sync_weights(producer: Producer | None, trainer: Trainer, version: int) -> None:
+    """Push the policy to the engines (collective over rank 0's model-parallel group)."""
+    if parallel_state.get_data_parallel_rank() != 0:
+        return
+    from megatron_m2po.sync import WeightSync
+
+    if not hasattr(trainer, "_weight_sync"):
+        engines = producer.farm if producer is not None else None
+        trainer._weight_sync = WeightSync(trainer.model, trainer.hf_config, engines)
+    trainer._weight_sync.push(version)
+
+
+def save(ckpt_root: Path, progress: Progress, trainer: Trainer, producer: Producer | None) -> None:
+    state = {"step": progress.step, "version": progress.version, **trainer.state_dict_extra()}
+    if producer is not None:
+        state.update(producer.state_dict())
+    state = broadcast_from_rank0(state)
+    checkpointing.save_checkpoint(
+        ckpt_root,
+        progress.step,
+        trainer.model,
+        trainer.optimizer,
+        state,
+        keep_last=trainer.cfg.checkpoint.keep_last,
+    )
+
+
+def export_hf(trainer: Trainer, out_dir: Path, source_dir: str) -> None:
+    """The trained policy as an HF model dir, with the foundation's mapping (collective)."""
+    from megatron_m2po.checkpoint import export_hf_dir
+
+    export_hf_dir(trainer.model, trainer.hf_config, out_dir, source_dir=source_dir)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", required=True, help="YAML recipe")
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in run_dir"
+    )
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-6")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=getattr(logging, cfg.logging.level), format=f"%(asctime)s [rank{rank()}] %(name)s: %(message)s"
+    )
+    train(cfg, resume=args.resume)
+    platform.destroy_distributed()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_m2po.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Rank 0's rollout side as the loop sees it: `generate`, `put`, `take`, `start`, weights, state.
+
+Wraps the parts of issue 5 (prompts, engine farm, rewards, rollout manager) and issue 4 (the replay
+queue and its journal) so that `train.py` reads as the algorithm. The queue journal lives in
+`run_dir/queue`; its commit point is saved in each checkpoint, so `--resume` replays exactly the
+groups accepted but not consumed by that checkpoint, and the manager skips their prompts.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from megatron_m2po.config import Config
+from megatron_m2po.trainer.rollout_side import (
+    build_engines,
+    prompt_dataset,
+    queue_kwargs,
+    reward_pool,
+    sampling_params,
+)
+from megatron_m2po.types import Group
+
+logger = logging.getLogger(__name__)
+
+
+def _hf_dir(path: str) -> str:
+    """The HF files of the policy (a Megatron checkpoint keeps them in its `hf/` folder)."""
+    from megatron_m2po.models.hf_config import hf_config_dir
+
+    return str(hf_config_dir(path))
+
+
+class Producer:
+    def __init__(self, cfg: Config, trainer, run_dir: Path, *, saved: dict[str, Any] | None):
+        from megatron_m2po.rollout.manager import RolloutManager
+        from transformers import AutoTokenizer
+
+        from megatron_m2po.queue import ReplayQueue
+        from megatron_m2po.rollout.farm import EngineFarm
+
+        self.cfg = cfg
+        hf_dir = _hf_dir(cfg.model.path)
+        self.tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+        self.dataset = prompt_dataset(cfg, self.tokenizer)
+        journal = run_dir / "queue"
+        kwargs = queue_kwargs(cfg, journal)
+        if saved is not None:
+            kwargs.pop("journal_dir")
+            self.queue = ReplayQueue.recover(journal, saved["queue"], **kwargs)
+        else:
+            if journal.exists():
+                logger.warning("fresh run: removing the old queue journal %s", journal)
+                shutil.rmtree(journal)
+            self.queue = ReplayQueue(**kwargs)
+        self.farm = EngineFarm(build_engines(cfg, hf_dir, trainer.dtype))
+        self.rewards = reward_pool(cfg)
+        stop_ids = [i for i in {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id} if i is not None]
+        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
+            stop_ids.append(im_end)
+        self.manager = RolloutManager(
+            self.dataset,
+            self.farm,
+            self.rewards,
+            self.queue,
+            n_samples=cfg.train.responses_per_prompt,
+            sampling=sampling_params(cfg, stop_token_ids=stop_ids),
+        )
+        if saved is not None:
+            target = self.manager if hasattr(self.manager, "load_state_dict") else self.dataset
+            target.load_state_dict(saved["data"])
+        self._gen_tokens = 0
+        self._gen_seconds = 0.0
+
+    # ---- sync / fixed: generation in line with training
+    def generate(self, num_groups: int, version: int) -> list[Group]:
+        t = time.monotonic()
+        groups = self.manager.generate_batch(num_groups, version)
+        self._gen_seconds += time.monotonic() - t
+        self._gen_tokens += sum(len(s.response_ids) for g in groups for s in g.samples)
+        return groups
+
+    def put(self, groups: list[Group]) -> None:
+        for g in groups:
+            if not self.queue.put(g):
+                logger.warning(
+                    "group %s was already accepted (duplicate after a restart): not queued again", g.prompt_id
+                )
+
+    def depth(self) -> int:
+        return len(self.queue)
+
+    # ---- bounded: a background producer
+    def start(self, version: int) -> None:
+        self.queue.publish_version(version)
+        self.manager.start()
+
+    # ---- consumer side
+    def take(self, num_groups: int) -> list[Group]:
+        return self.queue.get_batch(num_groups)
+
+    def publish_version(self, version: int) -> None:
+        self.queue.publish_version(version)
+
+    def metrics(self) -> dict[str, float]:
+        out = dict(self.queue.metrics())
+        out.update(self.rewards.metrics())
+        if hasattr(self.manager, "metrics"):
+            out.update(self.manager.metrics())
+        if self._gen_seconds > 0 and "rollout/gen_tokens_per_s" not in out:
+            out["rollout/gen_tokens_per_s"] = self._gen_tokens / self._gen_seconds
+            self._gen_tokens, self._gen_seconds = 0, 0.0
+        if "rollout/gen_tokens_per_s" in out:
+            out["perf/gen_tokens_per_s"] = out.pop("rollout/gen_tokens_per_s")
+        out["queue/dropped_groups"] = out.get("queue/dropped", 0.0)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Data position + queue commit point (call right before saving the checkpoint)."""
+        data = self.manager.state_dict() if hasattr(self.manager, "state_dict") else self.dataset.state_dict()
+        return {"data": data, "queue": self.queue.commit()}
+
+    def close(self) -> None:
+        try:
+            self.manager.stop()
+        except Exception as e:  # noqa: BLE001 - closing must not hide the loop's own error
+            logger.warning("stopping the rollout manager: %s", e)
+        self.rewards.close()
+        self.queue.close()

@@ -1,0 +1,97 @@
+"""Rank 0's rollout side, built from the config: prompts, engines, rewards, replay queue, manager, weight sync.
+
+Only global rank 0 holds these objects (the engines and the queue journal live there); the other
+ranks get `None` and receive batches by broadcast (`trainer/distribute.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from megatron_m2po.config import Config
+from megatron_m2po.types import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+def sampling_params(cfg: Config, *, stop_token_ids: list[int]) -> SamplingParams:
+    r = cfg.rollout
+    return SamplingParams(
+        max_new_tokens=r.max_new_tokens,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        top_k=r.top_k,
+        stop_token_ids=list(stop_token_ids),
+        seed=cfg.train.seed,
+    )
+
+
+def queue_kwargs(cfg: Config, journal_dir: Path) -> dict[str, Any]:
+    s, t = cfg.staleness, cfg.train
+    return {
+        "mode": s.mode,
+        "max_staleness": s.max_staleness,
+        "groups_per_update": t.prompts_per_update,
+        "capacity": s.queue_capacity,
+        "journal_dir": str(journal_dir),
+        "fsync": s.journal_fsync,
+        "fixed_lag": cfg.fixed_staleness,
+    }
+
+
+def build_engines(cfg: Config, hf_dir: str, dtype: torch.dtype) -> list:
+    r = cfg.rollout
+    if r.engine == "local":
+        from megatron_m2po.rollout.engines.local import LocalEngine
+
+        threads = cfg.train.torch_threads or None
+        return [
+            LocalEngine(hf_dir, engine_id=f"local-{i}", dtype=dtype, threads=threads, seed=cfg.train.seed + i)
+            for i in range(r.num_engines)
+        ]
+    if r.engine == "sglang":
+        from megatron_m2po.rollout.engines.sglang import SGLangEngine
+
+        return [SGLangEngine(url, engine_id=f"sglang-{i}") for i, url in enumerate(r.urls)]
+    from megatron_m2po.rollout.engines.vllm import VLLMEngine
+
+    return [VLLMEngine(hf_dir, engine_id=f"vllm-{i}") for i in range(r.num_engines)]
+
+
+def reward_pool(cfg: Config):
+    from megatron_m2po.rollout.rewards import RewardPool
+
+    r = cfg.rollout
+    fn_kwargs = {"format_reward": r.format_reward} if r.format_reward else None
+    return RewardPool(fn=r.reward_fn, workers=r.reward_workers, timeout=r.reward_timeout, fn_kwargs=fn_kwargs)
+
+
+def prompt_dataset(
+    cfg: Config,
+    tokenizer,
+    path: str | None = None,
+    *,
+    problem_key=None,
+    answer_key=None,
+    shuffle: bool = True,
+):
+    from megatron_m2po.data.prompts import PromptDataset
+
+    d = cfg.data
+    return PromptDataset(
+        path or d.path,
+        tokenizer,
+        problem_key=problem_key or d.problem_key,
+        answer_key=answer_key or d.answer_key,
+        answer_format=d.answer_format,
+        template=d.template,
+        apply_chat_template=d.apply_chat_template,
+        max_prompt_tokens=d.max_prompt_tokens,
+        on_error=d.on_error,
+        seed=cfg.train.seed,
+        shuffle=shuffle,
+    )

@@ -1,0 +1,180 @@
+"""One optimizer update on one mini-batch: micro-batches through Megatron's pipeline schedule, then the step.
+
+The loss of a mini-batch is a token mean over ALL its response tokens, on every DP rank and in every
+micro-batch. Megatron's schedule divides each micro-batch's loss by the number of micro-batches and DDP
+averages gradients over DP ranks; the loss functions take a `normalizer` (the mini-batch's token count
+divided by the DP size, see `algorithms.get_loss`), and `loss_func` below multiplies back the schedule's
+1/num_microbatches, so the gradient is exactly that of the global token mean.
+
+`m2po` in `global` scope needs log pi_theta of the whole mini-batch before the loss: a no-grad pre-pass
+(`forward_logprobs`) computes it (it equals log pi_theta at loss time, the update has not happened yet),
+`compute_m2_threshold` reduces it over the DP group, and every micro-batch's loss gets `m2_threshold=`.
+The same pre-pass gives `decoupled_ppo` its proximal log-probs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_m2po import algorithms
+from megatron_m2po.trainer.batching import MicroBatch
+
+
+def _positions(tokens: torch.Tensor) -> torch.Tensor:
+    b, L = tokens.shape
+    return torch.arange(L, device=tokens.device).unsqueeze(0).expand(b, L)
+
+
+def _schedule_kwargs(micro_batches: Sequence[MicroBatch]) -> dict[str, Any]:
+    b, L = micro_batches[0].tokens.shape
+    return {"num_microbatches": len(micro_batches), "seq_length": L, "micro_batch_size": b}
+
+
+def token_logprobs(output: torch.Tensor, mb: MicroBatch, temperature: float, *, with_entropy: bool = False):
+    """Log-probs (and entropy) of `mb.targets` from this TP rank's logits shard [b, L, V/tp]."""
+    logits = output[:, :-1, :]
+    return algorithms.vocab_parallel_logprobs(
+        logits,
+        mb.targets,
+        tp_group=parallel_state.get_tensor_model_parallel_group(),
+        temperature=temperature,
+        with_entropy=with_entropy,
+    )
+
+
+@torch.no_grad()
+def forward_logprobs(model, micro_batches: Sequence[MicroBatch], temperature: float) -> list[torch.Tensor]:
+    """log pi_theta of every micro-batch's targets [b, L-1] (on the last pipeline stage; [] elsewhere)."""
+    device = next(model.parameters()).device
+
+    def forward_step(data_iterator, model_chunk):
+        mb = next(data_iterator).to(device)
+        output = model_chunk(mb.tokens, _positions(mb.tokens), None)
+
+        def loss_func(out):
+            lp = token_logprobs(out, mb, temperature)
+            return out.new_zeros(()), {"logprobs": lp.detach().float().cpu()}
+
+        return output, loss_func
+
+    store = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(micro_batches),
+        model=[model],
+        forward_only=True,
+        **_schedule_kwargs(micro_batches),
+    )
+    return [d["logprobs"] for d in store] if parallel_state.is_pipeline_last_stage() else []
+
+
+def _reduce_metrics(per_microbatch: list[dict[str, float]], group) -> dict[str, float]:
+    """Mean over micro-batches and DP ranks (max for `*_max` keys, sum for `*num_tokens`)."""
+    keys = sorted({k for d in per_microbatch for k in d})
+    if group is not None and dist.get_world_size(group) > 1:
+        gathered: list[list[str]] = [None] * dist.get_world_size(group)  # type: ignore[list-item]
+        dist.all_gather_object(gathered, keys, group=group)
+        keys = sorted({k for ks in gathered for k in ks})
+    sums = torch.zeros(len(keys), dtype=torch.float64)
+    maxes = torch.full((len(keys),), -math.inf, dtype=torch.float64)
+    counts = torch.zeros(len(keys), dtype=torch.float64)
+    for d in per_microbatch:
+        for i, k in enumerate(keys):
+            if k in d:
+                v = float(d[k])
+                sums[i] += v
+                maxes[i] = max(maxes[i].item(), v)
+                counts[i] += 1
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(sums, group=group)
+        dist.all_reduce(counts, group=group)
+        dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
+    out = {}
+    for i, k in enumerate(keys):
+        if counts[i] == 0:
+            continue
+        if k.endswith("_max"):
+            out[k] = maxes[i].item()
+        elif k.endswith("num_tokens"):
+            out[k] = sums[i].item()
+        else:
+            out[k] = (sums[i] / counts[i]).item()
+    return out
+
+
+def train_update(
+    model,
+    optimizer,
+    scheduler,
+    micro_batches: Sequence[MicroBatch],
+    loss_fn: Callable,
+    *,
+    temperature: float,
+    normalizer: float,
+    m2_threshold: float | None = None,
+    proximal_logprobs: Sequence[torch.Tensor] | None = None,
+    engine_logprobs_for_tis: bool = False,
+) -> dict[str, float]:
+    """Forward/backward every micro-batch, one optimizer step; returns `loss/` and `train/` metrics."""
+    device = next(model.parameters()).device
+    num_mb = len(micro_batches)
+    dp_group = parallel_state.get_data_parallel_group()
+    index = iter(range(num_mb))
+
+    def forward_step(data_iterator, model_chunk):
+        mb = next(data_iterator).to(device)
+        i = next(index)
+        output = model_chunk(mb.tokens, _positions(mb.tokens), None)
+
+        def loss_func(out):
+            lp, entropy = token_logprobs(out, mb, temperature, with_entropy=True)
+            optional: dict[str, Any] = {
+                "staleness": mb.staleness,
+                "normalizer": normalizer,
+                "process_group": dp_group,
+            }
+            if m2_threshold is not None:
+                optional["m2_threshold"] = m2_threshold
+            if proximal_logprobs is not None:
+                optional["proximal_log_probs"] = proximal_logprobs[i].to(device)
+            if engine_logprobs_for_tis:
+                optional["engine_log_probs"] = mb.engine_logprobs
+            loss, metrics = loss_fn(lp, mb.behavior_logprobs, mb.advantages, mb.response_mask, **optional)
+            mask = mb.response_mask
+            metrics = dict(metrics)
+            metrics["loss/entropy"] = float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
+            metrics["loss/value"] = float(loss.detach())
+            # The schedule divides by num_microbatches; the normalizer already made this a share of the mean.
+            return loss * num_mb, metrics
+
+        return output, loss_func
+
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    store = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(micro_batches),
+        model=[model],
+        forward_only=False,
+        **_schedule_kwargs(micro_batches),
+    )
+    update_ok, grad_norm, _ = optimizer.step()
+    scheduler.step(increment=1)
+
+    metrics: dict[str, float] = {}
+    if parallel_state.is_pipeline_last_stage():
+        metrics = _reduce_metrics(list(store), dp_group)
+        # loss/value: a micro-batch's loss is its share of the DP-averaged mean, so the mini-batch loss is
+        # the sum over micro-batches of the mean over DP ranks = (mean over both) x num_microbatches.
+        if "loss/value" in metrics:
+            metrics["loss/value"] *= num_mb
+    metrics["train/grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    metrics["train/lr"] = float(optimizer.param_groups[0]["lr"])
+    metrics["train/update_skipped"] = 0.0 if update_ok else 1.0
+    return metrics
