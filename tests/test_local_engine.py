@@ -1,0 +1,168 @@
+"""LocalEngine: behaviour log-probs equal a full-sequence recompute, sampling controls, weight updates mid-request."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import threading
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from megatron_m2po.models.tiny import make_tiny_model
+from megatron_m2po.rollout.engines.local import LocalEngine, sampling_distribution
+from megatron_m2po.types import SamplingParams
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return make_tiny_model("qwen3", tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+@pytest.fixture
+def engine(hf_dir):
+    eng = LocalEngine(hf_dir, engine_id="local-test")
+    yield eng
+    asyncio.run(eng.close())
+
+
+def recompute_logprobs(model, sample, temperature: float) -> torch.Tensor:
+    """What a trainer does: one forward over prompt+response, log_softmax(logits / T) of the response tokens."""
+    ids = torch.tensor([sample.prompt_ids + sample.response_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0].float()
+    p = len(sample.prompt_ids)
+    lp = torch.log_softmax(logits[p - 1 : -1] / temperature, -1)
+    return lp.gather(-1, torch.tensor(sample.response_ids)[:, None]).squeeze(-1)
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", [(1.0, 1.0, -1), (0.7, 0.9, 20)])
+def test_logprobs_match_full_forward(engine, temperature, top_p, top_k):
+    params = SamplingParams(max_new_tokens=24, temperature=temperature, top_p=top_p, top_k=top_k, seed=3)
+    samples = asyncio.run(engine.generate("p0", [11, 12, 13, 14, 15], 3, params))
+    assert [s.group_index for s in samples] == [0, 1, 2]
+    for s in samples:
+        assert len(s.response_ids) == len(s.behavior_logprobs) == len(s.versions) > 0
+        ref = recompute_logprobs(engine.model, s, temperature)
+        assert torch.allclose(torch.tensor(s.behavior_logprobs), ref, atol=1e-5, rtol=0)
+        assert s.engine_id == "local-test" and set(s.versions) == {0}
+    # different samples of a group differ (they are independent draws)
+    assert len({tuple(s.response_ids) for s in samples}) > 1
+
+
+def test_seed_reproducible_and_stop_tokens(engine):
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, seed=7)
+    a = asyncio.run(engine.generate("p", [20, 21, 22], 2, params))
+    b = asyncio.run(engine.generate("p", [20, 21, 22], 2, params))
+    assert [s.response_ids for s in a] == [s.response_ids for s in b]
+    # make the third generated token of sample 0 a stop token: generation stops right there
+    stop = a[0].response_ids[2]
+    c = asyncio.run(
+        engine.generate(
+            "p",
+            [20, 21, 22],
+            2,
+            SamplingParams(max_new_tokens=16, temperature=1.0, seed=7, stop_token_ids=[stop]),
+        )
+    )
+    first = a[0].response_ids.index(stop)
+    assert c[0].response_ids == a[0].response_ids[: first + 1] and c[0].finish_reason == "stop"
+    assert a[0].finish_reason == "length" or stop in a[0].response_ids
+
+
+@given(st.integers(1, 40), st.floats(0.05, 1.0), st.integers(0, 2**31 - 1))
+@settings(max_examples=40, deadline=None)
+def test_sampling_distribution_support(top_k, top_p, seed):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, 64, generator=g) * 3
+    probs = sampling_distribution(logits, top_p, top_k)
+    assert torch.allclose(probs.sum(-1), torch.ones(2), atol=1e-5)
+    support = probs > 0
+    assert (support.sum(-1) <= top_k).all() and (support.sum(-1) >= 1).all()
+    # the kept tokens are the most likely ones; top-p acts on the top-k-renormalised mass (as HF and SGLang do)
+    full = torch.softmax(logits, -1)
+    for row in range(2):
+        kept = full[row][support[row]]
+        dropped = full[row][~support[row]]
+        if dropped.numel():
+            assert kept.min() >= dropped.max() - 1e-7
+        topk_mass = full[row].topk(min(top_k, 64)).values.sum()
+        assert kept.sum() / topk_mass >= top_p - 1e-5
+        # and it is the smallest such set: without its least likely token the mass falls short of top_p
+        assert (kept.sum() - kept.min()) / topk_mass < top_p + 1e-5
+
+
+class SteppedEngine(LocalEngine):
+    """A LocalEngine that stops after its k-th sampling step until the test lets it go on, so a weight update
+    lands at a known point of a request (sampling runs outside the weights lock, like every step)."""
+
+    def __init__(self, *args, hold_after: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hold_after, self.steps = hold_after, 0
+        self.held, self.release = threading.Event(), threading.Event()
+
+    def _sample(self, logits, params, generator):
+        out = LocalEngine._sample(logits, params, generator)
+        self.steps += 1
+        if self.steps == self.hold_after:
+            self.held.set()
+            self.release.wait(30)
+        return out
+
+
+def test_weight_update_mid_request_records_versions(hf_dir):
+    engine = SteppedEngine(hf_dir, hold_after=4)
+    old_model = copy.deepcopy(engine.model)
+    new_weights = {
+        k: v + 0.05 * torch.randn_like(v) for k, v in engine.state_dict().items() if "norm" not in k
+    }
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=1, stop_token_ids=[])
+
+    async def run():
+        task = asyncio.ensure_future(engine.generate("p", [30, 31, 32], 1, params))
+        await asyncio.to_thread(engine.held.wait, 30)
+        update = asyncio.ensure_future(engine.update_weights(new_weights.items(), version=1))
+        await asyncio.wait_for(update, 30)  # the update does not wait for the request to finish
+        engine.release.set()
+        return await task
+
+    (s,) = asyncio.run(run())
+    asyncio.run(engine.close())
+    assert len(s.versions) == 10, "the fixed seed must not hit EOS in 10 tokens"
+    assert s.versions == [0] * 4 + [1] * 6
+    assert engine.version == 1
+    for name, tensor in new_weights.items():
+        assert torch.equal(engine.state_dict()[name], tensor)
+    # tokens 0..3 came from the old weights: a recompute with them matches; token 4 onwards does not
+    ref = recompute_logprobs(old_model, s, 1.0)
+    got = torch.tensor(s.behavior_logprobs)
+    assert torch.allclose(got[:4], ref[:4], atol=1e-5, rtol=0)
+    assert (got[4:] - ref[4:]).abs().max() > 1e-3
+
+
+def test_update_errors_name_the_tensor(engine):
+    with pytest.raises(KeyError, match="model.layers.0.nope"):
+        asyncio.run(engine.update_weights([("model.layers.0.nope", torch.zeros(1))], version=1))
+    with pytest.raises(ValueError, match=r"lm_head.weight.*shape \(3, 3\)"):
+        asyncio.run(engine.update_weights([("lm_head.weight", torch.zeros(3, 3))], version=1))
+
+
+def test_cancelled_request_stops_and_engine_keeps_serving(engine):
+    async def run():
+        await engine.pause()  # holds the request at its first step, so the cancel surely lands mid-request
+        task = asyncio.ensure_future(engine.generate("long", [1, 2, 3], 1, SamplingParams(max_new_tokens=64)))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await engine.resume()
+        return await asyncio.wait_for(
+            engine.generate("next", [1, 2, 3], 1, SamplingParams(max_new_tokens=4)), 10
+        )
+
+    (s,) = asyncio.run(run())
+    assert len(s.response_ids) == 4
