@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import zlib
 
 import numpy as np
 
@@ -22,7 +23,7 @@ def make_group(
 
     Log-probs are float32-representable, as engines that sample in fp32 return them.
     """
-    rng = random.Random(seed if seed is not None else hash(prompt_id) & 0xFFFF)
+    rng = random.Random(seed if seed is not None else zlib.crc32(prompt_id.encode()))
     prompt = [rng.randrange(150_000) for _ in range(prompt_len)]
     samples = []
     for i in range(n_samples):

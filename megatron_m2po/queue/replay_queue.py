@@ -409,12 +409,6 @@ class ReplayQueue:
                 raise ValueError(
                     f"get_batch: num_groups must be in [1, capacity={self.capacity}], got {num_groups}"
                 )
-            bound = (self.max_staleness + 1) * self.groups_per_update
-            if self.mode == "bounded" and num_groups > bound:
-                raise ValueError(
-                    f"get_batch: num_groups={num_groups} > (max_staleness + 1) * groups_per_update = {bound}: "
-                    "admission would never let that many groups be pending"
-                )
         if max_tokens is not None and max_tokens < 1:
             raise ValueError(f"get_batch: max_tokens must be >= 1, got {max_tokens}")
         deadline = None if timeout is None else time.monotonic() + timeout
