@@ -1,0 +1,270 @@
+"""Start a node's engine servers (and sglang-router in front), wait until healthy, stop them.
+
+    python -m megatron_m2po.rollout.engines.sglang_launcher --model HF_DIR --servers 8 --tp 1
+    python -m megatron_m2po.rollout.engines.sglang_launcher --model HF_DIR --servers 2 --backend local  # CPU
+
+`backend="sglang"` runs `python -m sglang.launch_server` per server (GPUs split by CUDA_VISIBLE_DEVICES,
+`tp` each); `backend="local"` runs megatron_m2po's LocalEngine behind the same HTTP API (one process
+and core each), so a CPU farm exercises the same client, retries and kill handling. Logs go to
+`log_dir/<name>.log`; a server that exits or stays unhealthy past `timeout` is an error naming its log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+
+from megatron_m2po.rollout.engines.sglang import SGLangEngine
+
+logger = logging.getLogger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def is_healthy(url: str, timeout: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+class EngineLauncher:
+    """The servers of one node. Use as a context manager, or call start() / stop()."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        servers: int = 1,
+        tp: int = 1,
+        backend: str = "sglang",
+        host: str = "127.0.0.1",
+        ports: Sequence[int] | None = None,
+        router: bool = False,
+        router_port: int | None = None,
+        gpu_ids: Sequence[int] | None = None,
+        extra_args: Sequence[str] = (),
+        log_dir: str | Path | None = None,
+        env: dict[str, str] | None = None,
+    ):
+        if backend not in ("sglang", "local"):
+            raise ValueError(f"EngineLauncher: backend must be 'sglang' or 'local', got {backend!r}")
+        if servers < 1:
+            raise ValueError(f"EngineLauncher: servers must be >= 1, got {servers}")
+        self.model_path, self.servers, self.tp, self.backend, self.host = (
+            str(model_path),
+            servers,
+            tp,
+            backend,
+            host,
+        )
+        self.ports = list(ports) if ports else [free_port(host) for _ in range(servers)]
+        if len(self.ports) != servers:
+            raise ValueError(f"EngineLauncher: {servers} servers but {len(self.ports)} ports")
+        self.router, self.router_port = router, router_port or (free_port(host) if router else None)
+        self.gpu_ids = list(gpu_ids) if gpu_ids is not None else list(range(servers * tp))
+        if backend == "sglang" and len(self.gpu_ids) < servers * tp:
+            raise ValueError(
+                f"EngineLauncher: {servers} servers x tp {tp} need {servers * tp} GPUs, "
+                f"got gpu_ids {self.gpu_ids}"
+            )
+        self.extra_args, self.env = list(extra_args), dict(env or {})
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"http://{self.host}:{p}" for p in self.ports]
+
+    @property
+    def router_url(self) -> str | None:
+        return f"http://{self.host}:{self.router_port}" if self.router else None
+
+    def _server_cmd(self, i: int) -> tuple[list[str], dict[str, str]]:
+        env = dict(os.environ, **self.env)
+        if self.backend == "local":
+            cmd = [
+                sys.executable,
+                "-m",
+                "megatron_m2po.rollout.engines.local_server",
+                "--model",
+                self.model_path,
+                "--host",
+                self.host,
+                "--port",
+                str(self.ports[i]),
+                "--engine-id",
+                f"local@{self.ports[i]}",
+                "--seed",
+                str(i),
+            ]
+            env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+        else:
+            cmd = [
+                sys.executable,
+                "-m",
+                "sglang.launch_server",
+                "--model-path",
+                self.model_path,
+                "--tp",
+                str(self.tp),
+                "--host",
+                self.host,
+                "--port",
+                str(self.ports[i]),
+                "--random-seed",
+                str(i),
+            ]
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.gpu_ids[i * self.tp : (i + 1) * self.tp]))
+            env.pop("SGLANG_RETURN_ORIGINAL_LOGPROB", None)  # behaviour log-probs must be of logits / T
+        return cmd + self.extra_args, env
+
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
+        out = subprocess.DEVNULL
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115 (kept open for the child's lifetime)
+        logger.info("starting %s: %s", name, " ".join(cmd))
+        self.procs[name] = subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+    def start(self, timeout: float = 900.0) -> list[str]:
+        """Start every server, wait for /health, then the router; returns the server URLs."""
+        for i in range(self.servers):
+            self._spawn(f"server-{i}", *self._server_cmd(i))
+        self._wait([(f"server-{i}", u) for i, u in enumerate(self.urls)], timeout)
+        if self.router:
+            cmd = [
+                sys.executable,
+                "-m",
+                "sglang_router.launch_router",
+                "--host",
+                self.host,
+                "--port",
+                str(self.router_port),
+                "--worker-urls",
+                *self.urls,
+            ]
+            self._spawn("router", cmd, dict(os.environ))
+            self._wait([("router", self.router_url)], timeout)
+        return self.urls
+
+    def _wait(self, named_urls: list[tuple[str, str]], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        pending = dict(named_urls)
+        while pending:
+            for name, url in list(pending.items()):
+                code = self.procs[name].poll()
+                if code is not None:
+                    self.stop()
+                    where = f" (log: {self.log_dir / (name + '.log')})" if self.log_dir else ""
+                    raise RuntimeError(
+                        f"{name} at {url} exited with code {code} before becoming healthy{where}"
+                    )
+                if is_healthy(url):
+                    pending.pop(name)
+            if pending and time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"not healthy after {timeout}s: {sorted(pending)}")
+            time.sleep(0.2)
+
+    def engines(self, **kwargs) -> list[SGLangEngine]:
+        """One SGLangEngine per server (what the NCCL weight sync needs: each has its own ranks)."""
+        return [
+            SGLangEngine(u, engine_id=f"{self.backend}@{p}", gpus=self.tp, **kwargs)
+            for u, p in zip(self.urls, self.ports)
+        ]
+
+    def router_engine(self, **kwargs) -> SGLangEngine:
+        """One SGLangEngine for the whole node: generation through the router, control calls to every server."""
+        if not self.router:
+            raise RuntimeError("EngineLauncher: started without router=True")
+        return SGLangEngine(
+            self.router_url,
+            worker_urls=self.urls,
+            engine_id=f"router@{self.router_port}",
+            gpus=self.tp * self.servers,
+            **kwargs,
+        )
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send a signal to one server's process group (tests kill engines mid-request)."""
+        os.killpg(self.procs[name].pid, sig)
+
+    def stop(self, grace: float = 10.0) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + grace
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.procs.clear()
+
+    def __enter__(self) -> EngineLauncher:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="HF model dir served by every server")
+    parser.add_argument("--servers", type=int, default=1, help="servers on this node")
+    parser.add_argument("--tp", type=int, default=1, help="tensor parallel GPUs per server")
+    parser.add_argument("--backend", choices=["sglang", "local"], default="sglang")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--base-port", type=int, default=30000, help="server i listens on base-port + i")
+    parser.add_argument("--router", action="store_true", help="start sglang-router in front")
+    parser.add_argument("--router-port", type=int, default=29000)
+    parser.add_argument("--log-dir", default=None)
+    args, extra = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO)
+    launcher = EngineLauncher(
+        args.model,
+        servers=args.servers,
+        tp=args.tp,
+        backend=args.backend,
+        host=args.host,
+        ports=[args.base_port + i for i in range(args.servers)],
+        router=args.router,
+        router_port=args.router_port,
+        extra_args=extra,
+        log_dir=args.log_dir,
+    )
+    launcher.start()
+    print(" ".join(launcher.urls), flush=True)
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        launcher.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

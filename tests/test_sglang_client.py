@@ -1,0 +1,275 @@
+"""SGLang client against SGLang's native API schema, served by the real LocalEngine (real tokens and log-probs).
+
+The request fields checked here are those of SGLang's GenerateReqInput and sampling params
+(python/sglang/srt/managers/io_struct.py, sampling/sampling_params.py); a GPU test runs a real server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+
+import pytest
+import torch
+from aiohttp import web
+from safetensors.torch import save_file
+
+from megatron_m2po.models.tiny import make_tiny_model
+from megatron_m2po.rollout.engines.base import EngineError, EngineReplyError
+from megatron_m2po.rollout.engines.local import LocalEngine
+from megatron_m2po.rollout.engines.local_server import LocalSGLangServer
+from megatron_m2po.rollout.engines.sglang import SGLangEngine, parse_generate_reply
+from megatron_m2po.rollout.engines.sglang_launcher import free_port
+from megatron_m2po.types import SamplingParams
+
+torch.set_num_threads(1)
+
+# Field names of sglang's GenerateReqInput and SamplingParams that this client may send.
+SGLANG_GENERATE_FIELDS = {
+    "rid",
+    "text",
+    "input_ids",
+    "sampling_params",
+    "return_logprob",
+    "logprob_start_len",
+    "top_logprobs_num",
+    "stream",
+    "return_text_in_logprobs",
+}
+SGLANG_SAMPLING_FIELDS = {
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "max_new_tokens",
+    "min_new_tokens",
+    "stop",
+    "stop_token_ids",
+    "n",
+    "skip_special_tokens",
+    "no_stop_trim",
+    "sampling_seed",
+    "ignore_eos",
+    "repetition_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+}
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    return make_tiny_model("qwen3", tmp_path_factory.mktemp("tiny"), seed=1)
+
+
+class Served:
+    """A LocalEngine behind the SGLang-schema server in this event loop, recording every request body."""
+
+    def __init__(self, engine: LocalEngine):
+        self.engine, self.requests = engine, []
+
+    async def __aenter__(self):
+        server = LocalSGLangServer(self.engine)
+
+        @web.middleware
+        async def record(request, handler):
+            if request.can_read_body:
+                self.requests.append((request.path, json.loads(await request.text() or "{}")))
+            return await handler(request)
+
+        server.app.middlewares.append(record)
+        self.server = server
+        self.runner = web.AppRunner(server.app)
+        await self.runner.setup()
+        self.port = free_port()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+        self.url = f"http://127.0.0.1:{self.port}"
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.runner.cleanup()
+
+
+def test_generate_real_tokens_and_logprobs(hf_dir):
+    engine = LocalEngine(hf_dir)
+
+    async def run():
+        async with Served(engine) as served:
+            client = SGLangEngine(served.url, engine_id="sg")
+            params = SamplingParams(
+                max_new_tokens=12, temperature=0.8, top_p=0.95, top_k=30, seed=5, stop_token_ids=[7]
+            )
+            samples = await client.generate("q1", [40, 41, 42, 43], 3, params)
+            assert await client.health()
+            await client.close()
+            return samples, served.requests
+
+    samples, requests = asyncio.run(run())
+    gen = [body for path, body in requests if path == "/generate"]
+    assert len(gen) == 3 and len({b["rid"] for b in gen}) == 3
+    for body in gen:
+        assert set(body) <= SGLANG_GENERATE_FIELDS
+        assert set(body["sampling_params"]) <= SGLANG_SAMPLING_FIELDS
+        assert body["return_logprob"] is True and body["input_ids"] == [40, 41, 42, 43]
+        assert body["sampling_params"]["stop_token_ids"] == [7]
+    assert sorted(b["sampling_params"]["sampling_seed"] for b in gen) == [5, 6, 7]
+    for s in samples:
+        assert s.engine_id == "sg" and s.versions == [0] * len(s.response_ids)
+        ids = torch.tensor([s.prompt_ids + s.response_ids])
+        with torch.no_grad():
+            logits = engine.model(ids).logits[0, 3:-1].float() / 0.8
+        ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(s.response_ids)[:, None]).squeeze(-1)
+        assert torch.allclose(torch.tensor(s.behavior_logprobs), ref, atol=1e-5, rtol=0)
+        assert s.finish_reason in ("stop", "length")
+        assert s.finish_reason == "length" or s.response_ids[-1] in (7, *engine._stop_ids)
+
+
+GOOD = {
+    "text": "ab",
+    "output_ids": [5, 6],
+    "meta_info": {
+        "id": "r",
+        "finish_reason": {"type": "length", "length": 2},
+        "prompt_tokens": 3,
+        "completion_tokens": 2,
+        "output_token_logprobs": [[-0.5, 5, None], [-1.25, 6, None]],
+    },
+}
+
+
+def _mutate(path, value):
+    reply = json.loads(json.dumps(GOOD))
+    target = reply
+    for key in path[:-1]:
+        target = target[key]
+    if value is KeyError:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+    return reply
+
+
+@pytest.mark.parametrize(
+    "path,value,field",
+    [
+        (("meta_info",), KeyError, "'meta_info'"),
+        (("meta_info", "output_token_logprobs"), KeyError, "output_token_logprobs"),
+        (
+            ("meta_info", "output_token_logprobs"),
+            [[-0.5, "x", None], [-1.0, 6, None]],
+            r"output_token_logprobs\[0\]\[1\]",
+        ),
+        (
+            ("meta_info", "output_token_logprobs"),
+            [[-0.5, 5, None], [0.7, 6, None]],
+            r"output_token_logprobs\[1\]\[0\]",
+        ),
+        (("meta_info", "finish_reason"), {"type": "done"}, "finish_reason"),
+        (("meta_info", "completion_tokens"), 5, "completion_tokens"),
+        (("output_ids",), [9, 9], "output_ids"),
+    ],
+)
+def test_malformed_replies_name_the_field(path, value, field):
+    assert parse_generate_reply(GOOD, "w")[:3] == ([5, 6], [-0.5, -1.25], "length")
+    with pytest.raises(EngineReplyError, match=field):
+        parse_generate_reply(_mutate(path, value), "http://x/generate")
+
+
+def test_bad_server_reply_and_dead_server_raise_engine_errors():
+    async def run():
+        app = web.Application()
+        app.router.add_post("/generate", lambda r: web.json_response({"text": "hi"}))
+        app.router.add_post(
+            "/update_weights_from_disk",
+            lambda r: web.json_response({"success": False, "message": "no such dir"}),
+        )
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        client = SGLangEngine(f"http://127.0.0.1:{port}")
+        with pytest.raises(EngineReplyError, match="meta_info"):
+            await client.generate("p", [1, 2], 1, SamplingParams(max_new_tokens=2))
+        with pytest.raises(EngineError, match="no such dir"):
+            await client.update_weights_from_disk("/nope", 3)
+        await runner.cleanup()
+        dead = SGLangEngine(f"http://127.0.0.1:{free_port()}")
+        assert not await dead.health()
+        with pytest.raises(EngineError, match="/generate"):
+            await dead.generate("p", [1, 2], 1, SamplingParams(max_new_tokens=2))
+        await client.close()
+        await dead.close()
+
+    asyncio.run(run())
+
+
+def test_pause_continue_abort_and_weights_from_disk(hf_dir, tmp_path):
+    engine = LocalEngine(hf_dir)
+    new = {k: v + 0.1 for k, v in engine.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in new.items()}, tmp_path / "model.safetensors")
+
+    async def run():
+        async with Served(engine) as served:
+            client = SGLangEngine(served.url)
+            params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=0)
+            await client.pause()
+            task = asyncio.ensure_future(client.generate("p", [3, 4, 5], 2, params))
+            await asyncio.sleep(0.3)
+            assert not task.done()
+            assert len(served.server.inflight) == 2
+            task.cancel()  # the client aborts its rids on the server
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            for _ in range(50):
+                if not served.server.inflight:
+                    break
+                await asyncio.sleep(0.05)
+            assert not served.server.inflight
+            assert sum(path == "/abort_request" for path, _ in served.requests) == 2
+            await client.resume()
+            await client.update_weights_from_disk(str(tmp_path), version=4)
+            assert client.version == 4 and engine.version == 4
+            samples = await client.generate("p", [3, 4, 5], 1, params)
+            await client.close()
+            return samples, served.requests
+
+    samples, requests = asyncio.run(run())
+    assert samples[0].versions == [4] * len(samples[0].response_ids)
+    disk = [b for p, b in requests if p == "/update_weights_from_disk"]
+    assert disk == [{"model_path": str(tmp_path), "weight_version": "4", "flush_cache": True}]
+    pause = [b for p, b in requests if p == "/pause_generation"]
+    assert pause == [{"mode": "in_place"}]
+    for k, v in new.items():
+        assert torch.equal(engine.state_dict()[k], v)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang not installed")
+def test_real_sglang_server_logprobs(hf_dir, tmp_path):
+    """A real SGLang server on the tiny model: its behaviour log-probs match HF's recompute (bf16-level)."""
+    from megatron_m2po.rollout.engines.sglang_launcher import EngineLauncher
+
+    with EngineLauncher(
+        hf_dir,
+        servers=1,
+        backend="sglang",
+        log_dir=tmp_path,
+        extra_args=["--dtype", "float32", "--mem-fraction-static", "0.3", "--disable-cuda-graph"],
+    ) as launcher:
+        client = launcher.engines()[0]
+
+        async def run():
+            out = await client.generate(
+                "q", [40, 41, 42, 43], 2, SamplingParams(max_new_tokens=16, temperature=1.0)
+            )
+            await client.close()
+            return out
+
+        samples = asyncio.run(run())
+    model = LocalEngine(hf_dir).model
+    for s in samples:
+        ids = torch.tensor([s.prompt_ids + s.response_ids])
+        with torch.no_grad():
+            logits = model(ids).logits[0, 3:-1].float()
+        ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(s.response_ids)[:, None]).squeeze(-1)
+        assert torch.allclose(torch.tensor(s.behavior_logprobs), ref, atol=2e-3)
