@@ -129,8 +129,10 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # purge_step drops events of steps a resumed run redoes, so the curves stay single-valued.
-            self.writer = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_step or None)
+            # purge_step drops events of the steps a resumed run redoes, so the curves stay single-valued.
+            self.writer = SummaryWriter(
+                str(Path(run_dir) / "tb"), purge_step=start_step + 1 if start_step else None
+            )
         self.console = _ConsoleLine(console, total_steps, start_step)
 
     def log(self, step: int, scalars: Mapping[str, float], *, console: bool = True) -> None:

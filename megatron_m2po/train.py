@@ -18,6 +18,7 @@ The three staleness modes are the same calls in a different order (docs/training
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -241,9 +242,17 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
         logger.info("resumed from %s at step %d (version %d)", ckpt, progress.step, progress.version)
     elif resume:
         logger.info("--resume: no checkpoint in %s, starting fresh", ckpt_root)
+    elif checkpointing.list_checkpoints(ckpt_root):
+        raise ConfigError(
+            f"'logging.run_dir': {run_dir} already holds checkpoints of another run; pass --resume to continue "
+            "it, or choose a new run_dir"
+        )
 
     # ---- rollout side (rank 0) and metrics
     producer = Producer(cfg, trainer, run_dir, saved=saved) if is_rank0 else None
+    consumed_log = (
+        ConsumedLog(run_dir / "consumed.jsonl", keep_through_step=progress.step) if is_rank0 else None
+    )
     metrics_log = MetricsLogger(
         run_dir,
         total_steps=cfg.train.steps,
@@ -293,6 +302,8 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
                     step_batch.extend(groups)
                 _, stale = rollout_metrics(groups, progress.version)
                 stale_hist += stale
+                if consumed_log is not None:
+                    consumed_log.append(progress.step + 1, progress.version, groups)
                 t = time.monotonic()
                 step_metrics.append(trainer.update(groups, progress.version))
                 timings["perf/time_train"] += time.monotonic() - t
@@ -349,6 +360,26 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
             producer.close()
         metrics_log.close()
     return last
+
+
+class ConsumedLog:
+    """`run_dir/consumed.jsonl`: which groups (prompt id, producing version) each update trained on.
+
+    An audit trail for staleness and for exactly-once consumption across restarts: on resume, the lines
+    of steps after the checkpoint (work that is redone) are dropped first.
+    """
+
+    def __init__(self, path: Path, *, keep_through_step: int):
+        self.path = path
+        if path.exists():
+            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+            kept = [ln for ln in lines if json.loads(ln)["step"] <= keep_through_step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+
+    def append(self, step: int, version: int, groups: list[Group]) -> None:
+        record = {"step": step, "version": version, "groups": [[g.prompt_id, g.min_version] for g in groups]}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def _mean_metrics(per_update: list[dict[str, float]]) -> dict[str, float]:
@@ -434,6 +465,7 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=getattr(logging, cfg.logging.level), format=f"%(asctime)s [rank{rank()}] %(name)s: %(message)s"
     )
+    logging.getLogger("megatron").setLevel(logging.WARNING)  # its per-bucket INFO lines drown the progress
     train(cfg, resume=args.resume)
     platform.destroy_distributed()
     return 0
