@@ -1,0 +1,271 @@
+"""End to end: `python -m megatron_m2po.train` on a tiny model with the local engine, real queue journal,
+real Megatron checkpoints; then the event files are read back, and runs are resumed and killed."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_m2po.metrics import read_histogram_tags, read_scalars
+from tests.conftest import REPO, free_port
+
+REQUIRED_TAGS = (
+    "rollout/reward_mean",
+    "rollout/accuracy",
+    "rollout/response_length_mean",
+    "loss/value",
+    "loss/m2_before",
+    "loss/m2_after",
+    "loss/masked_fraction",
+    "loss/ratio_p50",
+    "loss/kl_k3",
+    "loss/entropy",
+    "train/grad_norm",
+    "train/lr",
+    "train/staleness_mean",
+    "train/staleness_max",
+    "queue/depth",
+    "queue/dropped_groups",
+    "perf/gen_tokens_per_s",
+    "perf/train_tokens_per_s",
+    "perf/time_generate",
+    "perf/time_wait",
+    "perf/time_train",
+    "perf/time_sync",
+    "perf/time_step",
+)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from megatron_m2po.models.tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("e2e")
+    model = make_tiny_model("qwen3", root / "tiny")
+    prompts = root / "prompts.jsonl"
+    prompts.write_text(
+        "".join(
+            json.dumps({"problem": f"{a}+{b}", "answer": str(a + b)}) + "\n"
+            for a in range(10)
+            for b in range(8)
+        )
+    )
+    recipe = root / "recipe.yaml"
+    recipe.write_text(f"""
+model: {{path: {model}}}
+data: {{path: {prompts}, apply_chat_template: true, max_prompt_tokens: 64}}
+rollout: {{max_new_tokens: 8, reward_fn: "tests.e2e_rewards:digit_fraction", reward_workers: 1}}
+algorithm: {{loss: m2po, m2_budget: 0.04}}
+staleness: {{mode: fixed, fixed_lag_steps: 1}}
+train: {{steps: 3, prompts_per_step: 2, prompts_per_update: 1, responses_per_prompt: 2, micro_batch_size: 2,
+         lr: 1.0e-3, torch_threads: 1}}
+checkpoint: {{save_every: 1, keep_last: 2}}
+logging: {{console: none}}
+""")
+    return root, recipe
+
+
+def train_cmd(
+    recipe: Path, run_dir: Path, *overrides: str, resume: bool = False, nproc: int = 1
+) -> list[str]:
+    args = ["--config", str(recipe), f"logging.run_dir={run_dir}", *overrides] + (
+        ["--resume"] if resume else []
+    )
+    if nproc == 1:
+        return [sys.executable, "-m", "megatron_m2po.train", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc}",
+        f"--master-port={free_port()}",
+        "--master-addr=127.0.0.1",
+        str(REPO / "megatron_m2po" / "train.py"),
+        *args,
+    ]
+
+
+def env() -> dict[str, str]:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+
+
+def run_train(recipe, run_dir, *overrides, resume=False, nproc=1, timeout=400):
+    proc = subprocess.run(
+        train_cmd(recipe, run_dir, *overrides, resume=resume, nproc=nproc),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env(),
+        cwd=REPO,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"train failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def consumed(run_dir: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run_dir / "consumed.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def assert_metrics_logged(run_dir: Path, steps: int) -> dict:
+    series = read_scalars(run_dir)
+    missing = [t for t in REQUIRED_TAGS if t not in series]
+    assert not missing, f"tags not logged: {missing}"
+    for tag in REQUIRED_TAGS:
+        assert [s for s, _ in series[tag]] == list(range(1, steps + 1)), tag
+        assert all(math.isfinite(v) for _, v in series[tag]), tag
+    assert "train/staleness" in read_histogram_tags(run_dir)
+    return series
+
+
+def test_fixed_mode_trains_checkpoints_logs_and_lag_is_exact(setup):
+    root, recipe = setup
+    run_dir = root / "fixed"
+    run_train(recipe, run_dir)
+    series = assert_metrics_logged(run_dir, 3)
+    assert series["train/grad_norm"][0][1] > 0
+    # The paper's protocol: K=1 batch in the FIFO, u=2 updates per step, so s = 2; the first
+    # batches come from the base model (version 0): producing version = max(0, v - s) exactly.
+    records = consumed(run_dir)
+    assert [r["version"] for r in records] == list(range(6))
+    for r in records:
+        step_start = (r["step"] - 1) * 2
+        for _, produced in r["groups"]:
+            assert produced == max(0, step_start - 2), r
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+    assert ckpts == ["step_00000002", "step_00000003"]  # keep_last=2
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+
+
+def test_resume_continues_exactly(setup):
+    """Resuming from step 1 replays the journaled FIFO: same batches, same losses as the uninterrupted run."""
+    root, recipe = setup
+    full = root / "full"
+    run_train(recipe, full, "checkpoint.keep_last=3")
+    part = root / "part"
+    shutil.copytree(full, part)
+    for later in ("step_00000002", "step_00000003"):
+        shutil.rmtree(part / "checkpoints" / later)
+    (part / "checkpoints" / "latest").write_text("step_00000001\n")
+    run_train(recipe, part, resume=True)
+    assert consumed(part) == consumed(full)
+    a, b = read_scalars(full), read_scalars(part)
+    for tag in ("loss/value", "train/grad_norm", "loss/m2_before"):
+        for (sa, va), (sb, vb) in zip(a[tag], b[tag]):
+            assert sa == sb and vb == pytest.approx(va, rel=1e-5, abs=1e-7), (tag, sa)
+
+
+def test_config_errors_are_reported_before_anything_runs(setup):
+    root, recipe = setup
+    proc = subprocess.run(
+        train_cmd(recipe, root / "bad", "algorithm.m2_budgt=0.1"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env(),
+        cwd=REPO,
+    )
+    assert proc.returncode == 2
+    assert "unknown key 'algorithm.m2_budgt'; did you mean 'algorithm.m2_budget'" in proc.stderr
+    assert not (root / "bad").exists()
+
+
+def _journal_accounting(run_dir: Path, recipe_overrides: dict) -> tuple[set[str], list[str]]:
+    """(every prompt id the journal accepted, those still queued after the last checkpoint)."""
+    from megatron_m2po.queue import ReplayQueue
+    from megatron_m2po.trainer.checkpointing import latest_checkpoint, read_trainer_state
+
+    state = read_trainer_state(latest_checkpoint(run_dir / "checkpoints"))
+    q = ReplayQueue.recover(run_dir / "queue", state["queue"], **recipe_overrides)
+    try:
+        return q.accepted_prompt_ids(), q.queued_prompt_ids()
+    finally:
+        q.close()
+
+
+def test_kill_9_then_resume_loses_and_repeats_nothing(setup):
+    """bounded mode, a background producer; SIGKILL mid-run after a checkpoint; --resume finishes the run."""
+    root, recipe = setup
+    run_dir = root / "killed"
+    overrides = [
+        "staleness.mode=bounded",
+        "staleness.fixed_lag_steps=0",
+        "staleness.max_staleness=2",
+        "train.steps=5",
+        "checkpoint.save_every=2",
+    ]
+    proc = subprocess.Popen(
+        train_cmd(recipe, run_dir, *overrides),
+        env=env(),
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if (run_dir / "consumed.jsonl").exists() and any(r["step"] >= 3 for r in consumed(run_dir)):
+                break
+            if proc.poll() is not None:
+                pytest.fail(
+                    f"trainer exited early ({proc.returncode}): {(root / 'killed.log').read_text()[-4000:]}"
+                )
+            time.sleep(0.2)
+        else:
+            pytest.fail("the trainer did not reach step 3")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # reward workers of the killed trainer
+        except ProcessLookupError:
+            pass
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    run_train(recipe, run_dir, *overrides, resume=True)
+
+    records = consumed(run_dir)
+    assert [r["step"] for r in records] == [
+        s for s in range(1, 6) for _ in range(2)
+    ]  # the step count continued
+    assert [r["version"] for r in records] == list(range(10))
+    ids = [pid for r in records for pid, _ in r["groups"]]
+    assert len(ids) == len(set(ids)), "a group was consumed twice"
+    for r in records:
+        assert all(r["version"] - produced <= 2 for _, produced in r["groups"])  # max_staleness held
+    accepted, queued = _journal_accounting(
+        run_dir, {"mode": "bounded", "max_staleness": 2, "groups_per_update": 1, "capacity": 1024}
+    )
+    assert set(ids).isdisjoint(queued)
+    assert accepted == set(ids) | set(queued), "an accepted group was lost"
+    assert_metrics_logged(run_dir, 5)
+
+
+@pytest.mark.dist
+def test_two_processes_tp2_trains_checkpoints_and_resumes(setup):
+    root, recipe = setup
+    run_dir = root / "tp2"
+    run_train(recipe, run_dir, "parallel.tensor=2", "train.steps=2", nproc=2)
+    run_train(recipe, run_dir, "parallel.tensor=2", "train.steps=3", resume=True, nproc=2)
+    assert_metrics_logged(run_dir, 3)
+    assert [r["version"] for r in consumed(run_dir)] == list(range(6))
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_two_processes_dp2_with_trainer_logprobs(setup):
+    root, recipe = setup
+    run_dir = root / "dp2"
+    run_train(recipe, run_dir, "train.steps=2", "rollout.behavior_logprobs=trainer", nproc=2)
+    run_train(recipe, run_dir, "train.steps=3", "rollout.behavior_logprobs=trainer", resume=True, nproc=2)
+    assert_metrics_logged(run_dir, 3)
