@@ -68,14 +68,6 @@ class EngineFarm:
             )
         if max_attempts < 1:
             raise ValueError(f"EngineFarm: max_attempts must be >= 1, got {max_attempts}")
-        self._slots: dict[str, _Slot] = {}
-        for engine in engines:
-            self.add_engine(engine)
-        if not self._slots:
-            raise ValueError("EngineFarm: needs at least one engine")
-        self._version = max(s.engine.version for s in self._slots.values())
-        for slot in self._slots.values():
-            slot.synced = slot.engine.version == self._version
         self.max_attempts, self.request_timeout = max_attempts, request_timeout
         self.health_interval, self.no_engine_timeout = health_interval, no_engine_timeout
         self.inflight_on_update = inflight_on_update
@@ -83,8 +75,16 @@ class EngineFarm:
         self._update_done: asyncio.Event | None = None
         self._membership: asyncio.Event | None = None
         self._health_task: asyncio.Task | None = None
+        self._targets: list[_Slot] = []
         self._counts = {"requests": 0, "retries": 0, "failures": 0, "timeouts": 0, "resubmitted": 0}
         self._overhead_s = 0.0
+        self._slots: dict[str, _Slot] = {}
+        engines = list(engines)
+        if not engines:
+            raise ValueError("EngineFarm: needs at least one engine")
+        self._version = max(e.version for e in engines)  # engines behind it wait for the next update
+        for engine in engines:
+            self.add_engine(engine)
 
     # -- membership ------------------------------------------------------------------------------------
     @property
@@ -99,16 +99,14 @@ class EngineFarm:
         """Add an engine at run time; it takes requests once it holds the farm's weight version."""
         if engine.engine_id in self._slots:
             raise ValueError(f"EngineFarm: an engine with id {engine.engine_id!r} is already in the farm")
-        slot = _Slot(engine)
-        if hasattr(self, "_version"):
-            slot.synced = engine.version == self._version
-            if not slot.synced:
-                logger.info(
-                    "engine %s (v%d) joins; waits for the next weight update (farm at v%d)",
-                    engine.engine_id,
-                    engine.version,
-                    self._version,
-                )
+        slot = _Slot(engine, synced=engine.version == self._version)
+        if not slot.synced:
+            logger.info(
+                "engine %s (v%d) joins; waits for the next weight update (farm at v%d)",
+                engine.engine_id,
+                engine.version,
+                self._version,
+            )
         self._slots[engine.engine_id] = slot
         self._notify_membership()
 
@@ -141,7 +139,7 @@ class EngineFarm:
             candidates = [s for s in self._slots.values() if s.routable]
         return min(candidates, key=lambda s: (len(s.tasks), s.served), default=None)
 
-    async def _wait_for_engine(self, exclude: set[str]) -> _Slot:
+    async def _wait_for_engine(self, exclude: set[str], prompt_id: str) -> _Slot:
         deadline = time.monotonic() + self.no_engine_timeout
         while True:
             slot = self._pick(exclude)
@@ -150,7 +148,7 @@ class EngineFarm:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise FarmError(
-                    f"no healthy engine for {self.no_engine_timeout}s (engines: {self.describe()})"
+                    f"request {prompt_id}: no healthy engine for {self.no_engine_timeout}s (engines: {self.describe()})"
                 )
             if self._membership is None:
                 self._membership = asyncio.Event()
@@ -180,7 +178,7 @@ class EngineFarm:
                 and self.inflight_on_update == "abort"
             ):
                 await self._update_done.wait()
-            slot = await self._wait_for_engine(tried)
+            slot = await self._wait_for_engine(tried, prompt_id)
             engine = slot.engine
             task = asyncio.ensure_future(engine.generate(prompt_id, prompt_ids, n, params))
             slot.tasks.add(task)
