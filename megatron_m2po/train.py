@@ -262,9 +262,14 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
         enabled=is_rank0,
     )
     stop = _install_sigterm()
-    sync_weights(
-        producer, trainer, progress.version
-    )  # engines serve the policy we train (after a resume too)
+    # The engines loaded the HF weights at version 0; after a resume (or from a Megatron checkpoint) they
+    # must first be given the policy being trained.
+    from megatron_m2po.checkpoint.megatron_ckpt import is_megatron_checkpoint
+
+    if progress.version > 0 or is_megatron_checkpoint(cfg.model.path):
+        sync_weights(producer, trainer, progress.version)
+    else:
+        trainer._synced_version = 0
     if cfg.staleness.mode == "bounded" and is_rank0:
         producer.start(progress.version)
     peak = gpu_peak_flops()
@@ -280,9 +285,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
                 "perf/time_sync": 0.0,
             }
             if cfg.staleness.mode in ("sync", "fixed"):
-                t = time.monotonic()
-                fill_queue(producer, trainer, progress.version)
-                timings["perf/time_generate"] += time.monotonic() - t
+                fill_queue(producer, trainer, progress.version, timings)
                 t = time.monotonic()
                 step_batch = broadcast_from_rank0(producer.take(P) if is_rank0 else None)
                 timings["perf/time_wait"] += time.monotonic() - t
@@ -391,11 +394,11 @@ def _mean_metrics(per_update: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def fill_queue(producer: Producer | None, trainer: Trainer, version: int) -> None:
+def fill_queue(producer: Producer | None, trainer: Trainer, version: int, timings: dict[str, float]) -> None:
     """sync/fixed: generate with the current weights until the queue holds (K + 1) step batches.
 
     The first call fills the FIFO with K + 1 batches of the base model; later calls add one batch per
-    step (after a crash, only the part of it the journal did not already hold).
+    step (after a crash, only the part of it the journal did not already hold). Collective.
     """
     cfg = trainer.cfg
     P = cfg.train.prompts_per_step
@@ -404,16 +407,21 @@ def fill_queue(producer: Producer | None, trainer: Trainer, version: int) -> Non
         need = broadcast_from_rank0(min(P, target - producer.depth()) if producer is not None else None)
         if need <= 0:
             return
+        t = time.monotonic()
+        sync_weights(producer, trainer, version)  # the engines must generate with the current weights
+        timings["perf/time_sync"] += time.monotonic() - t
+        t = time.monotonic()
         groups = producer.generate(need, version) if producer is not None else None
         if cfg.rollout.behavior_logprobs == "trainer":
             trainer.recompute_behavior_logprobs(groups)
         if producer is not None:
             producer.put(groups)
+        timings["perf/time_generate"] += time.monotonic() - t
 
 
 def sync_weights(producer: Producer | None, trainer: Trainer, version: int) -> None:
-    """Push the policy to the engines (collective over rank 0's model-parallel group)."""
-    if parallel_state.get_data_parallel_rank() != 0:
+    """Push the policy to the engines (collective over rank 0's model-parallel group); no-op if they have it."""
+    if parallel_state.get_data_parallel_rank() != 0 or getattr(trainer, "_synced_version", None) == version:
         return
     from megatron_m2po.sync import WeightSync
 
@@ -421,6 +429,7 @@ def sync_weights(producer: Producer | None, trainer: Trainer, version: int) -> N
         engines = producer.farm if producer is not None else None
         trainer._weight_sync = WeightSync(trainer.model, trainer.hf_config, engines)
     trainer._weight_sync.push(version)
+    trainer._synced_version = version
 
 
 def save(ckpt_root: Path, progress: Progress, trainer: Trainer, producer: Producer | None) -> None:

@@ -1,0 +1,134 @@
+"""Asynchronous training speed-up: `sync` vs `bounded` staleness mode, same task, same run of this script.
+
+In `sync` mode generation and training alternate, so a step costs T_gen + T_train. In `bounded` mode a
+background producer generates the next batches while the trainer trains, so the ideal step costs
+max(T_gen, T_train): the ideal speed-up is (T_gen + T_train) / max(T_gen, T_train), measured from the
+sync run's own time split. We report the measured speed-up (sync wall time / bounded wall time over the
+same number of optimizer updates, first step excluded as warm-up) as a fraction of that ideal.
+
+    python bench/async.py                       # CPU demo setup: tiny model, local engine, 1 thread each
+    python bench/async.py --steps 8 --hidden 128
+
+On 2 cores the engine and the trainer get one torch thread each (`train.torch_threads=1`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from megatron_m2po.metrics import read_scalars  # noqa: E402
+
+
+def write_task(root: Path, args) -> Path:
+    from megatron_m2po.models.tiny import make_tiny_model
+
+    model = make_tiny_model(
+        "qwen3",
+        root / "model",
+        hidden_size=args.hidden,
+        intermediate_size=2 * args.hidden,
+        num_hidden_layers=args.layers,
+    )
+    prompts = root / "prompts.jsonl"
+    prompts.write_text(
+        "".join(
+            json.dumps({"problem": f"{a}+{b}", "answer": str(a + b)}) + "\n"
+            for a in range(40)
+            for b in range(40)
+        )
+    )
+    recipe = root / "recipe.yaml"
+    recipe.write_text(f"""
+model: {{path: {model}}}
+data: {{path: {prompts}, max_prompt_tokens: 64}}
+rollout: {{max_new_tokens: {args.max_new_tokens}, reward_workers: 1}}
+algorithm: {{loss: m2po}}
+train: {{steps: {args.steps}, prompts_per_step: {args.prompts}, prompts_per_update: {args.prompts // args.updates_per_step},
+         responses_per_prompt: {args.responses}, micro_batch_size: {args.responses * args.prompts // args.updates_per_step},
+         lr: 1.0e-4, torch_threads: 1}}
+checkpoint: {{save_at_end: false}}
+logging: {{console: none}}
+""")
+    return recipe
+
+
+def run_mode(recipe: Path, run_dir: Path, mode: str, args) -> dict[str, float]:
+    overrides = [f"logging.run_dir={run_dir}", f"staleness.mode={mode}"]
+    if mode == "bounded":
+        overrides += [
+            f"staleness.max_staleness={2 * args.updates_per_step}",
+            f"rollout.sync_every={args.updates_per_step}",
+        ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "megatron_m2po.train", "--config", str(recipe), *overrides]
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{mode} run failed:\n{proc.stderr[-4000:]}")
+    s = read_scalars(run_dir)
+
+    def total(tag: str) -> float:
+        return sum(
+            v for step, v in s.get(tag, []) if step > 1
+        )  # step 1 = warm-up (first fill, first compile)
+
+    return {
+        "wall": total("perf/time_step"),
+        "generate": total("perf/time_generate") + total("perf/time_sync"),
+        "train": total("perf/time_train"),
+        "wait": total("perf/time_wait"),
+        "updates": (args.steps - 1) * args.updates_per_step,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=6, help="training steps per mode (the first is warm-up)")
+    p.add_argument("--prompts", type=int, default=4, help="prompts per step")
+    p.add_argument("--updates-per-step", type=int, default=2)
+    p.add_argument("--responses", type=int, default=4, help="responses per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--out", default=None, help="JSON result file")
+    args = p.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="m2po-bench-async-") as tmp:
+        root = Path(tmp)
+        recipe = write_task(root, args)
+        sync = run_mode(recipe, root / "sync", "sync", args)
+        bounded = run_mode(recipe, root / "bounded", "bounded", args)
+    ideal = (sync["generate"] + sync["train"]) / max(sync["generate"], sync["train"])
+    speedup = sync["wall"] / bounded["wall"]
+    result = {
+        "sync": sync,
+        "bounded": bounded,
+        "ideal_speedup": ideal,
+        "speedup": speedup,
+        "fraction_of_ideal": speedup / ideal,
+    }
+    print(f"updates per mode (after warm-up): {sync['updates']}")
+    print(
+        f"sync:    wall {sync['wall']:.2f} s  = generate {sync['generate']:.2f} s + train {sync['train']:.2f} s"
+    )
+    print(
+        f"bounded: wall {bounded['wall']:.2f} s  (train {bounded['train']:.2f} s, waiting for data {bounded['wait']:.2f} s)"
+    )
+    print(
+        f"speed-up {speedup:.2f}x; ideal (T_gen + T_train) / max(T_gen, T_train) = {ideal:.2f}x; "
+        f"fraction of ideal {speedup / ideal:.2f}"
+    )
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
