@@ -1,7 +1,7 @@
 """Two optimizer updates of the real trainer on fixed groups; rank 0 writes losses, grad norms and a weight checksum.
 
 Run with torchrun at any TP x DP: tests/test_trainer_update.py compares the JSON across layouts.
-Args: HF_DIR OUT_JSON TP LOSS
+Args: HF_DIR OUT_JSON TP PP LOSS
 """
 
 from __future__ import annotations
@@ -36,7 +36,13 @@ def make_groups(prefix: str, version: int) -> list[Group]:
     return groups
 
 
-def main(hf_dir: str, out: str, tp: int, loss: str) -> None:
+def broadcast_metrics(m: dict, src: int) -> dict:
+    box = [m]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def main(hf_dir: str, out: str, tp: int, pp: int, loss: str) -> None:
     torch.set_num_threads(1)
     cfg = Config()
     cfg.model.path, cfg.data.path = hf_dir, "unused"
@@ -45,15 +51,17 @@ def main(hf_dir: str, out: str, tp: int, loss: str) -> None:
     cfg.train.micro_batch_size = 2
     cfg.train.lr = 1e-3
     cfg.algorithm.loss = loss
-    cfg.parallel.tensor = tp
-    platform.init_distributed(tp, 1, seed=0)
+    cfg.parallel.tensor, cfg.parallel.pipeline = tp, pp
+    platform.init_distributed(tp, pp, seed=0)
     from megatron_m2po.checkpoint.gather import iter_hf_tensors
     from megatron_m2po.train import Trainer
 
     trainer = Trainer(cfg)
+    last_stage = torch.distributed.get_world_size() - 1  # holds the loss metrics
     results = []
     for i, prefix in enumerate(("a", "b")):
         m = trainer.update(make_groups(prefix, 0), version=i)
+        m = broadcast_metrics(m, last_stage)
         results.append(
             {
                 k: m[k]
@@ -71,4 +79,4 @@ def main(hf_dir: str, out: str, tp: int, loss: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
