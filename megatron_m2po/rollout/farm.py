@@ -78,6 +78,7 @@ class EngineFarm:
         self._targets: list[_Slot] = []
         self._counts = {"requests": 0, "retries": 0, "failures": 0, "timeouts": 0, "resubmitted": 0}
         self._overhead_s = 0.0
+        self.loop: asyncio.AbstractEventLoop | None = None  # the loop it runs in (set by RolloutManager)
         self._slots: dict[str, _Slot] = {}
         engines = list(engines)
         if not engines:

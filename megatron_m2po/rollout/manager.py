@@ -1,0 +1,208 @@
+"""RolloutManager: prompts -> engine farm -> rewards -> replay queue, as an asyncio producer.
+
+In `bounded` mode it runs in the background (`start()`): for each prompt it asks the queue to
+admit one group (the queue's staleness rule decides when producing is allowed), generates n
+samples through the farm, scores them in the reward pool and `put`s the group (exactly-once by
+prompt_id). In `sync` / `fixed` modes the trainer calls `generate_batch` in line. Advantages are
+the trainer's job; rewards are stored in `Sample.reward`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from typing import Any
+
+from megatron_m2po.data.prompts import Prompt, PromptDataset
+from megatron_m2po.rollout.farm import EngineFarm, FarmError
+from megatron_m2po.rollout.loop import LoopThread
+from megatron_m2po.types import Group, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class RolloutManager:
+    """`max_inflight_groups` bounds concurrent groups (default: 4 per engine); the queue's admission
+    bounds staleness. Prompts already accepted by the queue (after a restart) are skipped."""
+
+    def __init__(
+        self,
+        dataset: PromptDataset,
+        farm: EngineFarm,
+        reward_pool,
+        queue,
+        *,
+        n_samples: int,
+        sampling: SamplingParams,
+        max_inflight_groups: int | None = None,
+        loop: LoopThread | None = None,
+    ):
+        if n_samples < 1:
+            raise ValueError(f"RolloutManager: n_samples must be >= 1, got {n_samples}")
+        self.dataset, self.farm, self.reward_pool, self.queue = dataset, farm, reward_pool, queue
+        self.n_samples, self.sampling = n_samples, sampling
+        self.max_inflight_groups = max_inflight_groups or 4 * len(farm.engines)
+        self._loop = loop or LoopThread("rollout-manager")
+        self._owns_loop = loop is None
+        farm.loop = self._loop.loop  # WeightSync submits the farm's weight updates to this loop
+        self._skip_ids = set(queue.accepted_prompt_ids()) if queue is not None else set()
+        self._inflight_states: OrderedDict[str, dict] = OrderedDict()  # prompt_id -> data state before it
+        self._producer = None
+        self._stopping = False
+        self._counts = {
+            "groups": 0,
+            "samples": 0,
+            "failed_groups": 0,
+            "duplicates": 0,
+            "skipped_accepted": 0,
+            "response_tokens": 0,
+        }
+        self._reward_sum = 0.0
+
+    # -- prompts ---------------------------------------------------------------------------------------
+    def _next_prompt(self) -> Prompt:
+        while True:
+            state = self.dataset.state_dict()
+            (prompt,) = self.dataset.next_prompts(1)
+            if prompt.prompt_id in self._skip_ids:
+                self._skip_ids.discard(prompt.prompt_id)
+                self._counts["skipped_accepted"] += 1
+                continue
+            self._inflight_states[prompt.prompt_id] = state
+            return prompt
+
+    def state_dict(self) -> dict[str, Any]:
+        """Data position before the oldest prompt not yet accepted, so a resume loses none (the queue's
+        accepted ids make it skip those that were accepted after it)."""
+        if self._inflight_states:
+            return dict(next(iter(self._inflight_states.values())))
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.dataset.load_state_dict(state)
+
+    # -- one group -------------------------------------------------------------------------------------
+    async def _make_group(self, prompt: Prompt) -> Group:
+        samples = await self.farm.generate(prompt.prompt_id, prompt.prompt_ids, self.n_samples, self.sampling)
+        tokenizer = self.dataset.tokenizer
+        texts = [
+            s.response_text or tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples
+        ]
+        rewards = await self.reward_pool.score_async(texts, [prompt.answer] * len(samples))
+        for sample, text, reward in zip(samples, texts, rewards):
+            sample.response_text, sample.reward = text, float(reward)
+        self._counts["groups"] += 1
+        self._counts["samples"] += len(samples)
+        self._counts["response_tokens"] += sum(len(s.response_ids) for s in samples)
+        self._reward_sum += sum(rewards)
+        return Group(
+            prompt.prompt_id,
+            list(prompt.prompt_ids),
+            samples,
+            answer=prompt.answer,
+            metadata={"engine_version": self.farm.version},
+        )
+
+    # -- synchronous / fixed modes ---------------------------------------------------------------------
+    def generate_batch(self, num_groups: int, version: int | None = None) -> list[Group]:
+        """Generate and score `num_groups` groups now (blocking); the caller puts them in the queue."""
+        if version is not None and version != self.farm.version:
+            logger.warning(
+                "generate_batch at trainer version %d but the engines hold version %d",
+                version,
+                self.farm.version,
+            )
+
+        async def batch() -> list[Group]:
+            prompts = [self._next_prompt() for _ in range(num_groups)]
+            try:
+                return list(await asyncio.gather(*(self._make_group(p) for p in prompts)))
+            finally:
+                for p in prompts:
+                    self._inflight_states.pop(p.prompt_id, None)
+
+        return self._loop.run(batch())
+
+    # -- bounded mode: background producer -------------------------------------------------------------
+    def start(self) -> None:
+        if self._producer is not None:
+            raise RuntimeError("RolloutManager already started")
+        self._stopping = False
+        self._producer = self._loop.submit(self._produce())
+
+    async def _produce(self) -> None:
+        self.farm.start()
+        slots = asyncio.Semaphore(self.max_inflight_groups)
+        tasks: set[asyncio.Task] = set()
+        try:
+            while not self._stopping:
+                await slots.acquire()
+                admitted = await self.queue.admit_async(1, timeout=1.0, version=self.farm.version)
+                if not admitted:
+                    slots.release()
+                    if getattr(self.queue, "_closed", False):
+                        break
+                    continue
+                task = asyncio.ensure_future(self._produce_one(self._next_prompt()))
+                tasks.add(task)
+                task.add_done_callback(lambda t: (tasks.discard(t), slots.release()))
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _produce_one(self, prompt: Prompt) -> None:
+        accepted = False
+        try:
+            group = await self._make_group(prompt)
+            accepted = await self.queue.put_async(group)
+            if not accepted:
+                self._counts["duplicates"] += 1
+                logger.warning("group %s was already accepted: not queued again", prompt.prompt_id)
+            accepted = True  # the reservation was used by put either way
+        except FarmError as e:
+            self._counts["failed_groups"] += 1
+            logger.error("group %s dropped: %s", prompt.prompt_id, e)
+        except Exception:
+            self._counts["failed_groups"] += 1
+            logger.exception("group %s failed", prompt.prompt_id)
+        finally:
+            if not accepted:
+                try:
+                    self.queue.release(1)
+                except (ValueError, RuntimeError):
+                    pass
+            else:
+                self._inflight_states.pop(prompt.prompt_id, None)
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop producing; groups in flight are cancelled (their prompts come back after a resume)."""
+        self._stopping = True
+        if self._producer is not None:
+            try:
+                self._producer.result(timeout)
+            except Exception as e:  # the producer's own failure is reported, not raised at shutdown
+                logger.warning("rollout producer ended with %s", e)
+            self._producer = None
+        if self._owns_loop:
+            try:
+                self._loop.run(self.farm.close(), timeout=timeout)
+            finally:
+                self._loop.stop()
+
+    def metrics(self) -> dict[str, float]:
+        groups = max(self._counts["groups"], 1)
+        samples = max(self._counts["samples"], 1)
+        out = {
+            "rollout/groups": float(self._counts["groups"]),
+            "rollout/failed_groups": float(self._counts["failed_groups"]),
+            "rollout/duplicate_groups": float(self._counts["duplicates"]),
+            "rollout/skipped_accepted": float(self._counts["skipped_accepted"]),
+            "rollout/reward_mean": self._reward_sum / samples,
+            "rollout/response_len_mean": self._counts["response_tokens"] / samples,
+            "rollout/samples_per_group": self._counts["samples"] / groups,
+        }
+        out.update(self.farm.metrics())
+        out.update(self.dataset.metrics())
+        return out

@@ -1,0 +1,47 @@
+"""A process group of the trainer's sending rank and the engines' GPUs, apart from torchrun's world.
+
+The engines (SGLang `/init_weights_update_group`, or our local server) join the same TCP
+rendezvous at `master_address:master_port` and the same `group_name` prefix; the trainer is
+rank 0. torch has no public API for a second, independent world, so this uses the same private
+helpers SGLang's receiving side uses (`rendezvous`, `_new_process_group_helper`), which keeps both
+sides' store keys identical.
+"""
+
+from __future__ import annotations
+
+import inspect
+from datetime import timedelta
+
+import torch.distributed as dist
+from torch.distributed import distributed_c10d as c10d
+
+
+def new_weight_update_group(
+    master_address: str,
+    master_port: int,
+    rank: int,
+    world_size: int,
+    group_name: str,
+    backend: str = "nccl",
+    timeout: timedelta = timedelta(minutes=10),
+) -> dist.ProcessGroup:
+    """Join (rank 0: host) the weight-update group; blocks until all `world_size` ranks have joined."""
+    store, rank, world_size = next(
+        c10d.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout)
+    )
+    store.set_timeout(timeout)
+    prefixed = c10d.PrefixStore(group_name, store)
+    params = inspect.signature(c10d._new_process_group_helper).parameters
+    options = {"backend_options": None} if "backend_options" in params else {"pg_options": None}
+    group, _ = c10d._new_process_group_helper(
+        world_size,
+        rank,
+        [],
+        c10d.Backend(backend),
+        prefixed,
+        group_name=group_name,
+        timeout=timeout,
+        **options,
+    )
+    c10d._world.pg_group_ranks[group] = {i: i for i in range(world_size)}
+    return group
