@@ -45,6 +45,7 @@ def test_matches_log_softmax_values_and_gradients(batch, seq, vocab, temperature
     rlp, rent = reference(xr, targets, temperature)
     ((rlp * up_lp).sum() + (rent * up_h).sum()).backward()
 
+    assert torch.equal(x.detach(), logits), "the logits must not be modified in place"
     torch.testing.assert_close(lp, rlp, rtol=1e-12, atol=1e-10)
     torch.testing.assert_close(ent, rent, rtol=1e-12, atol=1e-10)
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-10, atol=1e-10)

@@ -19,6 +19,8 @@ import torch.distributed as dist
 
 __all__ = ["vocab_parallel_logprobs"]
 
+_CHUNK_ELEMENTS = 2**24  # default chunk: ~64 MiB per fp32 temporary, whatever the vocab
+
 
 def _group_rank_and_size(tp_group: dist.ProcessGroup | None) -> tuple[int, int]:
     if tp_group is None:
@@ -51,13 +53,15 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         stats = torch.zeros(n_tokens, 3, dtype=fp, device=logits.device)
         for start in range(0, n_tokens, chunk_size):
             stop = min(start + chunk_size, n_tokens)
-            x = logits[start:stop].to(fp) / temperature
-            e = torch.exp(x - row_max[start:stop, None])
+            x = (
+                logits[start:stop].to(fp, copy=True).div_(temperature)
+            )  # in-place ops: two chunk temporaries at most
+            e = torch.sub(x, row_max[start:stop, None]).exp_()
             stats[start:stop, 0] = e.sum(dim=-1)
             picked = x.gather(-1, local_target[start:stop, None]).squeeze(-1)
             stats[start:stop, 1] = torch.where(target_here[start:stop], picked, 0.0)
             if with_entropy:
-                stats[start:stop, 2] = (e * x).sum(dim=-1)
+                stats[start:stop, 2] = torch.linalg.vecdot(e, x)
             del x, e
         if world > 1:
             dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=tp_group)
@@ -79,22 +83,25 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         temperature, chunk_size = ctx.temperature, ctx.chunk_size
         grad_logits = torch.empty_like(logits)
         n_tokens = logits.shape[0]
-        use_entropy = ctx.with_entropy
         for start in range(0, n_tokens, chunk_size):
             stop = min(start + chunk_size, n_tokens)
-            x = logits[start:stop].to(log_z.dtype) / temperature
-            p = torch.exp(x - log_z[start:stop, None])
-            # d log p_y / dx_v = 1[v = y] - p_v
-            g_lp = grad_log_probs[start:stop, None].to(x.dtype)
-            grad_x = p * (-g_lp)
-            if use_entropy:
-                # dH / dx_v = -p_v (x_v - E_p[x])
-                g_h = grad_entropy[start:stop, None].to(x.dtype)
-                grad_x -= g_h * p * (x - expected_x[start:stop, None])
-            onehot_grad = torch.where(target_here[start:stop], grad_log_probs[start:stop].to(x.dtype), 0.0)
+            x = logits[start:stop].to(log_z.dtype, copy=True).div_(temperature)
+            grad_x = torch.sub(x, log_z[start:stop, None]).exp_()  # p
+            # d log p_y / dx_v = 1[v = y] - p_v;  dH / dx_v = -p_v (x_v - E_p[x])
+            if ctx.with_entropy:
+                x.sub_(expected_x[start:stop, None]).mul_(grad_x).mul_(
+                    -grad_entropy[start:stop, None].to(x.dtype)
+                )
+            grad_x.mul_(-grad_log_probs[start:stop, None].to(x.dtype))
+            if ctx.with_entropy:
+                grad_x.add_(x)
+            del x
+            onehot_grad = torch.where(
+                target_here[start:stop], grad_log_probs[start:stop].to(grad_x.dtype), 0.0
+            )
             grad_x.scatter_add_(-1, local_target[start:stop, None], onehot_grad[:, None])
-            grad_logits[start:stop] = (grad_x / temperature).to(logits.dtype)
-            del x, p, grad_x
+            grad_logits[start:stop].copy_(grad_x.div_(temperature))
+            del grad_x
         return grad_logits, None, None, None, None, None
 
 
@@ -104,7 +111,7 @@ def vocab_parallel_logprobs(
     *,
     tp_group: dist.ProcessGroup | None = None,
     temperature: float = 1.0,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
     with_entropy: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log p(target) (and the entropy) under softmax(logits / temperature), logits sharded over the vocab.
@@ -113,6 +120,8 @@ def vocab_parallel_logprobs(
     target_ids: [...] global token ids. tp_group: the tensor-parallel group (None = the full vocab is here;
     in Megatron pass `parallel_state.get_tensor_model_parallel_group()`). `temperature` is the engine's
     sampling temperature, so the trainer's log-probs match the engine's. Differentiable in `logits`.
+    chunk_size: tokens per chunk; None picks it so one chunk's fp32 temporaries hold about 2^24 elements
+    (64 MiB each, ~110 tokens of a 152k vocabulary at TP=1).
     Returns log-probs [...] (and entropy [...] when `with_entropy`) in fp32 (fp64 for fp64 logits).
     """
     if logits.shape[:-1] != target_ids.shape:
@@ -124,6 +133,8 @@ def vocab_parallel_logprobs(
         raise TypeError(f"vocab_parallel_logprobs: logits must be floating point, got {logits.dtype}")
     if temperature <= 0:
         raise ValueError(f"vocab_parallel_logprobs: temperature must be > 0, got {temperature}")
+    if chunk_size is None:
+        chunk_size = max(1, _CHUNK_ELEMENTS // max(1, logits.shape[-1]))
     if chunk_size < 1:
         raise ValueError(f"vocab_parallel_logprobs: chunk_size must be >= 1, got {chunk_size}")
     _, world = _group_rank_and_size(tp_group)
