@@ -16,7 +16,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-NAMESPACES = ("rollout/", "queue/", "loss/", "perf/", "train/", "eval/", "reward/", "data/")
+NAMESPACES = ("rollout/", "queue/", "loss/", "perf/", "train/", "eval/", "reward/", "data/", "sync/")
 
 # Dense bf16 peak of one GPU, for the MFU estimate (H100 SXM / H200 share the figure).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}

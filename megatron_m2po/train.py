@@ -324,11 +324,12 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
             scalars = _mean_metrics(step_metrics)
             scalars = merge_metrics_to_rank0(scalars)
             if is_rank0:
+                scalars.update(producer.metrics())
                 roll, _ = rollout_metrics(step_batch, progress.version - u)
                 scalars.update(roll)
                 scalars["train/staleness_mean"] = sum(stale_hist) / max(1, len(stale_hist))
                 scalars["train/staleness_max"] = float(max(stale_hist, default=0))
-                scalars.update(producer.metrics())
+                scalars.update(getattr(getattr(trainer, "_weight_sync", None), "last", {}))
                 scalars.update(timings)
                 step_time = time.monotonic() - step_start
                 scalars["perf/time_step"] = step_time

@@ -63,7 +63,7 @@ def setup(tmp_path_factory):
     recipe.write_text(f"""
 model: {{path: {model}}}
 data: {{path: {prompts}, apply_chat_template: true, max_prompt_tokens: 64}}
-rollout: {{max_new_tokens: 8, reward_fn: "tests.e2e_rewards:digit_fraction", reward_workers: 1}}
+rollout: {{max_new_tokens: 8, reward_fn: "tests.e2e_rewards:first_char_parity", reward_workers: 1}}
 algorithm: {{loss: m2po, m2_budget: 0.04}}
 staleness: {{mode: fixed, fixed_lag_steps: 1}}
 train: {{steps: 3, prompts_per_step: 2, prompts_per_update: 1, responses_per_prompt: 2, micro_batch_size: 2,

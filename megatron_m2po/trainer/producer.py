@@ -36,11 +36,11 @@ def _hf_dir(path: str) -> str:
 
 class Producer:
     def __init__(self, cfg: Config, trainer, run_dir: Path, *, saved: dict[str, Any] | None):
-        from megatron_m2po.rollout.manager import RolloutManager
         from transformers import AutoTokenizer
 
         from megatron_m2po.queue import ReplayQueue
         from megatron_m2po.rollout.farm import EngineFarm
+        from megatron_m2po.rollout.manager import RolloutManager
 
         self.cfg = cfg
         hf_dir = _hf_dir(cfg.model.path)
@@ -75,6 +75,7 @@ class Producer:
             target.load_state_dict(saved["data"])
         self._gen_tokens = 0
         self._gen_seconds = 0.0
+        self._last_rate: tuple[float, float] | None = None
 
     # ---- sync / fixed: generation in line with training
     def generate(self, num_groups: int, version: int) -> list[Group]:
@@ -97,6 +98,7 @@ class Producer:
     # ---- bounded: a background producer
     def start(self, version: int) -> None:
         self.queue.publish_version(version)
+        self._last_rate = (0.0, time.monotonic())
         self.manager.start()
 
     # ---- consumer side
@@ -109,13 +111,19 @@ class Producer:
     def metrics(self) -> dict[str, float]:
         out = dict(self.queue.metrics())
         out.update(self.rewards.metrics())
-        if hasattr(self.manager, "metrics"):
-            out.update(self.manager.metrics())
-        if self._gen_seconds > 0 and "rollout/gen_tokens_per_s" not in out:
-            out["rollout/gen_tokens_per_s"] = self._gen_tokens / self._gen_seconds
-            self._gen_tokens, self._gen_seconds = 0, 0.0
-        if "rollout/gen_tokens_per_s" in out:
-            out["perf/gen_tokens_per_s"] = out.pop("rollout/gen_tokens_per_s")
+        rollout = self.manager.metrics()
+        # The manager's running reward mean is over everything generated; the loop logs the consumed batch's.
+        out["rollout/generated_reward_mean"] = rollout.pop("rollout/reward_mean", 0.0)
+        out.update(rollout)
+        tokens = rollout.get("rollout/response_len_mean", 0.0) * rollout.get("rollout/groups", 0.0)
+        tokens *= rollout.get("rollout/samples_per_group", 0.0)
+        now = time.monotonic()
+        if self._gen_seconds > 0:  # sync / fixed: tokens over the time spent generating
+            out["perf/gen_tokens_per_s"] = self._gen_tokens / self._gen_seconds
+        elif self._last_rate is not None and now > self._last_rate[1]:  # bounded: over wall time
+            out["perf/gen_tokens_per_s"] = (tokens - self._last_rate[0]) / (now - self._last_rate[1])
+        self._last_rate = (tokens, now)
+        self._gen_tokens, self._gen_seconds = 0, 0.0
         out["queue/dropped_groups"] = out.get("queue/dropped", 0.0)
         return out
 
