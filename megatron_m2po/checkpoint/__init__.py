@@ -1,1 +1,21 @@
+"""HF <-> Megatron weights: mapping tables, live-model gathering, converters, Megatron checkpoints."""
 
+from megatron_m2po.checkpoint.gather import iter_hf_tensors
+from megatron_m2po.checkpoint.megatron_ckpt import (
+    is_megatron_checkpoint,
+    load_model_checkpoint,
+    load_sharded,
+    model_sharded_state_dict,
+    save_model_checkpoint,
+    save_sharded,
+)
+
+__all__ = [
+    "is_megatron_checkpoint",
+    "iter_hf_tensors",
+    "load_model_checkpoint",
+    "load_sharded",
+    "model_sharded_state_dict",
+    "save_model_checkpoint",
+    "save_sharded",
+]

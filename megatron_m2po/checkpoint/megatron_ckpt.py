@@ -36,11 +36,19 @@ def is_megatron_checkpoint(path: str | Path) -> bool:
     return (Path(path) / MARKER_FILE).exists()
 
 
-def model_sharded_state_dict(model) -> dict:
-    """The sharded state dict of the (unwrapped) GPTModel: the ShardedTensors dist_checkpointing saves/loads."""
+def model_sharded_state_dict(model, *, weights_only: bool = True) -> dict:
+    """The sharded state dict of the (unwrapped) GPTModel: the ShardedTensors dist_checkpointing saves/loads.
+
+    `weights_only` drops the modules' `_extra_state` objects (TE fp8 metadata, empty for the local spec), so
+    a checkpoint converted from HF, one saved by a local-spec model and one saved by a TE model all load
+    into each other.
+    """
     from megatron_m2po.models.builder import unwrap_model
 
-    return unwrap_model(model).sharded_state_dict()
+    state = unwrap_model(model).sharded_state_dict()
+    if weights_only:
+        state = {key: value for key, value in state.items() if not key.endswith("_extra_state")}
+    return state
 
 
 def save_sharded(state: dict, ckpt_dir: str | Path) -> None:
@@ -106,5 +114,10 @@ def load_model_checkpoint(model, path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path / MODEL_SUBDIR}: cannot load the model weights ({err})") from err
     from megatron_m2po.models.builder import unwrap_model
 
-    unwrap_model(model).load_state_dict(loaded["model"], strict=True)
+    result = unwrap_model(model).load_state_dict(loaded["model"], strict=False)
+    missing = [key for key in result.missing_keys if not key.endswith("_extra_state")]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"{path}: checkpoint does not fit the model (missing {missing}, unexpected {result.unexpected_keys})"
+        )
     return dict(loaded.get("extra", {}))

@@ -1,0 +1,183 @@
+"""Offline HF <-> Megatron conversion with bounded host memory.
+
+A Megatron dist checkpoint stores *global* (unsharded) tensors, with the decoder layers stacked on a leading
+axis, and reshards on load; so one process can write a checkpoint that any TP/PP loads, and read one back
+layer by layer.
+
+- HF -> Megatron: each Megatron tensor is built from lazily read safetensors and placed in a disk-backed
+  scratch file (`numpy.memmap`), so the process holds one tensor of anonymous memory at a time and the
+  dist-checkpoint writer streams from the page cache (reclaimable), not from the heap.
+- Megatron -> HF: one decoder layer is loaded at a time (`dist_checkpointing.load` of a per-layer slice)
+  and written into size-bounded safetensors shards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing import ShardedTensor
+from tqdm import tqdm
+
+from megatron_m2po.checkpoint.hf_io import (
+    HFSafetensorsReader,
+    copy_non_weight_files,
+    write_sharded_safetensors,
+)
+from megatron_m2po.checkpoint.mapping import (
+    Layout,
+    WeightRule,
+    architecture,
+    global_rules,
+    hf_names,
+    layer_rules,
+    to_hf_tensors,
+    to_megatron_shard,
+)
+from megatron_m2po.checkpoint.megatron_ckpt import FORMAT, MARKER_FILE, MODEL_SUBDIR, is_megatron_checkpoint
+from megatron_m2po.models.hf_config import MEGATRON_HF_SUBDIR, load_hf_config
+
+logger = logging.getLogger(__name__)
+
+
+def checkpoint_key(rule: WeightRule) -> str:
+    """The dist-checkpoint key: Megatron saves layer norms under their TE names and stacks layers (no index)."""
+    name = rule.te_megatron or rule.megatron
+    return name.replace("{layer}.", "")
+
+
+def _ensure_single_process_group() -> None:
+    from megatron_m2po import platform
+
+    if not torch.distributed.is_initialized():
+        platform.init_distributed()
+
+
+def _to_scratch(tensor: torch.Tensor, scratch: Path, name: str) -> torch.Tensor:
+    """Copy into a disk-backed memmap tensor so it leaves the heap (the writer then streams it from disk)."""
+    np_dtype = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}[tensor.dtype]
+    mm = np.memmap(scratch / f"{name}.bin", dtype=np_dtype, mode="w+", shape=tuple(tensor.shape))
+    out = torch.from_numpy(mm)
+    if tensor.dtype == torch.bfloat16:
+        out = out.view(torch.bfloat16)
+    out.copy_(tensor)
+    return out
+
+
+def convert_hf_to_megatron(
+    hf_dir: str | Path, out_dir: str | Path, *, tensor_parallel: int = 1, pipeline_parallel: int = 1
+) -> Path:
+    """Write a Megatron checkpoint dir (see megatron_ckpt.py) from an HF dir. Needs a process group (made if absent).
+
+    `tensor_parallel`/`pipeline_parallel` are validated against the config and recorded; the checkpoint itself
+    loads at any TP/PP the config allows.
+    """
+    hf_dir, out = Path(hf_dir), Path(out_dir)
+    hf_config = load_hf_config(hf_dir, tensor_parallel=tensor_parallel)
+    if hf_config.num_hidden_layers % pipeline_parallel != 0:
+        raise ValueError(
+            f"{hf_dir / 'config.json'}: num_hidden_layers={hf_config.num_hidden_layers} is not divisible by "
+            f"pipeline_parallel={pipeline_parallel}"
+        )
+    if (out / MODEL_SUBDIR).exists() and any((out / MODEL_SUBDIR).iterdir()):
+        raise FileExistsError(f"{out / MODEL_SUBDIR}: already exists and is not empty")
+    _ensure_single_process_group()
+    layout = Layout.from_hf_config(hf_config)
+    n_layers = hf_config.num_hidden_layers
+    rules = [(rule, None) for rule in global_rules(hf_config)]
+    rules += [(rule, layer) for layer in range(n_layers) for rule in layer_rules(hf_config)]
+    state: dict[str, ShardedTensor] = {}
+    out.mkdir(parents=True, exist_ok=True)
+    with (
+        tempfile.TemporaryDirectory(prefix="m2po-convert-", dir=out) as scratch,
+        HFSafetensorsReader(hf_dir) as reader,
+    ):
+        for i, (rule, layer) in enumerate(tqdm(rules, desc="hf -> megatron", unit="tensor")):
+            parts = [reader.read(name) for name in hf_names(rule, layer)]
+            tensor = _to_scratch(to_megatron_shard(rule, layout, parts, tp_size=1), Path(scratch), str(i))
+            del parts
+            key = checkpoint_key(rule)
+            if layer is None:
+                state[key] = ShardedTensor.from_rank_offsets(key, tensor, replica_id=0)
+            else:
+                # one [1, ...] fragment of the layer-stacked global tensor
+                state[f"{key}.{layer}"] = ShardedTensor.from_rank_offsets(
+                    key, tensor.unsqueeze(0), (0, layer, n_layers), replica_id=0
+                )
+        (out / MODEL_SUBDIR).mkdir(parents=True, exist_ok=True)
+        dist_checkpointing.save({"model": state}, str(out / MODEL_SUBDIR))
+        del state
+    copy_non_weight_files(hf_dir, out / MEGATRON_HF_SUBDIR)
+    marker = {
+        "format": FORMAT,
+        "architecture": architecture(hf_config),
+        "tensor_parallel": tensor_parallel,
+        "pipeline_parallel": pipeline_parallel,
+    }
+    (out / MARKER_FILE).write_text(json.dumps(marker, indent=2))
+    logger.info("wrote megatron checkpoint %s", out)
+    return out
+
+
+def iter_checkpoint_hf_tensors(megatron_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named full tensors of a Megatron checkpoint dir, reading one decoder layer at a time."""
+    megatron_dir = Path(megatron_dir)
+    if not is_megatron_checkpoint(megatron_dir):
+        raise FileNotFoundError(
+            f"{megatron_dir}: no {MARKER_FILE} (not a checkpoint written by megatron_m2po)"
+        )
+    hf_config = load_hf_config(megatron_dir, tensor_parallel=1)
+    _ensure_single_process_group()
+    ckpt = str(megatron_dir / MODEL_SUBDIR)
+    metadata = dist_checkpointing.load_tensors_metadata(ckpt)
+    layout = Layout.from_hf_config(hf_config)
+    n_layers = hf_config.num_hidden_layers
+
+    def load(rules: list[WeightRule], layer: int | None) -> dict[str, torch.Tensor]:
+        request = {}
+        for rule in rules:
+            key = checkpoint_key(rule)
+            if key not in metadata:
+                raise KeyError(f"{ckpt}: tensor {key!r} missing from the checkpoint")
+            meta = metadata[key]
+            if layer is None:
+                buf = torch.empty(meta.global_shape, dtype=meta.dtype)
+                request[key] = ShardedTensor.from_rank_offsets(key, buf, replica_id=0)
+            else:
+                # a [1, ...] fragment of the layer-stacked tensor (prepend_axis_num fails on partial loads)
+                buf = torch.empty((1, *meta.global_shape[1:]), dtype=meta.dtype)
+                request[key] = ShardedTensor.from_rank_offsets(key, buf, (0, layer, n_layers), replica_id=0)
+        loaded = dist_checkpointing.load(request, ckpt, validate_access_integrity=False)
+        return {key: tensor[0] if layer is not None else tensor for key, tensor in loaded.items()}
+
+    globals_ = global_rules(hf_config)
+    loaded = load([globals_[0]], None)
+    yield from zip(
+        hf_names(globals_[0]), to_hf_tensors(globals_[0], layout, [loaded.pop(checkpoint_key(globals_[0]))])
+    )
+    for layer in tqdm(range(n_layers), desc="megatron -> hf", unit="layer"):
+        rules = list(layer_rules(hf_config))
+        loaded = load(rules, layer)
+        for rule in rules:
+            tensors = to_hf_tensors(rule, layout, [loaded.pop(checkpoint_key(rule))])
+            yield from zip(hf_names(rule, layer), tensors)
+    loaded = load(list(globals_[1:]), None)
+    for rule in globals_[1:]:
+        yield from zip(hf_names(rule), to_hf_tensors(rule, layout, [loaded.pop(checkpoint_key(rule))]))
+
+
+def convert_megatron_to_hf(
+    megatron_dir: str | Path, out_dir: str | Path, *, max_shard_bytes: int = 2 * 1024**3
+) -> Path:
+    """Write HF safetensors shards (+ index), config and tokenizer from a Megatron checkpoint dir."""
+    megatron_dir, out = Path(megatron_dir), Path(out_dir)
+    write_sharded_safetensors(iter_checkpoint_hf_tensors(megatron_dir), out, max_shard_bytes=max_shard_bytes)
+    copy_non_weight_files(megatron_dir / MEGATRON_HF_SUBDIR, out)
+    logger.info("wrote HF model %s", out)
+    return out

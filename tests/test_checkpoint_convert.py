@@ -1,0 +1,178 @@
+"""HF -> Megatron (TP=2, PP=2) -> HF is bitwise identical, output is sharded, and bad inputs get clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_m2po import platform
+from megatron_m2po.checkpoint.convert import convert_hf_to_megatron, convert_megatron_to_hf
+from megatron_m2po.checkpoint.hf_io import INDEX_FILE, HFSafetensorsReader
+from megatron_m2po.models import load_hf_config, load_policy
+from megatron_m2po.models.tiny import make_tiny_model
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _clean_process_group():
+    torch.set_num_threads(1)
+    yield
+    platform.destroy_distributed()
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
+def test_hf_megatron_hf_round_trip_is_bitwise(tmp_path, arch):
+    hf_dir = make_tiny_model(arch, tmp_path / "hf", seed=5)
+    convert_hf_to_megatron(hf_dir, tmp_path / "megatron", tensor_parallel=2, pipeline_parallel=2)
+    # a tiny shard limit forces several safetensors shards + an index
+    convert_megatron_to_hf(tmp_path / "megatron", tmp_path / "back", max_shard_bytes=64 * 1024)
+    assert (tmp_path / "back" / INDEX_FILE).exists()
+    with HFSafetensorsReader(hf_dir) as original, HFSafetensorsReader(tmp_path / "back") as back:
+        assert sorted(original.names()) == sorted(back.names())
+        for name in original.names():
+            a, b = original.read(name), back.read(name)
+            assert a.dtype == b.dtype and torch.equal(a, b), name
+    assert json.loads((tmp_path / "back" / "config.json").read_text()) == json.loads(
+        (hf_dir / "config.json").read_text()
+    )
+    assert (tmp_path / "back" / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
+    assert load_hf_config(tmp_path / "megatron").architectures == load_hf_config(hf_dir).architectures
+
+
+def test_converter_clis(tmp_path):
+    hf_dir = make_tiny_model("qwen3", tmp_path / "hf", num_hidden_layers=2)
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    run = lambda *args: subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True
+    )  # noqa: E731
+    to_megatron = run(
+        "tools/convert_hf_to_megatron.py",
+        "--hf-dir",
+        hf_dir,
+        "--out",
+        tmp_path / "m",
+        "--tp",
+        "2",
+        "--pp",
+        "2",
+    )
+    assert to_megatron.returncode == 0, to_megatron.stderr[-3000:]
+    assert "hf -> megatron" in to_megatron.stderr  # the progress bar
+    to_hf = run(
+        "tools/convert_megatron_to_hf.py", "--megatron-dir", tmp_path / "m", "--out", tmp_path / "back"
+    )
+    assert to_hf.returncode == 0, to_hf.stderr[-3000:]
+    with HFSafetensorsReader(hf_dir) as a, HFSafetensorsReader(tmp_path / "back") as b:
+        assert all(torch.equal(a.read(n), b.read(n)) for n in a.names())
+    bad = run("tools/convert_hf_to_megatron.py", "--hf-dir", hf_dir, "--out", tmp_path / "m3", "--tp", "3")
+    assert bad.returncode != 0 and "not divisible by tensor_parallel=3" in bad.stderr
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+def test_missing_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"config\.json: not found"):
+        load_hf_config(tmp_path)
+
+
+def test_corrupt_config(tmp_path):
+    hf_dir = make_tiny_model("qwen2", tmp_path / "m")
+    (hf_dir / "config.json").write_text('{"architectures": ["Qwen2ForCausalLM"], ')
+    with pytest.raises(ValueError, match=r"config\.json: not valid JSON"):
+        load_hf_config(hf_dir)
+
+
+def test_unknown_architecture(tmp_path):
+    hf_dir = make_tiny_model("llama", tmp_path / "m")
+    config = json.loads((hf_dir / "config.json").read_text())
+    config["architectures"] = ["MistralForCausalLM"]
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"unsupported architecture \['MistralForCausalLM'\]"):
+        load_hf_config(hf_dir)
+
+
+@pytest.mark.parametrize(
+    "key,value,tp",
+    [("num_attention_heads", 6, 4), ("num_key_value_heads", 2, 4), ("vocab_size", 330, 4)],
+)
+def test_tp_must_divide(tmp_path, key, value, tp):
+    overrides = {key: value}
+    if key == "num_attention_heads":
+        overrides["num_key_value_heads"] = 2
+    if key == "vocab_size":
+        overrides["num_attention_heads"] = overrides["num_key_value_heads"] = 4
+    hf_dir = make_tiny_model("qwen3", tmp_path / "m", **overrides)
+    with pytest.raises(ValueError, match=rf"{key}={value} is not divisible by tensor_parallel={tp}"):
+        load_hf_config(hf_dir, tensor_parallel=tp)
+
+
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("hidden_act", "gelu", "hidden_act='gelu' is not supported"),
+        (
+            "rope_scaling",
+            {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024},
+            "rope_type='yarn'",
+        ),
+        ("attention_bias", True, "attention_bias=true is not supported for LlamaForCausalLM"),
+    ],
+)
+def test_unsupported_option(tmp_path, key, value, message):
+    hf_dir = make_tiny_model("llama", tmp_path / "m")
+    config = json.loads((hf_dir / "config.json").read_text())
+    config.pop("rope_parameters", None) if key == "rope_scaling" else None
+    config[key] = value
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        load_hf_config(hf_dir)
+
+
+def test_missing_weights(tmp_path):
+    hf_dir = make_tiny_model("qwen3", tmp_path / "m")
+    (hf_dir / "model.safetensors").unlink()
+    platform.init_distributed()
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        load_policy(hf_dir)
+
+
+def test_corrupt_weights(tmp_path):
+    hf_dir = make_tiny_model("qwen3", tmp_path / "m")
+    data = (hf_dir / "model.safetensors").read_bytes()
+    (hf_dir / "model.safetensors").write_bytes(data[: len(data) // 2])  # truncated download
+    platform.init_distributed()
+    with pytest.raises(ValueError, match=r"model\.safetensors"):
+        load_policy(hf_dir)
+
+
+def test_weights_not_matching_config(tmp_path):
+    hf_dir = make_tiny_model("qwen3", tmp_path / "m")
+    other = make_tiny_model("qwen3", tmp_path / "other", intermediate_size=96)
+    (hf_dir / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    platform.init_distributed()
+    with pytest.raises(ValueError, match=r"mlp\.linear_fc1\.weight"):
+        load_policy(hf_dir)
+
+
+def test_missing_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf_dir = make_tiny_model("qwen2", tmp_path / "m")
+    tensors = load_file(hf_dir / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_proj.bias"]
+    save_file(tensors, hf_dir / "model.safetensors")
+    platform.init_distributed()
+    with pytest.raises(KeyError, match="model.layers.1.self_attn.k_proj.bias"):
+        load_policy(hf_dir)
+
+
+def test_not_a_megatron_checkpoint(tmp_path):
+    hf_dir = make_tiny_model("qwen3", tmp_path / "m")
+    with pytest.raises(FileNotFoundError, match="m2po_checkpoint.json"):
+        convert_megatron_to_hf(hf_dir, tmp_path / "out")
