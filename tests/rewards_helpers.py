@@ -16,3 +16,8 @@ def crashing_reward(response: str, answer: str) -> float:
     if response == "raise":
         raise RuntimeError("bad input")
     return 0.5
+
+
+def length_parity_reward(response: str, answer: str) -> float:
+    """Deterministic in the response, so a test can check each sample got its own score."""
+    return float(len(response) % 2)
