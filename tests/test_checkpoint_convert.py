@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -44,33 +43,27 @@ def test_hf_megatron_hf_round_trip_is_bitwise(tmp_path, arch):
     assert load_hf_config(tmp_path / "megatron").architectures == load_hf_config(hf_dir).architectures
 
 
-def test_converter_clis(tmp_path):
+def _tool(name: str):
+    """Import a tools/ script as a module, so its `main(argv)` runs in-process (no interpreter start-up)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_converter_clis(tmp_path, capsys):
     hf_dir = make_tiny_model("qwen3", tmp_path / "hf", num_hidden_layers=2)
-    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
-    run = lambda *args: subprocess.run(
-        [sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True
-    )  # noqa: E731
-    to_megatron = run(
-        "tools/convert_hf_to_megatron.py",
-        "--hf-dir",
-        hf_dir,
-        "--out",
-        tmp_path / "m",
-        "--tp",
-        "2",
-        "--pp",
-        "2",
-    )
-    assert to_megatron.returncode == 0, to_megatron.stderr[-3000:]
-    assert "hf -> megatron" in to_megatron.stderr  # the progress bar
-    to_hf = run(
-        "tools/convert_megatron_to_hf.py", "--megatron-dir", tmp_path / "m", "--out", tmp_path / "back"
-    )
-    assert to_hf.returncode == 0, to_hf.stderr[-3000:]
+    to_megatron = _tool("convert_hf_to_megatron").main
+    to_hf = _tool("convert_megatron_to_hf").main
+    assert to_megatron(["--hf-dir", str(hf_dir), "--out", str(tmp_path / "m"), "--tp", "2", "--pp", "2"]) == 0
+    assert "hf -> megatron" in capsys.readouterr().err  # the progress bar
+    assert to_hf(["--megatron-dir", str(tmp_path / "m"), "--out", str(tmp_path / "back")]) == 0
     with HFSafetensorsReader(hf_dir) as a, HFSafetensorsReader(tmp_path / "back") as b:
         assert all(torch.equal(a.read(n), b.read(n)) for n in a.names())
-    bad = run("tools/convert_hf_to_megatron.py", "--hf-dir", hf_dir, "--out", tmp_path / "m3", "--tp", "3")
-    assert bad.returncode != 0 and "not divisible by tensor_parallel=3" in bad.stderr
+    with pytest.raises(ValueError, match="num_attention_heads=4 is not divisible by tensor_parallel=3"):
+        to_megatron(["--hf-dir", str(hf_dir), "--out", str(tmp_path / "m3"), "--tp", "3"])
+    with pytest.raises(ValueError, match="num_hidden_layers=2 is not divisible by pipeline_parallel=4"):
+        to_megatron(["--hf-dir", str(hf_dir), "--out", str(tmp_path / "m4"), "--pp", "4"])
 
 
 # ------------------------------------------------------------------------------------------- bad input
