@@ -203,14 +203,14 @@ def test_kill_9_then_resume_loses_and_repeats_nothing(setup):
         "train.steps=5",
         "checkpoint.save_every=2",
     ]
+    log = (root / "killed.log").open("w")
     proc = subprocess.Popen(
         train_cmd(recipe, run_dir, *overrides),
         env=env(),
         cwd=REPO,
         start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         deadline = time.monotonic() + 300
