@@ -129,3 +129,40 @@ def test_iter_buckets_bounds_bytes():
     assert all(sum(t.numel() * 4 for _, t in b) <= 120 or len(b) == 1 for b in buckets)
     with pytest.raises(ValueError, match="bucket_bytes"):
         list(iter_buckets(tensors, 0))
+
+
+def test_distributed_transport_to_engine_process(policy, tmp_path):
+    """The GPU protocol on CPU: SGLang's /init_weights_update_group + /update_weights_from_distributed to an
+    engine process, tensors broadcast over a separate gloo group (NCCL on GPU) from the trainer."""
+    from megatron_m2po.rollout.engines.sglang_launcher import EngineLauncher, free_port
+    from megatron_m2po.sync.broadcast import DistributedWeightBroadcaster
+
+    hf_dir, model, hf_config = policy
+    if hf_config.model_type != "qwen3":
+        pytest.skip("the transport does not depend on the architecture; one is enough for CI time")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    with EngineLauncher(hf_dir, servers=1, backend="local", log_dir=tmp_path) as launcher:
+        (engine,) = launcher.engines()
+        broadcaster = DistributedWeightBroadcaster(
+            [engine], master_address="127.0.0.1", master_port=free_port(), backend="gloo"
+        )
+        sync = WeightSync(
+            model,
+            hf_config,
+            [engine],
+            transport="distributed",
+            broadcaster=broadcaster,
+            bucket_bytes=64 << 10,
+        )
+        broadcaster.connect(sync.loop)
+        metrics = sync.push(version=2)
+        out = asyncio.run_coroutine_threadsafe(
+            engine.generate("q", PROMPTS[0], 2, PARAMS), sync.loop
+        ).result()
+        asyncio.run_coroutine_threadsafe(engine.close(), sync.loop).result()
+        sync.close()
+    assert metrics["sync/buckets"] > 1 and engine.version == 2
+    assert all(s.versions == [2] * len(s.response_ids) for s in out)
+    assert max_diff(out, trainer_logprobs(model, out)) <= 1e-5

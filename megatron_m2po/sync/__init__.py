@@ -1,6 +1,16 @@
-"""Weight sync trainer -> engines: gather HF-named tensors, stream bounded buckets, bump the version."""
+"""Weight sync trainer -> engines: gather HF-named tensors, stream bounded buckets, bump the version.
+
+`WeightSync` is imported lazily so engine servers can use `sync.process_group` without importing Megatron.
+"""
 
 from megatron_m2po.sync.buckets import iter_buckets
-from megatron_m2po.sync.weight_sync import TRANSPORTS, WeightSync
 
 __all__ = ["TRANSPORTS", "WeightSync", "iter_buckets"]
+
+
+def __getattr__(name: str):
+    if name in ("WeightSync", "TRANSPORTS"):
+        from megatron_m2po.sync import weight_sync
+
+        return getattr(weight_sync, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

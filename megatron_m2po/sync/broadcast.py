@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
-from megatron_m2po.sync.process_group import new_weight_update_group
+from megatron_m2po.sync.process_group import broadcast_from_trainer, new_weight_update_group
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class DistributedWeightBroadcaster:
 
         replies = asyncio.run_coroutine_threadsafe(announce(), loop)
         for _, tensor in bucket:
-            dist.broadcast(tensor.detach().to(self.device).contiguous(), src=0, group=self.group)
+            broadcast_from_trainer(self.group, tensor.detach().to(self.device).contiguous())
         replies.result()
 
     def close(self) -> None:

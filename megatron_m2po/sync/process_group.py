@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
 
@@ -45,3 +46,10 @@ def new_weight_update_group(
     )
     c10d._world.pg_group_ranks[group] = {i: i for i in range(world_size)}
     return group
+
+
+def broadcast_from_trainer(group: dist.ProcessGroup, tensor: torch.Tensor) -> None:
+    """Broadcast `tensor` from group rank 0 in place (works without torchrun's default group)."""
+    opts = dist.BroadcastOptions()
+    opts.rootRank = 0
+    group.broadcast([tensor], opts).wait()

@@ -80,6 +80,9 @@ class LocalSGLangServer:
         r.add_post("/flush_cache", self.flush_cache)
         r.add_get("/flush_cache", self.flush_cache)
         r.add_post("/update_weights_from_disk", self.update_weights_from_disk)
+        r.add_post("/init_weights_update_group", self.init_weights_update_group)
+        r.add_post("/update_weights_from_distributed", self.update_weights_from_distributed)
+        self.update_groups: dict[str, Any] = {}
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=200 if await self.engine.health() else 503)
@@ -198,6 +201,62 @@ class LocalSGLangServer:
         return web.json_response(
             {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
         )
+
+    async def init_weights_update_group(self, request: web.Request) -> web.Response:
+        """Join the trainer's weight-update group as rank `rank_offset` (gloo here; SGLang uses NCCL)."""
+        from megatron_m2po.sync.process_group import new_weight_update_group
+
+        body = await request.json()
+        try:
+            name = body.get("group_name", "weight_update_group")
+            self.update_groups[name] = await asyncio.to_thread(
+                new_weight_update_group,
+                body["master_address"],
+                int(body["master_port"]),
+                int(body["rank_offset"]),
+                int(body["world_size"]),
+                name,
+                body.get("backend", "gloo"),
+            )
+        except Exception as e:  # reply like SGLang: success false with the reason
+            return web.json_response({"success": False, "message": f"{type(e).__name__}: {e}"})
+        return web.json_response(
+            {"success": True, "message": "Succeeded to initialize custom process group."}
+        )
+
+    async def update_weights_from_distributed(self, request: web.Request) -> web.Response:
+        """Receive the announced tensors by broadcast from the trainer (rank 0), then load them."""
+        import torch
+
+        from megatron_m2po.sync.process_group import broadcast_from_trainer
+
+        body = await request.json()
+        group = self.update_groups.get(body.get("group_name", "weight_update_group"))
+        if group is None:
+            return web.json_response(
+                {"success": False, "message": "no weight update group; call /init_weights_update_group"}
+            )
+        specs = list(zip(body["names"], body["dtypes"], body["shapes"]))
+
+        def receive():
+            out = []
+            for name, dtype, shape in specs:
+                tensor = torch.empty(shape, dtype=getattr(torch, dtype))
+                broadcast_from_trainer(group, tensor)
+                out.append((name, tensor))
+            return out
+
+        tensors = await asyncio.to_thread(receive)
+        version = int(body["weight_version"]) if body.get("weight_version") else self.engine.version
+        try:
+            await self.engine.begin_weight_update(version)
+            try:
+                await self.engine.update_weights_bucket(tensors)
+            finally:
+                await self.engine.finish_weight_update(version)
+        except (KeyError, ValueError) as e:
+            return web.json_response({"success": False, "message": str(e)})
+        return web.json_response({"success": True, "message": "Succeeded to update parameter online."})
 
 
 async def serve(engine: LocalEngine, host: str, port: int) -> web.AppRunner:
