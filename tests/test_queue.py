@@ -309,3 +309,15 @@ def test_recover_replays_consumed_but_uncommitted_groups_once(tmp_path):
     assert r.accepted_prompt_ids() >= {f"g{i}" for i in range(7)}
     assert not r.put(make_group("g3", 0))
     assert r.metrics()["queue/consumed"] == 2  # counters continue from the checkpoint
+
+
+def test_recover_after_out_of_order_consumption(tmp_path):
+    """FIFO by version consumes a later-accepted older group first; the commit must remember exactly that."""
+    q = ReplayQueue("bounded", max_staleness=5, journal_dir=tmp_path / "j")
+    q.put(make_group("newer", 1))
+    q.put(make_group("older", 0))  # accepted second (seq 1), consumed first
+    assert [g.prompt_id for g in q.get_batch()] == ["older"]
+    state = q.commit()
+    assert state["low_water"] == 0 and state["consumed_above"] == [1]
+    q.close()
+    assert ReplayQueue.recover(tmp_path / "j", state, max_staleness=5).queued_prompt_ids() == ["newer"]

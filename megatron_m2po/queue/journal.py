@@ -22,6 +22,7 @@ file and byte offset, because skipping it would silently lose acknowledged group
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -42,6 +43,7 @@ RECORD_HEADER = struct.Struct("<IIII")
 SEQ = struct.Struct("<Q")
 FSYNC_POLICIES = ("always", "batch", "never")
 _SEGMENT_RE = re.compile(r"^segment-(\d{8})\.m2poj$")
+RETIRED_IDS_FILE = "retired-prompt-ids.jsonl"
 
 
 class JournalError(RuntimeError):
@@ -98,6 +100,7 @@ class SegmentInfo:
     first_seq: int | None = None
     last_seq: int | None = None
     size: int = 0
+    prompt_ids: list[str] = field(default_factory=list)  # kept when the segment is deleted (exactly-once)
 
 
 @dataclass
@@ -106,6 +109,7 @@ class Record:
     payload: memoryview  # the encoded group (after the seq)
     path: Path
     offset: int
+    segment: SegmentInfo
 
 
 @dataclass
@@ -215,7 +219,7 @@ def scan_journal(journal_dir: str | os.PathLike, *, repair: bool = False) -> Jou
             if seq <= last_seq:
                 raise JournalCorruptError(path, pos, f"record seq {seq} does not follow seq {last_seq}")
             last_seq = seq
-            scan.records.append(Record(seq, view[start + SEQ.size : start + length], path, pos))
+            scan.records.append(Record(seq, view[start + SEQ.size : start + length], path, pos, info))
             if info.first_seq is None:
                 info.first_seq = seq
             info.last_seq = seq
@@ -289,7 +293,7 @@ class JournalWriter:
         self._open_new_segment()
 
     # -- writing -------------------------------------------------------------------------
-    def append(self, seq: int, chunks: list[bytes]) -> int:
+    def append(self, seq: int, chunks: list[bytes], prompt_id: str = "") -> int:
         """Write one record (payload = seq + chunks); return its size in bytes."""
         if self._fd is None:
             raise JournalError(f"journal {self.dir} is closed")
@@ -326,6 +330,7 @@ class JournalWriter:
         if seg.first_seq is None:
             seg.first_seq = seq
         seg.last_seq = seq
+        seg.prompt_ids.append(prompt_id)
         if self.fsync == "always":
             self.sync()
         elif self.fsync == "batch" and time.monotonic() - self._last_sync >= self.fsync_interval_s:
@@ -342,23 +347,30 @@ class JournalWriter:
         self._last_sync = time.monotonic()
 
     def delete_segments_before(self, low_water: int) -> int:
-        """Delete closed segments whose every record has seq < `low_water`; return bytes freed."""
-        freed = 0
-        keep = []
-        for seg in self.segments[:-1]:  # never the segment being written
-            if seg.last_seq is None or seg.last_seq < low_water:
-                try:
-                    seg.path.unlink()
-                except FileNotFoundError:
-                    pass
-                freed += seg.size
-            else:
-                keep.append(seg)
-        if freed:
-            self.segments = keep + self.segments[-1:]
-            if self.fsync != "never":
-                _fsync_dir(self.dir)
-        return freed
+        """Delete closed segments whose every record has seq < `low_water`; return bytes freed.
+
+        Their prompt_ids are first appended to the retired-ids file, so a restarted queue
+        still refuses them (exactly-once acceptance outlives the data).
+        """
+        doomed = [seg for seg in self.segments[:-1] if seg.last_seq is None or seg.last_seq < low_water]
+        if not doomed:
+            return 0
+        lines = "".join(json.dumps(pid) + "\n" for seg in doomed for pid in seg.prompt_ids)
+        if lines:
+            with open(self.dir / RETIRED_IDS_FILE, "a", encoding="utf-8") as f:
+                f.write(lines)
+                f.flush()
+                if self.fsync != "never":
+                    os.fsync(f.fileno())
+        for seg in doomed:
+            try:
+                seg.path.unlink()
+            except FileNotFoundError:
+                pass
+        self.segments = [seg for seg in self.segments if seg not in doomed]
+        if self.fsync != "never":
+            _fsync_dir(self.dir)
+        return sum(seg.size for seg in doomed)
 
     @property
     def bytes_on_disk(self) -> int:
@@ -372,3 +384,26 @@ class JournalWriter:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def read_retired_prompt_ids(journal_dir: str | os.PathLike, *, repair: bool = False) -> set[str]:
+    """prompt_ids of groups whose segments were deleted after consumption (a torn last line is dropped)."""
+    path = Path(journal_dir) / RETIRED_IDS_FILE
+    if not path.exists():
+        return set()
+    data = path.read_bytes()
+    ids, pos = set(), 0
+    for line in data.splitlines(keepends=True):
+        try:
+            if not line.endswith(b"\n"):
+                raise ValueError("no newline")
+            ids.add(json.loads(line))
+        except ValueError:
+            if pos + len(line) < len(data):
+                raise JournalCorruptError(path, pos, "unreadable prompt-id line") from None
+            # The write that a crash cut short: its segment was not deleted yet, so nothing is lost.
+            logger.warning("journal: torn last line in %s at byte offset %d; ignoring it", path, pos)
+            if repair:
+                os.truncate(path, pos)
+        pos += len(line)
+    return ids

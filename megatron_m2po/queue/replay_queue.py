@@ -30,6 +30,7 @@ from megatron_m2po.queue.journal import (
     JournalFormatError,
     JournalWriter,
     list_segments,
+    read_retired_prompt_ids,
     scan_journal,
 )
 from megatron_m2po.queue.stats import StalenessHistogram
@@ -346,7 +347,7 @@ class ReplayQueue:
             with self._journal_lock:
                 seq = self._next_seq
                 if self._journal is not None:
-                    self._journal.append(seq, chunks)
+                    self._journal.append(seq, chunks, pid)
                 self._next_seq = seq + 1
         except BaseException:
             with self._cond:
@@ -572,6 +573,7 @@ class ReplayQueue:
             queue._version = committed["version"]
             queue._counters.update({k: committed["counters"].get(k, 0) for k in _COUNTERS})
             queue._prev_commit_low_water = low_water
+        queue._accepted_ids |= read_retired_prompt_ids(journal_dir, repair=True)
         replayed = 0
         for record in scan.records:
             try:
@@ -581,6 +583,7 @@ class ReplayQueue:
                     f"recover: record seq {record.seq} in {record.path} at byte offset {record.offset} passed its "
                     f"checksum but cannot be decoded: {e}"
                 ) from e
+            record.segment.prompt_ids.append(group.prompt_id)
             if group.prompt_id in queue._accepted_ids:
                 queue._counters["duplicates"] += 1
                 logger.warning(
