@@ -25,9 +25,9 @@ import torch.distributed as dist
 
 from megatron_m2po.algorithms.diagnostics import policy_metrics
 from megatron_m2po.algorithms.m2po_mask import (
-    compute_m2_threshold,
     m2po_masked_tokens,
     quantized_m2,
+    threshold_of_tokens,
     trust_region_mask,
     water_filling_tau,
 )
@@ -87,13 +87,12 @@ def m2po(x: LossInputs, *, m2_budget: float = 0.04, scope: str = "global") -> To
     """
     if x.m2_threshold is not None and scope == "per_microbatch":
         raise ValueError("m2po: m2_threshold was passed but scope='per_microbatch' computes its own")
+    q_m2 = quantized_m2(x.log_ratio.detach())
     theta = x.m2_threshold
     if theta is None:
         group = x.process_group if scope == "global" else None
-        theta = compute_m2_threshold(
-            x.log_probs, x.behavior_log_probs, x.advantages, x.mask, m2_budget=m2_budget, process_group=group
-        )
-    masked = m2po_masked_tokens(quantized_m2(x.log_ratio.detach()), x.trust_region, theta)
+        theta = threshold_of_tokens(q_m2, x.trust_region, m2_budget, group)
+    masked = m2po_masked_tokens(q_m2, x.trust_region, theta)
     per_token = torch.where(masked, 0.0, -x.advantages * x.ratio)
     return TokenLoss(per_token, masked=masked, extra={"m2_threshold": min(theta, 1e30)})
 
@@ -350,14 +349,15 @@ class PolicyLoss:
 
         lp, blp, adv = clean(log_probs), clean(behavior_log_probs), clean(advantages)
         log_ratio = lp - blp
+        ratio = torch.exp(log_ratio)
         inputs = LossInputs(
             log_probs=lp,
             behavior_log_probs=blp,
             advantages=adv,
             mask=mask,
             log_ratio=log_ratio,
-            ratio=torch.exp(log_ratio),
-            trust_region=trust_region_mask(log_ratio.detach(), adv, mask),
+            ratio=ratio,
+            trust_region=trust_region_mask(log_ratio.detach(), adv, mask, ratio=ratio.detach()),
             proximal_log_probs=clean(proximal_log_probs),
             m2_threshold=m2_threshold,
             process_group=process_group,
@@ -407,7 +407,7 @@ class PolicyLoss:
             "engine_log_probs",
         ):
             t = tensors[key]
-            if t is None:
+            if t is None or math.isfinite(float(t.detach().sum())):  # one fast pass in the common case
                 continue
             bad = mask & ~torch.isfinite(t.detach())
             if bool(bad.any()):

@@ -56,10 +56,16 @@ _RELEASED_EPS = 1e-12  # the released code's tolerance, kept wherever it decides
 
 
 def trust_region_mask(
-    log_ratio: torch.Tensor, advantages: torch.Tensor, response_mask: torch.Tensor
+    log_ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    ratio: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Tokens whose update moves r = pi/mu away from 1: (A > 0, r > 1) or (A < 0, r < 1), as the released code."""
-    ratio = torch.exp(log_ratio)
+    """Tokens whose update moves r = pi/mu away from 1: (A > 0, r > 1) or (A < 0, r < 1), as the released code.
+
+    `ratio`: exp(log_ratio) when the caller already has it.
+    """
+    ratio = torch.exp(log_ratio) if ratio is None else ratio
     up = (advantages > _RELEASED_EPS) & (ratio > 1.0 + _RELEASED_EPS)
     down = (advantages < -_RELEASED_EPS) & (ratio < 1.0 - _RELEASED_EPS)
     return response_mask & (up | down)
@@ -112,7 +118,8 @@ def compute_m2_threshold(
             "compute_m2_threshold: log_probs, behavior_log_probs, advantages, response_mask must hold the same "
             f"number of micro-batches, got {[len(p) for p in parts]}"
         )
-    values = []
+    tau = Fraction(m2_budget) / Fraction(M2_GRID)
+    local = []
     for i, (lp, blp, adv, mask) in enumerate(zip(*parts)):
         if not (lp.shape == blp.shape == adv.shape == mask.shape):
             raise ValueError(
@@ -122,10 +129,45 @@ def compute_m2_threshold(
         mask = mask.bool()
         log_ratio = torch.where(mask, lp.detach() - blp, 0.0)
         trust = trust_region_mask(log_ratio, torch.where(mask, adv, 0.0), mask)
-        values.append(quantized_m2(log_ratio)[trust].long())
-    device = values[0].device if values else torch.device("cpu")
-    q = torch.cat(values) if values else torch.zeros(0, dtype=torch.long, device=device)
-    kept_max = _largest_kept_value(q, Fraction(m2_budget) / Fraction(M2_GRID), process_group)
+        local.append(_local_m2_stats(quantized_m2(log_ratio), trust, tau))
+    return threshold_from_stats(local, tau, process_group)
+
+
+def threshold_of_tokens(
+    q_m2: torch.Tensor, trust_region: torch.Tensor, m2_budget: float, process_group: dist.ProcessGroup | None
+) -> float:
+    """compute_m2_threshold for one call whose quantized M2 and trust region are already at hand."""
+    tau = Fraction(m2_budget) / Fraction(M2_GRID)
+    return threshold_from_stats([_local_m2_stats(q_m2, trust_region, tau)], tau, process_group)
+
+
+@dataclass
+class _LocalM2Stats:
+    """One micro-batch's trust-region M2 (grid units): count and exact sum of values <= tau, and the rest."""
+
+    small_count: int
+    small_sum: int
+    big: torch.Tensor  # int64, values > tau (the only ones that can be masked)
+
+
+def _local_m2_stats(q_m2: torch.Tensor, trust: torch.Tensor, tau: Fraction) -> _LocalM2Stats:
+    always_kept = math.floor(tau)  # every value <= tau can stay
+    small = trust & (q_m2 <= always_kept)
+    small_q = torch.where(small, q_m2, 0.0).long()
+    halves = torch.stack(
+        [(small_q >> _HALF_BITS).sum(), (small_q & ((1 << _HALF_BITS) - 1)).sum(), small.sum()]
+    )
+    high, low, count = halves.tolist()
+    return _LocalM2Stats(count, (high << _HALF_BITS) + low, q_m2[trust & (q_m2 > always_kept)].long())
+
+
+def threshold_from_stats(local: list[_LocalM2Stats], tau: Fraction, group: dist.ProcessGroup | None) -> float:
+    """theta from per-micro-batch statistics, combined over `group` (see compute_m2_threshold)."""
+    device = local[0].big.device if local else torch.device("cpu")
+    big = torch.cat([s.big for s in local]) if local else torch.zeros(0, dtype=torch.long, device=device)
+    small_count = sum(s.small_count for s in local)
+    small_sum = sum(s.small_sum for s in local)
+    kept_max = _largest_kept_value(big, small_count, small_sum, tau, group)
     return math.inf if kept_max is None else kept_max * M2_GRID
 
 
@@ -137,22 +179,27 @@ def _split_sums(sorted_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return high, low
 
 
-def _largest_kept_value(q: torch.Tensor, tau: Fraction, group: dist.ProcessGroup | None) -> int | None:
-    """Largest integer t with sum_{q_i <= t} q_i <= tau * #{q_i <= t} over all ranks; None if t = max(q) passes."""
+def _largest_kept_value(
+    big: torch.Tensor, small_count: int, small_sum: int, tau: Fraction, group: dist.ProcessGroup | None
+) -> int | None:
+    """Largest integer t with sum_{q_i <= t} q_i <= tau * #{q_i <= t} over all ranks; None if t = max(q) passes.
+
+    `big`: this rank's values above tau; values <= tau enter only through their count and exact sum.
+    """
     world = _world(group)
-    always_kept = math.floor(tau)  # every value <= tau can stay
-    small = q[q <= always_kept]
-    big = torch.sort(q[q > always_kept]).values
+    always_kept = math.floor(tau)
+    big = torch.sort(big).values
     high, low = _split_sums(big)
-    small_high, small_low = _split_sums(small)
-    base = torch.tensor([small.numel(), int(small_high[-1]), int(small_low[-1])], dtype=torch.long)
+    base = torch.tensor(
+        [small_count, small_sum >> _HALF_BITS, small_sum & ((1 << _HALF_BITS) - 1)], dtype=torch.long
+    )
 
     def global_stats(candidates: list[int]) -> list[tuple[int, int]]:
         cands = torch.tensor(candidates, dtype=torch.long, device=big.device)
         idx = torch.searchsorted(big, cands, right=True)
         local = torch.stack([idx, high[idx], low[idx]], dim=1).cpu() + base
         if world > 1:
-            local = local.to(q.device)
+            local = local.to(big.device)
             dist.all_reduce(local, op=dist.ReduceOp.SUM, group=group)
         rows = local.cpu().tolist()
         return [(c, (h << _HALF_BITS) + lo) for c, h, lo in rows]
@@ -160,7 +207,7 @@ def _largest_kept_value(q: torch.Tensor, tau: Fraction, group: dist.ProcessGroup
     def within_budget(count: int, total: int) -> bool:
         return total * tau.denominator <= tau.numerator * count
 
-    top = torch.tensor([int(big[-1]) if big.numel() else always_kept], dtype=torch.long, device=q.device)
+    top = torch.tensor([int(big[-1]) if big.numel() else always_kept], dtype=torch.long, device=big.device)
     if world > 1:
         dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
     hi = int(top.item())
