@@ -270,3 +270,41 @@ def test_kill_9_while_writing_loses_nothing_acknowledged(tmp_path):
     for i, g in enumerate(q.get_batch(len(recovered))):
         assert g == make_group(f"k{i}", 0, n_samples=4, response_len=3000, seed=i)
     q.close()
+
+
+_FULL_DISK = textwrap.dedent(
+    """
+    import errno, resource, signal, sys
+    sys.path.insert(0, {tests!r})
+    from queue_helpers import make_group
+    from megatron_m2po.queue import ReplayQueue
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
+    q = ReplayQueue("bounded", capacity=1000, journal_dir={jdir!r}, fsync="always")
+    i = 0
+    while True:
+        try:
+            q.put(make_group(f"f{{i}}", 0, n_samples=2, response_len=700, seed=i))
+        except OSError as e:
+            assert e.errno == errno.EFBIG, e
+            assert len(q) == i and f"f{{i}}" not in q.accepted_prompt_ids()
+            print(i, flush=True)
+            break
+        i += 1
+    """
+)
+
+
+def test_failed_append_leaves_no_half_record(tmp_path):
+    """A real write failure (file-size limit, like a full disk) mid-record: the record is cut off again."""
+    jdir = tmp_path / "journal"
+    code = _FULL_DISK.format(tests=str(REPO / "tests"), jdir=str(jdir))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    accepted = int(out.stdout)
+    assert accepted >= 2
+    assert scan_journal(jdir).torn_tail_bytes == 0  # the file ends exactly after the last good record
+    q = ReplayQueue.recover(jdir, None)
+    assert q.queued_prompt_ids() == [f"f{i}" for i in range(accepted)]
+    q.close()
