@@ -4,7 +4,7 @@
     OMP_NUM_THREADS=1 python bench/losses.py --tokens 256    # quick
 
 Part 1: forward + backward of every loss on the same [512, 2048] fp32 batch (heavy-tailed log-ratios as
-with stale data), median of --reps runs, interleaved round-robin so machine noise hits all losses alike;
+with stale data), median and min of --reps runs, interleaved round-robin so machine noise hits all losses alike;
 ratios are against grpo measured in the same run. m2po runs as the trainer calls it (global scope,
 threshold precomputed once per mini-batch); the threshold pre-pass and per_microbatch scope are listed too.
 Part 2: peak resident memory above the inputs, forward + backward, of `vocab_parallel_logprobs` vs
@@ -22,9 +22,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
+# bench/ holds scripts named like stdlib modules (queue.py): keep it off the import path, put the repo on it
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
 
 from megatron_m2po.algorithms import compute_m2_threshold, get_loss, vocab_parallel_logprobs  # noqa: E402
 
@@ -42,7 +44,7 @@ def make_batch(sequences: int, tokens: int, seed: int = 0):
 
 
 def time_losses(args) -> list[tuple[str, float]]:
-    lp, blp, adv, mask = make_batch(args.prompts * args.responses, args.tokens)
+    lp, blp, adv, mask = (t.to(args.device) for t in make_batch(args.prompts * args.responses, args.tokens))
     prox = (lp + blp) / 2
     theta = compute_m2_threshold(lp, blp, adv, mask)
     cases = {
@@ -62,15 +64,23 @@ def time_losses(args) -> list[tuple[str, float]]:
     def one(name):
         loss, kw = cases[name]
         x = lp.clone().requires_grad_()
+        sync()
         start = time.perf_counter()
         value, _ = loss(x, blp, adv, mask, **kw)
         value.backward()
+        sync()
         return time.perf_counter() - start
 
     def prepass():
+        sync()
         start = time.perf_counter()
         compute_m2_threshold(lp, blp, adv, mask)
+        sync()
         return time.perf_counter() - start
+
+    def sync():
+        if args.device == "cuda":
+            torch.cuda.synchronize()
 
     timings = {name: [] for name in [*cases, "m2 threshold pre-pass (once per mini-batch)"]}
     for name in cases:  # warm-up
@@ -79,7 +89,7 @@ def time_losses(args) -> list[tuple[str, float]]:
         for name in cases:
             timings[name].append(one(name))
         timings["m2 threshold pre-pass (once per mini-batch)"].append(prepass())
-    return [(name, statistics.median(t)) for name, t in timings.items()]
+    return [(name, statistics.median(t), min(t)) for name, t in timings.items()]
 
 
 def _peak_rss_child(path: str, tokens: int, vocab: int) -> None:
@@ -100,18 +110,52 @@ def _peak_rss_child(path: str, tokens: int, vocab: int) -> None:
 
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     base = rss("VmRSS:")
+    start = time.perf_counter()
     if path == "log_softmax":
         lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
     else:
         lp = vocab_parallel_logprobs(logits, targets)
     forward_peak = rss("VmHWM:") - base
     lp.sum().backward()
+    seconds = time.perf_counter() - start
+    peak = rss("VmHWM:") - base
     print(
-        json.dumps({"forward": forward_peak, "total": rss("VmHWM:") - base, "grad": logits.grad.numel() * 2})
+        json.dumps(
+            {"forward": forward_peak, "total": peak, "grad": logits.grad.numel() * 2, "seconds": seconds}
+        )
     )
 
 
+def measure_cuda_memory(args) -> dict[str, dict[str, int]]:
+    """Peak allocated CUDA memory above the inputs (torch.cuda.max_memory_allocated)."""
+    out = {}
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = torch.randn(args.mem_tokens, args.vocab, device="cuda", generator=g, dtype=torch.bfloat16)
+    targets = torch.randint(0, args.vocab, (args.mem_tokens,), device="cuda", generator=g)
+    for path in ("log_softmax", "vocab_parallel_logprobs") * 2:  # second round is timed warm
+        x = logits.detach().requires_grad_()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        if path == "log_softmax":
+            lp = torch.log_softmax(x.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+        else:
+            lp = vocab_parallel_logprobs(x, targets)
+        forward = torch.cuda.max_memory_allocated() - base
+        lp.sum().backward()
+        torch.cuda.synchronize()
+        out[path] = {
+            "forward": forward,
+            "total": torch.cuda.max_memory_allocated() - base,
+            "grad": x.grad.numel() * 2,
+        }
+        del x, lp
+    return out
+
+
 def measure_memory(args) -> dict[str, dict[str, int]]:
+    if args.device == "cuda":
+        return measure_cuda_memory(args)
     out = {}
     for path in ("log_softmax", "vocab_parallel_logprobs"):
         proc = subprocess.run(
@@ -144,6 +188,7 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--vocab", type=int, default=151936, help="Qwen2.5/Qwen3 vocabulary")
     parser.add_argument("--mem-tokens", type=int, default=1024)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -153,25 +198,29 @@ def main() -> int:
 
     n = args.prompts * args.responses
     print(
-        f"## losses: {n} responses x {args.tokens} tokens = {n * args.tokens / 1e6:.2f}M token slots, fp32, CPU, 1 thread"
+        f"## losses: {n} responses x {args.tokens} tokens = {n * args.tokens / 1e6:.2f}M token slots, fp32, {args.device}"
     )
     results = time_losses(args)
-    base = dict(results)["grpo"]
-    print("| loss | median fwd+bwd (ms) | vs grpo |\n|---|---:|---:|")
-    for name, seconds in results:
-        print(f"| {name} | {seconds * 1e3:.1f} | {seconds / base:.2f}x |")
+    base_median, base_min = next((med, low) for name, med, low in results if name == "grpo")
+    print("| loss | median fwd+bwd (ms) | vs grpo | min (ms) | vs grpo |\n|---|---:|---:|---:|---:|")
+    for name, med, low in results:
+        print(
+            f"| {name} | {med * 1e3:.1f} | {med / base_median:.2f}x | {low * 1e3:.1f} | {low / base_min:.2f}x |"
+        )
 
     mem = measure_memory(args)
     gib = 2**30
     full, ours = mem["log_softmax"], mem["vocab_parallel_logprobs"]
     print(
-        f"\n## log-prob path: bf16 logits [{args.mem_tokens}, {args.vocab}] ({full['grad'] / gib:.2f} GiB), peak RSS above inputs"
+        f"\n## log-prob path: bf16 logits [{args.mem_tokens}, {args.vocab}] ({full['grad'] / gib:.2f} GiB), peak memory above inputs ({'max_memory_allocated' if args.device == 'cuda' else 'RSS'})"
     )
-    print("| path | forward peak (GiB) | forward + backward peak (GiB) |\n|---|---:|---:|")
-    for name, m in mem.items():
-        print(f"| {name} | {m['forward'] / gib:.2f} | {m['total'] / gib:.2f} |")
     print(
-        f"| ratio (ours / log_softmax) | {ours['forward'] / full['forward']:.3f} | {ours['total'] / full['total']:.3f} |"
+        "| path | forward peak (GiB) | forward + backward peak (GiB) | fwd+bwd time (s) |\n|---|---:|---:|---:|"
+    )
+    for name, m in mem.items():
+        print(f"| {name} | {m['forward'] / gib:.2f} | {m['total'] / gib:.2f} | {m['seconds']:.3f} |")
+    print(
+        f"| ratio (ours / log_softmax) | {ours['forward'] / full['forward']:.3f} | {ours['total'] / full['total']:.3f} | {ours['seconds'] / full['seconds']:.2f}x |"
     )
     return 0
 
