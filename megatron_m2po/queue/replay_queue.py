@@ -309,15 +309,13 @@ class ReplayQueue:
         without one, waits for room under `capacity` (raises `QueueFull` after `timeout`).
         Returns only once the record is in the journal (and fsynced under fsync="always").
         """
-        if self._journal is not None:
-            try:
+        try:
+            if self._journal is not None:
                 chunks, vr = encode_group(group, logprob_dtype=self.logprob_dtype)
-            except CodecError as e:
-                raise ValueError(
-                    f"put: cannot store group {getattr(group, 'prompt_id', group)!r}: {e}"
-                ) from e
-        else:
-            chunks, vr = None, version_range(group)
+            else:
+                chunks, vr = None, version_range(group)
+        except CodecError as e:
+            raise ValueError(f"put: cannot store group {getattr(group, 'prompt_id', group)!r}: {e}") from e
         pid = group.prompt_id
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
