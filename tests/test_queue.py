@@ -14,6 +14,7 @@ from queue_helpers import make_group
 
 from megatron_m2po.queue import QueueClosed, QueueFull, ReplayQueue, StalenessViolation
 from megatron_m2po.queue.admission import bounded_admissible
+from megatron_m2po.types import Group
 
 
 @settings(max_examples=200, deadline=None)
@@ -246,12 +247,22 @@ def test_admit_async_waits_without_blocking_the_loop_and_is_cancel_safe():
     assert q.metrics()["queue/in_flight"] == 0  # the cancelled admit reserved nothing
 
 
-def test_producer_and_consumer_threads_lose_nothing(tmp_path):
-    """A real producer thread (admit/generate/put, sometimes aborting) against a trainer thread."""
+@pytest.mark.parametrize("producer_kind", ["thread", "asyncio"])
+def test_producer_and_consumer_threads_lose_nothing(tmp_path, producer_kind):
+    """A real producer thread (admit/generate/put, sometimes aborting) against a trainer thread.
+
+    "asyncio": the producer is an event loop in a background thread, as the rollout manager runs.
+    """
     s, b, steps = 2, 3, 40
     q = ReplayQueue("bounded", max_staleness=s, groups_per_update=b, capacity=32, journal_dir=tmp_path / "j")
     produced, consumed, worst = [], [], [0]
     stop = threading.Event()
+
+    def make_or_abort(i: int, v: int) -> Group | None:
+        if i % 17 == 5:
+            q.release(version=v)  # an aborted request
+            return None
+        return make_group(f"p{i}", v, response_len=16)
 
     def producer():
         i = 0
@@ -260,13 +271,27 @@ def test_producer_and_consumer_threads_lose_nothing(tmp_path):
                 continue
             v = q.version
             time.sleep(0.001 * (i % 3))  # generation time
-            if i % 17 == 5:
-                q.release(version=v)  # an aborted request
-            else:
-                group = make_group(f"p{i}", v, response_len=16)
+            if (group := make_or_abort(i, v)) is not None:
                 assert q.put(group)
                 produced.append(group.prompt_id)
             i += 1
+
+    async def async_producer():
+        async def one(i: int, v: int):
+            await asyncio.sleep(0.001 * (i % 3))
+            if (group := make_or_abort(i, v)) is not None:
+                assert await q.put_async(group)
+                produced.append(group.prompt_id)
+
+        i, tasks = 0, set()
+        while not stop.is_set():
+            if not await q.admit_async(timeout=0.05):
+                continue
+            task = asyncio.create_task(one(i, q.version))  # several groups in flight at once
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            i += 1
+        await asyncio.gather(*tasks)
 
     def trainer():
         for step in range(steps):
@@ -278,7 +303,8 @@ def test_producer_and_consumer_threads_lose_nothing(tmp_path):
             time.sleep(0.002)  # the optimizer step
             q.publish_version(step + 1)
 
-    threads = [threading.Thread(target=producer), threading.Thread(target=trainer)]
+    target = producer if producer_kind == "thread" else lambda: asyncio.run(async_producer())
+    threads = [threading.Thread(target=target), threading.Thread(target=trainer)]
     for t in threads:
         t.start()
     threads[1].join(timeout=60)

@@ -280,14 +280,17 @@ _FULL_DISK = textwrap.dedent(
     from megatron_m2po.queue import ReplayQueue
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
     resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
-    q = ReplayQueue("bounded", capacity=1000, journal_dir={jdir!r}, fsync="always")
+    q = ReplayQueue("fixed", capacity=1000, journal_dir={jdir!r}, fsync="always")
     i = 0
     while True:
+        assert q.admit(timeout=0)
         try:
             q.put(make_group(f"f{{i}}", 0, n_samples=2, response_len=700, seed=i))
         except OSError as e:
             assert e.errno == errno.EFBIG, e
             assert len(q) == i and f"f{{i}}" not in q.accepted_prompt_ids()
+            assert q.metrics()["queue/in_flight"] == 1  # the failed put left its reservation to release
+            q.release()
             print(i, flush=True)
             break
         i += 1

@@ -152,6 +152,11 @@ class ReplayQueue:
 
     # ------------------------------------------------------------------ versions
     @property
+    def closed(self) -> bool:
+        """True once `close()` was called (a producer loop's signal to stop)."""
+        return self._closed
+
+    @property
     def version(self) -> int:
         """The trainer's published version (optimizer updates done)."""
         return self._version
@@ -291,23 +296,25 @@ class ReplayQueue:
             self._counters["released"] += n_groups
             self._notify_locked()
 
-    def _use_reservation_locked(self, low: int) -> bool:
-        """Turn one reservation into the group being put: the one started at `low`, else the closest older."""
+    def _use_reservation_locked(self, low: int) -> int | None:
+        """Turn one reservation into the group being put (the one started at `low`, else the closest
+        older); returns its version, None when nothing is reserved."""
         if not self._reserved:
-            return False
+            return None
         older = [v for v in self._reserved if v <= low]
         chosen = max(older) if older else min(self._reserved)
         self._reserved[chosen] -= 1
         if not self._reserved[chosen]:
             del self._reserved[chosen]
-        return True
+        return chosen
 
     def put(self, group: Group, *, timeout: float | None = None) -> bool:
         """Producer: journal then enqueue `group`; False (counted) if its prompt_id was already accepted.
 
-        Uses one reservation from `admit` when there is one (accepted or duplicate alike);
-        without one, waits for room under `capacity` (raises `QueueFull` after `timeout`).
-        Returns only once the record is in the journal (and fsynced under fsync="always").
+        Uses one reservation from `admit` when there is one (accepted or duplicate alike; if
+        `put` raises, the reservation is left for the caller to `release`); without one, waits
+        for room under `capacity` (raises `QueueFull` after `timeout`). Returns only once the
+        record is in the journal (and fsynced under fsync="always").
         """
         try:
             if self._journal is not None:
@@ -320,14 +327,14 @@ class ReplayQueue:
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             self._check_open()
-            reserved = self._use_reservation_locked(vr.low)
+            reservation = self._use_reservation_locked(vr.low)
             if pid in self._accepted_ids or pid in self._pending_ids:
                 self._counters["duplicates"] += 1
                 logger.info("queue: duplicate prompt_id %r not accepted again", pid)
                 self._notify_locked()
                 return False
             while (
-                not reserved
+                reservation is None
                 and len(self._entries) + self._writing + sum(self._reserved.values()) >= self.capacity
             ):
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -352,6 +359,8 @@ class ReplayQueue:
                 self._pending_ids.discard(pid)
                 self._writing -= 1
                 self._dec_level_locked(vr.low)
+                if reservation is not None:
+                    self._reserved[reservation] += 1
                 self._notify_locked()
             raise
         with self._cond:
