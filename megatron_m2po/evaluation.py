@@ -1,0 +1,428 @@
+"""Accuracy of a checkpoint on benchmark files: avg@k and pass@k, through any rollout engine.
+
+`m2po evaluate CHECKPOINT --data FILE [FILE ...]` (or `python tools/evaluate.py ...`). The library
+functions (`evaluate`, `summarize`, `pass_at_k`) live in the package so the demo and the sweep use them. CHECKPOINT is an
+HF model dir or a Megatron checkpoint dir (converted to HF in a scratch dir with the foundation's
+converter). Each file is read with `PromptDataset`: the files of shared/data get their field mapping
+from their name (problem/question, answer/final_answer, Minerva's boxed `solution`, GSM8K's `####`);
+other files take `--problem-key/--answer-key/--answer-format`. Every prompt is sampled `-k` times;
+a response is correct when the reward function (math-verify on the last `\\boxed{}` by default)
+gives the full reward 1.0, so a format-only reward never counts as correct.
+
+Reported per file: avg@k (mean correctness over all k samples of all prompts, the paper's metric)
+and pass@j for each requested j <= k with the unbiased estimator of Chen et al. (2021),
+pass@j = E_prompts[1 - C(n - c, j) / C(n, j)]. A table goes to stdout, everything to `--output` JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from megatron_m2po.types import Sample, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+ENGINES = ("local", "sglang", "vllm")
+FULL_REWARD = 1.0
+
+
+# ------------------------------------------------------------------------------------------- metrics
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of one prompt with c correct out of n samples: 1 - C(n-c, k) / C(n, k)."""
+    if not 0 <= c <= n:
+        raise ValueError(f"pass_at_k: need 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"pass_at_k: need 1 <= k <= n, got n={n}, k={k}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def summarize(correct: Sequence[Sequence[bool]], ks: Sequence[int]) -> dict[str, float]:
+    """avg@n and pass@k (k in `ks`, k <= n) over prompts, each with the same number n of samples."""
+    if not correct:
+        raise ValueError("summarize: no prompts")
+    n = len(correct[0])
+    if n == 0 or any(len(row) != n for row in correct):
+        raise ValueError(
+            f"summarize: every prompt needs the same number (>= 1) of samples, got {n} and others"
+        )
+    out = {f"avg@{n}": sum(sum(row) for row in correct) / (n * len(correct))}
+    for k in sorted(set(ks)):
+        if k > n:
+            raise ValueError(f"pass@{k} needs at least {k} samples per prompt, got {n} (raise -k)")
+        out[f"pass@{k}"] = sum(pass_at_k(n, sum(row), k) for row in correct) / len(correct)
+    out["num_prompts"] = float(len(correct))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ engines
+
+
+def resolve_hf_dir(checkpoint: str | Path, scratch: str | Path) -> Path:
+    """The HF model dir to serve: `checkpoint` itself, or a Megatron checkpoint converted into `scratch`."""
+    from megatron_m2po.checkpoint.megatron_ckpt import is_megatron_checkpoint
+
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"checkpoint {path} is not a directory (an HF model dir or a Megatron checkpoint)"
+        )
+    if is_megatron_checkpoint(path):
+        from megatron_m2po.checkpoint.convert import convert_megatron_to_hf
+
+        logger.info("converting Megatron checkpoint %s to HF in %s", path, scratch)
+        return convert_megatron_to_hf(path, Path(scratch) / "hf")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"checkpoint {path}: no config.json (HF model dir) and no Megatron checkpoint marker"
+        )
+    return path
+
+
+def build_engine(
+    kind: str, hf_dir: Path, *, urls: Sequence[str] = (), seed: int = 0, threads: int | None = None
+):
+    """An engine (or a farm of them) serving the model: local in process, or SGLang / vLLM servers by URL."""
+    from megatron_m2po.rollout.farm import EngineFarm
+
+    if kind == "local":
+        from megatron_m2po.rollout.engines.local import LocalEngine
+
+        engines = [LocalEngine(hf_dir, engine_id="eval-local", seed=seed, threads=threads)]
+    elif kind == "sglang":
+        from megatron_m2po.rollout.engines.sglang import SGLangEngine
+
+        if not urls:
+            raise ValueError("--engine sglang needs --url (a server or sglang-router base URL)")
+        engines = [SGLangEngine(url, engine_id=f"eval-sglang-{i}") for i, url in enumerate(urls)]
+    elif kind == "vllm":
+        from megatron_m2po.rollout.engines.vllm import VLLMEngine
+
+        engines = [VLLMEngine(str(hf_dir), engine_id="eval-vllm")]
+    else:
+        raise ValueError(f"unknown engine {kind!r}; choose one of {ENGINES}")
+    return EngineFarm(engines)
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """End of text, padding and the chat template's end of turn: the trainer's rollouts stop on the same."""
+    ids = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return sorted(i for i in ids if i is not None)
+
+
+async def generate_all(
+    engine, prompts: Sequence, n: int, params: SamplingParams, concurrency: int
+) -> list[list[Sample]]:
+    """n samples for every prompt, at most `concurrency` prompts in flight, in prompt order."""
+    limit = asyncio.Semaphore(concurrency)
+
+    async def one(i: int, prompt) -> list[Sample]:
+        async with limit:
+            seeded = SamplingParams(
+                **{**asdict(params), "seed": None if params.seed is None else params.seed + i}
+            )
+            return await engine.generate(prompt.prompt_id, prompt.prompt_ids, n, seeded)
+
+    return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+
+
+# ----------------------------------------------------------------------------------------- datasets
+
+
+@dataclass
+class FileSpec:
+    """How to read one benchmark file; None fields come from the file's preset (shared/data names)."""
+
+    path: Path
+    problem_key: str | None = None
+    answer_key: str | None = None
+    answer_format: str | None = None
+
+
+def open_dataset(
+    spec: FileSpec, tokenizer, *, template: str, apply_chat_template: bool, max_prompts: int = 0
+):
+    """The file's prompts in file order (first `max_prompts` when > 0), with its field mapping."""
+    from megatron_m2po.data.prompts import FIELD_PRESETS, PromptDataset
+
+    keys = {
+        "problem_key": spec.problem_key,
+        "answer_key": spec.answer_key,
+        "answer_format": spec.answer_format,
+    }
+    preset = FIELD_PRESETS.get(spec.path.stem, {})
+    kwargs = {k: v if v is not None else preset.get(k) for k, v in keys.items()}
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    dataset = PromptDataset(
+        spec.path,
+        tokenizer,
+        template=template,
+        apply_chat_template=apply_chat_template,
+        shuffle=False,
+        **kwargs,
+    )
+    count = len(dataset) if max_prompts <= 0 else min(max_prompts, len(dataset))
+    return dataset, [dataset[i] for i in range(count)]
+
+
+# -------------------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class FileResult:
+    name: str
+    path: str
+    metrics: dict[str, float]
+    seconds: float
+    responses: list[dict[str, Any]] = field(default_factory=list)
+
+
+def evaluate(
+    checkpoint: str | Path,
+    files: Sequence[FileSpec],
+    *,
+    samples_per_prompt: int = 1,
+    pass_ks: Sequence[int] = (1,),
+    sampling: SamplingParams | None = None,
+    engine: str = "local",
+    urls: Sequence[str] = (),
+    template: str = "{problem}",
+    apply_chat_template: bool = True,
+    max_prompts: int = 0,
+    concurrency: int = 8,
+    reward_fn: str = "megatron_m2po.rollout.rewards:math_reward",
+    reward_workers: int = 1,
+    reward_timeout: float = 5.0,
+    keep_responses: bool = False,
+    threads: int | None = None,
+) -> list[FileResult]:
+    """Sample every prompt of every file `samples_per_prompt` times and score them; one result per file."""
+    from transformers import AutoTokenizer
+
+    from megatron_m2po.rollout.rewards import RewardPool
+
+    if samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
+    ks = sorted({k for k in pass_ks if k <= samples_per_prompt} | {1})
+    params = sampling or SamplingParams(max_new_tokens=1024, temperature=0.0)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="m2po-eval-") as scratch:
+        hf_dir = resolve_hf_dir(checkpoint, scratch)
+        tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+        params = SamplingParams(**{**asdict(params), "stop_token_ids": stop_token_ids(tokenizer)})
+        farm = build_engine(engine, hf_dir, urls=urls, seed=params.seed or 0, threads=threads)
+        with RewardPool(reward_fn, workers=reward_workers, timeout=reward_timeout) as rewards:
+
+            async def all_files() -> None:
+                try:
+                    for spec in files:
+                        results.append(
+                            await _evaluate_file(
+                                farm,
+                                rewards,
+                                spec,
+                                tokenizer,
+                                n=samples_per_prompt,
+                                ks=ks,
+                                params=params,
+                                template=template,
+                                apply_chat_template=apply_chat_template,
+                                max_prompts=max_prompts,
+                                concurrency=concurrency,
+                                keep_responses=keep_responses,
+                            )
+                        )
+                finally:
+                    await farm.close()
+
+            asyncio.run(all_files())
+    return results
+
+
+async def _evaluate_file(
+    farm,
+    rewards,
+    spec: FileSpec,
+    tokenizer,
+    *,
+    n,
+    ks,
+    params,
+    template,
+    apply_chat_template,
+    max_prompts,
+    concurrency,
+    keep_responses,
+) -> FileResult:
+    start = time.perf_counter()
+    _, prompts = open_dataset(
+        spec, tokenizer, template=template, apply_chat_template=apply_chat_template, max_prompts=max_prompts
+    )
+    groups = await generate_all(farm, prompts, n, params, concurrency)
+    texts = [s.response_text for g in groups for s in g]
+    answers = [p.answer for p, g in zip(prompts, groups) for _ in g]
+    scores = await rewards.score_async(texts, answers)
+    correct = [[score >= FULL_REWARD for score in scores[i * n : (i + 1) * n]] for i in range(len(prompts))]
+    metrics = summarize(correct, ks)
+    metrics["mean_response_tokens"] = sum(len(s.response_ids) for g in groups for s in g) / max(1, len(texts))
+    metrics["truncated_fraction"] = sum(s.finish_reason == "length" for g in groups for s in g) / max(
+        1, len(texts)
+    )
+    responses = []
+    if keep_responses:
+        for i, (p, g) in enumerate(zip(prompts, groups)):
+            responses.append(
+                {
+                    "prompt_id": p.prompt_id,
+                    "answer": p.answer,
+                    "responses": [s.response_text for s in g],
+                    "correct": correct[i],
+                }
+            )
+    seconds = time.perf_counter() - start
+    logger.info("%s: %s in %.1fs", spec.path.name, metrics, seconds)
+    return FileResult(spec.path.stem, str(spec.path), metrics, seconds, responses)
+
+
+def format_table(results: Sequence[FileResult]) -> str:
+    """A markdown table: one row per file, one column per metric, and the mean over files."""
+    if not results:
+        return "(no results)"
+    metric_names = [k for k in results[0].metrics if k.startswith(("avg@", "pass@"))]
+    header = ["file", "prompts", *metric_names, "seconds"]
+    rows = [
+        [
+            r.name,
+            str(int(r.metrics["num_prompts"])),
+            *(f"{100 * r.metrics[m]:.1f}" for m in metric_names),
+            f"{r.seconds:.1f}",
+        ]
+        for r in results
+    ]
+    if len(results) > 1:
+        rows.append(
+            [
+                "mean",
+                "",
+                *(f"{100 * sum(r.metrics[m] for r in results) / len(results):.1f}" for m in metric_names),
+                "",
+            ]
+        )
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in [header, *rows]]
+    lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="HF model dir or Megatron checkpoint dir")
+    parser.add_argument("--data", nargs="+", required=True, help="benchmark files (.jsonl / .parquet)")
+    parser.add_argument(
+        "--problem-key", help="row field of the problem (default: the file's preset, else 'problem')"
+    )
+    parser.add_argument(
+        "--answer-key", help="row field of the answer (default: the file's preset, else 'answer')"
+    )
+    parser.add_argument(
+        "--answer-format",
+        choices=("plain", "boxed", "gsm8k"),
+        help="how the answer field is read (default: the file's preset, else plain)",
+    )
+    parser.add_argument(
+        "--template",
+        default="m2po",
+        help="prompt template with {problem}, or a name: 'plain', 'm2po' (the paper's; default)",
+    )
+    parser.add_argument(
+        "--no-chat-template", action="store_true", help="do not wrap prompts in the chat template"
+    )
+    parser.add_argument("-k", "--samples-per-prompt", type=int, default=1, help="samples per prompt (avg@k)")
+    parser.add_argument(
+        "--pass-k", type=int, nargs="*", default=None, help="pass@j values to report (default: 1 and k)"
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="sampling temperature (default: 0 = greedy for k=1, else 1.0 as the paper)",
+    )
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
+    parser.add_argument("--max-new-tokens", type=int, default=2560, help="response length limit (tokens)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i)")
+    parser.add_argument("--engine", choices=ENGINES, default="local", help="rollout engine")
+    parser.add_argument("--url", nargs="*", default=[], help="sglang server / router base URLs")
+    parser.add_argument(
+        "--max-prompts", type=int, default=0, help="evaluate the first N prompts of each file"
+    )
+    parser.add_argument("--concurrency", type=int, default=64, help="prompts in flight")
+    parser.add_argument(
+        "--reward-fn",
+        default="megatron_m2po.rollout.rewards:math_reward",
+        help="reward `module:function(response, answer)`; 1.0 = correct",
+    )
+    parser.add_argument("--reward-workers", type=int, default=2, help="reward processes")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of the local engine")
+    parser.add_argument("--output", help="JSON result path (default: <checkpoint>/eval.json)")
+    parser.add_argument("--keep-responses", action="store_true", help="also store every response in the JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    k = args.samples_per_prompt
+    temperature = args.temperature if args.temperature is not None else (0.0 if k == 1 else 1.0)
+    if k > 1 and temperature == 0:
+        logger.warning("-k %d with greedy decoding: every sample is the same", k)
+    sampling = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=temperature, top_p=args.top_p, seed=args.seed
+    )
+    files = [FileSpec(Path(p), args.problem_key, args.answer_key, args.answer_format) for p in args.data]
+    results = evaluate(
+        args.checkpoint,
+        files,
+        samples_per_prompt=k,
+        pass_ks=args.pass_k or [1, k],
+        sampling=sampling,
+        engine=args.engine,
+        urls=args.url,
+        template=args.template,
+        apply_chat_template=not args.no_chat_template,
+        max_prompts=args.max_prompts,
+        concurrency=args.concurrency,
+        reward_fn=args.reward_fn,
+        reward_workers=args.reward_workers,
+        keep_responses=args.keep_responses,
+        threads=args.threads,
+    )
+    print(format_table(results))
+    output = Path(args.output) if args.output else Path(args.checkpoint) / "eval.json"
+    payload = {
+        "checkpoint": str(args.checkpoint),
+        "engine": args.engine,
+        "sampling": asdict(sampling),
+        "samples_per_prompt": k,
+        "template": args.template,
+        "results": [asdict(r) for r in results],
+    }
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(payload, indent=2))
+    print(f"wrote {output}")
+    return 0
