@@ -11,7 +11,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("megatron_m2po.demo", "tiny CPU demo: warm-start a tiny model, then M2PO RL; prints accuracy before -> after"),
     "train": ("megatron_m2po.train", "train from a YAML recipe (same as python -m megatron_m2po.train)"),
     "plot": ("megatron_m2po.plot", "write a PNG of the main curves of a run directory"),
-    "evaluate": ("tools.evaluate", "accuracy of a checkpoint on benchmark files"),
+    "evaluate": ("megatron_m2po.evaluation", "accuracy of a checkpoint on benchmark files"),
 }
 
 
