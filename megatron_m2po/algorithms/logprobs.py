@@ -8,8 +8,9 @@ logits' own dtype. Peak extra memory is O(chunk_size x vocab/tp), independent of
 
 Each rank holds the contiguous vocab slice [rank * V/tp, (rank + 1) * V/tp) of its tensor-parallel
 group, the layout of Megatron's `ColumnParallelLinear` output layer and `VocabParallelEmbedding`.
-Two all-reduces per call (max; then sum-exp, target logit and sum p*x packed in one tensor), none
-in backward: the backward needs only the saved per-token statistics.
+Each rank reduces its shard with the fused `torch.logsumexp`; the shards are combined with two
+all-reduces per call (max of the shard log-sum-exps; then the rescaled sums, target logit and E_p[x]
+packed in one tensor), none in backward: the backward needs only the saved per-token statistics.
 """
 
 from __future__ import annotations
@@ -28,6 +29,14 @@ def _group_rank_and_size(tp_group: dist.ProcessGroup | None) -> tuple[int, int]:
     return dist.get_rank(tp_group), dist.get_world_size(tp_group)
 
 
+def _scaled_chunk(
+    logits: torch.Tensor, start: int, stop: int, dtype: torch.dtype, temperature: float
+) -> torch.Tensor:
+    """A fresh `dtype` copy of logits[start:stop] / temperature (never a view: callers modify it in place)."""
+    x = logits[start:stop].to(dtype, copy=True)
+    return x if temperature == 1.0 else x.div_(temperature)
+
+
 class _VocabParallelLogProbs(torch.autograd.Function):
     """Forward: (log p(target), entropy) per token. Backward: softmax recomputed chunk by chunk."""
 
@@ -41,34 +50,33 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         local_target = torch.where(target_here, local_target, 0)
         fp = torch.promote_types(logits.dtype, torch.float32)  # bf16/fp16 -> fp32; fp64 stays fp64
 
-        # Pass 1: max of the scaled logits (max commutes with division by a positive temperature).
-        row_max = torch.empty(n_tokens, dtype=fp, device=logits.device)
-        for start in range(0, n_tokens, chunk_size):
-            chunk = logits[start : start + chunk_size]
-            row_max[start : start + chunk_size] = chunk.max(dim=-1).values.to(fp) / temperature
-        if world > 1:
-            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=tp_group)
-
-        # Pass 2: sum exp(x - max), target logit, sum exp(x - max) * x, in one buffer for one all-reduce.
-        stats = torch.zeros(n_tokens, 3, dtype=fp, device=logits.device)
+        # One pass per chunk: this shard's log-sum-exp (fused kernel), target logit, and E_p_local[x].
+        local_lse = torch.empty(n_tokens, dtype=fp, device=logits.device)
+        picked = torch.zeros(n_tokens, dtype=fp, device=logits.device)
+        local_ex = torch.zeros(n_tokens, dtype=fp, device=logits.device)
         for start in range(0, n_tokens, chunk_size):
             stop = min(start + chunk_size, n_tokens)
-            x = (
-                logits[start:stop].to(fp, copy=True).div_(temperature)
-            )  # in-place ops: two chunk temporaries at most
-            e = torch.sub(x, row_max[start:stop, None]).exp_()
-            stats[start:stop, 0] = e.sum(dim=-1)
-            picked = x.gather(-1, local_target[start:stop, None]).squeeze(-1)
-            stats[start:stop, 1] = torch.where(target_here[start:stop], picked, 0.0)
+            x = _scaled_chunk(logits, start, stop, fp, temperature)
+            local_lse[start:stop] = torch.logsumexp(x, dim=-1)
+            target_logit = x.gather(-1, local_target[start:stop, None]).squeeze(-1)
+            picked[start:stop] = torch.where(target_here[start:stop], target_logit, 0.0)
             if with_entropy:
-                stats[start:stop, 2] = torch.linalg.vecdot(e, x)
-            del x, e
-        if world > 1:
-            dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=tp_group)
+                p = torch.sub(x, local_lse[start:stop, None]).exp_()
+                local_ex[start:stop] = torch.linalg.vecdot(p, x)
+                del p
+            del x
 
-        log_z = row_max + torch.log(stats[:, 0])
-        log_probs = stats[:, 1] - log_z
-        expected_x = stats[:, 2] / stats[:, 0]  # E_p[x]; entropy = log Z - E_p[x]
+        if world > 1:  # combine shards: lse = m + log sum_r exp(lse_r - m); E[x] = sum_r w_r E_r[x]
+            top = local_lse.clone()
+            dist.all_reduce(top, op=dist.ReduceOp.MAX, group=tp_group)
+            weight = torch.exp(local_lse - top)
+            stats = torch.stack([weight, picked, weight * local_ex], dim=1)
+            dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=tp_group)
+            log_z = top + torch.log(stats[:, 0])
+            picked, expected_x = stats[:, 1], stats[:, 2] / stats[:, 0]
+        else:
+            log_z, expected_x = local_lse, local_ex
+        log_probs = picked - log_z
         entropy = log_z - expected_x if with_entropy else torch.zeros_like(log_z)
 
         ctx.save_for_backward(logits, local_target, target_here, log_z, expected_x)
@@ -83,24 +91,23 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         temperature, chunk_size = ctx.temperature, ctx.chunk_size
         grad_logits = torch.empty_like(logits)
         n_tokens = logits.shape[0]
+        inv_t = 1.0 / temperature  # d x / d logits
         for start in range(0, n_tokens, chunk_size):
             stop = min(start + chunk_size, n_tokens)
-            x = logits[start:stop].to(log_z.dtype, copy=True).div_(temperature)
-            grad_x = torch.sub(x, log_z[start:stop, None]).exp_()  # p
-            # d log p_y / dx_v = 1[v = y] - p_v;  dH / dx_v = -p_v (x_v - E_p[x])
+            x = _scaled_chunk(logits, start, stop, log_z.dtype, temperature)
+            g_lp = grad_log_probs[start:stop, None].to(x.dtype)
+            # d log p_y / dx_v = 1[v = y] - p_v;  dH / dx_v = -p_v (x_v - E_p[x]); in place, <= 2 temporaries
             if ctx.with_entropy:
-                x.sub_(expected_x[start:stop, None]).mul_(grad_x).mul_(
-                    -grad_entropy[start:stop, None].to(x.dtype)
-                )
-            grad_x.mul_(-grad_log_probs[start:stop, None].to(x.dtype))
-            if ctx.with_entropy:
-                grad_x.add_(x)
-            del x
-            onehot_grad = torch.where(
-                target_here[start:stop], grad_log_probs[start:stop].to(grad_x.dtype), 0.0
-            )
-            grad_x.scatter_add_(-1, local_target[start:stop, None], onehot_grad[:, None])
-            grad_logits[start:stop].copy_(grad_x.div_(temperature))
+                grad_x = torch.sub(x, log_z[start:stop, None]).exp_()  # p
+                g_h = grad_entropy[start:stop, None].to(x.dtype)
+                x.sub_(expected_x[start:stop, None]).mul_(grad_x).mul_(-inv_t * g_h)
+                grad_x.mul_(-inv_t * g_lp).add_(x)
+                del x
+            else:
+                grad_x = x.sub_(log_z[start:stop, None]).exp_().mul_(-inv_t * g_lp)
+            onehot = torch.where(target_here[start:stop, None], inv_t * g_lp, 0.0)
+            grad_x.scatter_add_(-1, local_target[start:stop, None], onehot)
+            grad_logits[start:stop].copy_(grad_x)
             del grad_x
         return grad_logits, None, None, None, None, None
 
