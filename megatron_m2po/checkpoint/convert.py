@@ -13,6 +13,7 @@ layer by layer.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import tempfile
@@ -50,6 +51,15 @@ def checkpoint_key(rule: WeightRule) -> str:
     """The dist-checkpoint key: Megatron saves layer norms under their TE names and stacks layers (no index)."""
     name = rule.te_megatron or rule.megatron
     return name.replace("{layer}.", "")
+
+
+def _release_freed_memory() -> None:
+    """Return freed heap memory to the OS (glibc keeps freed multi-MB tensors in its arenas, so without this
+    the process footprint creeps up with every tensor converted even though only one is alive)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _ensure_single_process_group() -> None:
@@ -102,6 +112,7 @@ def convert_hf_to_megatron(
             parts = [reader.read(name) for name in hf_names(rule, layer)]
             tensor = _to_scratch(to_megatron_shard(rule, layout, parts, tp_size=1), Path(scratch), str(i))
             del parts
+            _release_freed_memory()
             key = checkpoint_key(rule)
             if layer is None:
                 state[key] = ShardedTensor.from_rank_offsets(key, tensor, replica_id=0)
@@ -167,6 +178,8 @@ def iter_checkpoint_hf_tensors(megatron_dir: str | Path) -> Iterator[tuple[str, 
         for rule in rules:
             tensors = to_hf_tensors(rule, layout, [loaded.pop(checkpoint_key(rule))])
             yield from zip(hf_names(rule, layer), tensors)
+        del loaded, tensors
+        _release_freed_memory()
     loaded = load(list(globals_[1:]), None)
     for rule in globals_[1:]:
         yield from zip(hf_names(rule), to_hf_tensors(rule, layout, [loaded.pop(checkpoint_key(rule))]))
@@ -177,7 +190,12 @@ def convert_megatron_to_hf(
 ) -> Path:
     """Write HF safetensors shards (+ index), config and tokenizer from a Megatron checkpoint dir."""
     megatron_dir, out = Path(megatron_dir), Path(out_dir)
-    write_sharded_safetensors(iter_checkpoint_hf_tensors(megatron_dir), out, max_shard_bytes=max_shard_bytes)
+    write_sharded_safetensors(
+        iter_checkpoint_hf_tensors(megatron_dir),
+        out,
+        max_shard_bytes=max_shard_bytes,
+        release_memory=_release_freed_memory,
+    )
     copy_non_weight_files(megatron_dir / MEGATRON_HF_SUBDIR, out)
     logger.info("wrote HF model %s", out)
     return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -104,12 +104,15 @@ class HFSafetensorsReader:
 
 
 def write_sharded_safetensors(
-    tensors: Iterable[tuple[str, torch.Tensor]], out_dir: str | Path, *, max_shard_bytes: int = 2 * 1024**3
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    out_dir: str | Path,
+    *,
+    max_shard_bytes: int = 2 * 1024**3,
+    release_memory: Callable[[], None] | None = None,
 ) -> list[Path]:
     """Write (name, tensor) pairs as HF safetensors shards + index, holding at most one shard in memory."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shards: list[dict[str, torch.Tensor]] = []
     written: list[Path] = []
     weight_map: dict[str, int] = {}
     current: dict[str, torch.Tensor] = {}
@@ -123,6 +126,8 @@ def write_sharded_safetensors(
             save_file(current, str(path), metadata={"format": "pt"})
             tmp_names.append(path)
             current, current_bytes = {}, 0
+            if release_memory is not None:
+                release_memory()
 
     for name, tensor in tensors:
         nbytes = tensor.numel() * tensor.element_size()
@@ -133,7 +138,6 @@ def write_sharded_safetensors(
         current_bytes += nbytes
         total_bytes += nbytes
     flush()
-    del shards
     if len(tmp_names) == 1:
         final = out / SINGLE_FILE
         tmp_names[0].replace(final)

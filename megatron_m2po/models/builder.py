@@ -92,6 +92,8 @@ def build_model(
     )
     if llama3:
         _set_llama3_inv_freq(model, rope)
+    # torch's RMSNorm (local spec) ignores params_dtype; cast every parameter, as Megatron's Float16Module does
+    model.to(dtype=config.params_dtype)
     if platform.on_gpu():
         model.cuda(torch.cuda.current_device())
     return model
