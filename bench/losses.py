@@ -137,6 +137,7 @@ def measure_cuda_memory(args) -> dict[str, dict[str, int]]:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
+        start = time.perf_counter()
         if path == "log_softmax":
             lp = torch.log_softmax(x.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
         else:
@@ -148,6 +149,7 @@ def measure_cuda_memory(args) -> dict[str, dict[str, int]]:
             "forward": forward,
             "total": torch.cuda.max_memory_allocated() - base,
             "grad": x.grad.numel() * 2,
+            "seconds": time.perf_counter() - start,
         }
         del x, lp
     return out
