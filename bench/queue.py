@@ -35,9 +35,10 @@ from megatron_m2po.queue.journal import RECORD_HEADER, SEQ, list_segments, scan_
 STEP_GROUPS, STEP_SECONDS = 64, 60.0  # a 32B optimizer step: 64 prompts x 8 responses in ~60 s
 
 
-def run_queue(groups, directory: Path, fsync: str, batch: int) -> tuple[float, int]:
-    """Seconds for put + get of every group through a journaled queue, and the bytes it wrote."""
-    jdir = directory / "journal"
+def run_queue(groups, directory: Path | None, fsync: str, batch: int) -> tuple[float, int]:
+    """Seconds for put + get of every group through a journaled queue (in memory when `directory`
+    is None), and the bytes it wrote."""
+    jdir = None if directory is None else directory / "journal"
     q = ReplayQueue(
         "bounded",
         max_staleness=1000,
@@ -57,7 +58,8 @@ def run_queue(groups, directory: Path, fsync: str, batch: int) -> tuple[float, i
     q.close()
     elapsed = time.perf_counter() - start
     written = int(q.metrics()["queue/journal_bytes_written"])
-    shutil.rmtree(jdir)
+    if jdir is not None:
+        shutil.rmtree(jdir)
     return elapsed, written
 
 
@@ -136,6 +138,10 @@ def main() -> int:
                 f"{fsync:>7} {written / tq / 1e6:11.0f} {written / tr / 1e6:9.0f} {tr / tq:6.2f} "
                 f"{rate:9.0f} {rate / (STEP_GROUPS / STEP_SECONDS):10.0f}x"
             )
+        groups = [dataclasses.replace(base[i % len(base)], prompt_id=f"m{i}") for i in range(args.groups)]
+        tm = statistics.median(run_queue(groups, None, "never", args.batch)[0] for _ in range(args.repeats))
+        rate = args.groups / tm
+        print(f"{'no journal (in memory)':>34} {rate:9.0f} {rate / (STEP_GROUPS / STEP_SECONDS):10.0f}x")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
