@@ -220,3 +220,16 @@ def test_global_threshold_is_independent_of_the_micro_batch_split():
         compute_m2_threshold([lp], [blp, blp], [adv], [mask])
     with pytest.raises(ValueError, match="micro-batch 0"):
         compute_m2_threshold(lp, blp[:, :3], adv, mask)
+
+
+def test_threshold_uses_the_losss_arithmetic_for_mixed_dtypes():
+    """fp32 trainer log-probs with fp64 behaviour log-probs: the pre-pass threshold reproduces the loss's mask."""
+    g = torch.Generator().manual_seed(5)
+    lp = (-torch.rand(8, 50, generator=g, dtype=torch.float64) * 3).float()
+    blp = lp.double() - torch.randn(8, 50, generator=g, dtype=torch.float64) * 0.4
+    adv = torch.randn(8, 1, generator=g).expand(8, 50).contiguous()
+    mask = torch.ones(8, 50, dtype=torch.bool)
+    theta = compute_m2_threshold(lp, blp, adv, mask)
+    _, given = get_loss("m2po")(lp, blp, adv, mask, m2_threshold=theta)
+    _, own = get_loss("m2po", scope="per_microbatch")(lp, blp, adv, mask)
+    assert given["loss/masked_fraction"] == own["loss/masked_fraction"] > 0

@@ -127,8 +127,9 @@ def compute_m2_threshold(
                 f"{tuple(blp.shape)}, advantages {tuple(adv.shape)}, response_mask {tuple(mask.shape)} differ"
             )
         mask = mask.bool()
-        log_ratio = torch.where(mask, lp.detach() - blp, 0.0)
-        trust = trust_region_mask(log_ratio, torch.where(mask, adv, 0.0), mask)
+        dtype = torch.promote_types(lp.dtype, torch.float32)  # the loss's arithmetic, so M2 is bit-identical
+        log_ratio = torch.where(mask, lp.detach().to(dtype) - blp.to(dtype), 0.0)
+        trust = trust_region_mask(log_ratio, torch.where(mask, adv.to(dtype), 0.0), mask)
         local.append(_local_m2_stats(quantized_m2(log_ratio), trust, tau))
     return threshold_from_stats(local, tau, process_group)
 
