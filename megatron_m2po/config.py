@@ -2,7 +2,7 @@
 
 Every option is defined exactly once here, with a one-line help string, and read in exactly one place
 (`grep m2_budget` finds its definition and its use). Everything is validated before any process group
-or model is built, so a typo costs a second, not a cluster allocation: errors name the key, the file
+or model is built, so a typo costs seconds, not a cluster allocation: errors name the key, the file
 and the expected value, and an unknown key suggests the closest valid name.
 """
 

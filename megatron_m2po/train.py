@@ -481,7 +481,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spawned_children_skip_this_module() -> None:
+    """Spawned helpers (the reward pool's workers) re-import the main module before running; this one pulls in
+    Megatron and torch (~10 s each on a laptop). They need nothing from it, so point them at the light CLI."""
+    main_module = sys.modules.get("__main__")
+    if getattr(getattr(main_module, "__spec__", None), "name", None) == "megatron_m2po.train":
+        import importlib.util
+
+        main_module.__spec__ = importlib.util.find_spec("megatron_m2po.cli")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _spawned_children_skip_this_module()
     parser = argparse.ArgumentParser(
         prog="python -m megatron_m2po.train",
         description=__doc__,

@@ -1,6 +1,6 @@
 """A reward for end-to-end tests on an untrained tiny model: varied within a group, so advantages are not all 0."""
 
 
-def first_char_parity(response: str, answer: str) -> float:
-    """1.0 when the response's first character has an odd code point (about half of random outputs)."""
-    return float(ord(response[0]) % 2) if response else 0.0
+def odd_char_fraction(response: str, answer: str) -> float:
+    """Fraction of response characters with an odd code point (continuous, so groups are almost never flat)."""
+    return sum(ord(c) % 2 for c in response) / max(1, len(response))
