@@ -71,6 +71,13 @@ def test_seed_reproducible_and_stop_tokens(engine):
     )
     first = a[0].response_ids.index(stop)
     assert c[0].response_ids == a[0].response_ids[: first + 1] and c[0].finish_reason == "stop"
+    # rows that go on after another row stopped decode from the pruned KV cache: still exact
+    for s in c:
+        ref = recompute_logprobs(engine.model, s, 1.0)
+        assert torch.allclose(torch.tensor(s.behavior_logprobs), ref, atol=1e-5, rtol=0)
+    assert (
+        c[1].finish_reason == "length" and len(c[1].response_ids) == 16
+    )  # fixed seed: row 1 never samples `stop`
     assert a[0].finish_reason == "length" or stop in a[0].response_ids
 
 
