@@ -93,14 +93,31 @@ def check_vocab_parallel(rank: int, world: int) -> None:
     torch.testing.assert_close(ent_tp, -(reference.exp() * reference).sum(-1), rtol=1e-12, atol=1e-12)
 
 
+def check_against_megatron_cross_entropy(rank: int, world: int) -> None:
+    """Megatron's own TP cross-entropy (parallel_state's TP group) gives -log p of the same targets."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    g = torch.Generator().manual_seed(11)
+    vocab = 128
+    logits = torch.randn(5, 3, vocab, generator=g) * 4
+    targets = torch.randint(0, vocab, (5, 3), generator=g)
+    shard = logits[..., rank * vocab // world : (rank + 1) * vocab // world].contiguous()
+    ours = vocab_parallel_logprobs(shard, targets, tp_group=parallel_state.get_tensor_model_parallel_group())
+    megatron_nll = tensor_parallel.vocab_parallel_cross_entropy(shard.clone(), targets)
+    torch.testing.assert_close(ours, -megatron_nll, rtol=1e-5, atol=1e-5)
+
+
 if __name__ == "__main__":
+    from megatron_m2po import platform
+
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    platform.init_distributed(tensor_parallel=2)  # gloo on CPU; Megatron's parallel_state with TP=2
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == 2, "run with --nproc-per-node 2"
     check_global_m2(rank, world)
     check_vocab_parallel(rank, world)
+    check_against_megatron_cross_entropy(rank, world)
     dist.barrier()
-    dist.destroy_process_group()
+    platform.destroy_distributed()
     if rank == 0:
         print("algorithms_parallel OK", os.getpid())
