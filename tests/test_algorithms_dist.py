@@ -1,5 +1,6 @@
 """Two gloo processes: the global M2 threshold is the same for DP=1 / DP=2 and any micro-batch split, and
-vocab-parallel log-probs/entropy at TP=2 equal TP=1 and log_softmax of the full logits."""
+vocab-parallel log-probs/entropy at TP=2 equal TP=1, log_softmax of the full logits, and Megatron's
+vocab_parallel_cross_entropy under its parallel_state."""
 
 from __future__ import annotations
 

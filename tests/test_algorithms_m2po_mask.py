@@ -233,3 +233,15 @@ def test_threshold_uses_the_losss_arithmetic_for_mixed_dtypes():
     _, given = get_loss("m2po")(lp, blp, adv, mask, m2_threshold=theta)
     _, own = get_loss("m2po", scope="per_microbatch")(lp, blp, adv, mask)
     assert given["loss/masked_fraction"] == own["loss/masked_fraction"] > 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=clip_batches(), cuts=st.lists(st.integers(0, 4), max_size=3))
+def test_global_threshold_same_for_any_split(data, cuts):
+    """Any partition of the rows into micro-batches (empty ones included) gives the same threshold."""
+    lp, old, adv, mask = data
+    bounds = sorted({0, lp.shape[0], *[min(c, lp.shape[0]) for c in cuts]})
+    parts = [slice(a, b) for a, b in zip(bounds, bounds[1:])] + [slice(0, 0)]
+    whole = compute_m2_threshold(lp, old, adv, mask)
+    split = compute_m2_threshold(*[[t[p] for p in parts] for t in (lp, old, adv, mask)])
+    assert whole == split
