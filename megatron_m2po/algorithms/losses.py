@@ -61,9 +61,8 @@ class TokenLoss:
     per_token: torch.Tensor
     masked: torch.Tensor | None = None
     clipped: torch.Tensor | None = None
-    clipped_keeps_gradient: bool = (
-        False  # truncation (tis, cispo, topr) scales the gradient, clipping zeroes it
-    )
+    # truncation (tis, cispo, topr) scales the gradient; clipping (grpo, m2po_clip, ...) zeroes it
+    clipped_keeps_gradient: bool = False
     extra: dict[str, float | torch.Tensor] = field(default_factory=dict)
 
 
