@@ -190,53 +190,72 @@ def _journal_accounting(run_dir: Path, recipe_overrides: dict) -> tuple[set[str]
         q.close()
 
 
-def test_kill_9_then_resume_loses_and_repeats_nothing(setup):
-    """bounded mode, a background producer; SIGKILL mid-run after a checkpoint; --resume finishes the run."""
+def _start(recipe, run_dir, overrides, log: Path, *, resume: bool) -> subprocess.Popen:
+    return subprocess.Popen(
+        train_cmd(recipe, run_dir, *overrides, resume=resume),
+        env=env(),
+        cwd=REPO,
+        start_new_session=True,
+        stdout=log.open("a"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def _wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, log: Path) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if (run_dir / "consumed.jsonl").exists() and any(r["step"] >= step for r in consumed(run_dir)):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"trainer exited early ({proc.returncode}): {log.read_text()[-4000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"the trainer did not reach step {step}")
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # helper processes (reward workers) of a killed trainer
+    except ProcessLookupError:
+        pass
+
+
+def test_sigterm_and_kill_9_then_resume_lose_and_repeat_nothing(setup):
+    """bounded mode with a background producer: SIGTERM checkpoints and exits; after a resume, SIGKILL mid-run;
+    a second resume finishes. Every accepted group is consumed once or still queued; the step count continues."""
     root, recipe = setup
-    run_dir = root / "killed"
+    run_dir, log = root / "killed", root / "killed.log"
     overrides = [
         "staleness.mode=bounded",
         "staleness.fixed_lag_steps=0",
         "staleness.max_staleness=2",
-        "train.steps=5",
+        "train.steps=6",
         "checkpoint.save_every=2",
     ]
-    log = (root / "killed.log").open("w")
-    proc = subprocess.Popen(
-        train_cmd(recipe, run_dir, *overrides),
-        env=env(),
-        cwd=REPO,
-        start_new_session=True,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    proc = _start(recipe, run_dir, overrides, log, resume=False)
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            if (run_dir / "consumed.jsonl").exists() and any(r["step"] >= 3 for r in consumed(run_dir)):
-                break
-            if proc.poll() is not None:
-                pytest.fail(
-                    f"trainer exited early ({proc.returncode}): {(root / 'killed.log').read_text()[-4000:]}"
-                )
-            time.sleep(0.2)
-        else:
-            pytest.fail("the trainer did not reach step 3")
+        _wait_for_step(proc, run_dir, 1, log)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0, log.read_text()[-4000:]
+    finally:
+        _reap(proc)
+    stopped_at = max(r["step"] for r in consumed(run_dir))
+    assert stopped_at < 6
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:08d}"
+
+    proc = _start(recipe, run_dir, overrides, log, resume=True)
+    try:
+        _wait_for_step(proc, run_dir, min(stopped_at + 2, 5), log)
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # reward workers of the killed trainer
-        except ProcessLookupError:
-            pass
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+        _reap(proc)
     run_train(recipe, run_dir, *overrides, resume=True)
 
     records = consumed(run_dir)
     assert [r["step"] for r in records] == [
-        s for s in range(1, 6) for _ in range(2)
+        s for s in range(1, 7) for _ in range(2)
     ]  # the step count continued
-    assert [r["version"] for r in records] == list(range(10))
+    assert [r["version"] for r in records] == list(range(12))
     ids = [pid for r in records for pid, _ in r["groups"]]
     assert len(ids) == len(set(ids)), "a group was consumed twice"
     for r in records:
@@ -246,7 +265,7 @@ def test_kill_9_then_resume_loses_and_repeats_nothing(setup):
     )
     assert set(ids).isdisjoint(queued)
     assert accepted == set(ids) | set(queued), "an accepted group was lost"
-    assert_metrics_logged(run_dir, 5)
+    assert_metrics_logged(run_dir, 6)
 
 
 @pytest.mark.dist
