@@ -43,6 +43,36 @@ def test_hf_megatron_hf_round_trip_is_bitwise(tmp_path, arch):
     assert load_hf_config(tmp_path / "megatron").architectures == load_hf_config(hf_dir).architectures
 
 
+def test_raw_dist_checkpoint_converts_with_hf_config_dir(tmp_path):
+    """A training run's checkpoint (a plain dist checkpoint of {"model": ..., ...}) exports to HF too."""
+    from megatron_m2po.checkpoint import model_sharded_state_dict, save_sharded
+
+    hf_dir = make_tiny_model("llama", tmp_path / "hf", seed=2)
+    platform.init_distributed()
+    model = load_policy(hf_dir)
+    save_sharded({"model": model_sharded_state_dict(model), "step": 7}, tmp_path / "run" / "dist")
+    with pytest.raises(ValueError, match="--hf-config-dir"):
+        convert_megatron_to_hf(tmp_path / "run" / "dist", tmp_path / "x")
+    convert_megatron_to_hf(tmp_path / "run" / "dist", tmp_path / "back", hf_config_dir=hf_dir)
+    with HFSafetensorsReader(hf_dir) as a, HFSafetensorsReader(tmp_path / "back") as b:
+        assert sorted(a.names()) == sorted(b.names())
+        assert all(torch.equal(a.read(n), b.read(n)) for n in a.names())
+
+
+def test_bf16_round_trip_is_bitwise(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    hf_dir = make_tiny_model("qwen2", tmp_path / "hf", seed=4)
+    tensors = {k: v.to(torch.bfloat16) for k, v in load_file(hf_dir / "model.safetensors").items()}
+    save_file(tensors, hf_dir / "model.safetensors", metadata={"format": "pt"})
+    convert_hf_to_megatron(hf_dir, tmp_path / "m", tensor_parallel=2)
+    convert_megatron_to_hf(tmp_path / "m", tmp_path / "back")
+    back = load_file(tmp_path / "back" / "model.safetensors")
+    assert sorted(back) == sorted(tensors)
+    for name, tensor in tensors.items():
+        assert back[name].dtype == torch.bfloat16 and torch.equal(back[name], tensor), name
+
+
 def _tool(name: str):
     """Import a tools/ script as a module, so its `main(argv)` runs in-process (no interpreter start-up)."""
     spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
@@ -167,5 +197,5 @@ def test_missing_tensor(tmp_path):
 
 def test_not_a_megatron_checkpoint(tmp_path):
     hf_dir = make_tiny_model("qwen3", tmp_path / "m")
-    with pytest.raises(FileNotFoundError, match="m2po_checkpoint.json"):
+    with pytest.raises(FileNotFoundError, match="neither a megatron_m2po checkpoint"):
         convert_megatron_to_hf(hf_dir, tmp_path / "out")

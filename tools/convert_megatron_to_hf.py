@@ -1,6 +1,7 @@
-"""Convert a Megatron checkpoint dir (from convert_hf_to_megatron.py or a training run) into an HF model dir.
+"""Convert a Megatron checkpoint (from convert_hf_to_megatron.py or a training run) into an HF model dir.
 
     python tools/convert_megatron_to_hf.py --megatron-dir DIR --out DIR [--max-shard-size-gb 2]
+    python tools/convert_megatron_to_hf.py --megatron-dir RUN/checkpoints/step_N/dist --hf-config-dir HF_DIR --out DIR
 
 Writes sharded safetensors (+ model.safetensors.index.json), config.json and the tokenizer files.
 """
@@ -20,6 +21,11 @@ def main(argv: list[str] | None = None) -> int:
         "--megatron-dir", required=True, help="Megatron checkpoint dir (has m2po_checkpoint.json)"
     )
     parser.add_argument("--out", required=True, help="output HF model dir")
+    parser.add_argument(
+        "--hf-config-dir",
+        default=None,
+        help="config.json + tokenizer source; needed for a raw dist checkpoint (a training run's checkpoints/step_N/dist)",
+    )
     parser.add_argument("--max-shard-size-gb", type=float, default=2.0, help="safetensors shard size limit")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

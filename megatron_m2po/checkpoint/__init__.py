@@ -1,5 +1,6 @@
 """HF <-> Megatron weights: mapping tables, live-model gathering, converters, Megatron checkpoints."""
 
+from megatron_m2po.checkpoint.convert import convert_hf_to_megatron, convert_megatron_to_hf, export_hf_dir
 from megatron_m2po.checkpoint.gather import iter_hf_tensors
 from megatron_m2po.checkpoint.megatron_ckpt import (
     is_megatron_checkpoint,
@@ -11,6 +12,9 @@ from megatron_m2po.checkpoint.megatron_ckpt import (
 )
 
 __all__ = [
+    "convert_hf_to_megatron",
+    "convert_megatron_to_hf",
+    "export_hf_dir",
     "is_megatron_checkpoint",
     "iter_hf_tensors",
     "load_model_checkpoint",

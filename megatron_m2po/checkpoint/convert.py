@@ -136,16 +136,38 @@ def convert_hf_to_megatron(
     return out
 
 
-def iter_checkpoint_hf_tensors(megatron_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF-named full tensors of a Megatron checkpoint dir, reading one decoder layer at a time."""
+def resolve_checkpoint(
+    megatron_dir: str | Path, hf_config_dir: str | Path | None = None
+) -> tuple[Path, Path]:
+    """(dist-checkpoint dir, dir with config.json + tokenizer) for a converter dir or a raw dist checkpoint.
+
+    A converter dir (m2po_checkpoint.json) carries its own config; a raw `megatron.core.dist_checkpointing`
+    dir (e.g. a training checkpoint's `dist/`) needs `hf_config_dir` for the config and tokenizer.
+    """
     megatron_dir = Path(megatron_dir)
-    if not is_megatron_checkpoint(megatron_dir):
-        raise FileNotFoundError(
-            f"{megatron_dir}: no {MARKER_FILE} (not a checkpoint written by megatron_m2po)"
-        )
-    hf_config = load_hf_config(megatron_dir, tensor_parallel=1)
+    if is_megatron_checkpoint(megatron_dir):
+        return megatron_dir / MODEL_SUBDIR, Path(
+            hf_config_dir
+        ) if hf_config_dir else megatron_dir / MEGATRON_HF_SUBDIR
+    if (megatron_dir / "metadata.json").exists():
+        if hf_config_dir is None:
+            raise ValueError(
+                f"{megatron_dir}: a raw dist checkpoint has no HF config; pass the model's HF dir (--hf-config-dir)"
+            )
+        return megatron_dir, Path(hf_config_dir)
+    raise FileNotFoundError(
+        f"{megatron_dir}: neither a megatron_m2po checkpoint ({MARKER_FILE}) nor a dist checkpoint (metadata.json)"
+    )
+
+
+def iter_checkpoint_hf_tensors(
+    megatron_dir: str | Path, hf_config_dir: str | Path | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named full tensors of a Megatron checkpoint, reading one decoder layer at a time."""
+    ckpt_dir, config_dir = resolve_checkpoint(megatron_dir, hf_config_dir)
+    hf_config = load_hf_config(config_dir, tensor_parallel=1)
     _ensure_single_process_group()
-    ckpt = str(megatron_dir / MODEL_SUBDIR)
+    ckpt = str(ckpt_dir)
     metadata = dist_checkpointing.load_tensors_metadata(ckpt)
     layout = Layout.from_hf_config(hf_config)
     n_layers = hf_config.num_hidden_layers
@@ -165,7 +187,8 @@ def iter_checkpoint_hf_tensors(megatron_dir: str | Path) -> Iterator[tuple[str, 
                 buf = torch.empty((1, *meta.global_shape[1:]), dtype=meta.dtype)
                 request[key] = ShardedTensor.from_rank_offsets(key, buf, (0, layer, n_layers), replica_id=0)
         loaded = dist_checkpointing.load(request, ckpt, validate_access_integrity=False)
-        return {key: tensor[0] if layer is not None else tensor for key, tensor in loaded.items()}
+        # the result also carries the checkpoint's common (non-tensor) state: keep only what was asked for
+        return {key: loaded[key][0] if layer is not None else loaded[key] for key in request}
 
     globals_ = global_rules(hf_config)
     loaded = load([globals_[0]], None)
@@ -186,16 +209,49 @@ def iter_checkpoint_hf_tensors(megatron_dir: str | Path) -> Iterator[tuple[str, 
 
 
 def convert_megatron_to_hf(
-    megatron_dir: str | Path, out_dir: str | Path, *, max_shard_bytes: int = 2 * 1024**3
+    megatron_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    max_shard_bytes: int = 2 * 1024**3,
+    hf_config_dir: str | Path | None = None,
 ) -> Path:
-    """Write HF safetensors shards (+ index), config and tokenizer from a Megatron checkpoint dir."""
-    megatron_dir, out = Path(megatron_dir), Path(out_dir)
+    """Write HF safetensors shards (+ index), config and tokenizer from a Megatron checkpoint."""
+    out = Path(out_dir)
+    _, config_dir = resolve_checkpoint(megatron_dir, hf_config_dir)
     write_sharded_safetensors(
-        iter_checkpoint_hf_tensors(megatron_dir),
+        iter_checkpoint_hf_tensors(megatron_dir, hf_config_dir),
         out,
         max_shard_bytes=max_shard_bytes,
         release_memory=_release_freed_memory,
     )
-    copy_non_weight_files(megatron_dir / MEGATRON_HF_SUBDIR, out)
+    copy_non_weight_files(config_dir, out)
     logger.info("wrote HF model %s", out)
+    return out
+
+
+def export_hf_dir(
+    model, hf_config, out_dir: str | Path, *, source_dir: str | Path, max_shard_bytes: int = 2 * 1024**3
+) -> Path:
+    """Collective: write the live (TP/PP-sharded) model as an HF dir; global rank 0 writes.
+
+    `source_dir` is where config.json and the tokenizer come from (the HF dir or a converter dir the run
+    started from).
+    """
+    from megatron_m2po.checkpoint.gather import iter_hf_tensors
+    from megatron_m2po.models.hf_config import hf_config_dir
+
+    out = Path(out_dir)
+    tensors = iter_hf_tensors(model, hf_config)
+    if torch.distributed.get_rank() == 0:
+        write_sharded_safetensors(
+            ((name, tensor.detach().cpu()) for name, tensor in tensors),
+            out,
+            max_shard_bytes=max_shard_bytes,
+            release_memory=_release_freed_memory,
+        )
+        copy_non_weight_files(hf_config_dir(source_dir), out)
+    else:
+        for _ in tensors:  # stay in lockstep with the gathers
+            pass
+    torch.distributed.barrier()
     return out

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from megatron_m2po import platform
-from megatron_m2po.checkpoint import iter_hf_tensors
+from megatron_m2po.checkpoint import export_hf_dir, iter_hf_tensors
 from megatron_m2po.checkpoint.hf_io import HFSafetensorsReader
 from megatron_m2po.models import forward_logits, load_hf_config, load_policy
 
@@ -127,10 +127,12 @@ def run_pipeline(model, ids, weights):
     return out
 
 
-def compute(path: Path, tp: int, pp: int, ids, weights):
+def compute(path: Path, tp: int, pp: int, ids, weights, export_to: Path | None = None):
     platform.init_distributed(tensor_parallel=tp, pipeline_parallel=pp)
     hf_config = load_hf_config(path)
     model = load_policy(path)
+    if export_to is not None:
+        export_hf_dir(model, hf_config, export_to, source_dir=path, max_shard_bytes=64 * 1024)
     logits = run_pipeline(model, ids, weights) if pp > 1 else run_single_stage(model, ids, weights)
     finalize_grads(model)
     grads = hf_named_grads(model, hf_config)
@@ -152,7 +154,8 @@ def main(mode: str, workdir: Path) -> None:
         ids, weights = inputs_and_weights(vocab)
         ref_logits, ref_grads, _ = compute(hf_dir, 1, 1, ids, weights)
         logits, grads, _ = compute(hf_dir, tp, pp, ids, weights)
-        _, _, from_megatron = compute(megatron_dir, tp, pp, ids, weights)
+        exported = workdir / f"{arch}-{mode}-export"
+        _, _, from_megatron = compute(megatron_dir, tp, pp, ids, weights, export_to=exported)
         assert rel_diff(logits, ref_logits) <= 1e-5, (arch, mode, "logits", rel_diff(logits, ref_logits))
         if rank == 0:
             assert sorted(grads) == sorted(ref_grads), (arch, sorted(set(grads) ^ set(ref_grads)))
@@ -163,6 +166,16 @@ def main(mode: str, workdir: Path) -> None:
                 assert sorted(from_megatron) == sorted(reader.names()), (arch, "names")
                 for name, tensor in from_megatron.items():
                     assert torch.equal(tensor, reader.read(name)), (arch, mode, name, "not bitwise equal")
+            with HFSafetensorsReader(hf_dir) as reader, HFSafetensorsReader(exported) as export:
+                assert sorted(export.names()) == sorted(reader.names()), (arch, "exported names")
+                for name in reader.names():
+                    assert torch.equal(export.read(name), reader.read(name)), (
+                        arch,
+                        mode,
+                        name,
+                        "export differs",
+                    )
+            assert (exported / "tokenizer.json").exists() and (exported / "config.json").exists()
         print(f"{arch} {mode}: logits, {len(grads)} gradients and weights match", flush=True)
     platform.destroy_distributed()
 
