@@ -71,8 +71,29 @@ def summarize(correct: Sequence[Sequence[bool]], ks: Sequence[int]) -> dict[str,
 # ------------------------------------------------------------------------------------------ engines
 
 
-def resolve_hf_dir(checkpoint: str | Path, scratch: str | Path) -> Path:
-    """The HF model dir to serve: `checkpoint` itself, or a Megatron checkpoint converted into `scratch`."""
+def _training_run_model(ckpt: Path) -> Path | None:
+    """The HF dir a training run started from (its `config.yaml`'s model.path), for RUN/checkpoints/step_N."""
+    import yaml
+
+    from megatron_m2po.models.hf_config import hf_config_dir
+
+    for run_dir in (ckpt.parent.parent, ckpt.parent.parent.parent):
+        config = run_dir / "config.yaml"
+        if config.is_file():
+            model_path = (yaml.safe_load(config.read_text()) or {}).get("model", {}).get("path")
+            return hf_config_dir(model_path) if model_path else None
+    return None
+
+
+def resolve_hf_dir(
+    checkpoint: str | Path, scratch: str | Path, hf_config_dir: str | Path | None = None
+) -> Path:
+    """The HF model dir to serve: `checkpoint` itself, or a Megatron checkpoint converted into `scratch`.
+
+    Megatron checkpoints: a converter dir (`m2po_checkpoint.json`), or a training checkpoint
+    `RUN/checkpoints/step_N` (or its `dist/`), whose config and tokenizer come from `hf_config_dir`,
+    else from the HF model the run started from (RUN/config.yaml).
+    """
     from megatron_m2po.checkpoint.megatron_ckpt import is_megatron_checkpoint
 
     path = Path(checkpoint)
@@ -80,11 +101,17 @@ def resolve_hf_dir(checkpoint: str | Path, scratch: str | Path) -> Path:
         raise FileNotFoundError(
             f"checkpoint {path} is not a directory (an HF model dir or a Megatron checkpoint)"
         )
-    if is_megatron_checkpoint(path):
+    dist = path / "dist" if (path / "dist" / "metadata.json").is_file() else path
+    if is_megatron_checkpoint(path) or (dist / "metadata.json").is_file():
         from megatron_m2po.checkpoint.convert import convert_megatron_to_hf
 
+        source = None if is_megatron_checkpoint(path) else (hf_config_dir or _training_run_model(dist))
+        if not is_megatron_checkpoint(path) and source is None:
+            raise FileNotFoundError(
+                f"checkpoint {path}: a raw Megatron dist checkpoint needs --hf-config-dir (config.json + tokenizer)"
+            )
         logger.info("converting Megatron checkpoint %s to HF in %s", path, scratch)
-        return convert_megatron_to_hf(path, Path(scratch) / "hf")
+        return convert_megatron_to_hf(dist if source else path, Path(scratch) / "hf", hf_config_dir=source)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"checkpoint {path}: no config.json (HF model dir) and no Megatron checkpoint marker"
@@ -211,6 +238,7 @@ def evaluate(
     reward_timeout: float = 5.0,
     keep_responses: bool = False,
     threads: int | None = None,
+    hf_config_dir: str | Path | None = None,
 ) -> list[FileResult]:
     """Sample every prompt of every file `samples_per_prompt` times and score them; one result per file."""
     from transformers import AutoTokenizer
@@ -223,7 +251,7 @@ def evaluate(
     params = sampling or SamplingParams(max_new_tokens=1024, temperature=0.0)
     results = []
     with tempfile.TemporaryDirectory(prefix="m2po-eval-") as scratch:
-        hf_dir = resolve_hf_dir(checkpoint, scratch)
+        hf_dir = resolve_hf_dir(checkpoint, scratch, hf_config_dir)
         tokenizer = AutoTokenizer.from_pretrained(hf_dir)
         params = SamplingParams(**{**asdict(params), "stop_token_ids": stop_token_ids(tokenizer)})
         farm = build_engine(engine, hf_dir, urls=urls, seed=params.seed or 0, threads=threads)
@@ -334,7 +362,13 @@ def format_table(results: Sequence[FileResult]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="HF model dir or Megatron checkpoint dir")
+    parser.add_argument(
+        "checkpoint",
+        help="HF model dir, Megatron checkpoint dir, or a training checkpoint RUN/checkpoints/step_N",
+    )
+    parser.add_argument(
+        "--hf-config-dir", help="config + tokenizer for a training checkpoint (default: the run's model.path)"
+    )
     parser.add_argument("--data", nargs="+", required=True, help="benchmark files (.jsonl / .parquet)")
     parser.add_argument(
         "--problem-key", help="row field of the problem (default: the file's preset, else 'problem')"
@@ -411,6 +445,7 @@ def run(args: argparse.Namespace) -> int:
         reward_workers=args.reward_workers,
         keep_responses=args.keep_responses,
         threads=args.threads,
+        hf_config_dir=args.hf_config_dir,
     )
     print(format_table(results))
     output = Path(args.output) if args.output else Path(args.checkpoint) / "eval.json"
