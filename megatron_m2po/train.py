@@ -18,6 +18,7 @@ The three staleness modes are the same calls in a different order (docs/training
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
@@ -31,9 +32,11 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_m2po import algorithms, platform
+from megatron_m2po.checkpoint.megatron_ckpt import is_megatron_checkpoint
 from megatron_m2po.config import Config, ConfigError, load_config, validate_parallel
 from megatron_m2po.metrics import MetricsLogger, gpu_peak_flops, mfu
 from megatron_m2po.models import load_hf_config, load_policy
+from megatron_m2po.sync import WeightSync
 from megatron_m2po.trainer import checkpointing
 from megatron_m2po.trainer.batching import (
     TRAINER_LOGPROBS_KEY,
@@ -108,13 +111,15 @@ class Trainer:
             parallel_state.get_tensor_model_parallel_world_size()
             * parallel_state.get_pipeline_model_parallel_world_size()
         )
+        self.weight_sync: WeightSync | None = None  # built on first use (DP replica 0 only)
+        self.weight_sync_metrics: dict[str, float] = {}
+        self.synced_version: int | None = None  # the version the engines hold
         self.num_params = sum(p.numel() for p in self.model.parameters()) * mp  # for the MFU estimate
 
     def _microbatches(self, rows, version: int):
         mine = shard_for_rank(rows, self.dp_rank, self.dp_size)
-        L = max(
-            len(r.tokens) for r in rows
-        )  # one shape for the whole mini-batch on every rank (pipeline p2p)
+        # One shape for the whole mini-batch on every rank (the pipeline's p2p buffers need it).
+        L = max(len(r.tokens) for r in rows)
         return make_microbatches(
             mine,
             self.cfg.train.micro_batch_size,
@@ -224,31 +229,16 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
         torch.set_num_threads(cfg.train.torch_threads)
     platform.init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline, seed=cfg.train.seed)
     validate_parallel(cfg, torch.distributed.get_world_size())
-    run_dir = Path(cfg.logging.run_dir)
-    ckpt_root = run_dir / "checkpoints"
-    is_rank0 = rank() == 0
+    run_dir, is_rank0 = Path(cfg.logging.run_dir), rank() == 0
     if is_rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
-    # ---- model side (every rank) and where the run stands
+    # ---- model side (every rank), and where the run stands
     trainer = Trainer(cfg)
-    progress, saved = Progress(), None
-    ckpt = checkpointing.latest_checkpoint(ckpt_root) if resume else None
-    if ckpt is not None:
-        saved = checkpointing.load_checkpoint(ckpt, trainer.model, trainer.optimizer)
-        trainer.scheduler.load_state_dict(saved["scheduler"])
-        progress = Progress(step=saved["step"], version=saved["version"])
-        logger.info("resumed from %s at step %d (version %d)", ckpt, progress.step, progress.version)
-    elif resume:
-        logger.info("--resume: no checkpoint in %s, starting fresh", ckpt_root)
-    elif checkpointing.list_checkpoints(ckpt_root):
-        raise ConfigError(
-            f"'logging.run_dir': {run_dir} already holds checkpoints of another run; pass --resume to continue "
-            "it, or choose a new run_dir"
-        )
+    progress, saved = restore(trainer, run_dir / "checkpoints", resume)
 
-    # ---- rollout side (rank 0) and metrics
+    # ---- rollout side (rank 0), metrics, signals
     producer = Producer(cfg, trainer, run_dir, saved=saved) if is_rank0 else None
     consumed_log = (
         ConsumedLog(run_dir / "consumed.jsonl", keep_through_step=progress.step) if is_rank0 else None
@@ -262,99 +252,60 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
         enabled=is_rank0,
     )
     stop = _install_sigterm()
-    # The engines loaded the HF weights at version 0; after a resume (or from a Megatron checkpoint) they
-    # must first be given the policy being trained.
-    from megatron_m2po.checkpoint.megatron_ckpt import is_megatron_checkpoint
-
     if progress.version > 0 or is_megatron_checkpoint(cfg.model.path):
-        sync_weights(producer, trainer, progress.version)
-    else:
-        trainer._synced_version = 0
+        sync_weights(producer, trainer, progress.version)  # the engines loaded the HF weights (version 0)
+    trainer.synced_version = progress.version
     if cfg.staleness.mode == "bounded" and is_rank0:
         producer.start(progress.version)
-    peak = gpu_peak_flops()
+    if cfg.eval.every and progress.step == 0:
+        metrics_log.log(0, evaluate(producer, trainer, progress.version), console=False)
+
     u, P, B = cfg.updates_per_step, cfg.train.prompts_per_step, cfg.train.prompts_per_update
     last: dict[str, float] = {}
     try:
         while progress.step < cfg.train.steps:
-            step_start = time.monotonic()
-            timings = {
-                "perf/time_generate": 0.0,
-                "perf/time_wait": 0.0,
-                "perf/time_train": 0.0,
-                "perf/time_sync": 0.0,
-            }
+            clock = StepClock()
+            # ---- the step's data: sync/fixed generate in line (the FIFO of K batches); bounded takes per update
             if cfg.staleness.mode in ("sync", "fixed"):
-                fill_queue(producer, trainer, progress.version, timings)
-                t = time.monotonic()
-                step_batch = broadcast_from_rank0(producer.take(P) if is_rank0 else None)
-                timings["perf/time_wait"] += time.monotonic() - t
-                minibatches = split_minibatches(step_batch, B)
-            else:
-                step_batch, minibatches = [], None
-            step_metrics: list[dict[str, float]] = []
-            stale_hist: list[int] = []
-            train_tokens = 0
+                fill_queue(producer, trainer, progress.version, clock)
+                with clock("perf/time_wait"):
+                    minibatches = split_minibatches(take(producer, P), B)
+            # ---- u optimizer updates
+            results, consumed = [], []
             for j in range(u):
-                if minibatches is not None:
+                if cfg.staleness.mode == "bounded":
+                    with clock("perf/time_wait"):
+                        groups = take(producer, B)
+                else:
                     groups = minibatches[j]
-                else:  # bounded: each update takes its mini-batch when it runs, so staleness is measured then
-                    t = time.monotonic()
-                    groups = broadcast_from_rank0(producer.take(B) if is_rank0 else None)
-                    timings["perf/time_wait"] += time.monotonic() - t
-                    step_batch.extend(groups)
-                _, stale = rollout_metrics(groups, progress.version)
-                stale_hist += stale
+                consumed.append((progress.version, groups))
                 if consumed_log is not None:
                     consumed_log.append(progress.step + 1, progress.version, groups)
-                t = time.monotonic()
-                step_metrics.append(trainer.update(groups, progress.version))
-                timings["perf/time_train"] += time.monotonic() - t
-                train_tokens += sum(g.num_tokens for g in groups)
+                with clock("perf/time_train"):
+                    results.append(trainer.update(groups, progress.version))
                 progress.version += 1
-                if is_rank0:
+                if producer is not None:
                     producer.publish_version(progress.version)
                 if cfg.staleness.mode == "bounded" and progress.version % cfg.rollout.sync_every == 0:
-                    t = time.monotonic()
-                    sync_weights(producer, trainer, progress.version)
-                    timings["perf/time_sync"] += time.monotonic() - t
+                    with clock("perf/time_sync"):
+                        sync_weights(producer, trainer, progress.version)
             progress.step += 1
 
-            # ---- metrics
-            scalars = _mean_metrics(step_metrics)
-            scalars = merge_metrics_to_rank0(scalars)
+            # ---- metrics, evaluation, checkpoint
+            scalars = merge_metrics_to_rank0(_mean_metrics(results))
+            if cfg.eval.every and (progress.step % cfg.eval.every == 0 or progress.step == cfg.train.steps):
+                scalars.update(evaluate(producer, trainer, progress.version))
             if is_rank0:
-                scalars.update(producer.metrics())
-                roll, _ = rollout_metrics(step_batch, progress.version - u)
-                scalars.update(roll)
-                scalars["train/staleness_mean"] = sum(stale_hist) / max(1, len(stale_hist))
-                scalars["train/staleness_max"] = float(max(stale_hist, default=0))
-                scalars.update(getattr(getattr(trainer, "_weight_sync", None), "last", {}))
-                scalars.update(timings)
-                step_time = time.monotonic() - step_start
-                scalars["perf/time_step"] = step_time
-                scalars["perf/train_tokens_per_s"] = train_tokens / max(timings["perf/time_train"], 1e-9)
-                m = mfu(
-                    trainer.num_params,
-                    scalars["perf/train_tokens_per_s"],
-                    torch.distributed.get_world_size(),
-                    peak,
-                )
-                if m is not None:
-                    scalars["perf/mfu"] = m
-                scalars["train/step"] = float(progress.step)
-                scalars["train/version"] = float(progress.version)
+                scalars.update(step_scalars(producer, trainer, consumed, clock))
                 if cfg.logging.histograms:
-                    metrics_log.histogram(progress.step, "train/staleness", stale_hist)
+                    metrics_log.histogram(progress.step, "train/staleness", staleness_of(consumed))
                 metrics_log.log(progress.step, scalars)
                 last = scalars
-
-            # ---- checkpoint
             stop_now = broadcast_from_rank0(stop["stop"])
             due = cfg.checkpoint.save_every and progress.step % cfg.checkpoint.save_every == 0
             final = progress.step == cfg.train.steps and cfg.checkpoint.save_at_end
             if due or final or stop_now:
-                save(ckpt_root, progress, trainer, producer)
+                save(run_dir / "checkpoints", progress, trainer, producer)
             if stop_now:
                 break
         if cfg.checkpoint.export_hf_at_end and progress.step == cfg.train.steps:
@@ -364,6 +315,86 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
             producer.close()
         metrics_log.close()
     return last
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def restore(trainer: Trainer, ckpt_root: Path, resume: bool) -> tuple[Progress, dict | None]:
+    """With `resume`, load the newest checkpoint into the trainer; return the progress and the saved state."""
+    ckpt = checkpointing.latest_checkpoint(ckpt_root) if resume else None
+    if ckpt is None:
+        if resume:
+            logger.info("--resume: no checkpoint in %s, starting fresh", ckpt_root)
+        elif checkpointing.list_checkpoints(ckpt_root):
+            raise ConfigError(
+                f"'logging.run_dir': {ckpt_root.parent} already holds checkpoints of another run; pass --resume "
+                "to continue it, or choose a new run_dir"
+            )
+        return Progress(), None
+    saved = checkpointing.load_checkpoint(ckpt, trainer.model, trainer.optimizer)
+    trainer.scheduler.load_state_dict(saved["scheduler"])
+    progress = Progress(step=saved["step"], version=saved["version"])
+    logger.info("resumed from %s at step %d (version %d)", ckpt, progress.step, progress.version)
+    return progress, saved
+
+
+class StepClock:
+    """Wall time per phase of a step (`perf/time_*`), and of the whole step."""
+
+    PHASES = ("perf/time_generate", "perf/time_wait", "perf/time_train", "perf/time_sync")
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        t = time.monotonic()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.monotonic() - t
+
+    def scalars(self) -> dict[str, float]:
+        return {**self.seconds, "perf/time_step": time.monotonic() - self.start}
+
+
+def take(producer: Producer | None, num_groups: int) -> list[Group]:
+    """The next `num_groups` groups of rank 0's queue, on every rank."""
+    return broadcast_from_rank0(producer.take(num_groups) if producer is not None else None)
+
+
+def staleness_of(consumed: list[tuple[int, list[Group]]]) -> list[int]:
+    """Per group: the version that consumed it - the oldest version that produced any of its tokens."""
+    return [version - g.min_version for version, groups in consumed for g in groups]
+
+
+def step_scalars(producer: Producer, trainer: Trainer, consumed, clock: StepClock) -> dict[str, float]:
+    """Rank 0's `rollout/ queue/ train/ perf/` scalars of the step just done."""
+    groups = [g for _, batch in consumed for g in batch]
+    out = dict(producer.metrics())
+    out.update(rollout_metrics(groups, consumed[0][0])[0])
+    stale = staleness_of(consumed)
+    out["train/staleness_mean"] = sum(stale) / max(1, len(stale))
+    out["train/staleness_max"] = float(max(stale, default=0))
+    out["train/version"] = float(consumed[-1][0] + 1)
+    out.update(trainer.weight_sync_metrics)
+    out.update(clock.scalars())
+    out["perf/train_tokens_per_s"] = sum(g.num_tokens for g in groups) / max(
+        clock.seconds["perf/time_train"], 1e-9
+    )
+    gpus = torch.distributed.get_world_size()
+    utilisation = mfu(trainer.num_params, out["perf/train_tokens_per_s"], gpus, gpu_peak_flops())
+    if utilisation is not None:
+        out["perf/mfu"] = utilisation
+    return out
+
+
+def evaluate(producer: Producer | None, trainer: Trainer, version: int) -> dict[str, float]:
+    """Held-out accuracy through the engines (rank 0), after giving them the current weights (collective)."""
+    sync_weights(producer, trainer, version)
+    return producer.evaluate(version) if producer is not None else {}
 
 
 class ConsumedLog:
@@ -395,7 +426,7 @@ def _mean_metrics(per_update: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def fill_queue(producer: Producer | None, trainer: Trainer, version: int, timings: dict[str, float]) -> None:
+def fill_queue(producer: Producer | None, trainer: Trainer, version: int, clock: StepClock) -> None:
     """sync/fixed: generate with the current weights until the queue holds (K + 1) step batches.
 
     The first call fills the FIFO with K + 1 batches of the base model; later calls add one batch per
@@ -408,29 +439,26 @@ def fill_queue(producer: Producer | None, trainer: Trainer, version: int, timing
         need = broadcast_from_rank0(min(P, target - producer.depth()) if producer is not None else None)
         if need <= 0:
             return
-        t = time.monotonic()
-        sync_weights(producer, trainer, version)  # the engines must generate with the current weights
-        timings["perf/time_sync"] += time.monotonic() - t
-        t = time.monotonic()
-        groups = producer.generate(need, version) if producer is not None else None
-        if cfg.rollout.behavior_logprobs == "trainer":
-            trainer.recompute_behavior_logprobs(groups)
-        if producer is not None:
-            producer.put(groups)
-        timings["perf/time_generate"] += time.monotonic() - t
+        with clock("perf/time_sync"):
+            sync_weights(producer, trainer, version)  # the engines must generate with the current weights
+        with clock("perf/time_generate"):
+            groups = producer.generate(need, version) if producer is not None else None
+            if cfg.rollout.behavior_logprobs == "trainer":
+                trainer.recompute_behavior_logprobs(groups)
+            if producer is not None:
+                producer.put(groups)
 
 
 def sync_weights(producer: Producer | None, trainer: Trainer, version: int) -> None:
-    """Push the policy to the engines (collective over rank 0's model-parallel group); no-op if they have it."""
-    if parallel_state.get_data_parallel_rank() != 0 or getattr(trainer, "_synced_version", None) == version:
+    """Push the policy to the engines: collective over DP replica 0's ranks; a no-op if they hold `version`."""
+    if parallel_state.get_data_parallel_rank() != 0 or trainer.synced_version == version:
         return
-    from megatron_m2po.sync import WeightSync
-
-    if not hasattr(trainer, "_weight_sync"):
-        engines = producer.farm if producer is not None else None
-        trainer._weight_sync = WeightSync(trainer.model, trainer.hf_config, engines)
-    trainer._weight_sync.push(version)
-    trainer._synced_version = version
+    if trainer.weight_sync is None:
+        trainer.weight_sync = WeightSync(
+            trainer.model, trainer.hf_config, producer.farm if producer else None
+        )
+    trainer.weight_sync_metrics = trainer.weight_sync.push(version)
+    trainer.synced_version = version
 
 
 def save(ckpt_root: Path, progress: Progress, trainer: Trainer, producer: Producer | None) -> None:
@@ -450,7 +478,7 @@ def save(ckpt_root: Path, progress: Progress, trainer: Trainer, producer: Produc
 
 def export_hf(trainer: Trainer, out_dir: Path, source_dir: str) -> None:
     """The trained policy as an HF model dir, with the foundation's mapping (collective)."""
-    from megatron_m2po.checkpoint import export_hf_dir
+    from megatron_m2po.checkpoint.convert import export_hf_dir
 
     export_hf_dir(trainer.model, trainer.hf_config, out_dir, source_dir=source_dir)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,42 @@ class Producer:
         self._gen_tokens, self._gen_seconds = 0, 0.0
         out["queue/dropped_groups"] = out.get("queue/dropped", 0.0)
         return out
+
+    def evaluate(self, version: int) -> dict[str, float]:
+        """`eval/` metrics: the engines (holding `version`) answer the held-out prompts; accuracy = avg@k."""
+        import asyncio
+
+        from megatron_m2po.evaluation import FULL_REWARD, FileSpec, generate_all, open_dataset
+
+        e = self.cfg.eval
+        spec = FileSpec(Path(e.path), problem_key=e.problem_key, answer_key=e.answer_key)
+        _, prompts = open_dataset(
+            spec,
+            self.tokenizer,
+            template=self.cfg.data.template,
+            apply_chat_template=self.cfg.data.apply_chat_template,
+            max_prompts=e.max_prompts,
+        )
+        params = replace(self.manager.sampling, temperature=e.temperature, top_p=1.0, top_k=-1)
+        n = e.samples_per_prompt
+
+        async def run() -> tuple[list, list[float]]:
+            groups = await generate_all(self.farm, prompts, n, params, concurrency=8)
+            texts = [s.response_text for g in groups for s in g]
+            return groups, await self.rewards.score_async(
+                texts, [p.answer for p in prompts for _ in range(n)]
+            )
+
+        t = time.monotonic()
+        groups, scores = asyncio.run_coroutine_threadsafe(run(), self.farm.loop).result()
+        lengths = [len(s.response_ids) for g in groups for s in g]
+        return {
+            "eval/accuracy": sum(score >= FULL_REWARD for score in scores) / max(1, len(scores)),
+            "eval/reward_mean": sum(scores) / max(1, len(scores)),
+            "eval/response_length_mean": sum(lengths) / max(1, len(lengths)),
+            "eval/seconds": time.monotonic() - t,
+            "eval/version": float(version),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         """Data position + queue commit point (call right before saving the checkpoint)."""
