@@ -25,7 +25,16 @@ def recompute(model, s, temperature):
 
 def test_vllm_logprobs_and_weight_update(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    hf_dir = make_tiny_model("qwen3", tmp_path / "m", seed=5)
+    # vLLM's CPU attention kernels need head_dim >= 32 (16, the tiny default, is rejected)
+    hf_dir = make_tiny_model(
+        "qwen3",
+        tmp_path / "m",
+        seed=5,
+        hidden_size=128,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+    )
     engine = VLLMEngine(hf_dir, dtype="float32", gpu_memory_utilization=0.2)
     reference = LocalEngine(hf_dir)
     params = SamplingParams(max_new_tokens=12, temperature=0.8, seed=3)

@@ -199,12 +199,18 @@ class VLLMEngine(Engine):
 
     async def update_weights_bucket(self, named_tensors: NamedTensors) -> None:
         self._require_inproc("a weight update")
-        bucket = [(name, t.detach().cpu()) for name, t in named_tensors]
+        from safetensors.torch import save
+
+        payload = save({name: t.detach().cpu().contiguous() for name, t in named_tensors})
         await asyncio.get_running_loop().run_in_executor(
-            self._executor, lambda: self.llm.collective_rpc("load_hf_tensors", args=(bucket,))
+            self._executor, lambda: self.llm.collective_rpc("stage_hf_tensors", args=(payload,))
         )
 
     async def finish_weight_update(self, version: int) -> None:
+        if self.llm is not None:
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, lambda: self.llm.collective_rpc("apply_staged_weights")
+            )
         self._version = version
 
     async def update_weights_from_disk(self, hf_dir: str, version: int) -> None:
