@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 
 import pytest
 import torch
@@ -35,11 +36,12 @@ def trainer_logprobs(model, samples) -> list[torch.Tensor]:
     """The trainer's recompute: one right-padded batch through Megatron, log-probs at temperature T."""
     seqs = [s.prompt_ids + s.response_ids for s in samples]
     width = max(map(len, seqs))
-    ids = torch.tensor([q + [0] * (width - len(q)) for q in seqs])
+    device = next(model.parameters()).device
+    ids = torch.tensor([q + [0] * (width - len(q)) for q in seqs], device=device)
     with torch.no_grad():
         logits = forward_logits(model, ids).float()
     targets = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], 1)
-    lp = vocab_parallel_logprobs(logits, targets, temperature=T)
+    lp = vocab_parallel_logprobs(logits, targets, temperature=T).cpu()
     out = []
     for row, s in enumerate(samples):
         p = len(s.prompt_ids)
@@ -166,3 +168,54 @@ def test_distributed_transport_to_engine_process(policy, tmp_path):
     assert metrics["sync/buckets"] > 1 and engine.version == 2
     assert all(s.versions == [2] * len(s.response_ids) for s in out)
     assert max_diff(out, trainer_logprobs(model, out)) <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    importlib.util.find_spec("sglang") is None or torch.cuda.device_count() < 2,
+    reason="needs sglang and 2 GPUs (NCCL allows one rank per GPU: trainer on cuda:0, server on cuda:1)",
+)
+def test_nccl_transport_to_real_sglang_server(tmp_path):
+    """GPU path: the trainer (cuda:0) broadcasts to a real SGLang server (cuda:1) over NCCL."""
+    from megatron_m2po.rollout.engines.sglang_launcher import EngineLauncher, free_port
+    from megatron_m2po.sync.broadcast import DistributedWeightBroadcaster
+
+    hf_dir = make_tiny_model(
+        "qwen3",
+        tmp_path / "m",
+        seed=6,
+        hidden_size=128,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=64,
+    )
+    init_distributed()
+    try:
+        model = load_policy(hf_dir, dtype=torch.float32)
+        hf_config = load_hf_config(hf_dir)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        with EngineLauncher(
+            hf_dir,
+            servers=1,
+            gpu_ids=[1],
+            log_dir=tmp_path,
+            extra_args=["--dtype", "float32", "--mem-fraction-static", "0.3"],
+        ) as launcher:
+            (engine,) = launcher.engines()
+            broadcaster = DistributedWeightBroadcaster(
+                [engine], master_address="127.0.0.1", master_port=free_port(), backend="nccl", device="cuda:0"
+            )
+            sync = WeightSync(model, hf_config, [engine], transport="distributed", broadcaster=broadcaster)
+            broadcaster.connect(sync.loop)
+            sync.push(version=1)
+            params = SamplingParams(max_new_tokens=12, temperature=T)
+            out = asyncio.run_coroutine_threadsafe(
+                engine.generate("q", PROMPTS[0], 2, params), sync.loop
+            ).result()
+            asyncio.run_coroutine_threadsafe(engine.close(), sync.loop).result()
+            sync.close()
+        assert max_diff(out, trainer_logprobs(model, out)) <= 2e-3
+    finally:
+        destroy_distributed()
