@@ -17,9 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,8 +63,8 @@ logging: {{console: none}}
     return recipe
 
 
-def run_mode(recipe: Path, run_dir: Path, mode: str, args) -> dict[str, float]:
-    overrides = [f"logging.run_dir={run_dir}", f"staleness.mode={mode}"]
+def run_mode(recipe: Path, run_dir: Path, mode: str, args, engine_overrides: list[str]) -> dict[str, float]:
+    overrides = [f"logging.run_dir={run_dir}", f"staleness.mode={mode}", *engine_overrides]
     if mode == "bounded":
         overrides += [
             f"staleness.max_staleness={2 * args.updates_per_step}",
@@ -70,7 +72,10 @@ def run_mode(recipe: Path, run_dir: Path, mode: str, args) -> dict[str, float]:
         ]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "megatron_m2po.train", "--config", str(recipe), *overrides]
+    t0 = time.monotonic()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         sys.exit(f"{mode} run failed:\n{proc.stderr[-4000:]}")
     s = read_scalars(run_dir)
@@ -86,6 +91,43 @@ def run_mode(recipe: Path, run_dir: Path, mode: str, args) -> dict[str, float]:
         "train": total("perf/time_train"),
         "wait": total("perf/time_wait"),
         "updates": (args.steps - 1) * args.updates_per_step,
+        # CPU the whole run got (startup included) per second of its run time: on an idle 2-core machine the
+        # bounded run can use ~2; on a loaded one it cannot, and no overlap can show.
+        "cpu_seconds": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+        "run_seconds": time.monotonic() - t0,
+    }
+
+
+def measure(recipe: Path, root: Path, name: str, args, engine_overrides: list[str]) -> dict:
+    load_before = f"{os.getloadavg()[0]:.2f}"
+    sync = run_mode(recipe, root / f"{name}-sync", "sync", args, engine_overrides)
+    bounded = run_mode(recipe, root / f"{name}-bounded", "bounded", args, engine_overrides)
+    ideal = (sync["generate"] + sync["train"]) / max(sync["generate"], sync["train"])
+    speedup = sync["wall"] / bounded["wall"]
+    print(f"\n[{name}] {sync['updates']} updates per mode after warm-up")
+    print(
+        f"  sync:    wall {sync['wall']:.2f} s = generate+sync {sync['generate']:.2f} s + train {sync['train']:.2f} s"
+    )
+    print(
+        f"  bounded: wall {bounded['wall']:.2f} s (train {bounded['train']:.2f} s, waiting for data {bounded['wait']:.2f} s)"
+    )
+    for mode, r in (("sync", sync), ("bounded", bounded)):
+        print(
+            f"  {mode}: cores used {r['cpu_seconds'] / r['run_seconds']:.2f} (CPU s / wall s of the whole run)"
+        )
+    print(
+        f"  load average before / after: {load_before} / {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
+    )
+    print(
+        f"  speed-up {speedup:.2f}x; ideal (T_gen + T_train) / max(T_gen, T_train) = {ideal:.2f}x; "
+        f"fraction of ideal {speedup / ideal:.2f}"
+    )
+    return {
+        "sync": sync,
+        "bounded": bounded,
+        "ideal_speedup": ideal,
+        "speedup": speedup,
+        "fraction_of_ideal": speedup / ideal,
     }
 
 
@@ -94,40 +136,38 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6, help="training steps per mode (the first is warm-up)")
     p.add_argument("--prompts", type=int, default=4, help="prompts per step")
     p.add_argument("--updates-per-step", type=int, default=2)
-    p.add_argument("--responses", type=int, default=4, help="responses per prompt")
-    p.add_argument("--max-new-tokens", type=int, default=24)
-    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--responses", type=int, default=8, help="responses per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument(
+        "--engines",
+        choices=("server", "inprocess", "both"),
+        default="inprocess",
+        help="server: the local engine in its own process (HTTP, weights via disk); inprocess: in the "
+        "trainer process (weights as tensors; shares the GIL with the trainer)",
+    )
     p.add_argument("--out", default=None, help="JSON result file")
     args = p.parse_args()
 
+    from megatron_m2po.rollout.engines.sglang_launcher import EngineLauncher
+
+    results = {}
     with tempfile.TemporaryDirectory(prefix="m2po-bench-async-") as tmp:
         root = Path(tmp)
         recipe = write_task(root, args)
-        sync = run_mode(recipe, root / "sync", "sync", args)
-        bounded = run_mode(recipe, root / "bounded", "bounded", args)
-    ideal = (sync["generate"] + sync["train"]) / max(sync["generate"], sync["train"])
-    speedup = sync["wall"] / bounded["wall"]
-    result = {
-        "sync": sync,
-        "bounded": bounded,
-        "ideal_speedup": ideal,
-        "speedup": speedup,
-        "fraction_of_ideal": speedup / ideal,
-    }
-    print(f"updates per mode (after warm-up): {sync['updates']}")
-    print(
-        f"sync:    wall {sync['wall']:.2f} s  = generate {sync['generate']:.2f} s + train {sync['train']:.2f} s"
-    )
-    print(
-        f"bounded: wall {bounded['wall']:.2f} s  (train {bounded['train']:.2f} s, waiting for data {bounded['wait']:.2f} s)"
-    )
-    print(
-        f"speed-up {speedup:.2f}x; ideal (T_gen + T_train) / max(T_gen, T_train) = {ideal:.2f}x; "
-        f"fraction of ideal {speedup / ideal:.2f}"
-    )
+        if args.engines in ("inprocess", "both"):
+            results["inprocess"] = measure(recipe, root, "inprocess", args, ["rollout.engine=local"])
+        if args.engines in ("server", "both"):
+            with EngineLauncher(
+                root / "model", servers=1, backend="local", log_dir=root / "logs"
+            ) as launcher:
+                urls = "[" + ",".join(launcher.urls) + "]"
+                results["server"] = measure(
+                    recipe, root, "server", args, ["rollout.engine=sglang", f"rollout.urls={urls}"]
+                )
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        Path(args.out).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

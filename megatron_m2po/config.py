@@ -113,6 +113,12 @@ class RolloutConfig:
     sync_every: int = opt(
         1, "push weights to the engines every this many optimizer updates (bounded mode)", ge=1
     )
+    weight_transport: str = opt(
+        "auto",
+        "how weights reach the engines: in-process tensors, an HF dir on disk, or a distributed update group "
+        "(NCCL on GPU); auto = tensors for local engines, distributed for sglang on GPU, disk otherwise",
+        choices=("auto", "tensors", "disk", "distributed"),
+    )
     max_inflight_groups: int = opt(
         8, "bounded mode: prompt groups generated concurrently by the rollout manager", ge=1
     )

@@ -454,11 +454,51 @@ def sync_weights(producer: Producer | None, trainer: Trainer, version: int) -> N
     if parallel_state.get_data_parallel_rank() != 0 or trainer.synced_version == version:
         return
     if trainer.weight_sync is None:
-        trainer.weight_sync = WeightSync(
-            trainer.model, trainer.hf_config, producer.farm if producer else None
-        )
+        trainer.weight_sync = build_weight_sync(trainer, producer)
     trainer.weight_sync_metrics = trainer.weight_sync.push(version)
     trainer.synced_version = version
+
+
+def build_weight_sync(trainer: Trainer, producer: Producer | None) -> WeightSync:
+    """`rollout.weight_transport`; `auto` picks tensors for in-process engines, NCCL for SGLang on GPU, else disk."""
+    r = trainer.cfg.rollout
+    transport = r.weight_transport
+    if transport == "auto":
+        transport = "tensors" if r.engine == "local" else ("distributed" if platform.on_gpu() else "disk")
+    farm = producer.farm if producer is not None else None
+    kwargs: dict[str, Any] = {"transport": transport}
+    if transport == "disk":
+        kwargs["disk_dir"] = Path(trainer.cfg.logging.run_dir) / "weights"
+    if transport == "distributed" and farm is not None:
+        from megatron_m2po.sync.broadcast import DistributedWeightBroadcaster
+
+        broadcaster = DistributedWeightBroadcaster(
+            farm.engines,
+            master_address=_host_address(),
+            master_port=_free_port(),
+            backend=platform.dist_backend(),
+            device=platform.device(),
+        )
+        broadcaster.connect(farm.loop)
+        kwargs["broadcaster"] = broadcaster
+    return WeightSync(trainer.model, trainer.hf_config, farm, **kwargs)
+
+
+def _host_address() -> str:
+    import socket
+
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
 
 
 def save(ckpt_root: Path, progress: Progress, trainer: Trainer, producer: Producer | None) -> None:

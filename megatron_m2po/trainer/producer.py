@@ -70,6 +70,7 @@ class Producer:
             self.queue,
             n_samples=cfg.train.responses_per_prompt,
             sampling=sampling_params(cfg, stop_token_ids=stop_ids),
+            max_inflight_groups=cfg.rollout.max_inflight_groups,
         )
         if saved is not None:
             target = self.manager if hasattr(self.manager, "load_state_dict") else self.dataset
