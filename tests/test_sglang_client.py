@@ -273,3 +273,47 @@ def test_real_sglang_server_logprobs(hf_dir, tmp_path):
             logits = model(ids).logits[0, 3:-1].float()
         ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(s.response_ids)[:, None]).squeeze(-1)
         assert torch.allclose(torch.tensor(s.behavior_logprobs), ref, atol=2e-3)
+
+
+def test_engines_cli_serves_until_sigterm(hf_dir, tmp_path):
+    """`m2po engines --backend local`: prints the URLs once healthy, stops its servers on SIGTERM."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "megatron_m2po.cli",
+            "engines",
+            "--model",
+            str(hf_dir),
+            "--backend",
+            "local",
+            "--base-port",
+            str(port),
+            "--log-dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    try:
+        url = proc.stdout.readline().strip()
+        assert url == f"http://127.0.0.1:{port}"
+        with urllib.request.urlopen(f"{url}/get_server_info", timeout=10) as r:
+            server_pid = json.loads(r.read())["pid"]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        with pytest.raises(ProcessLookupError):
+            os.kill(server_pid, 0)
+    finally:
+        if proc.poll() is None:
+            proc.kill()

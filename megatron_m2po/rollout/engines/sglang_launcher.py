@@ -1,7 +1,7 @@
 """Start a node's engine servers (and sglang-router in front), wait until healthy, stop them.
 
-    python -m megatron_m2po.rollout.engines.sglang_launcher --model HF_DIR --servers 8 --tp 1
-    python -m megatron_m2po.rollout.engines.sglang_launcher --model HF_DIR --servers 2 --backend local  # CPU
+    python -m megatron_m2po.rollout.engines.sglang_launcher --model HF_DIR --servers 8 --tp 1 --router
+    m2po engines --model HF_DIR --servers 2 --backend local          # the same, CPU engines
 
 `backend="sglang"` runs `python -m sglang.launch_server` per server (GPUs split by CUDA_VISIBLE_DEVICES,
 `tp` each); `backend="local"` runs megatron_m2po's LocalEngine behind the same HTTP API (one process
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -230,20 +231,26 @@ class EngineLauncher:
         self.stop()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="HF model dir served by every server")
     parser.add_argument("--servers", type=int, default=1, help="servers on this node")
     parser.add_argument("--tp", type=int, default=1, help="tensor parallel GPUs per server")
-    parser.add_argument("--backend", choices=["sglang", "local"], default="sglang")
+    parser.add_argument(
+        "--backend",
+        choices=["sglang", "local"],
+        default="sglang",
+        help="sglang: sglang.launch_server; local: megatron_m2po's LocalEngine (CPU)",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--base-port", type=int, default=30000, help="server i listens on base-port + i")
     parser.add_argument("--router", action="store_true", help="start sglang-router in front")
     parser.add_argument("--router-port", type=int, default=29000)
-    parser.add_argument("--log-dir", default=None)
-    args, extra = parser.parse_known_args(argv)
+    parser.add_argument("--log-dir", default=None, help="one <name>.log per server")
+    parser.add_argument("--server-args", default="", help="extra flags for every server, one quoted string")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start the servers, print their URLs on one line, serve until SIGINT / SIGTERM."""
     logging.basicConfig(level=logging.INFO)
     launcher = EngineLauncher(
         args.model,
@@ -254,16 +261,32 @@ def main(argv: list[str] | None = None) -> int:
         ports=[args.base_port + i for i in range(args.servers)],
         router=args.router,
         router_port=args.router_port,
-        extra_args=extra,
+        extra_args=shlex.split(args.server_args),
         log_dir=args.log_dir,
     )
-    launcher.start()
-    print(" ".join(launcher.urls), flush=True)
+
+    def _exit(signum, frame):
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _exit)  # SIGTERM, like Ctrl-C, stops the servers on the way out
     try:
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        launcher.start()
+        print(" ".join([launcher.router_url] if args.router else launcher.urls), flush=True)
+        while True:
+            signal.pause()
+    except KeyboardInterrupt:
+        pass
     finally:
         launcher.stop()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
