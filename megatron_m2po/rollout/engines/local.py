@@ -60,14 +60,20 @@ class LocalEngine(Engine):
         seed: int = 0,
         version: int = 0,
         attn_implementation: str = "sdpa",
+        device: str | torch.device = "cpu",
     ):
         super().__init__(engine_id)
         if threads is not None:
             torch.set_num_threads(threads)
         self.hf_dir = Path(hf_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            self.hf_dir, dtype=dtype, attn_implementation=attn_implementation
-        ).eval()
+        self.device = torch.device(device)
+        self.model = (
+            AutoModelForCausalLM.from_pretrained(
+                self.hf_dir, dtype=dtype, attn_implementation=attn_implementation
+            )
+            .to(self.device)
+            .eval()
+        )
         self.model.requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(self.hf_dir)
         self._params = dict(self.model.named_parameters(remove_duplicate=False))
@@ -137,7 +143,7 @@ class LocalEngine(Engine):
         submitted: float,
     ) -> list[Sample]:
         started = time.perf_counter()
-        generator = torch.Generator()
+        generator = torch.Generator(device=self.device)
         if params.seed is not None:
             generator.manual_seed(params.seed)
         else:
@@ -150,7 +156,7 @@ class LocalEngine(Engine):
         finish = ["length"] * n
         active = list(range(n))  # rows of the batch still decoding, in cache order
         cache = DynamicCache()
-        step_input = torch.tensor([prompt_ids] * n, dtype=torch.long)
+        step_input = torch.tensor([prompt_ids] * n, dtype=torch.long, device=self.device)
         try:
             for _ in range(max(max_new, 0)):
                 with self._cond:
@@ -160,11 +166,12 @@ class LocalEngine(Engine):
                         input_ids=step_input, use_cache=True, **{self._cache_kw: cache}
                     ).logits
                 next_tokens, token_logprobs = self._sample(logits[:, -1, :].float(), params, generator)
+                step_tokens, step_logprobs = next_tokens.tolist(), token_logprobs.tolist()
                 keep = []
                 for row, sample_index in enumerate(active):
-                    tok = int(next_tokens[row])
+                    tok = step_tokens[row]
                     tokens[sample_index].append(tok)
-                    logprobs[sample_index].append(float(token_logprobs[row]))
+                    logprobs[sample_index].append(step_logprobs[row])
                     versions[sample_index].append(version)
                     if tok in stop_ids:
                         finish[sample_index] = "stop"
@@ -173,7 +180,7 @@ class LocalEngine(Engine):
                 if not keep:
                     break
                 if len(keep) < len(active):
-                    cache.batch_select_indices(torch.tensor(keep))
+                    cache.batch_select_indices(torch.tensor(keep, device=self.device))
                     next_tokens = next_tokens[keep]
                     active = [active[r] for r in keep]
                 step_input = next_tokens.view(-1, 1)
