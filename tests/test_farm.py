@@ -6,9 +6,12 @@ import asyncio
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from megatron_m2po.models.tiny import make_tiny_model
 from megatron_m2po.queue import ReplayQueue
+from megatron_m2po.rollout.engines.base import EngineError
 from megatron_m2po.rollout.engines.local import LocalEngine
 from megatron_m2po.rollout.engines.sglang_launcher import EngineLauncher
 from megatron_m2po.rollout.farm import EngineFarm, FarmError
@@ -207,3 +210,50 @@ def test_add_and_remove_engines_at_run_time(hf_dir, engines):
     asyncio.run(late.close())
     assert s.engine_id == "late" and s.versions == [2] * len(s.versions)
     assert remaining == ["late"]
+
+
+class FlakyEngine(LocalEngine):
+    """A real LocalEngine that fails the calls a test schedules (fault injection, like a crashing server)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.failures: list[bool] = []
+
+    async def generate(self, prompt_id, prompt_ids, n, params):
+        if self.failures and self.failures.pop(0):
+            await asyncio.sleep(0)
+            raise EngineError(f"{self.engine_id}: injected failure")
+        return await super().generate(prompt_id, prompt_ids, n, params)
+
+
+@pytest.fixture(scope="module")
+def flaky(hf_dir):
+    engines = [FlakyEngine(hf_dir, engine_id=f"f{i}", seed=i) for i in range(3)]
+    yield engines
+    for e in engines:
+        asyncio.run(e.close())
+
+
+@given(
+    schedules=st.lists(st.lists(st.booleans(), max_size=6), min_size=3, max_size=3),
+    n_requests=st.integers(1, 6),
+)
+@settings(max_examples=25, deadline=None)
+def test_every_request_answered_once_under_random_failures(flaky, schedules, n_requests):
+    """Any failure pattern that leaves one engine working: every request returns its own group exactly once, and
+    every injected failure that was hit is counted."""
+    schedules[2] = []  # f2 never fails
+    for engine, schedule in zip(flaky, schedules):
+        engine.failures = list(schedule)
+    injected = sum(map(sum, schedules))
+
+    async def run():
+        farm = EngineFarm(flaky, max_attempts=4, no_engine_timeout=5.0)
+        out = await asyncio.gather(*(farm.generate(f"r{i}", [7, 8, 9], 2, PARAMS) for i in range(n_requests)))
+        return out, farm.metrics()
+
+    out, m = asyncio.run(run())
+    assert [[s.prompt_id for s in g] for g in out] == [[f"r{i}"] * 2 for i in range(n_requests)]
+    assert all([s.group_index for s in g] == [0, 1] for g in out)
+    left = sum(map(sum, (e.failures for e in flaky)))
+    assert m["rollout/farm_failures"] == injected - left
