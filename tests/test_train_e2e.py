@@ -152,7 +152,7 @@ def test_fixed_mode_end_to_end_lag_is_exact_and_resume_continues_exactly(setup):
     shutil.copytree(full, part)
     shutil.rmtree(part / "checkpoints" / "step_00000003")
     (part / "checkpoints" / "latest").write_text("step_00000002\n")
-    run_train(recipe, part, resume=True)
+    run_train(recipe, part, "checkpoint.export_hf_at_end=true", resume=True)
     assert consumed(part) == consumed(full)
     a, b = read_scalars(full), read_scalars(part)
     assert any(v > 0 for s, v in a["train/grad_norm"] if s == 3), "step 3 must carry a gradient"
@@ -160,6 +160,11 @@ def test_fixed_mode_end_to_end_lag_is_exact_and_resume_continues_exactly(setup):
         assert [s for s, _ in b[tag]] == [1, 2, 3]
         for (sa, va), (sb, vb) in zip(a[tag], b[tag]):
             assert sb == sa and vb == pytest.approx(va, rel=1e-5, abs=1e-7), (tag, sa)
+    # The trained policy exported as an HF model dir that transformers loads.
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(part / "hf")
+    assert sum(p.numel() for p in exported.parameters()) > 0
 
 
 def test_config_errors_are_reported_before_anything_runs(setup):
