@@ -16,11 +16,12 @@ from aiohttp import web
 from safetensors.torch import save_file
 
 from megatron_m2po.models.tiny import make_tiny_model
-from megatron_m2po.rollout.engines.base import EngineError, EngineReplyError
+from megatron_m2po.rollout.engines.base import EngineError, EngineReplyError, EngineRequestError
 from megatron_m2po.rollout.engines.local import LocalEngine
 from megatron_m2po.rollout.engines.local_server import LocalSGLangServer
 from megatron_m2po.rollout.engines.sglang import SGLangEngine, parse_generate_reply
 from megatron_m2po.rollout.engines.sglang_launcher import free_port
+from megatron_m2po.rollout.farm import EngineFarm
 from megatron_m2po.types import SamplingParams
 
 torch.set_num_threads(1)
@@ -192,6 +193,20 @@ def test_bad_server_reply_and_dead_server_raise_engine_errors():
             await client.generate("p", [1, 2], 1, SamplingParams(max_new_tokens=2))
         with pytest.raises(EngineError, match="no such dir"):
             await client.update_weights_from_disk("/nope", 3)
+        # a request the engine rejects (HTTP 400) is a bad request: the farm does not retry it elsewhere
+        reject = web.Application()
+        reject.router.add_post("/generate", lambda r: web.json_response({"error": "too long"}, status=400))
+        reject_runner = web.AppRunner(reject)
+        await reject_runner.setup()
+        reject_port = free_port()
+        await web.TCPSite(reject_runner, "127.0.0.1", reject_port).start()
+        rejecting = SGLangEngine(f"http://127.0.0.1:{reject_port}", engine_id="rejecting")
+        farm = EngineFarm([rejecting, SGLangEngine(f"http://127.0.0.1:{port}", engine_id="other")])
+        with pytest.raises(EngineRequestError, match="too long"):
+            await farm.generate("p", [1, 2], 1, SamplingParams(max_new_tokens=2))
+        assert farm.metrics()["rollout/farm_failures"] == 0
+        await farm.close()
+        await reject_runner.cleanup()
         await runner.cleanup()
         dead = SGLangEngine(f"http://127.0.0.1:{free_port()}")
         assert not await dead.health()

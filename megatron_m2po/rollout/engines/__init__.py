@@ -4,6 +4,12 @@ Backends are imported from their modules (`engines.local`, `engines.sglang`, `en
 importing the interface never pulls an optional dependency.
 """
 
-from megatron_m2po.rollout.engines.base import Engine, EngineError, EngineReplyError, NamedTensors
+from megatron_m2po.rollout.engines.base import (
+    Engine,
+    EngineError,
+    EngineReplyError,
+    EngineRequestError,
+    NamedTensors,
+)
 
-__all__ = ["Engine", "EngineError", "EngineReplyError", "NamedTensors"]
+__all__ = ["Engine", "EngineError", "EngineReplyError", "EngineRequestError", "NamedTensors"]

@@ -23,6 +23,11 @@ class EngineError(RuntimeError):
     """An engine failed to serve a request (crashed, unreachable, bad reply): the farm retries elsewhere."""
 
 
+class EngineRequestError(ValueError):
+    """The engine rejected the request itself (HTTP 400: e.g. prompt longer than its context): retrying elsewhere
+    cannot help, so the farm does not."""
+
+
 class EngineReplyError(EngineError):
     """An engine answered with a reply that breaks its documented schema; the message names the field."""
 

@@ -28,7 +28,13 @@ from typing import Any
 
 import aiohttp
 
-from megatron_m2po.rollout.engines.base import Engine, EngineError, EngineReplyError, NamedTensors
+from megatron_m2po.rollout.engines.base import (
+    Engine,
+    EngineError,
+    EngineReplyError,
+    EngineRequestError,
+    NamedTensors,
+)
 from megatron_m2po.types import Sample, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -138,6 +144,8 @@ class SGLangEngine(Engine):
                 where, json=payload or {}, timeout=aiohttp.ClientTimeout(total=timeout)
             ) as r:
                 body = await r.text()
+                if r.status == 400:
+                    raise EngineRequestError(f"{where}: request rejected (HTTP 400): {body[:500]}")
                 if r.status != 200:
                     raise EngineError(f"{where}: HTTP {r.status}: {body[:500]}")
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
