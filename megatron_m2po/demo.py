@@ -92,7 +92,26 @@ def _heldout_accuracy(hf_dir: Path, heldout: Path, max_prompts: int, threads: in
     return results[0].metrics["avg@1"]
 
 
-def _warm_start(base: Path, out: Path, data: dict[str, Path], args) -> dict:
+def prepare_task(out: Path, *, seed: int = 0, heldout: int = 300) -> tuple[dict[str, Path], Path]:
+    """The arithmetic task's split files under out/data and the random tiny model out/base."""
+    from megatron_m2po.models.tiny import make_tiny_model
+
+    data = write_splits(out / "data", make_splits(seed=seed, num_heldout=heldout))
+    base = make_tiny_model("qwen3", out / "base", seed=seed, **DEMO_MODEL)
+    return data, base
+
+
+def warm_start_model(
+    base: Path,
+    out: Path,
+    data: dict[str, Path],
+    *,
+    lr: float = 3e-3,
+    seed: int = 0,
+    max_steps: int = 1500,
+    target: float = 0.3,
+    check_every: int = 50,
+) -> dict:
     """Supervised warm start of the base model to partial greedy validation accuracy; saved to `out`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -111,15 +130,16 @@ def _warm_start(base: Path, out: Path, data: dict[str, Path], args) -> dict:
     def validate(m) -> float:
         return greedy_accuracy(m, tokenizer, val_prompts, max_new_tokens=MAX_NEW_TOKENS, stop_ids=stops)
 
-    quick = {"max_steps": 20, "check_every": 10, "target_accuracy": 2.0} if args.quick else {}
     result = warm_start(
         model,
         pairs,
         validate,
-        lr=args.sft_lr,
-        seed=args.seed,
+        lr=lr,
+        seed=seed,
         pad_id=tokenizer.pad_token_id,
-        **{"max_steps": args.sft_max_steps, "target_accuracy": args.sft_target, **quick},
+        max_steps=max_steps,
+        target_accuracy=target,
+        check_every=check_every,
     )
     save_hf(model, tokenizer, out)
     return {
@@ -156,7 +176,6 @@ def _rl(args, out: Path, warm: Path, data: dict[str, Path]):
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_m2po.models.tiny import make_tiny_model
     from megatron_m2po.plot import plot_run
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -173,13 +192,23 @@ def run(args: argparse.Namespace) -> int:
         logger.info("demo: %s done in %.1fs", name, now - since)
         return now
 
-    splits = make_splits(seed=args.seed, num_heldout=args.heldout)
-    data = write_splits(out / "data", splits)
-    base = make_tiny_model("qwen3", out / "base", seed=args.seed, **DEMO_MODEL)
+    data, base = prepare_task(out, seed=args.seed, heldout=args.heldout)
     t = lap("setup", t0)
 
     warm = out / "warmstart"
-    sft = _warm_start(base, warm, data, args)
+    limits = {"max_steps": 20, "check_every": 10, "target": 2.0} if args.quick else {}
+    sft = warm_start_model(
+        base,
+        warm,
+        data,
+        **{
+            "lr": args.sft_lr,
+            "seed": args.seed,
+            "max_steps": args.sft_max_steps,
+            "target": args.sft_target,
+            **limits,
+        },
+    )
     t = lap("warm_start", t)
 
     before = _heldout_accuracy(warm, data["heldout"], heldout_n, args.threads)
