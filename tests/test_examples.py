@@ -122,3 +122,26 @@ def test_parameter_counts_match_the_published_totals():
     assert memory_estimate.MODELS["qwen2.5-math-7b"].parameters() == 7_615_616_512
     est = memory_estimate.estimate("qwen3-8b", tp=4, pp=1, engine_tp=1)
     assert est["trainer_gib_per_gpu"] == pytest.approx(8_190_735_360 * 18 / 4 / 2**30)
+
+
+@pytest.mark.parametrize("s", [0, 4, 16, 64, 256])
+@pytest.mark.parametrize("loss", ["on_policy", "grpo", "grpo_noclip", "m2po", "m2po_clip"])
+def test_gpu_staleness_sweep_overrides_validate(loss, s):
+    """The overrides examples/staleness_sweep/gpu_sweep.sh passes to the Qwen3-1.7B recipe."""
+    text = (EXAMPLES / "staleness_sweep" / "gpu_sweep.sh").read_text()
+    assert "UPDATES_PER_STEP=4" in text and "queue_capacity=$((256 * (k + 1)))" in text
+    k = s // 4
+    mode = (
+        ["staleness.mode=sync", "staleness.fixed_lag_steps=0"]
+        if s == 0
+        else [
+            "staleness.mode=fixed",
+            f"staleness.fixed_lag_steps={k}",
+            f"staleness.queue_capacity={256 * (k + 1)}",
+        ]
+    )
+    cfg = load_config(
+        EXAMPLES / "qwen3_1.7b" / "recipe.yaml",
+        [*mode, f"algorithm.loss={loss}", "rollout.behavior_logprobs=trainer", "train.steps=1000"],
+    )
+    assert cfg.fixed_staleness == s
