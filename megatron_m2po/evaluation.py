@@ -138,7 +138,11 @@ def build_engine(
     elif kind == "vllm":
         from megatron_m2po.rollout.engines.vllm import VLLMEngine
 
-        engines = [VLLMEngine(str(hf_dir), engine_id="eval-vllm")]
+        # in process (vLLM's LLM class) without --url; vLLM servers' /v1/completions with it
+        engines = [
+            VLLMEngine(str(hf_dir), engine_id=f"eval-vllm-{i}", url=url)
+            for i, url in enumerate(urls or [None])
+        ]
     else:
         raise ValueError(f"unknown engine {kind!r}; choose one of {ENGINES}")
     return EngineFarm(engines)
@@ -247,7 +251,10 @@ def evaluate(
 
     if samples_per_prompt < 1:
         raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
-    ks = sorted({k for k in pass_ks if k <= samples_per_prompt} | {1})
+    too_big = [k for k in pass_ks if not 1 <= k <= samples_per_prompt]
+    if too_big:
+        raise ValueError(f"pass@k for k={too_big} needs 1 <= k <= samples_per_prompt={samples_per_prompt}")
+    ks = sorted({*pass_ks, 1})
     params = sampling or SamplingParams(max_new_tokens=1024, temperature=0.0)
     results = []
     with tempfile.TemporaryDirectory(prefix="m2po-eval-") as scratch:
@@ -403,7 +410,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=2560, help="response length limit (tokens)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i)")
     parser.add_argument("--engine", choices=ENGINES, default="local", help="rollout engine")
-    parser.add_argument("--url", nargs="*", default=[], help="sglang server / router base URLs")
+    parser.add_argument("--url", nargs="*", default=[], help="sglang or vllm server base URLs")
     parser.add_argument(
         "--max-prompts", type=int, default=0, help="evaluate the first N prompts of each file"
     )

@@ -62,6 +62,8 @@ def test_bad_inputs_are_rejected_with_the_reason():
         pass_at_k(3, 4, 1)
     with pytest.raises(FileNotFoundError, match="not a directory"):
         evaluate("/nonexistent/model", [])
+    with pytest.raises(ValueError, match=r"k=\[8\]"):
+        evaluate("/nonexistent/model", [], samples_per_prompt=4, pass_ks=[1, 8])
 
 
 @pytest.fixture(scope="module")
