@@ -152,9 +152,9 @@ class Trainer:
             elif parallel_state.is_pipeline_last_stage():
                 m2_threshold = algorithms.compute_m2_threshold(
                     current,
-                    [m.behavior_logprobs for m in mbs],
-                    [m.advantages for m in mbs],
-                    [m.response_mask for m in mbs],
+                    [m.behavior_logprobs.to(current[0].device) for m in mbs],
+                    [m.advantages.to(current[0].device) for m in mbs],
+                    [m.response_mask.to(current[0].device) for m in mbs],
                     m2_budget=a.m2_budget,
                     process_group=parallel_state.get_data_parallel_group(),
                 )

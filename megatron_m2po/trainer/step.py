@@ -23,7 +23,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from megatron_m2po import algorithms
+from megatron_m2po import algorithms, platform
 from megatron_m2po.trainer.batching import MicroBatch
 
 
@@ -60,7 +60,7 @@ def forward_logprobs(model, micro_batches: Sequence[MicroBatch], temperature: fl
 
         def loss_func(out):
             lp = token_logprobs(out, mb, temperature)
-            return out.new_zeros(()), {"logprobs": lp.detach().float().cpu()}
+            return out.new_zeros(()), {"logprobs": lp.detach().float()}
 
         return output, loss_func
 
@@ -81,6 +81,7 @@ def _reduce_metrics(per_microbatch: list[dict[str, float]], group) -> dict[str, 
         gathered: list[list[str]] = [None] * dist.get_world_size(group)  # type: ignore[list-item]
         dist.all_gather_object(gathered, keys, group=group)
         keys = sorted({k for ks in gathered for k in ks})
+    # On the CPU: filled value by value; moved to the collective's device (NCCL needs CUDA tensors) to reduce.
     sums = torch.zeros(len(keys), dtype=torch.float64)
     maxes = torch.full((len(keys),), -math.inf, dtype=torch.float64)
     counts = torch.zeros(len(keys), dtype=torch.float64)
@@ -92,9 +93,12 @@ def _reduce_metrics(per_microbatch: list[dict[str, float]], group) -> dict[str, 
                 maxes[i] = max(maxes[i].item(), v)
                 counts[i] += 1
     if group is not None and dist.get_world_size(group) > 1:
+        device = platform.device()
+        sums, counts, maxes = sums.to(device), counts.to(device), maxes.to(device)
         dist.all_reduce(sums, group=group)
         dist.all_reduce(counts, group=group)
         dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
+        sums, counts, maxes = sums.cpu(), counts.cpu(), maxes.cpu()
     out = {}
     for i, k in enumerate(keys):
         if counts[i] == 0:
