@@ -493,11 +493,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(
             f"'staleness.fixed_lag_steps': only used in fixed mode, but staleness.mode={s.mode}"
         )
-    if s.mode == "bounded" and s.max_staleness < cfg.updates_per_step - 1:
-        raise ConfigError(
-            f"'staleness.max_staleness': {s.max_staleness} is below the {cfg.updates_per_step - 1} updates a step's "
-            "own later mini-batches age by; every group of those mini-batches would be dropped"
-        )
     if s.queue_capacity < t.prompts_per_step * (1 + s.fixed_lag_steps):
         raise ConfigError(
             f"'staleness.queue_capacity': {s.queue_capacity} cannot hold the "

@@ -64,7 +64,7 @@ def test_fixed_lag_is_k_times_updates_per_step(recipe):
         ("staleness.fixed_lag_steps=2", "only used in fixed mode"),
         ("rollout.behavior_logprobs=trainer", "needs staleness.mode sync or fixed"),
         ("algorithm.dual_clip=0.5", "'algorithm.dual_clip'"),
-        ("staleness.max_staleness=0", "'staleness.max_staleness'"),
+        ("staleness.max_staleness=-1", "'staleness.max_staleness': must be >= 0"),
         ("model.path=", "'model.path': required"),
         ("nonsense", "section.key=value"),
     ],
