@@ -97,7 +97,9 @@ class DataConfig:
 class RolloutConfig:
     engine: str = opt("local", "inference engine kind", choices=("local", "sglang", "vllm"))
     num_engines: int = opt(1, "number of in-process engines (local / vllm); sglang uses `urls`", ge=1)
-    urls: list = opt([], "sglang: server or router base URLs, e.g. [http://127.0.0.1:30000]")
+    urls: list = opt(
+        [], "sglang / vllm servers: base URLs, e.g. [http://127.0.0.1:30000] (vllm without urls: in process)"
+    )
     max_new_tokens: int = opt(256, "maximum response length in tokens", gt=0)
     temperature: float = opt(
         1.0, "sampling temperature; the trainer divides its logits by the same value", gt=0
@@ -116,7 +118,7 @@ class RolloutConfig:
     weight_transport: str = opt(
         "auto",
         "how weights reach the engines: in-process tensors, an HF dir on disk, or a distributed update group "
-        "(NCCL on GPU); auto = tensors for local engines, distributed for sglang on GPU, disk otherwise",
+        "(NCCL on GPU); auto = tensors for in-process engines, distributed for servers on GPU, disk otherwise",
         choices=("auto", "tensors", "disk", "distributed"),
     )
     max_inflight_groups: int = opt(

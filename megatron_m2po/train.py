@@ -464,7 +464,8 @@ def build_weight_sync(trainer: Trainer, producer: Producer | None) -> WeightSync
     r = trainer.cfg.rollout
     transport = r.weight_transport
     if transport == "auto":
-        transport = "tensors" if r.engine == "local" else ("distributed" if platform.on_gpu() else "disk")
+        in_process = r.engine == "local" or (r.engine == "vllm" and not r.urls)
+        transport = "tensors" if in_process else ("distributed" if platform.on_gpu() else "disk")
     farm = producer.farm if producer is not None else None
     kwargs: dict[str, Any] = {"transport": transport}
     if transport == "disk":

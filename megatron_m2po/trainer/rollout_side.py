@@ -59,7 +59,9 @@ def build_engines(cfg: Config, hf_dir: str, dtype: torch.dtype) -> list:
         return [SGLangEngine(url, engine_id=f"sglang-{i}") for i, url in enumerate(r.urls)]
     from megatron_m2po.rollout.engines.vllm import VLLMEngine
 
-    return [VLLMEngine(hf_dir, engine_id=f"vllm-{i}") for i in range(r.num_engines)]
+    if r.urls:  # vLLM servers
+        return [VLLMEngine(hf_dir, engine_id=f"vllm-{i}", url=url) for i, url in enumerate(r.urls)]
+    return [VLLMEngine(hf_dir, engine_id=f"vllm-{i}") for i in range(r.num_engines)]  # in process
 
 
 def reward_pool(cfg: Config):
