@@ -125,6 +125,31 @@ def test_generate_real_tokens_and_logprobs(hf_dir):
         assert s.finish_reason == "length" or s.response_ids[-1] in (7, *engine._stop_ids)
 
 
+
+def test_parallel_sampling_sends_one_request_with_n(hf_dir):
+    """Without per-sample seeds a group is one /generate with sampling_params.n (SGLang's parallel sampling)."""
+    engine = LocalEngine(hf_dir)
+
+    async def run():
+        async with Served(engine) as served:
+            client = SGLangEngine(served.url, engine_id="sg")
+            samples = await client.generate("q2", [40, 41, 42], 4, SamplingParams(max_new_tokens=8))
+            await client.close()
+            return samples, served.requests
+
+    samples, requests = asyncio.run(run())
+    gen = [body for path, body in requests if path == "/generate"]
+    assert len(gen) == 1 and gen[0]["sampling_params"]["n"] == 4
+    assert set(gen[0]["sampling_params"]) <= SGLANG_SAMPLING_FIELDS
+    assert [s.group_index for s in samples] == [0, 1, 2, 3]
+    for s in samples:
+        ids = torch.tensor([s.prompt_ids + s.response_ids])
+        with torch.no_grad():
+            logits = engine.model(ids).logits[0, 2:-1].float()
+        ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(s.response_ids)[:, None]).squeeze(-1)
+        assert torch.allclose(torch.tensor(s.behavior_logprobs), ref, atol=1e-5, rtol=0)
+
+
 GOOD = {
     "text": "ab",
     "output_ids": [5, 6],

@@ -121,8 +121,12 @@ class SGLangEngine(Engine):
         gpus: int = 1,
         pause_mode: str = "in_place",
         version: int = 0,
+        parallel_sampling: bool = True,
     ):
         super().__init__(engine_id or url)
+        # One request with sampling_params.n (SGLang's parallel sampling: one prefill, n decodes batched on the
+        # server) instead of n requests; per-sample seeds need one request each (seed + index).
+        self.parallel_sampling = parallel_sampling
         self.url = url.rstrip("/")
         self.worker_urls = [u.rstrip("/") for u in (worker_urls or [url])]
         self.request_timeout, self.control_timeout = request_timeout, control_timeout
@@ -178,6 +182,10 @@ class SGLangEngine(Engine):
             raise ValueError(f"generate {prompt_id}: need n >= 1 and a non-empty prompt")
         version = self._version
         tag = uuid.uuid4().hex[:8]
+        if self.parallel_sampling and params.seed is None and n > 1:
+            return await self._generate_parallel(
+                prompt_id, f"{prompt_id}-{tag}", prompt_ids, n, params, version
+            )
         rids = [f"{prompt_id}-{i}-{tag}" for i in range(n)]
         tasks = [
             asyncio.ensure_future(self._generate_one(prompt_id, i, rids[i], prompt_ids, params, version))
@@ -191,6 +199,33 @@ class SGLangEngine(Engine):
             # best effort: free the server's slots for the samples nobody will read
             asyncio.ensure_future(self._abort_quietly(rids))
             raise
+
+    async def _generate_parallel(
+        self, prompt_id: str, rid: str, prompt_ids: list[int], n: int, params: SamplingParams, version: int
+    ) -> list[Sample]:
+        payload = {
+            "rid": rid,
+            "input_ids": list(prompt_ids),
+            "sampling_params": {**sglang_sampling_params(params, 0), "n": n},
+            "return_logprob": True,
+            "stream": False,
+        }
+        t0 = time.perf_counter()
+        try:
+            reply = await self._post(self.url, "/generate", payload, self.request_timeout)
+        except BaseException:
+            asyncio.ensure_future(self._abort_quietly([rid]))
+            raise
+        elapsed = time.perf_counter() - t0
+        if not isinstance(reply, list) or len(reply) != n:
+            got = f"a list of {len(reply)}" if isinstance(reply, list) else type(reply).__name__
+            raise EngineReplyError(
+                f"{self.url}/generate rid={rid}: sampling_params.n = {n} but the reply is {got}"
+            )
+        return [
+            self._to_sample(prompt_id, i, f"{rid}[{i}]", prompt_ids, r, version, elapsed)
+            for i, r in enumerate(reply)
+        ]
 
     async def _generate_one(
         self,
@@ -213,6 +248,18 @@ class SGLangEngine(Engine):
         elapsed = time.perf_counter() - t0
         if isinstance(reply, list) and len(reply) == 1:
             reply = reply[0]
+        return self._to_sample(prompt_id, index, rid, prompt_ids, reply, version, elapsed)
+
+    def _to_sample(
+        self,
+        prompt_id: str,
+        index: int,
+        rid: str,
+        prompt_ids: list[int],
+        reply: Any,
+        version: int,
+        elapsed: float,
+    ) -> Sample:
         token_ids, logprobs, finish, meta = parse_generate_reply(reply, f"{self.url}/generate rid={rid}")
         token_version = version
         if meta.get("weight_version") not in (None, "", "default"):
