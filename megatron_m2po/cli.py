@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="m2po", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, add_help=False)  # the sub-command's own parser prints its help
         p.set_defaults(_module=module)
     args, rest = parser.parse_known_args(argv)
     module = importlib.import_module(args._module)
