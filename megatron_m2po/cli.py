@@ -8,11 +8,17 @@ import sys
 
 # name -> (module, help). Each module exposes `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("megatron_m2po.demo", "tiny CPU demo: warm-start a tiny model, then M2PO RL; prints accuracy before -> after"),
+    "demo": (
+        "megatron_m2po.demo",
+        "tiny CPU demo: warm-start a tiny model, then M2PO RL; prints accuracy before -> after",
+    ),
     "train": ("megatron_m2po.train", "train from a YAML recipe (same as python -m megatron_m2po.train)"),
     "plot": ("megatron_m2po.plot", "write a PNG of the main curves of a run directory"),
     "evaluate": ("megatron_m2po.evaluation", "accuracy of a checkpoint on benchmark files"),
-    "engines": ("megatron_m2po.rollout.engines.sglang_launcher", "start a node's SGLang (or CPU local) engine servers"),
+    "engines": (
+        "megatron_m2po.rollout.engines.sglang_launcher",
+        "start a node's SGLang (or CPU local) engine servers",
+    ),
 }
 
 
@@ -20,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="m2po", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, add_help=False)  # the sub-command's own parser prints its help
+        p = sub.add_parser(
+            name, help=help_text, add_help=False
+        )  # the sub-command's own parser prints its help
         p.set_defaults(_module=module)
     args, rest = parser.parse_known_args(argv)
     module = importlib.import_module(args._module)

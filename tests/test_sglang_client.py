@@ -125,7 +125,6 @@ def test_generate_real_tokens_and_logprobs(hf_dir):
         assert s.finish_reason == "length" or s.response_ids[-1] in (7, *engine._stop_ids)
 
 
-
 def test_parallel_sampling_sends_one_request_with_n(hf_dir):
     """Without per-sample seeds a group is one /generate with sampling_params.n (SGLang's parallel sampling)."""
     engine = LocalEngine(hf_dir)
