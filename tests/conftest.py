@@ -28,6 +28,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a child process: this checkout first on PYTHONPATH (what was there stays after it)."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path, **extra)
+
+
 def run_torchrun(
     script: str | Path, nproc: int, *args: str, timeout: float = 600
 ) -> subprocess.CompletedProcess:
@@ -42,7 +48,7 @@ def run_torchrun(
         str(script),
         *map(str, args),
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+    env = subprocess_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     if proc.returncode != 0:
         pytest.fail(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -12,13 +11,14 @@ from pathlib import Path
 import pytest
 
 from megatron_m2po.data.arithmetic import all_problems, make_splits
+from tests.conftest import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 LAST_LINE = re.compile(r"^accuracy: (\d\.\d\d) -> (\d\.\d\d)$")
 
 
 def _demo(out: Path, *args: str, timeout: float) -> tuple[subprocess.CompletedProcess, str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+    env = subprocess_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(
         [sys.executable, "-m", "megatron_m2po.cli", "demo", "--out", str(out), *args],
         capture_output=True,

@@ -19,6 +19,7 @@ from megatron_m2po.queue import JournalCorruptError, JournalError, JournalFormat
 from megatron_m2po.queue.codec import CodecError, decode_group, encode_group
 from megatron_m2po.queue.journal import RECORD_HEADER, SEGMENT_HEADER, list_segments, scan_journal
 from megatron_m2po.types import Group, Sample
+from tests.conftest import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -246,7 +247,7 @@ _WRITER = textwrap.dedent(
 def test_kill_9_while_writing_loses_nothing_acknowledged(tmp_path):
     jdir = tmp_path / "journal"
     code = _WRITER.format(tests=str(REPO / "tests"), jdir=str(jdir))
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = subprocess_env(OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
     acknowledged = []
     try:
@@ -302,7 +303,7 @@ def test_failed_append_leaves_no_half_record(tmp_path):
     """A real write failure (file-size limit, like a full disk) mid-record: the record is cut off again."""
     jdir = tmp_path / "journal"
     code = _FULL_DISK.format(tests=str(REPO / "tests"), jdir=str(jdir))
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = subprocess_env(OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     accepted = int(out.stdout)

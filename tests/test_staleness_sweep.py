@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
 import sys
 from pathlib import Path
+
+from tests.conftest import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,7 +41,7 @@ def test_sweep_smoke(tmp_path):
         text=True,
         timeout=900,
         cwd=REPO,
-        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES=""),
+        env=subprocess_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""),
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
     rows = list(csv.DictReader((out / "results.csv").open()))

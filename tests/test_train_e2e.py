@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from megatron_m2po.metrics import read_histogram_tags, read_scalars
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, subprocess_env
 
 REQUIRED_TAGS = (
     "rollout/reward_mean",
@@ -96,7 +96,7 @@ def train_cmd(
 
 
 def env() -> dict[str, str]:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+    return subprocess_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
 
 
 def run_train(recipe, run_dir, *overrides, resume=False, nproc=1, timeout=400):

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, subprocess_env
 
 
 @pytest.mark.gpu
@@ -33,7 +32,7 @@ def test_bf16_update_and_checkpoint_round_trip_on_gpu(tmp_path):
         str(out),
         str(tmp_path / "ckpt"),
     ]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = subprocess_env()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
     assert proc.returncode == 0, proc.stderr[-6000:]
     r = json.loads(out.read_text())
