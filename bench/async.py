@@ -6,8 +6,8 @@ max(T_gen, T_train): the ideal speed-up is (T_gen + T_train) / max(T_gen, T_trai
 sync run's own time split. We report the measured speed-up (sync wall time / bounded wall time over the
 same number of optimizer updates, first step excluded as warm-up) as a fraction of that ideal.
 
-    python bench/async.py                       # CPU demo setup: tiny model, local engine, 1 thread each
-    python bench/async.py --steps 8 --hidden 128
+    python -m bench.async                       # CPU demo setup: tiny model, local engine, 1 thread each
+    python -m bench.async --steps 8 --hidden 128
 
 On 2 cores the engine and the trainer get one torch thread each (`train.torch_threads=1`).
 """

@@ -1,6 +1,6 @@
 """Peak host memory of the HF <-> Megatron converters vs the model size, measured in fresh processes.
 
-    python bench/convert_memory.py [--layers 12 --hidden 512 --shard-mb 16]
+    python -m bench.convert_memory [--layers 12 --hidden 512 --shard-mb 16]
 
 Each phase runs in its own interpreter; a sampling thread reads /proc/self/status (RssAnon every 2 ms,
 VmHWM at the end). Baselines in the same run: an interpreter that only imports the project ("imports"),

@@ -1,7 +1,7 @@
 """Loss cost relative to grpo on one batch, and the log-prob path's peak memory relative to log_softmax.
 
-    OMP_NUM_THREADS=1 python bench/losses.py                 # 64 prompts x 8 responses x 2048 tokens
-    OMP_NUM_THREADS=1 python bench/losses.py --tokens 256    # quick
+    OMP_NUM_THREADS=1 python -m bench.losses                 # 64 prompts x 8 responses x 2048 tokens
+    OMP_NUM_THREADS=1 python -m bench.losses --tokens 256    # quick
 
 Part 1: forward + backward of every loss on the same [512, 2048] fp32 batch (heavy-tailed log-ratios as
 with stale data), median and min of --reps runs, interleaved round-robin so machine noise hits all losses alike;

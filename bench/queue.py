@@ -1,6 +1,6 @@
 """Replay-queue throughput with journaling on, against writing the same bytes raw to the same disk.
 
-    python bench/queue.py [--groups 96] [--dir /tmp] [--fsync always batch never]
+    python -m bench.queue [--groups 96] [--dir /tmp] [--fsync always batch never]
 
 Workload: realistic groups (8 responses x 2048 response tokens, a 512-token prompt, fp32
 behaviour log-probs, one policy version per response), put by the producer and taken by the

@@ -1,6 +1,6 @@
 """Rollout-side costs, each against a baseline measured in the same run.
 
-    python bench/rollout.py [--hidden 512 --layers 8] [--requests 200] [--repeats 5]
+    python -m bench.rollout [--hidden 512 --layers 8] [--requests 200] [--repeats 5]
 
 1. Weight sync: `WeightSync.push` (Megatron model -> iter_hf_tensors gather -> bounded buckets ->
    LocalEngine in-place load, version bump) vs a plain in-memory copy of the same bytes into
