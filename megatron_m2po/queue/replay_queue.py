@@ -225,17 +225,10 @@ class ReplayQueue:
         with self._cond:
             counted = False
             while True:
-                if self._closed:
-                    return False
-                at = self._version if version is None else version
-                ok = self._take_admission_locked(n_groups, at)
-                if ok:
-                    return True
-                if ok is None:
-                    return False
-                if not counted:
-                    self._counters["admit_waits"] += 1
-                    counted = True
+                decided = self._try_admit_locked(n_groups, version, counted)
+                if decided is not None:
+                    return decided
+                counted = True
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
@@ -252,17 +245,10 @@ class ReplayQueue:
         while True:
             event = asyncio.Event()
             with self._cond:
-                if self._closed:
-                    return False
-                at = self._version if version is None else version
-                ok = self._take_admission_locked(n_groups, at)
-                if ok:
-                    return True
-                if ok is None:
-                    return False
-                if not counted:
-                    self._counters["admit_waits"] += 1
-                    counted = True
+                decided = self._try_admit_locked(n_groups, version, counted)
+                if decided is not None:
+                    return decided
+                counted = True
                 waiter = (loop, event)
                 self._async_waiters.append(waiter)
             try:
@@ -276,6 +262,21 @@ class ReplayQueue:
                 with self._cond:
                     if waiter in self._async_waiters:
                         self._async_waiters.remove(waiter)
+
+    def _try_admit_locked(self, n_groups: int, version: int | None, counted: bool) -> bool | None:
+        """One admission attempt: True (reserved) or False (closed / can never fit) is final; None = wait.
+
+        A wait is counted once per `admit` call (`counted` says it already was)."""
+        if self._closed:
+            return False
+        ok = self._take_admission_locked(n_groups, self._version if version is None else version)
+        if ok is None:  # can never be admitted (too far behind the trainer)
+            return False
+        if ok:
+            return True
+        if not counted:
+            self._counters["admit_waits"] += 1
+        return None
 
     def release(self, n_groups: int = 1, *, version: int | None = None) -> None:
         """Producer: give back reservations of aborted work (the newest ones unless `version` is given)."""
