@@ -121,13 +121,17 @@ class EngineFarm:
             while slot.tasks:
                 await asyncio.wait(set(slot.tasks))
         else:
-            for task in list(slot.tasks):
-                self._aborted.add(task)
-                task.cancel()
+            self._abort_tasks(slot)
         del self._slots[engine_id]
         if close:
             await slot.engine.close()
         return slot.engine
+
+    def _abort_tasks(self, slot: _Slot) -> None:
+        """Cancel the slot's requests; `generate` resubmits them elsewhere (not counted as failures)."""
+        for task in list(slot.tasks):
+            self._aborted.add(task)
+            task.cancel()
 
     def _notify_membership(self) -> None:
         if self._membership is not None:
@@ -285,16 +289,27 @@ class EngineFarm:
         if all(isinstance(r, BaseException) for r in results):
             raise EngineError(f"{what} failed on every engine: {results[0]}")
 
-    async def begin_weight_update(self, version: int) -> None:
+    def _start_update(self) -> list[_Slot]:
+        """Hold new requests (abort policy), abort in-flight ones if asked; returns the engines to update."""
         if self._update_done is None:
             self._update_done = asyncio.Event()
         self._update_done.clear()
-        self._targets = self._update_targets()
+        targets = self._update_targets()
         if self.inflight_on_update == "abort":
             for slot in self._slots.values():
-                for task in list(slot.tasks):
-                    self._aborted.add(task)
-                    task.cancel()
+                self._abort_tasks(slot)
+        return targets
+
+    def _end_update(self, targets: list[_Slot], version: int) -> None:
+        """The farm serves `version`; engines that did not reach it leave rotation until a later update."""
+        self._version = version
+        for slot in targets:
+            slot.synced = slot.engine.version == version
+        self._update_done.set()
+        self._notify_membership()
+
+    async def begin_weight_update(self, version: int) -> None:
+        self._targets = self._start_update()
         await self._each(
             self._targets, f"begin update to v{version}", lambda e: e.begin_weight_update(version)
         )
@@ -309,30 +324,13 @@ class EngineFarm:
                 self._targets, f"finish update to v{version}", lambda e: e.finish_weight_update(version)
             )
         finally:
-            self._version = version
-            for slot in self._targets:
-                slot.synced = slot.engine.version == version
-            self._update_done.set()
-            self._notify_membership()
+            self._end_update(self._targets, version)
 
-    async def update_weights(self, named_tensors: NamedTensors, version: int) -> None:
-        await self.begin_weight_update(version)
-        try:
-            await self.update_weights_bucket(named_tensors)
-        finally:
-            await self.finish_weight_update(version)
+    update_weights = Engine.update_weights  # begin, one bucket, finish: the same sequence as one engine's
 
     async def update_weights_from_disk(self, hf_dir: str, version: int) -> None:
         """Every engine loads the HF dir (SGLang /update_weights_from_disk, LocalEngine in process)."""
-        if self._update_done is None:
-            self._update_done = asyncio.Event()
-        self._update_done.clear()
-        targets = self._update_targets()
-        if self.inflight_on_update == "abort":
-            for slot in self._slots.values():
-                for task in list(slot.tasks):
-                    self._aborted.add(task)
-                    task.cancel()
+        targets = self._start_update()
         try:
             await self._each(
                 targets,
@@ -340,11 +338,7 @@ class EngineFarm:
                 lambda e: e.update_weights_from_disk(hf_dir, version),
             )
         finally:
-            self._version = version
-            for slot in targets:
-                slot.synced = slot.engine.version == version
-            self._update_done.set()
-            self._notify_membership()
+            self._end_update(targets, version)
 
     # -- reporting -------------------------------------------------------------------------------------
     def describe(self) -> str:
