@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron_m2po.queue.admission import bounded_admissible, expected_fixed_version
-from megatron_m2po.queue.codec import CodecError, decode_group, encode_group, version_range
+from megatron_m2po.queue.codec import CodecError, VersionRange, decode_group, encode_group, version_range
 from megatron_m2po.queue.journal import (
     FSYNC_POLICIES,
     JournalError,
@@ -59,14 +59,19 @@ class QueueFull(TimeoutError):
 class _Entry:
     """A queued group with what ordering, staleness and batching need, computed once at `put`."""
 
-    key: tuple[int, int]  # (oldest token version, seq): FIFO by version, then by acceptance
+    seq: int
     group: Group
-    low: int
+    low: int  # oldest token version
     high: int
     tokens: int
 
+    @classmethod
+    def of(cls, seq: int, group: Group, vr: VersionRange) -> _Entry:
+        return cls(seq, group, vr.low, vr.high, group.num_tokens)
+
     def __lt__(self, other: _Entry) -> bool:
-        return self.key < other.key
+        # FIFO by version, then by acceptance
+        return (self.low, self.seq) < (other.low, other.seq)
 
 
 class ReplayQueue:
@@ -175,8 +180,7 @@ class ReplayQueue:
     # ------------------------------------------------------------------ producer
     def _take_admission_locked(self, n_groups: int, at_version: int) -> bool | None:
         """Reserve `n_groups` started at `at_version` if allowed; None when it can never be."""
-        reserved = sum(self._reserved.values())
-        if len(self._entries) + self._writing + reserved + n_groups > self.capacity:
+        if self._occupied_locked() + n_groups > self.capacity:
             return False
         if self.mode == "bounded":
             if self._version - at_version > self.max_staleness:
@@ -334,10 +338,7 @@ class ReplayQueue:
                 logger.info("queue: duplicate prompt_id %r not accepted again", pid)
                 self._notify_locked()
                 return False
-            while (
-                reservation is None
-                and len(self._entries) + self._writing + sum(self._reserved.values()) >= self.capacity
-            ):
+            while reservation is None and self._occupied_locked() >= self.capacity:
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     raise QueueFull(f"put: queue at capacity {self.capacity} for {timeout} s")
@@ -369,9 +370,7 @@ class ReplayQueue:
             self._writing -= 1
             self._accepted_ids.add(pid)
             self._counters["accepted"] += 1
-            self._insert_locked(
-                _Entry((vr.low, seq), group, vr.low, vr.high, group.num_tokens), count_level=False
-            )
+            self._insert_locked(_Entry.of(seq, group, vr), count_level=False)
             self._notify_locked()
         return True
 
@@ -478,6 +477,10 @@ class ReplayQueue:
         if count_level:
             self._queued_levels[entry.low] += 1
 
+    def _occupied_locked(self) -> int:
+        """Groups counted against `capacity`: queued, being written, and reserved."""
+        return len(self._entries) + self._writing + sum(self._reserved.values())
+
     def _dec_level_locked(self, level: int) -> None:
         self._queued_levels[level] -= 1
         if not self._queued_levels[level]:
@@ -486,8 +489,10 @@ class ReplayQueue:
     def _remove_entry_locked(self, entry: _Entry) -> None:
         self._queued_tokens -= entry.tokens
         self._dec_level_locked(entry.low)
-        seq = entry.key[1]
-        self._consumed_above.add(seq)
+        self._consumed_above.add(entry.seq)
+        self._advance_low_water_locked()
+
+    def _advance_low_water_locked(self) -> None:
         while self._low_water in self._consumed_above:
             self._consumed_above.remove(self._low_water)
             self._low_water += 1
@@ -602,15 +607,12 @@ class ReplayQueue:
             queue._accepted_ids.add(group.prompt_id)
             if record.seq < low_water or record.seq in consumed:
                 continue
-            vr = version_range(group)
-            queue._insert_locked(_Entry((vr.low, record.seq), group, vr.low, vr.high, group.num_tokens))
+            queue._insert_locked(_Entry.of(record.seq, group, version_range(group)))
             replayed += 1
         queue._next_seq = max(next_seq, scan.records[-1].seq + 1 if scan.records else 0)
         queue._low_water = low_water
         queue._consumed_above = {s for s in consumed if s >= low_water}
-        while queue._low_water in queue._consumed_above:
-            queue._consumed_above.remove(queue._low_water)
-            queue._low_water += 1
+        queue._advance_low_water_locked()
         queue._journal = JournalWriter(
             journal_dir, journal_id=scan.journal_id, segments=scan.segments, **queue._journal_kwargs
         )
