@@ -59,6 +59,17 @@ def sglang_sampling_params(params: SamplingParams, index: int) -> dict[str, Any]
     return out
 
 
+def _generate_payload(rid: str, prompt_ids: list[int], sampling_params: dict[str, Any]) -> dict[str, Any]:
+    """Body of one non-streaming /generate request that returns per-token log-probs."""
+    return {
+        "rid": rid,
+        "input_ids": list(prompt_ids),
+        "sampling_params": sampling_params,
+        "return_logprob": True,
+        "stream": False,
+    }
+
+
 def parse_generate_reply(reply: Any, where: str) -> tuple[list[int], list[float], str, dict[str, Any]]:
     """(token ids, log-probs, finish reason, meta_info) of one /generate reply with return_logprob=True."""
     if not isinstance(reply, dict):
@@ -203,13 +214,7 @@ class SGLangEngine(Engine):
     async def _generate_parallel(
         self, prompt_id: str, rid: str, prompt_ids: list[int], n: int, params: SamplingParams, version: int
     ) -> list[Sample]:
-        payload = {
-            "rid": rid,
-            "input_ids": list(prompt_ids),
-            "sampling_params": {**sglang_sampling_params(params, 0), "n": n},
-            "return_logprob": True,
-            "stream": False,
-        }
+        payload = _generate_payload(rid, prompt_ids, {**sglang_sampling_params(params, 0), "n": n})
         t0 = time.perf_counter()
         try:
             reply = await self._post(self.url, "/generate", payload, self.request_timeout)
@@ -236,13 +241,7 @@ class SGLangEngine(Engine):
         params: SamplingParams,
         version: int,
     ) -> Sample:
-        payload = {
-            "rid": rid,
-            "input_ids": list(prompt_ids),
-            "sampling_params": sglang_sampling_params(params, index),
-            "return_logprob": True,
-            "stream": False,
-        }
+        payload = _generate_payload(rid, prompt_ids, sglang_sampling_params(params, index))
         t0 = time.perf_counter()
         reply = await self._post(self.url, "/generate", payload, self.request_timeout)
         elapsed = time.perf_counter() - t0
