@@ -249,11 +249,7 @@ class LocalSGLangServer:
         tensors = await asyncio.to_thread(receive)
         version = int(body["weight_version"]) if body.get("weight_version") else self.engine.version
         try:
-            await self.engine.begin_weight_update(version)
-            try:
-                await self.engine.update_weights_bucket(tensors)
-            finally:
-                await self.engine.finish_weight_update(version)
+            await self.engine.update_weights(tensors, version)
         except (KeyError, ValueError) as e:
             return web.json_response({"success": False, "message": str(e)})
         return web.json_response({"success": True, "message": "Succeeded to update parameter online."})
