@@ -456,8 +456,12 @@ class ReplayQueue:
     def _drop_stale_locked(self) -> None:
         if self.mode != "bounded":
             return
-        while self._entries and self._version - self._entries[0].low > self.max_staleness:
-            e = self._entries.pop(0)
+        # entries are sorted by low: the stale ones (version - low > max_staleness) are a prefix
+        stale = bisect.bisect_left(self._entries, self._version - self.max_staleness, key=lambda e: e.low)
+        if not stale:
+            return
+        dropped, self._entries[:stale] = self._entries[:stale], []
+        for e in dropped:
             self._remove_entry_locked(e)
             self._counters["dropped"] += 1
             logger.warning(
@@ -468,7 +472,7 @@ class ReplayQueue:
                 e.low,
                 self._version,
             )
-            self._notify_locked()
+        self._notify_locked()
 
     # ------------------------------------------------------------------ bookkeeping
     def _insert_locked(self, entry: _Entry, *, count_level: bool = True) -> None:
