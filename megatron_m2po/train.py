@@ -116,17 +116,16 @@ class Trainer:
         self.synced_version: int | None = None  # the version the engines hold
         self.num_params = sum(p.numel() for p in self.model.parameters()) * mp  # for the MFU estimate
 
-    def _microbatches(self, rows, version: int):
-        mine = shard_for_rank(rows, self.dp_rank, self.dp_size)
-        # One shape for the whole mini-batch on every rank (the pipeline's p2p buffers need it).
-        L = max(len(r.tokens) for r in rows)
+    def _microbatches(self, mine, rows, version: int):
+        """This rank's share `mine` of `rows`, padded to one shape for all of `rows` on every rank
+        (the pipeline's p2p buffers need it)."""
         return make_microbatches(
             mine,
             self.cfg.train.micro_batch_size,
             consumer_version=version,
             pad_id=self.pad_id,
             fixed_shape=True,
-            seq_len=L,
+            seq_len=max(len(r.tokens) for r in rows),
         )
 
     def update(self, groups: list[Group], version: int) -> dict[str, float]:
@@ -136,7 +135,7 @@ class Trainer:
         ids = [g.prompt_id for g in groups for _ in g.samples]
         advantages = algorithms.compute_advantages(rewards, ids, estimator=a.advantage)
         rows = groups_to_rows(groups, advantages, behavior_source=cfg.rollout.behavior_logprobs)
-        mbs = self._microbatches(rows, version)
+        mbs = self._microbatches(shard_for_rank(rows, self.dp_rank, self.dp_size), rows, version)
         # The loss is a mean over the whole mini-batch (all DP ranks): DDP averages over DP, hence / dp.
         if a.aggregation == "token-mean":
             total = sum(len(r.tokens) - r.prompt_len for r in rows)
@@ -184,15 +183,7 @@ class Trainer:
         mine = list(range(self.dp_rank, len(rows), self.dp_size))
         out: dict[int, list[float]] = {}
         if mine:
-            L = max(len(r.tokens) for r in rows)
-            mbs = make_microbatches(
-                [rows[i] for i in mine],
-                self.cfg.train.micro_batch_size,
-                consumer_version=0,
-                pad_id=self.pad_id,
-                fixed_shape=True,
-                seq_len=L,
-            )
+            mbs = self._microbatches([rows[i] for i in mine], rows, version=0)
             lps = forward_logprobs(self.model, mbs, self.cfg.rollout.temperature)
             flat = [lp_row for lp in lps for lp_row in lp]
             for i, lp_row in zip(mine, flat):
@@ -374,7 +365,7 @@ def step_scalars(producer: Producer, trainer: Trainer, consumed, clock: StepCloc
     """Rank 0's `rollout/ queue/ train/ perf/` scalars of the step just done."""
     groups = [g for _, batch in consumed for g in batch]
     out = dict(producer.metrics())
-    out.update(rollout_metrics(groups, consumed[0][0])[0])
+    out.update(rollout_metrics(groups))
     stale = staleness_of(consumed)
     out["train/staleness_mean"] = sum(stale) / max(1, len(stale))
     out["train/staleness_max"] = float(max(stale, default=0))

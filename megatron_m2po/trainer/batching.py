@@ -157,22 +157,18 @@ def make_microbatches(
     return [rows_to_microbatch(c, consumer_version=consumer_version, pad_id=pad_id) for c in chunks]
 
 
-def rollout_metrics(groups: Sequence[Group], consumer_version: int) -> tuple[dict[str, float], list[int]]:
-    """`rollout/` scalars of a consumed batch, and the per-group staleness list for the histogram."""
+def rollout_metrics(groups: Sequence[Group]) -> dict[str, float]:
+    """`rollout/` scalars of a consumed batch (staleness depends on the consuming update: `train.staleness_of`)."""
     rewards = [r for g in groups for r in g.rewards]
     lengths = [len(s.response_ids) for g in groups for s in g.samples]
     truncated = [s.finish_reason == "length" for g in groups for s in g.samples]
     flat = [len(set(g.rewards)) == 1 for g in groups]
-    staleness = [consumer_version - g.min_version for g in groups]
     n = max(1, len(rewards))
-    metrics = {
+    return {
         "rollout/reward_mean": sum(rewards) / n,
         "rollout/accuracy": sum(r >= 1.0 for r in rewards) / n,
         "rollout/response_length_mean": sum(lengths) / max(1, len(lengths)),
         "rollout/response_length_max": float(max(lengths, default=0)),
         "rollout/truncated_fraction": sum(truncated) / max(1, len(truncated)),
         "rollout/zero_advantage_group_fraction": sum(flat) / max(1, len(flat)),
-        "train/staleness_mean": sum(staleness) / max(1, len(staleness)),
-        "train/staleness_max": float(max(staleness, default=0)),
     }
-    return metrics, staleness

@@ -28,23 +28,18 @@ from megatron_m2po.types import Group
 logger = logging.getLogger(__name__)
 
 
-def _hf_dir(path: str) -> str:
-    """The HF files of the policy (a Megatron checkpoint keeps them in its `hf/` folder)."""
-    from megatron_m2po.models.hf_config import hf_config_dir
-
-    return str(hf_config_dir(path))
-
-
 class Producer:
     def __init__(self, cfg: Config, trainer, run_dir: Path, *, saved: dict[str, Any] | None):
         from transformers import AutoTokenizer
 
+        from megatron_m2po.evaluation import stop_token_ids
+        from megatron_m2po.models.hf_config import hf_config_dir
         from megatron_m2po.queue import ReplayQueue
         from megatron_m2po.rollout.farm import EngineFarm
         from megatron_m2po.rollout.manager import RolloutManager
 
         self.cfg = cfg
-        hf_dir = _hf_dir(cfg.model.path)
+        hf_dir = str(hf_config_dir(cfg.model.path))  # a Megatron checkpoint keeps its HF files in `hf/`
         self.tokenizer = AutoTokenizer.from_pretrained(hf_dir)
         self.dataset = prompt_dataset(cfg, self.tokenizer)
         journal = run_dir / "queue"
@@ -59,17 +54,13 @@ class Producer:
             self.queue = ReplayQueue(**kwargs)
         self.farm = EngineFarm(build_engines(cfg, hf_dir, trainer.dtype))
         self.rewards = reward_pool(cfg)
-        stop_ids = [i for i in {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id} if i is not None]
-        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
-            stop_ids.append(im_end)
         self.manager = RolloutManager(
             self.dataset,
             self.farm,
             self.rewards,
             self.queue,
             n_samples=cfg.train.responses_per_prompt,
-            sampling=sampling_params(cfg, stop_token_ids=stop_ids),
+            sampling=sampling_params(cfg, stop_token_ids=stop_token_ids(self.tokenizer)),
             max_inflight_groups=cfg.rollout.max_inflight_groups,
         )
         if saved is not None:

@@ -81,17 +81,18 @@ def _reduce_metrics(per_microbatch: list[dict[str, float]], group) -> dict[str, 
         gathered: list[list[str]] = [None] * dist.get_world_size(group)  # type: ignore[list-item]
         dist.all_gather_object(gathered, keys, group=group)
         keys = sorted({k for ks in gathered for k in ks})
-    # On the CPU: filled value by value; moved to the collective's device (NCCL needs CUDA tensors) to reduce.
-    sums = torch.zeros(len(keys), dtype=torch.float64)
-    maxes = torch.full((len(keys),), -math.inf, dtype=torch.float64)
-    counts = torch.zeros(len(keys), dtype=torch.float64)
+    # Accumulated in Python floats; as tensors moved to the collective's device (NCCL needs CUDA tensors).
+    sum_list, max_list, count_list = [0.0] * len(keys), [-math.inf] * len(keys), [0.0] * len(keys)
     for d in per_microbatch:
         for i, k in enumerate(keys):
             if k in d:
                 v = float(d[k])
-                sums[i] += v
-                maxes[i] = max(maxes[i].item(), v)
-                counts[i] += 1
+                sum_list[i] += v
+                max_list[i] = max(max_list[i], v)
+                count_list[i] += 1
+    sums = torch.tensor(sum_list, dtype=torch.float64)
+    maxes = torch.tensor(max_list, dtype=torch.float64)
+    counts = torch.tensor(count_list, dtype=torch.float64)
     if group is not None and dist.get_world_size(group) > 1:
         device = platform.device()
         sums, counts, maxes = sums.to(device), counts.to(device), maxes.to(device)
