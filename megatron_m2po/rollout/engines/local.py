@@ -209,11 +209,12 @@ class LocalEngine(Engine):
     def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator):
         """Sampled tokens and their behaviour log-probs log_softmax(logits / T) (greedy at T=0: log-probs at T=1)."""
         if params.temperature == 0:
+            scaled = logits
             tokens = logits.argmax(-1)
-            return tokens, torch.log_softmax(logits, -1).gather(-1, tokens[:, None]).squeeze(-1)
-        scaled = logits / params.temperature
-        probs = sampling_distribution(scaled, params.top_p, params.top_k)
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        else:
+            scaled = logits / params.temperature
+            probs = sampling_distribution(scaled, params.top_p, params.top_k)
+            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         return tokens, torch.log_softmax(scaled, -1).gather(-1, tokens[:, None]).squeeze(-1)
 
     # -- weights ---------------------------------------------------------------------------------------
