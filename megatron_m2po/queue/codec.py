@@ -48,7 +48,13 @@ def _sample_version_range(versions: list[int]) -> tuple[int, int] | None:
 
 def version_range(group: Group) -> VersionRange:
     """The versions staleness is measured against; empty responses carry no version and are ignored."""
-    ranges = [r for s in group.samples if (r := _sample_version_range(s.versions)) is not None]
+    return _group_version_range(
+        group, [r for s in group.samples if (r := _sample_version_range(s.versions)) is not None]
+    )
+
+
+def _group_version_range(group: Group, ranges: list[tuple[int, int]]) -> VersionRange:
+    """The group's range from its non-empty samples' (low, high) ranges."""
     if not ranges:
         raise CodecError(
             f"group {group.prompt_id!r}: no sample has a response token, so it has no policy version "
@@ -91,7 +97,7 @@ def encode_group(group: Group, *, logprob_dtype: str = "float32") -> tuple[list[
     code, blob = _pack_ints(group.prompt_ids)
     body.append(blob)
     samples_meta = []
-    low = high = None
+    ranges: list[tuple[int, int]] = []
     for s in group.samples:
         meta: dict[str, Any] = {
             "group_index": s.group_index,
@@ -122,13 +128,9 @@ def encode_group(group: Group, *, logprob_dtype: str = "float32") -> tuple[list[
                 vcode, blob = _pack_ints(s.versions)
                 meta["versions"] = [vcode]
                 body.append(blob)
-            low = vr[0] if low is None else min(low, vr[0])
-            high = vr[1] if high is None else max(high, vr[1])
+            ranges.append(vr)
         samples_meta.append(meta)
-    if low is None or high is None:
-        raise CodecError(
-            f"group {group.prompt_id!r}: no sample has a response token, so it has no policy version"
-        )
+    group_range = _group_version_range(group, ranges)
     header = {
         "prompt_id": group.prompt_id,
         "answer": group.answer,
@@ -143,7 +145,7 @@ def encode_group(group: Group, *, logprob_dtype: str = "float32") -> tuple[list[
             f"group {group.prompt_id!r}: metadata/timings must be msgpack-serializable (str, numbers, "
             f"lists, dicts): {e}"
         ) from e
-    return [struct.pack("<I", len(head)), head, *body], VersionRange(low, high)
+    return [struct.pack("<I", len(head)), head, *body], group_range
 
 
 class _Reader:
