@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from collections import Counter
 
 from megatron_m2po.types import Group
@@ -12,10 +13,7 @@ BUCKET_NAMES = ("0", "1", "2-3", "4-7", "8-15", "16-31", "32-63", "64-127", "128
 
 
 def _bucket(staleness: int) -> int:
-    for i, edge in enumerate(_EDGES):
-        if staleness <= edge:
-            return i
-    return len(_EDGES)
+    return bisect.bisect_left(_EDGES, staleness)  # the first edge >= staleness
 
 
 class StalenessHistogram:
