@@ -293,11 +293,10 @@ class ReplayQueue:
                     raise ValueError(
                         f"release({n_groups}, version={version}): only {self._reserved[version]} reserved at it"
                     )
-                self._reserved[version] -= n_groups
+                _decrement(self._reserved, version, n_groups)
             else:
                 for _ in range(n_groups):
-                    self._reserved[max(v for v, c in self._reserved.items() if c > 0)] -= 1
-            self._reserved = +self._reserved
+                    _decrement(self._reserved, max(self._reserved))
             self._counters["released"] += n_groups
             self._notify_locked()
 
@@ -308,9 +307,7 @@ class ReplayQueue:
             return None
         older = [v for v in self._reserved if v <= low]
         chosen = max(older) if older else min(self._reserved)
-        self._reserved[chosen] -= 1
-        if not self._reserved[chosen]:
-            del self._reserved[chosen]
+        _decrement(self._reserved, chosen)
         return chosen
 
     def put(self, group: Group, *, timeout: float | None = None) -> bool:
@@ -360,7 +357,7 @@ class ReplayQueue:
             with self._cond:
                 self._pending_ids.discard(pid)
                 self._writing -= 1
-                self._dec_level_locked(vr.low)
+                _decrement(self._queued_levels, vr.low)
                 if reservation is not None:
                     self._reserved[reservation] += 1
                 self._notify_locked()
@@ -485,14 +482,9 @@ class ReplayQueue:
         """Groups counted against `capacity`: queued, being written, and reserved."""
         return len(self._entries) + self._writing + sum(self._reserved.values())
 
-    def _dec_level_locked(self, level: int) -> None:
-        self._queued_levels[level] -= 1
-        if not self._queued_levels[level]:
-            del self._queued_levels[level]
-
     def _remove_entry_locked(self, entry: _Entry) -> None:
         self._queued_tokens -= entry.tokens
-        self._dec_level_locked(entry.low)
+        _decrement(self._queued_levels, entry.low)
         self._consumed_above.add(entry.seq)
         self._advance_low_water_locked()
 
@@ -675,6 +667,13 @@ class ReplayQueue:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _decrement(counter: Counter[int], key: int, n: int = 1) -> None:
+    """Subtract `n` from `counter[key]`, deleting the key at zero (so the counter holds only live keys)."""
+    counter[key] -= n
+    if not counter[key]:
+        del counter[key]
 
 
 def _validate_commit(committed: dict[str, Any]) -> None:
