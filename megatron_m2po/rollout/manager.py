@@ -141,7 +141,7 @@ class RolloutManager:
                 admitted = await self.queue.admit_async(1, timeout=1.0, version=self.farm.version)
                 if not admitted:
                     slots.release()
-                    if getattr(self.queue, "_closed", False):
+                    if self.queue.closed:
                         break
                     continue
                 task = asyncio.ensure_future(self._produce_one(self._next_prompt()))
