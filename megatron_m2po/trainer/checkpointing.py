@@ -27,6 +27,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
 from megatron_m2po.models import unwrap_model
+from megatron_m2po.trainer.distribute import rank
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +37,6 @@ LATEST = "latest"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed from; the message names the directory and the problem."""
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def _barrier() -> None:
@@ -87,16 +84,16 @@ def save_checkpoint(
     ckpt_root = Path(ckpt_root)
     final = step_dir(ckpt_root, step)
     partial = final.with_name(final.name + ".partial")
-    if _rank() == 0:
+    if rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)
         (partial / "dist").mkdir(parents=True)
     _barrier()
     dist_checkpointing.save(_sharded_state(model, optimizer, is_loading=False), str(partial / "dist"))
-    torch.save(_rng_state(), partial / f"rng_rank{_rank()}.pt")
-    if _rank() == 0:
+    torch.save(_rng_state(), partial / f"rng_rank{rank()}.pt")
+    if rank() == 0:
         (partial / STATE_FILE).write_text(json.dumps(trainer_state, indent=1, sort_keys=True))
     _barrier()
-    if _rank() == 0:
+    if rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
         tmp = ckpt_root / (LATEST + ".tmp")
@@ -151,7 +148,7 @@ def load_checkpoint(path: str | Path, model, optimizer) -> dict[str, Any]:
         raise CheckpointError(f"{path / 'dist'}: cannot load the model/optimizer checkpoint: {e}") from e
     unwrap_model(model).load_state_dict(loaded["model"])
     optimizer.load_state_dict(loaded["optimizer"])
-    rng_file = path / f"rng_rank{_rank()}.pt"
+    rng_file = path / f"rng_rank{rank()}.pt"
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=False))
     else:
