@@ -172,12 +172,17 @@ class MetricsLogger:
             self.writer.close()
 
 
+def _tb_dir(run_dir: str | Path) -> Path:
+    """The event files' folder: a run dir's `tb/`, or the path itself."""
+    run_dir = Path(run_dir)
+    return run_dir / "tb" if (run_dir / "tb").is_dir() else run_dir
+
+
 def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     """All scalar series of a run (tag -> [(step, value)]), read back with TensorBoard's EventAccumulator."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_dir = Path(run_dir)
-    tb = run_dir / "tb" if (run_dir / "tb").is_dir() else run_dir
+    tb = _tb_dir(run_dir)
     if not any(tb.glob("events.out.tfevents.*")):
         raise FileNotFoundError(f"no TensorBoard event files in {tb}")
     series: dict[str, dict[int, float]] = {}
@@ -193,8 +198,7 @@ def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
 def read_histogram_tags(run_dir: str | Path) -> set[str]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_dir = Path(run_dir)
-    tb = run_dir / "tb" if (run_dir / "tb").is_dir() else run_dir
+    tb = _tb_dir(run_dir)
     tags: set[str] = set()
     for events in tb.glob("events.out.tfevents.*"):
         acc = EventAccumulator(str(events), size_guidance={"histograms": 0})
