@@ -31,6 +31,7 @@ from megatron_m2po.metrics import read_scalars  # noqa: E402
 
 
 def write_task(root: Path, args) -> Path:
+    from megatron_m2po.data.arithmetic import all_problems, write_jsonl
     from megatron_m2po.models.tiny import make_tiny_model
 
     model = make_tiny_model(
@@ -40,14 +41,7 @@ def write_task(root: Path, args) -> Path:
         intermediate_size=2 * args.hidden,
         num_hidden_layers=args.layers,
     )
-    prompts = root / "prompts.jsonl"
-    prompts.write_text(
-        "".join(
-            json.dumps({"problem": f"{a}+{b}", "answer": str(a + b)}) + "\n"
-            for a in range(40)
-            for b in range(40)
-        )
-    )
+    prompts = write_jsonl(all_problems(max_operand=39), root / "prompts.jsonl")  # a+b for 0 <= a, b < 40
     recipe = root / "recipe.yaml"
     recipe.write_text(f"""
 model: {{path: {model}}}
