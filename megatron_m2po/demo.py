@@ -74,7 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the RL recipe")
 
 
-def _heldout_accuracy(hf_dir: Path, heldout: Path, max_prompts: int, threads: int) -> float:
+def heldout_accuracy(hf_dir: Path, heldout: Path, max_prompts: int, threads: int) -> float:
+    """Greedy accuracy of an HF model dir on the task's held-out problems (the first `max_prompts`; 0: all)."""
     from megatron_m2po.evaluation import FileSpec, evaluate
     from megatron_m2po.types import SamplingParams
 
@@ -211,14 +212,14 @@ def run(args: argparse.Namespace) -> int:
     )
     t = lap("warm_start", t)
 
-    before = _heldout_accuracy(warm, data["heldout"], heldout_n, args.threads)
+    before = heldout_accuracy(warm, data["heldout"], heldout_n, args.threads)
     t = lap("eval_before", t)
 
     cfg = _rl(args, out, warm, data)
     t = lap("rl", t)
 
     trained = Path(cfg.logging.run_dir) / "hf"
-    after = _heldout_accuracy(trained, data["heldout"], heldout_n, args.threads)
+    after = heldout_accuracy(trained, data["heldout"], heldout_n, args.threads)
     t = lap("eval_after", t)
 
     plot = plot_run(cfg.logging.run_dir, out / "curves.png")
