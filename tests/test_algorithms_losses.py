@@ -231,6 +231,20 @@ def test_on_policy_value_is_minus_mean_advantage_and_metrics_are_complete():
         assert f"loss/{key}" in metrics
 
 
+@SETTINGS
+@given(data=batches())
+def test_fresh_data_makes_the_sweep_losses_one_gradient(data):
+    """At s = 0 (behaviour = current policy) every loss of the staleness sweep is the on-policy
+    gradient, so the sweep runs s = 0 once, as `on_policy`."""
+    lp, _, adv, mask = data
+    value, grad, _ = run(get_loss("on_policy"), lp, lp, adv, mask)
+    for name in ("grpo", "grpo_noclip", "m2po", "m2po_clip"):
+        other_value, other_grad, metrics = run(get_loss(name), lp, lp, adv, mask)
+        torch.testing.assert_close(other_value, value, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(other_grad, grad, rtol=1e-12, atol=1e-15)
+        assert metrics["loss/masked_fraction"] == 0.0 and metrics["loss/clip_fraction"] == 0.0
+
+
 def test_m2po_diagnostics_report_the_mask():
     """Two trust-region tokens, M2 = 0.01 and 0.25: mean 0.13 > 0.04, so the 0.25 token is masked."""
     lp = torch.tensor([[-1.0, -1.0, -1.0, -1.0]], dtype=torch.float64)

@@ -3,6 +3,7 @@ the launch scripts parse, and the memory estimate's parameter formula matches re
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -124,24 +125,26 @@ def test_parameter_counts_match_the_published_totals():
     assert est["trainer_gib_per_gpu"] == pytest.approx(8_190_735_360 * 18 / 4 / 2**30)
 
 
-@pytest.mark.parametrize("s", [0, 4, 16, 64, 256])
-@pytest.mark.parametrize("loss", ["on_policy", "grpo", "grpo_noclip", "m2po", "m2po_clip"])
-def test_gpu_staleness_sweep_overrides_validate(loss, s):
-    """The overrides examples/staleness_sweep/gpu_sweep.sh passes to the Qwen3-1.7B recipe."""
-    text = (EXAMPLES / "staleness_sweep" / "gpu_sweep.sh").read_text()
-    assert "UPDATES_PER_STEP=4" in text and "queue_capacity=$((256 * (k + 1)))" in text
-    k = s // 4
-    mode = (
-        ["staleness.mode=sync", "staleness.fixed_lag_steps=0"]
-        if s == 0
-        else [
-            "staleness.mode=fixed",
-            f"staleness.fixed_lag_steps={k}",
-            f"staleness.queue_capacity={256 * (k + 1)}",
-        ]
+def test_gpu_staleness_sweep_jobs_validate_against_the_recipe():
+    """SUBMIT=echo prints gpu_sweep.sh's jobs: the grid (s = 0 only as on_policy), each a valid
+    Qwen3-1.7B recipe at exactly s updates of staleness."""
+    proc = subprocess.run(
+        ["bash", str(EXAMPLES / "staleness_sweep" / "gpu_sweep.sh")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SUBMIT": "echo"},
+        cwd=EXAMPLES.parent,
+        check=True,
     )
-    cfg = load_config(
-        EXAMPLES / "qwen3_1.7b" / "recipe.yaml",
-        [*mode, f"algorithm.loss={loss}", "rollout.behavior_logprobs=trainer", "train.steps=1000"],
-    )
-    assert cfg.fixed_staleness == s
+    jobs = {}
+    for line in proc.stdout.splitlines():
+        script, *overrides = line.split()
+        assert script == "examples/qwen3_1.7b/launch.sh"
+        cfg = load_config(EXAMPLES / "qwen3_1.7b" / "recipe.yaml", overrides)
+        jobs[(cfg.algorithm.loss, cfg.fixed_staleness)] = cfg
+    expected = {("on_policy", 0)} | {
+        (loss, s) for loss in ("grpo", "grpo_noclip", "m2po", "m2po_clip") for s in (4, 16, 64, 256)
+    }
+    assert set(jobs) == expected
+    for cfg in jobs.values():
+        assert cfg.rollout.behavior_logprobs == "trainer" and cfg.train.steps == 1000
