@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,6 +55,11 @@ def test_sweep_smoke(tmp_path):
         assert 0.0 <= float(r["final_accuracy"]) <= 1.0
         assert [int(p.split(":")[0]) for p in r["curve"].split()] == [0, 3]
     assert float(rows[0]["staleness_mean"]) == 0.0 and float(rows[1]["staleness_mean"]) > 0.0
+    # training curves binned over 32 updates: 3 updates make one bin
+    for r in rows:
+        assert [p.split(":")[0] for p in r["zeroed_curve"].split()] == ["32"]
+        assert float(r["m2_curve"].split(":")[1]) == pytest.approx(float(r["m2_before"]))
+    assert float(rows[0]["m2_before"]) < 1e-9  # s = 0: the behaviour policy is the trained one
     table = (out / "results.md").read_text().splitlines()
     assert "20 held-out problems" in table[0]
     assert table[2].startswith("| loss | s |") and len(table) == 4 + 2
@@ -63,4 +70,11 @@ def test_sweep_smoke(tmp_path):
     again = sweep()
     assert again.returncode == 0, again.stderr[-5000:]
     assert again.stderr.count("already done, reused") == 2
+    assert list(csv.DictReader((out / "results.csv").open())) == rows
+
+    # --report rebuilds the same results from the finished runs alone
+    report = subprocess.run(
+        [*cmd, "--report"], capture_output=True, text=True, timeout=300, cwd=REPO, env=env
+    )
+    assert report.returncode == 0, report.stderr[-5000:]
     assert list(csv.DictReader((out / "results.csv").open())) == rows

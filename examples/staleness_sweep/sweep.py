@@ -64,8 +64,11 @@ def table_order(row: dict) -> tuple:
 
 
 def finished_rows(out: Path) -> list[dict]:
-    """The results rows of every finished run under OUT/runs."""
-    return [json.loads(p.read_text())["row"] for p in (out / "runs").glob("*/summary.json")]
+    """The results rows of every finished run under OUT/runs, the curves read again from its events."""
+    return [
+        {**json.loads(done.read_text())["row"], **summarize_run(done.parent)}
+        for done in (out / "runs").glob("*/summary.json")
+    ]
 
 
 def prepare(out: Path, seed: int, heldout: int, quick: bool) -> tuple[Path, dict[str, Path], float]:
@@ -157,8 +160,25 @@ def run_one(out: Path, warm: Path, data: dict[str, Path], loss: str, s: int, see
     return row
 
 
-def summarize_run(run_dir: Path) -> dict[str, float]:
-    """The held-out accuracy curve and its best point, and training means of the masked / clipped fraction and M2."""
+def format_curve(points) -> str:
+    return " ".join(f"{step:g}:{value:.6g}" for step, value in points)
+
+
+def parse_curve(text: str) -> dict[float, float]:
+    return dict(tuple(map(float, point.split(":"))) for point in text.split())
+
+
+def binned(points: list[tuple[int, float]], width: int = 32) -> list[tuple[int, float]]:
+    """Means over consecutive `width`-update windows, each placed at its window's last update."""
+    bins: dict[int, list[float]] = {}
+    for step, value in points:
+        bins.setdefault((step - 1) // width, []).append(value)
+    return [((b + 1) * width, statistics.fmean(v)) for b, v in sorted(bins.items())]
+
+
+def summarize_run(run_dir: Path) -> dict:
+    """From the run's TensorBoard events: the held-out accuracy curve and its best point; training
+    means and 32-update curves of the zeroed token fraction (masked by M2PO, clipped by PPO) and M2."""
     from megatron_m2po.metrics import read_scalars
 
     series = read_scalars(run_dir)
@@ -167,8 +187,11 @@ def summarize_run(run_dir: Path) -> dict[str, float]:
 
     def mean(tag: str) -> float:
         values = [v for _, v in series.get(tag, [])]
-        return sum(values) / len(values) if values else float("nan")
+        return statistics.fmean(values) if values else float("nan")
 
+    masked = dict(series.get("loss/masked_fraction", []))
+    clipped = dict(series.get("loss/clip_fraction", []))
+    zeroed = [(step, masked.get(step, 0.0) + clipped.get(step, 0.0)) for step in sorted({*masked, *clipped})]
     curve = series["eval/accuracy"]
     return {
         "best_accuracy": max(v for _, v in curve),
@@ -176,7 +199,9 @@ def summarize_run(run_dir: Path) -> dict[str, float]:
         "clip_fraction": mean("loss/clip_fraction"),
         "m2_before": mean("loss/m2_before"),
         "staleness_mean": mean("train/staleness_mean"),
-        "curve": " ".join(f"{step}:{acc:.4f}" for step, acc in curve),
+        "curve": format_curve(curve),
+        "zeroed_curve": format_curve(binned(zeroed)),
+        "m2_curve": format_curve(binned(series.get("loss/m2_before", []))),
     }
 
 
@@ -213,16 +238,25 @@ def write_table(rows: list[dict], path: Path, start_accuracy: float, heldout: in
     return text
 
 
-def mean_curve(rows: list[dict]) -> tuple[list[float], list[float]]:
-    """Held-out accuracy averaged over the runs' common evaluation steps."""
-    curves = [dict(tuple(map(float, p.split(":"))) for p in r["curve"].split()) for r in rows]
+def mean_curve(rows: list[dict], key: str = "curve") -> tuple[list[float], list[float]]:
+    """A curve averaged over the runs (seeds) at their common steps."""
+    curves = [parse_curve(r[key]) for r in rows]
     steps = sorted(set.intersection(*(set(c) for c in curves)))
     return steps, [statistics.fmean(c[x] for c in curves) for x in steps]
 
 
+# (row key, y label, y scale, factor) of each row of panels in accuracy_by_staleness.png
+PANEL_ROWS = (
+    ("curve", "held-out accuracy (greedy)", "linear", 1.0),
+    ("zeroed_curve", "masked or clipped tokens (%)", "linear", 100.0),
+    ("m2_curve", "M2 of the log-ratio", "log", 1.0),
+)
+
+
 def plot(rows: list[dict], out: Path) -> list[Path]:
-    """accuracy.png: a panel per loss, a line per s; accuracy_by_staleness.png: a panel per s > 0, a
-    line per loss, with on-policy (s = 0) drawn in every panel as the reference."""
+    """accuracy.png: a panel per loss, a line per s. accuracy_by_staleness.png: a column per s > 0, a
+    line per loss (on-policy, s = 0, dashed in every accuracy panel), rows: accuracy, token fraction
+    masked (M2PO) or clipped (PPO), M2; all means over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -231,16 +265,28 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     def select(loss: str, s: int) -> list[dict]:
         return [r for r in rows if r["loss"] == loss and int(r["staleness"]) == s]
 
-    def draw(figure_path: Path, panels: list, lines_of, title_of) -> Path:
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.5), squeeze=False, sharey=True)
+    def draw(figure_path: Path, panels: list, lines_of, title_of, panel_rows) -> Path:
+        fig, axes = plt.subplots(
+            len(panel_rows),
+            len(panels),
+            figsize=(4.5 * len(panels), 3.2 * len(panel_rows)),
+            squeeze=False,
+            sharey="row",
+            sharex=True,
+        )
+        for row_axes, (key, label, scale, factor) in zip(axes, panel_rows):
+            for ax, panel in zip(row_axes, panels):
+                for name, group, style in lines_of(panel, key):
+                    steps, values = mean_curve(group, key)
+                    ax.plot(steps, [factor * v for v in values], style, marker=".", markersize=3, label=name)
+                ax.set_yscale(scale)
+                ax.grid(alpha=0.3)
+            row_axes[0].set_ylabel(label)
         for ax, panel in zip(axes[0], panels):
-            for label, group, style in lines_of(panel):
-                ax.plot(*mean_curve(group), style, marker=".", label=label)
             ax.set_title(title_of(panel))
-            ax.set_xlabel("optimizer updates")
-            ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        axes[0][0].set_ylabel("held-out accuracy (greedy, mean over seeds)")
+        for ax in axes[-1]:
+            ax.set_xlabel("optimizer updates")
         fig.tight_layout()
         fig.savefig(figure_path, dpi=100)
         plt.close(fig)
@@ -250,17 +296,19 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     staleness = sorted({int(r["staleness"]) for r in rows})
     on_policy = select("on_policy", 0)
 
-    def by_s(loss: str):
+    def by_s(loss: str, key: str):
         return [(f"s={s}", select(loss, s), "-") for s in staleness if select(loss, s)]
 
-    def by_loss(s: int):
-        reference = [("on_policy (s=0)", on_policy, "k--")] if on_policy else []
+    def by_loss(s: int, key: str):
+        reference = [("on_policy (s=0)", on_policy, "k--")] if on_policy and key == "curve" else []
         return reference + [(loss, select(loss, s), "-") for loss in losses if select(loss, s)]
 
-    paths = [draw(out / "accuracy.png", losses, by_s, str)]
+    paths = [draw(out / "accuracy.png", losses, by_s, str, PANEL_ROWS[:1])]
     stale = [s for s in staleness if s > 0]
     if stale:
-        paths.append(draw(out / "accuracy_by_staleness.png", stale, by_loss, lambda s: f"s = {s}"))
+        paths.append(
+            draw(out / "accuracy_by_staleness.png", stale, by_loss, lambda s: f"s = {s}", PANEL_ROWS)
+        )
     return paths
 
 
@@ -276,6 +324,8 @@ FIELDS = [
     "staleness_mean",
     "seconds",
     "curve",
+    "zeroed_curve",
+    "m2_curve",
 ]
 
 
