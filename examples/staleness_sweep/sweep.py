@@ -278,7 +278,9 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
             for ax, panel in zip(row_axes, panels):
                 for name, group, style in lines_of(panel, key):
                     steps, values = mean_curve(group, key)
-                    ax.plot(steps, [factor * v for v in values], style, marker=".", markersize=3, label=name)
+                    ax.plot(
+                        steps, [factor * v for v in values], marker=".", markersize=3, label=name, **style
+                    )
                 ax.set_yscale(scale)
                 ax.grid(alpha=0.3)
             row_axes[0].set_ylabel(label)
@@ -297,11 +299,12 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
     on_policy = select("on_policy", 0)
 
     def by_s(loss: str, key: str):
-        return [(f"s={s}", select(loss, s), "-") for s in staleness if select(loss, s)]
+        return [(f"s={s}", select(loss, s), {}) for s in staleness if select(loss, s)]
 
     def by_loss(s: int, key: str):
-        reference = [("on_policy (s=0)", on_policy, "k--")] if on_policy and key == "curve" else []
-        return reference + [(loss, select(loss, s), "-") for loss in losses if select(loss, s)]
+        reference = [("on_policy (s=0)", on_policy, {"color": "k", "linestyle": "--"})]
+        lines = [(loss, select(loss, s), {"color": f"C{LOSSES.index(loss)}"}) for loss in losses]
+        return (reference if on_policy and key == "curve" else []) + [line for line in lines if line[1]]
 
     paths = [draw(out / "accuracy.png", losses, by_s, str, PANEL_ROWS[:1])]
     stale = [s for s in staleness if s > 0]
