@@ -34,20 +34,23 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=path, **extra)
 
 
-def run_torchrun(
-    script: str | Path, nproc: int, *args: str, timeout: float = 600
-) -> subprocess.CompletedProcess:
-    """Run `script` under torchrun with `nproc` CPU processes (gloo); fail the test with its output on error."""
-    cmd = [
+def torchrun_prefix(nproc: int) -> list[str]:
+    """`torchrun --nproc-per-node=nproc` on a free local port; append the script (or `-m module`) and args."""
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         f"--nproc-per-node={nproc}",
         f"--master-port={free_port()}",
         "--master-addr=127.0.0.1",
-        str(script),
-        *map(str, args),
     ]
+
+
+def run_torchrun(
+    script: str | Path, nproc: int, *args: str, timeout: float = 600
+) -> subprocess.CompletedProcess:
+    """Run `script` under torchrun with `nproc` CPU processes (gloo); fail the test with its output on error."""
+    cmd = [*torchrun_prefix(nproc), str(script), *map(str, args)]
     env = subprocess_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
     if proc.returncode != 0:

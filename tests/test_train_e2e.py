@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from megatron_m2po.metrics import read_histogram_tags, read_scalars
-from tests.conftest import REPO, free_port, subprocess_env
+from tests.conftest import REPO, subprocess_env, torchrun_prefix
 
 REQUIRED_TAGS = (
     "rollout/reward_mean",
@@ -82,17 +82,8 @@ def train_cmd(
     )
     if nproc == 1:
         return [sys.executable, "-m", "megatron_m2po.train", *args]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        f"--nproc-per-node={nproc}",
-        f"--master-port={free_port()}",
-        "--master-addr=127.0.0.1",
-        "-m",  # as a module: a script path would put megatron_m2po/ first on sys.path (its platform.py)
-        "megatron_m2po.train",
-        *args,
-    ]
+    # as a module: a script path would put megatron_m2po/ first on sys.path (its platform.py)
+    return [*torchrun_prefix(nproc), "-m", "megatron_m2po.train", *args]
 
 
 def env() -> dict[str, str]:
