@@ -163,14 +163,11 @@ async def generate_all(
     """n samples for every prompt, at most `concurrency` prompts in flight, in prompt order."""
     limit = asyncio.Semaphore(concurrency)
 
-    async def one(i: int, prompt) -> list[Sample]:
-        async with limit:
-            seeded = SamplingParams(
-                **{**asdict(params), "seed": None if params.seed is None else params.seed + i}
-            )
-            return await engine.generate(prompt.prompt_id, prompt.prompt_ids, n, seeded)
+    async def one(prompt) -> list[Sample]:
+        async with limit:  # the engine seeds each request from params.seed (the run seed) and the prompt id
+            return await engine.generate(prompt.prompt_id, prompt.prompt_ids, n, params)
 
-    return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+    return list(await asyncio.gather(*(one(p) for p in prompts)))
 
 
 # ----------------------------------------------------------------------------------------- datasets
@@ -408,7 +405,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold")
     parser.add_argument("--max-new-tokens", type=int, default=2560, help="response length limit (tokens)")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed (prompt i uses seed + i)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="run seed: each request's sampling seed derives from it"
+    )
     parser.add_argument("--engine", choices=ENGINES, default="local", help="rollout engine")
     parser.add_argument("--url", nargs="*", default=[], help="sglang or vllm server base URLs")
     parser.add_argument(

@@ -19,6 +19,8 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = -1
     stop_token_ids: list[int] = field(default_factory=list)
+    # The run seed, not a request's: each engine seeds request (prompt_id, sample i) with
+    # rollout.seeding.request_seed(seed, its policy version, prompt_id, i). None: unseeded.
     seed: int | None = None
 
 

@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 
 def sampling_params(cfg: Config, *, stop_token_ids: list[int]) -> SamplingParams:
+    """The rollout settings; `seed` is the run seed, from which every engine derives each request's own."""
     r = cfg.rollout
     return SamplingParams(
         max_new_tokens=r.max_new_tokens,

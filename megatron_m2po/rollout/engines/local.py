@@ -7,6 +7,12 @@ what the trainer recomputes from the same weights. Compute runs in one worker th
 asyncio loop (the rollout manager) stays responsive. A weight update waits for the decoding step
 in progress, then in-flight requests continue on the new weights and record the new version for
 the tokens that follow (per-token staleness); the farm can abort them instead.
+
+Sample i of a request draws from its own generator seeded with `request_seed(params.seed, version,
+prompt_id, i)` (`params.seed` is the run seed, `version` the policy version of the request's first
+token), so the samples of a group are independent, no two requests share noise, and a rerun replays
+them exactly; sample i does not depend on n or on when the other rows stop. Without a run seed the
+seeds come from the engine's own generator (its constructor `seed`).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from megatron_m2po.rollout.engines.base import Engine, EngineError, NamedTensors
+from megatron_m2po.rollout.seeding import SEED_BITS, request_seed
 from megatron_m2po.types import Sample, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -83,7 +90,7 @@ class LocalEngine(Engine):
         self._cache_kw = "cache" if "cache" in forward_args else "past_key_values"
         self._max_positions = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
         self._version = version
-        self._seed = torch.Generator().manual_seed(seed)
+        self._seeds = torch.Generator().manual_seed(seed)  # per-request seeds when there is no run seed
         self._cond = threading.Condition()  # guards weights + version; held for each decoding step
         self._updating = False
         self._paused = False
@@ -143,11 +150,7 @@ class LocalEngine(Engine):
         submitted: float,
     ) -> list[Sample]:
         started = time.perf_counter()
-        generator = torch.Generator(device=self.device)
-        if params.seed is not None:
-            generator.manual_seed(params.seed)
-        else:
-            generator.manual_seed(int(torch.randint(0, 2**62, (1,), generator=self._seed)))
+        generators: list[torch.Generator] = []  # one per sample, seeded at the first decoding step
         stop_ids = self._stop_ids | set(params.stop_token_ids)
         max_new = min(params.max_new_tokens, self._max_positions - len(prompt_ids))
         tokens: list[list[int]] = [[] for _ in range(n)]
@@ -165,7 +168,11 @@ class LocalEngine(Engine):
                     logits = self.model(
                         input_ids=step_input, use_cache=True, **{self._cache_kw: cache}
                     ).logits
-                next_tokens, token_logprobs = self._sample(logits[:, -1, :].float(), params, generator)
+                if not generators:
+                    generators = self._generators(params.seed, version, prompt_id, n)
+                next_tokens, token_logprobs = self._sample(
+                    logits[:, -1, :].float(), params, [generators[i] for i in active]
+                )
                 step_tokens, step_logprobs = next_tokens.tolist(), token_logprobs.tolist()
                 keep = []
                 for row, sample_index in enumerate(active):
@@ -205,16 +212,28 @@ class LocalEngine(Engine):
             for i in range(n)
         ]
 
+    def _generators(
+        self, run_seed: int | None, version: int, prompt_id: str, n: int
+    ) -> list[torch.Generator]:
+        """Sample i's generator, seeded from (run seed, version, prompt id, i), else by the engine."""
+        if run_seed is None:
+            seeds = torch.randint(0, (1 << SEED_BITS) - 1, (n,), generator=self._seeds).tolist()
+        else:
+            seeds = [request_seed(run_seed, version, prompt_id, i) for i in range(n)]
+        return [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
+
     @staticmethod
-    def _sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator):
-        """Sampled tokens and their behaviour log-probs log_softmax(logits / T) (greedy at T=0: log-probs at T=1)."""
+    def _sample(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]):
+        """Row r's token drawn with generators[r], and its behaviour log-prob log_softmax(logits / T)
+        (greedy at T=0: log-probs at T=1)."""
         if params.temperature == 0:
             scaled = logits
             tokens = logits.argmax(-1)
         else:
             scaled = logits / params.temperature
             probs = sampling_distribution(scaled, params.top_p, params.top_k)
-            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            rows = zip(probs, generators, strict=True)
+            tokens = torch.cat([torch.multinomial(row[None], 1, generator=g)[0] for row, g in rows])
         return tokens, torch.log_softmax(scaled, -1).gather(-1, tokens[:, None]).squeeze(-1)
 
     # -- weights ---------------------------------------------------------------------------------------
