@@ -48,7 +48,9 @@ def released_solve_tau(sorted_delta2: torch.Tensor, target_sum: float):
             if k == 0:
                 return 0.0, csum[-1].item() / n
             m2_after = (sorted_delta2[k - 1].item() * (rest + 1) + float(csum[k - 1].item())) / n
-            return float(sorted_delta2[k - 1].item() - 1e-12) ** 0.5, m2_after
+            # Released: `float(s - 1e-12) ** 0.5`, a complex number when s_{k-1} < 1e-12, on which its
+            # `float(torch.exp(torch.tensor(-tau)))` raises. The formula on its domain: tau^2 = 0.
+            return max(float(sorted_delta2[k - 1].item() - 1e-12), 0.0) ** 0.5, m2_after
     return 100000
 
 

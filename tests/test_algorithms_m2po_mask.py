@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 from algorithm_refs import algorithm1, released_m2po_clip_loss, released_solve_tau, released_trust_region
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from megatron_m2po.algorithms import compute_m2_threshold, get_loss, trust_region_mask, water_filling_tau
@@ -132,6 +132,7 @@ def trust_values(draw):
 
 @settings(max_examples=200, deadline=None)
 @given(values=trust_values(), budget=st.sampled_from([0.04, 0.01, 0.1]))
+@example(values=torch.tensor([1.0, 6.0e-21], dtype=torch.float64), budget=0.04)  # s_{k-1} < 1e-12: tau = 0
 def test_water_filling_tau_identical_to_the_released_loop(values, budget):
     solved = water_filling_tau(values, budget)
     n = values.numel()
@@ -158,8 +159,19 @@ def clip_batches(draw):
     return old + lr.view(b, t), old, adv[:, None].expand(b, t).contiguous(), mask
 
 
+# Found by hypothesis: trust-region M2 of 1 and 6.0e-21, so the released solve's tau^2 = s_{k-1} - 1e-12 < 0
+_OLD = torch.full((1, 2), -1.5, dtype=torch.float64)
+TINY_M2_EDGE = (
+    _OLD + torch.tensor([[1.0, 7.75e-11]], dtype=torch.float64),
+    _OLD,
+    torch.ones_like(_OLD),
+    torch.ones(1, 2, dtype=torch.bool),
+)
+
+
 @settings(max_examples=80, deadline=None)
 @given(data=clip_batches(), low=st.sampled_from([None, 0.3]), high=st.sampled_from([None, 0.5]))
+@example(data=TINY_M2_EDGE, low=None, high=None)
 def test_m2po_clip_equals_the_released_code_step_by_step(data, low, high):
     lp, old, adv, mask = data
     x = lp.clone().requires_grad_()
@@ -181,6 +193,7 @@ def test_m2po_clip_equals_the_released_code_step_by_step(data, low, high):
 
 @settings(max_examples=60, deadline=None)
 @given(data=clip_batches())
+@example(data=TINY_M2_EDGE)
 def test_m2po_clip_masks_at_least_what_m2po_masks(data):
     """Both drop a suffix of the sorted trust-region M2; the capped-mean rule stops later (M2PO.md)."""
     lp, old, adv, mask = data
