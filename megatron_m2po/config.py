@@ -195,7 +195,18 @@ class TrainConfig:
     prompts_per_step: int = opt(8, "prompt groups consumed per step", ge=1)
     responses_per_prompt: int = opt(8, "responses sampled per prompt (the group size n)", ge=1)
     prompts_per_update: int = opt(8, "mini-batch: prompt groups per optimizer update", ge=1)
-    micro_batch_size: int = opt(8, "sequences per micro-batch on one DP rank (forward/backward unit)", ge=1)
+    micro_batch_size: int = opt(
+        8, "sequences per micro-batch on one DP rank (forward/backward unit; unused with a token budget)", ge=1
+    )
+    max_tokens_per_microbatch: int = opt(
+        0,
+        "token budget of a packed micro-batch (0 = micro_batch_size sequences each): sequences are balanced "
+        "by tokens over DP ranks and the fewest micro-batches that fit; implies pack_sequences",
+        ge=0,
+    )
+    pack_sequences: bool = opt(
+        False, "concatenate a micro-batch's sequences without padding (THD, cu_seqlens) for the forward"
+    )
     lr: float = opt(1e-6, "peak learning rate", gt=0)
     min_lr: float = opt(0.0, "final learning rate of a cosine / linear schedule", ge=0)
     lr_schedule: str = opt("constant", "learning-rate decay", choices=("constant", "cosine", "linear"))
@@ -499,6 +510,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(
             f"'staleness.queue_capacity': {s.queue_capacity} cannot hold the "
             f"{t.prompts_per_step * (1 + s.fixed_lag_steps)} groups this mode keeps queued"
+        )
+    longest = cfg.data.max_prompt_tokens + r.max_new_tokens
+    if t.max_tokens_per_microbatch and t.max_tokens_per_microbatch < longest:
+        raise ConfigError(
+            f"'train.max_tokens_per_microbatch': {t.max_tokens_per_microbatch} cannot hold the longest "
+            f"sequence, data.max_prompt_tokens + rollout.max_new_tokens = {longest}"
         )
     if r.engine == "sglang" and not r.urls:
         raise ConfigError("'rollout.urls': sglang needs at least one server or router URL")

@@ -42,8 +42,8 @@ from megatron_m2po.trainer.batching import (
     TRAINER_LOGPROBS_KEY,
     groups_to_rows,
     make_microbatches,
+    plan_microbatches,
     rollout_metrics,
-    shard_for_rank,
     split_minibatches,
 )
 from megatron_m2po.trainer.distribute import broadcast_from_rank0, merge_metrics_to_rank0, rank
@@ -116,16 +116,30 @@ class Trainer:
         self.synced_version: int | None = None  # the version the engines hold
         self.num_params = sum(p.numel() for p in self.model.parameters()) * mp  # for the MFU estimate
 
-    def _microbatches(self, mine, rows, version: int):
-        """This rank's share `mine` of `rows`, padded to one shape for all of `rows` on every rank
-        (the pipeline's p2p buffers need it)."""
+    def _microbatches(self, rows, version: int):
+        """This DP rank's micro-batches of `rows` (`batching.plan_microbatches`), in one shape wherever the
+        pipeline's p2p buffers need it: padded to the longest of `rows`, or packed to the token budget."""
+        t = self.cfg.train
+        plan = plan_microbatches(
+            [len(r.tokens) for r in rows],
+            self.dp_size,
+            micro_batch_size=t.micro_batch_size,
+            max_tokens=t.max_tokens_per_microbatch,
+        )
+        pack = t.pack_sequences or bool(t.max_tokens_per_microbatch)
+        packed_len = None
+        if pack and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            longest = max(sum(len(rows[i].tokens) for i in mb) for shard in plan for mb in shard)
+            packed_len = max(t.max_tokens_per_microbatch, longest)
         return make_microbatches(
-            mine,
-            self.cfg.train.micro_batch_size,
+            rows,
+            plan[self.dp_rank],
             consumer_version=version,
             pad_id=self.pad_id,
-            fixed_shape=True,
-            seq_len=max(len(r.tokens) for r in rows),
+            pack=pack,
+            seq_len=None if pack else max(len(r.tokens) for r in rows),
+            batch_size=t.micro_batch_size,
+            packed_len=packed_len,
         )
 
     def update(self, groups: list[Group], version: int) -> dict[str, float]:
@@ -135,7 +149,7 @@ class Trainer:
         ids = [g.prompt_id for g in groups for _ in g.samples]
         advantages = algorithms.compute_advantages(rewards, ids, estimator=a.advantage)
         rows = groups_to_rows(groups, advantages, behavior_source=cfg.rollout.behavior_logprobs)
-        mbs = self._microbatches(shard_for_rank(rows, self.dp_rank, self.dp_size), rows, version)
+        mbs = self._microbatches(rows, version)
         # The loss is a mean over the whole mini-batch (all DP ranks): DDP averages over DP, hence / dp.
         if a.aggregation == "token-mean":
             total = sum(len(r.tokens) - r.prompt_len for r in rows)
@@ -180,15 +194,15 @@ class Trainer:
         groups = broadcast_from_rank0(groups)
         zeros = torch.zeros(len([s for g in groups for s in g.samples]))
         rows = groups_to_rows(groups, zeros, behavior_source="engine")
-        mine = list(range(self.dp_rank, len(rows), self.dp_size))
         out: dict[int, list[float]] = {}
-        if mine:
-            mbs = self._microbatches([rows[i] for i in mine], rows, version=0)
+        mbs = self._microbatches(rows, version=0)  # none on a rank whose share is empty
+        if mbs:
             lps = forward_logprobs(self.model, mbs, self.cfg.rollout.temperature)
-            flat = [lp_row for lp in lps for lp_row in lp]
-            for i, lp_row in zip(mine, flat):
-                r = rows[i]
-                out[i] = lp_row[r.prompt_len - 1 : len(r.tokens) - 1].tolist()
+            for mb, lp in zip(mbs, lps):
+                for i, lp_row in zip(mb.row_index.tolist(), lp):
+                    if i >= 0:
+                        r = rows[i]
+                        out[i] = lp_row[r.prompt_len - 1 : len(r.tokens) - 1].tolist()
         parts = gather_to_rank0(out if parallel_state.is_pipeline_last_stage() else {})
         if parts is None:
             return

@@ -95,6 +95,18 @@ def test_errors_name_file_and_line(tmp_path, tokenizer):
         PromptDataset(boxless, tokenizer, answer_key="solution", answer_format="boxed")
 
 
+def test_non_utf8_line_is_named_by_file_and_line(tmp_path, tokenizer):
+    """A Latin-1 byte on line 3 (was a bare UnicodeDecodeError with neither file nor line); skip mode counts it."""
+    good = (json.dumps({"problem": "a", "answer": "1"}) + "\n").encode()
+    f = tmp_path / "latin1.jsonl"
+    f.write_bytes(good + b"\n" + '{"problem": "caf\xe9", "answer": "2"}\n'.encode("latin-1") + good)
+    with pytest.raises(PromptDataError, match=r"latin1\.jsonl:line 3: not UTF-8 text \(byte 16 of the line"):
+        PromptDataset(f, tokenizer)
+    ds = PromptDataset(f, tokenizer, on_error="skip")
+    assert [p.prompt_id for p in ds] == ["latin1:1", "latin1:4"]
+    assert ds.num_skipped_malformed == 1
+
+
 def test_skip_mode_counts_bad_rows(tmp_path, tokenizer):
     f = _write_jsonl(
         tmp_path / "mixed.jsonl",

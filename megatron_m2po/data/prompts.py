@@ -94,8 +94,13 @@ def _read_rows(path: Path) -> Iterator[tuple[int, Any]]:
 
         yield from enumerate(pq.read_table(path).to_pylist(), start=1)
         return
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:  # bytes, so a line that is not UTF-8 is reported with its number
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, PromptDataError(f"not UTF-8 text (byte {e.start} of the line: {e.reason})")
+                continue
             if not line.strip():
                 continue
             try:
@@ -194,6 +199,8 @@ class PromptDataset:
     def _make_prompt(
         self, lineno: int, row: Any, problem_key: str, answer_key: str, answer_format: str
     ) -> Prompt:
+        if isinstance(row, PromptDataError):
+            raise row
         if isinstance(row, Exception):
             raise PromptDataError(f"invalid JSON: {row}")
         if not isinstance(row, dict):

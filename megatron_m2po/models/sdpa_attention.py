@@ -3,6 +3,10 @@
 Megatron's own `DotProductAttention` needs a CUDA global memory buffer and a fused softmax; this module
 has the same constructor/forward contract but is plain PyTorch, so it runs on CPU and matches the HF
 reference numerically (HF uses the same SDPA kernel).
+
+Packed sequences (`packed_seq_params.qkv_format == "thd"`, q [t, np, hn]) are attended one sequence at a
+time, causally within each `cu_seqlens` segment: the same arithmetic as a right-padded row (padding sits
+after the real tokens, so causality already hides it), and no t x t block-diagonal mask is materialised.
 """
 
 from __future__ import annotations
@@ -59,9 +63,13 @@ class SDPAttention(MegatronModule):
         attention_bias: torch.Tensor | None = None,
         packed_seq_params: Any = None,
     ) -> torch.Tensor:
-        if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("SDPAttention supports neither packed sequences nor attention bias")
+        if attention_bias is not None:
+            raise ValueError("SDPAttention does not support attention bias")
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        if packed_seq_params is not None:
+            if mask_type != AttnMaskType.causal:
+                raise ValueError(f"SDPAttention: packed sequences need a causal mask type, got {mask_type}")
+            return self._packed(query, key, value, packed_seq_params)
         # [s, b, h, d] -> [b, h, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         if attention_mask is not None:
@@ -69,16 +77,44 @@ class SDPAttention(MegatronModule):
             sdpa_mask, is_causal = ~attention_mask, False
         else:
             sdpa_mask, is_causal = None, mask_type == AttnMaskType.causal
-        context = torch.nn.functional.scaled_dot_product_attention(
+        context = self._sdpa(q, k, v, sdpa_mask, is_causal)
+        # [b, h, s, d] -> [s, b, h*d]
+        b, h, s, d = context.shape
+        return context.permute(2, 0, 1, 3).reshape(s, b, h * d)
+
+    def _sdpa(self, q, k, v, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(
             q,
             k,
             v,
-            attn_mask=sdpa_mask,
+            attn_mask=mask,
             dropout_p=self.dropout_p if self.training else 0.0,
             is_causal=is_causal,
             scale=self.softmax_scale,
             enable_gqa=self.num_heads_per_partition != self.num_groups_per_partition,
         )
-        # [b, h, s, d] -> [s, b, h*d]
-        b, h, s, d = context.shape
-        return context.permute(2, 0, 1, 3).reshape(s, b, h * d)
+
+    def _packed(self, query, key, value, params) -> torch.Tensor:
+        """THD: q [t, np, hn], k/v [t, ng, hn] -> [t, np*hn], causal attention inside each segment."""
+        if params.qkv_format != "thd":
+            raise ValueError(
+                f"SDPAttention: packed_seq_params.qkv_format must be 'thd', got {params.qkv_format!r}"
+            )
+        if not torch.equal(params.cu_seqlens_q, params.cu_seqlens_kv):
+            raise ValueError("SDPAttention: packed self-attention needs cu_seqlens_q == cu_seqlens_kv")
+        if params.cu_seqlens_q_padded is not None and not torch.equal(
+            params.cu_seqlens_q_padded, params.cu_seqlens_q
+        ):
+            raise ValueError("SDPAttention: padded cu_seqlens (gaps between segments) are not supported")
+        bounds = params.cu_seqlens_q.tolist()
+        if bounds[0] != 0 or bounds[-1] != query.shape[0]:
+            raise ValueError(
+                f"SDPAttention: cu_seqlens must run from 0 to the packed length {query.shape[0]}, got {bounds}"
+            )
+        out = []
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            # [n, h, d] -> [1, h, n, d]
+            q, k, v = (t[s:e].permute(1, 0, 2).unsqueeze(0) for t in (query, key, value))
+            out.append(self._sdpa(q, k, v, None, True)[0].permute(1, 0, 2))  # [n, h, d]
+        context = torch.cat(out)
+        return context.reshape(context.shape[0], -1)

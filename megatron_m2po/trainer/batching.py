@@ -1,13 +1,24 @@
-"""Scored groups -> padded token tensors the loss consumes, split into mini-batches, DP shards and micro-batches.
+"""Scored groups -> token tensors the loss consumes, split into mini-batches, DP shards and micro-batches.
 
-Layout: a sequence is prompt + response tokens, right-padded. Position t of every per-token tensor
-is the prediction of token t+1 (`targets = tokens[:, 1:]`), so the log-prob of the model's output at
+Layout the loss sees: a sequence is prompt + response tokens, right-padded. Position t of every per-token
+tensor is the prediction of token t+1 (`targets = tokens[:, 1:]`), so the log-prob of the model's output at
 position t lines up with `behavior_logprobs[:, t]`; `response_mask[:, t]` is 1 where token t+1 is a
 response token. Prompt and padding positions carry mask 0 and never reach the loss.
+
+Packing (`train.pack_sequences`): the model instead runs on the micro-batch's sequences concatenated into
+one row [1, T] (`PackedLayout`, Megatron's THD format with `cu_seqlens`), so no compute goes to padding;
+the per-token log-probs are gathered back into the padded layout above (`PackedLayout.index`), so the
+loss, the M2 pre-pass and every diagnostic see exactly the tensors of the padded path.
+
+Micro-batches hold either `micro_batch_size` sequences (contiguous DP shards, as before), or, with
+`train.max_tokens_per_microbatch`, as many tokens as fit the budget: sequences are spread over the DP
+ranks and then over the fewest micro-batches (the same count on every rank) balanced by tokens.
 """
 
 from __future__ import annotations
 
+import heapq
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -22,6 +33,43 @@ TOKEN_FIELDS = ("targets", "response_mask", "behavior_logprobs", "engine_logprob
 TRAINER_LOGPROBS_KEY = "trainer_logprobs"
 
 
+def _to(obj, device: torch.device):
+    return type(obj)(**{f.name: _move(getattr(obj, f.name), device) for f in fields(obj)})
+
+
+def _move(value, device: torch.device):
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    return _to(value, device)
+
+
+@dataclass
+class PackedLayout:
+    """A micro-batch's sequences concatenated for the model (THD): one row, positions restart per sequence."""
+
+    tokens: torch.Tensor  # [1, T] long; a trailing pad segment fills up to T
+    position_ids: torch.Tensor  # [1, T] long, 0.. within each segment
+    cu_seqlens: torch.Tensor  # [segments + 1] int32 segment bounds, 0 .. T
+    index: (
+        torch.Tensor
+    )  # [b, L-1] long: the packed position (of targets = tokens[:, 1:]) of each padded slot, -1 = none
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.tokens[:, 1:]
+
+    @property
+    def max_seqlen(self) -> int:
+        return int((self.cu_seqlens[1:] - self.cu_seqlens[:-1]).max())
+
+    def unpack(self, per_token: torch.Tensor) -> torch.Tensor:
+        """A packed per-token tensor [1, T-1] -> the padded layout [b, L-1] (0 where no token)."""
+        valid = self.index >= 0
+        return torch.where(valid, per_token[0][self.index.clamp(min=0)], 0.0)
+
+
 @dataclass
 class MicroBatch:
     """One forward/backward unit on one DP rank; every tensor has the same batch dimension."""
@@ -33,13 +81,15 @@ class MicroBatch:
     engine_logprobs: torch.Tensor  # [b, L-1] float, the engine's sampling log-probs
     advantages: torch.Tensor  # [b, L-1] float, per token
     staleness: torch.Tensor  # [b, L-1] long, consumer version - producing version
+    row_index: torch.Tensor  # [b] long: each row's index in the rows it was cut from (-1 = filler)
+    packed: PackedLayout | None = None  # set when the model runs on the packed form
 
     @property
     def num_tokens(self) -> int:
         return int(self.response_mask.sum().item())
 
     def to(self, device: torch.device) -> MicroBatch:
-        return MicroBatch(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        return _to(self, device)
 
 
 @dataclass
@@ -90,10 +140,14 @@ def rows_to_microbatch(
     pad_id: int,
     seq_len: int | None = None,
     batch_size: int | None = None,
+    row_index: Sequence[int] | None = None,
+    pack: bool = False,
+    packed_len: int | None = None,
 ) -> MicroBatch:
     """Right-pad rows into tensors; `seq_len`/`batch_size` force a fixed shape (pipeline p2p needs it).
 
     Extra rows added to reach `batch_size` are all padding with mask 0: they cost compute, not loss.
+    `pack` adds the packed form (`PackedLayout`), padded to `packed_len` tokens when given.
     """
     longest = max((len(r.tokens) for r in rows), default=2)
     L = seq_len or longest
@@ -117,7 +171,38 @@ def rows_to_microbatch(
         per_token["engine_logprobs"][i, span] = torch.tensor(r.engine_logprobs, dtype=torch.float32)
         per_token["advantages"][i, span] = r.advantage
         per_token["staleness"][i, span] = consumer_version - torch.tensor(r.versions, dtype=torch.long)
-    return MicroBatch(tokens=tokens, targets=tokens[:, 1:].clone(), **per_token)
+    index = torch.full((b,), -1, dtype=torch.long)
+    index[: len(rows)] = torch.tensor(list(row_index) if row_index is not None else range(len(rows)))
+    return MicroBatch(
+        tokens=tokens,
+        targets=tokens[:, 1:].clone(),
+        row_index=index,
+        packed=pack_rows(rows, L, pad_id=pad_id, packed_len=packed_len) if pack else None,
+        **per_token,
+    )
+
+
+def pack_rows(rows: Sequence[SequenceRow], L: int, *, pad_id: int, packed_len: int | None) -> PackedLayout:
+    """Concatenate rows into one [1, T] row with segment bounds; `index` maps padded slots [b, L-1] to it."""
+    lengths = [len(r.tokens) for r in rows]
+    total = sum(lengths)
+    T = packed_len or total
+    if T < total:
+        raise ValueError(f"packed_len {T} is shorter than the micro-batch's {total} tokens")
+    tokens = torch.full((1, T), pad_id, dtype=torch.long)
+    positions = torch.zeros(1, T, dtype=torch.long)
+    index = torch.full((len(rows), L - 1), -1, dtype=torch.long)
+    bounds, offset = [0], 0
+    for i, (r, n) in enumerate(zip(rows, lengths)):
+        tokens[0, offset : offset + n] = torch.tensor(r.tokens, dtype=torch.long)
+        positions[0, offset : offset + n] = torch.arange(n)
+        index[i, : n - 1] = torch.arange(offset, offset + n - 1)
+        offset += n
+        bounds.append(offset)
+    if T > offset:  # the filler is its own segment, so no real token attends to it (nor it to them)
+        positions[0, offset:] = torch.arange(T - offset)
+        bounds.append(T)
+    return PackedLayout(tokens, positions, torch.tensor(bounds, dtype=torch.int32), index)
 
 
 def split_minibatches(groups: Sequence[Group], groups_per_update: int) -> list[list[Group]]:
@@ -127,34 +212,95 @@ def split_minibatches(groups: Sequence[Group], groups_per_update: int) -> list[l
     return [list(groups[i : i + groups_per_update]) for i in range(0, len(groups), groups_per_update)]
 
 
-def shard_for_rank(rows: Sequence[SequenceRow], dp_rank: int, dp_size: int) -> list[SequenceRow]:
-    """This DP rank's contiguous share of a mini-batch's rows (config validation makes it divide evenly)."""
-    if len(rows) % dp_size:
-        raise ValueError(f"{len(rows)} sequences do not split evenly over {dp_size} data-parallel ranks")
-    per = len(rows) // dp_size
-    return list(rows[dp_rank * per : (dp_rank + 1) * per])
+def balanced_partition(weights: Sequence[int], k: int) -> list[list[int]]:
+    """Indices of `weights` in k bins of near-equal sums (LPT: heaviest first into the lightest bin).
+
+    Within 4/3 of the optimal largest bin; a heap of k loads is all it takes, so no solver dependency.
+    Bins are returned in index order, each bin's indices ascending.
+    """
+    heap = [(0, b) for b in range(k)]
+    bins: list[list[int]] = [[] for _ in range(k)]
+    for i in sorted(range(len(weights)), key=lambda i: (-weights[i], i)):
+        load, b = heapq.heappop(heap)
+        bins[b].append(i)
+        heapq.heappush(heap, (load + weights[i], b))
+    return [sorted(b) for b in bins]
+
+
+def plan_microbatches(
+    lengths: Sequence[int], dp_size: int, *, micro_batch_size: int, max_tokens: int = 0
+) -> list[list[list[int]]]:
+    """Row indices per DP rank per micro-batch; the same plan on every rank (it depends only on lengths).
+
+    `max_tokens` = 0: contiguous DP shards cut into `micro_batch_size` rows (the last may be shorter). Otherwise the rows are
+    balanced over the ranks by tokens, then each rank's over the fewest micro-batches (the same count on
+    every rank) whose tokens fit `max_tokens`; a rank with fewer rows than micro-batches gets empty ones.
+    """
+    n = len(lengths)
+    if not max_tokens:  # contiguous shards, sizes differing by at most one (validation makes updates even)
+        bounds = [r * n // dp_size for r in range(dp_size + 1)]
+        return [
+            [list(range(s, min(s + micro_batch_size, hi))) for s in range(lo, hi, micro_batch_size)]
+            for lo, hi in zip(bounds[:-1], bounds[1:])
+        ]
+    too_long = [i for i, m in enumerate(lengths) if m > max_tokens]
+    if too_long:
+        raise ValueError(
+            f"train.max_tokens_per_microbatch={max_tokens} is shorter than {len(too_long)} sequence(s) of the "
+            f"mini-batch (longest {max(lengths)} tokens); raise it to at least the longest prompt + response"
+        )
+    ranks = balanced_partition(lengths, dp_size)
+    count = max(1, *(math.ceil(sum(lengths[i] for i in r) / max_tokens) for r in ranks))
+    while True:
+        plan = [
+            [[r[j] for j in b] for b in balanced_partition([lengths[i] for i in r], count)] for r in ranks
+        ]
+        if all(sum(lengths[i] for i in b) <= max_tokens for p in plan for b in p):
+            return plan
+        count += 1  # terminates: with one row per micro-batch every bin fits
 
 
 def make_microbatches(
     rows: Sequence[SequenceRow],
-    micro_batch_size: int,
+    plan: Sequence[Sequence[int]],
     *,
     consumer_version: int,
     pad_id: int,
-    fixed_shape: bool,
+    pack: bool,
     seq_len: int | None = None,
+    batch_size: int | None = None,
+    packed_len: int | None = None,
+    multiple: int = 1,
 ) -> list[MicroBatch]:
-    """Cut a DP shard into micro-batches; with `fixed_shape` all have the same [micro_batch_size, seq_len]."""
-    chunks = [rows[i : i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
-    if fixed_shape:
-        L = seq_len or max(len(r.tokens) for r in rows)
-        return [
+    """This rank's micro-batches: `plan` lists the row indices of each; an empty one holds a filler row.
+
+    Padded: `seq_len`/`batch_size` fix the shape for every micro-batch. Packed: `packed_len` does, else
+    each is its own length rounded up to `multiple` (sequence parallel splits it over the TP ranks).
+    """
+    filler = SequenceRow(
+        tokens=[pad_id, pad_id],
+        prompt_len=2,
+        behavior_logprobs=[],
+        engine_logprobs=[],
+        advantage=0.0,
+        versions=[],
+    )
+    out = []
+    for ids in plan:
+        chunk = [rows[i] for i in ids] or [filler]
+        out.append(
             rows_to_microbatch(
-                c, consumer_version=consumer_version, pad_id=pad_id, seq_len=L, batch_size=micro_batch_size
+                chunk,
+                consumer_version=consumer_version,
+                pad_id=pad_id,
+                seq_len=seq_len,
+                batch_size=None if pack else batch_size,
+                row_index=list(ids) or [-1],
+                pack=pack,
+                packed_len=packed_len or multiple * math.ceil(sum(len(r.tokens) for r in chunk) / multiple),
             )
-            for c in chunks
-        ]
-    return [rows_to_microbatch(c, consumer_version=consumer_version, pad_id=pad_id) for c in chunks]
+        )
+    return out
 
 
 def rollout_metrics(groups: Sequence[Group]) -> dict[str, float]:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_m2po import algorithms, platform
@@ -32,21 +33,45 @@ def _positions(tokens: torch.Tensor) -> torch.Tensor:
     return torch.arange(L, device=tokens.device).unsqueeze(0).expand(b, L)
 
 
+def run_model(model_chunk, mb: MicroBatch) -> torch.Tensor:
+    """The model's output for one micro-batch: padded [b, L, ...], or packed [1, T, ...] through Megatron's THD
+    path (`PackedSeqParams`; rotary positions restart at every `cu_seqlens` bound)."""
+    if mb.packed is None:
+        return model_chunk(mb.tokens, _positions(mb.tokens), None)
+    p = mb.packed
+    cu = p.cu_seqlens.to(device=mb.tokens.device, dtype=torch.int32)
+    params = PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        max_seqlen_q=p.max_seqlen,
+        max_seqlen_kv=p.max_seqlen,
+    )
+    return model_chunk(p.tokens, p.position_ids, None, packed_seq_params=params)
+
+
 def _schedule_kwargs(micro_batches: Sequence[MicroBatch]) -> dict[str, Any]:
-    b, L = micro_batches[0].tokens.shape
+    first = micro_batches[0]
+    b, L = (first.packed or first).tokens.shape
     return {"num_microbatches": len(micro_batches), "seq_length": L, "micro_batch_size": b}
 
 
 def token_logprobs(output: torch.Tensor, mb: MicroBatch, temperature: float, *, with_entropy: bool = False):
-    """Log-probs (and entropy) of `mb.targets` from this TP rank's logits shard [b, L, V/tp]."""
+    """Log-probs (and entropy) of `mb.targets` [b, L-1] from this TP rank's logits shard ([b, L, V/tp], or
+    [1, T, V/tp] packed: computed on the packed tokens only, then laid out as the padded targets)."""
     logits = output[:, :-1, :]
-    return algorithms.vocab_parallel_logprobs(
+    out = algorithms.vocab_parallel_logprobs(
         logits,
-        mb.targets,
+        mb.targets if mb.packed is None else mb.packed.targets,
         tp_group=parallel_state.get_tensor_model_parallel_group(),
         temperature=temperature,
         with_entropy=with_entropy,
     )
+    if mb.packed is None:
+        return out
+    if with_entropy:
+        return tuple(mb.packed.unpack(t) for t in out)
+    return mb.packed.unpack(out)
 
 
 @torch.no_grad()
@@ -56,7 +81,7 @@ def forward_logprobs(model, micro_batches: Sequence[MicroBatch], temperature: fl
 
     def forward_step(data_iterator, model_chunk):
         mb = next(data_iterator).to(device)
-        output = model_chunk(mb.tokens, _positions(mb.tokens), None)
+        output = run_model(model_chunk, mb)
 
         def loss_func(out):
             lp = token_logprobs(out, mb, temperature)
@@ -135,7 +160,7 @@ def train_update(
     def forward_step(data_iterator, model_chunk):
         mb = next(data_iterator).to(device)
         i = next(index)
-        output = model_chunk(mb.tokens, _positions(mb.tokens), None)
+        output = run_model(model_chunk, mb)
 
         def loss_func(out):
             lp, entropy = token_logprobs(out, mb, temperature, with_entropy=True)
@@ -155,6 +180,8 @@ def train_update(
             metrics = dict(metrics)
             metrics["loss/entropy"] = float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
             metrics["loss/value"] = float(loss.detach())
+            if not mask.any():  # a filler micro-batch (token budget): no tokens, no say in the diagnostics' means
+                metrics = {"loss/value": metrics["loss/value"]}
             # The schedule divides by num_microbatches; the normalizer already made this a share of the mean.
             return loss * num_mb, metrics
 

@@ -1,7 +1,7 @@
 """Two optimizer updates of the real trainer on fixed groups; rank 0 writes losses, grad norms and a weight checksum.
 
 Run with torchrun at any TP x DP: tests/test_trainer_update.py compares the JSON across layouts.
-Args: HF_DIR OUT_JSON TP PP LOSS
+Args: HF_DIR OUT_JSON TP PP LOSS [section.key=value ...] (config overrides, e.g. train.pack_sequences=true)
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 import torch
 
 from megatron_m2po import platform
-from megatron_m2po.config import Config
+from megatron_m2po.config import Config, parse_override
 from megatron_m2po.types import Group, Sample
 
 
@@ -42,7 +42,7 @@ def broadcast_metrics(m: dict, src: int) -> dict:
     return box[0]
 
 
-def main(hf_dir: str, out: str, tp: int, pp: int, loss: str) -> None:
+def main(hf_dir: str, out: str, tp: int, pp: int, loss: str, *overrides: str) -> None:
     torch.set_num_threads(1)
     cfg = Config()
     cfg.model.path, cfg.data.path = hf_dir, "unused"
@@ -52,6 +52,9 @@ def main(hf_dir: str, out: str, tp: int, pp: int, loss: str) -> None:
     cfg.train.lr = 1e-3
     cfg.algorithm.loss = loss
     cfg.parallel.tensor, cfg.parallel.pipeline = tp, pp
+    for key, value in map(parse_override, overrides):
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
     platform.init_distributed(tp, pp, seed=0)
     from megatron_m2po.checkpoint.gather import iter_hf_tensors
     from megatron_m2po.train import Trainer
@@ -79,4 +82,4 @@ def main(hf_dir: str, out: str, tp: int, pp: int, loss: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], *sys.argv[6:])
