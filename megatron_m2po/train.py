@@ -228,8 +228,9 @@ def _install_sigterm() -> dict[str, bool]:
     return flag
 
 
-def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
-    """Run (or continue, with `resume`) the job described by `cfg`; returns rank 0's last metrics."""
+def train(cfg: Config, *, resume: bool | str = False) -> dict[str, float]:
+    """Run (or continue, with `resume`: True = the newest checkpoint that loads, a str = that checkpoint)
+    the job described by `cfg`; returns rank 0's last metrics."""
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
     platform.init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline, seed=cfg.train.seed)
@@ -237,6 +238,7 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
     run_dir, is_rank0 = Path(cfg.logging.run_dir), rank() == 0
     if is_rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        checkpointing.remove_partial(run_dir / "checkpoints")  # before writing: a failed save's disk
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
     # ---- model side (every rank), and where the run stands
@@ -325,10 +327,14 @@ def train(cfg: Config, *, resume: bool = False) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def restore(trainer: Trainer, ckpt_root: Path, resume: bool) -> tuple[Progress, dict | None]:
-    """With `resume`, load the newest checkpoint into the trainer; return the progress and the saved state."""
-    ckpt = checkpointing.latest_checkpoint(ckpt_root) if resume else None
-    if ckpt is None:
+def restore(trainer: Trainer, ckpt_root: Path, resume: bool | str) -> tuple[Progress, dict | None]:
+    """With `resume`, load the newest checkpoint that loads (or the one `resume` names) into the trainer;
+    return the progress and the saved state."""
+    found = None
+    if resume:
+        path = resume if isinstance(resume, str) else None
+        found = checkpointing.load_newest_checkpoint(ckpt_root, trainer.model, trainer.optimizer, path=path)
+    if found is None:
         if resume:
             logger.info("--resume: no checkpoint in %s, starting fresh", ckpt_root)
         elif checkpointing.list_checkpoints(ckpt_root):
@@ -337,7 +343,7 @@ def restore(trainer: Trainer, ckpt_root: Path, resume: bool) -> tuple[Progress, 
                 "to continue it, or choose a new run_dir"
             )
         return Progress(), None
-    saved = checkpointing.load_checkpoint(ckpt, trainer.model, trainer.optimizer)
+    ckpt, saved = found
     trainer.scheduler.load_state_dict(saved["scheduler"])
     progress = Progress(step=saved["step"], version=saved["version"])
     logger.info("resumed from %s at step %d (version %d)", ckpt, progress.step, progress.version)
@@ -539,12 +545,20 @@ def export_hf(trainer: Trainer, out_dir: Path, source_dir: str) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True, help="YAML recipe")
     parser.add_argument(
-        "--resume", action="store_true", help="continue from the newest checkpoint in run_dir"
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="PATH",
+        help="continue from the newest checkpoint in run_dir that loads (older ones are tried if the newest "
+        "is damaged); --resume=PATH continues from that checkpoint (a dir, or a step_N name in run_dir)",
     )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-6")
 
 
 def run(args: argparse.Namespace) -> int:
+    if isinstance(args.resume, str) and "=" in args.resume:  # `--resume a.b=c`: an override, not a PATH
+        args.overrides, args.resume = [args.resume, *args.overrides], True
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:

@@ -8,18 +8,28 @@ Layout of a checkpoint dir written here:
 
 The trainer reuses `model_sharded_state_dict`, `save_sharded`, `load_sharded` for its own checkpoints
 (model + optimizer + extra common state in one dist checkpoint). Entry points that save must have an
-`if __name__ == "__main__":` guard: the dist-checkpoint writer spawns worker processes.
+`if __name__ == "__main__":` guard: the dist-checkpoint writer forks worker processes.
+
+Trust: loading a dist checkpoint runs code from it (torch unpickles `.metadata` and the byte items of
+the `.distcp` shards), so `check_trusted` refuses a checkpoint that another user could have written, and
+`verify_dist_files` reads `.metadata` first with an unpickler that only builds torch's metadata classes.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import pickle
+import queue
+import stat
 from pathlib import Path
 from typing import Any
 
 import torch
 from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_m2po.checkpoint.hf_io import copy_non_weight_files
 from megatron_m2po.checkpoint.mapping import architecture
@@ -30,6 +40,125 @@ logger = logging.getLogger(__name__)
 MARKER_FILE = "m2po_checkpoint.json"
 MODEL_SUBDIR = "model"
 FORMAT = "megatron_m2po/v1"
+
+
+TRUST_ENV = "M2PO_TRUST_CHECKPOINTS"
+
+
+class UntrustedCheckpointError(PermissionError):
+    """A checkpoint another user could have written: loading it could run their code."""
+
+
+def check_trusted(path: str | Path, *, parents: int = 0) -> None:
+    """Refuse `path` (a checkpoint dir), anything under it, and its `parents` nearest parent dirs if any of
+    them is group/world-writable or owned by a uid other than ours or root.
+
+    Why: torch's dist-checkpoint reader unpickles `.metadata` and the shards' byte items, so whoever can
+    write a checkpoint can run code in the process that loads it. `M2PO_TRUST_CHECKPOINTS=1` skips this.
+    """
+    path = Path(path)
+    if os.environ.get(TRUST_ENV) == "1":
+        logger.warning("%s=1: loading %s without checking who can write it", TRUST_ENV, path)
+        return
+    me = os.geteuid()
+    to_check = [*list(path.parents)[:parents], path]
+    if path.is_dir():
+        to_check += sorted(path.rglob("*"))
+    for p in to_check:
+        st = p.stat()  # follows links: what is checked is what will be read
+        problem = None
+        if st.st_uid not in (me, 0):
+            problem = f"owned by uid {st.st_uid}, not by this user (uid {me}) or root"
+        elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            who = "world" if st.st_mode & stat.S_IWOTH else "group"
+            problem = f"{who}-writable (mode {stat.filemode(st.st_mode)})"
+        if problem:
+            raise UntrustedCheckpointError(
+                f"{p}: {problem}. Loading checkpoint {path} would run code from it (torch unpickles its "
+                f"metadata), so it is loaded only if no other user can write it. If you trust whoever can: "
+                f"`chmod -R go-w` / `chown` it, or set {TRUST_ENV}=1"
+            )
+
+
+def make_private(path: str | Path) -> None:
+    """Drop group/world write permission from `path` and everything under it (a umask of 002 would
+    otherwise make our own checkpoints fail `check_trusted`)."""
+    path = Path(path)
+    for p in [path, *path.rglob("*")]:
+        mode = p.lstat().st_mode
+        if not stat.S_ISLNK(mode) and mode & (stat.S_IWGRP | stat.S_IWOTH):
+            p.chmod(stat.S_IMODE(mode) & ~(stat.S_IWGRP | stat.S_IWOTH))
+
+
+_METADATA_MODULES = (
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed.checkpoint.filesystem",
+    "torch.distributed.checkpoint.planner",
+)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds only what a dist checkpoint's `.metadata` holds: torch's checkpoint metadata classes, sizes,
+    dtypes and layouts. Anything else (`os.system`, ...) is refused before it is looked up."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module in _METADATA_MODULES:
+            obj = super().find_class(module, name)
+            if isinstance(obj, type):
+                return obj
+        if module == "torch" and (
+            name == "Size" or isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format))
+        ):
+            return getattr(torch, name)
+        if (module, name) in (("torch.serialization", "_get_layout"), ("collections", "OrderedDict")):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refers to {module}.{name}, which checkpoint metadata never holds")
+
+
+def read_dist_metadata(dist_dir: str | Path):
+    """The `Metadata` of a dist checkpoint, unpickled without running code from the file."""
+    f = Path(dist_dir) / ".metadata"
+    try:
+        with open(f, "rb") as stream:
+            return _MetadataUnpickler(stream).load()
+    except FileNotFoundError:
+        raise
+    except Exception as err:
+        raise ValueError(f"{f}: unreadable checkpoint metadata ({type(err).__name__}: {err})") from err
+
+
+def verify_dist_files(dist_dir: str | Path) -> None:
+    """Check that every shard file a dist checkpoint's metadata names exists and is long enough.
+
+    Why: a truncated shard otherwise surfaces from torch's reader as a bare `EOFError` inside a
+    `CheckpointException` (a BaseException) that names no file.
+    """
+    dist_dir = Path(dist_dir)
+    for required in (".metadata", "metadata.json"):
+        if not (dist_dir / required).is_file():
+            raise FileNotFoundError(f"{dist_dir / required}: missing; {dist_dir} is not a complete dist checkpoint")
+    metadata = read_dist_metadata(dist_dir)
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        f = dist_dir / name
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: missing (named by {dist_dir / '.metadata'})")
+        if f.stat().st_size < size:
+            raise ValueError(f"{f}: truncated ({f.stat().st_size} bytes, its metadata needs {size})")
+
+
+def use_in_process_write_results() -> None:
+    """Make Megatron's synchronous dist-checkpoint save collect its writers' results in this process.
+
+    Why: by default it starts a `multiprocessing` Manager server (a spawned ~270 MB process, plus a
+    resource tracker) on the first save and keeps it for the process's life; after a kill -9 of the
+    trainer both outlive it. Our saves are synchronous (the results queue never leaves this process),
+    so a plain queue does the same job without a server. The forked writer workers exit after each save.
+    """
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 def is_megatron_checkpoint(path: str | Path) -> bool:
@@ -57,6 +186,7 @@ def save_sharded(state: dict, ckpt_dir: str | Path) -> None:
     if torch.distributed.get_rank() == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
+    use_in_process_write_results()
     dist_checkpointing.save(state, str(ckpt_dir))
 
 
@@ -65,6 +195,8 @@ def load_sharded(state: dict, ckpt_dir: str | Path) -> dict:
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / "metadata.json").exists():
         raise FileNotFoundError(f"{ckpt_dir}: not a megatron dist checkpoint (no metadata.json)")
+    check_trusted(ckpt_dir, parents=1)
+    verify_dist_files(ckpt_dir)
     return dist_checkpointing.load(state, str(ckpt_dir))
 
 
@@ -108,9 +240,9 @@ def load_model_checkpoint(model, path: str | Path) -> dict[str, Any]:
     state = {"model": model_sharded_state_dict(model)}
     try:
         loaded = load_sharded(state, path / MODEL_SUBDIR)
-    except FileNotFoundError:
+    except (FileNotFoundError, UntrustedCheckpointError):
         raise
-    except Exception as err:
+    except (Exception, CheckpointException) as err:  # torch's CheckpointException is a BaseException
         raise ValueError(f"{path / MODEL_SUBDIR}: cannot load the model weights ({err})") from err
     from megatron_m2po.models.builder import unwrap_model
 

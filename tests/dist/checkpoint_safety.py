@@ -1,0 +1,153 @@
+"""Checkpoint failure cases against a real trainer (tiny model, one CPU process): hostile files, permissions,
+truncation, a full disk, and falling back to an older checkpoint. Writes one JSON object of outcomes.
+
+Args: HF_DIR WORK_DIR OUT_JSON [TMPFS_DIR]. With TMPFS_DIR (run as root, real or in a user namespace), a
+2 MiB tmpfs is mounted there for the full-disk case."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from megatron_m2po import platform
+from megatron_m2po.config import Config
+
+sys.path.insert(0, str(Path(__file__).parent))
+from trainer_checkpoint_roundtrip import make_group  # noqa: E402
+
+
+class Payload:
+    """Unpickling this creates the marker file: the code a hostile checkpoint file would run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def params_hash(model) -> str:
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def main(hf_dir: str, work: str, out: str, tmpfs: str | None = None) -> None:
+    work_dir = Path(work)
+    cfg = Config()
+    cfg.model.path, cfg.data.path = hf_dir, "unused"
+    cfg.train.prompts_per_step = cfg.train.prompts_per_update = 1
+    cfg.train.responses_per_prompt, cfg.train.micro_batch_size, cfg.train.lr = 4, 2, 1e-3
+    platform.init_distributed(1, 1, seed=0)
+    import psutil
+
+    from megatron_m2po.train import Trainer
+    from megatron_m2po.trainer import checkpointing as ck
+
+    trainer = Trainer(cfg)
+    model, opt = trainer.model, trainer.optimizer
+    pristine = work_dir / "pristine"
+    hashes = {}
+    for step, pid in ((1, "a"), (2, "bb")):
+        trainer.update([make_group(pid, 0)], step - 1)
+        ck.save_checkpoint(pristine, step, model, opt, {"step": step}, keep_last=2)
+        hashes[step] = params_hash(model)
+    result: dict = {"children_after_save": [" ".join(c.cmdline()) for c in psutil.Process().children(True)]}
+    marker = work_dir / "MARKER"
+
+    def attempt(name, mutate, *, newest=False, env=None):
+        """Copy the pristine checkpoints, damage them with `mutate(step_2_dir)`, try to load; record the outcome."""
+        root = work_dir / name
+        shutil.copytree(pristine, root)
+        mutate(root / "step_00000002")
+        os.environ.update(env or {})
+        try:
+            if newest:
+                path, _ = ck.load_newest_checkpoint(root, model, opt)
+            else:
+                path, _ = root / "step_00000002", ck.load_checkpoint(root / "step_00000002", model, opt)
+            result[name] = {"loaded": path.name, "hash_ok": params_hash(model) == hashes[int(path.name[5:])]}
+        except ck.CheckpointError as e:
+            result[name] = {"error": str(e)}
+        except Exception as e:  # noqa: BLE001 - an unnamed failure is what the test looks for
+            result[name] = {"error": f"UNNAMED {type(e).__name__}: {e}"}
+        finally:
+            for k in env or {}:
+                del os.environ[k]
+        result[name]["marker"] = marker.exists()
+
+    def pickle_into(rel):
+        return lambda d: torch.save(Payload(marker), d / rel)  # torch.save pickles the payload
+
+    def raw_pickle_into(rel):
+        import pickle
+
+        return lambda d: (d / rel).write_bytes(pickle.dumps(Payload(marker)))
+
+    def truncate(rel, keep=0.5):
+        return lambda d: os.truncate(d / rel, int((d / rel).stat().st_size * keep))
+
+    def chmod(rel, bits):
+        return lambda d: os.chmod(d / rel, (d / rel).stat().st_mode | bits)
+
+    def zero_bytes_item(d):
+        """Overwrite a pickled byte item (an `_extra_state`) inside a shard: same size, unreadable content."""
+        from megatron_m2po.checkpoint.megatron_ckpt import read_dist_metadata
+
+        md = read_dist_metadata(d / "dist")
+        info = next(v for k, v in md.storage_data.items() if "_extra_state" in k.fqn)
+        with open(d / "dist" / info.relative_path, "r+b") as f:
+            f.seek(info.offset)
+            f.write(b"\0" * info.length)
+
+    attempt("rng_pickle", pickle_into("rng_rank0.pt"))
+    attempt("metadata_pickle", raw_pickle_into("dist/.metadata"))
+    attempt("metadata_pickle_newest", raw_pickle_into("dist/.metadata"), newest=True)
+    attempt("world_writable", chmod("dist/__0_0.distcp", 0o002))
+    attempt("group_writable_dir", chmod("dist", 0o020))
+    attempt("world_writable_trusted", chmod("dist/__0_0.distcp", 0o002), env={"M2PO_TRUST_CHECKPOINTS": "1"})
+    try:
+        os.chown(pristine / "step_00000002" / "trainer_state.json", 12345, -1)
+        os.chown(pristine / "step_00000002" / "trainer_state.json", os.getuid(), -1)
+        attempt("other_owner", lambda d: os.chown(d / "trainer_state.json", 12345, -1))
+    except OSError as e:
+        result["other_owner"] = {"skipped": str(e)}
+    attempt("truncated_shard", truncate("dist/__0_0.distcp"))
+    attempt("truncated_rng", truncate("rng_rank0.pt"))
+    attempt("corrupt_byte_item", zero_bytes_item)
+    attempt("fallback_truncated_shard", truncate("dist/__0_1.distcp"), newest=True)
+    attempt("fallback_corrupt_byte_item", zero_bytes_item, newest=True)
+    attempt("intact_newest", lambda d: None, newest=True)
+
+    if tmpfs:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", tmpfs], check=True)
+        try:
+            full = Path(tmpfs) / "ckpt"
+            ck.save_checkpoint(full, 1, model, opt, {"step": 1}, keep_last=1)
+            try:
+                ck.save_checkpoint(full, 2, model, opt, {"step": 2}, keep_last=1)
+                result["disk_full"] = {"error": None}
+            except ck.CheckpointError as e:
+                result["disk_full"] = {"error": str(e)}
+            except BaseException as e:  # noqa: BLE001
+                result["disk_full"] = {"error": f"UNNAMED {type(e).__name__}: {e}"}
+            result["disk_full"]["left"] = sorted(p.name for p in full.iterdir())
+            result["disk_full"]["latest"] = (full / "latest").read_text().strip()
+            path, _ = ck.load_newest_checkpoint(full, model, opt)
+            result["disk_full"]["resumed"] = path.name
+        finally:
+            subprocess.run(["umount", tmpfs], check=False)
+    Path(out).write_text(json.dumps(result, indent=1))
+    platform.destroy_distributed()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
