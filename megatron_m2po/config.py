@@ -14,23 +14,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-STALENESS_MODES = ("sync", "fixed", "bounded")
-LOSSES = (
-    "m2po",
-    "m2po_clip",
-    "grpo",
-    "grpo_noclip",
-    "tis",
-    "decoupled_ppo",
-    "gspo",
-    "cispo",
-    "topr",
-    "on_policy",
-)
+from megatron_m2po.choices import AdvantageEstimator, Aggregation, LossName, M2Scope
+
+StalenessMode = Literal["sync", "fixed", "bounded"]
 
 
 class ConfigError(ValueError):
@@ -41,14 +31,15 @@ def opt(
     default: Any,
     help: str,
     *,
-    choices: tuple | None = None,
     ge: float | None = None,
     gt: float | None = None,
     le: float | None = None,
     lt: float | None = None,
 ) -> Any:
-    """A config field: default, one-line help, and the allowed values (checked by `validate`)."""
-    meta = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    """A config field: default, one-line help, and bounds (checked by `validate`).
+
+    A choice field is typed `Literal[...]`: its allowed values are the type's (`choices_of`)."""
+    meta = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -59,10 +50,9 @@ class ModelConfig:
     path: str = opt(
         "", "policy to train: an HF model dir (config.json + safetensors) or a Megatron checkpoint dir"
     )
-    dtype: str = opt(
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = opt(
         "auto",
         "parameter dtype; auto = bf16 on GPU, fp32 on CPU",
-        choices=("auto", "float32", "bfloat16", "float16"),
     )
 
 
@@ -71,10 +61,9 @@ class DataConfig:
     path: str = opt("", "training prompts: a .jsonl or .parquet file")
     problem_key: str = opt("problem", "row field holding the problem text")
     answer_key: str = opt("answer", "row field holding the reference answer")
-    answer_format: str = opt(
+    answer_format: Literal["plain", "boxed", "gsm8k"] = opt(
         "plain",
         "how the answer field is read: as is, its last \\boxed{}, or GSM8K's `#### x`",
-        choices=("plain", "boxed", "gsm8k"),
     )
     template: str = opt(
         "{problem}",
@@ -86,16 +75,15 @@ class DataConfig:
     max_prompt_tokens: int = opt(
         1536, "prompts longer than this (in tokens) are filtered out and counted", gt=0
     )
-    on_error: str = opt(
+    on_error: Literal["raise", "skip"] = opt(
         "raise",
         "a malformed row: raise an error naming file and line, or skip and count it",
-        choices=("raise", "skip"),
     )
 
 
 @dataclass
 class RolloutConfig:
-    engine: str = opt("local", "inference engine kind", choices=("local", "sglang", "vllm"))
+    engine: Literal["local", "sglang", "vllm"] = opt("local", "inference engine kind")
     num_engines: int = opt(1, "number of in-process engines (local / vllm); sglang uses `urls`", ge=1)
     urls: list = opt(
         [], "sglang / vllm servers: base URLs, e.g. [http://127.0.0.1:30000] (vllm without urls: in process)"
@@ -106,20 +94,18 @@ class RolloutConfig:
     )
     top_p: float = opt(1.0, "nucleus sampling threshold", gt=0, le=1)
     top_k: int = opt(-1, "top-k sampling; -1 = off", ge=-1)
-    behavior_logprobs: str = opt(
+    behavior_logprobs: Literal["engine", "trainer"] = opt(
         "engine",
         "behaviour log-probs in the ratio: the engine's sampling log-probs, or `trainer`: recomputed by the "
         "trainer with the producing weights right after generation (sync/fixed only, as the released code)",
-        choices=("engine", "trainer"),
     )
     sync_every: int = opt(
         1, "push weights to the engines every this many optimizer updates (bounded mode)", ge=1
     )
-    weight_transport: str = opt(
+    weight_transport: Literal["auto", "tensors", "disk", "distributed"] = opt(
         "auto",
         "how weights reach the engines: in-process tensors, an HF dir on disk, or a distributed update group "
         "(NCCL on GPU); auto = tensors for in-process engines, distributed for servers on GPU, disk otherwise",
-        choices=("auto", "tensors", "disk", "distributed"),
     )
     max_inflight_groups: int = opt(
         8, "bounded mode: prompt groups generated concurrently by the rollout manager", ge=1
@@ -137,50 +123,62 @@ class RolloutConfig:
 
 @dataclass
 class AlgorithmConfig:
-    loss: str = opt("m2po", "policy loss (algorithms.get_loss name)", choices=LOSSES)
-    advantage: str = opt(
-        "grpo", "advantage estimator over each prompt group", choices=("grpo", "drgrpo", "rloo")
-    )
-    aggregation: str = opt(
-        "token-mean",
-        "loss aggregation over the mini-batch",
-        choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum"),
+    """Each loss reads the keys its help names (algorithms.losses: `register_loss(settings=...)`)."""
+
+    loss: LossName = opt("m2po", "policy loss (algorithms.get_loss name)")
+    advantage: AdvantageEstimator = opt("grpo", "advantage estimator over each prompt group")
+    aggregation: Literal["auto", Aggregation] = opt(
+        "auto",
+        "loss aggregation over the mini-batch; auto = the loss's own (seq-mean-token-mean for gspo, "
+        "token-mean for the others)",
     )
     m2_budget: float = opt(
         0.04, "m2po / m2po_clip: second-moment budget tau_M2 on the trust-region tokens", gt=0
     )
-    m2_scope: str = opt(
+    m2_scope: M2Scope = opt(
         "global",
-        "m2po mask over the whole optimizer mini-batch (all DP ranks, all micro-batches) "
+        "m2po: mask over the whole optimizer mini-batch (all DP ranks, all micro-batches) "
         "or per micro-batch as the released code",
-        choices=("global", "per_microbatch"),
     )
-    clip_eps: float = opt(0.2, "grpo / decoupled_ppo / cispo: lower clip epsilon", gt=0)
-    clip_eps_high: float = opt(
-        0.2, "grpo / decoupled_ppo / cispo: upper clip epsilon (clip-higher: 0.28)", gt=0
+    clip_eps: float | None = opt(
+        None,
+        "grpo / decoupled_ppo / gspo / cispo: lower clip epsilon; null = the loss's own "
+        "(0.2; gspo 3e-4; cispo none: no lower bound)",
+        gt=0,
+    )
+    clip_eps_high: float | None = opt(
+        None,
+        "grpo / decoupled_ppo / gspo / cispo: upper clip epsilon; null = the loss's own "
+        "(grpo, decoupled_ppo: clip_eps; gspo 4e-4; cispo 0.28); clip-higher: 0.28",
+        gt=0,
     )
     dual_clip: float = opt(0.0, "grpo: dual-clip constant c (0 = off, else > 1, e.g. 3)", ge=0)
-    tis_cap: float = opt(2.0, "tis / decoupled_ppo: truncation cap of the importance weight", gt=0)
+    tis_ratio_cap: float = opt(2.0, "tis: cap C of the truncated importance weight min(r, C)", gt=0)
+    behavior_weight_cap: float = opt(
+        2.0, "decoupled_ppo: cap of the behaviour weight min(pi_prox / mu, cap)", gt=0
+    )
     engine_mismatch_tis: bool = opt(
         False,
         "multiply the loss by a truncated IS factor for engine-vs-trainer mismatch "
         "(needs rollout.behavior_logprobs=trainer)",
     )
+    engine_mismatch_tis_cap: float = opt(
+        2.0, "engine_mismatch_tis: cap C of that factor min(mu_trainer / mu_engine, C)", gt=0
+    )
 
 
 @dataclass
 class StalenessConfig:
-    mode: str = opt(
+    mode: StalenessMode = opt(
         "bounded",
         "sync: s=0 on-policy; fixed: the paper's FIFO of `fixed_lag_steps` batches, "
         "s = fixed_lag_steps x updates per step; bounded: asynchronous, staleness <= max_staleness",
-        choices=STALENESS_MODES,
     )
     fixed_lag_steps: int = opt(0, "fixed: K, the number of generated batches held in the FIFO", ge=0)
     max_staleness: int = opt(4, "bounded: the largest allowed staleness in optimizer updates", ge=0)
     queue_capacity: int = opt(1024, "most prompt groups the replay queue holds (back-pressure above)", ge=1)
-    journal_fsync: str = opt(
-        "batch", "when the queue journal is fsynced", choices=("batch", "always", "never")
+    journal_fsync: Literal["batch", "always", "never"] = opt(
+        "batch", "when the queue journal is fsynced"
     )
 
 
@@ -209,7 +207,7 @@ class TrainConfig:
     )
     lr: float = opt(1e-6, "peak learning rate", gt=0)
     min_lr: float = opt(0.0, "final learning rate of a cosine / linear schedule", ge=0)
-    lr_schedule: str = opt("constant", "learning-rate decay", choices=("constant", "cosine", "linear"))
+    lr_schedule: Literal["constant", "cosine", "linear"] = opt("constant", "learning-rate decay")
     warmup_updates: int = opt(0, "optimizer updates of linear warm-up", ge=0)
     weight_decay: float = opt(0.01, "AdamW weight decay", ge=0)
     adam_beta1: float = opt(0.9, "AdamW beta1", ge=0, lt=1)
@@ -241,10 +239,10 @@ class LoggingConfig:
     run_dir: str = opt(
         "runs/default", "output dir: TensorBoard events, checkpoints, queue journal, resolved config"
     )
-    console: str = opt("rich", "per-step console progress line", choices=("rich", "tqdm", "none"))
+    console: Literal["rich", "tqdm", "none"] = opt("rich", "per-step console progress line")
     tensorboard: bool = opt(True, "write TensorBoard event files to run_dir/tb")
     histograms: bool = opt(True, "log the staleness histogram every step")
-    level: str = opt("INFO", "python logging level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = opt("INFO", "python logging level")
 
 
 @dataclass
@@ -307,6 +305,19 @@ def _resolve(cls: type, f: dataclasses.Field) -> Any:
     return _hints(cls)[f.name]
 
 
+def choices_of(tp: Any) -> tuple | None:
+    """The allowed values of a `Literal[...]` field type (nested Literals flattened); None for other types."""
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+
+
+# keys that were renamed or split: the old key's error says where its meaning went
+_MOVED = {
+    "algorithm.tis_cap": "it was split by meaning into algorithm.tis_ratio_cap (the tis loss), "
+    "algorithm.behavior_weight_cap (decoupled_ppo) and algorithm.engine_mismatch_tis_cap "
+    "(the engine-mismatch TIS factor)",
+}
+
+
 def _closest(name: str, valid: list[str]) -> str:
     match = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
     return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(sorted(valid))}"
@@ -321,6 +332,8 @@ def _coerce(key: str, value: Any, tp: Any, where: str) -> Any:
             return None
         tp = next(a for a in args if a is not type(None))
         origin = typing.get_origin(tp)
+    if choices_of(tp):  # membership is checked in `validate`, with a did-you-mean
+        tp = type(choices_of(tp)[0])
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -370,6 +383,8 @@ def _set(cfg: Config, dotted: str, value: Any, where: str) -> None:
         raise ConfigError(f"{where}unknown section '{section}'{_closest(section, list(sections))}")
     cls = sections[section]
     names = [f.name for f in dataclasses.fields(cls)]
+    if dotted in _MOVED:
+        raise ConfigError(f"{where}'{dotted}' is no longer a key: {_MOVED[dotted]}")
     if name not in names:
         valid = [f"{section}.{n}" for n in names]
         raise ConfigError(f"{where}unknown key '{dotted}'{_closest(dotted, valid)}")
@@ -441,13 +456,16 @@ def from_dict(data: dict[str, Any]) -> Config:
 # ---------------------------------------------------------------- validation
 
 
-def _check_field(section: str, f: dataclasses.Field, value: Any) -> None:
+def _check_field(section: str, f: dataclasses.Field, tp: Any, value: Any) -> None:
     key = f"{section}.{f.name}"
     m = f.metadata
-    if m.get("choices") and value not in m["choices"]:
-        close = difflib.get_close_matches(str(value), [str(c) for c in m["choices"]], n=1)
+    choices = choices_of(tp)
+    if choices and value not in choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"'{key}': {value!r} is not one of {list(m['choices'])}{hint}")
+        raise ConfigError(f"'{key}': {value!r} is not one of {list(choices)}{hint}")
+    if value is None:  # an optional field left unset
+        return
     for bound, ok, word in (
         ("ge", lambda v, b: v >= b, ">="),
         ("gt", lambda v, b: v > b, ">"),
@@ -466,9 +484,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     data-parallel size divides the batch.
     """
     for section, cls in _sections().items():
-        obj = getattr(cfg, section)
+        obj, hints = getattr(cfg, section), _hints(cls)
         for f in dataclasses.fields(cls):
-            _check_field(section, f, getattr(obj, f.name))
+            _check_field(section, f, hints[f.name], getattr(obj, f.name))
 
     t, s, r, a = cfg.train, cfg.staleness, cfg.rollout, cfg.algorithm
     if not cfg.model.path:
@@ -549,9 +567,10 @@ def reference_markdown() -> str:
     lines = []
     for section, cls in _sections().items():
         lines += [f"### `{section}`", "", "| key | default | meaning |", "| --- | --- | --- |"]
+        hints = _hints(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            choices = f.metadata.get("choices")
+            choices = choices_of(hints[f.name])
             extra = f" One of: {', '.join(map(str, choices))}." if choices else ""
             lines.append(f"| `{section}.{f.name}` | `{default!r}` | {f.metadata['help']}.{extra} |")
         lines.append("")

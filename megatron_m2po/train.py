@@ -63,29 +63,6 @@ class Progress:
     version: int = 0  # optimizer updates done = policy version
 
 
-def build_loss(cfg: Config):
-    """`algorithms.get_loss` with the hyperparameters that loss takes, from the `algorithm` section."""
-    a = cfg.algorithm
-    hp: dict[str, Any] = {"aggregation": a.aggregation}
-    if a.loss in ("m2po", "m2po_clip"):
-        hp["m2_budget"] = a.m2_budget
-    if a.loss == "m2po":
-        hp["scope"] = a.m2_scope
-    if a.loss in ("grpo", "decoupled_ppo"):
-        hp.update(eps=a.clip_eps, eps_high=a.clip_eps_high)
-    if a.loss == "grpo" and a.dual_clip:
-        hp["dual_clip"] = a.dual_clip
-    if a.loss == "decoupled_ppo":
-        hp["behavior_weight_cap"] = a.tis_cap
-    if a.loss == "tis":
-        hp["cap"] = a.tis_cap
-    if a.loss == "cispo":
-        hp["eps_high"] = a.clip_eps_high
-    if a.engine_mismatch_tis:
-        hp["tis_cap"] = a.tis_cap
-    return algorithms.get_loss(a.loss, **hp)
-
-
 def _dtype(cfg: Config) -> torch.dtype:
     if cfg.model.dtype == "auto":
         return platform.default_dtype()
@@ -101,7 +78,7 @@ class Trainer:
         self.hf_config = load_hf_config(cfg.model.path)
         self.model = wrap_ddp(load_policy(cfg.model.path, dtype=self.dtype))
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.dtype)
-        self.loss_fn = build_loss(cfg)
+        self.loss_fn = algorithms.PolicyLoss.from_config(cfg.algorithm)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.pad_id = int(
@@ -151,26 +128,11 @@ class Trainer:
         rows = groups_to_rows(groups, advantages, behavior_source=cfg.rollout.behavior_logprobs)
         mbs = self._microbatches(rows, version)
         # The loss is a mean over the whole mini-batch (all DP ranks): DDP averages over DP, hence / dp.
-        if a.aggregation == "token-mean":
+        if self.loss_fn.aggregation == "token-mean":
             total = sum(len(r.tokens) - r.prompt_len for r in rows)
         else:
             total = sum(1 for r in rows if len(r.tokens) > r.prompt_len)
         normalizer = max(total, 1) / self.dp_size
-
-        m2_threshold = proximal = None
-        if (a.loss == "m2po" and a.m2_scope == "global") or a.loss == "decoupled_ppo":
-            current = forward_logprobs(self.model, mbs, cfg.rollout.temperature)
-            if a.loss == "decoupled_ppo":
-                proximal = current
-            elif parallel_state.is_pipeline_last_stage():
-                m2_threshold = algorithms.compute_m2_threshold(
-                    current,
-                    [m.behavior_logprobs.to(current[0].device) for m in mbs],
-                    [m.advantages.to(current[0].device) for m in mbs],
-                    [m.response_mask.to(current[0].device) for m in mbs],
-                    m2_budget=a.m2_budget,
-                    process_group=parallel_state.get_data_parallel_group(),
-                )
         return train_update(
             self.model,
             self.optimizer,
@@ -179,9 +141,6 @@ class Trainer:
             self.loss_fn,
             temperature=cfg.rollout.temperature,
             normalizer=normalizer,
-            m2_threshold=m2_threshold,
-            proximal_logprobs=proximal,
-            engine_logprobs_for_tis=a.engine_mismatch_tis,
         )
 
     def recompute_behavior_logprobs(self, groups: list[Group] | None) -> None:

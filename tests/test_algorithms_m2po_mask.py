@@ -215,8 +215,12 @@ def test_water_filling_solve_has_no_python_loop_and_scales():
     assert not loops, "water_filling_tau must stay vectorised"
     values = torch.rand(1_000_000, dtype=torch.float64) ** 4
     start = time.perf_counter()
+    torch.sort(values)
+    one_sort = time.perf_counter() - start
+    start = time.perf_counter()
     solved = water_filling_tau(values, 0.04)
-    assert time.perf_counter() - start < 2.0 and solved.tau is not None
+    # one sort + cumsum + argmax: a few sorts' time, measured against a sort on this (possibly busy) machine
+    assert time.perf_counter() - start < 10 * one_sort + 0.2 and solved.tau is not None
 
 
 def test_global_threshold_is_independent_of_the_micro_batch_split():

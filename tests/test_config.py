@@ -42,6 +42,14 @@ def test_yaml_and_overrides_are_typed(recipe):
     assert cfg.updates_per_step == 2
 
 
+def test_optional_keys_take_null_and_choices_come_from_the_literal_type(recipe):
+    cfg = load_config(recipe, ["algorithm.clip_eps=0.1", "algorithm.clip_eps=null", "algorithm.loss=gspo"])
+    assert cfg.algorithm.clip_eps is None and cfg.algorithm.loss == "gspo"
+    assert "`algorithm.loss` | `'m2po'` | policy loss (algorithms.get_loss name). One of: m2po, " in (
+        reference_markdown()
+    )
+
+
 def test_fixed_lag_is_k_times_updates_per_step(recipe):
     cfg = load_config(recipe, ["staleness.mode=fixed", "staleness.fixed_lag_steps=3"])
     assert cfg.fixed_staleness == 3 * 2
@@ -64,6 +72,10 @@ def test_fixed_lag_is_k_times_updates_per_step(recipe):
         ("staleness.fixed_lag_steps=2", "only used in fixed mode"),
         ("rollout.behavior_logprobs=trainer", "needs staleness.mode sync or fixed"),
         ("algorithm.dual_clip=0.5", "'algorithm.dual_clip'"),
+        ("algorithm.loss=m2p0", "'algorithm.loss': 'm2p0' is not one of .*did you mean 'm2po'"),
+        ("algorithm.aggregation=token_mean", "did you mean 'token-mean'"),
+        ("algorithm.clip_eps=0", "'algorithm.clip_eps': must be > 0"),
+        ("algorithm.tis_cap=2", "'algorithm.tis_cap' is no longer a key: .* algorithm.tis_ratio_cap"),
         ("staleness.max_staleness=-1", "'staleness.max_staleness': must be >= 0"),
         ("model.path=", "'model.path': required"),
         ("nonsense", "section.key=value"),

@@ -7,18 +7,21 @@ hashable id (the prompt id), so responses of one prompt need not be adjacent.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from typing import get_args
 
 import torch
 
+from megatron_m2po.choices import AdvantageEstimator
+
 __all__ = ["ADVANTAGE_ESTIMATORS", "compute_advantages"]
 
-ADVANTAGE_ESTIMATORS = ("grpo", "drgrpo", "rloo")
+ADVANTAGE_ESTIMATORS: tuple[str, ...] = get_args(AdvantageEstimator)
 
 
 def compute_advantages(
     rewards: torch.Tensor,
     group_ids: Sequence[Hashable],
-    estimator: str = "grpo",
+    estimator: AdvantageEstimator = "grpo",
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """Per-response advantages A_i from rewards R_i and their group ids.

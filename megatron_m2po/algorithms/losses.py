@@ -5,6 +5,11 @@ policy that sampled it), r = exp(log r), A the advantage, sg() stop-gradient, M2
 trust-region tokens (A > 0, r > 1) or (A < 0, r < 1). Each loss below is a per-token loss l_t; the
 wrapper then multiplies by the optional TIS factor and aggregates (token-mean by default).
 
+Each loss is registered with `register_loss` (as verl's `register_policy_loss`): its default aggregation, how
+it reads its hyperparameters from the `algorithm` config section (`PolicyLoss.from_config`), and whether it
+needs the trainer's log-probs of the whole mini-batch before the update (`needs_current_log_probs`, then
+`inputs_before_update`). The trainer asks the loss; it never compares loss names.
+
 Behaviour log-probs, two sources (both supported, the trainer picks):
 * engine: `behavior_log_probs` = the engine's sampling log-probs; the engine-vs-trainer mismatch is then
   inside r and `tis_cap` must stay None.
@@ -17,24 +22,38 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, get_args
 
 import torch
 import torch.distributed as dist
 
 from megatron_m2po.algorithms.diagnostics import policy_metrics
 from megatron_m2po.algorithms.m2po_mask import (
+    compute_m2_threshold,
     m2po_masked_tokens,
     quantized_m2,
     threshold_of_tokens,
     trust_region_mask,
     water_filling_tau,
 )
+from megatron_m2po.choices import Aggregation, LossName, M2Scope, NonFinite
 
-__all__ = ["AGGREGATIONS", "LOSSES", "LossInputs", "PolicyLoss", "TokenLoss", "aggregate", "get_loss"]
+__all__ = [
+    "AGGREGATIONS",
+    "LOSSES",
+    "CurrentLogProbs",
+    "LossInputs",
+    "LossSpec",
+    "PolicyLoss",
+    "TokenLoss",
+    "aggregate",
+    "get_loss",
+    "register_loss",
+]
 
-AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+AGGREGATIONS: tuple[str, ...] = get_args(Aggregation)
 _RELEASED_NO_BOUND = (0.0, 100000.0)  # the released m2po_clip's ratio bounds when M2 is within budget
 
 
@@ -73,10 +92,115 @@ def _ppo_clip(advantages, ratio, low, high):
     return torch.maximum(unclipped, clipped), clipped > unclipped
 
 
+@dataclass
+class CurrentLogProbs:
+    """One optimizer mini-batch before its update, per micro-batch ([b, T] each): the trainer's no-grad
+    log pi_theta and what each micro-batch's loss call receives. `process_group`: the data-parallel group."""
+
+    log_probs: Sequence[torch.Tensor]
+    behavior_log_probs: Sequence[torch.Tensor]
+    advantages: Sequence[torch.Tensor]
+    response_mask: Sequence[torch.Tensor]
+    process_group: dist.ProcessGroup | None = None
+
+
+def _no_settings(algorithm: Any) -> dict[str, Any]:
+    return {}
+
+
+def _never(hyperparameters: dict[str, Any]) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A registered loss: the per-token function, its default aggregation, and what it needs.
+
+    settings: the `algorithm` config section -> this loss's hyperparameters (None = the function's default).
+    needs_current_log_probs: (hyperparameters) -> whether the trainer must run a no-grad forward of the
+    whole mini-batch before the update; before_update: (hyperparameters, CurrentLogProbs) -> the extra
+    keyword arguments of each micro-batch's loss call.
+    """
+
+    name: str
+    fn: Callable[..., TokenLoss]
+    aggregation: str = "token-mean"
+    settings: Callable[[Any], dict[str, Any]] = _no_settings
+    needs_current_log_probs: Callable[[dict[str, Any]], bool] = _never
+    before_update: Callable[[dict[str, Any], CurrentLogProbs], list[dict[str, Any]]] | None = None
+
+
+LOSSES: dict[str, LossSpec] = {}
+
+
+def register_loss(
+    name: str,
+    *,
+    aggregation: str = "token-mean",
+    settings=_no_settings,
+    needs_current_log_probs=_never,
+    before_update=None,
+) -> Callable[[Callable[..., TokenLoss]], Callable[..., TokenLoss]]:
+    """Register the decorated per-token loss under `name` (one of `choices.LossName`); see LossSpec."""
+    if name not in get_args(LossName) or name in LOSSES:
+        raise ValueError(
+            f"register_loss: {name!r} is not a new name of choices.LossName {get_args(LossName)}"
+        )
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"register_loss({name!r}): aggregation must be one of {AGGREGATIONS}")
+
+    def register(fn: Callable[..., TokenLoss]) -> Callable[..., TokenLoss]:
+        LOSSES[name] = LossSpec(name, fn, aggregation, settings, needs_current_log_probs, before_update)
+        return fn
+
+    return register
+
+
+def _given(**hyperparameters) -> dict[str, Any]:
+    """The hyperparameters the config sets; None (unset) leaves the loss's own default."""
+    return {k: v for k, v in hyperparameters.items() if v is not None}
+
+
+def _clip_settings(algorithm) -> dict[str, Any]:
+    return _given(eps=algorithm.clip_eps, eps_high=algorithm.clip_eps_high)
+
+
+def _low_high_settings(algorithm) -> dict[str, Any]:
+    return _given(eps_low=algorithm.clip_eps, eps_high=algorithm.clip_eps_high)
+
+
+def _m2po_global(hyperparameters: dict[str, Any]) -> bool:
+    return hyperparameters["scope"] == "global"
+
+
+def _m2po_threshold(hyperparameters: dict[str, Any], current: CurrentLogProbs) -> list[dict[str, Any]]:
+    """The mini-batch's exact m2 threshold over every micro-batch and DP rank (`compute_m2_threshold`)."""
+    theta = compute_m2_threshold(
+        current.log_probs,
+        current.behavior_log_probs,
+        current.advantages,
+        current.response_mask,
+        m2_budget=hyperparameters["m2_budget"],
+        process_group=current.process_group,
+    )
+    return [{"m2_threshold": theta} for _ in current.log_probs]
+
+
+def _proximal(hyperparameters: dict[str, Any], current: CurrentLogProbs) -> list[dict[str, Any]]:
+    """decoupled_ppo's proximal policy: log-probs just before this update."""
+    return [{"proximal_log_probs": lp} for lp in current.log_probs]
+
+
 # ---------------------------------------------------------------------------------------------- the losses
 
 
-def m2po(x: LossInputs, *, m2_budget: float = 0.04, scope: str = "global") -> TokenLoss:
+@register_loss(
+    "m2po",
+    settings=lambda a: _given(m2_budget=a.m2_budget, scope=a.m2_scope),
+    needs_current_log_probs=_m2po_global,
+    before_update=_m2po_threshold,
+)
+def m2po(x: LossInputs, *, m2_budget: float = 0.04, scope: M2Scope = "global") -> TokenLoss:
     """M2PO, paper (Algorithm 1): l_t = -M_t r_t A_t, no clipping.
 
     M_t = 0 for the largest-M2 tokens of T until mean_T(M2) <= tau_M2 (= m2_budget); masked tokens still count
@@ -96,6 +220,7 @@ def m2po(x: LossInputs, *, m2_budget: float = 0.04, scope: str = "global") -> To
     return TokenLoss(per_token, masked=masked, extra={"m2_threshold": min(theta, 1e30)})
 
 
+@register_loss("m2po_clip", settings=lambda a: _given(m2_budget=a.m2_budget))
 def m2po_clip(
     x: LossInputs,
     *,
@@ -130,6 +255,7 @@ def m2po_clip(
     return TokenLoss(per_token, clipped=clipped, extra=extra)
 
 
+@register_loss("grpo", settings=lambda a: {**_clip_settings(a), **_given(dual_clip=a.dual_clip or None)})
 def grpo(
     x: LossInputs, *, eps: float = 0.2, eps_high: float | None = None, dual_clip: float | None = None
 ) -> TokenLoss:
@@ -148,16 +274,19 @@ def grpo(
     return TokenLoss(per_token, clipped=clipped)
 
 
+@register_loss("grpo_noclip")
 def grpo_noclip(x: LossInputs) -> TokenLoss:
     """Plain importance sampling, eps = infinity: l_t = -A r (the paper's "prosperity before collapse")."""
     return TokenLoss(-x.advantages * x.ratio)
 
 
+@register_loss("on_policy")
 def on_policy(x: LossInputs) -> TokenLoss:
     """Sanity baseline: l_t = -A exp(log pi - sg(log pi)): value -A (r == 1), gradient -A grad log pi."""
     return TokenLoss(-x.advantages * torch.exp(x.log_probs - x.log_probs.detach()))
 
 
+@register_loss("tis", settings=lambda a: _given(cap=a.tis_ratio_cap))
 def tis(x: LossInputs, *, cap: float = 2.0) -> TokenLoss:
     """Truncated importance sampling: l_t = -sg(min(r, C)) A log pi, C = cap."""
     weight = torch.clamp(x.ratio.detach(), max=cap)
@@ -166,6 +295,12 @@ def tis(x: LossInputs, *, cap: float = 2.0) -> TokenLoss:
     )
 
 
+@register_loss(
+    "decoupled_ppo",
+    settings=lambda a: {**_clip_settings(a), **_given(behavior_weight_cap=a.behavior_weight_cap)},
+    needs_current_log_probs=lambda hp: True,
+    before_update=_proximal,
+)
 def decoupled_ppo(
     x: LossInputs, *, eps: float = 0.2, eps_high: float | None = None, behavior_weight_cap: float | None = 2.0
 ) -> TokenLoss:
@@ -190,6 +325,7 @@ def decoupled_ppo(
     )
 
 
+@register_loss("gspo", aggregation="seq-mean-token-mean", settings=_low_high_settings)
 def gspo(x: LossInputs, *, eps_low: float = 3e-4, eps_high: float = 4e-4) -> TokenLoss:
     """GSPO: sequence ratio s_i = exp(mean_t log r_it), l_t = max(-A s_it, -A clip(s_it, 1 - eps_low, 1 + eps_high)).
 
@@ -203,6 +339,7 @@ def gspo(x: LossInputs, *, eps_low: float = 3e-4, eps_high: float = 4e-4) -> Tok
     return TokenLoss(per_token, clipped=clipped)
 
 
+@register_loss("cispo", settings=_low_high_settings)
 def cispo(x: LossInputs, *, eps_low: float | None = None, eps_high: float = 0.28) -> TokenLoss:
     """CISPO (MiniMax-M1): l_t = -sg(clip(r, 1 - eps_low, 1 + eps_high)) A log pi; eps_low None = no lower bound."""
     low = 0.0 if eps_low is None else 1 - eps_low
@@ -211,6 +348,7 @@ def cispo(x: LossInputs, *, eps_low: float | None = None, eps_high: float = 0.28
     return TokenLoss(-weight * x.advantages * x.log_probs, clipped=weight != r, clipped_keeps_gradient=True)
 
 
+@register_loss("topr")
 def topr(x: LossInputs) -> TokenLoss:
     """TOPR (tapered off-policy REINFORCE), sequence level: l_t = -w_i A log pi.
 
@@ -224,19 +362,10 @@ def topr(x: LossInputs) -> TokenLoss:
     return TokenLoss(-weight * x.advantages * x.log_probs, clipped=truncated, clipped_keeps_gradient=True)
 
 
-LOSSES: dict[str, tuple[Callable[..., TokenLoss], str]] = {
-    # name: (per-token loss, default aggregation)
-    "m2po": (m2po, "token-mean"),
-    "m2po_clip": (m2po_clip, "token-mean"),
-    "grpo": (grpo, "token-mean"),
-    "grpo_noclip": (grpo_noclip, "token-mean"),
-    "tis": (tis, "token-mean"),
-    "decoupled_ppo": (decoupled_ppo, "token-mean"),
-    "gspo": (gspo, "seq-mean-token-mean"),
-    "cispo": (cispo, "token-mean"),
-    "topr": (topr, "token-mean"),
-    "on_policy": (on_policy, "token-mean"),
-}
+if set(LOSSES) != set(get_args(LossName)):
+    raise ImportError(
+        f"losses: choices.LossName names {sorted(set(get_args(LossName)) - set(LOSSES))} without a loss"
+    )
 
 
 # ----------------------------------------------------------------------------------------- aggregation
@@ -294,18 +423,58 @@ class PolicyLoss:
         self,
         name: str,
         *,
-        aggregation: str | None = None,
+        aggregation: Aggregation | None = None,
         tis_cap: float | None = None,
-        nonfinite: str = "raise",
+        nonfinite: NonFinite = "raise",
         **hyperparameters,
     ):
-        fn, default_aggregation = LOSSES[name]
-        self.name, self.fn, self.hyperparameters = name, fn, hyperparameters
-        self.aggregation = aggregation or default_aggregation
+        self.spec = LOSSES[name]
+        self.name, self.fn = name, self.spec.fn
+        bound = inspect.signature(self.fn).bind(None, **hyperparameters)
+        bound.apply_defaults()
+        # every hyperparameter the loss receives, its defaults included
+        self.hyperparameters: dict[str, Any] = dict(list(bound.arguments.items())[1:])
+        self.aggregation = aggregation or self.spec.aggregation
         self.tis_cap, self.nonfinite = tis_cap, nonfinite
 
+    @classmethod
+    def from_config(cls, algorithm: Any) -> PolicyLoss:
+        """The loss `algorithm.loss` with the settings it reads from the `algorithm` config section.
+
+        `algorithm.aggregation` "auto" (or None) keeps the loss's own aggregation; the engine-mismatch TIS
+        factor (`tis_cap`) is on when `algorithm.engine_mismatch_tis`, capped at `engine_mismatch_tis_cap`.
+        """
+        spec = LOSSES[algorithm.loss]
+        common = _given(
+            aggregation=None if algorithm.aggregation == "auto" else algorithm.aggregation,
+            tis_cap=algorithm.engine_mismatch_tis_cap if algorithm.engine_mismatch_tis else None,
+        )
+        return get_loss(algorithm.loss, **common, **spec.settings(algorithm))
+
+    @property
+    def needs_current_log_probs(self) -> bool:
+        """Whether the trainer must compute log pi_theta of the whole mini-batch (no grad) before the update
+        and pass it to `inputs_before_update` (m2po's global threshold, decoupled_ppo's proximal policy)."""
+        return self.spec.needs_current_log_probs(self.hyperparameters)
+
+    def inputs_before_update(self, current: CurrentLogProbs) -> list[dict[str, Any]]:
+        """The extra keyword arguments of each micro-batch's call, from the mini-batch's current log-probs.
+
+        Collective over `current.process_group` for m2po (every DP rank calls it)."""
+        if not self.needs_current_log_probs:
+            raise ValueError(f"{self.name}: needs no current log-probs before the update")
+        return self.spec.before_update(self.hyperparameters, current)
+
+    @property
+    def needs_engine_log_probs(self) -> bool:
+        """Whether each call needs `engine_log_probs` (the engine-mismatch TIS factor is on)."""
+        return self.tis_cap is not None
+
     def __repr__(self) -> str:
-        return f"PolicyLoss({self.name!r}, aggregation={self.aggregation!r}, tis_cap={self.tis_cap}, {self.hyperparameters})"
+        return (
+            f"PolicyLoss({self.name!r}, aggregation={self.aggregation!r}, tis_cap={self.tis_cap}, "
+            f"{self.hyperparameters})"
+        )
 
     def __call__(
         self,
@@ -431,8 +600,7 @@ def get_loss(name: str, **hyperparameters) -> PolicyLoss:
     """
     if name not in LOSSES:
         raise ValueError(f"get_loss: unknown loss {name!r}; choose one of {sorted(LOSSES)}")
-    fn, _ = LOSSES[name]
-    allowed = [p for p in inspect.signature(fn).parameters if p != "x"]
+    allowed = [p for p in inspect.signature(LOSSES[name].fn).parameters if p != "x"]
     common = ("aggregation", "tis_cap", "nonfinite")
     unknown = sorted(set(hyperparameters) - set(allowed) - set(common))
     if unknown:
@@ -444,14 +612,11 @@ def get_loss(name: str, **hyperparameters) -> PolicyLoss:
         raise ValueError(
             f"get_loss({name!r}): aggregation must be one of {AGGREGATIONS}, got {aggregation!r}"
         )
-    if hyperparameters.get("nonfinite", "raise") not in ("raise", "mask"):
-        raise ValueError(
-            f"get_loss({name!r}): nonfinite must be 'raise' or 'mask', got {hyperparameters['nonfinite']!r}"
-        )
-    if hyperparameters.get("scope", "global") not in ("global", "per_microbatch"):
-        raise ValueError(
-            f"get_loss({name!r}): scope must be 'global' or 'per_microbatch', got {hyperparameters['scope']!r}"
-        )
+    for key, choices, default in (("nonfinite", NonFinite, "raise"), ("scope", M2Scope, "global")):
+        if hyperparameters.get(key, default) not in get_args(choices):
+            raise ValueError(
+                f"get_loss({name!r}): {key} must be one of {get_args(choices)}, got {hyperparameters[key]!r}"
+            )
     for key in (
         "m2_budget",
         "eps",

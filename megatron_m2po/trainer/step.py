@@ -6,16 +6,17 @@ averages gradients over DP ranks; the loss functions take a `normalizer` (the mi
 divided by the DP size, see `algorithms.get_loss`), and `loss_func` below multiplies back the schedule's
 1/num_microbatches, so the gradient is exactly that of the global token mean.
 
-`m2po` in `global` scope needs log pi_theta of the whole mini-batch before the loss: a no-grad pre-pass
-(`forward_logprobs`) computes it (it equals log pi_theta at loss time, the update has not happened yet),
-`compute_m2_threshold` reduces it over the DP group, and every micro-batch's loss gets `m2_threshold=`.
-The same pre-pass gives `decoupled_ppo` its proximal log-probs.
+A loss that says it needs log pi_theta of the whole mini-batch before the update
+(`PolicyLoss.needs_current_log_probs`) gets a no-grad pre-pass (`forward_logprobs`; it equals log pi_theta at
+loss time, the update has not happened yet) and turns it into each micro-batch's extra inputs
+(`PolicyLoss.inputs_before_update`): `m2po` in `global` scope its threshold over the DP group, `decoupled_ppo`
+its proximal log-probs.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -138,23 +139,42 @@ def _reduce_metrics(per_microbatch: list[dict[str, float]], group) -> dict[str, 
     return out
 
 
+def _inputs_before_update(model, micro_batches, loss_fn, temperature, device, dp_group) -> list[dict] | None:
+    """Each micro-batch's extra loss inputs from a no-grad pre-pass, for a loss that needs one (None else).
+
+    Collective: every rank runs the pre-pass; the loss's reduction runs on the last pipeline stage (where
+    the loss is computed) over the DP group."""
+    if not loss_fn.needs_current_log_probs:
+        return None
+    current = forward_logprobs(model, micro_batches, temperature)
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    return loss_fn.inputs_before_update(
+        algorithms.CurrentLogProbs(
+            current,
+            [m.behavior_logprobs.to(device) for m in micro_batches],
+            [m.advantages.to(device) for m in micro_batches],
+            [m.response_mask.to(device) for m in micro_batches],
+            process_group=dp_group,
+        )
+    )
+
+
 def train_update(
     model,
     optimizer,
     scheduler,
     micro_batches: Sequence[MicroBatch],
-    loss_fn: Callable,
+    loss_fn: algorithms.PolicyLoss,
     *,
     temperature: float,
     normalizer: float,
-    m2_threshold: float | None = None,
-    proximal_logprobs: Sequence[torch.Tensor] | None = None,
-    engine_logprobs_for_tis: bool = False,
 ) -> dict[str, float]:
     """Forward/backward every micro-batch, one optimizer step; returns `loss/` and `train/` metrics."""
     device = next(model.parameters()).device
     num_mb = len(micro_batches)
     dp_group = parallel_state.get_data_parallel_group()
+    loss_inputs = _inputs_before_update(model, micro_batches, loss_fn, temperature, device, dp_group)
     index = iter(range(num_mb))
 
     def forward_step(data_iterator, model_chunk):
@@ -169,11 +189,9 @@ def train_update(
                 "normalizer": normalizer,
                 "process_group": dp_group,
             }
-            if m2_threshold is not None:
-                optional["m2_threshold"] = m2_threshold
-            if proximal_logprobs is not None:
-                optional["proximal_log_probs"] = proximal_logprobs[i].to(device)
-            if engine_logprobs_for_tis:
+            if loss_inputs is not None:
+                optional.update(loss_inputs[i])
+            if loss_fn.needs_engine_log_probs:
                 optional["engine_log_probs"] = mb.engine_logprobs
             loss, metrics = loss_fn(lp, mb.behavior_logprobs, mb.advantages, mb.response_mask, **optional)
             mask = mb.response_mask

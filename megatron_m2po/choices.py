@@ -1,0 +1,27 @@
+"""The names of the algorithm's interchangeable parts, one `Literal` each (no torch: config imports it).
+
+config.py types its choice fields with these, so the allowed values come from the type; the algorithms
+derive their own tuples from them (`AGGREGATIONS`, `ADVANTAGE_ESTIMATORS`) and the loss registry refuses,
+at import, a loss not named here or a name here without a loss.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+LossName = Literal[
+    "m2po",
+    "m2po_clip",
+    "grpo",
+    "grpo_noclip",
+    "tis",
+    "decoupled_ppo",
+    "gspo",
+    "cispo",
+    "topr",
+    "on_policy",
+]
+Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
+AdvantageEstimator = Literal["grpo", "drgrpo", "rloo"]
+M2Scope = Literal["global", "per_microbatch"]
+NonFinite = Literal["raise", "mask"]

@@ -1,0 +1,170 @@
+"""Each loss builds itself from the `algorithm` config: what it receives matches docs/algorithms.md's table,
+every config key reaches exactly the losses its help names, config's choice lists are the algorithms' own,
+and the trainer's pre-pass is asked of the loss."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import re
+import typing
+
+import pytest
+import torch
+
+from megatron_m2po.algorithms import (
+    ADVANTAGE_ESTIMATORS,
+    AGGREGATIONS,
+    LOSSES,
+    CurrentLogProbs,
+    PolicyLoss,
+    compute_advantages,
+    compute_m2_threshold,
+    get_loss,
+)
+from megatron_m2po.config import AlgorithmConfig, Config, choices_of
+from tests.conftest import REPO
+
+ALGORITHM_HINTS = typing.get_type_hints(AlgorithmConfig)
+# a valid non-default value for every key a loss reads (a new such key must be added here)
+OVERRIDES = {
+    "m2_budget": 0.05,
+    "m2_scope": "per_microbatch",
+    "clip_eps": 0.1,
+    "clip_eps_high": 0.3,
+    "dual_clip": 3.0,
+    "tis_ratio_cap": 3.0,
+    "behavior_weight_cap": 4.0,
+}
+
+
+def documented() -> dict[str, tuple[dict, list[str]]]:
+    """docs/algorithms.md's loss table: name -> ({hyperparameter: default}, [algorithm.* keys it reads])."""
+    rows = {}
+    for line in (REPO / "docs" / "algorithms.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 4 and re.fullmatch(r"`\w+`", cells[0]) and cells[0] != "`name`":
+            defaults = {k: ast.literal_eval(v) for k, v in re.findall(r"`(\w+)=([^`]+)`", cells[2])}
+            rows[cells[0].strip("`")] = (defaults, re.findall(r"`(\w+)`", cells[3]))
+    return rows
+
+
+def built(**algorithm) -> dict[str, PolicyLoss]:
+    return {name: PolicyLoss.from_config(AlgorithmConfig(loss=name, **algorithm)) for name in LOSSES}
+
+
+def readers(help_text: str) -> set[str] | None:
+    """The losses a key's help names (`grpo / cispo: ...`), or None for a key of every loss."""
+    m = re.match(r"([a-z0-9_]+(?: / [a-z0-9_]+)*): ", help_text)
+    names = set(m.group(1).split(" / ")) if m else set()
+    return names if names and names <= set(LOSSES) else None
+
+
+def test_the_docs_table_lists_every_loss():
+    assert set(documented()) == set(LOSSES)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_default_config_gives_each_loss_its_documented_defaults(name):
+    defaults, _ = documented()[name]
+    aggregation = defaults.pop("aggregation", "token-mean")
+    loss = PolicyLoss.from_config(AlgorithmConfig(loss=name))
+    assert loss.hyperparameters == defaults
+    assert loss.aggregation == aggregation
+    assert loss.tis_cap is None
+    library = get_loss(name)  # the library's defaults are the documented ones too
+    assert (library.hyperparameters, library.aggregation) == (defaults, aggregation)
+
+
+def test_each_key_reaches_exactly_the_losses_its_help_and_the_docs_name():
+    fields = {f.name: f.metadata["help"] for f in dataclasses.fields(AlgorithmConfig)}
+    assert {k for k, h in fields.items() if readers(h)} == set(OVERRIDES)
+    base = built()
+    docs = documented()
+    for key, value in OVERRIDES.items():
+        changed = {
+            name: {k: v for k, v in loss.hyperparameters.items() if v != base[name].hyperparameters[k]}
+            for name, loss in built(**{key: value}).items()
+        }
+        reached = {name for name, diff in changed.items() if diff}
+        assert reached == readers(fields[key]), key
+        assert reached == {name for name, (_, keys) in docs.items() if key in keys}, key
+        for name in reached:
+            assert value in changed[name].values(), (key, name, changed[name])
+
+
+def test_overrides_reach_the_loss():
+    got = built(
+        clip_eps=0.1,
+        clip_eps_high=0.3,
+        dual_clip=3.0,
+        tis_ratio_cap=3.0,
+        behavior_weight_cap=4.0,
+        m2_budget=0.05,
+    )
+    assert got["gspo"].hyperparameters == {"eps_low": 0.1, "eps_high": 0.3}
+    assert got["cispo"].hyperparameters == {"eps_low": 0.1, "eps_high": 0.3}
+    assert got["grpo"].hyperparameters == {"eps": 0.1, "eps_high": 0.3, "dual_clip": 3.0}
+    assert got["decoupled_ppo"].hyperparameters == {"eps": 0.1, "eps_high": 0.3, "behavior_weight_cap": 4.0}
+    assert got["tis"].hyperparameters == {"cap": 3.0}
+    assert got["m2po"].hyperparameters == {"m2_budget": 0.05, "scope": "global"}
+
+
+def test_aggregation_and_engine_mismatch_tis_reach_every_loss():
+    for loss in built(
+        aggregation="seq-mean-token-sum", engine_mismatch_tis=True, engine_mismatch_tis_cap=1.5
+    ).values():
+        assert (loss.aggregation, loss.tis_cap, loss.needs_engine_log_probs) == (
+            "seq-mean-token-sum",
+            1.5,
+            True,
+        )
+    assert all(not loss.needs_engine_log_probs for loss in built().values())
+
+
+def test_config_choices_are_the_algorithms_own():
+    assert set(choices_of(ALGORITHM_HINTS["loss"])) == set(LOSSES)
+    assert set(choices_of(ALGORITHM_HINTS["aggregation"])) == {"auto", *AGGREGATIONS}
+    assert set(choices_of(ALGORITHM_HINTS["advantage"])) == set(ADVANTAGE_ESTIMATORS)
+    assert choices_of(typing.get_type_hints(compute_advantages)["estimator"]) == ADVANTAGE_ESTIMATORS
+    scope = choices_of(typing.get_type_hints(LOSSES["m2po"].fn)["scope"])
+    assert set(choices_of(ALGORITHM_HINTS["m2_scope"])) == set(scope)
+    for name in ADVANTAGE_ESTIMATORS:  # each advertised estimator runs
+        compute_advantages(torch.tensor([0.0, 1.0]), [0, 0], estimator=name)
+    assert Config().algorithm.loss in LOSSES
+
+
+def _minibatch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    micro = []
+    for _ in range(2):
+        lp = -torch.rand(3, 5, generator=g, dtype=torch.float64) * 2
+        blp = lp - torch.randn(3, 5, generator=g, dtype=torch.float64) * 0.5
+        adv = torch.randn(3, 1, generator=g, dtype=torch.float64).expand(3, 5).contiguous()
+        mask = torch.rand(3, 5, generator=g) < 0.8
+        micro.append((lp, blp, adv, mask))
+    return CurrentLogProbs(*[[m[i] for m in micro] for i in range(4)])
+
+
+def test_the_loss_says_what_it_needs_before_the_update():
+    needs = {name: loss.needs_current_log_probs for name, loss in built().items()}
+    assert {name for name, need in needs.items() if need} == {"m2po", "decoupled_ppo"}
+    assert not PolicyLoss.from_config(
+        AlgorithmConfig(loss="m2po", m2_scope="per_microbatch")
+    ).needs_current_log_probs
+    with pytest.raises(ValueError, match="needs no current log-probs"):
+        get_loss("grpo").inputs_before_update(_minibatch())
+
+    current = _minibatch()
+    m2po = get_loss("m2po", m2_budget=0.01)
+    theta = compute_m2_threshold(
+        current.log_probs,
+        current.behavior_log_probs,
+        current.advantages,
+        current.response_mask,
+        m2_budget=0.01,
+    )
+    assert m2po.inputs_before_update(current) == [{"m2_threshold": theta}] * 2
+    assert theta < float("inf")  # the mask is exercised
+    proximal = get_loss("decoupled_ppo").inputs_before_update(current)
+    assert all(p["proximal_log_probs"] is lp for p, lp in zip(proximal, current.log_probs))
