@@ -543,14 +543,33 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         validate_parallel(cfg, world_size)
 
 
-def validate_parallel(cfg: Config, world_size: int) -> int:
-    """Check the parallel layout against the world size; return the data-parallel size."""
+# What Megatron splits evenly over the ranks of each parallel dimension (HF config key -> config key).
+_SPLIT_BY = {
+    "num_attention_heads": "parallel.tensor",
+    "num_key_value_heads": "parallel.tensor",
+    "intermediate_size": "parallel.tensor",
+    "vocab_size": "parallel.tensor",
+    "num_hidden_layers": "parallel.pipeline",
+}
+
+
+def validate_parallel(cfg: Config, world_size: int, model: Any = None) -> int:
+    """Check the parallel layout against the world size and, given `model` (its HF config), against what
+    Megatron splits over the ranks; return the data-parallel size. Runs before Megatron starts, so a bad
+    layout is an error naming the key rather than a traceback from inside Megatron."""
     t, p = cfg.train, cfg.parallel
     mp = p.tensor * p.pipeline
     if world_size % mp:
         raise ConfigError(
             f"'parallel.tensor' x 'parallel.pipeline' = {mp} does not divide the world size {world_size}"
         )
+    for hf_key, key in _SPLIT_BY.items():
+        size, value = getattr(p, key.split(".")[1]), getattr(model, hf_key, None)
+        if isinstance(value, int) and value % size:
+            raise ConfigError(
+                f"'{key}': {size} does not divide the model's {hf_key} = {value} ({cfg.model.path}); "
+                f"Megatron splits it evenly over the {size} ranks"
+            )
     dp = world_size // mp
     seqs_per_update = t.prompts_per_update * t.responses_per_prompt
     if seqs_per_update % dp:

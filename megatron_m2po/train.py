@@ -474,7 +474,7 @@ def _free_port() -> int:
 
 def save(ckpt_root: Path, progress: Progress, trainer: Trainer, producer: Producer | None) -> None:
     """Checkpoint (collective). The queue's commit point goes inside it; once it is on disk, the journal
-    segments it fully consumed are freed."""
+    segments that the oldest kept checkpoint consumed are freed (`--resume` may fall back to any kept one)."""
     state = {"step": progress.step, "version": progress.version, **trainer.state_dict_extra()}
     if producer is not None:
         state.update(producer.state_dict())
@@ -487,8 +487,9 @@ def save(ckpt_root: Path, progress: Progress, trainer: Trainer, producer: Produc
         state,
         keep_last=trainer.cfg.checkpoint.keep_last,
     )
-    if producer is not None:
-        producer.queue.gc(state["queue"])
+    oldest = checkpointing.oldest_trainer_state(ckpt_root) if producer is not None else None
+    if oldest is not None:
+        producer.queue.gc(oldest["queue"])
 
 
 def export_hf(trainer: Trainer, out_dir: Path, source_dir: str) -> None:

@@ -131,3 +131,38 @@ def test_every_field_has_help():
     text = reference_markdown()
     assert "`algorithm.m2_budget`" in text and "| `train.lr` |" in text
     assert "|  |" not in text
+
+
+def test_a_tensor_parallel_size_that_cannot_split_the_model_is_a_config_error(tmp_path):
+    """`parallel.tensor=3` was a traceback from inside Megatron; now a config error naming the key, before
+    Megatron is initialised (exit code 2, no traceback)."""
+    import subprocess
+    import sys
+
+    from megatron_m2po.models import load_hf_config
+    from megatron_m2po.models.tiny import make_tiny_model
+    from tests.conftest import REPO, subprocess_env
+
+    model_dir = make_tiny_model("qwen3", tmp_path / "tiny")  # 4 attention heads, 2 KV heads
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE.replace("/models/tiny", str(model_dir)))
+    cfg = load_config(recipe, ["parallel.tensor=3"])
+    model = load_hf_config(model_dir)
+    with pytest.raises(ConfigError, match=r"'parallel.tensor': 3 does not divide the model's num_attention_head"):
+        validate_parallel(cfg, 3, model)
+    cfg = load_config(recipe, ["parallel.pipeline=3"])
+    with pytest.raises(ConfigError, match=r"'parallel.pipeline': 3 does not divide the model's num_hidden_lay"):
+        validate_parallel(cfg, 3, model)
+    assert validate_parallel(load_config(recipe, ["parallel.tensor=2"]), 2, model) == 1
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_m2po.train", "--config", str(recipe), "parallel.tensor=3",
+         f"logging.run_dir={run_dir}"],
+        capture_output=True, text=True, timeout=300, env=subprocess_env(OMP_NUM_THREADS="1"), cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "config error: 'parallel.tensor' x 'parallel.pipeline' = 3 does not divide the world size 1" in (
+        proc.stderr
+    )
+    assert "Traceback" not in proc.stderr and not run_dir.exists()

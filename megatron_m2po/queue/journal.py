@@ -8,7 +8,7 @@ queue delete what the trainer has consumed and checkpointed, so disk use stays b
 On-disk format (little-endian), version 1:
 
     segment file  segment-<index:08d>.m2poj
-      header  32 bytes: magic b"M2POJRNL" | u16 format version | u16 header size (32)
+      header  36 bytes: magic b"M2POJRNL" | u16 format version | u16 header size (36)
                         | u32 flags (0) | 16-byte journal id (uuid4) | 4 bytes reserved
       records, each:
         u32 RECORD_MARK (b"M2PR") | u32 payload length | u32 crc32(payload) | u32 crc32(first 12 bytes)
@@ -101,6 +101,7 @@ class SegmentInfo:
     last_seq: int | None = None
     size: int = 0
     prompt_ids: list[str] = field(default_factory=list)  # kept when the segment is deleted (exactly-once)
+    seqs: list[int] = field(default_factory=list)  # the seq of each of prompt_ids
 
 
 @dataclass
@@ -331,6 +332,7 @@ class JournalWriter:
             seg.first_seq = seq
         seg.last_seq = seq
         seg.prompt_ids.append(prompt_id)
+        seg.seqs.append(seq)
         if self.fsync == "always":
             self.sync()
         elif self.fsync == "batch" and time.monotonic() - self._last_sync >= self.fsync_interval_s:
@@ -349,13 +351,16 @@ class JournalWriter:
     def delete_segments_before(self, low_water: int) -> int:
         """Delete closed segments whose every record has seq < `low_water`; return bytes freed.
 
-        Their prompt_ids are first appended to the retired-ids file, so a restarted queue
-        still refuses them (exactly-once acceptance outlives the data).
+        Their prompt_ids (with their seqs) are first appended to the retired-ids file, so a restarted
+        queue still refuses them (exactly-once acceptance outlives the data), and a recovery from a
+        commit older than `low_water` can tell that it would need them.
         """
         doomed = [seg for seg in self.segments[:-1] if seg.last_seq is None or seg.last_seq < low_water]
         if not doomed:
             return 0
-        lines = "".join(json.dumps(pid) + "\n" for seg in doomed for pid in seg.prompt_ids)
+        lines = "".join(
+            json.dumps({"id": pid, "seq": seq}) + "\n" for seg in doomed for pid, seq in zip(seg.prompt_ids, seg.seqs)
+        )
         if lines:
             with open(self.dir / RETIRED_IDS_FILE, "a", encoding="utf-8") as f:
                 f.write(lines)
@@ -386,19 +391,24 @@ class JournalWriter:
             self._fd = None
 
 
-def read_retired_prompt_ids(journal_dir: str | os.PathLike, *, repair: bool = False) -> set[str]:
-    """prompt_ids of groups whose segments were deleted after consumption (a torn last line is dropped)."""
+def read_retired(journal_dir: str | os.PathLike, *, repair: bool = False) -> dict[str, int | None]:
+    """prompt_id -> seq of the groups whose segments were deleted after consumption (seq None: written
+    before seqs were recorded). A torn last line is dropped."""
     path = Path(journal_dir) / RETIRED_IDS_FILE
     if not path.exists():
-        return set()
+        return {}
     data = path.read_bytes()
-    ids, pos = set(), 0
+    ids, pos = {}, 0
     for line in data.splitlines(keepends=True):
         try:
             if not line.endswith(b"\n"):
                 raise ValueError("no newline")
-            ids.add(json.loads(line))
-        except ValueError:
+            entry = json.loads(line)
+            if isinstance(entry, str):
+                ids[entry] = None
+            else:
+                ids[entry["id"]] = int(entry["seq"])
+        except (ValueError, KeyError, TypeError):
             if pos + len(line) < len(data):
                 raise JournalCorruptError(path, pos, "unreadable prompt-id line") from None
             # The write that a crash cut short: its segment was not deleted yet, so nothing is lost.
