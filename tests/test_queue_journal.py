@@ -218,12 +218,71 @@ def test_segments_rotate_and_are_collected_once_consumed_and_committed(tmp_path)
         assert len(q.get_batch(4)) == 4
         q.publish_version(step + 1)
         state = q.commit()
+        q.gc(state)  # as after each checkpoint with keep_last=1
         peak = max(peak, q.metrics()["queue/journal_bytes"])
     assert q.metrics()["queue/journal_bytes_written"] > 5 * peak  # bounded: old segments were deleted
-    q.gc(state)
     assert len(list_segments(jdir)) <= 2
     q.close()
     assert ReplayQueue.recover(jdir, state).queued_prompt_ids() == []
+
+
+def _run_with_checkpoints(jdir, steps: int, *, keep_last: int):
+    """A bounded-mode producer/trainer loop that checkpoints every step and collects the journal for the
+    oldest of `keep_last` kept commits (as train.save does); returns the kept commits, oldest first, and
+    the prompt ids consumed per step."""
+    q = ReplayQueue("bounded", max_staleness=100, capacity=1000, journal_dir=jdir, segment_bytes=4096)
+    kept, consumed = [], []
+    for step in range(steps):
+        for i in range(3):
+            assert q.put(make_group(f"s{step}-{i}", step, response_len=60))
+        consumed.append([g.prompt_id for g in q.get_batch(2)])  # one group per step stays queued
+        q.publish_version(step + 1)
+        kept = [*kept, q.commit()][-keep_last:]
+        q.gc(kept[0])
+    q.close()
+    return kept, consumed
+
+
+def test_gc_keeps_what_the_oldest_kept_checkpoint_needs_so_falling_back_loses_nothing(tmp_path):
+    jdir = tmp_path / "j"
+    (previous, newest), consumed = _run_with_checkpoints(jdir, 12, keep_last=2)
+    assert len(list_segments(jdir)) < 12  # something was collected
+    q = ReplayQueue.recover(jdir, previous, mode="bounded", max_staleness=100, capacity=1000)
+    # Fall back one checkpoint: what step 12 consumed plus what stayed queued is replayed, nothing else.
+    replayed = q.queued_prompt_ids()
+    assert set(consumed[-1]) <= set(replayed)
+    every = {f"s{s}-{i}" for s in range(12) for i in range(3)}
+    done_before = {pid for batch in consumed[:-1] for pid in batch}
+    assert set(replayed) == every - done_before
+    assert q.accepted_prompt_ids() == every
+    q.close()
+
+
+def test_recovery_from_a_commit_older_than_the_gc_is_refused_naming_the_retired_file(tmp_path):
+    jdir = tmp_path / "j"
+    (newest,), _ = _run_with_checkpoints(jdir, 12, keep_last=1)
+    old = ReplayQueue.recover(jdir, newest)
+    old.close()
+    # A commit from long before the last GC (what a fallback beyond keep_last would use)
+    stale = dict(newest, low_water=0, next_seq=3, consumed_above=[], version=1)
+    with pytest.raises(JournalError, match=r"retired-prompt-ids.jsonl retires \d+ group\(s\) this checkpoint"):
+        ReplayQueue.recover(jdir, stale)
+
+
+def test_accepted_counts_the_groups_recovery_replays(tmp_path):
+    jdir = tmp_path / "j"
+    q = ReplayQueue("bounded", max_staleness=100, capacity=1000, journal_dir=jdir)
+    for i in range(3):
+        q.put(make_group(f"a{i}", 0))
+    state = q.commit()
+    for i in range(4):  # accepted after the checkpoint, then the trainer dies
+        q.put(make_group(f"b{i}", 0))
+    assert q.metrics()["queue/accepted"] == 7
+    q._journal.abandon()
+    again = ReplayQueue.recover(jdir, state)
+    assert again.metrics()["queue/accepted"] == 7
+    assert len(again) == 7
+    again.close()
 
 
 # ---------------------------------------------------------------- a real crash

@@ -26,11 +26,12 @@ from megatron_m2po.queue.admission import bounded_admissible, expected_fixed_ver
 from megatron_m2po.queue.codec import CodecError, VersionRange, decode_group, encode_group, version_range
 from megatron_m2po.queue.journal import (
     FSYNC_POLICIES,
+    RETIRED_IDS_FILE,
     JournalError,
     JournalFormatError,
     JournalWriter,
     list_segments,
-    read_retired_prompt_ids,
+    read_retired,
     scan_journal,
 )
 from megatron_m2po.queue.stats import StalenessHistogram
@@ -143,7 +144,6 @@ class ReplayQueue:
         self._next_seq = 0
         self._low_water = 0  # every seq below it is consumed (or dropped)
         self._consumed_above: set[int] = set()
-        self._prev_commit_low_water: int | None = None
         self._counters = dict.fromkeys(_COUNTERS, 0)
         self._staleness = StalenessHistogram()
         self._journal: JournalWriter | None = None
@@ -509,9 +509,9 @@ class ReplayQueue:
     def commit(self) -> dict[str, Any]:
         """JSON-able consumption state to save inside the trainer checkpoint.
 
-        Makes the journal durable first (fsync "batch"/"always"). Segments fully consumed as
-        of the PREVIOUS commit are deleted now (that checkpoint is known to be on disk);
-        call `gc(state)` once this commit's checkpoint is saved to free space sooner.
+        Makes the journal durable first (fsync "batch"/"always"). Nothing is deleted here: once
+        checkpoints are saved, call `gc` with the commit of the OLDEST checkpoint kept, so a fallback
+        to any kept checkpoint still finds every group it needs.
         """
         with self._journal_lock:
             if self._journal is not None:
@@ -526,13 +526,14 @@ class ReplayQueue:
                     "consumed_above": sorted(self._consumed_above),
                     "counters": dict(self._counters),
                 }
-            if self._journal is not None and self._prev_commit_low_water is not None:
-                self._journal.delete_segments_before(self._prev_commit_low_water)
-            self._prev_commit_low_water = state["low_water"]
         return state
 
     def gc(self, committed: dict[str, Any]) -> int:
-        """Delete journal segments fully consumed by `committed` (whose checkpoint is durable); bytes freed."""
+        """Delete journal segments fully consumed by `committed`; bytes freed.
+
+        `committed` must be the commit of the oldest checkpoint that may still be resumed from (with
+        `checkpoint.keep_last` = k, the oldest of the k kept): what it has not consumed stays.
+        """
         _validate_commit(committed)
         if self._journal is None:
             return 0
@@ -564,6 +565,7 @@ class ReplayQueue:
                     f"recover: the checkpoint's queue commit belongs to journal {committed['journal_id']}, but "
                     f"{journal_dir} holds journal {scan.journal_id.hex()}"
                 )
+        retired = read_retired(journal_dir, repair=True)
         if committed is None:
             low_water = scan.records[0].seq if scan.records else 0
             consumed: set[int] = set()
@@ -571,6 +573,7 @@ class ReplayQueue:
         else:
             low_water, next_seq = committed["low_water"], committed["next_seq"]
             consumed = set(committed["consumed_above"])
+            _refuse_retired_needs(journal_dir, retired, low_water, consumed)
             present = {r.seq for r in scan.records}
             missing = [s for s in range(low_water, next_seq) if s not in consumed and s not in present]
             if missing:
@@ -581,8 +584,7 @@ class ReplayQueue:
                 )
             queue._version = committed["version"]
             queue._counters.update({k: committed["counters"].get(k, 0) for k in _COUNTERS})
-            queue._prev_commit_low_water = low_water
-        queue._accepted_ids |= read_retired_prompt_ids(journal_dir, repair=True)
+        queue._accepted_ids |= retired.keys()
         replayed = 0
         for record in scan.records:
             try:
@@ -593,6 +595,7 @@ class ReplayQueue:
                     f"checksum but cannot be decoded: {e}"
                 ) from e
             record.segment.prompt_ids.append(group.prompt_id)
+            record.segment.seqs.append(record.seq)
             if group.prompt_id in queue._accepted_ids:
                 queue._counters["duplicates"] += 1
                 logger.warning(
@@ -601,6 +604,8 @@ class ReplayQueue:
                 consumed.add(record.seq)
                 continue
             queue._accepted_ids.add(group.prompt_id)
+            if record.seq >= next_seq:  # accepted after the commit: its counters do not include it
+                queue._counters["accepted"] += 1
             if record.seq < low_water or record.seq in consumed:
                 continue
             queue._insert_locked(_Entry.of(record.seq, group, version_range(group)))
@@ -674,6 +679,18 @@ def _decrement(counter: Counter[int], key: int, n: int = 1) -> None:
     counter[key] -= n
     if not counter[key]:
         del counter[key]
+
+
+def _refuse_retired_needs(journal_dir, retired: dict[str, int | None], low_water: int, consumed: set[int]) -> None:
+    """Raise if GC retired a group this commit has not consumed (it was collected for a newer checkpoint)."""
+    needed = sorted(s for s in retired.values() if s is not None and s >= low_water and s not in consumed)
+    if needed:
+        raise JournalError(
+            f"recover: {os.path.join(journal_dir, RETIRED_IDS_FILE)} retires {len(needed)} group(s) this "
+            f"checkpoint has not consumed (seq {needed[0]} and later; its commit consumed all below seq "
+            f"{low_water}): the journal was collected for a newer checkpoint, so resuming from this one would "
+            "lose them; resume from a newer checkpoint"
+        )
 
 
 def _validate_commit(committed: dict[str, Any]) -> None:

@@ -266,6 +266,19 @@ def read_trainer_state(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{f}: corrupt JSON ({e})") from None
 
 
+def oldest_trainer_state(ckpt_root: str | Path) -> dict[str, Any] | None:
+    """The trainer state of the oldest kept checkpoint (what journal GC must still serve); None if there is
+    none or it is unreadable (then nothing is collected)."""
+    found = list_checkpoints(ckpt_root)
+    if not found:
+        return None
+    try:
+        return read_trainer_state(found[0])
+    except CheckpointError as e:
+        logger.warning("journal GC skipped: %s", e)
+        return None
+
+
 def _agree(problem: str | None) -> None:
     """Collective: raise the first rank's problem on every rank, so all ranks skip the same checkpoint
     (and none enters the collective load while another has given up)."""
