@@ -22,7 +22,7 @@ from megatron_m2po.algorithms import (
     compute_m2_threshold,
     get_loss,
 )
-from megatron_m2po.config import AlgorithmConfig, Config, choices_of
+from megatron_m2po.config import AlgorithmConfig, Config, choices_of, load_config
 from tests.conftest import REPO
 
 ALGORITHM_HINTS = typing.get_type_hints(AlgorithmConfig)
@@ -108,6 +108,16 @@ def test_overrides_reach_the_loss():
     assert got["decoupled_ppo"].hyperparameters == {"eps": 0.1, "eps_high": 0.3, "behavior_weight_cap": 4.0}
     assert got["tis"].hyperparameters == {"cap": 3.0}
     assert got["m2po"].hyperparameters == {"m2_budget": 0.05, "scope": "global"}
+
+
+def test_recipes_keep_token_mean_for_m2po_and_give_a_gspo_baseline_its_own():
+    paper = REPO / "examples" / "qwen2.5_math_7b" / "paper_s256.yaml"
+    assert PolicyLoss.from_config(load_config(paper).algorithm).aggregation == "token-mean"
+    gspo = PolicyLoss.from_config(load_config(paper, ["algorithm.loss=gspo"]).algorithm)
+    assert (gspo.aggregation, gspo.hyperparameters) == (
+        "seq-mean-token-mean",
+        {"eps_low": 3e-4, "eps_high": 4e-4},
+    )
 
 
 def test_aggregation_and_engine_mismatch_tis_reach_every_loss():
