@@ -22,7 +22,7 @@ from megatron_m2po.algorithms import (
     compute_m2_threshold,
     get_loss,
 )
-from megatron_m2po.config import AlgorithmConfig, Config, choices_of, load_config
+from megatron_m2po.config import AlgorithmConfig, Config, choices_of, load_config, reference_markdown
 from tests.conftest import REPO
 
 ALGORITHM_HINTS = typing.get_type_hints(AlgorithmConfig)
@@ -130,6 +130,12 @@ def test_aggregation_and_engine_mismatch_tis_reach_every_loss():
             True,
         )
     assert all(not loss.needs_engine_log_probs for loss in built().values())
+
+
+def test_the_config_reference_in_docs_has_the_algorithm_keys_as_generated():
+    generated = reference_markdown()
+    section = generated[generated.index("### `algorithm`") : generated.index("### `staleness`")]
+    assert section in (REPO / "docs" / "training.md").read_text()
 
 
 def test_config_choices_are_the_algorithms_own():
