@@ -88,6 +88,14 @@ class RolloutConfig:
     urls: list = opt(
         [], "sglang / vllm servers: base URLs, e.g. [http://127.0.0.1:30000] (vllm without urls: in process)"
     )
+    router_url: str = opt(
+        "", "sglang: an sglang-router in front of `urls`; generation goes through it, control calls to every url"
+    )
+    sglang_deterministic: bool = opt(
+        False,
+        "sglang: servers run with --enable-deterministic-inference; each sample is then its own request "
+        "seeded from (train.seed, version, prompt, index). Off: one request with n samples, no seed",
+    )
     max_new_tokens: int = opt(256, "maximum response length in tokens", gt=0)
     temperature: float = opt(
         1.0, "sampling temperature; the trainer divides its logits by the same value", gt=0
@@ -536,7 +544,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"sequence, data.max_prompt_tokens + rollout.max_new_tokens = {longest}"
         )
     if r.engine == "sglang" and not r.urls:
-        raise ConfigError("'rollout.urls': sglang needs at least one server or router URL")
+        raise ConfigError(
+            "'rollout.urls': sglang needs its server URLs"
+            + (f" (the workers behind rollout.router_url={r.router_url})" if r.router_url else "")
+        )
+    if r.router_url and r.engine != "sglang":
+        raise ConfigError(f"'rollout.router_url': only for rollout.engine=sglang, got {r.engine}")
     if cfg.eval.every and not cfg.eval.path:
         raise ConfigError("'eval.path': required when eval.every > 0")
     if world_size is not None:

@@ -57,7 +57,16 @@ def build_engines(cfg: Config, hf_dir: str, dtype: torch.dtype) -> list:
     if r.engine == "sglang":
         from megatron_m2po.rollout.engines.sglang import SGLangEngine
 
-        return [SGLangEngine(url, engine_id=f"sglang-{i}") for i, url in enumerate(r.urls)]
+        if r.router_url:  # one endpoint: generation through the router, control calls to every server in urls
+            return [
+                SGLangEngine(
+                    r.router_url, worker_urls=r.urls, engine_id="sglang-router", deterministic=r.sglang_deterministic
+                )
+            ]
+        return [
+            SGLangEngine(url, engine_id=f"sglang-{i}", deterministic=r.sglang_deterministic)
+            for i, url in enumerate(r.urls)
+        ]
     from megatron_m2po.rollout.engines.vllm import VLLMEngine
 
     if r.urls:  # vLLM servers

@@ -6,7 +6,9 @@ full vocabulary; top-p / top-k only restrict what is sampled, never the log-prob
 what the trainer recomputes from the same weights. Compute runs in one worker thread so the
 asyncio loop (the rollout manager) stays responsive. A weight update waits for the decoding step
 in progress, then in-flight requests continue on the new weights and record the new version for
-the tokens that follow (per-token staleness); the farm can abort them instead.
+the tokens that follow (per-token staleness); the farm can abort them instead. Buckets are staged
+(checked and copied) and applied together at finish: an update with a failed bucket is discarded
+whole, so the engine keeps serving the old weights and version.
 
 Sample i of a request draws from its own generator seeded with `request_seed(params.seed, version,
 prompt_id, i)` (`params.seed` is the run seed, `version` the policy version of the request's first
@@ -94,7 +96,8 @@ class LocalEngine(Engine):
         self._cond = threading.Condition()  # guards weights + version; held for each decoding step
         self._updating = False
         self._paused = False
-        self._updated: set[str] = set()
+        self._staged: dict[str, torch.Tensor] = {}  # a weight update's tensors, applied by finish
+        self._update_error: Exception | None = None  # a failed bucket: finish discards the update
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{engine_id}")
         self._closed = False
 
@@ -241,45 +244,71 @@ class LocalEngine(Engine):
         def begin():
             with self._cond:  # acquiring waits for the decoding step in progress
                 self._updating = True
-                self._updated = set()
+                self._staged = {}
+                self._update_error = None
 
         await asyncio.to_thread(begin)
 
     async def update_weights_bucket(self, named_tensors: NamedTensors) -> None:
-        await asyncio.to_thread(self.load_tensors, named_tensors)
+        """Stage one bucket (checked, copied); a failed bucket makes finish discard the whole update."""
+
+        def stage():
+            try:
+                for name, tensor in named_tensors:
+                    param = self._checked(name, tensor)
+                    self._staged[name] = tensor.detach().to(device=param.device, dtype=param.dtype, copy=True)
+            except Exception as e:
+                self._update_error = e
+                raise
+
+        await asyncio.to_thread(stage)
+
+    def _checked(self, name: str, tensor: torch.Tensor) -> torch.nn.Parameter:
+        param = self._params.get(name)
+        if param is None:
+            raise KeyError(
+                f"engine {self.engine_id}: weight {name!r} is not a parameter of {self.hf_dir} "
+                f"(e.g. {sorted(self._params)[:3]})"
+            )
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise ValueError(
+                f"engine {self.engine_id}: weight {name!r} has shape {tuple(tensor.shape)}, "
+                f"the model expects {tuple(param.shape)}"
+            )
+        return param
 
     def load_tensors(self, named_tensors: NamedTensors) -> None:
-        """Copy HF-named tensors into the model in place (shape-checked, cast to the model dtype)."""
+        """Copy HF-named tensors into the model in place now (shape-checked, cast to the model dtype)."""
         with self._cond:
             for name, tensor in named_tensors:
-                param = self._params.get(name)
-                if param is None:
-                    raise KeyError(
-                        f"engine {self.engine_id}: weight {name!r} is not a parameter of {self.hf_dir} "
-                        f"(e.g. {sorted(self._params)[:3]})"
-                    )
-                if tuple(tensor.shape) != tuple(param.shape):
-                    raise ValueError(
-                        f"engine {self.engine_id}: weight {name!r} has shape {tuple(tensor.shape)}, "
-                        f"the model expects {tuple(param.shape)}"
-                    )
-                param.data.copy_(tensor.detach().to(device=param.device, dtype=param.dtype))
-                self._updated.add(name)
+                self._checked(name, tensor).data.copy_(tensor.detach())
 
     async def finish_weight_update(self, version: int) -> None:
         def finish():
             with self._cond:
-                updated = {id(self._params[name]) for name in self._updated}
-                missing = [name for name, p in self._params.items() if id(p) not in updated]
-                if self._updated and missing:
+                staged, self._staged = self._staged, {}
+                if self._update_error is not None:
                     logger.warning(
-                        "engine %s: update to v%d left %d tensors unchanged, e.g. %s",
+                        "engine %s: update to v%d discarded (%s); still serving v%d",
                         self.engine_id,
                         version,
-                        len(missing),
-                        sorted(missing)[:3],
+                        self._update_error,
+                        self._version,
                     )
-                self._version = version
+                else:
+                    for name, tensor in staged.items():
+                        self._params[name].data.copy_(tensor)
+                    updated = {id(self._params[name]) for name in staged}
+                    missing = [name for name, p in self._params.items() if id(p) not in updated]
+                    if staged and missing:
+                        logger.warning(
+                            "engine %s: update to v%d left %d tensors unchanged, e.g. %s",
+                            self.engine_id,
+                            version,
+                            len(missing),
+                            sorted(missing)[:3],
+                        )
+                    self._version = version
                 self._updating = False
                 self._cond.notify_all()
 
@@ -318,6 +347,11 @@ class LocalEngine(Engine):
 
     async def health(self) -> bool:
         return not self._closed
+
+    @property
+    def paused(self) -> bool:
+        """Held by pause() until resume()."""
+        return self._paused
 
     async def close(self) -> None:
         self._closed = True

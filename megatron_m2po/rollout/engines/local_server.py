@@ -2,18 +2,42 @@
 
 Two uses: a CPU farm of engine processes (each its own Python process and core, killable on its
 own) behind the same client code the GPU farm uses, and the reference server the SGLang client is
-tested against, with real tokens and log-probs. Request and reply fields follow SGLang's
-`GenerateReqInput` and its /generate reply (meta_info.output_token_logprobs, finish_reason, ...).
+tested against, with real tokens and log-probs. It behaves as the pinned sglang 0.5.23 does
+(sglang/srt/entrypoints/http_server.py, managers/scheduler_components/weight_updater.py,
+utils/auth.py, sampling/sampling_params.py) on what the client depends on:
 
-    python -m megatron_m2po.rollout.engines.local_server --model HF_DIR --port 30000
+- failures are HTTP 400: `{"success": false, "message": ...}` on control routes,
+  `{"error": {"message": ...}}` on /generate; a bad field is named in the message;
+- `/update_weights_from_distributed` is refused outside a `/begin_weight_update` ...
+  `/end_weight_update` session (and then does not join the broadcast); with `flush_cache`
+  (the default) while requests are in flight the update loads but answers 400 "the cache was
+  not flushed", and `/flush_cache` answers 400 while requests are in flight;
+- `/health` is cheap and answers during pause and weight updates (SGLang's with
+  SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION=0, which the launcher sets); `/health_generate`
+  answers 503 while paused or updating, as SGLang's one-token probe would; `/ready` answers
+  503 while paused;
+- `/server_info` reports `tp_size` (`/get_server_info` is its deprecated alias), `/model_info`
+  the served `weight_version`;
+- with `--api-key` every route except /health* needs `Authorization: Bearer KEY` (401
+  otherwise); with `--admin-api-key` the control routes need that key instead (SGLang's
+  ADMIN_OPTIONAL routes). Binding beyond loopback without a key is refused.
+
+Beyond SGLang, `n` and `max_new_tokens` are capped by `--max-n` / `--max-new-tokens` (400 above),
+and a weight update is staged: a bucket that fails (unknown name, wrong shape) discards the
+whole update, so the engine keeps serving the old weights and version.
+
+    python -m megatron_m2po.rollout.engines.local_server --model HF_DIR --port 30000 [--api-key KEY]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
+import math
 import os
+import secrets
 from typing import Any
 
 from aiohttp import web
@@ -36,43 +60,166 @@ _SAMPLING_KEYS = {
     "stop",
     "min_new_tokens",
 }
+_SAMPLING_EPS = 1e-6  # sglang: 0 <= temperature < 1e-6 is greedy
+# sglang's ADMIN_OPTIONAL routes that this server has: with --admin-api-key only that key opens them.
+CONTROL_ROUTES = frozenset(
+    {
+        "/abort_request",
+        "/pause_generation",
+        "/continue_generation",
+        "/flush_cache",
+        "/update_weights_from_disk",
+        "/init_weights_update_group",
+        "/destroy_weights_update_group",
+        "/begin_weight_update",
+        "/end_weight_update",
+        "/update_weights_from_distributed",
+    }
+)
+NOT_FLUSHED = (
+    "Weights were updated, but the cache was not flushed because requests are still running or queued. "
+    "Retract or finish them, then call /flush_cache."
+)
 
 
 class _BadRequest(Exception):
     pass
 
 
-def _sampling(d: Any) -> tuple[SamplingParams, int]:
-    if d is None:
-        d = {}
-    if not isinstance(d, dict):
-        raise _BadRequest("sampling_params must be an object")
+def _int(d: dict, key: str, default: int, where: str) -> int:
+    v = d.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _BadRequest(f"{where}.{key} must be an integer, got {type(v).__name__} {v!r}")
+    return v
+
+
+def _float(d: dict, key: str, default: float, where: str) -> float:
+    v = d.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _BadRequest(f"{where}.{key} must be a number, got {type(v).__name__} {v!r}")
+    return float(v)
+
+
+def _object(body: Any, where: str) -> dict:
+    if body is None:
+        return {}
+    if not isinstance(body, dict):
+        raise _BadRequest(f"{where}: the body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def parse_sampling(d: Any, *, vocab: int, max_n: int, max_new_cap: int) -> tuple[SamplingParams, int]:
+    """SGLang's sampling-parameter checks (SamplingParams.verify) plus this server's caps; errors name the field."""
+    d = _object(d, "sampling_params")
     unknown = set(d) - _SAMPLING_KEYS
     if unknown:
         raise _BadRequest(f"unsupported sampling_params {sorted(unknown)}")
+    w = "sampling_params"
+    temperature = _float(d, "temperature", 1.0, w)
+    top_p = _float(d, "top_p", 1.0, w)
+    top_k = _int(d, "top_k", -1, w)
+    max_new = _int(d, "max_new_tokens", 128, w)
+    min_new = _int(d, "min_new_tokens", 0, w)
+    n = _int(d, "n", 1, w)
+    seed = d.get("sampling_seed")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise _BadRequest(f"{w}.temperature must be a non-negative finite number, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise _BadRequest(f"{w}.top_p must be in (0, 1], got {top_p}")
+    if top_k != -1 and top_k < 1:
+        raise _BadRequest(f"{w}.top_k must be -1 (disable) or at least 1, got {top_k}")
+    if not 0 <= max_new <= max_new_cap:
+        raise _BadRequest(
+            f"{w}.max_new_tokens must be in [0, {max_new_cap}] (--max-new-tokens), got {max_new}"
+        )
+    if not 0 <= min_new <= max_new:
+        raise _BadRequest(f"{w}.min_new_tokens must be in [0, max_new_tokens({max_new})], got {min_new}")
+    if not 1 <= n <= max_n:
+        raise _BadRequest(f"{w}.n must be in [1, {max_n}] (--max-n), got {n}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise _BadRequest(f"{w}.sampling_seed must be an integer, got {type(seed).__name__} {seed!r}")
+    if seed is not None and not -(2**63) <= seed < 2**63:
+        raise _BadRequest(f"{w}.sampling_seed must be in [-2**63, 2**63 - 1], got {seed}")
+    stop = d.get("stop_token_ids") or []
+    if not isinstance(stop, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop):
+        raise _BadRequest(f"{w}.stop_token_ids must be a list of token ids, got {stop!r}")
+    if any(not 0 <= t < vocab for t in stop):
+        raise _BadRequest(f"{w}.stop_token_ids must be in [0, {vocab}), got {stop}")
+    if temperature < _SAMPLING_EPS:  # greedy, as sglang; the engine's T = 0 is greedy
+        temperature = 0.0
     params = SamplingParams(
-        max_new_tokens=int(d.get("max_new_tokens", 128)),
-        temperature=float(d.get("temperature", 1.0)),
-        top_p=float(d.get("top_p", 1.0)),
-        top_k=int(d.get("top_k", -1)),
-        stop_token_ids=list(d.get("stop_token_ids") or []),
-        seed=d.get("sampling_seed"),
+        max_new_tokens=max_new,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        stop_token_ids=stop,
+        seed=seed,
     )
-    return params, int(d.get("n", 1))
+    return params, n
+
+
+def _version_spans(versions: list[int]) -> list[dict[str, Any]]:
+    """sglang 0.5.19+'s meta_info.weight_versions: [{version, start, end}) runs over the output tokens."""
+    spans: list[dict[str, Any]] = []
+    for i, v in enumerate(versions):
+        if spans and spans[-1]["version"] == str(v):
+            spans[-1]["end"] = i + 1
+        else:
+            spans.append({"version": str(v), "start": i, "end": i + 1})
+    return spans
+
+
+def _fail(message: str, status: int = 400) -> web.Response:
+    return web.json_response({"success": False, "message": message}, status=status)
+
+
+def _bearer_ok(header: str | None, key: str) -> bool:
+    scheme, _, token = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and secrets.compare_digest(token.encode(), key.encode())
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class LocalSGLangServer:
     """aiohttp app around one LocalEngine; `inflight` maps rid -> task so /abort_request can cancel it."""
 
-    def __init__(self, engine: LocalEngine):
+    def __init__(
+        self,
+        engine: LocalEngine,
+        *,
+        api_key: str | None = None,
+        admin_api_key: str | None = None,
+        max_n: int = 64,
+        max_new_tokens: int | None = None,
+    ):
         self.engine = engine
+        self.api_key, self.admin_api_key = api_key or None, admin_api_key or None
+        self.max_n = max_n
+        self.context_len = int(getattr(engine.model.config, "max_position_embeddings", 1 << 30))
+        self.max_new_tokens = min(max_new_tokens or self.context_len, self.context_len)
         self.inflight: dict[str, asyncio.Task] = {}
-        self.app = web.Application(client_max_size=1 << 28)
+        self.update_groups: dict[str, Any] = {}
+        self.session: dict[str, Any] | None = None  # the open weight-update session
+        self.app = web.Application(client_max_size=1 << 28, middlewares=[self._auth, self._errors])
         r = self.app.router
         r.add_get("/health", self.health)
-        r.add_get("/health_generate", self.health)
-        r.add_get("/get_model_info", self.model_info)
-        r.add_get("/get_server_info", self.server_info)
+        r.add_get("/health_generate", self.health_generate)
+        r.add_get("/ready", self.ready)
+        for path in ("/model_info", "/get_model_info"):
+            r.add_get(path, self.model_info)
+        for path in ("/server_info", "/get_server_info"):  # /get_server_info: deprecated in 0.5.23
+            r.add_get(path, self.server_info)
         r.add_post("/generate", self.generate)
         r.add_post("/abort_request", self.abort_request)
         r.add_post("/pause_generation", self.pause_generation)
@@ -81,14 +228,68 @@ class LocalSGLangServer:
         r.add_get("/flush_cache", self.flush_cache)
         r.add_post("/update_weights_from_disk", self.update_weights_from_disk)
         r.add_post("/init_weights_update_group", self.init_weights_update_group)
+        r.add_post("/destroy_weights_update_group", self.destroy_weights_update_group)
+        r.add_post("/begin_weight_update", self.begin_weight_update)
+        r.add_post("/end_weight_update", self.end_weight_update)
         r.add_post("/update_weights_from_distributed", self.update_weights_from_distributed)
-        self.update_groups: dict[str, Any] = {}
 
+    # -- middleware ------------------------------------------------------------------------------------
+    @web.middleware
+    async def _auth(self, request: web.Request, handler):
+        """sglang utils/auth.py decide_request_auth: /health* open; control routes take the admin key if set."""
+        path = request.path
+        if request.method == "OPTIONS" or path.startswith(("/health", "/ready", "/metrics")):
+            return await handler(request)
+        key = self.api_key
+        if path in CONTROL_ROUTES and self.admin_api_key:
+            key = self.admin_api_key
+        if key and not _bearer_ok(request.headers.get("Authorization"), key):
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        return await handler(request)
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler):
+        """A malformed request is a 400 naming what is wrong, never a 500."""
+        try:
+            return await handler(request)
+        except _BadRequest as e:
+            if request.path == "/generate":
+                return web.json_response({"error": {"message": str(e)}}, status=400)
+            return _fail(str(e))
+
+    async def _body(self, request: web.Request) -> dict:
+        if not request.can_read_body:
+            return {}
+        try:
+            body = await request.json()
+        except ValueError as e:
+            raise _BadRequest(f"{request.path}: the body is not JSON ({e})") from e
+        return _object(body, request.path)
+
+    def _running(self) -> int:
+        return sum(not t.done() for t in self.inflight.values())
+
+    # -- info ------------------------------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=200 if await self.engine.health() else 503)
 
+    async def health_generate(self, request: web.Request) -> web.Response:
+        """sglang's one-token probe gets no answer while paused or updating weights: 503 then."""
+        ok = await self.engine.health() and not self.engine.paused and self.session is None
+        return web.Response(status=200 if ok else 503)
+
+    async def ready(self, request: web.Request) -> web.Response:
+        """sglang's /ready: should this server receive new requests (not paused)."""
+        return web.Response(status=200 if await self.engine.health() and not self.engine.paused else 503)
+
     async def model_info(self, request: web.Request) -> web.Response:
-        return web.json_response({"model_path": str(self.engine.hf_dir), "is_generation": True})
+        return web.json_response(
+            {
+                "model_path": str(self.engine.hf_dir),
+                "is_generation": True,
+                "weight_version": str(self.engine.version),
+            }
+        )
 
     async def server_info(self, request: web.Request) -> web.Response:
         return web.json_response(
@@ -96,28 +297,54 @@ class LocalSGLangServer:
                 "model_path": str(self.engine.hf_dir),
                 "tp_size": 1,
                 "dp_size": 1,
+                "context_length": self.context_len,
+                "max_n": self.max_n,
+                "max_new_tokens": self.max_new_tokens,
                 "weight_version": str(self.engine.version),
+                "version": "megatron_m2po.local_server",
                 "pid": os.getpid(),
             }
         )
 
+    # -- generation ------------------------------------------------------------------------------------
+    def _parse_generate(self, body: Any) -> tuple[list[int], SamplingParams, int]:
+        body = _object(body, "/generate")
+        input_ids = body.get("input_ids")
+        if (
+            not isinstance(input_ids, list)
+            or not input_ids
+            or not all(isinstance(t, int) and not isinstance(t, bool) for t in input_ids)
+        ):
+            raise _BadRequest(
+                "input_ids must be one non-empty list of token ids (batches are not served here)"
+            )
+        vocab = self.engine.model.config.vocab_size
+        if not all(0 <= t < vocab for t in input_ids):
+            raise _BadRequest(f"input_ids must be in [0, {vocab})")
+        if len(input_ids) >= self.context_len:
+            raise _BadRequest(
+                f"The input ({len(input_ids)} tokens) is longer than the model's context length "
+                f"({self.context_len} tokens)."
+            )
+        params, n = parse_sampling(
+            body.get("sampling_params"), vocab=vocab, max_n=self.max_n, max_new_cap=self.max_new_tokens
+        )
+        if len(input_ids) + params.max_new_tokens > self.context_len:
+            raise _BadRequest(
+                f"Requested token count exceeds the model's maximum context length of {self.context_len} tokens: "
+                f"{len(input_ids)} input tokens + sampling_params.max_new_tokens {params.max_new_tokens}."
+            )
+        rid = body.get("rid")
+        if rid is not None and not isinstance(rid, str):
+            raise _BadRequest(f"rid must be a string, got {type(rid).__name__}")
+        return input_ids, params, n
+
     async def generate(self, request: web.Request) -> web.Response:
         try:
             body = await request.json()
-            if not isinstance(body, dict):
-                raise _BadRequest("body must be a JSON object")
-            input_ids = body.get("input_ids")
-            if (
-                not isinstance(input_ids, list)
-                or not input_ids
-                or not all(isinstance(t, int) for t in input_ids)
-            ):
-                raise _BadRequest(
-                    "input_ids must be one non-empty list of token ids (batches are not served here)"
-                )
-            params, n = _sampling(body.get("sampling_params"))
-        except (_BadRequest, ValueError, TypeError) as e:
-            return web.json_response({"error": {"message": str(e)}}, status=400)
+        except ValueError as e:
+            raise _BadRequest(f"/generate: the body is not JSON ({e})") from e
+        input_ids, params, n = self._parse_generate(body)
         rid = str(body.get("rid") or os.urandom(8).hex())
         return_logprob = bool(body.get("return_logprob", False))
         task = asyncio.ensure_future(self.engine.generate(rid, input_ids, n, params))
@@ -127,9 +354,9 @@ class LocalSGLangServer:
         except asyncio.CancelledError:
             if request.transport is None or request.transport.is_closing():
                 raise
-            return web.json_response(self._reply(rid, input_ids, [], [], "abort", return_logprob))
+            return web.json_response(self._reply(rid, input_ids, [], [], [], "abort", return_logprob))
         except ValueError as e:
-            return web.json_response({"error": {"message": str(e)}}, status=400)
+            raise _BadRequest(str(e)) from e
         finally:
             self.inflight.pop(rid, None)
         replies = [
@@ -138,16 +365,16 @@ class LocalSGLangServer:
                 input_ids,
                 s.response_ids,
                 s.behavior_logprobs,
+                s.versions,
                 s.finish_reason,
                 return_logprob,
                 s.response_text,
-                min(s.versions, default=self.engine.version),
             )
             for s in samples
         ]
         return web.json_response(replies[0] if n == 1 else replies)
 
-    def _reply(self, rid, input_ids, tokens, logprobs, finish, return_logprob, text="", version=None) -> dict:
+    def _reply(self, rid, input_ids, tokens, logprobs, versions, finish, return_logprob, text="") -> dict:
         reason: dict[str, Any] = {"type": finish}
         if finish == "stop" and tokens:
             reason["matched"] = tokens[-1]
@@ -161,24 +388,31 @@ class LocalSGLangServer:
             "prompt_tokens": len(input_ids),
             "completion_tokens": len(tokens),
             "cached_tokens": 0,
-            "weight_version": str(self.engine.version if version is None else version),
+            "weight_version": str(self.engine.version),
+            "weight_versions": _version_spans(versions),
         }
         if return_logprob:
             meta["output_token_logprobs"] = [[lp, tok, None] for lp, tok in zip(logprobs, tokens)]
         return {"text": text, "output_ids": list(tokens), "meta_info": meta}
 
+    # -- control ---------------------------------------------------------------------------------------
     async def abort_request(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        targets = list(self.inflight) if body.get("abort_all") else [body.get("rid", "")]
-        for rid in targets:
-            task = self.inflight.get(rid)
+        body = await self._body(request)
+        rid = body.get("rid", "")
+        if not isinstance(rid, str):
+            raise _BadRequest(f"/abort_request: rid must be a string, got {type(rid).__name__}")
+        targets = list(self.inflight) if body.get("abort_all") is True else [rid]
+        for r in targets:
+            task = self.inflight.get(r)
             if task is not None:
                 task.cancel()
         return web.Response(status=200)
 
     async def pause_generation(self, request: web.Request) -> web.Response:
-        body = await request.json() if request.can_read_body else {}
-        if body.get("mode", "abort") == "abort":
+        mode = (await self._body(request)).get("mode", "abort")
+        if mode not in ("abort", "retract", "in_place"):
+            raise _BadRequest(f"/pause_generation: mode must be abort, retract or in_place, got {mode!r}")
+        if mode == "abort":
             for task in list(self.inflight.values()):
                 task.cancel()
         await self.engine.pause()
@@ -189,24 +423,53 @@ class LocalSGLangServer:
         return web.json_response({"message": "Generation continued successfully.", "status": "ok"})
 
     async def flush_cache(self, request: web.Request) -> web.Response:
-        return web.Response(text="Cache flushed.", status=200)
+        if self._running():  # sglang's scheduler flushes only when fully idle
+            return web.Response(text="Flush cache failed.\n", status=400)
+        return web.Response(text="Cache flushed.\n", status=200)
+
+    # -- weights ---------------------------------------------------------------------------------------
+    def _version(self, body: dict, default: int) -> int:
+        v = body.get("weight_version")
+        if v in (None, ""):
+            return default
+        try:
+            return int(v)
+        except (TypeError, ValueError) as e:
+            raise _BadRequest(f"weight_version must be an integer version, got {v!r}") from e
+
+    def _flushed(self, body: dict, message: str) -> web.Response:
+        """sglang's flush_cache_after_weight_update: loaded, but 400 when a requested flush cannot run."""
+        if body.get("flush_cache", True) and self._running():
+            return _fail(NOT_FLUSHED)
+        return web.json_response({"success": True, "message": message})
 
     async def update_weights_from_disk(self, request: web.Request) -> web.Response:
-        body = await request.json()
+        body = await self._body(request)
+        path = body.get("model_path")
+        if not isinstance(path, str) or not path:
+            raise _BadRequest("/update_weights_from_disk: model_path must be a non-empty string")
+        version = self._version(body, self.engine.version + 1)
+        if self.session is not None:
+            return _fail("a weight-update session is open; call end_weight_update() first")
         try:
-            version = int(body.get("weight_version") or self.engine.version + 1)
-            await self.engine.update_weights_from_disk(body["model_path"], version)
-        except (KeyError, ValueError, FileNotFoundError) as e:
-            return web.json_response({"success": False, "message": f"{type(e).__name__}: {e}"})
-        return web.json_response(
-            {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
-        )
+            await self.engine.update_weights_from_disk(path, version)
+        except Exception as e:  # noqa: BLE001 (any load failure is the caller's 400, as in sglang)
+            return web.json_response(
+                {"success": False, "message": f"{type(e).__name__}: {e}", "num_paused_requests": 0},
+                status=400,
+            )
+        reply = self._flushed(body, "Succeeded to update model weights.")
+        if reply.status == 200:
+            return web.json_response(
+                {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
+            )
+        return reply
 
     async def init_weights_update_group(self, request: web.Request) -> web.Response:
         """Join the trainer's weight-update group as rank `rank_offset` (gloo here; SGLang uses NCCL)."""
         from megatron_m2po.sync.process_group import new_weight_update_group
 
-        body = await request.json()
+        body = await self._body(request)
         try:
             name = body.get("group_name", "weight_update_group")
             self.update_groups[name] = await asyncio.to_thread(
@@ -219,45 +482,99 @@ class LocalSGLangServer:
                 body.get("backend", "gloo"),
             )
         except Exception as e:  # reply like SGLang: success false with the reason
-            return web.json_response({"success": False, "message": f"{type(e).__name__}: {e}"})
+            return _fail(f"Failed to init group: {type(e).__name__}: {e}")
         return web.json_response(
             {"success": True, "message": "Succeeded to initialize custom process group."}
         )
 
+    async def destroy_weights_update_group(self, request: web.Request) -> web.Response:
+        from torch.distributed import distributed_c10d as c10d
+
+        name = (await self._body(request)).get("group_name", "weight_update_group")
+        group = self.update_groups.pop(name, None)
+        if group is None:
+            return _fail(f"Failed to destroy group: no group named {name!r}")
+        c10d._world.pg_group_ranks.pop(group, None)
+        return web.json_response({"success": True, "message": "Succeed to destroy custom process group."})
+
+    async def begin_weight_update(self, request: web.Request) -> web.Response:
+        await self._body(request)
+        if self.session is not None:
+            return _fail("a weight-update session is already open; call end_weight_update() first")
+        self.session = {"version": self.engine.version, "error": None}
+        await self.engine.begin_weight_update(self.engine.version)
+        return web.json_response({"success": True, "message": "Success"})
+
+    async def end_weight_update(self, request: web.Request) -> web.Response:
+        """Publish the staged weights and version, or discard them all if any bucket failed."""
+        await self._body(request)
+        session, self.session = self.session, None
+        if session is None:
+            return _fail("no weight-update session is open; call begin_weight_update() first")
+        await self.engine.finish_weight_update(session["version"])
+        if session["error"]:
+            return _fail(f"update discarded, still serving version {self.engine.version}: {session['error']}")
+        return web.json_response({"success": True, "message": "Success"})
+
     async def update_weights_from_distributed(self, request: web.Request) -> web.Response:
-        """Receive the announced tensors by broadcast from the trainer (rank 0), then load them."""
+        """Receive the announced tensors by broadcast from the trainer (rank 0), then stage them."""
         import torch
 
         from megatron_m2po.sync.process_group import broadcast_from_trainer
 
-        body = await request.json()
+        body = await self._body(request)
+        if self.session is None:  # sglang >= 0.5.21: refused, and the broadcast is not joined
+            return _fail(
+                "update_weights_from_distributed must run between begin_weight_update() and end_weight_update()"
+            )
         group = self.update_groups.get(body.get("group_name", "weight_update_group"))
         if group is None:
-            return web.json_response(
-                {"success": False, "message": "no weight update group; call /init_weights_update_group"}
-            )
-        specs = list(zip(body["names"], body["dtypes"], body["shapes"]))
+            return _fail("no weight update group; call /init_weights_update_group")
+        names, dtypes, shapes = body.get("names"), body.get("dtypes"), body.get("shapes")
+        if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)) or not (
+            len(names) == len(dtypes) == len(shapes)
+        ):
+            raise _BadRequest("names, dtypes and shapes must be lists of the same length")
+        try:
+            specs = [(n, getattr(torch, d), torch.Size(s)) for n, d, s in zip(names, dtypes, shapes)]
+            if not all(isinstance(dt, torch.dtype) for _, dt, _ in specs):
+                raise TypeError(f"not a torch dtype in {dtypes}")
+        except (AttributeError, TypeError, ValueError) as e:
+            raise _BadRequest(f"bad dtypes or shapes: {e}") from e
+        self.session["version"] = self._version(body, self.session["version"])
 
         def receive():
             out = []
             for name, dtype, shape in specs:
-                tensor = torch.empty(shape, dtype=getattr(torch, dtype))
+                tensor = torch.empty(shape, dtype=dtype)
                 broadcast_from_trainer(group, tensor)
                 out.append((name, tensor))
             return out
 
         tensors = await asyncio.to_thread(receive)
-        version = int(body["weight_version"]) if body.get("weight_version") else self.engine.version
-        try:
-            await self.engine.update_weights(tensors, version)
-        except (KeyError, ValueError) as e:
-            return web.json_response({"success": False, "message": str(e)})
-        return web.json_response({"success": True, "message": "Succeeded to update parameter online."})
+        if self.session["error"] is None:
+            try:
+                await self.engine.update_weights_bucket(tensors)
+            except (KeyError, ValueError) as e:
+                self.session["error"] = str(e)
+        if self.session["error"] is not None:
+            return _fail(f"Failed to update weights (the update will be discarded): {self.session['error']}")
+        return self._flushed(body, "Succeeded to update parameter online.")
 
 
-async def serve(engine: LocalEngine, host: str, port: int) -> web.AppRunner:
+def check_bind(host: str, api_key: str | None) -> None:
+    """Loopback is the default; serving beyond it without a key would let anyone on the network load weights."""
+    if not api_key and not is_loopback(host):
+        raise SystemExit(
+            f"local_server: refusing to listen on {host} without --api-key: anyone who can reach it could "
+            "generate or load weights. Pass --api-key (and the same key to the client), or bind 127.0.0.1."
+        )
+
+
+async def serve(engine: LocalEngine, host: str, port: int, **server_kwargs) -> web.AppRunner:
     """Start serving in the running loop; returns the runner (call `await runner.cleanup()` to stop)."""
-    runner = web.AppRunner(LocalSGLangServer(engine).app, access_log=None)
+    check_bind(host, server_kwargs.get("api_key"))
+    runner = web.AppRunner(LocalSGLangServer(engine, **server_kwargs).app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()
     return runner
@@ -268,19 +585,41 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", required=True, help="HF model dir")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="a non-loopback address needs --api-key")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--engine-id", default=None)
+    parser.add_argument(
+        "--api-key", default=None, help="required as 'Authorization: Bearer KEY' (not on /health)"
+    )
+    parser.add_argument(
+        "--admin-api-key", default=None, help="required instead of --api-key on control routes"
+    )
+    parser.add_argument("--max-n", type=int, default=64, help="largest sampling_params.n served")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="largest sampling_params.max_new_tokens (default: context)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    check_bind(args.host, args.api_key)
 
     async def run() -> None:
         engine = LocalEngine(
             args.model, engine_id=args.engine_id or f"local@{args.port}", threads=args.threads, seed=args.seed
         )
-        await serve(engine, args.host, args.port)
+        await serve(
+            engine,
+            args.host,
+            args.port,
+            api_key=args.api_key,
+            admin_api_key=args.admin_api_key,
+            max_n=args.max_n,
+            max_new_tokens=args.max_new_tokens,
+        )
         logger.info("serving %s on http://%s:%d", args.model, args.host, args.port)
         await asyncio.Event().wait()
 
