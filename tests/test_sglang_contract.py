@@ -1,0 +1,439 @@
+"""The SGLang client against the pinned sglang==0.5.23 / sglang-router==0.3.2 packages' own schema and source.
+
+`import sglang` needs a GPU stack, but the files checked here do not: `sglang/api/v1/api_types.py` (the
+generated /generate schema, msgspec only) loads by file path, and `http_server.py` / `io_struct.py` are
+read with `ast`. `.ci/run` downloads both wheels once (no install) and unzips them into
+$M2PO_SGLANG_SRC (default ~/.cache/m2po_ci/sglang-0.5.23). Outside CI a missing copy skips; in CI it fails.
+
+Every body the client sends is recorded by a contract server that checks /generate with
+`GenerateRequest.from_json_value` (what the 0.5.23 route does before serving) and control bodies
+against the io_struct class the pinned route declares, and that answers with replies built from the
+pinned `GenerateResponse` / `GenerateMetaInfo` types.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import importlib.util
+import json
+import os
+import re
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from megatron_m2po.rollout.engines.base import EngineError
+from megatron_m2po.rollout.engines.sglang import (
+    CONTROL_ROUTES,
+    SGLANG_ROUTER_VERSION,
+    SGLANG_VERSION,
+    SGLangEngine,
+    parse_generate_reply,
+    token_versions,
+)
+from megatron_m2po.rollout.engines.sglang_launcher import free_port
+from megatron_m2po.rollout.seeding import request_seed
+from megatron_m2po.types import SamplingParams
+
+msgspec = pytest.importorskip("msgspec", reason="msgspec (the dev extra) loads SGLang's generated schema")
+
+SRC = Path(os.environ.get("M2PO_SGLANG_SRC", f"~/.cache/m2po_ci/sglang-{SGLANG_VERSION}")).expanduser()
+API_TYPES = SRC / "sglang/api/v1/api_types.py"
+HTTP_SERVER = SRC / "sglang/srt/entrypoints/http_server.py"
+IO_STRUCT = SRC / "sglang/srt/managers/io_struct.py"
+VERSION_FILE = SRC / "sglang/_version.py"
+ROUTER_DIR = SRC / "sglang_router"
+PINNED = [
+    API_TYPES,
+    HTTP_SERVER,
+    IO_STRUCT,
+    VERSION_FILE,
+    ROUTER_DIR / "mini_lb.py",
+    ROUTER_DIR / "version.py",
+]
+
+
+def _require_pinned() -> None:
+    missing = [str(p) for p in PINNED if not p.exists()]
+    if not missing:
+        return
+    reason = (
+        f"pinned sglang sources missing ({', '.join(missing)}); .ci/run puts them there with "
+        f"`pip download --no-deps sglang=={SGLANG_VERSION} sglang-router=={SGLANG_ROUTER_VERSION}` + unzip "
+        "(set M2PO_SGLANG_SRC to another copy)"
+    )
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def api():
+    """sglang/api/v1/api_types.py of the pinned wheel, loaded by file path (needs only msgspec)."""
+    _require_pinned()
+    spec = importlib.util.spec_from_file_location("pinned_sglang_api_types", API_TYPES)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class _AnyName(dict):
+    """eval namespace: typing names resolve, every other name (sglang-internal types) is Any."""
+
+    def __missing__(self, key):
+        builtin = {t.__name__: t for t in (int, float, str, bool, bytes, list, dict, tuple)}
+        return builtin.get(key) or getattr(typing, key, typing.Any)
+
+
+def _io_structs() -> dict[str, type]:
+    """Every request class of the pinned io_struct.py as a strict msgspec Struct (unknown fields rejected).
+
+    Fields come from the class and its bases (BaseReq adds rid, http_worker_ipc); annotations are
+    evaluated with sglang-internal types taken as Any; defaults only mark a field optional.
+    """
+    tree = ast.parse(IO_STRUCT.read_text())
+    classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
+
+    def fields(name: str) -> dict[str, tuple[str, bool]]:
+        node, out = classes[name], {}
+        for base in node.bases:
+            if isinstance(base, ast.Name) and base.id in classes:
+                out.update(fields(base.id))
+        for stmt in node.body:
+            if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                out[stmt.target.id] = (ast.unparse(stmt.annotation), stmt.value is not None)
+        return out
+
+    structs = {}
+    for name in classes:
+        spec = []
+        for field, (annotation, has_default) in fields(name).items():
+            if annotation.startswith("ClassVar"):
+                continue
+            try:
+                tp = eval(annotation, {"__builtins__": {}}, _AnyName())  # noqa: S307 (the pinned source)
+            except Exception:
+                tp = typing.Any
+            spec.append((field, tp, None) if has_default else (field, tp))
+        spec.sort(key=len)  # required fields first
+        structs[name] = msgspec.defstruct(name, spec, kw_only=True, forbid_unknown_fields=True)
+    return structs
+
+
+def _routes(source: str) -> dict[str, tuple[set[str], str | None]]:
+    """path -> (HTTP methods, io_struct class of the `obj` body parameter) of a FastAPI app's routes."""
+    routes: dict[str, tuple[set[str], str | None]] = {}
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        body = None
+        for arg in node.args.args:
+            if arg.arg == "obj" and arg.annotation is not None:
+                ann = arg.annotation
+                if isinstance(ann, ast.Subscript) and ast.unparse(ann.value) == "Annotated":
+                    ann = ann.slice.elts[0]
+                body = ast.unparse(ann)
+        for dec in node.decorator_list:
+            if not (isinstance(dec, ast.Call) and isinstance(dec.func, ast.Attribute)) or not dec.args:
+                continue
+            path = dec.args[0]
+            if not isinstance(path, ast.Constant) or not isinstance(path.value, str):
+                continue
+            if dec.func.attr == "api_route":
+                methods = next(
+                    (set(ast.literal_eval(k.value)) for k in dec.keywords if k.arg == "methods"), {"GET"}
+                )
+            elif dec.func.attr in ("get", "post", "put", "delete"):
+                methods = {dec.func.attr.upper()}
+            else:
+                continue
+            old = routes.get(path.value, (set(), None))
+            routes[path.value] = (old[0] | methods, body or old[1])
+    return routes
+
+
+class ContractServer:
+    """Answers the client as the pinned 0.5.23 routes would, from their own schema; records every request."""
+
+    def __init__(self, api, *, deterministic: bool = False, tp_size: int = 1):
+        self.api, self.deterministic, self.tp_size = api, deterministic, tp_size
+        self.structs = _io_structs()
+        self.routes = _routes(HTTP_SERVER.read_text())
+        self.requests: list[tuple[str, str, dict]] = []
+        self.errors: list[str] = []
+        self.versions = [
+            ("3", 2),
+            ("4", None),
+        ]  # weight_versions spans of every reply: v3 for 2 tokens, then v4
+
+    def reply(self, rid: str, index: int, tokens: list[int]) -> dict:
+        api = self.api
+        spans, start = [], 0
+        for version, length in self.versions:
+            end = len(tokens) if length is None else min(start + length, len(tokens))
+            if end > start:
+                spans.append(api.WeightVersionSpan(version=version, start=start, end=end))
+            start = end
+        meta = api.GenerateMetaInfo(
+            id=rid,
+            prompt_tokens=3,
+            completion_tokens=len(tokens),
+            finish_reason=api.FinishLength(length=len(tokens)),
+            output_token_logprobs=[
+                api.LogprobEntry(logprob=-0.25 * (i + 1), token_id=t) for i, t in enumerate(tokens)
+            ],
+            weight_version=spans[-1].version,
+            weight_versions=spans,
+        )
+        return api.GenerateResponse(text="x", meta_info=meta, output_ids=tokens, index=index).to_json_value()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        path, method = request.path, request.method
+        text = await request.text()
+        body = json.loads(text) if text.strip() else {}
+        self.requests.append((method, path, body))
+        methods, struct = self.routes.get(path, (set(), None))
+        if method not in methods:
+            self.errors.append(f"{method} {path}: no such route in the pinned http_server.py")
+            return web.Response(status=404)
+        if path == "/server_info":
+            return web.json_response(
+                {
+                    "tp_size": self.tp_size,
+                    "dp_size": 1,
+                    "pp_size": 1,
+                    "enable_deterministic_inference": self.deterministic,
+                    "version": SGLANG_VERSION,
+                }
+            )
+        if path in ("/ready", "/model_info", "/health"):
+            return web.json_response({})
+        if path == "/generate":
+            try:
+                req = self.api.GenerateRequest.from_json_value(body)
+            except self.api.JsonContractError as e:  # http_server.generate_request: 400 {"error": ...}
+                self.errors.append(f"/generate {body}: {e}")
+                return web.json_response({"error": str(e)}, status=400)
+            n = req.sampling_params.n or 1
+            max_new = req.sampling_params.max_new_tokens
+            replies = [
+                self.reply(f"{req.rid}-{i}", i, [10 + i + j for j in range(max_new)]) for i in range(n)
+            ]
+            return web.json_response(replies if n > 1 else replies[0])
+        if struct is None:
+            if body:
+                self.errors.append(f"{path}: the pinned route takes no body, got {body}")
+        else:
+            try:
+                msgspec.convert(body, self.structs[struct])
+            except msgspec.ValidationError as e:
+                self.errors.append(f"{path} {body} vs io_struct.{struct}: {e}")
+                return web.json_response(
+                    {"success": False, "message": f"io_struct.{struct}: {e}"}, status=400
+                )
+        if path == "/flush_cache":
+            return web.Response(text="Cache flushed.\n")
+        return web.json_response({"success": True, "message": "Success"})
+
+    async def __aenter__(self):
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        port = free_port()
+        await web.TCPSite(self.runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.runner.cleanup()
+
+
+PARAMS = SamplingParams(max_new_tokens=5, temperature=0.7, top_p=0.9, top_k=-1, stop_token_ids=[2], seed=11)
+
+
+def test_generate_bodies_validate_against_pinned_schema(api):
+    """Single, parallel (n) and deterministic (seeded, one request per sample) bodies all decode with
+    GenerateRequest.from_json_value, use no field the schema ignores, and the replies built from
+    GenerateResponse / GenerateMetaInfo come back as samples with per-token versions."""
+
+    async def run(deterministic: bool, n: int):
+        async with ContractServer(api, deterministic=deterministic) as server:
+            client = SGLangEngine(server.url, engine_id="c", deterministic=deterministic, version=3)
+            samples = await client.generate("p7", [5, 6, 7], n, PARAMS)
+            await client.close()
+        return server, samples
+
+    for deterministic, n in [(False, 1), (False, 4), (True, 3)]:
+        server, samples = asyncio.run(run(deterministic, n))
+        assert not server.errors, server.errors
+        bodies = [b for _, path, b in server.requests if path == "/generate"]
+        assert len(bodies) == (n if deterministic else 1)
+        for body in bodies:
+            req = api.GenerateRequest.from_json_value(body)
+            assert set(body) <= set(api.GenerateRequest.__struct_fields__)  # nothing silently ignored
+            assert req.input_ids == [5, 6, 7] and req.return_logprob is True and req.stream is False
+            sp = req.sampling_params
+            assert (sp.temperature, sp.top_p, sp.top_k, sp.max_new_tokens) == (0.7, 0.9, -1, 5)
+            assert sp.stop_token_ids == [2] and sp.no_stop_trim and not sp.skip_special_tokens
+            assert sp.n == (1 if deterministic else n)
+        seeds = [api.GenerateRequest.from_json_value(b).sampling_params.sampling_seed for b in bodies]
+        if deterministic:
+            assert sorted(seeds) == sorted(request_seed(11, 3, "p7", i) for i in range(n))
+        else:
+            assert seeds == [None]  # honoured only with --enable-deterministic-inference: never sent
+        assert [s.group_index for s in samples] == list(range(n))
+        for i, s in enumerate(samples):
+            first = 10 if deterministic else 10 + i  # the contract server numbers the samples of one request
+            assert s.response_ids == [first + j for j in range(5)]
+            assert s.behavior_logprobs == [-0.25 * (j + 1) for j in range(5)]
+            assert s.versions == [3, 3, 4, 4, 4] and s.finish_reason == "length"
+
+
+def test_replies_from_pinned_types_parse(api):
+    """GenerateResponse values the pinned encoder writes: spans, 'default' version, abort without log-probs."""
+    meta = api.GenerateMetaInfo(
+        id="r",
+        completion_tokens=3,
+        finish_reason=api.FinishStop(matched=7),
+        output_token_logprobs=[api.LogprobEntry(logprob=-1.5, token_id=t, text="a") for t in (4, 5, 7)],
+        weight_versions=[
+            api.WeightVersionSpan(version="default", start=0, end=1),
+            api.WeightVersionSpan(version="9", start=1, end=3),
+        ],
+    )
+    reply = api.GenerateResponse(text="abc", meta_info=meta, output_ids=[4, 5, 7]).to_json_value()
+    tokens, logprobs, finish, parsed = parse_generate_reply(reply, "w")
+    assert (tokens, logprobs, finish) == ([4, 5, 7], [-1.5] * 3, "stop")
+    assert token_versions(parsed, 3, 8, "w") == [8, 9, 9]  # "default": the version the request started on
+    aborted = api.GenerateResponse(
+        meta_info=api.GenerateMetaInfo(id="r", finish_reason=api.FinishAbort(message="aborted"))
+    ).to_json_value()
+    assert parse_generate_reply(aborted, "w")[:3] == ([], [], "abort")
+    single = api.GenerateResponse(
+        meta_info=api.GenerateMetaInfo(
+            id="r",
+            completion_tokens=1,
+            finish_reason=api.FinishLength(length=1),
+            output_token_logprobs=[api.LogprobEntry(logprob=-0.5, token_id=3)],
+            weight_version="6",
+        ),
+        output_ids=[3],
+    ).to_json_value()
+    assert token_versions(parse_generate_reply(single, "w")[3], 1, 7, "w") == [6]
+
+
+def test_control_bodies_match_pinned_io_struct(api):
+    """Every control call of an NCCL update, a disk update, pause/continue and abort: the route exists in
+    the pinned http_server.py and the body converts strictly to the io_struct class that route declares."""
+
+    async def run():
+        async with ContractServer(api, tp_size=2) as a, ContractServer(api, tp_size=1) as b:
+            client = SGLangEngine(a.url, worker_urls=[a.url, b.url], engine_id="c")
+            assert await client.health()
+            await client.init_weights_update_group("10.0.0.1", 29500, 1, 4, "g", "nccl")
+            await client.begin_weight_update(5)
+            await client.update_weights_from_distributed(["w"], ["bfloat16"], [[2, 3]], 5, group_name="g")
+            await client.finish_weight_update(5)
+            await client.update_weights_from_disk("/ckpt/v6", 6)
+            await client.pause()
+            await client.resume()
+            await client.abort_all()
+            await client._abort_quietly("rid-1")
+            await client.destroy_weights_update_group("g")
+            await client.close()
+            return a, b, client
+
+    a, b, client = asyncio.run(run())
+    assert not a.errors and not b.errors, a.errors + b.errors
+    assert client.version == 6 and client.gpus == 3
+    paths = [p for _, p, _ in a.requests]
+    for path in CONTROL_ROUTES:
+        assert path in paths, f"the client never called {path}"
+    assert [p for _, p, _ in b.requests if p in CONTROL_ROUTES] == [p for p in paths if p in CONTROL_ROUTES]
+    offsets = [
+        body["rank_offset"] for s in (a, b) for _, p, body in s.requests if p == "/init_weights_update_group"
+    ]
+    assert offsets == [1, 3]  # the tp=2 server takes ranks 1-2, the next one starts at 3
+    session = [
+        p
+        for p in paths
+        if p
+        in (
+            "/begin_weight_update",
+            "/update_weights_from_distributed",
+            "/end_weight_update",
+            "/flush_cache",
+            "/continue_generation",
+        )
+    ]
+    assert session[:5] == [
+        "/begin_weight_update",
+        "/update_weights_from_distributed",
+        "/end_weight_update",
+        "/flush_cache",
+        "/continue_generation",
+    ]
+    bucket = next(body for _, p, body in a.requests if p == "/update_weights_from_distributed")
+    assert bucket["flush_cache"] is False and bucket["weight_version"] == "5"
+
+
+def test_router_has_no_control_routes():
+    """sglang-router 0.3.2 forwards generation only: none of the control routes the client sends to workers."""
+    _require_pinned()
+    mini_lb = _routes((ROUTER_DIR / "mini_lb.py").read_text())
+    assert "/generate" in mini_lb
+    native = next(ROUTER_DIR.glob("sglang_router_rs*.so")).read_bytes()
+    assert b"/generate" in native
+    for path in CONTROL_ROUTES:
+        if path == "/flush_cache":  # the router fans /flush_cache out itself; the client never sends it there
+            continue
+        assert path not in mini_lb and path.encode() not in native, path
+
+
+def test_pinned_versions_everywhere():
+    """setup.py, the client's constants and the downloaded wheels name the same versions."""
+    _require_pinned()
+    setup = (Path(__file__).parents[1] / "setup.py").read_text()
+    assert re.search(r'"sglang(\[[a-z,]+\])?==' + re.escape(SGLANG_VERSION) + '"', setup)
+    assert f'"sglang-router=={SGLANG_ROUTER_VERSION}"' in setup
+    assert re.search(
+        r"__version__\s*=.*['\"]" + re.escape(SGLANG_VERSION) + "['\"]", VERSION_FILE.read_text()
+    )
+    assert SGLANG_ROUTER_VERSION in (ROUTER_DIR / "version.py").read_text()
+
+
+@pytest.mark.parametrize(
+    "path,body,struct",
+    [
+        ("/pause_generation", {"mode": "sideways"}, "PauseGenerationReqInput"),
+        (
+            "/update_weights_from_distributed",
+            {"names": ["w"], "shapes": [[1]]},
+            "UpdateWeightsFromDistributedReqInput",
+        ),
+        (
+            "/init_weights_update_group",
+            {"master_address": "h", "master_port": "29500", "rank_offset": 1, "world_size": 2},
+            "InitWeightsUpdateGroupReqInput",
+        ),
+        ("/end_weight_update", {"version": 3}, "EndWeightUpdateReqInput"),
+    ],
+)
+def test_the_contract_check_rejects_bodies_the_pinned_structs_reject(api, path, body, struct):
+    """The io_struct check is strict (a wrong literal, a missing field, a wrong type, an unknown field fail),
+    and a refused control call (400 {"success": false, "message"}) is an EngineError carrying the message."""
+
+    async def run():
+        async with ContractServer(api) as server:
+            client = SGLangEngine(server.url, engine_id="c")
+            with pytest.raises(EngineError, match=f"HTTP 400.*io_struct.{struct}"):
+                await client._control(path, body)
+            await client.close()
+
+    asyncio.run(run())
