@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import shutil
 
 import pytest
 import torch
@@ -314,11 +315,24 @@ def test_pause_continue_abort_and_weights_from_disk(hf_dir, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(importlib.util.find_spec("sglang") is None, reason="sglang not installed")
-def test_real_sglang_server_logprobs(hf_dir, tmp_path):
-    """A real SGLang server on the tiny model: its behaviour log-probs match HF's recompute (bf16-level)."""
+@pytest.mark.skipif(
+    importlib.util.find_spec("sglang") is None or not torch.cuda.is_available(),
+    reason="needs sglang==0.5.23 installed and a CUDA GPU",
+)
+def test_real_sglang_server_generate_and_weight_update_round_trip(hf_dir, tmp_path):
+    """A real SGLang server on the tiny model: behaviour log-probs match HF's recompute; then new weights from
+    disk (pause, update, flush, continue): the server's log-probs follow the new weights and tokens record
+    the new version."""
     from megatron_m2po.rollout.engines.sglang_launcher import EngineLauncher
 
+    new_dir = tmp_path / "v1"
+    shutil.copytree(hf_dir, new_dir)  # tokenizer and config; the weights are overwritten below
+    model = LocalEngine(hf_dir).model
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model.save_pretrained(new_dir)
+    params = SamplingParams(max_new_tokens=16, temperature=1.0)
     with EngineLauncher(
         hf_dir,
         servers=1,
@@ -329,20 +343,20 @@ def test_real_sglang_server_logprobs(hf_dir, tmp_path):
         client = launcher.engines()[0]
 
         async def run():
-            out = await client.generate(
-                "q", [40, 41, 42, 43], 2, SamplingParams(max_new_tokens=16, temperature=1.0)
-            )
+            before = await client.generate("q", [40, 41, 42, 43], 2, params)
+            await client.update_weights_from_disk(str(new_dir), 1)
+            after = await client.generate("q", [40, 41, 42, 43], 2, params)
             await client.close()
-            return out
+            return before, after
 
-        samples = asyncio.run(run())
-    model = LocalEngine(hf_dir).model
-    for s in samples:
-        ids = torch.tensor([s.prompt_ids + s.response_ids])
-        with torch.no_grad():
-            logits = model(ids).logits[0, 3:-1].float()
-        ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(s.response_ids)[:, None]).squeeze(-1)
-        assert torch.allclose(torch.tensor(s.behavior_logprobs), ref, atol=2e-3)
+        before, after = asyncio.run(run())
+    assert client.gpus == 1 and client.version == 1
+    for samples, weights in ((before, LocalEngine(hf_dir)), (after, LocalEngine(str(new_dir)))):
+        for s in samples:
+            ref = _reference_logprobs(weights, s, 1.0)
+            assert torch.allclose(torch.tensor(s.behavior_logprobs), ref, atol=2e-3)
+    assert all(s.versions == [0] * len(s.response_ids) for s in before)
+    assert all(s.versions == [1] * len(s.response_ids) for s in after)
 
 
 def test_engines_cli_serves_until_sigterm(hf_dir, tmp_path):
