@@ -122,7 +122,7 @@ def parse_sampling(d: Any, *, vocab: int, max_n: int, max_new_cap: int) -> tuple
     temperature = _float(d, "temperature", 1.0, w)
     top_p = _float(d, "top_p", 1.0, w)
     top_k = _int(d, "top_k", -1, w)
-    max_new = _int(d, "max_new_tokens", 128, w)
+    max_new = _int(d, "max_new_tokens", min(128, max_new_cap), w)  # sglang defaults to 128
     min_new = _int(d, "min_new_tokens", 0, w)
     n = _int(d, "n", 1, w)
     seed = d.get("sampling_seed")
