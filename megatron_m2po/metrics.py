@@ -109,7 +109,12 @@ class _ConsoleLine:
 
 
 class MetricsLogger:
-    """Writes scalars and histograms to `run_dir/tb` and shows a console line per step (rank 0 only)."""
+    """Writes scalars and histograms to `run_dir/tb` and shows a console line per step (rank 0 only).
+
+    TensorBoard is a record, not the run: if writing it fails (a full disk), the error is logged once, the
+    writer is dropped, and the writes lost from then on are counted (`tensorboard_failures`, logged at
+    close).
+    """
 
     def __init__(
         self,
@@ -124,16 +129,41 @@ class MetricsLogger:
         self.enabled = enabled
         self.writer = None
         self.console = None
+        self.tb_dir = Path(run_dir) / "tb"
+        self.tensorboard_failures = 0
         if not enabled:
             return
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops events of the steps a resumed run redoes, so the curves stay single-valued.
-            self.writer = SummaryWriter(
-                str(Path(run_dir) / "tb"), purge_step=start_step + 1 if start_step else None
-            )
+            try:
+                purge = start_step + 1 if start_step else None
+                self.writer = SummaryWriter(str(self.tb_dir), purge_step=purge)
+            except OSError as e:
+                self._tensorboard_failed(e)
         self.console = _ConsoleLine(console, total_steps, start_step)
+
+    def _tensorboard(self, method: str, *args) -> None:
+        """`writer.method(*args)`; after an OS error the writer is dropped and each lost write counted."""
+        if self.tensorboard_failures:
+            self.tensorboard_failures += 1
+            return
+        try:
+            getattr(self.writer, method)(*args)
+        except OSError as e:
+            self._tensorboard_failed(e)
+
+    def _tensorboard_failed(self, e: OSError) -> None:
+        self.tensorboard_failures += 1
+        if self.tensorboard_failures == 1:
+            self.writer = None
+            logger.error(
+                "TensorBoard: writing %s failed (%s); the run continues without TensorBoard, the lost writes "
+                "are counted and reported when the run ends",
+                self.tb_dir,
+                e,
+            )
 
     def log(self, step: int, scalars: Mapping[str, float], *, console: bool = True) -> None:
         """Write every finite scalar (a non-finite one is logged as a warning and still written)."""
@@ -147,29 +177,32 @@ class MetricsLogger:
             value = float(value)
             if not math.isfinite(value):
                 logger.warning("metric %s is %s at step %d", tag, value, step)
-            if self.writer is not None:
-                self.writer.add_scalar(tag, value, step)
+            if self.writer is not None or self.tensorboard_failures:
+                self._tensorboard("add_scalar", tag, value, step)
         if console and self.console is not None:
             self.console.update(step, scalars)
 
     def histogram(self, step: int, tag: str, values: Iterable[float]) -> None:
-        if not self.enabled or self.writer is None:
+        if not self.enabled or (self.writer is None and not self.tensorboard_failures):
             return
         import numpy as np
 
         arr = np.asarray(list(values), dtype=np.float64)
         if arr.size:
-            self.writer.add_histogram(tag, arr, step)
+            self._tensorboard("add_histogram", tag, arr, step)
 
     def flush(self) -> None:
         if self.writer is not None:
-            self.writer.flush()
+            self._tensorboard("flush")
 
     def close(self) -> None:
         if self.console is not None:
             self.console.close()
         if self.writer is not None:
-            self.writer.close()
+            self._tensorboard("close")
+        if self.tensorboard_failures:
+            lost, where = self.tensorboard_failures, self.tb_dir
+            logger.error("TensorBoard: %d writes to %s were lost after it failed", lost, where)
 
 
 def _tb_dir(run_dir: str | Path) -> Path:

@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -34,8 +35,10 @@ from megatron.core import parallel_state
 from megatron_m2po import algorithms, platform
 from megatron_m2po.checkpoint.megatron_ckpt import is_megatron_checkpoint
 from megatron_m2po.config import Config, ConfigError, load_config, validate_parallel
+from megatron_m2po.io_errors import WriteError, naming_write_errors
 from megatron_m2po.metrics import MetricsLogger, gpu_peak_flops, mfu
 from megatron_m2po.models import load_hf_config, load_policy
+from megatron_m2po.rollout.manager import ProducerStopped
 from megatron_m2po.sync import WeightSync
 from megatron_m2po.trainer import checkpointing
 from megatron_m2po.trainer.batching import (
@@ -192,8 +195,9 @@ def train(cfg: Config, *, resume: bool | str = False) -> dict[str, float]:
     the job described by `cfg`; returns rank 0's last metrics."""
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
+    # before Megatron starts: a layout it cannot split is a config error naming the key, not its traceback
+    validate_parallel(cfg, int(os.environ.get("WORLD_SIZE", "1")), load_hf_config(cfg.model.path))
     platform.init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline, seed=cfg.train.seed)
-    validate_parallel(cfg, torch.distributed.get_world_size())
     run_dir, is_rank0 = Path(cfg.logging.run_dir), rank() == 0
     if is_rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -228,6 +232,7 @@ def train(cfg: Config, *, resume: bool | str = False) -> dict[str, float]:
 
     u, P, B = cfg.updates_per_step, cfg.train.prompts_per_step, cfg.train.prompts_per_update
     last: dict[str, float] = {}
+    saved_step = progress.step if saved is not None else None  # the step of the newest checkpoint on disk
     try:
         while progress.step < cfg.train.steps:
             clock = StepClock()
@@ -241,7 +246,9 @@ def train(cfg: Config, *, resume: bool | str = False) -> dict[str, float]:
             for j in range(u):
                 if cfg.staleness.mode == "bounded":
                     with clock("perf/time_wait"):
-                        groups = take(producer, B)
+                        groups = take(producer, B, stop)
+                    if groups is None:  # SIGTERM while waiting: this step ends here, then checkpoint and exit
+                        break
                 else:
                     groups = minibatches[j]
                 consumed.append((progress.version, groups))
@@ -255,6 +262,10 @@ def train(cfg: Config, *, resume: bool | str = False) -> dict[str, float]:
                 if cfg.staleness.mode == "bounded" and progress.version % cfg.rollout.sync_every == 0:
                     with clock("perf/time_sync"):
                         sync_weights(producer, trainer, progress.version)
+            if not results:  # stopped before this step's first update: the state is the previous step's
+                if saved_step != progress.step:
+                    save(run_dir / "checkpoints", progress, trainer, producer)
+                break
             progress.step += 1
 
             # ---- metrics, evaluation, checkpoint
@@ -272,6 +283,7 @@ def train(cfg: Config, *, resume: bool | str = False) -> dict[str, float]:
             final = progress.step == cfg.train.steps and cfg.checkpoint.save_at_end
             if due or final or stop_now:
                 save(run_dir / "checkpoints", progress, trainer, producer)
+                saved_step = progress.step
             if stop_now:
                 break
         if cfg.checkpoint.export_hf_at_end and progress.step == cfg.train.steps:
@@ -330,9 +342,19 @@ class StepClock:
         return {**self.seconds, "perf/time_step": time.monotonic() - self.start}
 
 
-def take(producer: Producer | None, num_groups: int) -> list[Group]:
-    """The next `num_groups` groups of rank 0's queue, on every rank."""
-    return broadcast_from_rank0(producer.take(num_groups) if producer is not None else None)
+def take(producer: Producer | None, num_groups: int, stop: dict | None = None) -> list[Group] | None:
+    """The next `num_groups` groups of rank 0's queue, on every rank. None on every rank when a SIGTERM
+    (`stop`) arrives while rank 0 waits; a producer that stopped (`ProducerStopped`) raises on every rank."""
+    out: list[Group] | ProducerStopped | None = None
+    if producer is not None:
+        try:
+            out = producer.take(num_groups, stop_requested=lambda: stop is not None and stop["stop"])
+        except ProducerStopped as e:
+            out = e
+    out = broadcast_from_rank0(out)
+    if isinstance(out, ProducerStopped):
+        raise out
+    return out
 
 
 def staleness_of(consumed: list[tuple[int, list[Group]]]) -> list[int]:
@@ -383,7 +405,7 @@ class ConsumedLog:
 
     def append(self, step: int, version: int, groups: list[Group]) -> None:
         record = {"step": step, "version": version, "groups": [[g.prompt_id, g.min_version] for g in groups]}
-        with self.path.open("a") as f:
+        with naming_write_errors("consumed log append", self.path), self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
 
@@ -528,7 +550,14 @@ def run(args: argparse.Namespace) -> int:
         level=getattr(logging, cfg.logging.level), format=f"%(asctime)s [rank{rank()}] %(name)s: %(message)s"
     )
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its per-bucket INFO lines drown the progress
-    train(cfg, resume=args.resume)
+    try:
+        train(cfg, resume=args.resume)
+    except ConfigError as e:  # found once the model or the run dir is looked at
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except (ProducerStopped, WriteError) as e:  # a full disk and the like: named, the last checkpoint kept
+        logger.error("the run stopped: %s (fix it, then continue with --resume)", e, exc_info=True)
+        return 1
     platform.destroy_distributed()
     return 0
 

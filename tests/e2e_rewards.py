@@ -4,3 +4,14 @@
 def odd_char_fraction(response: str, answer: str) -> float:
     """Fraction of response characters with an odd code point (continuous, so groups are almost never flat)."""
     return sum(ord(c) % 2 for c in response) / max(1, len(response))
+
+
+def gated_odd_char_fraction(response: str, answer: str) -> float:
+    """`odd_char_fraction`, but held while the file $M2PO_TEST_REWARD_GATE exists: a producer that stalls."""
+    import os
+    import time
+
+    gate = os.environ.get("M2PO_TEST_REWARD_GATE")
+    while gate and os.path.exists(gate):
+        time.sleep(0.05)
+    return odd_char_fraction(response, answer)

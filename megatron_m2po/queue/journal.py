@@ -22,6 +22,7 @@ file and byte offset, because skipping it would silently lose acknowledged group
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -32,6 +33,8 @@ import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from megatron_m2po.io_errors import naming_write_errors
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +263,8 @@ class JournalWriter:
         self.segment_bytes = segment_bytes
         self.segments: list[SegmentInfo] = list(segments or [])
         self.bytes_written = 0
-        self._fd: int | None = None
+        self._fd: int | None = None  # None after close(), or while a failed rotation waits for a retry
+        self._closed = False
         self._offset = 0
         self._last_sync = time.monotonic()
         self._dirty = False
@@ -270,12 +274,19 @@ class JournalWriter:
     def _open_new_segment(self) -> None:
         index = self.segments[-1].index + 1 if self.segments else 0
         path = self.dir / segment_name(index)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        header = SEGMENT_HEADER.pack(MAGIC, FORMAT_VERSION, SEGMENT_HEADER.size, 0, self.journal_id)
-        os.write(fd, header)
-        if self.fsync != "never":
-            os.fsync(fd)
-            _fsync_dir(self.dir)
+        with naming_write_errors("journal segment creation", path):
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            header = SEGMENT_HEADER.pack(MAGIC, FORMAT_VERSION, SEGMENT_HEADER.size, 0, self.journal_id)
+            try:
+                if os.write(fd, header) != len(header):
+                    raise OSError(errno.ENOSPC, "short write of the segment header")
+                if self.fsync != "never":
+                    os.fsync(fd)
+                    _fsync_dir(self.dir)
+            except OSError:
+                os.close(fd)  # a segment without its header holds nothing: remove it, retry next append
+                path.unlink(missing_ok=True)
+                raise
         self._fd = fd
         self._offset = len(header)
         self.segments.append(SegmentInfo(index=index, path=path, size=self._offset))
@@ -283,10 +294,13 @@ class JournalWriter:
     def _close_fd(self, *, sync: bool) -> None:
         if self._fd is None:
             return
-        if sync and self.fsync != "never" and self._dirty:
-            os.fdatasync(self._fd)
-        os.close(self._fd)
-        self._fd = None
+        try:
+            if sync and self.fsync != "never" and self._dirty:
+                with naming_write_errors("journal fsync", self.segments[-1].path):
+                    os.fdatasync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = None
 
     def rotate(self) -> None:
         self._close_fd(sync=True)
@@ -295,9 +309,15 @@ class JournalWriter:
 
     # -- writing -------------------------------------------------------------------------
     def append(self, seq: int, chunks: list[bytes], prompt_id: str = "") -> int:
-        """Write one record (payload = seq + chunks); return its size in bytes."""
-        if self._fd is None:
+        """Write one record (payload = seq + chunks); return its size in bytes.
+
+        An OS failure (disk full, I/O error, read-only filesystem) raises `io_errors.WriteError` naming the
+        segment and the errno; the segment is left as it was before the call.
+        """
+        if self._closed:
             raise JournalError(f"journal {self.dir} is closed")
+        if self._fd is None:  # the rotation after the previous record failed: a new segment, now
+            self._open_new_segment()
         seq_bytes = SEQ.pack(seq)
         crc = zlib.crc32(seq_bytes)
         length = len(seq_bytes)
@@ -308,20 +328,22 @@ class JournalWriter:
         header = head12 + struct.pack("<I", zlib.crc32(head12))
         total = len(header) + length
         start = self._offset
+        seg_path = self.segments[-1].path
         try:
-            written = os.writev(self._fd, [header, seq_bytes, *chunks])
-            if written != total:  # short write (rare on regular files): finish it
-                rest = b"".join([header, seq_bytes, *chunks])[written:]
-                while rest:
-                    n = os.write(self._fd, rest)
-                    rest = rest[n:]
+            with naming_write_errors("journal append", seg_path):
+                written = os.writev(self._fd, [header, seq_bytes, *chunks])
+                if written != total:  # short write (a disk filling up): finish it, or raise its errno
+                    rest = b"".join([header, seq_bytes, *chunks])[written:]
+                    while rest:
+                        n = os.write(self._fd, rest)
+                        rest = rest[n:]
         except BaseException:
             # Never leave a half record in the middle of the journal: cut it off again.
             try:
                 os.ftruncate(self._fd, start)
                 os.lseek(self._fd, start, os.SEEK_SET)
             except OSError:
-                logger.exception("journal: could not truncate a failed append in %s", self.segments[-1].path)
+                logger.exception("journal: could not truncate a failed append in %s", seg_path)
             raise
         self._offset += total
         self.bytes_written += total
@@ -338,13 +360,17 @@ class JournalWriter:
         elif self.fsync == "batch" and time.monotonic() - self._last_sync >= self.fsync_interval_s:
             self.sync()
         if self._offset >= self.segment_bytes:
-            self.rotate()
+            try:
+                self.rotate()
+            except OSError as e:  # this record is written; the next append retries the new segment
+                logger.error("journal: opening the next segment failed (retried on the next append): %s", e)
         return total
 
     def sync(self) -> None:
         """Make everything appended so far durable (no-op under fsync="never")."""
         if self._fd is not None and self._dirty and self.fsync != "never":
-            os.fdatasync(self._fd)
+            with naming_write_errors("journal fsync", self.segments[-1].path):
+                os.fdatasync(self._fd)
         self._dirty = False
         self._last_sync = time.monotonic()
 
@@ -382,10 +408,12 @@ class JournalWriter:
         return sum(s.size for s in self.segments)
 
     def close(self) -> None:
+        self._closed = True
         self._close_fd(sync=True)
 
     def abandon(self) -> None:
         """Drop the file handle without syncing: what a crash leaves behind (tests)."""
+        self._closed = True
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

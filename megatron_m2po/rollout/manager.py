@@ -15,6 +15,7 @@ from collections import OrderedDict
 from typing import Any
 
 from megatron_m2po.data.prompts import Prompt, PromptDataset
+from megatron_m2po.io_errors import WriteError
 from megatron_m2po.rollout.farm import EngineFarm, FarmError
 from megatron_m2po.rollout.loop import LoopThread
 from megatron_m2po.types import Group, SamplingParams
@@ -22,9 +23,17 @@ from megatron_m2po.types import Group, SamplingParams
 logger = logging.getLogger(__name__)
 
 
+class ProducerStopped(RuntimeError):
+    """The background producer ended by itself (a persistent write failure, or a crash); says why."""
+
+
 class RolloutManager:
     """`max_inflight_groups` bounds concurrent groups (default: 4 per engine); the queue's admission
-    bounds staleness. Prompts already accepted by the queue (after a restart) are skipped."""
+    bounds staleness. Prompts already accepted by the queue (after a restart) are skipped.
+
+    `max_write_failures`: the background producer stops after this many groups in a row failed to be
+    written for a reason retrying does not cure (disk full, I/O error, read-only filesystem), and
+    `check_alive` raises that error for the trainer, instead of generating and failing forever."""
 
     def __init__(
         self,
@@ -36,6 +45,7 @@ class RolloutManager:
         n_samples: int,
         sampling: SamplingParams,
         max_inflight_groups: int | None = None,
+        max_write_failures: int = 8,
         loop: LoopThread | None = None,
     ):
         if n_samples < 1:
@@ -50,6 +60,9 @@ class RolloutManager:
         self._inflight_states: OrderedDict[str, dict] = OrderedDict()  # prompt_id -> data state before it
         self._producer = None
         self._stopping = False
+        self.max_write_failures = max_write_failures
+        self._write_failures = 0  # consecutive groups whose journal write failed persistently
+        self.fatal_error: WriteError | None = None
         self._counts = {
             "groups": 0,
             "samples": 0,
@@ -157,10 +170,14 @@ class RolloutManager:
         try:
             group = await self._make_group(prompt)
             accepted = await self.queue.put_async(group)
+            self._write_failures = 0
             if not accepted:
                 self._counts["duplicates"] += 1
                 logger.warning("group %s was already accepted: not queued again", prompt.prompt_id)
             accepted = True  # the reservation was used by put either way
+        except WriteError as e:
+            self._counts["failed_groups"] += 1
+            self._write_failed(prompt, e)
         except FarmError as e:
             self._counts["failed_groups"] += 1
             logger.error("group %s dropped: %s", prompt.prompt_id, e)
@@ -175,6 +192,55 @@ class RolloutManager:
                     pass
             else:
                 self._inflight_states.pop(prompt.prompt_id, None)
+
+    def _write_failed(self, prompt: Prompt, error: WriteError) -> None:
+        if not error.persistent:
+            logger.error("group %s not queued: %s", prompt.prompt_id, error)
+            return
+        self._write_failures += 1
+        if self._write_failures < self.max_write_failures:
+            logger.error(
+                "group %s not queued (%d/%d in a row): %s",
+                prompt.prompt_id,
+                self._write_failures,
+                self.max_write_failures,
+                error,
+            )
+        elif self.fatal_error is None:
+            self.fatal_error = error
+            self._stopping = True
+            logger.error(
+                "rollout producer stopping: %d groups in a row could not be written: %s",
+                self._write_failures,
+                error,
+            )
+
+    def check_alive(self) -> None:
+        """Raise `ProducerStopped` (naming the cause) if the background producer ended by itself.
+
+        The trainer calls it while waiting for data, so a producer that can no longer deliver ends the
+        run with its reason instead of a wait that never returns."""
+        if self.fatal_error is not None:
+            raise ProducerStopped(
+                f"the rollout producer stopped after {self._write_failures} failed writes in a row: "
+                f"{self.fatal_error}"
+            ) from self.fatal_error
+        future = self._producer
+        if future is None:
+            return
+        if not self._loop.running:
+            raise ProducerStopped("the rollout producer's event-loop thread is no longer running")
+        if future.done() and not self._stopping:
+            error = None if future.cancelled() else future.exception()
+            if error is not None:
+                message = f"the rollout producer crashed: {type(error).__name__}: {error}"
+                raise ProducerStopped(message) from error
+            closed = " (the replay queue was closed)" if self.queue.closed else ""
+            raise ProducerStopped(f"the rollout producer ended{closed}")
+
+    @property
+    def started(self) -> bool:
+        return self._producer is not None
 
     def stop(self, timeout: float = 60.0) -> None:
         """Stop producing; groups in flight are cancelled (their prompts come back after a resume)."""
@@ -197,6 +263,7 @@ class RolloutManager:
         out = {
             "rollout/groups": float(self._counts["groups"]),
             "rollout/failed_groups": float(self._counts["failed_groups"]),
+            "rollout/write_failures_in_a_row": float(self._write_failures),
             "rollout/duplicate_groups": float(self._counts["duplicates"]),
             "rollout/skipped_accepted": float(self._counts["skipped_accepted"]),
             "rollout/reward_mean": self._reward_sum / samples,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -95,8 +96,27 @@ class Producer:
         self.manager.start()
 
     # ---- consumer side
-    def take(self, num_groups: int) -> list[Group]:
-        return self.queue.get_batch(num_groups)
+    def take(
+        self, num_groups: int, *, stop_requested: Callable[[], bool] = lambda: False, poll_s: float = 0.2
+    ) -> list[Group] | None:
+        """The next `num_groups` groups; None if `stop_requested()` turns true while waiting (SIGTERM).
+
+        Raises `ProducerStopped` with the cause when no producer can deliver them any more (a persistent
+        write failure, a crashed producer thread), so the wait never outlives the producer.
+        """
+        from megatron_m2po.rollout.manager import ProducerStopped
+
+        while True:
+            groups = self.queue.get_batch(num_groups, timeout=poll_s)
+            if groups:
+                return groups
+            if stop_requested():
+                return None
+            self.manager.check_alive()
+            if not self.manager.started:
+                raise ProducerStopped(
+                    f"waiting for {num_groups} groups: the queue holds {len(self.queue)}, no producer runs"
+                )
 
     def publish_version(self, version: int) -> None:
         self.queue.publish_version(version)
@@ -167,4 +187,7 @@ class Producer:
         except Exception as e:  # noqa: BLE001 - closing must not hide the loop's own error
             logger.warning("stopping the rollout manager: %s", e)
         self.rewards.close()
-        self.queue.close()
+        try:
+            self.queue.close()
+        except OSError as e:  # a full disk at the final fsync: the loop's own error (if any) matters more
+            logger.error("closing the replay queue: %s", e)

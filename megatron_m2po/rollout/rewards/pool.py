@@ -191,7 +191,7 @@ class RewardPool:
             response[-80:],
             detail,
         )
-        if outcome in ("timeout", "crash"):
+        if outcome in ("timeout", "crash") and not self._closed:
             worker.kill()
             worker.start()
             with self._lock:
@@ -235,10 +235,10 @@ class RewardPool:
         self._closed = True
         for _ in self._threads:
             self._tasks.put(None)
+        for w in self._workers:  # first, so a call still running (nobody waits for it now) ends at once
+            w.stop()
         for t in self._threads:
             t.join(timeout=self.timeout + 5)
-        for w in self._workers:
-            w.stop()
 
     def __enter__(self) -> RewardPool:
         return self
