@@ -72,6 +72,10 @@ def _dtype(cfg: Config) -> torch.dtype:
     return getattr(torch, cfg.model.dtype)
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 class Trainer:
     """The model side: policy, optimizer, loss, and the per-batch update (every rank)."""
 
@@ -79,7 +83,7 @@ class Trainer:
         self.cfg = cfg
         self.dtype = _dtype(cfg)
         self.hf_config = load_hf_config(cfg.model.path)
-        self.model = wrap_ddp(load_policy(cfg.model.path, dtype=self.dtype))
+        self.model = wrap_ddp(load_policy(cfg.model.path, dtype=self.dtype, parallel=cfg.parallel), cfg.parallel)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.dtype)
         self.loss_fn = algorithms.PolicyLoss.from_config(cfg.algorithm)
         self.dp_rank = parallel_state.get_data_parallel_rank()
@@ -98,7 +102,8 @@ class Trainer:
 
     def _microbatches(self, rows, version: int):
         """This DP rank's micro-batches of `rows` (`batching.plan_microbatches`), in one shape wherever the
-        pipeline's p2p buffers need it: padded to the longest of `rows`, or packed to the token budget."""
+        pipeline's p2p buffers need it: padded to the longest of `rows`, or packed to the token budget;
+        lengths are multiples of the TP size under sequence parallelism (it splits the sequence)."""
         t = self.cfg.train
         plan = plan_microbatches(
             [len(r.tokens) for r in rows],
@@ -106,20 +111,25 @@ class Trainer:
             micro_batch_size=t.micro_batch_size,
             max_tokens=t.max_tokens_per_microbatch,
         )
+        multiple = self.cfg.parallel.tensor if self.cfg.parallel.sequence_parallel else 1
         pack = t.pack_sequences or bool(t.max_tokens_per_microbatch)
-        packed_len = None
-        if pack and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        if pack:
+            seq_len = None
             longest = max(sum(len(rows[i].tokens) for i in mb) for shard in plan for mb in shard)
-            packed_len = max(t.max_tokens_per_microbatch, longest)
+            fixed = parallel_state.get_pipeline_model_parallel_world_size() > 1
+            packed_len = _round_up(max(t.max_tokens_per_microbatch, longest), multiple) if fixed else None
+        else:
+            seq_len, packed_len = _round_up(max(len(r.tokens) for r in rows), multiple), None
         return make_microbatches(
             rows,
             plan[self.dp_rank],
             consumer_version=version,
             pad_id=self.pad_id,
             pack=pack,
-            seq_len=None if pack else max(len(r.tokens) for r in rows),
+            seq_len=seq_len,
             batch_size=t.micro_batch_size,
             packed_len=packed_len,
+            multiple=multiple,
         )
 
     def update(self, groups: list[Group], version: int) -> dict[str, float]:

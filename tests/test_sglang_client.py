@@ -314,6 +314,71 @@ def test_pause_continue_abort_and_weights_from_disk(hf_dir, tmp_path):
         assert torch.equal(engine.state_dict()[k], v)
 
 
+@pytest.mark.slow
+def test_update_group_rebuilt_when_an_engine_joins_or_dies(hf_dir, tmp_path):
+    """The NCCL protocol on CPU (gloo) with two server processes: an engine that joins the farm after the
+    start (with a stale update session left open) gets a new group and the next update; one that dies is
+    left out of the next group, the other goes on. After each update the served log-probs are the trainer's."""
+    from test_weight_sync import PARAMS, max_diff, trainer_logprobs
+
+    from megatron_m2po.models import load_hf_config, load_policy
+    from megatron_m2po.platform import destroy_distributed, init_distributed
+    from megatron_m2po.rollout.engines.sglang_launcher import EngineLauncher
+    from megatron_m2po.sync import WeightSync
+    from megatron_m2po.sync.broadcast import DistributedWeightBroadcaster
+
+    def perturb(model):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+
+    init_distributed()
+    try:
+        model, hf_config = load_policy(hf_dir, dtype=torch.float32), load_hf_config(hf_dir)
+        with EngineLauncher(hf_dir, servers=2, backend="local", log_dir=tmp_path) as launcher:
+            first, second = launcher.engines()
+            farm = EngineFarm([first])
+            broadcaster = DistributedWeightBroadcaster(
+                [first], master_address="127.0.0.1", master_port=free_port(), backend="gloo"
+            )
+            sync = WeightSync(
+                model, hf_config, farm, transport="distributed", broadcaster=broadcaster, bucket_bytes=1 << 20
+            )
+
+            def call(coro):
+                return asyncio.run_coroutine_threadsafe(coro, sync.loop).result()
+
+            async def join():
+                await second._control("/begin_weight_update", {})  # left open by an interrupted update
+                farm.add_engine(second)
+
+            broadcaster.connect(sync.loop)
+            perturb(model)
+            sync.push(1)
+            assert (first.version, broadcaster.generation) == (1, 1)
+            call(join())
+            perturb(model)
+            sync.push(2)
+            assert [e.engine_id for e in broadcaster.engines] == [first.engine_id, second.engine_id]
+            assert (first.version, second.version, broadcaster.generation) == (2, 2, 2)
+            for engine in (first, second):
+                out = call(engine.generate("q", [40, 41, 42, 43], 2, PARAMS))
+                assert max_diff(out, trainer_logprobs(model, out)) <= 1e-5
+                assert all(s.versions == [2] * len(s.response_ids) for s in out)
+            launcher.kill("server-1")
+            assert call(farm.check_health()) == {first.engine_id: True, second.engine_id: False}
+            perturb(model)
+            sync.push(3)
+            assert [e.engine_id for e in broadcaster.engines] == [first.engine_id]
+            assert (first.version, second.version, broadcaster.generation) == (3, 2, 3)
+            out = call(farm.generate("r", [50, 51, 52], 2, PARAMS))
+            assert max_diff(out, trainer_logprobs(model, out)) <= 1e-5
+            call(farm.close())
+            sync.close()
+    finally:
+        destroy_distributed()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(
     importlib.util.find_spec("sglang") is None or not torch.cuda.is_available(),
