@@ -47,8 +47,22 @@ def reference(tiny_dir, tmp_path_factory) -> dict:
     ],
 )
 def test_layout_matches_single_process(tiny_dir, tmp_path, reference, nproc, tp, pp):
-    got = _run(tiny_dir, tmp_path, nproc, tp, pp, "m2po")
+    _assert_same(reference, _run(tiny_dir, tmp_path, nproc, tp, pp, "m2po"), (nproc, tp, pp))
+
+
+def _assert_same(reference: dict, got: dict, label) -> None:
     for a, b in zip(reference["updates"], got["updates"]):
         for key in a:
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (nproc, tp, pp, key)
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (label, key)
     assert got["weights_abs_sum"] == pytest.approx(reference["weights_abs_sum"], rel=1e-6)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", ["decoupled_ppo", "gspo"])
+def test_what_a_loss_declares_reaches_it_through_the_trainer(tiny_dir, tmp_path, loss):
+    """decoupled_ppo asks the trainer for the pre-pass (its proximal log-probs; without them it raises), gspo
+    brings its own seq-mean aggregation: both train, and DP=2 equals one process."""
+    one = _run(tiny_dir, tmp_path, 1, 1, 1, loss)
+    assert all(math.isfinite(u["loss/value"]) and u["train/grad_norm"] > 0 for u in one["updates"])
+    _assert_same(one, _run(tiny_dir, tmp_path, 2, 1, 1, loss), loss)
