@@ -188,6 +188,9 @@ class StalenessConfig:
     journal_fsync: Literal["batch", "always", "never"] = opt(
         "batch", "when the queue journal is fsynced"
     )
+    journal_segment_bytes: int = opt(
+        64 << 20, "queue journal segment size: GC frees whole segments the oldest kept checkpoint consumed", ge=4096
+    )
 
 
 @dataclass

@@ -403,14 +403,25 @@ class ConsumedLog:
     """`run_dir/consumed.jsonl`: which groups (prompt id, producing version) each update trained on.
 
     An audit trail for staleness and for exactly-once consumption across restarts: on resume, the lines
-    of steps after the checkpoint (work that is redone) are dropped first.
+    of steps after the checkpoint (work that is redone) are dropped first, and a last line cut by a kill
+    is dropped with a warning (its update is redone too); a damaged line before it is an error.
     """
 
     def __init__(self, path: Path, *, keep_through_step: int):
         self.path = path
         if path.exists():
-            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-            kept = [ln for ln in lines if json.loads(ln)["step"] <= keep_through_step]
+            lines = path.read_text().splitlines()
+            kept = []
+            for number, line in enumerate(lines, 1):
+                try:
+                    step = json.loads(line)["step"] if line.strip() else None
+                except (ValueError, KeyError, TypeError) as e:
+                    if number < len(lines):
+                        raise ValueError(f"{path}: line {number} is not a consumed-log record ({e})") from None
+                    logger.warning("%s: dropping its torn last line %d (%s)", path, number, e)
+                    continue
+                if step is not None and step <= keep_through_step:
+                    kept.append(line)
             path.write_text("".join(ln + "\n" for ln in kept))
 
     def append(self, step: int, version: int, groups: list[Group]) -> None:

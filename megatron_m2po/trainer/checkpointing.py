@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -107,7 +108,11 @@ def _read_rng_state(rng_file: Path) -> dict[str, Any] | None:
             raise ValueError(f"not an RNG state (keys {sorted(state) if isinstance(state, dict) else None})")
         return state
     except Exception as e:  # noqa: BLE001 - a truncated zip, a pickle payload, a wrong object: all named
-        raise CheckpointError(f"{rng_file}: unreadable RNG state ({type(e).__name__}: {e})") from e
+        detail = f"{type(e).__name__}: {e}"
+        if isinstance(e, pickle.UnpicklingError):  # torch's text suggests weights_only=False: not for us
+            refused = [ln for ln in str(e).splitlines() if "GLOBAL" in ln]
+            detail = f"holds objects an RNG state never does, not loaded: {refused[0] if refused else e}"
+        raise CheckpointError(f"{rng_file}: unreadable RNG state ({detail})") from e
 
 
 def _sharded_state(model, optimizer, *, is_loading: bool) -> dict[str, Any]:

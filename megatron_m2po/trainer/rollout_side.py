@@ -40,6 +40,7 @@ def queue_kwargs(cfg: Config, journal_dir: Path) -> dict[str, Any]:
         "capacity": s.queue_capacity,
         "journal_dir": str(journal_dir),
         "fsync": s.journal_fsync,
+        "segment_bytes": s.journal_segment_bytes,
         "fixed_lag": cfg.fixed_staleness,
     }
 
