@@ -273,7 +273,8 @@ def test_weight_update_session_as_sglang(engine):
 
 
 def test_flush_refused_while_requests_run(engine, tmp_path):
-    """sglang 0.5.23: /flush_cache and an update's flush_cache answer 400 while a request is in flight."""
+    """sglang 0.5.23: /flush_cache and an update's flush_cache answer 400 while a request runs (an in_place
+    pause keeps it running; a retract pause puts it back in the queue, and then the flush runs)."""
     save_file({k: v.contiguous() for k, v in engine.state_dict().items()}, tmp_path / "model.safetensors")
     version = engine.version
 
@@ -295,11 +296,14 @@ def test_flush_refused_while_requests_run(engine, tmp_path):
                 "/update_weights_from_disk",
                 {"model_path": str(tmp_path), "weight_version": "41", "flush_cache": False},
             )
+            await call(http, url, "/pause_generation", {"mode": "retract"})
+            retracted = await call(http, url, "/flush_cache", {})  # the request waits in the queue: flushable
             await call(http, url, "/continue_generation", {})
             done = await task
-            return idle, ready, busy, update, unflushed, done
+            return idle, ready, busy, update, unflushed, retracted, done
 
-    idle, ready, busy, update, unflushed, done = asyncio.run(run())
+    idle, ready, busy, update, unflushed, retracted, done = asyncio.run(run())
+    assert retracted[0] == 200
     assert idle[0] == 200 and ready[0] == 503
     assert busy == (400, "Flush cache failed.\n")
     assert update[0] == 400 and update[1]["message"] == NOT_FLUSHED  # loaded, as in sglang, but not flushed

@@ -43,6 +43,7 @@ from typing import Any
 from aiohttp import web
 
 from megatron_m2po.rollout.engines.local import LocalEngine
+from megatron_m2po.rollout.engines.sglang import CONTROL_ROUTES
 from megatron_m2po.types import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -61,21 +62,6 @@ _SAMPLING_KEYS = {
     "min_new_tokens",
 }
 _SAMPLING_EPS = 1e-6  # sglang: 0 <= temperature < 1e-6 is greedy
-# sglang's ADMIN_OPTIONAL routes that this server has: with --admin-api-key only that key opens them.
-CONTROL_ROUTES = frozenset(
-    {
-        "/abort_request",
-        "/pause_generation",
-        "/continue_generation",
-        "/flush_cache",
-        "/update_weights_from_disk",
-        "/init_weights_update_group",
-        "/destroy_weights_update_group",
-        "/begin_weight_update",
-        "/end_weight_update",
-        "/update_weights_from_distributed",
-    }
-)
 NOT_FLUSHED = (
     "Weights were updated, but the cache was not flushed because requests are still running or queued. "
     "Retract or finish them, then call /flush_cache."
@@ -211,6 +197,7 @@ class LocalSGLangServer:
         self.inflight: dict[str, asyncio.Task] = {}
         self.update_groups: dict[str, Any] = {}
         self.session: dict[str, Any] | None = None  # the open weight-update session
+        self.pause_mode: str | None = None  # while paused
         self.app = web.Application(client_max_size=1 << 28, middlewares=[self._auth, self._errors])
         r = self.app.router
         r.add_get("/health", self.health)
@@ -241,7 +228,7 @@ class LocalSGLangServer:
         if request.method == "OPTIONS" or path.startswith(("/health", "/ready", "/metrics")):
             return await handler(request)
         key = self.api_key
-        if path in CONTROL_ROUTES and self.admin_api_key:
+        if path in CONTROL_ROUTES and self.admin_api_key:  # sglang's ADMIN_OPTIONAL routes
             key = self.admin_api_key
         if key and not _bearer_ok(request.headers.get("Authorization"), key):
             return web.json_response({"error": "Unauthorized"}, status=401)
@@ -258,7 +245,7 @@ class LocalSGLangServer:
             return _fail(str(e))
 
     async def _body(self, request: web.Request) -> dict:
-        if not request.can_read_body:
+        if not request.body_exists:
             return {}
         try:
             body = await request.json()
@@ -267,6 +254,10 @@ class LocalSGLangServer:
         return _object(body, request.path)
 
     def _running(self) -> int:
+        """Requests that keep a flush from running: sglang's is_fully_idle(ignore_waiting=paused), where a
+        retract (or abort) pause moves them to the waiting queue and only an in_place pause keeps them running."""
+        if self.pause_mode in ("retract", "abort"):
+            return 0
         return sum(not t.done() for t in self.inflight.values())
 
     # -- info ------------------------------------------------------------------------------------------
@@ -416,10 +407,12 @@ class LocalSGLangServer:
             for task in list(self.inflight.values()):
                 task.cancel()
         await self.engine.pause()
+        self.pause_mode = mode
         return web.json_response({"message": "Generation paused successfully.", "status": "ok"})
 
     async def continue_generation(self, request: web.Request) -> web.Response:
         await self.engine.resume()
+        self.pause_mode = None
         return web.json_response({"message": "Generation continued successfully.", "status": "ok"})
 
     async def flush_cache(self, request: web.Request) -> web.Response:
