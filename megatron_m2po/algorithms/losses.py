@@ -124,7 +124,7 @@ class LossSpec:
 
     name: str
     fn: Callable[..., TokenLoss]
-    aggregation: str = "token-mean"
+    aggregation: Aggregation = "token-mean"
     settings: Callable[[Any], dict[str, Any]] = _no_settings
     needs_current_log_probs: Callable[[dict[str, Any]], bool] = _never
     before_update: Callable[[dict[str, Any], CurrentLogProbs], list[dict[str, Any]]] | None = None
@@ -134,12 +134,12 @@ LOSSES: dict[str, LossSpec] = {}
 
 
 def register_loss(
-    name: str,
+    name: LossName,
     *,
-    aggregation: str = "token-mean",
-    settings=_no_settings,
-    needs_current_log_probs=_never,
-    before_update=None,
+    aggregation: Aggregation = "token-mean",
+    settings: Callable[[Any], dict[str, Any]] = _no_settings,
+    needs_current_log_probs: Callable[[dict[str, Any]], bool] = _never,
+    before_update: Callable[[dict[str, Any], CurrentLogProbs], list[dict[str, Any]]] | None = None,
 ) -> Callable[[Callable[..., TokenLoss]], Callable[..., TokenLoss]]:
     """Register the decorated per-token loss under `name` (one of `choices.LossName`); see LossSpec."""
     if name not in get_args(LossName) or name in LOSSES:
