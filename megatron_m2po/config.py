@@ -248,6 +248,21 @@ class ParallelConfig:
     overlap_grad_reduce: bool = opt(
         False, "overlap the DP gradient reduce (all-reduce, or reduce-scatter) with the backward, by bucket"
     )
+    sequence_parallel: bool = opt(
+        False, "split norm/dropout activations along the sequence over the TP ranks (needs tensor > 1)"
+    )
+    recompute: Literal["none", "selective", "full"] = opt(
+        "none",
+        "activation recompute in the backward: selective = core attention only, full = whole layers "
+        "(recompute_num_layers per checkpoint); trades compute for activation memory",
+    )
+    recompute_num_layers: int = opt(1, "full recompute: layers per checkpointed chunk (uniform method)", ge=1)
+    distributed_optimizer: bool = opt(
+        False, "Megatron's distributed optimizer (ZeRO-1): fp32 master weights and Adam moments sharded over DP"
+    )
+    overlap_grad_reduce: bool = opt(
+        False, "overlap the DP gradient reduce (all-reduce, or reduce-scatter) with the backward, by bucket"
+    )
 
 
 @dataclass
@@ -561,6 +576,9 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"'train.max_tokens_per_microbatch': {t.max_tokens_per_microbatch} cannot hold the longest "
             f"sequence, data.max_prompt_tokens + rollout.max_new_tokens = {longest}"
         )
+    pl = cfg.parallel
+    if pl.sequence_parallel and pl.tensor == 1:
+        raise ConfigError("'parallel.sequence_parallel': needs parallel.tensor > 1 (it splits over the TP ranks)")
     pl = cfg.parallel
     if pl.sequence_parallel and pl.tensor == 1:
         raise ConfigError("'parallel.sequence_parallel': needs parallel.tensor > 1 (it splits over the TP ranks)")

@@ -32,6 +32,8 @@ _CUDA_FACTORY_MODULES = (
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
     "megatron.core.optimizer.clip_grads",
     "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.optimizer.grad_scaler",
     "megatron.core.utils",
     "megatron.core.transformer.utils",
@@ -77,21 +79,42 @@ def has_transformer_engine() -> bool:
     return True
 
 
-def gpt_layer_spec(*, qk_layernorm: bool, use_transformer_engine: bool | None = None):
-    """The Megatron layer spec: Transformer Engine (fused norms + attention) on GPUs that have it, else the
-    local spec with RMSNorm and torch SDPA attention (CPU, or GPU without TE)."""
+def gpt_decoder_spec(config, *, use_transformer_engine: bool | None = None):
+    """The Megatron decoder spec: Transformer Engine (fused norms + attention) on GPUs that have it, else the
+    local spec with torch RMSNorm and SDPA attention (CPU, or GPU without TE), as a block spec so that
+    every norm, the final one included, can run under sequence parallelism (`_RMSNorm`)."""
     from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
 
     if use_transformer_engine is None:
         use_transformer_engine = has_transformer_engine()
     if use_transformer_engine:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
 
     from megatron_m2po.models.sdpa_attention import SDPAttention
 
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=qk_layernorm, normalization="RMSNorm")
-    spec.submodules.self_attention.submodules.core_attention = SDPAttention
-    return spec
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
+    layer, attention = spec.submodules, spec.submodules.self_attention.submodules
+    attention.core_attention = SDPAttention
+    layer.input_layernorm = layer.pre_mlp_layernorm = _RMSNorm
+    if config.qk_layernorm:
+        attention.q_layernorm = attention.k_layernorm = _RMSNorm
+    return TransformerBlockSubmodules(
+        layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=_RMSNorm
+    )
+
+
+class _RMSNorm(torch.nn.RMSNorm):
+    """torch RMSNorm with Megatron's norm constructor (`WrappedTorchNorm` refuses sequence parallelism):
+    under it each TP rank normalises its slice of the sequence, so the weight is marked for the TP
+    all-reduce of its gradient that Megatron's `finalize_model_grads` does for `sequence_parallel` params."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **kwargs: Any):
+        super().__init__(normalized_shape=hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
 
 
 # ----------------------------------------------------------------------------------------------- CPU shims
@@ -193,6 +216,36 @@ def clip_grad_by_total_norm_fp32(
         torch._foreach_mul_(grads, clip_coeff)
 
 
+_CUDA_TYPE_NAMES = {f"torch.{t}": f"torch.cuda.{t}" for t in ("FloatTensor", "HalfTensor", "BFloat16Tensor")}
+
+
+def _with_cuda_type_names(fn: Callable) -> Callable:
+    """Run `fn` with `Tensor.type()` naming CPU float tensors as their CUDA types.
+
+    The distributed optimizer sorts parameters into fp32 / 16-bit groups by comparing `param.type()` with
+    'torch.cuda.FloatTensor' etc. (and raises for anything else); the grouping is all it uses the name for.
+    Only that one-time set-up runs under the renaming.
+    """
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        original = torch.Tensor.type
+
+        def type_name(self: torch.Tensor, *targs: Any, **tkwargs: Any) -> Any:
+            if targs or tkwargs:
+                return original(self, *targs, **tkwargs)
+            name = original(self)
+            return _CUDA_TYPE_NAMES.get(name, name)
+
+        torch.Tensor.type = type_name
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.Tensor.type = original
+
+    wrapper.__wrapped__ = fn
+    return wrapper
+
+
 def apply_cpu_shims() -> None:
     """Redirect Megatron-core's CUDA-only bookkeeping to the CPU. Idempotent; a no-op when CUDA is present."""
     global _shims_applied
@@ -209,6 +262,10 @@ def apply_cpu_shims() -> None:
     random._set_cuda_rng_state = _cpu_set_rng_state
     optimizer = importlib.import_module("megatron.core.optimizer.optimizer")
     optimizer.clip_grad_by_total_norm_fp32 = clip_grad_by_total_norm_fp32
+    distrib = importlib.import_module("megatron.core.optimizer.distrib_optimizer").DistributedOptimizer
+    distrib._build_model_and_main_param_groups = staticmethod(
+        _with_cuda_type_names(distrib._build_model_and_main_param_groups)
+    )
     _shims_applied = True
     logger.debug("applied Megatron-core CPU shims")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import math
 
 import pytest
@@ -108,10 +109,36 @@ def test_packed_forward_equals_padded(tiny_model):
     """Megatron's THD path (rotary restarted per cu_seqlens segment, SDPA per segment) = right-padded rows."""
     rows = _rows([9, 4, 13, 6], seed=3)
     (padded,) = make_microbatches(rows, [[0, 1, 2, 3]], consumer_version=0, pad_id=0, pack=False)
-    (packed,) = make_microbatches(rows, [[0, 1, 2, 3]], consumer_version=0, pad_id=0, pack=True, packed_len=40)
+    (packed,) = make_microbatches(
+        rows, [[0, 1, 2, 3]], consumer_version=0, pad_id=0, pack=True, packed_len=40
+    )
     lp_pad, ent_pad = token_logprobs(run_model(tiny_model, padded), padded, 1.0, with_entropy=True)
     lp_pack, ent_pack = token_logprobs(run_model(tiny_model, packed), packed, 1.0, with_entropy=True)
     assert padded.packed is None
     mask = packed.packed.index >= 0
     torch.testing.assert_close(lp_pack[mask], lp_pad[mask], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ent_pack[mask], ent_pad[mask], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("recompute, module", [("full", "layer"), ("selective", "core_attention")])
+def test_recompute_reruns_the_forward_in_backward(tmp_path, recompute, module):
+    """parallel.recompute reaches Megatron: the checkpointed module runs again during the backward."""
+    from megatron_m2po.config import ParallelConfig
+
+    torch.set_num_threads(1)
+    hf_dir = make_tiny_model("qwen3", tmp_path / "m", num_hidden_layers=2)
+    platform.init_distributed()
+    try:
+        calls = collections.Counter()
+        for mode in ("none", recompute):
+            model = build_model(
+                load_hf_config(hf_dir), dtype=torch.float32, parallel=ParallelConfig(recompute=mode)
+            )
+            layer = model.decoder.layers[0]
+            target = layer if module == "layer" else layer.self_attention.core_attention
+            target.register_forward_hook(lambda *_, m=mode: calls.update([m]))
+            ids = torch.randint(3, 300, (2, 8))
+            model(ids, torch.arange(8).expand(2, 8), None).float().pow(2).mean().backward()
+        assert calls == {"none": 1, recompute: 2}
+    finally:
+        platform.destroy_distributed()

@@ -1,9 +1,11 @@
-"""Packed sequences and token-budget micro-batches leave the update unchanged, at every parallel layout.
+"""Packing, token budgets and the memory/throughput options leave the update unchanged, at every layout.
 
 The padded single-process update (tests/dist/trainer_update.py: two m2po updates with the global M2
 pre-pass) is the reference. Packing with the same micro-batches must reproduce every logged value (loss,
 grad norm, M2 diagnostics) and the weights after both updates; a token budget regroups the sequences, so
 the loss, grad norm and weights must match (diagnostics are means over micro-batches and may not).
+Sequence parallel, activation recompute and the distributed optimizer change where things are computed
+or kept, not the math: every logged value and the weights must match.
 """
 
 from __future__ import annotations
@@ -70,3 +72,35 @@ def test_token_budget_gradient_independent_of_split(tiny_dir, tmp_path, padded, 
     got = _run(tiny_dir, tmp_path, nproc, tp, pp, f"train.max_tokens_per_microbatch={budget}")
     _assert_same(got, padded, keys=EXACT)
     assert [u["loss/num_tokens"] for u in got["updates"]] == [u["loss/num_tokens"] for u in padded["updates"]]
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize(
+    "nproc, tp, pp, overrides",
+    [
+        pytest.param(2, 1, 1, ["parallel.distributed_optimizer=true"], id="distopt-dp2"),
+        pytest.param(
+            2,
+            1,
+            1,
+            ["parallel.distributed_optimizer=true", "parallel.overlap_grad_reduce=true"],
+            id="distopt-overlap-dp2",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(2, 2, 1, ["parallel.sequence_parallel=true"], id="sp-tp2", marks=pytest.mark.slow),
+        pytest.param(
+            2,
+            2,
+            1,
+            ["parallel.sequence_parallel=true", "train.pack_sequences=true"],
+            id="sp-packed-tp2",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(
+            2, 2, 1, ["parallel.recompute=selective"], id="recompute-selective-tp2", marks=pytest.mark.slow
+        ),
+        pytest.param(2, 2, 1, ["parallel.recompute=full"], id="recompute-full-tp2", marks=pytest.mark.slow),
+    ],
+)
+def test_parallel_option_keeps_the_update(tiny_dir, tmp_path, padded, nproc, tp, pp, overrides):
+    _assert_same(_run(tiny_dir, tmp_path, nproc, tp, pp, *overrides), padded)

@@ -11,6 +11,7 @@ from transformers import PretrainedConfig
 
 from megatron_m2po import platform
 from megatron_m2po.checkpoint.mapping import Layout, architecture
+from megatron_m2po.config import ParallelConfig
 from megatron_m2po.models.hf_config import validate_hf_config
 
 # llama3 rope-scaling parameters megatron-core hard-codes; any other value is applied by `_set_llama3_inv_freq`.
@@ -21,8 +22,21 @@ _MEGATRON_LLAMA3_DEFAULTS = {
 }
 
 
-def transformer_config(hf_config: PretrainedConfig, *, dtype: torch.dtype | None = None) -> TransformerConfig:
-    """Megatron's TransformerConfig equivalent to the HF config, for the current TP/PP sizes."""
+def transformer_config(
+    hf_config: PretrainedConfig, *, dtype: torch.dtype | None = None, parallel: ParallelConfig | None = None
+) -> TransformerConfig:
+    """Megatron's TransformerConfig equivalent to the HF config, for the current TP/PP sizes; `parallel`
+    adds sequence parallelism and activation recompute (neither changes the math)."""
+    parallel = parallel or ParallelConfig()
+    recompute = {}
+    if parallel.recompute == "selective":
+        recompute = {"recompute_granularity": "selective", "recompute_modules": ["core_attn"]}
+    elif parallel.recompute == "full":
+        recompute = {
+            "recompute_granularity": "full",
+            "recompute_method": "uniform",
+            "recompute_num_layers": parallel.recompute_num_layers,
+        }
     arch = architecture(hf_config)
     dtype = dtype or platform.default_dtype()
     layout = Layout.from_hf_config(hf_config)
@@ -56,6 +70,8 @@ def transformer_config(hf_config: PretrainedConfig, *, dtype: torch.dtype | None
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         attention_softmax_in_fp32=True,
+        sequence_parallel=parallel.sequence_parallel,
+        **recompute,
     )
 
 
@@ -64,6 +80,7 @@ def build_model(
     *,
     dtype: torch.dtype | None = None,
     use_transformer_engine: bool | None = None,
+    parallel: ParallelConfig | None = None,
 ) -> GPTModel:
     """The randomly initialised GPTModel for this TP/PP rank (parallel_state must be initialised)."""
     validate_hf_config(hf_config, tensor_parallel=parallel_state.get_tensor_model_parallel_world_size())
@@ -72,13 +89,13 @@ def build_model(
         raise ValueError(
             f"num_hidden_layers={hf_config.num_hidden_layers} is not divisible by pipeline_parallel={pp}"
         )
-    config = transformer_config(hf_config, dtype=dtype)
+    config = transformer_config(hf_config, dtype=dtype, parallel=parallel)
     rope = dict(getattr(hf_config, "rope_parameters", None) or {})
     llama3 = rope.get("rope_type") == "llama3"
     model = GPTModel(
         config=config,
-        transformer_layer_spec=platform.gpt_layer_spec(
-            qk_layernorm=config.qk_layernorm, use_transformer_engine=use_transformer_engine
+        transformer_layer_spec=platform.gpt_decoder_spec(
+            config, use_transformer_engine=use_transformer_engine
         ),
         vocab_size=hf_config.vocab_size,
         max_sequence_length=hf_config.max_position_embeddings,

@@ -11,7 +11,7 @@ from megatron_m2po.models.builder import build_model
 from megatron_m2po.models.hf_config import load_hf_config
 
 
-def load_policy(path: str | Path, *, dtype: torch.dtype | None = None) -> GPTModel:
+def load_policy(path: str | Path, *, dtype: torch.dtype | None = None, parallel=None) -> GPTModel:
     """Build this rank's GPTModel and load its weights (parallel_state must be initialised).
 
     `path` is an HF dir (config.json + safetensors) or a Megatron checkpoint dir written by
@@ -21,7 +21,7 @@ def load_policy(path: str | Path, *, dtype: torch.dtype | None = None) -> GPTMod
     from megatron_m2po.checkpoint.megatron_ckpt import is_megatron_checkpoint, load_model_checkpoint
 
     hf_config = load_hf_config(path)
-    model = build_model(hf_config, dtype=dtype)
+    model = build_model(hf_config, dtype=dtype, parallel=parallel)  # parallel: config.ParallelConfig
     if is_megatron_checkpoint(path):
         load_model_checkpoint(model, path)
     else:

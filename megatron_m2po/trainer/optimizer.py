@@ -1,9 +1,13 @@
 """Megatron DDP wrapper, Megatron optimizer and its LR/WD scheduler, built from the config.
 
 Megatron-core's own pieces, as they are: `DistributedDataParallel` (gradient buckets and the DP
-all-reduce), `get_megatron_optimizer` (AdamW, grad clipping by global norm, mixed-precision master
-weights on GPU) and `OptimizerParamScheduler`. The distributed optimizer asserts CUDA tensors, so the
-non-distributed one is used on CPU (DESIGN.md).
+all-reduce, or with `parallel.distributed_optimizer` the reduce-scatter), `get_megatron_optimizer` (AdamW,
+grad clipping by global norm, mixed-precision master weights on GPU; ZeRO-1 sharding of master weights
+and moments over DP with the distributed optimizer) and `OptimizerParamScheduler`.
+
+The parameter all-gather of the distributed optimizer runs inside `optimizer.step()` (Megatron's
+`overlap_param_gather` would defer it to the next forward's pre-hooks, but here the engines read the
+weights right after the update, so the gather has to finish there anyway).
 """
 
 from __future__ import annotations
@@ -18,15 +22,16 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_m2po import platform
-from megatron_m2po.config import Config
+from megatron_m2po.config import Config, ParallelConfig
 
 
-def wrap_ddp(model: torch.nn.Module) -> DistributedDataParallel:
+def wrap_ddp(model: torch.nn.Module, parallel: ParallelConfig | None = None) -> DistributedDataParallel:
     """Wrap with Megatron DDP and point the pipeline schedules at its grad-sync hooks."""
+    parallel = parallel or ParallelConfig()
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
-        use_distributed_optimizer=False,
+        overlap_grad_reduce=parallel.overlap_grad_reduce,
+        use_distributed_optimizer=parallel.distributed_optimizer,
         average_in_collective=False,
     )
     ddp = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
@@ -51,7 +56,7 @@ def build_optimizer(cfg: Config, ddp: DistributedDataParallel, dtype: torch.dtyp
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,
         params_dtype=dtype,
-        use_distributed_optimizer=False,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_config, [ddp], use_gloo_process_groups=not platform.on_gpu())
     ddp.config.grad_scale_func = optimizer.scale_loss
