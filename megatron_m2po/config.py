@@ -96,6 +96,16 @@ class RolloutConfig:
         "sglang: servers run with --enable-deterministic-inference; each sample is then its own request "
         "seeded from (train.seed, version, prompt, index). Off: one request with n samples, no seed",
     )
+    api_key_env: str = opt(
+        "M2PO_API_KEY",
+        "sglang: NAME of the environment variable holding the servers' --api-key (the key is never written in "
+        "a config or log); unset or empty variable: no key is sent",
+    )
+    admin_api_key_env: str = opt(
+        "M2PO_ADMIN_API_KEY",
+        "sglang: NAME of the environment variable holding the servers' --admin-api-key, sent on control routes "
+        "(pause, abort, flush, weight updates); unset or empty: they get the api key",
+    )
     max_new_tokens: int = opt(256, "maximum response length in tokens", gt=0)
     temperature: float = opt(
         1.0, "sampling temperature; the trainer divides its logits by the same value", gt=0
@@ -233,21 +243,6 @@ class TrainConfig:
 class ParallelConfig:
     tensor: int = opt(1, "tensor-parallel size", ge=1)
     pipeline: int = opt(1, "pipeline-parallel size", ge=1)
-    sequence_parallel: bool = opt(
-        False, "split norm/dropout activations along the sequence over the TP ranks (needs tensor > 1)"
-    )
-    recompute: Literal["none", "selective", "full"] = opt(
-        "none",
-        "activation recompute in the backward: selective = core attention only, full = whole layers "
-        "(recompute_num_layers per checkpoint); trades compute for activation memory",
-    )
-    recompute_num_layers: int = opt(1, "full recompute: layers per checkpointed chunk (uniform method)", ge=1)
-    distributed_optimizer: bool = opt(
-        False, "Megatron's distributed optimizer (ZeRO-1): fp32 master weights and Adam moments sharded over DP"
-    )
-    overlap_grad_reduce: bool = opt(
-        False, "overlap the DP gradient reduce (all-reduce, or reduce-scatter) with the backward, by bucket"
-    )
     sequence_parallel: bool = opt(
         False, "split norm/dropout activations along the sequence over the TP ranks (needs tensor > 1)"
     )
@@ -576,9 +571,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"'train.max_tokens_per_microbatch': {t.max_tokens_per_microbatch} cannot hold the longest "
             f"sequence, data.max_prompt_tokens + rollout.max_new_tokens = {longest}"
         )
-    pl = cfg.parallel
-    if pl.sequence_parallel and pl.tensor == 1:
-        raise ConfigError("'parallel.sequence_parallel': needs parallel.tensor > 1 (it splits over the TP ranks)")
     pl = cfg.parallel
     if pl.sequence_parallel and pl.tensor == 1:
         raise ConfigError("'parallel.sequence_parallel': needs parallel.tensor > 1 (it splits over the TP ranks)")
