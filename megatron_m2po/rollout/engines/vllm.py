@@ -31,6 +31,7 @@ import ipaddress
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -108,23 +109,35 @@ def start_server(
     extra_args: list[str] | tuple[str, ...] = (),
     log_path: str | Path | None = None,
     timeout: float = 600.0,
+    wait: bool = True,
 ) -> tuple[subprocess.Popen, str]:
-    """Start `serve_command` and wait for /health; returns the process (its own session: kill the group)
-    and the base URL. A server that exits or stays unhealthy is an error naming its log."""
-    from megatron_m2po.rollout.engines.sglang_launcher import free_port, is_healthy
+    """Start `serve_command` in its own session (stop it by killing the group) and, unless `wait=False`,
+    wait until it is healthy (`wait_healthy`); returns the process and its base URL."""
+    from megatron_m2po.rollout.engines.sglang_launcher import free_port
 
     port = port or free_port(host)
     cmd, env = serve_command(model, port=port, host=host, api_key=api_key, extra_args=extra_args)
     out = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115 (the child's lifetime)
     proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    url, deadline = f"http://{host}:{port}", time.monotonic() + timeout
+    proc.log_path = log_path  # type: ignore[attr-defined]
+    url = f"http://{host}:{port}"
+    if wait:
+        wait_healthy(proc, url, timeout)
+    return proc, url
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 600.0) -> None:
+    """Poll /health; a server that exits or is not healthy within `timeout` is an error naming its log."""
+    from megatron_m2po.rollout.engines.sglang_launcher import is_healthy
+
+    deadline = time.monotonic() + timeout
     while not is_healthy(url):
         if proc.poll() is not None or time.monotonic() > deadline:
             if proc.poll() is None:
-                proc.kill()
-            raise RuntimeError(f"vllm serve at {url} did not become healthy (exit {proc.poll()}; log: {log_path})")
+                os.killpg(proc.pid, signal.SIGKILL)
+            log = getattr(proc, "log_path", None)
+            raise RuntimeError(f"vllm serve at {url} did not become healthy (exit {proc.poll()}; log: {log})")
         time.sleep(0.5)
-    return proc, url
 
 
 class VLLMEngine(Engine):
@@ -318,7 +331,7 @@ class VLLMEngine(Engine):
             lp = choice.get("logprobs") or {}
             tokens, logprobs = lp.get("tokens") or [], lp.get("token_logprobs") or []
             bad = len(tokens) != len(logprobs) or any(x is None for x in logprobs)
-            if bad and finish == "abort":  # aborted (e.g. by a pause): the farm sends it again
+            if finish == "abort" and (bad or not tokens):  # aborted (a pause): the farm sends it again
                 tokens, logprobs = [], []
             elif bad or not tokens:
                 raise EngineReplyError(
