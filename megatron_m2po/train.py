@@ -79,11 +79,15 @@ def _round_up(n: int, multiple: int) -> int:
 class Trainer:
     """The model side: policy, optimizer, loss, and the per-batch update (every rank)."""
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, model=None):
+        """`model`: an already built GPTModel for `cfg.model.path`'s config (bench/mfu.py: random weights,
+        no checkpoint to read); default: load the policy from `cfg.model.path`."""
         self.cfg = cfg
         self.dtype = _dtype(cfg)
         self.hf_config = load_hf_config(cfg.model.path)
-        self.model = wrap_ddp(load_policy(cfg.model.path, dtype=self.dtype, parallel=cfg.parallel), cfg.parallel)
+        if model is None:
+            model = load_policy(cfg.model.path, dtype=self.dtype, parallel=cfg.parallel)
+        self.model = wrap_ddp(model, cfg.parallel)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.dtype)
         self.loss_fn = algorithms.PolicyLoss.from_config(cfg.algorithm)
         self.dp_rank = parallel_state.get_data_parallel_rank()
