@@ -282,7 +282,7 @@ def test_a_really_full_disk_stops_the_run_by_name_and_the_last_checkpoint_resume
     """The issue's scenario on a real filesystem: the run dir's tmpfs fills up after the step-2 checkpoint."""
     root, recipe = e2e
     mount = tmp_path / "small"
-    _mount_tmpfs(mount, "96m")
+    _mount_tmpfs(mount, "16m")
     try:
         run_dir, log = mount / "run", tmp_path / "real-full.log"
         proc = start(recipe, run_dir, log, fault_env())

@@ -23,7 +23,7 @@ PRODUCER_CRASH = os.environ.get("M2PO_FAULT_PRODUCER_CRASH") == "1"
 
 def _under(path) -> bool:
     try:
-        p = os.path.realpath(os.fspath(path))
+        p = os.path.realpath(os.fsdecode(path))
     except TypeError:  # a file descriptor
         return False
     return p == DISK_FULL or p.startswith(DISK_FULL.rstrip("/") + "/")
