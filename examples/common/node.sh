@@ -10,6 +10,13 @@
 # ROLLOUT_HOSTS (space-separated hostnames of the rollout nodes, in node order).
 # Optional: ROLLOUT_NODES (default NNODES/2), GPUS_PER_NODE (8), GPUS_TRAIN (GPUS_PER_NODE),
 # EVAL_DATA, RUN_ID, RDZV_PORT (29500), ENGINE_BASE_PORT (30000), LOG_DIR, extra `a.b=c` overrides as args.
+#
+# Two environments (docs/rollout.md): the trainer runs under TRAINER_PYTHON (the NGC image: torch, Transformer
+# Engine, megatron-core; Dockerfile), the SGLang servers under ROLLOUT_PYTHON (sglang==0.5.23's own torch;
+# Dockerfile.rollout). Each is a command, e.g. ROLLOUT_PYTHON="apptainer exec --nv rollout.sif python";
+# both default to `python`.
+# Keys: M2PO_API_KEY (and optional M2PO_ADMIN_API_KEY for control routes) guard the servers; every node
+# needs the same value (slurm.sbatch makes one per job). A single node makes its own when unset.
 set -euo pipefail
 
 : "${RECIPE:?set RECIPE (a YAML recipe)}" "${MODEL_DIR:?set MODEL_DIR (HF model dir)}"
@@ -26,12 +33,23 @@ ENGINE_BASE_PORT=${ENGINE_BASE_PORT:-30000}
 RUN_ID=${RUN_ID:-m2po-$(basename "$(dirname "$RECIPE")")}
 LOG_DIR=${LOG_DIR:-runs/$RUN_ID/logs}
 mkdir -p "$LOG_DIR"
+read -ra TRAINER_PY <<<"${TRAINER_PYTHON:-python}"
+read -ra ROLLOUT_PY <<<"${ROLLOUT_PYTHON:-python}"
+if [[ -z "${M2PO_API_KEY:-}" ]]; then
+  if ((NNODES > 1)); then
+    echo "node.sh: set M2PO_API_KEY to one secret shared by every node of the job," \
+      "e.g. M2PO_API_KEY=\$(openssl rand -hex 32); the engine servers refuse calls without it" >&2
+    exit 1
+  fi
+  M2PO_API_KEY=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+fi
+export M2PO_API_KEY  # read by the launcher (--api-key-env) and the trainer (rollout.api_key_env)
 
-serve() {  # serve GPUS on this node with SGLang servers of ENGINE_TP GPUs each (blocks)
-  local gpus=$1
+serve() {  # serve GPUS on this node with SGLang servers of ENGINE_TP GPUs each, bound to HOST (blocks)
+  local gpus=$1 host=$2
   local servers=$((gpus / ENGINE_TP))
-  exec python -m megatron_m2po.rollout.engines.sglang_launcher --model "$MODEL_DIR" \
-    --servers "$servers" --tp "$ENGINE_TP" --host 0.0.0.0 --base-port "$ENGINE_BASE_PORT" \
+  exec "${ROLLOUT_PY[@]}" -m megatron_m2po.rollout.engines.sglang_launcher --model "$MODEL_DIR" \
+    --servers "$servers" --tp "$ENGINE_TP" --host "$host" --base-port "$ENGINE_BASE_PORT" \
     --log-dir "$LOG_DIR/engines-node$NODE_RANK"
 }
 
@@ -53,14 +71,14 @@ wait_healthy() {
 if ((NNODES == 1 && GPUS_TRAIN < GPUS_PER_NODE)); then
   # single node, split: the last GPUs serve, the first GPUs train
   serve_gpus=$((GPUS_PER_NODE - GPUS_TRAIN))
-  CUDA_VISIBLE_DEVICES=$(seq -s, "$GPUS_TRAIN" $((GPUS_PER_NODE - 1))) NODE_RANK=0 serve "$serve_gpus" \
+  CUDA_VISIBLE_DEVICES=$(seq -s, "$GPUS_TRAIN" $((GPUS_PER_NODE - 1))) NODE_RANK=0 serve "$serve_gpus" 127.0.0.1 \
     >"$LOG_DIR/engines.log" 2>&1 &
   ENGINE_PID=$!
   trap 'kill $ENGINE_PID 2>/dev/null || true' EXIT
   URLS=$(engine_urls 127.0.0.1 $((serve_gpus / ENGINE_TP)))
   export CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((GPUS_TRAIN - 1)))
 elif ((NODE_RANK >= TRAIN_NODES)); then
-  serve "$GPUS_PER_NODE"
+  serve "$GPUS_PER_NODE" 0.0.0.0
 else
   : "${ROLLOUT_HOSTS:?set ROLLOUT_HOSTS to the hostnames of the rollout nodes}"
   URLS=$(engine_urls "$ROLLOUT_HOSTS" $((GPUS_PER_NODE / ENGINE_TP)))
@@ -70,6 +88,7 @@ wait_healthy "$URLS"
 overrides=("model.path=$MODEL_DIR" "data.path=$TRAIN_DATA" "rollout.engine=sglang" "rollout.urls=$URLS"
            "logging.run_dir=runs/$RUN_ID")
 [[ -n "${EVAL_DATA:-}" ]] && overrides+=("eval.path=$EVAL_DATA")
-exec torchrun --nnodes "$TRAIN_NODES" --nproc-per-node "$GPUS_TRAIN" --node-rank "$NODE_RANK" \
+exec "${TRAINER_PY[@]}" -m torch.distributed.run \
+  --nnodes "$TRAIN_NODES" --nproc-per-node "$GPUS_TRAIN" --node-rank "$NODE_RANK" \
   --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$RDZV_PORT" --rdzv-id "$RUN_ID" \
   -m megatron_m2po.train --config "$RECIPE" "${overrides[@]}" "$@"

@@ -2,7 +2,7 @@
 # Qwen3-8B-Base with M2PO. Run the SAME command on every node of the job, each with its own NODE_RANK
 # (nodes 0..T-1 train under torchrun with c10d rendezvous at MASTER_ADDR; the last ROLLOUT_NODES nodes
 # run SGLang servers). From the repository root, e.g. on 2 nodes:
-#   NNODES=2 NODE_RANK=<0..1> MASTER_ADDR=<node 0> ROLLOUT_HOSTS="<rollout node hostnames>" \
+#   NNODES=2 NODE_RANK=<0..1> MASTER_ADDR=<node 0> ROLLOUT_HOSTS="<rollout node hostnames>" M2PO_API_KEY=<one secret, same on every node> \
 #     MODEL_DIR=models/Qwen3-8B-Base TRAIN_DATA=data/deepscaler.jsonl bash examples/qwen3_8b/launch.sh [section.key=value ...]
 # Layouts per node count and the memory estimate: examples/qwen3_8b/README.md. SLURM: examples/qwen3_8b/slurm.sbatch.
 set -euo pipefail

@@ -7,6 +7,7 @@ ranks get `None` and receive batches by broadcast (`trainer/distribute.py`).
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -58,16 +59,14 @@ def build_engines(cfg: Config, hf_dir: str, dtype: torch.dtype) -> list:
     if r.engine == "sglang":
         from megatron_m2po.rollout.engines.sglang import SGLangEngine
 
+        kwargs = {
+            "deterministic": r.sglang_deterministic,
+            "api_key": os.environ.get(r.api_key_env) or None,
+            "admin_api_key": os.environ.get(r.admin_api_key_env) or None,
+        }
         if r.router_url:  # one endpoint: generation through the router, control calls to every server in urls
-            return [
-                SGLangEngine(
-                    r.router_url, worker_urls=r.urls, engine_id="sglang-router", deterministic=r.sglang_deterministic
-                )
-            ]
-        return [
-            SGLangEngine(url, engine_id=f"sglang-{i}", deterministic=r.sglang_deterministic)
-            for i, url in enumerate(r.urls)
-        ]
+            return [SGLangEngine(r.router_url, worker_urls=r.urls, engine_id="sglang-router", **kwargs)]
+        return [SGLangEngine(url, engine_id=f"sglang-{i}", **kwargs) for i, url in enumerate(r.urls)]
     from megatron_m2po.rollout.engines.vllm import VLLMEngine
 
     if r.urls:  # vLLM servers

@@ -558,8 +558,8 @@ class LocalSGLangServer:
 def check_bind(host: str, api_key: str | None) -> None:
     """Loopback is the default; serving beyond it without a key would let anyone on the network load weights."""
     if not api_key and not is_loopback(host):
-        raise SystemExit(
-            f"local_server: refusing to listen on {host} without --api-key: anyone who can reach it could "
+        raise ValueError(
+            f"refusing to listen on {host} without --api-key: anyone who can reach it could "
             "generate or load weights. Pass --api-key (and the same key to the client), or bind 127.0.0.1."
         )
 
@@ -598,7 +598,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    check_bind(args.host, args.api_key)
+    try:
+        check_bind(args.host, args.api_key)
+    except ValueError as e:
+        parser.error(str(e))
 
     async def run() -> None:
         engine = LocalEngine(

@@ -219,6 +219,8 @@ class SGLangEngine(Engine):
         pause_mode: str = "retract",
         version: int = 0,
         deterministic: bool = False,
+        api_key: str | None = None,
+        admin_api_key: str | None = None,
     ):
         super().__init__(engine_id or url)
         if pause_mode not in PAUSE_MODES:
@@ -230,6 +232,8 @@ class SGLangEngine(Engine):
         self.request_timeout, self.control_timeout = request_timeout, control_timeout
         self.pause_mode = pause_mode
         self.deterministic = deterministic
+        # Sent as "Authorization: Bearer KEY" (sglang --api-key); control routes take the admin key when set.
+        self._api_key, self._admin_api_key = api_key or None, admin_api_key or None
         self._version = version
         self._session: aiohttp.ClientSession | None = None
         self.server_info: list[dict[str, Any]] | None = None  # one per worker, read by connect()
@@ -263,6 +267,10 @@ class SGLangEngine(Engine):
             self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         return self._session
 
+    def _auth_header(self, path: str) -> dict[str, str]:
+        key = self._admin_api_key if path in CONTROL_ROUTES and self._admin_api_key else self._api_key
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
     async def _request(
         self, method: str, base: str, path: str, payload: dict | None, timeout: float
     ) -> tuple[int, Any]:
@@ -273,6 +281,7 @@ class SGLangEngine(Engine):
                 method,
                 where,
                 json=(payload or {}) if method == "POST" else None,
+                headers=self._auth_header(path),
                 timeout=aiohttp.ClientTimeout(total=timeout),
             ) as r:
                 status, text = r.status, await r.text()

@@ -7,6 +7,12 @@
 `tp` each); `backend="local"` runs megatron_m2po's LocalEngine behind the same HTTP API (one process
 and core each), so a CPU farm exercises the same client, retries and kill handling. Logs go to
 `log_dir/<name>.log`; a server that exits or stays unhealthy past `timeout` is an error naming its log.
+
+Keys: every server gets `--api-key` (and `--admin-api-key` when set; sglang's control routes then take only
+that key), the router gets `--api-key` for its calls to the workers, and `engines()` / `router_engine()` hand
+the keys to their clients. On the command line the keys come from environment variables (`--api-key-env`,
+default M2PO_API_KEY), so they stay out of configs and shell history; a host other than loopback without a
+key is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from megatron_m2po.rollout.engines.local_server import check_bind
 from megatron_m2po.rollout.engines.sglang import SGLangEngine
 
 logger = logging.getLogger(__name__)
@@ -61,11 +68,15 @@ class EngineLauncher:
         extra_args: Sequence[str] = (),
         log_dir: str | Path | None = None,
         env: dict[str, str] | None = None,
+        api_key: str | None = None,
+        admin_api_key: str | None = None,
     ):
         if backend not in ("sglang", "local"):
             raise ValueError(f"EngineLauncher: backend must be 'sglang' or 'local', got {backend!r}")
         if servers < 1:
             raise ValueError(f"EngineLauncher: servers must be >= 1, got {servers}")
+        check_bind(host, api_key)
+        self.api_key, self.admin_api_key = api_key or None, admin_api_key or None
         self.model_path, self.servers, self.tp, self.backend, self.host = (
             str(model_path),
             servers,
@@ -132,7 +143,30 @@ class EngineLauncher:
             ]
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.gpu_ids[i * self.tp : (i + 1) * self.tp]))
             env.pop("SGLANG_RETURN_ORIGINAL_LOGPROB", None)  # behaviour log-probs must be of logits / T
-        return cmd + self.extra_args, env
+            # /health without a one-token generation: it then answers while paused or updating, so neither the
+            # router's health checks nor this launcher's drop a worker the trainer has paused.
+            env.setdefault("SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION", "0")
+        return cmd + self._key_args() + self.extra_args, env
+
+    def _router_cmd(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "sglang_router.launch_router",
+            "--host",
+            self.host,
+            "--port",
+            str(self.router_port),
+            "--worker-urls",
+            *self.urls,
+            *self._key_args(admin=False),  # the router's key for its calls to the workers
+        ]
+
+    def _key_args(self, admin: bool = True) -> list[str]:
+        args = ["--api-key", self.api_key] if self.api_key else []
+        if admin and self.admin_api_key:
+            args += ["--admin-api-key", self.admin_api_key]
+        return args
 
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
         out = subprocess.DEVNULL
@@ -150,18 +184,7 @@ class EngineLauncher:
             self._spawn(f"server-{i}", *self._server_cmd(i))
         self._wait([(f"server-{i}", u) for i, u in enumerate(self.urls)], timeout)
         if self.router:
-            cmd = [
-                sys.executable,
-                "-m",
-                "sglang_router.launch_router",
-                "--host",
-                self.host,
-                "--port",
-                str(self.router_port),
-                "--worker-urls",
-                *self.urls,
-            ]
-            self._spawn("router", cmd, dict(os.environ))
+            self._spawn("router", self._router_cmd(), dict(os.environ))
             self._wait([("router", self.router_url)], timeout)
         return self.urls
 
@@ -187,7 +210,7 @@ class EngineLauncher:
     def engines(self, **kwargs) -> list[SGLangEngine]:
         """One SGLangEngine per server (what the NCCL weight sync needs: each has its own ranks)."""
         return [
-            SGLangEngine(u, engine_id=f"{self.backend}@{p}", **kwargs)
+            SGLangEngine(u, engine_id=f"{self.backend}@{p}", **self._client_keys(), **kwargs)
             for u, p in zip(self.urls, self.ports)
         ]
 
@@ -199,8 +222,12 @@ class EngineLauncher:
             self.router_url,
             worker_urls=self.urls,
             engine_id=f"router@{self.router_port}",
+            **self._client_keys(),
             **kwargs,
         )
+
+    def _client_keys(self) -> dict[str, str | None]:
+        return {"api_key": self.api_key, "admin_api_key": self.admin_api_key}
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
         """Send a signal to one server's process group (tests kill engines mid-request)."""
@@ -240,7 +267,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="sglang",
         help="sglang: sglang.launch_server; local: megatron_m2po's LocalEngine (CPU)",
     )
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="beyond loopback needs a key (--api-key-env)")
+    parser.add_argument(
+        "--api-key-env",
+        default="M2PO_API_KEY",
+        help="environment variable holding the servers' --api-key (unset: none on loopback, refused otherwise)",
+    )
+    parser.add_argument(
+        "--admin-api-key-env",
+        default="M2PO_ADMIN_API_KEY",
+        help="environment variable holding the servers' --admin-api-key for control routes (optional)",
+    )
     parser.add_argument("--base-port", type=int, default=30000, help="server i listens on base-port + i")
     parser.add_argument("--router", action="store_true", help="start sglang-router in front")
     parser.add_argument("--router-port", type=int, default=29000)
@@ -262,6 +299,8 @@ def run(args: argparse.Namespace) -> int:
         router_port=args.router_port,
         extra_args=shlex.split(args.server_args),
         log_dir=args.log_dir,
+        api_key=os.environ.get(args.api_key_env) or None,
+        admin_api_key=os.environ.get(args.admin_api_key_env) or None,
     )
 
     def _exit(signum, frame):
