@@ -112,8 +112,8 @@ class SteppedEngine(LocalEngine):
         self.hold_after, self.steps = hold_after, 0
         self.held, self.release = threading.Event(), threading.Event()
 
-    def _sample(self, logits, params, generator):
-        out = LocalEngine._sample(logits, params, generator)
+    def _sample(self, logits, params, generators):
+        out = LocalEngine._sample(logits, params, generators)
         self.steps += 1
         if self.steps == self.hold_after:
             self.held.set()
