@@ -29,7 +29,7 @@ EXTRAS = {
     "dev": [
         "torch==2.13.0", "pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.6",
         "msgspec>=0.18",  # loads the pinned SGLang schema in tests/test_sglang_contract.py
-        "scipy>=1.11",  # chi-square of sampled tokens against the engine's law (tests/test_sampling_independence.py)
+        "scipy>=1.11",  # chi-square test of sampled tokens (tests/test_sampling_independence.py)
     ],
     # GPU clusters: build inside the NGC PyTorch image (Dockerfile); apex is optional and built from source.
     "gpu": ["transformer-engine[pytorch]>=2.4", "sglang[all]==0.5.23", "sglang-router==0.3.2"],
