@@ -9,7 +9,12 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -21,7 +26,7 @@ from megatron_m2po.rollout.engines.base import EngineError, EngineReplyError, En
 from megatron_m2po.rollout.engines.local import LocalEngine
 from megatron_m2po.rollout.engines.local_server import LocalSGLangServer
 from megatron_m2po.rollout.engines.sglang import SGLangEngine, parse_generate_reply, token_versions
-from megatron_m2po.rollout.engines.sglang_launcher import free_port
+from megatron_m2po.rollout.engines.sglang_launcher import free_port, is_healthy
 from megatron_m2po.rollout.farm import EngineFarm
 from megatron_m2po.types import SamplingParams
 
@@ -365,18 +370,59 @@ def test_update_group_rebuilt_when_an_engine_joins_or_dies(hf_dir, tmp_path):
                 out = call(engine.generate("q", [40, 41, 42, 43], 2, PARAMS))
                 assert max_diff(out, trainer_logprobs(model, out)) <= 1e-5
                 assert all(s.versions == [2] * len(s.response_ids) for s in out)
-            launcher.kill("server-1")
-            assert call(farm.check_health()) == {first.engine_id: True, second.engine_id: False}
+            # restarted between health checks: it serves its start-up weights and has left the group;
+            # begin_weight_update notices (/model_info) and the group is rebuilt with the same members
+            restarted = restart(launcher, second, hf_dir)
             perturb(model)
             sync.push(3)
+            assert (first.version, second.version, broadcaster.generation) == (3, 3, 3)
+            out = call(second.generate("q", [40, 41, 42, 43], 2, PARAMS))
+            assert max_diff(out, trainer_logprobs(model, out)) <= 1e-5
+            # restarted again, seen by a health check: healthy, but out of rotation until an update
+            restarted = restart(launcher, second, hf_dir, restarted)
+            assert call(farm.check_health()) == {first.engine_id: True, second.engine_id: True}
+            assert second.version == 0 and not farm._slots[second.engine_id].synced
+            os.killpg(restarted.pid, signal.SIGKILL)  # and gone for good: the next group leaves it out
+            restarted.wait()
+            assert call(farm.check_health()) == {first.engine_id: True, second.engine_id: False}
+            perturb(model)
+            sync.push(4)
             assert [e.engine_id for e in broadcaster.engines] == [first.engine_id]
-            assert (first.version, second.version, broadcaster.generation) == (3, 2, 3)
+            assert (first.version, second.version, broadcaster.generation) == (4, 0, 4)
             out = call(farm.generate("r", [50, 51, 52], 2, PARAMS))
             assert max_diff(out, trainer_logprobs(model, out)) <= 1e-5
             call(farm.close())
             sync.close()
     finally:
         destroy_distributed()
+
+
+def restart(launcher, engine, hf_dir, previous=None):
+    """Kill an engine's server process (the launcher's, or `previous`) and start a fresh one on its port."""
+    old = previous or launcher.procs["server-1"]
+    os.killpg(old.pid, signal.SIGKILL)
+    old.wait()
+    port = engine.url.rsplit(":", 1)[1]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "megatron_m2po.rollout.engines.local_server",
+            "--model",
+            str(hf_dir),
+            "--port",
+            port,
+        ],
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 180
+    while not is_healthy(engine.url):
+        assert proc.poll() is None and time.monotonic() < deadline, "the restarted server did not come up"
+        time.sleep(0.2)
+    return proc
 
 
 @pytest.mark.gpu
@@ -426,10 +472,6 @@ def test_real_sglang_server_generate_and_weight_update_round_trip(hf_dir, tmp_pa
 
 def test_engines_cli_serves_until_sigterm(hf_dir, tmp_path):
     """`m2po engines --backend local`: prints the URLs once healthy, stops its servers on SIGTERM."""
-    import os
-    import signal
-    import subprocess
-    import sys
     import urllib.request
 
     port = free_port()

@@ -254,6 +254,16 @@ class EngineFarm:
             if ok != slot.healthy:
                 logger.info("engine %s is now %s", slot.engine.engine_id, "healthy" if ok else "unhealthy")
             slot.healthy = ok
+            if (
+                slot.synced and slot.engine.version != self._version
+            ):  # e.g. a restarted server's start-up weights
+                logger.warning(
+                    "engine %s serves v%d, the farm v%d: out of rotation until an update reaches it",
+                    slot.engine.engine_id,
+                    slot.engine.version,
+                    self._version,
+                )
+                slot.synced = False
             status[slot.engine.engine_id] = ok
         self._notify_membership()
         return status

@@ -95,6 +95,8 @@ class DistributedWeightBroadcaster:
             self.master_address, port, 0, self.world_size, self.group_name, self.backend
         )
         joined.result()
+        for e in members:
+            e.needs_new_group = False
         logger.info(
             "weight-update group %s: trainer + %d engine ranks (%s)",
             self.group_name,
@@ -103,12 +105,19 @@ class DistributedWeightBroadcaster:
         )
 
     def ensure_members(self, engines: Sequence, loop: asyncio.AbstractEventLoop) -> None:
-        """Recreate the group when the engines that will receive this update are not its members."""
-        if [e.engine_id for e in engines] != [e.engine_id for e in self.engines] or self.group is None:
+        """Recreate the group when the engines that will receive this update are not its members, or one of
+        them was restarted (`needs_new_group`: it left the group with its old process)."""
+        restarted = [e.engine_id for e in engines if getattr(e, "needs_new_group", False)]
+        if (
+            restarted
+            or [e.engine_id for e in engines] != [e.engine_id for e in self.engines]
+            or self.group is None
+        ):
             logger.info(
-                "weight-update group members change: %s -> %s",
+                "weight-update group members change: %s -> %s (restarted: %s)",
                 [e.engine_id for e in self.engines],
                 [e.engine_id for e in engines],
+                restarted,
             )
             self.connect(loop, engines)
 

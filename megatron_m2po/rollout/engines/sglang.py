@@ -234,8 +234,10 @@ class SGLangEngine(Engine):
         self.deterministic = deterministic
         # Sent as "Authorization: Bearer KEY" (sglang --api-key); control routes take the admin key when set.
         self._api_key, self._admin_api_key = api_key or None, admin_api_key or None
-        self._version = version
+        self._version = self._initial_version = version
         self._session: aiohttp.ClientSession | None = None
+        # A server that lost our weights (restarted) must get a new update group: it has left the old one.
+        self.needs_new_group = False
         self.server_info: list[dict[str, Any]] | None = None  # one per worker, read by connect()
         self._paused = False  # paused by this client: /ready answers 503 then, the server is still alive
         self._update_open = False
@@ -487,14 +489,45 @@ class SGLangEngine(Engine):
         return status == 200
 
     async def _server_alive(self, url: str) -> bool:
-        if await self._get_ok(url, "/ready"):
+        if not await self._get_ok(url, "/ready") and not (self._paused or self._update_open):
+            return False
+        return await self._check_served_version(url)
+
+    async def _check_served_version(self, url: str) -> bool:
+        """GET /model_info (cheap, answers while paused); False when the server does not answer.
+
+        Outside an update the served weight_version must be ours; otherwise the server was restarted (it
+        serves its start-up weights): this engine takes the version the server serves, so the farm stops
+        routing to it until the next update, which gives it a new update group first.
+        """
+        status, info = await self._request("GET", url, "/model_info", None, 10.0)
+        if status != 200 or not isinstance(info, dict):
+            return False
+        reported = info.get("weight_version")
+        if self._paused or self._update_open or reported is None:
             return True
-        return (self._paused or self._update_open) and await self._get_ok(url, "/model_info")
+        try:
+            served = self._initial_version if reported == DEFAULT_VERSION else int(reported)
+        except (TypeError, ValueError):
+            return True  # not a version this client set: nothing to compare
+        if served != self._version:
+            logger.warning(
+                "engine %s: %s serves weight version %r, expected v%d (restarted?); out of rotation until the "
+                "next update, which rebuilds its update group",
+                self.engine_id,
+                url,
+                reported,
+                self._version,
+            )
+            self._version, self.needs_new_group = served, True
+        return True
 
     # -- weights ---------------------------------------------------------------------------------------
     async def begin_weight_update(self, version: int) -> None:
         """Pause, then open the update session on every server (0.5.21+ refuses updates outside one)."""
         self._update_error = None
+        # a server restarted since the last health check has left the update group: notice it now
+        await asyncio.gather(*(self._check_served_version(u) for u in self.worker_urls))
         await self.pause()
         try:
             await self._control("/begin_weight_update", {})
