@@ -397,6 +397,56 @@ def test_update_group_rebuilt_when_an_engine_joins_or_dies(hf_dir, tmp_path):
         destroy_distributed()
 
 
+@pytest.mark.slow
+def test_a_refused_bucket_takes_that_engine_out_not_the_update(hf_dir, tmp_path, caplog):
+    """NCCL protocol on CPU (gloo): a server that receives a bucket but refuses it (400, success false: here
+    its model has other parameter names) does not fail WeightSync.push; it keeps its weights and version, the
+    farm routes around it with the server's message logged, and the other engine serves the new weights."""
+    from test_weight_sync import PARAMS, max_diff, trainer_logprobs
+
+    from megatron_m2po.models import load_hf_config, load_policy
+    from megatron_m2po.models.tiny import make_tiny_model
+    from megatron_m2po.platform import destroy_distributed, init_distributed
+    from megatron_m2po.rollout.engines.sglang_launcher import EngineLauncher
+    from megatron_m2po.sync import WeightSync
+    from megatron_m2po.sync.broadcast import DistributedWeightBroadcaster
+
+    other = make_tiny_model("llama", tmp_path / "llama", seed=2)
+    init_distributed()
+    try:
+        model, hf_config = load_policy(hf_dir, dtype=torch.float32), load_hf_config(hf_dir)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        with (
+            EngineLauncher(hf_dir, servers=1, backend="local", log_dir=tmp_path / "a") as a,
+            EngineLauncher(other, servers=1, backend="local", log_dir=tmp_path / "b") as b,
+        ):
+            (good,), (bad,) = a.engines(), b.engines()
+            farm = EngineFarm([good, bad])
+            broadcaster = DistributedWeightBroadcaster(
+                farm.engines, master_address="127.0.0.1", master_port=free_port(), backend="gloo"
+            )
+            sync = WeightSync(
+                model, hf_config, farm, transport="distributed", broadcaster=broadcaster, bucket_bytes=1 << 20
+            )
+            broadcaster.connect(sync.loop)
+            with caplog.at_level("ERROR"):
+                metrics = sync.push(1)
+            assert metrics["sync/version"] == 1 and (good.version, bad.version) == (1, 0)
+            assert farm._slots[good.engine_id].synced and not farm._slots[bad.engine_id].synced
+            assert f"{bad.url}/update_weights_from_distributed failed (HTTP 400)" in caplog.text
+            out = asyncio.run_coroutine_threadsafe(
+                farm.generate("q", [40, 41, 42], 2, PARAMS), sync.loop
+            ).result()
+            assert {s.engine_id for s in out} == {good.engine_id}
+            assert max_diff(out, trainer_logprobs(model, out)) <= 1e-5
+            asyncio.run_coroutine_threadsafe(farm.close(), sync.loop).result()
+            sync.close()
+    finally:
+        destroy_distributed()
+
+
 def restart(launcher, engine, hf_dir, previous=None):
     """Kill an engine's server process (the launcher's, or `previous`) and start a fresh one on its port."""
     old = previous or launcher.procs["server-1"]
