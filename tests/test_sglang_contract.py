@@ -386,6 +386,30 @@ def test_control_bodies_match_pinned_io_struct(api):
     assert bucket["flush_cache"] is False and bucket["weight_version"] == "5"
 
 
+def test_admin_key_routes_are_the_pinned_admin_optional_routes():
+    """The client sends --admin-api-key on exactly the routes 0.5.23 marks ADMIN_OPTIONAL (utils/auth.py), and
+    the plain key on the routes it marks NORMAL (no auth_level decorator)."""
+    _require_pinned()
+    levels: dict[str, str] = {}
+    for node in ast.walk(ast.parse(HTTP_SERVER.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            level = next(
+                (
+                    ast.unparse(d.args[0])
+                    for d in node.decorator_list
+                    if isinstance(d, ast.Call) and ast.unparse(d.func) == "auth_level"
+                ),
+                "AuthLevel.NORMAL",
+            )
+            for d in node.decorator_list:
+                if isinstance(d, ast.Call) and d.args and isinstance(d.args[0], ast.Constant):
+                    levels[str(d.args[0].value)] = level
+    for path in CONTROL_ROUTES:
+        assert levels[path] == "AuthLevel.ADMIN_OPTIONAL", path
+    for path in ("/generate", "/server_info", "/model_info", "/ready"):
+        assert levels[path] == "AuthLevel.NORMAL", path
+
+
 def test_router_has_no_control_routes():
     """sglang-router 0.3.2 forwards generation only: none of the control routes the client sends to workers."""
     _require_pinned()
