@@ -23,6 +23,7 @@ import sys
 import typing
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -384,6 +385,43 @@ def test_control_bodies_match_pinned_io_struct(api):
     ]
     bucket = next(body for _, p, body in a.requests if p == "/update_weights_from_distributed")
     assert bucket["flush_cache"] is False and bucket["weight_version"] == "5"
+
+
+def test_cpu_server_speaks_the_pinned_schema(api, tmp_path):
+    """The CPU engine server the other tests run the client against: the client's bodies pass its checks and
+    its /generate replies (single and n) decode with the pinned GenerateResponse, weight_versions included."""
+    from megatron_m2po.models.tiny import make_tiny_model
+    from megatron_m2po.rollout.engines.local import LocalEngine
+    from megatron_m2po.rollout.engines.local_server import LocalSGLangServer
+    from megatron_m2po.rollout.engines.sglang import generate_payload, sglang_sampling_params
+
+    engine = LocalEngine(make_tiny_model("qwen3", tmp_path / "tiny", seed=1))
+    params = SamplingParams(max_new_tokens=4, temperature=0.9, stop_token_ids=[2])
+
+    async def run():
+        runner = web.AppRunner(LocalSGLangServer(engine).app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        replies = []
+        async with aiohttp.ClientSession() as http:
+            for n in (1, 3):
+                body = generate_payload(f"r{n}", [5, 6, 7], sglang_sampling_params(params, n=n))
+                async with http.post(f"http://127.0.0.1:{port}/generate", json=body) as r:
+                    assert r.status == 200, await r.text()
+                    replies.append(await r.json())
+        await runner.cleanup()
+        return replies
+
+    single, group = asyncio.run(run())
+    assert isinstance(group, list) and len(group) == 3
+    for reply in [single, *group]:
+        decoded = api.GenerateResponse.from_json_value(reply)
+        meta = decoded.meta_info
+        tokens = [e.token_id for e in meta.output_token_logprobs]
+        assert decoded.output_ids == tokens and meta.completion_tokens == len(tokens)
+        assert [(w.start, w.end) for w in meta.weight_versions] == [(0, len(tokens))]
+        assert token_versions(reply["meta_info"], len(tokens), 0, "w") == [0] * len(tokens)
 
 
 def test_admin_key_routes_are_the_pinned_admin_optional_routes():
