@@ -192,13 +192,18 @@ class Trainer:
         return {"scheduler": self.scheduler.state_dict()}
 
 
-def _install_sigterm() -> dict[str, bool]:
+# After a SIGTERM, a wait for the rest of a step that has begun gives the producer this long before the step
+# is ended short; a wait at a step's start ends at once (the state is then exactly the previous step's).
+SIGTERM_GRACE_S = 10.0
+
+
+def _install_sigterm() -> dict[str, Any]:
     """SIGTERM (a scheduler's pre-emption) -> save a checkpoint after the current step, then exit."""
-    flag = {"stop": False}
+    flag: dict[str, Any] = {"stop": False, "at": None}
 
     def handler(signum, frame):
-        logger.warning("SIGTERM: checkpointing after this step, then exiting")
-        flag["stop"] = True
+        logger.warning("SIGTERM: checkpointing after this step (sooner if it waits for data), then exiting")
+        flag["stop"], flag["at"] = True, time.monotonic()
 
     signal.signal(signal.SIGTERM, handler)
     return flag
@@ -260,7 +265,7 @@ def train(cfg: Config, *, resume: bool | str = False) -> dict[str, float]:
             for j in range(u):
                 if cfg.staleness.mode == "bounded":
                     with clock("perf/time_wait"):
-                        groups = take(producer, B, stop)
+                        groups = take(producer, B, stop, grace=SIGTERM_GRACE_S if j else 0.0)
                     if groups is None:  # SIGTERM while waiting: this step ends here, then checkpoint and exit
                         break
                 else:
@@ -356,13 +361,20 @@ class StepClock:
         return {**self.seconds, "perf/time_step": time.monotonic() - self.start}
 
 
-def take(producer: Producer | None, num_groups: int, stop: dict | None = None) -> list[Group] | None:
-    """The next `num_groups` groups of rank 0's queue, on every rank. None on every rank when a SIGTERM
-    (`stop`) arrives while rank 0 waits; a producer that stopped (`ProducerStopped`) raises on every rank."""
+def take(
+    producer: Producer | None, num_groups: int, stop: dict | None = None, grace: float = 0.0
+) -> list[Group] | None:
+    """The next `num_groups` groups of rank 0's queue, on every rank. None on every rank when rank 0 is still
+    waiting `grace` seconds after a SIGTERM (`stop`); a producer that stopped (`ProducerStopped`) raises on
+    every rank."""
+
+    def stop_requested() -> bool:
+        return stop is not None and stop["stop"] and time.monotonic() - stop["at"] >= grace
+
     out: list[Group] | ProducerStopped | None = None
     if producer is not None:
         try:
-            out = producer.take(num_groups, stop_requested=lambda: stop is not None and stop["stop"])
+            out = producer.take(num_groups, stop_requested=stop_requested)
         except ProducerStopped as e:
             out = e
     out = broadcast_from_rank0(out)

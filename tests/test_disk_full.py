@@ -74,6 +74,22 @@ def test_journal_append_on_a_full_disk_names_segment_and_errno_and_leaves_the_se
     assert [bytes(r.payload) for r in scan.records] == [b"first", b"second"] and scan.torn_tail_bytes == 0
 
 
+def test_a_failed_segment_rotation_keeps_the_record_and_is_retried_by_the_next_append(tmp_path):
+    w = JournalWriter(tmp_path / "j", fsync="never", segment_bytes=4096)
+    (tmp_path / "j" / "segment-00000001.m2poj").mkdir()  # the next segment's name is taken: creation fails
+    w.append(0, [b"a" * 5000], "a")  # fills segment 0; the rotation after it fails, the record stands
+    with pytest.raises(WriteError, match=r"journal segment creation failed: EEXIST .*segment-00000001"):
+        w.append(1, [b"b"], "b")
+    (tmp_path / "j" / "segment-00000001.m2poj").rmdir()
+    w.append(1, [b"b"], "b")
+    w.close()
+    scan = scan_journal(tmp_path / "j")
+    assert [(r.seq, r.path.name) for r in scan.records] == [
+        (0, "segment-00000000.m2poj"),
+        (1, "segment-00000001.m2poj"),
+    ]
+
+
 def test_producer_stops_after_bounded_write_failures_and_says_why(tmp_path):
     """The issue's 8,600 'group failed' errors in ten minutes: now it stops after `max_write_failures`."""
     from transformers import AutoTokenizer
