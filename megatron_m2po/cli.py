@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from megatron_m2po import console
+
 # name -> (module, help). Each module exposes `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": (
@@ -21,6 +23,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
 }
 
+# Commands whose console hides other libraries' known noise unless --verbose (megatron_m2po/console.py).
+VERBOSE_COMMANDS = ("demo", "train")
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="m2po", description=__doc__)
@@ -31,9 +36,19 @@ def main(argv: list[str] | None = None) -> int:
         )  # the sub-command's own parser prints its help
         p.set_defaults(_module=module)
     args, rest = parser.parse_known_args(argv)
+    verbose_flag = args.command in VERBOSE_COMMANDS  # then no abbreviations: "--verbose" is matched here
+    if verbose_flag and "--verbose" not in rest:
+        console.quiet()  # before the import: Megatron warns while its modules load
     module = importlib.import_module(args._module)
-    sub_parser = argparse.ArgumentParser(prog=f"m2po {args.command}")
+    sub_parser = argparse.ArgumentParser(prog=f"m2po {args.command}", allow_abbrev=not verbose_flag)
     module.add_arguments(sub_parser)
+    if verbose_flag:
+        sub_parser.add_argument(
+            "--verbose",
+            action="store_true",
+            help="show every library's warnings, INFO logs and progress bars (megatron_m2po/console.py "
+            "lists what is hidden otherwise, and why)",
+        )
     return int(module.run(sub_parser.parse_args(rest)) or 0)
 
 

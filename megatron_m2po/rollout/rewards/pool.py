@@ -47,7 +47,9 @@ def load_reward_fn(path: str) -> RewardFn:
 
 def _worker_main(conn, fn_path: str, fn_kwargs: dict[str, Any]) -> None:
     """Worker process loop: receive (response, answer), send back ("ok", score) or ("error", message)."""
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
+    from megatron_m2po import console
+
+    console.apply_inherited()  # the parent's console filters (math-verify's "Timeout is disabled")
     fn = load_reward_fn(fn_path)
     conn.send(("ready", None))
     while True:
