@@ -592,7 +592,7 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:  # found once the model or the run dir is looked at
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    except (ProducerStopped, WriteError) as e:  # a full disk and the like: named, the last checkpoint kept
+    except (ProducerStopped, WriteError, checkpointing.CheckpointError) as e:  # named; the last checkpoint kept
         logger.error("the run stopped: %s (fix it, then continue with --resume)", e, exc_info=True)
         return 1
     platform.destroy_distributed()

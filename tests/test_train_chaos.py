@@ -82,7 +82,11 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one_exactly(tiny
     shutil.copytree(baseline, run_dir)
     shard = run_dir / "checkpoints" / "step_00000004" / "dist" / "__0_0.distcp"
     os.truncate(shard, shard.stat().st_size // 2)
+    stale = run_dir / "checkpoints" / "step_00000005.partial"  # what a save killed mid-way leaves
+    (stale / "dist").mkdir(parents=True)
+    (stale / "dist" / "__0_0.distcp").write_bytes(b"\0" * 4096)
     proc = run_train(recipe, run_dir, *FIXED, resume=True)
+    assert not stale.exists(), "a failed save's .partial must not hold the disk"
     assert f"skipping checkpoint {run_dir / 'checkpoints' / 'step_00000004'}" in proc.stderr
     assert "__0_0.distcp: truncated" in proc.stderr
     assert "resumed from" in proc.stderr and "step_00000003 at step 3" in proc.stderr
@@ -201,3 +205,34 @@ def test_bounded_mode_sigkill_twice_loses_and_repeats_nothing(tiny):
     )
     assert set(ids).isdisjoint(queued)
     assert accepted == set(ids) | set(queued), "an accepted group was lost"
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_checkpoint_stops_the_run_by_name_and_the_last_checkpoint_resumes(tiny, tmp_path):
+    """The checkpoints live on a 4 MiB tmpfs: two fit, the third save fails. The run exits 1 naming the
+    directory and ENOSPC, leaves no .partial, and --resume continues from the last good checkpoint."""
+    root, recipe = tiny
+    mount = tmp_path / "small_disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount)], capture_output=True
+    ).returncode:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        run_dir = tmp_path / "run"
+        run_dir.mkdir()
+        (run_dir / "checkpoints").symlink_to(mount)
+        proc = subprocess.run(
+            train_cmd(recipe, run_dir, "train.steps=4"), capture_output=True, text=True, timeout=600, env=env(),
+            cwd=REPO,
+        )
+        assert proc.returncode == 1, proc.stderr[-4000:]
+        assert "step_00000003.partial: saving the checkpoint failed ([Errno 28 ENOSPC]" in proc.stderr
+        assert sorted(p.name for p in mount.iterdir()) == ["latest", "step_00000001", "step_00000002"]
+        assert (mount / "latest").read_text().strip() == "step_00000002"
+        shutil.rmtree(mount / "step_00000001")  # room again
+        run_train(recipe, run_dir, "train.steps=3", resume=True)
+        assert [r["step"] for r in consumed(run_dir)] == [1, 1, 2, 2, 3, 3]
+        assert (mount / "latest").read_text().strip() == "step_00000003"
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
