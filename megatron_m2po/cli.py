@@ -43,12 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     sub_parser = argparse.ArgumentParser(prog=f"m2po {args.command}", allow_abbrev=not verbose_flag)
     module.add_arguments(sub_parser)
     if verbose_flag:
-        sub_parser.add_argument(
-            "--verbose",
-            action="store_true",
-            help="show every library's warnings, INFO logs and progress bars (megatron_m2po/console.py "
-            "lists what is hidden otherwise, and why)",
-        )
+        console.add_verbose_argument(sub_parser)
     return int(module.run(sub_parser.parse_args(rest)) or 0)
 
 

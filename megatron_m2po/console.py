@@ -71,11 +71,21 @@ def setup(verbose: bool = False, level: int = logging.INFO, fmt: str = "%(name)s
     else:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter(f"%(asctime)s {fmt}"))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    logging.basicConfig(level=level, handlers=[handler])  # a no-op where logging is set up already
     if verbose:
         os.environ.pop(QUIET_ENV, None)
     else:
         quiet()
+
+
+def add_verbose_argument(parser) -> None:
+    """`--verbose` on a command that calls `setup` (`m2po demo`, `m2po train`)."""
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show every library's warnings, INFO logs and progress bars (megatron_m2po/console.py lists "
+        "what is hidden otherwise, and why)",
+    )
 
 
 def quiet() -> None:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from megatron.core import parallel_state
 
-from megatron_m2po import algorithms, platform
+from megatron_m2po import algorithms, console, platform
 from megatron_m2po.checkpoint.megatron_ckpt import is_megatron_checkpoint
 from megatron_m2po.config import Config, ConfigError, load_config, validate_parallel
 from megatron_m2po.io_errors import WriteError, naming_write_errors
@@ -583,10 +583,8 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=getattr(logging, cfg.logging.level), format=f"%(asctime)s [rank{rank()}] %(name)s: %(message)s"
-    )
-    logging.getLogger("megatron").setLevel(logging.WARNING)  # its per-bucket INFO lines drown the progress
+    level, fmt = getattr(logging, cfg.logging.level), f"[rank{rank()}] %(name)s: %(message)s"
+    console.setup(getattr(args, "verbose", False), level, fmt)  # --verbose: other libraries' messages too
     try:
         train(cfg, resume=args.resume)
     except ConfigError as e:  # found once the model or the run dir is looked at
@@ -617,6 +615,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
+    console.add_verbose_argument(parser)
     return run(parser.parse_args(argv))
 
 
