@@ -161,6 +161,7 @@ class VLLMEngine(Engine):
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._warned_sampling = False
         self._processed_logprobs: bool | None = None  # server mode: learnt by one probe
+        self._probe_lock: asyncio.Lock | None = None
         self._transfer_ready = False
         self._session: aiohttp.ClientSession | None = None
         self.llm = None
@@ -300,7 +301,10 @@ class VLLMEngine(Engine):
     ) -> list[Sample]:
         if params.temperature != 1.0 and params.temperature > 0:
             if self._processed_logprobs is None:
-                await self._check_logprobs_mode(list(prompt_ids))
+                self._probe_lock = self._probe_lock or asyncio.Lock()
+                async with self._probe_lock:  # one probe, not one per concurrent request
+                    if self._processed_logprobs is None:
+                        await self._check_logprobs_mode(list(prompt_ids))
             if self._processed_logprobs is False:
                 raise EngineRequestError(
                     f"{self.url}: the server returns raw log-probs (before temperature) but T = "
