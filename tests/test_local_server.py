@@ -363,3 +363,55 @@ def test_non_loopback_bind_without_key_is_refused(hf_dir, host, capsys):
     with pytest.raises(SystemExit):
         main(["--model", str(hf_dir), "--host", host, "--port", "1"])
     assert f"refusing to listen on {host} without --api-key" in capsys.readouterr().err
+
+
+TRAINER_RANK = """
+import sys, torch
+from safetensors.torch import load_file
+from megatron_m2po.sync.process_group import broadcast_from_trainer, new_weight_update_group
+group = new_weight_update_group("127.0.0.1", int(sys.argv[1]), 0, 2, "g", "gloo")
+tensors = load_file(sys.argv[2])
+for name in sys.argv[3:]:  # in the order the server is told about them
+    broadcast_from_trainer(group, tensors[name].contiguous())
+"""
+
+
+def test_failed_broadcast_bucket_keeps_old_weights_and_version(engine, tmp_path):
+    """The NCCL path on gloo, the trainer's rank in its own process: a good bucket, then one announced with a
+    wrong shape. The server still takes part in the broadcast (the trainer is not left hanging), answers 400,
+    and the session ends with nothing applied."""
+    import subprocess
+    import sys
+
+    before, version = engine.state_dict(), engine.version
+    good_name = next(k for k in before if "layers.0." in k)
+    buckets = {good_name: before[good_name] + 1.0, "lm_head.weight": torch.zeros(3, 3)}
+    save_file(buckets, tmp_path / "buckets.safetensors")
+    port = free_port()
+    trainer = subprocess.Popen(
+        [sys.executable, "-c", TRAINER_RANK, str(port), str(tmp_path / "buckets.safetensors"), *buckets]
+    )
+
+    async def run():
+        async with served(engine) as (_, url, http):
+            group = {"master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2}
+            assert (await call(http, url, "/init_weights_update_group", {**group, "group_name": "g"}))[
+                0
+            ] == 200
+            await call(http, url, "/begin_weight_update", {})
+            replies = []
+            for name in buckets:  # the good bucket, then the bad one
+                body = {"names": [name], "dtypes": ["float32"], "shapes": [list(buckets[name].shape)]}
+                body |= {"group_name": "g", "flush_cache": False, "weight_version": str(version + 1)}
+                replies.append(await call(http, url, "/update_weights_from_distributed", body))
+            return replies, await call(http, url, "/end_weight_update", {})
+
+    try:
+        (first, second), end = asyncio.run(run())
+        assert trainer.wait(timeout=60) == 0
+    finally:
+        trainer.kill()
+    assert first[0] == 200 and second[0] == 400 and "lm_head.weight" in second[1]["message"]
+    assert end[0] == 400 and f"still serving version {version}" in end[1]["message"]
+    assert engine.version == version
+    assert all(torch.equal(engine.state_dict()[k], v) for k, v in before.items())
