@@ -489,12 +489,16 @@ def sync_weights(producer: Producer | None, trainer: Trainer, version: int) -> N
 
 
 def build_weight_sync(trainer: Trainer, producer: Producer | None) -> WeightSync:
-    """`rollout.weight_transport`; `auto` picks tensors for in-process engines, NCCL for SGLang on GPU, else disk."""
+    """`rollout.weight_transport`; `auto` picks tensors for in-process engines, NCCL for SGLang on GPU, else disk
+    (vLLM servers: disk or tensors, through vLLM's RL routes; they take no NCCL group from this trainer)."""
     r = trainer.cfg.rollout
     transport = r.weight_transport
     if transport == "auto":
         in_process = r.engine == "local" or (r.engine == "vllm" and not r.urls)
-        transport = "tensors" if in_process else ("distributed" if platform.on_gpu() else "disk")
+        nccl = platform.on_gpu() and r.engine == "sglang"
+        transport = "tensors" if in_process else ("distributed" if nccl else "disk")
+    if transport == "distributed" and r.engine == "vllm":
+        raise ValueError("rollout.weight_transport=distributed: vLLM engines take weights as tensors or from disk")
     farm = producer.farm if producer is not None else None
     kwargs: dict[str, Any] = {"transport": transport}
     if transport == "disk":
