@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from megatron_m2po.rollout.rewards import (
@@ -19,6 +19,7 @@ from megatron_m2po.rollout.rewards import (
     math_reward,
     math_reward_with_format,
 )
+from megatron_m2po.rollout.rewards.math_answer import verified
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -62,6 +63,29 @@ def test_math500_wrong_answers_score_zero(pool, shared_data):
     assert sum(scores) <= 2  # a couple of rows may share a value written differently (e.g. "2" vs "2.0")
     assert math_reward(r"the answer is \boxed{7}", "8") == 0.0
     assert math_reward("the answer is 8", "8") == 0.0  # no box, no reward
+
+
+_INTEGER_TEXT = st.builds(
+    lambda sign, zeros, value: f"{sign}{'0' * zeros}{value}",
+    st.sampled_from(["", "+", "-"]),
+    st.integers(0, 2),
+    st.integers(0, 10**25),
+)
+
+
+@given(_INTEGER_TEXT, _INTEGER_TEXT)
+@example("+5", "5")
+@example("-0", "0")
+@example("007", "7")
+@example("-3", "3")
+@example("10", "1")
+@example("12345678901234567890", "12345678901234567890")
+@settings(max_examples=40, deadline=None)
+def test_integer_answers_skip_sympy_with_math_verifys_verdict(pred, gold):
+    """Plain integers are compared as integers (the demo's task scores ~100x faster): same verdict."""
+    expected = 1.0 if verified(pred, gold) else 0.1
+    assert math_reward_with_format(f"so \\boxed{{ {pred} }}", gold) == expected
+    assert math_reward_with_format(f"\\boxed{{{pred}}}", gold) == expected
 
 
 def test_equivalent_forms_and_format_reward():
