@@ -104,3 +104,19 @@ def test_token_budget_gradient_independent_of_split(tiny_dir, tmp_path, padded, 
 )
 def test_parallel_option_keeps_the_update(tiny_dir, tmp_path, padded, nproc, tp, pp, overrides):
     _assert_same(_run(tiny_dir, tmp_path, nproc, tp, pp, *overrides), padded)
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_distributed_optimizer_checkpoint_resumes_and_reshards(tiny_dir, tmp_path):
+    """Saved at DP=2, resumed at DP=2 and at DP=1 (the optimizer shards regrouped): the next update is equal."""
+    script = REPO / "tests" / "dist" / "distopt_checkpoint.py"
+    ckpt = tmp_path / "ckpt"
+    results = {}
+    for name, nproc, mode in (("saved", 2, "save"), ("resumed", 2, "load"), ("resharded", 1, "load")):
+        out = tmp_path / f"{name}.json"
+        run_torchrun(script, nproc, tiny_dir, out, ckpt, mode, timeout=400)
+        results[name] = json.loads(out.read_text())
+    for name in ("resumed", "resharded"):
+        for key, value in results["saved"].items():
+            assert results[name][key] == pytest.approx(value, rel=1e-6), (name, key)

@@ -43,6 +43,7 @@ from megatron_m2po.checkpoint.megatron_ckpt import (
 )
 from megatron_m2po.models import unwrap_model
 from megatron_m2po.trainer.distribute import rank
+from megatron_m2po.trainer.optimizer import load_optimizer_state, prepare_for_load
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,13 @@ def _read_rng_state(rng_file: Path) -> dict[str, Any] | None:
 
 def _sharded_state(model, optimizer, *, is_loading: bool) -> dict[str, Any]:
     model_sd = unwrap_model(model).sharded_state_dict()  # names without DDP's `module.` prefix
-    return {"model": model_sd, "optimizer": optimizer.sharded_state_dict(model_sd, is_loading=is_loading)}
+    # The distributed optimizer's state in Megatron-LM's default layout: one shard per DP rank's buffers,
+    # regrouped when loaded at another DP size (not another TP/PP size); other optimizers ignore the key.
+    metadata = {"distrib_optim_sharding_type": "dp_reshardable"}
+    if is_loading:
+        prepare_for_load(optimizer)
+    optimizer_sd = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
+    return {"model": model_sd, "optimizer": optimizer_sd}
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
@@ -319,7 +326,7 @@ def load_checkpoint(path: str | Path, model, optimizer) -> dict[str, Any]:
             f"{path / 'dist'}: cannot load the model/optimizer checkpoint ({_describe(e)})"
         ) from e
     unwrap_model(model).load_state_dict(loaded["model"])
-    optimizer.load_state_dict(loaded["optimizer"])
+    load_optimizer_state(optimizer, loaded["optimizer"])
     if rng is not None:
         _set_rng_state(rng)
     return state

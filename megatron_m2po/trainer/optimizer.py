@@ -19,6 +19,7 @@ from megatron.core.distributed import (
     finalize_model_grads,
 )
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_m2po import platform
@@ -76,3 +77,58 @@ def build_optimizer(cfg: Config, ddp: DistributedDataParallel, dtype: torch.dtyp
         use_checkpoint_opt_param_scheduler=True,
     )
     return optimizer, scheduler
+
+
+def prepare_for_load(optimizer) -> None:
+    """Give a distributed optimizer's torch Adam that has not stepped yet a state to load a checkpoint into.
+
+    Megatron's distributed optimizer reads every parameter's Adam `step` when it builds the state dict a
+    checkpoint is loaded into (with TE / Apex's fused Adam the step lives in the param groups instead), and
+    torch's Adam creates its state only at the first step. Step 0 and zero moments, all overwritten by the load.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(opt, DistributedOptimizer) or not isinstance(
+            inner, torch.optim.Adam | torch.optim.AdamW
+        ):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p] = {
+                        "step": torch.tensor(0.0),
+                        "exp_avg": torch.zeros_like(p),
+                        "exp_avg_sq": torch.zeros_like(p),
+                    }
+
+
+def load_optimizer_state(optimizer, state_dict) -> None:
+    """`optimizer.load_state_dict`, made exact for the distributed optimizer over torch's Adam.
+
+    Under no_grad: with fp32 params the distributed optimizer's main params are views of the model's
+    (leaf) params, and it copies the loaded values into them. After it: its per-parameter copy leaves
+    torch Adam's `step` at the value of the state it loaded into (0 on a fresh optimizer, `prepare_for_load`)
+    instead of the checkpoint's, which it keeps in the param groups; each parameter gets that step again,
+    as its own tensor (torch increments it in place).
+    """
+    with torch.no_grad():
+        optimizer.load_state_dict(state_dict)
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    if len(chained) == 1:
+        parts = [state_dict]
+    else:
+        parts = (
+            [v for _, v in sorted(state_dict.items())] if isinstance(state_dict, dict) else list(state_dict)
+        )
+    for opt, part in zip(chained, parts):
+        if not isinstance(opt, DistributedOptimizer) or not isinstance(
+            opt.optimizer, torch.optim.Adam | torch.optim.AdamW
+        ):
+            continue
+        steps = {g["step"] for g in part["optimizer"]["param_groups"] if "step" in g}
+        if len(steps) != 1:
+            continue
+        step = float(steps.pop())
+        for state in opt.optimizer.state.values():
+            if "step" in state:
+                state["step"] = torch.tensor(step)
