@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 
 import aiohttp
@@ -81,13 +82,20 @@ def served(tmp_path_factory):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     root = tmp_path_factory.mktemp("vllm_serve")
     hf_dir = make_tiny_model("qwen3", root / "m", seed=5, initializer_range=0.2, **TINY)
+    with socket.socket() as a, socket.socket() as b:  # two ports at once: free_port twice may repeat one
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        ports = {"processed": a.getsockname()[1], "raw": b.getsockname()[1]}
     procs = {
-        name: start_server(hf_dir, extra_args=SERVER_ARGS + extra, log_path=root / f"{name}.log", wait=False)
+        name: start_server(
+            hf_dir, port=ports[name], extra_args=SERVER_ARGS + extra, log_path=root / f"{name}.log", wait=False
+        )
         for name, extra in (("processed", []), ("raw", ["--logprobs-mode", "raw_logprobs"]))
     }
     try:
         for proc, url in procs.values():
             wait_healthy(proc, url, timeout=900)
+        assert all(proc.poll() is None for proc, _ in procs.values()), "a server exited (see its log)"
         yield {
             "url": procs["processed"][1],
             "raw_url": procs["raw"][1],
