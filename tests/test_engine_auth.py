@@ -182,3 +182,11 @@ def test_launched_cpu_server_requires_the_key(tmp_path):
         samples, bare_status, control_status = asyncio.run(run(launcher))
     assert [len(s.response_ids) for s in samples] == [3, 3]
     assert bare_status == 401 and control_status == 401
+
+
+def test_engines_cli_names_the_missing_key_variable(monkeypatch):
+    from megatron_m2po.rollout.engines.sglang_launcher import main
+
+    monkeypatch.delenv("M2PO_API_KEY", raising=False)
+    with pytest.raises(SystemExit, match="set M2PO_API_KEY"):
+        main(["--model", "m", "--host", "0.0.0.0", "--backend", "local"])

@@ -30,7 +30,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from megatron_m2po.rollout.engines.local_server import check_bind
+from megatron_m2po.rollout.engines.local_server import check_bind, is_loopback
 from megatron_m2po.rollout.engines.sglang import SGLangEngine
 
 logger = logging.getLogger(__name__)
@@ -288,6 +288,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Start the servers, print their URLs on one line, serve until SIGINT / SIGTERM."""
     logging.basicConfig(level=logging.INFO)
+    if not os.environ.get(args.api_key_env) and not is_loopback(args.host):
+        raise SystemExit(
+            f"m2po engines: refusing to serve on {args.host} without a key: set {args.api_key_env} "
+            "(the same value the trainer's rollout.api_key_env names), or use --host 127.0.0.1"
+        )
     launcher = EngineLauncher(
         args.model,
         servers=args.servers,
