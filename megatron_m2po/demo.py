@@ -4,8 +4,10 @@
 2. build a tiny Qwen3 (`models/tiny.py`) and warm-start it by supervised learning until greedy
    validation accuracy reaches a partial level (`sft.py`);
 3. measure held-out accuracy (greedy, through the evaluation tool and the local engine);
-4. train it with M2PO on stale rollouts (fixed lag: every batch was generated 2 updates earlier) with
-   the real trainer (`train.py`: Megatron-core policy, local engine, replay queue, weight sync);
+4. train it with M2PO asynchronously (`bounded` staleness: the local engine generates in its own thread
+   while the trainer trains, each batch at most 2 updates stale) with the real trainer (`train.py`:
+   Megatron-core policy, local engine, replay queue, weight sync), and measure how much of the RL
+   stage's wall time generation and training ran at the same time (`CoreMeter`);
 5. measure held-out accuracy again, plot the run (`m2po plot`), and print as the last line
    `accuracy: BEFORE -> AFTER`.
 
@@ -17,11 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import threading
 import time
 from pathlib import Path
 
 import torch
 
+from megatron_m2po import console
 from megatron_m2po.data.arithmetic import DEMO_TEMPLATE, make_splits, write_splits
 
 logger = logging.getLogger(__name__)
@@ -65,6 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="torch threads (1: the tiny matrices gain little from more, and oversubscribed cores lose a lot)",
     )
+    parser.add_argument(
+        "--engine",
+        choices=["process", "thread"],
+        default="process",
+        help="RL generation: an engine server process (the SGLang API, weights from disk after each update) "
+        "or the recipe's in-process engine thread (shares the trainer's interpreter lock)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the task split, model init and sampling")
     parser.add_argument(
         "--quick",
@@ -74,23 +85,109 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the RL recipe")
 
 
-def heldout_accuracy(hf_dir: Path, heldout: Path, max_prompts: int, threads: int) -> float:
-    """Greedy accuracy of an HF model dir on the task's held-out problems (the first `max_prompts`; 0: all)."""
+def heldout_accuracy(hf_dir: Path, heldout: Path, max_prompts: int, threads: int, name: str) -> float:
+    """Greedy accuracy of an HF model dir on the task's held-out problems (the first `max_prompts`)."""
     from megatron_m2po.evaluation import FileSpec, evaluate
     from megatron_m2po.types import SamplingParams
 
-    results = evaluate(
-        hf_dir,
-        [FileSpec(heldout)],
-        samples_per_prompt=1,
-        sampling=SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, seed=0),
-        template=DEMO_TEMPLATE,
-        max_prompts=max_prompts,
-        concurrency=16,
-        reward_workers=1,
-        threads=threads,
-    )
+    with console.StageBar(name, max_prompts) as bar:
+        done = [0]
+
+        def on_prompt_done() -> None:
+            done[0] += 1
+            bar.update(done[0])
+
+        results = evaluate(
+            hf_dir,
+            [FileSpec(heldout)],
+            samples_per_prompt=1,
+            sampling=SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, seed=0),
+            template=DEMO_TEMPLATE,
+            max_prompts=max_prompts,
+            concurrency=16,
+            reward_workers=1,
+            threads=threads,
+            on_prompt_done=on_prompt_done,
+        )
+        bar.update(max_prompts, accuracy=results[0].metrics["avg@1"])
     return results[0].metrics["avg@1"]
+
+
+class CoreMeter:
+    """How much of a stage's wall time generation and training ran at the same time, from CPU time.
+
+    A background thread samples, every `interval` seconds, the CPU seconds of this process's main thread
+    (the trainer: updates, weight sync) and of the engine server processes `engine_pids` (decoding), and
+    sums per interval the time both must have run: max(0, busy_train + busy_generate - 1) x interval, each
+    busy fraction being CPU seconds / interval (at most 1: one core each). CPU time never exceeds busy time,
+    so `both_s` is a lower bound (on a machine shared with other work, a low one).
+    """
+
+    def __init__(self, engine_pids: list[int], interval: float = 0.5) -> None:
+        """`engine_pids` empty: the engine runs in this process, and its generation is every thread but the
+        main one and this meter's (the engine's worker, the rollout loop, the reward pool's pipes)."""
+        import psutil
+
+        self._process, self._interval = psutil.Process(), interval
+        self._engines = [psutil.Process(pid) for pid in engine_pids]
+        self._main = threading.main_thread().native_id
+        self.train_s = self.generate_s = self.both_s = self.wall_s = 0.0
+        self._last = (0.0, 0.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="core-meter", daemon=True)
+
+    def _cpu(self) -> tuple[float, float]:
+        """CPU seconds so far of (the main thread, the engine processes)."""
+        import psutil
+
+        threads = {t.id: t.user_time + t.system_time for t in self._process.threads()}
+        train = threads.pop(self._main, 0.0)
+        threads.pop(self._thread.native_id, None)
+        generate = 0.0 if self._engines else sum(threads.values())
+        for engine in self._engines:
+            try:
+                times = engine.cpu_times()
+                generate += times.user + times.system
+            except psutil.NoSuchProcess:  # stopped at the end of the stage
+                pass
+        return train, generate
+
+    def _sample(self) -> tuple[float, float]:
+        """CPU seconds used since the previous sample by (the trainer, generation)."""
+        (train, generate), (train0, generate0) = self._cpu(), self._last
+        self._last = (train, max(generate, generate0))
+        return train - train0, max(0.0, generate - generate0)
+
+    def _run(self) -> None:
+        last = time.monotonic()
+        while not self._stop.wait(self._interval):
+            now = time.monotonic()
+            train, generate = self._sample()
+            span, last = now - last, now
+            self.train_s += train
+            self.generate_s += generate
+            self.both_s += max(0.0, min(1.0, train / span) + min(1.0, generate / span) - 1.0) * span
+
+    def __enter__(self) -> CoreMeter:
+        self._sample()  # the CPU time so far (imports, model loads) is not this stage's
+        self._t0 = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.wall_s = time.monotonic() - self._t0
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "wall_s": round(self.wall_s, 1),
+            "train_cpu_s": round(self.train_s, 1),
+            "generate_cpu_s": round(self.generate_s, 1),
+            "both_busy_s": round(self.both_s, 1),
+            "both_busy_fraction": round(self.both_s / max(self.wall_s, 1e-9), 3),
+            "cores_used": round((self.train_s + self.generate_s) / max(self.wall_s, 1e-9), 2),
+        }
 
 
 def prepare_task(out: Path, *, seed: int = 0, heldout: int = 300) -> tuple[dict[str, Path], Path]:
@@ -131,17 +228,23 @@ def warm_start_model(
     def validate(m) -> float:
         return greedy_accuracy(m, tokenizer, val_prompts, max_new_tokens=MAX_NEW_TOKENS, stop_ids=stops)
 
-    result = warm_start(
-        model,
-        pairs,
-        validate,
-        lr=lr,
-        seed=seed,
-        pad_id=tokenizer.pad_token_id,
-        max_steps=max_steps,
-        target_accuracy=target,
-        check_every=check_every,
-    )
+    with console.StageBar("warm start", max_steps, log_every=check_every) as bar:
+
+        def on_step(step: int, loss: float, accuracy: float | None) -> None:
+            bar.update(step, loss=loss, **({"validation accuracy": accuracy} if accuracy is not None else {}))
+
+        result = warm_start(
+            model,
+            pairs,
+            validate,
+            lr=lr,
+            seed=seed,
+            pad_id=tokenizer.pad_token_id,
+            max_steps=max_steps,
+            target_accuracy=target,
+            check_every=check_every,
+            on_step=on_step,
+        )
     save_hf(model, tokenizer, out)
     return {
         "steps": result.steps,
@@ -151,8 +254,11 @@ def warm_start_model(
 
 
 def _rl(args, out: Path, warm: Path, data: dict[str, Path]):
+    """The RL stage: one engine server process (the local engine behind the SGLang HTTP API, as a GPU node
+    runs SGLang) generates while this process trains; weights reach it from disk after every update."""
     from megatron_m2po import platform
     from megatron_m2po.config import load_config
+    from megatron_m2po.rollout.engines.sglang_launcher import EngineLauncher
     from megatron_m2po.train import train
 
     overrides = [
@@ -168,18 +274,39 @@ def _rl(args, out: Path, warm: Path, data: dict[str, Path]):
         overrides.append(f"train.steps={args.rl_steps}")
     if args.quick:
         overrides += ["train.steps=2", "eval.every=0", "logging.console=none"]
-    cfg = load_config(args.config, [*overrides, *args.overrides])
+    load_config(args.config, [*overrides, *args.overrides])  # a bad recipe fails before a server starts
+    engines = EngineLauncher(warm, servers=1, backend="local", log_dir=out / "engine_logs")
     try:
-        train(cfg)
+        if args.engine == "process":
+            engines.start()
+            overrides += ["rollout.engine=sglang", f"rollout.urls={json.dumps(engines.urls)}"]
+        cfg = load_config(args.config, [*overrides, *args.overrides])
+        with CoreMeter([proc.pid for proc in engines.procs.values()]) as meter:
+            train(cfg)
     finally:
+        engines.stop()
         platform.destroy_distributed()
-    return cfg
+    return cfg, meter.summary()
+
+
+def _loop_seconds(run_dir: str) -> dict[str, float]:
+    """The RL loop's own clock (TensorBoard `perf/time_*`, summed over steps): training, and waiting for data."""
+    from megatron_m2po.metrics import read_scalars
+
+    scalars = read_scalars(run_dir)
+    total = {name: sum(v for _, v in scalars.get(f"perf/time_{name}", [])) for name in ("train", "wait")}
+    return {"loop_train_s": round(total["train"], 1), "loop_wait_s": round(total["wait"], 1)}
+
+
+def _max_staleness(cfg) -> int:
+    """The most updates a consumed batch can lag: fixed's exact lag, bounded's bound, 0 for sync."""
+    return cfg.staleness.max_staleness if cfg.staleness.mode == "bounded" else cfg.fixed_staleness
 
 
 def run(args: argparse.Namespace) -> int:
     from megatron_m2po.plot import plot_run
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    console.setup(getattr(args, "verbose", False))
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = Path(args.out).resolve()
@@ -212,16 +339,17 @@ def run(args: argparse.Namespace) -> int:
     )
     t = lap("warm_start", t)
 
-    before = heldout_accuracy(warm, data["heldout"], heldout_n, args.threads)
+    before = heldout_accuracy(warm, data["heldout"], heldout_n, args.threads, "held-out before RL")
     t = lap("eval_before", t)
 
-    cfg = _rl(args, out, warm, data)
+    cfg, overlap = _rl(args, out, warm, data)
     t = lap("rl", t)
 
     trained = Path(cfg.logging.run_dir) / "hf"
-    after = heldout_accuracy(trained, data["heldout"], heldout_n, args.threads)
+    after = heldout_accuracy(trained, data["heldout"], heldout_n, args.threads, "held-out after RL")
     t = lap("eval_after", t)
 
+    overlap.update(_loop_seconds(cfg.logging.run_dir))
     plot = plot_run(cfg.logging.run_dir, out / "curves.png")
     lap("plot", t)
     timings["total"] = round(time.perf_counter() - t0, 1)
@@ -233,7 +361,8 @@ def run(args: argparse.Namespace) -> int:
         "decoding": "greedy",
         "warm_start": sft,
         "rl_steps": cfg.train.steps,
-        "staleness": {"mode": cfg.staleness.mode, "updates": cfg.fixed_staleness},
+        "staleness": {"mode": cfg.staleness.mode, "max_updates": _max_staleness(cfg)},
+        "rl_overlap": overlap,
         "loss": cfg.algorithm.loss,
         "timings_s": timings,
         "model": str(trained),
@@ -244,8 +373,15 @@ def run(args: argparse.Namespace) -> int:
         f"warm start: {sft['steps']} supervised steps, validation accuracy {sft['validation_accuracy']:.2f}"
     )
     print(
-        f"RL: {cfg.train.steps} steps of {cfg.algorithm.loss}, staleness {cfg.fixed_staleness} updates "
+        f"RL: {cfg.train.steps} steps of {cfg.algorithm.loss}, staleness <= {_max_staleness(cfg)} updates "
         f"({cfg.staleness.mode}); timings (s): {timings}"
+    )
+    print(
+        f"RL overlap: generation and training ran at the same time for at least {overlap['both_busy_s']:.0f} s "
+        f"of {overlap['wall_s']:.0f} s ({overlap['both_busy_fraction']:.0%}); {overlap['cores_used']:.2f} "
+        f"cores busy on average (generation {overlap['generate_cpu_s']:.0f} s, training "
+        f"{overlap['train_cpu_s']:.0f} s of CPU); the trainer trained {overlap['loop_train_s']:.0f} s and "
+        f"waited {overlap['loop_wait_s']:.0f} s for rollouts"
     )
     print(f"trained model: {trained}; curves: {plot}; summary: {out / 'demo_result.json'}")
     print(f"held-out accuracy (greedy, {heldout_n} problems never trained on):")

@@ -23,7 +23,7 @@ import logging
 import math
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,14 +158,23 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 
 async def generate_all(
-    engine, prompts: Sequence, n: int, params: SamplingParams, concurrency: int
+    engine,
+    prompts: Sequence,
+    n: int,
+    params: SamplingParams,
+    concurrency: int,
+    on_prompt_done: Callable[[], None] | None = None,
 ) -> list[list[Sample]]:
-    """n samples for every prompt, at most `concurrency` prompts in flight, in prompt order."""
+    """n samples for every prompt, at most `concurrency` prompts in flight, in prompt order;
+    `on_prompt_done()` as each prompt's samples arrive (a progress bar)."""
     limit = asyncio.Semaphore(concurrency)
 
     async def one(prompt) -> list[Sample]:
         async with limit:  # the engine seeds each request from params.seed (the run seed) and the prompt id
-            return await engine.generate(prompt.prompt_id, prompt.prompt_ids, n, params)
+            samples = await engine.generate(prompt.prompt_id, prompt.prompt_ids, n, params)
+        if on_prompt_done is not None:
+            on_prompt_done()
+        return samples
 
     return list(await asyncio.gather(*(one(p) for p in prompts)))
 
@@ -240,8 +249,10 @@ def evaluate(
     keep_responses: bool = False,
     threads: int | None = None,
     hf_config_dir: str | Path | None = None,
+    on_prompt_done: Callable[[], None] | None = None,
 ) -> list[FileResult]:
-    """Sample every prompt of every file `samples_per_prompt` times and score them; one result per file."""
+    """Sample every prompt of every file `samples_per_prompt` times and score them; one result per file.
+    `on_prompt_done()` as each prompt's samples arrive."""
     from transformers import AutoTokenizer
 
     from megatron_m2po.rollout.rewards import RewardPool
@@ -278,6 +289,7 @@ def evaluate(
                                 max_prompts=max_prompts,
                                 concurrency=concurrency,
                                 keep_responses=keep_responses,
+                                on_prompt_done=on_prompt_done,
                             )
                         )
                 finally:
@@ -301,12 +313,13 @@ async def _evaluate_file(
     max_prompts,
     concurrency,
     keep_responses,
+    on_prompt_done=None,
 ) -> FileResult:
     start = time.perf_counter()
     _, prompts = open_dataset(
         spec, tokenizer, template=template, apply_chat_template=apply_chat_template, max_prompts=max_prompts
     )
-    groups = await generate_all(farm, prompts, n, params, concurrency)
+    groups = await generate_all(farm, prompts, n, params, concurrency, on_prompt_done)
     texts = [s.response_text for g in groups for s in g]
     answers = [p.answer for p, g in zip(prompts, groups) for _ in g]
     scores = await rewards.score_async(texts, answers)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,11 +100,13 @@ def warm_start(
     check_every: int = 50,
     pad_id: int = 0,
     seed: int = 0,
+    on_step: Callable[[int, float, float | None], None] | None = None,
 ) -> WarmStartResult:
     """AdamW cross-entropy on response tokens until `validate(model) >= target_accuracy` or `max_steps`.
 
     `validate` is called every `check_every` steps; stopping at the first check that reaches the target
-    is what leaves the model at partial accuracy, with room for RL to improve it.
+    is what leaves the model at partial accuracy, with room for RL to improve it. `on_step(step, loss,
+    validation accuracy or None)` after every step (the demo's progress bar).
     """
     if not train_pairs:
         raise ValueError("warm_start: no training pairs")
@@ -124,14 +126,15 @@ def warm_start(
         loss.backward()
         optimizer.step()
         step += 1
-        if step % check_every == 0 or step == max_steps:
+        checked = step % check_every == 0 or step == max_steps
+        if checked:
             accuracy = validate(model)
             history.append((step, accuracy))
-            logger.info(
-                "warm start step %d: loss %.3f, validation accuracy %.3f", step, loss.item(), accuracy
-            )
-            if accuracy >= target_accuracy:
-                break
+            logger.debug("warm start step %d: loss %.3f, validation accuracy %.3f", step, loss.item(), accuracy)
+        if on_step is not None:
+            on_step(step, loss.item(), accuracy if checked else None)
+        if checked and accuracy >= target_accuracy:
+            break
     model.eval()
     return WarmStartResult(step, accuracy, time.perf_counter() - start, history)
 

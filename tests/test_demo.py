@@ -17,6 +17,19 @@ REPO = Path(__file__).resolve().parents[1]
 LAST_LINE = re.compile(r"^accuracy: (\d\.\d\d) -> (\d\.\d\d)$")
 
 
+# Other libraries' messages that megatron_m2po/console.py hides unless --verbose (one per filter there).
+THIRD_PARTY_NOISE = (
+    "Transformer Engine and Apex are not installed",  # Megatron's TE / Apex fallback UserWarnings
+    "Apex is not installed. Falling back to Torch Norm",
+    "full scope is deprecated",  # Megatron's deprecation warning on its own default
+    "Timeout is disabled",  # math-verify
+    "DistributedDataParallelConfig(",  # Megatron's DDP config dump at INFO
+    "Params for bucket",  # ... and every parameter of the gradient bucket
+    "Loading weights",  # transformers' progress bars
+    "Writing model shards",
+)
+
+
 def _demo(out: Path, *args: str, timeout: float) -> tuple[subprocess.CompletedProcess, str]:
     env = subprocess_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(
@@ -57,8 +70,25 @@ def test_quick_demo_end_to_end(tmp_path):
     assert (out / "rl" / "hf" / "config.json").is_file()
     assert list((out / "rl" / "hf").glob("*.safetensors"))
     assert (out / "curves.png").stat().st_size > 10_000
-    assert result["staleness"]["updates"] > 0 and result["loss"] == "m2po"
+    assert result["staleness"] == {"mode": "bounded", "max_updates": 2} and result["loss"] == "m2po"
     assert set(result["timings_s"]) >= {"warm_start", "eval_before", "rl", "eval_after", "total"}
+    # the RL stage was measured: both threads used CPU, and the overlap is a part of the wall time
+    overlap = result["rl_overlap"]
+    assert overlap["train_cpu_s"] > 0 and overlap["generate_cpu_s"] > 0
+    assert 0 <= overlap["both_busy_s"] <= overlap["wall_s"]
+    assert "RL overlap: generation and training ran at the same time" in proc.stdout
+    # the console: the project's stage progress, none of the other libraries' noise
+    console = proc.stdout + proc.stderr
+    assert "warm start 20/20" in console and "held-out before RL 30/30" in console
+    assert [noise for noise in THIRD_PARTY_NOISE if noise in console] == []
+
+
+@pytest.mark.slow
+def test_quick_demo_verbose_shows_every_library_message(tmp_path):
+    proc, last = _demo(tmp_path / "demo", "--quick", "--verbose", timeout=600)
+    assert LAST_LINE.match(last), f"last line {last!r}"
+    console = proc.stdout + proc.stderr
+    assert [noise for noise in THIRD_PARTY_NOISE if noise not in console] == []
 
 
 @pytest.mark.slow
