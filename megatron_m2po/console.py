@@ -16,6 +16,8 @@ import sys
 import time
 import warnings
 
+logger = logging.getLogger("megatron_m2po.progress")
+
 QUIET_ENV = "M2PO_QUIET"
 
 # Python warnings hidden: (category, message regex, why it does not apply).
@@ -119,7 +121,6 @@ class StageBar:
         self._t0 = time.monotonic()
         self._logged = 0
         self._metrics: dict[str, str] = {}
-        self._logger = logging.getLogger(f"megatron_m2po.{name.replace(' ', '_')}")
         self._bar = None
         if sys.stderr.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -151,10 +152,9 @@ class StageBar:
             self._bar.update(self._task, completed=self.done, description=text)
         elif self.done - self._logged >= self.log_every or self.done == self.total:
             self._logged = self.done
-            eta = self.eta_seconds()
-            self._logger.info(
-                "%s %d/%d  %s  eta %dm%02ds", self.name, self.done, self.total, text, eta // 60, eta % 60
-            )
+            eta = round(self.eta_seconds())
+            parts = [f"{self.name} {self.done}/{self.total}", text, f"eta {eta // 60}m{eta % 60:02d}s"]
+            logger.info("  ".join(part for part in parts if part))
 
     def close(self) -> None:
         if self._bar is not None:

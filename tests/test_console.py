@@ -61,7 +61,7 @@ def test_every_filter_says_why():
 
 
 def test_stage_bar_logs_progress_and_eta_without_a_terminal(caplog):
-    with caplog.at_level(logging.INFO, logger="megatron_m2po.warm_start"):
+    with caplog.at_level(logging.INFO, logger="megatron_m2po.progress"):
         with console.StageBar("warm start", 100, log_every=50) as bar:
             for step in range(1, 61):
                 bar.update(step, loss=1.0 / step)
