@@ -7,6 +7,9 @@ loss/num_tokens, loss/num_sequences     response tokens / sequences with at leas
 loss/m2_before                          mean of M2 = (log r)^2 over the trust-region tokens T
 loss/m2_after                           the same over the T tokens that keep their gradient (not masked or clipped)
 loss/m2_all                             mean of M2 over all response tokens
+loss/confident_fraction                 the T tokens the behaviour policy sampled with mu > 0.99 / |T|
+loss/m2_before_unconfident              mean of M2 over the other T tokens (mu <= 0.99): where the answer's
+                                        drift sits when near-certain tokens dilute the mean (issue 12)
 loss/trust_region_fraction              |T| / num_tokens
 loss/masked_fraction                    tokens masked by the loss (m2po) / num_tokens
 loss/clip_fraction                      tokens clipped (gradient zero) or truncated (weight capped) / num_tokens
@@ -19,6 +22,7 @@ plus loss-specific values (loss/m2_threshold, loss/m2po_tau, loss/clip_low, ...)
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -29,6 +33,7 @@ if TYPE_CHECKING:
 __all__ = ["policy_metrics"]
 
 _QUANTILE_SAMPLE = 65536
+_CONFIDENT_LOG_P = math.log(0.99)
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -54,18 +59,36 @@ def policy_metrics(
     clipped = none if out.clipped is None else out.clipped & x.mask
     lost_gradient = masked if out.clipped_keeps_gradient else masked | clipped
     trust_kept = trust * (~lost_gradient).to(dtype)
+    trust_unsure = trust * (x.behavior_log_probs.detach() <= _CONFIDENT_LOG_P).to(dtype)
     m2 = log_ratio.square()
     counts = torch.stack(
-        [mask.sum(), trust.sum(), trust_kept.sum(), masked.sum().to(dtype), clipped.sum().to(dtype)]
+        [
+            mask.sum(),
+            trust.sum(),
+            trust_kept.sum(),
+            masked.sum().to(dtype),
+            clipped.sum().to(dtype),
+            trust_unsure.sum(),
+        ]
     )
-    sums = torch.stack([_dot(m2, trust), _dot(m2, trust_kept), _dot(m2, mask), _dot(ratio - log_ratio, mask)])
-    n, n_trust, n_kept, n_masked, n_clipped = counts.unbind()
+    sums = torch.stack(
+        [
+            _dot(m2, trust),
+            _dot(m2, trust_kept),
+            _dot(m2, mask),
+            _dot(ratio - log_ratio, mask),
+            _dot(m2, trust_unsure),
+        ]
+    )
+    n, n_trust, n_kept, n_masked, n_clipped, n_unsure = counts.unbind()
     values: dict[str, torch.Tensor | float] = {
         "num_tokens": n,
         "num_sequences": x.mask.any(-1).sum(),
         "m2_before": sums[0] / n_trust.clamp(min=1),
         "m2_after": sums[1] / n_kept.clamp(min=1),
         "m2_all": sums[2] / n.clamp(min=1),
+        "confident_fraction": (n_trust - n_unsure) / n_trust.clamp(min=1),
+        "m2_before_unconfident": sums[4] / n_unsure.clamp(min=1),
         "trust_region_fraction": n_trust / n.clamp(min=1),
         "masked_fraction": n_masked / n.clamp(min=1),
         "clip_fraction": n_clipped / n.clamp(min=1),
