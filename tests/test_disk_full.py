@@ -283,6 +283,25 @@ def test_disk_full_at_a_writer_stops_the_run_by_name_and_the_last_checkpoint_res
     assert_resumes_to_the_end(recipe, run_dir)
 
 
+@pytest.mark.slow
+def test_disk_full_at_the_journal_in_fixed_mode_stops_the_run_by_name(e2e):
+    """fixed mode generates in line, so the failed put itself ends the run (no producer thread to stop)."""
+    root, recipe = e2e
+    fixed = ["staleness.mode=fixed", "staleness.fixed_lag_steps=1"]
+    run_dir, log, trigger = root / "full-fixed", root / "full-fixed.log", root / "full-fixed.now"
+    env = fault_env(M2PO_FAULT_TRIGGER=str(trigger), M2PO_FAULT_DISK_FULL=str(run_dir / "queue"))
+    proc = start(recipe, run_dir, log, env, *fixed)
+    try:
+        wait_until(proc, log, "the step-2 checkpoint", checkpoint_at(run_dir, 2))
+        trigger.touch()
+    finally:
+        code = exit_code(proc, log, timeout=300)
+    text = log.read_text()
+    assert code == 1, text[-4000:]
+    assert WRITERS["journal"][1].format(run_dir=run_dir) in text and "the run stopped: " in text
+    assert_resumes_to_the_end(recipe, run_dir, *fixed)
+
+
 def _mount_tmpfs(where: Path, size: str) -> None:
     where.mkdir(parents=True)
     if os.geteuid() != 0:
