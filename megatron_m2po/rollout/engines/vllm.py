@@ -280,13 +280,21 @@ class VLLMEngine(Engine):
             reply = await self._call(
                 "POST",
                 "/v1/completions",
-                body={"prompt": prompt_ids, "max_tokens": 1, "temperature": temperature, "logprobs": 5},
+                body={
+                    "prompt": prompt_ids,
+                    "max_tokens": 1,
+                    "temperature": temperature,
+                    "logprobs": 5,
+                    "seed": 0,
+                    "return_tokens_as_token_ids": True,  # distinct keys: several ids may decode to one string
+                },
             )
             try:
-                top = list(reply["choices"][0]["logprobs"]["top_logprobs"][0].values())
+                top = sorted(reply["choices"][0]["logprobs"]["top_logprobs"][0].values(), reverse=True)[:5]
             except (KeyError, IndexError, TypeError, AttributeError):
                 raise EngineReplyError(f"{self.url}/v1/completions: probe reply has no top_logprobs") from None
-            gaps.append(max(top) - min(top))
+            # the 5 largest: the top 5 at either temperature (the sampled token may be added as a 6th)
+            gaps.append(top[0] - top[-1])
         if gaps[0] > 1e-3:
             self._processed_logprobs = abs(gaps[1] - gaps[0] / 2) < abs(gaps[1] - gaps[0])
 
