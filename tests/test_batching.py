@@ -142,3 +142,27 @@ def test_recompute_reruns_the_forward_in_backward(tmp_path, recompute, module):
         assert calls == {"none": 1, recompute: 2}
     finally:
         platform.destroy_distributed()
+
+
+@pytest.mark.gpu
+def test_packed_forward_equals_padded_with_transformer_engine(tmp_path):
+    """On a GPU the packed path is Transformer Engine's THD attention (padding_causal over cu_seqlens), bf16."""
+    pytest.importorskip("transformer_engine.pytorch")
+    hf_dir = make_tiny_model("qwen3", tmp_path / "m", num_hidden_layers=2)
+    platform.init_distributed()
+    try:
+        model = build_model(load_hf_config(hf_dir), use_transformer_engine=True)
+        rows = _rows([9, 4, 13, 6], seed=3)
+        device = platform.device()
+        (padded,) = make_microbatches(rows, [[0, 1, 2, 3]], consumer_version=0, pad_id=0, pack=False)
+        (packed,) = make_microbatches(
+            rows, [[0, 1, 2, 3]], consumer_version=0, pad_id=0, pack=True, packed_len=48
+        )
+        padded, packed = padded.to(device), packed.to(device)
+        with torch.no_grad():
+            lp_pad = token_logprobs(run_model(model, padded), padded, 1.0)
+            lp_pack = token_logprobs(run_model(model, packed), packed, 1.0)
+        mask = packed.packed.index >= 0
+        torch.testing.assert_close(lp_pack[mask], lp_pad[mask], rtol=0.05, atol=0.05)
+    finally:
+        platform.destroy_distributed()
