@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> dict:
         cfg.train.micro_batch_size = args.micro_batch_size
         cfg.train.lr = 1e-5
         platform.init_distributed(seed=args.seed)
-        from megatron_m2po.train import Trainer
+        from megatron_m2po.trainer.policy import Trainer
 
         trainer = Trainer(cfg)
         groups = make_groups(lengths, args.prompt, args.group, trainer.hf_config.vocab_size, args.seed)

@@ -17,8 +17,8 @@ import aiohttp
 import pytest
 
 from megatron_m2po.models.tiny import make_tiny_model
+from megatron_m2po.rollout.build import build_engines
 from megatron_m2po.rollout.engines.sglang_launcher import EngineLauncher
-from megatron_m2po.trainer.rollout_side import build_engines
 from megatron_m2po.types import SamplingParams
 
 REPO = Path(__file__).resolve().parents[1]

@@ -30,7 +30,7 @@ def compute_advantages(
             the released M2PO code).
     drgrpo: A_i = R_i - mean_g R (Dr. GRPO: no std division, which biases towards easy/hard prompts).
     rloo:   A_i = R_i - mean of the other responses of the group = n / (n - 1) * (R_i - mean_g R).
-    A group with a single response has no baseline: A_i = R_i for every estimator (M2PO.md).
+    A group with a single response has no baseline: A_i = R_i for every estimator (docs/algorithms.md, "Advantages").
     """
     if estimator not in ADVANTAGE_ESTIMATORS:
         raise ValueError(

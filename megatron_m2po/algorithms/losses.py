@@ -1,8 +1,8 @@
 """M2PO and the baseline policy losses, one interface: `get_loss(name, **hyperparameters)`.
 
-Notation (M2PO.md): for response token t of sequence i, log r = log pi_theta - log mu (mu = the behaviour
-policy that sampled it), r = exp(log r), A the advantage, sg() stop-gradient, M2 = (log r)^2, T the
-trust-region tokens (A > 0, r > 1) or (A < 0, r < 1). Each loss below is a per-token loss l_t; the
+Notation (docs/algorithms.md, "Notation"): for response token t of sequence i, log r = log pi_theta - log mu
+(mu = the behaviour policy that sampled it), r = exp(log r), A the advantage, sg() stop-gradient,
+M2 = (log r)^2, T the trust-region tokens (A > 0, r > 1) or (A < 0, r < 1). Each loss below is a per-token loss l_t; the
 wrapper then multiplies by the optional TIS factor and aggregates (token-mean by default).
 
 Each loss is registered with `register_loss` (as verl's `register_policy_loss`): its default aggregation, how

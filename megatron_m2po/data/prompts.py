@@ -21,7 +21,7 @@ from megatron_m2po.rollout.rewards.math_answer import extract_last_boxed
 
 logger = logging.getLogger(__name__)
 
-# The prompt of the M2PO paper (M2PO.md, "Prompt template"); the chat template goes on top.
+# The prompt of the M2PO paper (arXiv 2510.01161; docs/rollout.md, "template"); the chat template goes on top.
 M2PO_TEMPLATE = (
     "Please solve the following math problem: {problem}. The assistant first thinks about the reasoning "
     "process step by step and then provides the user with the answer. Return the final answer in \\boxed{{}} "

@@ -1,7 +1,7 @@
-"""Rank 0's rollout side, built from the config: prompts, engines, rewards, replay queue, manager, weight sync.
+"""The parts of rank 0's rollout side, built from the config: prompts, engines, rewards, the queue's settings.
 
 Only global rank 0 holds these objects (the engines and the queue journal live there); the other
-ranks get `None` and receive batches by broadcast (`trainer/distribute.py`).
+ranks receive batches by broadcast (`trainer/distribute.py`).
 """
 
 from __future__ import annotations

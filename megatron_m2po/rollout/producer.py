@@ -1,7 +1,7 @@
-"""Rank 0's rollout side as the loop sees it: `generate`, `put`, `take`, `start`, weights, state.
+"""Rank 0's rollout side as the loop sees it: `generate`, `put`, `take`, `start`, metrics, evaluation, state.
 
-Wraps the parts of issue 5 (prompts, engine farm, rewards, rollout manager) and issue 4 (the replay
-queue and its journal) so that `train.py` reads as the algorithm. The queue journal lives in
+Holds the prompts, the engine farm, the rewards and the rollout manager (docs/rollout.md), and the replay
+queue with its journal (docs/queue.md), so that `train.py` reads as the algorithm. The journal lives in
 `run_dir/queue`; its commit point is saved in each checkpoint, so `--resume` replays exactly the
 groups accepted but not consumed by that checkpoint, and the manager skips their prompts.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_m2po.config import Config
-from megatron_m2po.trainer.rollout_side import (
+from megatron_m2po.rollout.build import (
     build_engines,
     prompt_dataset,
     queue_kwargs,
@@ -42,7 +42,6 @@ class Producer:
         self.cfg = cfg
         hf_dir = str(hf_config_dir(cfg.model.path))  # a Megatron checkpoint keeps its HF files in `hf/`
         self.tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-        self.dataset = prompt_dataset(cfg, self.tokenizer)
         journal = run_dir / "queue"
         kwargs = queue_kwargs(cfg, journal)
         if saved is not None:
@@ -56,7 +55,7 @@ class Producer:
         self.farm = EngineFarm(build_engines(cfg, hf_dir, trainer.dtype))
         self.rewards = reward_pool(cfg)
         self.manager = RolloutManager(
-            self.dataset,
+            prompt_dataset(cfg, self.tokenizer),
             self.farm,
             self.rewards,
             self.queue,
@@ -65,8 +64,7 @@ class Producer:
             max_inflight_groups=cfg.rollout.max_inflight_groups,
         )
         if saved is not None:
-            target = self.manager if hasattr(self.manager, "load_state_dict") else self.dataset
-            target.load_state_dict(saved["data"])
+            self.manager.load_state_dict(saved["data"])
         self._gen_tokens = 0
         self._gen_seconds = 0.0
         self._last_rate: tuple[float, float] | None = None
@@ -85,9 +83,6 @@ class Producer:
                 logger.warning(
                     "group %s was already accepted (duplicate after a restart): not queued again", g.prompt_id
                 )
-
-    def depth(self) -> int:
-        return len(self.queue)
 
     # ---- bounded: a background producer
     def start(self, version: int) -> None:
@@ -117,9 +112,6 @@ class Producer:
                 raise ProducerStopped(
                     f"waiting for {num_groups} groups: the queue holds {len(self.queue)}, no producer runs"
                 )
-
-    def publish_version(self, version: int) -> None:
-        self.queue.publish_version(version)
 
     def metrics(self) -> dict[str, float]:
         out = dict(self.queue.metrics())
@@ -178,8 +170,7 @@ class Producer:
 
     def state_dict(self) -> dict[str, Any]:
         """Data position + queue commit point (call right before saving the checkpoint)."""
-        data = self.manager.state_dict() if hasattr(self.manager, "state_dict") else self.dataset.state_dict()
-        return {"data": data, "queue": self.queue.commit()}
+        return {"data": self.manager.state_dict(), "queue": self.queue.commit()}
 
     def close(self) -> None:
         try:

@@ -1,1 +1,1 @@
-"""The trainer's building blocks: batching, the update step, optimizer, checkpoints, the rollout side."""
+"""The trainer's building blocks: batching, the update step, optimizer, checkpoints, weight sync, distribution."""

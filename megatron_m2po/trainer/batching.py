@@ -304,7 +304,7 @@ def make_microbatches(
 
 
 def rollout_metrics(groups: Sequence[Group]) -> dict[str, float]:
-    """`rollout/` scalars of a consumed batch (staleness depends on the consuming update: `train.staleness_of`)."""
+    """`rollout/` scalars of a consumed batch (staleness depends on the consuming update: `step_metrics.staleness_of`)."""
     rewards = [r for g in groups for r in g.rewards]
     lengths = [len(s.response_ids) for g in groups for s in g.samples]
     truncated = [s.finish_reason == "length" for g in groups for s in g.samples]

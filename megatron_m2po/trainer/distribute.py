@@ -2,19 +2,21 @@
 
 Rank 0 owns the rollout side; every rank needs the consumed batch, and rank 0 needs the metrics that
 only the last pipeline stage computes. Object collectives keep this short; the payload per step is
-token ids and log-probs, small next to the weights.
+token ids and log-probs, small next to the weights. `SharedProducer` gives every rank the rollout side's
+interface, so the loop never asks which rank it is on.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
-
-def _device():
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+from megatron_m2po import platform
+from megatron_m2po.rollout.manager import ProducerStopped
+from megatron_m2po.types import Group
 
 
 def rank() -> int:
@@ -30,7 +32,7 @@ def broadcast_from_rank0(obj: Any) -> Any:
     if world() == 1:
         return obj
     box = [obj if rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0, device=_device())
+    dist.broadcast_object_list(box, src=0, device=platform.device())
     return box[0]
 
 
@@ -53,3 +55,74 @@ def merge_metrics_to_rank0(metrics: dict[str, float]) -> dict[str, float]:
         for k, v in p.items():
             merged.setdefault(k, v)
     return merged
+
+
+class SharedProducer:
+    """The rollout side on every rank: rank 0 runs its `rollout.producer.Producer` (`local`); on the other ranks
+    `local` is None and the methods that return data receive rank 0's answer by broadcast. Collective where
+    the docstring says so; the rest act on rank 0 only."""
+
+    def __init__(self, local=None):
+        self.local = local
+        self.farm = local.farm if local is not None else None  # the engines, for weight sync (rank 0)
+
+    def _from_rank0(self, call: Callable[[Any], Any]) -> Any:
+        """`call(local)` on rank 0, its result on every rank; a `ProducerStopped` there raises on every rank."""
+        out = None
+        if self.local is not None:
+            try:
+                out = call(self.local)
+            except ProducerStopped as e:
+                out = e
+        out = broadcast_from_rank0(out)
+        if isinstance(out, ProducerStopped):
+            raise out
+        return out
+
+    def take(self, num_groups: int, stop_requested: Callable[[], bool] = lambda: False) -> list[Group] | None:
+        """The next `num_groups` queued groups (collective); None if rank 0's `stop_requested()` turns true first."""
+        return self._from_rank0(lambda producer: producer.take(num_groups, stop_requested=stop_requested))
+
+    def queued(self) -> int:
+        """Groups in rank 0's queue (collective)."""
+        return self._from_rank0(lambda producer: len(producer.queue))
+
+    def generate(self, num_groups: int, version: int, relabel: Callable[[list[Group] | None], None]) -> None:
+        """Rank 0 generates `num_groups` groups with the engines at `version` and queues them; `relabel(groups)`
+        runs on every rank in between (collective; None off rank 0)."""
+        groups = self.local.generate(num_groups, version) if self.local is not None else None
+        relabel(groups)
+        if self.local is not None:
+            self.local.put(groups)
+
+    def start(self, version: int) -> None:
+        if self.local is not None:
+            self.local.start(version)
+
+    def publish_version(self, version: int) -> None:
+        if self.local is not None:
+            self.local.queue.publish_version(version)
+
+    def metrics(self) -> dict[str, float]:
+        return self.local.metrics() if self.local is not None else {}
+
+    def evaluate(self, version: int) -> dict[str, float]:
+        return self.local.evaluate(version) if self.local is not None else {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Rank 0's data position and queue commit point ({} elsewhere; the checkpoint broadcasts it)."""
+        return self.local.state_dict() if self.local is not None else {}
+
+    def checkpoint_saved(self, ckpt_root: Path) -> None:
+        """Free the journal segments that the oldest kept checkpoint consumed (`--resume` may fall back to it)."""
+        if self.local is None:
+            return
+        from megatron_m2po.trainer.checkpointing import oldest_trainer_state
+
+        oldest = oldest_trainer_state(ckpt_root)
+        if oldest is not None:
+            self.local.queue.gc(oldest["queue"])
+
+    def close(self) -> None:
+        if self.local is not None:
+            self.local.close()

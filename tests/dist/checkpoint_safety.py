@@ -49,8 +49,8 @@ def main(hf_dir: str, work: str, out: str, tmpfs: str | None = None) -> None:
     platform.init_distributed(1, 1, seed=0)
     import psutil
 
-    from megatron_m2po.train import Trainer
     from megatron_m2po.trainer import checkpointing as ck
+    from megatron_m2po.trainer.policy import Trainer
 
     trainer = Trainer(cfg)
     model, opt = trainer.model, trainer.optimizer

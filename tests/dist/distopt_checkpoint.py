@@ -29,8 +29,8 @@ def main(hf_dir: str, out: str, ckpt_dir: str, mode: str, *overrides: str) -> No
         setattr(getattr(cfg, section), name, value)
     platform.init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline, seed=0)
     from megatron_m2po.checkpoint.gather import iter_hf_tensors
-    from megatron_m2po.train import Trainer
     from megatron_m2po.trainer import checkpointing
+    from megatron_m2po.trainer.policy import Trainer
 
     trainer = Trainer(cfg)
     if mode == "save":

@@ -32,8 +32,8 @@ def main(hf_dir: str, out: str, ckpt_dir: str) -> None:
     cfg.train.prompts_per_step = cfg.train.prompts_per_update = 1
     cfg.train.responses_per_prompt, cfg.train.micro_batch_size, cfg.train.lr = 4, 2, 1e-3
     platform.init_distributed(1, 1, seed=0)
-    from megatron_m2po.train import Trainer
     from megatron_m2po.trainer import checkpointing
+    from megatron_m2po.trainer.policy import Trainer
 
     trainer = Trainer(cfg)
     first = [trainer.update([make_group(p, 0)], v) for v, p in enumerate(("a", "bb"))]

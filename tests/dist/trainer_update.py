@@ -57,7 +57,7 @@ def main(hf_dir: str, out: str, tp: int, pp: int, loss: str, *overrides: str) ->
         setattr(getattr(cfg, section), name, value)
     platform.init_distributed(tp, pp, seed=0)
     from megatron_m2po.checkpoint.gather import iter_hf_tensors
-    from megatron_m2po.train import Trainer
+    from megatron_m2po.trainer.policy import Trainer
 
     trainer = Trainer(cfg)
     last_stage = torch.distributed.get_world_size() - 1  # holds the loss metrics

@@ -1,0 +1,64 @@
+"""The engines' copy of the policy: `EngineSync.push(version)` sends the trainer's weights when they hold an older
+version (docs/training.md, "weight sync"; the transports are `sync/weight_sync.py`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from megatron.core import parallel_state
+
+from megatron_m2po import platform
+from megatron_m2po.sync import WeightSync
+
+
+class EngineSync:
+    """Which policy version the engines hold, and the transport that gives them a newer one (built on first use,
+    DP replica 0 only: the other replicas hold the same weights)."""
+
+    def __init__(self, trainer, farm, *, version: int):
+        """`farm`: rank 0's engines (None on the other ranks); `version`: the version they hold now."""
+        self.trainer, self.farm = trainer, farm
+        self.version: int | None = version
+        self.transport: WeightSync | None = None
+        self.metrics: dict[str, float] = {}  # the last push's `sync/` scalars
+
+    def push(self, version: int) -> None:
+        """Give the engines the policy at `version`: collective over DP replica 0's ranks; a no-op if they hold it."""
+        if parallel_state.get_data_parallel_rank() != 0 or self.version == version:
+            return
+        if self.transport is None:
+            self.transport = self._build()
+        self.metrics = self.transport.push(version)
+        self.version = version
+
+    def _build(self) -> WeightSync:
+        """`rollout.weight_transport`; `auto` picks tensors for in-process engines, NCCL for SGLang on GPU, else
+        disk (vLLM servers: disk or tensors, through vLLM's RL routes; they take no NCCL group from this trainer)."""
+        rollout = self.trainer.cfg.rollout
+        transport = rollout.weight_transport
+        if transport == "auto":
+            in_process = rollout.engine == "local" or (rollout.engine == "vllm" and not rollout.urls)
+            nccl = platform.on_gpu() and rollout.engine == "sglang"
+            transport = "tensors" if in_process else ("distributed" if nccl else "disk")
+        if transport == "distributed" and rollout.engine == "vllm":
+            raise ValueError(
+                "rollout.weight_transport=distributed: vLLM engines take weights as tensors or from disk"
+            )
+        kwargs: dict[str, Any] = {"transport": transport}
+        if transport == "disk":
+            kwargs["disk_dir"] = Path(self.trainer.cfg.logging.run_dir) / "weights"
+        if transport == "distributed" and self.farm is not None:
+            from megatron_m2po.rollout.engines.sglang_launcher import free_port
+            from megatron_m2po.sync.broadcast import DistributedWeightBroadcaster, host_address
+
+            broadcaster = DistributedWeightBroadcaster(
+                self.farm.engines,
+                master_address=host_address(),
+                master_port=free_port(""),
+                backend=platform.dist_backend(),
+                device=platform.device(),
+            )
+            broadcaster.connect(self.farm.loop)
+            kwargs["broadcaster"] = broadcaster
+        return WeightSync(self.trainer.model, self.trainer.hf_config, self.farm, **kwargs)

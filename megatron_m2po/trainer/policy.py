@@ -1,0 +1,149 @@
+"""The policy side, on every rank: the Megatron model, its optimizer and loss, and one update per mini-batch.
+
+The update itself (micro-batches through Megatron's schedule, the loss, the optimizer step) is `step.py`;
+this class turns groups of samples into that update's micro-batches (docs/training.md, "The loop").
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_m2po import algorithms, platform
+from megatron_m2po.config import Config
+from megatron_m2po.models import load_hf_config, load_policy
+from megatron_m2po.trainer.batching import (
+    TRAINER_LOGPROBS_KEY,
+    groups_to_rows,
+    make_microbatches,
+    plan_microbatches,
+)
+from megatron_m2po.trainer.distribute import broadcast_from_rank0, gather_to_rank0
+from megatron_m2po.trainer.optimizer import build_optimizer, wrap_ddp
+from megatron_m2po.trainer.step import forward_logprobs, train_update
+from megatron_m2po.types import Group
+
+
+def _dtype(cfg: Config) -> torch.dtype:
+    if cfg.model.dtype == "auto":
+        return platform.default_dtype()
+    return getattr(torch, cfg.model.dtype)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+class Trainer:
+    """The model side: policy, optimizer, loss, and the per-batch update (every rank)."""
+
+    def __init__(self, cfg: Config, model=None):
+        """`model`: an already built GPTModel for `cfg.model.path`'s config (bench/mfu.py: random weights,
+        no checkpoint to read); default: load the policy from `cfg.model.path`."""
+        self.cfg = cfg
+        self.dtype = _dtype(cfg)
+        self.hf_config = load_hf_config(cfg.model.path)
+        if model is None:
+            model = load_policy(cfg.model.path, dtype=self.dtype, parallel=cfg.parallel)
+        self.model = wrap_ddp(model, cfg.parallel)
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.dtype)
+        self.loss_fn = algorithms.PolicyLoss.from_config(cfg.algorithm)
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.pad_id = int(
+            getattr(self.hf_config, "pad_token_id", None) or getattr(self.hf_config, "eos_token_id", 0) or 0
+        )
+        mp = (
+            parallel_state.get_tensor_model_parallel_world_size()
+            * parallel_state.get_pipeline_model_parallel_world_size()
+        )
+        self.num_params = sum(p.numel() for p in self.model.parameters()) * mp  # for the MFU estimate
+
+    def _microbatches(self, rows, version: int):
+        """This DP rank's micro-batches of `rows` (`batching.plan_microbatches`), in one shape wherever the
+        pipeline's p2p buffers need it: padded to the longest of `rows`, or packed to the token budget;
+        lengths are multiples of the TP size under sequence parallelism (it splits the sequence)."""
+        settings = self.cfg.train
+        plan = plan_microbatches(
+            [len(row.tokens) for row in rows],
+            self.dp_size,
+            micro_batch_size=settings.micro_batch_size,
+            max_tokens=settings.max_tokens_per_microbatch,
+        )
+        multiple = self.cfg.parallel.tensor if self.cfg.parallel.sequence_parallel else 1
+        pack = settings.pack_sequences or bool(settings.max_tokens_per_microbatch)
+        if pack:
+            seq_len = None
+            longest = max(sum(len(rows[i].tokens) for i in mb) for shard in plan for mb in shard)
+            fixed = parallel_state.get_pipeline_model_parallel_world_size() > 1
+            packed_len = (
+                _round_up(max(settings.max_tokens_per_microbatch, longest), multiple) if fixed else None
+            )
+        else:
+            seq_len, packed_len = _round_up(max(len(row.tokens) for row in rows), multiple), None
+        return make_microbatches(
+            rows,
+            plan[self.dp_rank],
+            consumer_version=version,
+            pad_id=self.pad_id,
+            pack=pack,
+            seq_len=seq_len,
+            batch_size=settings.micro_batch_size,
+            packed_len=packed_len,
+            multiple=multiple,
+        )
+
+    def update(self, groups: list[Group], version: int) -> dict[str, float]:
+        """One optimizer update on one mini-batch of groups consumed at policy `version`."""
+        cfg = self.cfg
+        rewards = torch.tensor([reward for g in groups for reward in g.rewards], dtype=torch.float32)
+        ids = [g.prompt_id for g in groups for _ in g.samples]
+        advantages = algorithms.compute_advantages(rewards, ids, estimator=cfg.algorithm.advantage)
+        rows = groups_to_rows(groups, advantages, behavior_source=cfg.rollout.behavior_logprobs)
+        mbs = self._microbatches(rows, version)
+        # The loss is a mean over the whole mini-batch (all DP ranks): DDP averages over DP, hence / dp.
+        if self.loss_fn.aggregation == "token-mean":
+            total = sum(len(row.tokens) - row.prompt_len for row in rows)
+        else:
+            total = sum(1 for row in rows if len(row.tokens) > row.prompt_len)
+        normalizer = max(total, 1) / self.dp_size
+        return train_update(
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            mbs,
+            self.loss_fn,
+            temperature=cfg.rollout.temperature,
+            normalizer=normalizer,
+        )
+
+    def recompute_behavior_logprobs(self, groups: list[Group] | None) -> None:
+        """rollout.behavior_logprobs=trainer: log-probs of the current (= producing) weights, stored in the groups.
+
+        Collective. Each DP rank computes an interleaved share; rank 0 collects them into its groups.
+        """
+        groups = broadcast_from_rank0(groups)
+        zeros = torch.zeros(len([s for g in groups for s in g.samples]))
+        rows = groups_to_rows(groups, zeros, behavior_source="engine")
+        out: dict[int, list[float]] = {}
+        mbs = self._microbatches(rows, version=0)  # none on a rank whose share is empty
+        if mbs:
+            lps = forward_logprobs(self.model, mbs, self.cfg.rollout.temperature)
+            for mb, lp in zip(mbs, lps):
+                for i, lp_row in zip(mb.row_index.tolist(), lp):
+                    if i >= 0:
+                        row = rows[i]
+                        out[i] = lp_row[row.prompt_len - 1 : len(row.tokens) - 1].tolist()
+        parts = gather_to_rank0(out if parallel_state.is_pipeline_last_stage() else {})
+        if parts is None:
+            return
+        merged = {k: v for p in parts for k, v in p.items()}
+        i = 0
+        for g in groups:  # on rank 0 these are the producer's own Group objects
+            g.metadata[TRAINER_LOGPROBS_KEY] = [merged[i + j] for j in range(len(g.samples))]
+            i += len(g.samples)
+
+    def state_dict_extra(self) -> dict[str, Any]:
+        return {"scheduler": self.scheduler.state_dict()}
