@@ -1,57 +1,81 @@
-"""Staleness sweep on the CPU toy task (issue 7): losses x staleness s x seeds, fixed-lag protocol.
+"""Staleness sweep on the CPU toy task (issues 7, 12): losses x staleness s x seeds x lr, fixed-lag protocol.
 
-    python examples/staleness_sweep/sweep.py --out runs/sweep --jobs 2             # the full grid
-    python examples/staleness_sweep/sweep.py --out runs/sweep --losses on_policy m2po --staleness 0 4 \\
-        --seeds 0 --steps 50                                                      # a small one
+    python examples/staleness_sweep/sweep.py --jobs 2 --lr 1e-5 --weight-decay 0.01   # the grid
+    python examples/staleness_sweep/sweep.py --losses on_policy m2po --staleness 0 4 \\
+        --seeds 0 --steps 50                                                        # a small one
+    python examples/staleness_sweep/sweep.py --report      # tables + plots from docs/results/runs alone
 
 Every run starts from the same warm-started tiny model of the CPU demo (built once under OUT/task) and
 trains with the demo recipe (examples/cpu_demo/config.yaml: 16 prompts x 8 samples per update, one
 update per step) in `fixed` mode with K = s batches in the FIFO, so every batch is exactly s optimizer
-updates old (the paper's protocol; s = 0 is `sync`). At s = 0 every importance ratio is 1 and every
-loss computes the on-policy gradient, so s = 0 is run once, as `on_policy`, and the other losses run
-at every s > 0. Each run is a separate `python -m megatron_m2po.train` process (`--jobs` at a time);
-its TensorBoard events give the held-out accuracy curve (`eval/accuracy`, greedy), the masked /
-clipped token fraction and M2.
+updates old (the paper's protocol; s = 0 is `sync`). The first s updates train on the warm start's
+own samples (update u on data u - 1 updates old: the warm-start phase); every later batch is exactly s
+updates old (the steady phase). At s = 0 every importance ratio is 1 and every loss computes the
+on-policy gradient, so s = 0 is run once, as `on_policy`, and the other losses run at every s > 0. Each
+run is a separate `python -m megatron_m2po.train` process (`--jobs` at a time) working under
+OUT/runs/<run>.
 
-A finished run leaves OUT/runs/<run>/summary.json; rerunning the same command skips it, so a killed
-sweep resumes where it stopped (an unfinished run starts over).
+What lasts is the run's record, RESULTS/runs/<run>/ (RESULTS defaults to docs/results, committed):
+summary.json (settings, scalar results) and curves.csv (per update: staleness, M2 before masking, masked
+and clipped token fractions; held-out accuracy at each evaluation). A setting whose record exists is
+reused, so a sweep resumes on any machine from a fresh clone (an unfinished run starts over), and
+`--report` rebuilds everything from the records alone, without OUT.
 
-Writes OUT/results.csv (one row per run), OUT/results.md (mean +- std over seeds), OUT/accuracy.png
-(held-out accuracy vs updates, one panel per loss, one line per s) and OUT/accuracy_by_staleness.png
-(one panel per s, one line per loss, on-policy in every panel: the paper's comparison).
+Writes RESULTS/sweep.csv (one row per run of every regime: lr, weight decay and updates are columns),
+RESULTS/sweep.md (mean +- std over seeds) and per regime RESULTS/sweep_<regime>_accuracy.png (held-out
+accuracy vs updates, a panel per loss, a line per s) and RESULTS/sweep_<regime>_by_staleness.png (a
+column per s, a line per loss, on-policy in every panel: the paper's comparison).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import json
 import logging
+import math
 import os
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import yaml
+
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "examples" / "cpu_demo" / "config.yaml"
+RESULTS = REPO / "docs" / "results"
 LOSSES = ("on_policy", "grpo", "grpo_noclip", "m2po", "m2po_clip")
 STALENESS = (0, 4, 16, 64, 256)
+TAU = 0.04  # the M2 budget of the recipe and the paper
+# per-update columns of a record's curves.csv (accuracy only on evaluation rows, empty elsewhere)
+CURVE_FIELDS = ("step", "staleness", "m2_before", "masked_fraction", "clip_fraction", "accuracy")
+CURVE_TAGS = {
+    "staleness": "train/staleness_mean",
+    "m2_before": "loss/m2_before",
+    "masked_fraction": "loss/masked_fraction",
+    "clip_fraction": "loss/clip_fraction",
+    "accuracy": "eval/accuracy",
+}
 
 logger = logging.getLogger("staleness_sweep")
 
 
-def run_name(loss: str, s: int, seed: int) -> str:
-    return f"{loss}_s{s}_seed{seed}"
+def run_name(loss: str, s: int, seed: int, lr: float, weight_decay: float, steps: int) -> str:
+    return f"{loss}_s{s}_seed{seed}_lr{lr:g}_wd{weight_decay:g}_n{steps}"
 
 
-def grid(losses, staleness, seeds) -> list[tuple[str, int, int]]:
-    """(loss, s, seed) in run order: seed by seed, so a sweep stopped early has whole comparisons."""
+def grid(losses, staleness, seeds, lrs=(None,)) -> list[tuple[str, int, int, float | None]]:
+    """(loss, s, seed, lr) in run order: lr by lr, then seed by seed, so a sweep stopped early has
+    whole comparisons."""
     return [
-        (loss, s, seed)
+        (loss, s, seed, lr)
+        for lr in lrs
         for seed in seeds
         for loss in losses
         for s in staleness
@@ -59,22 +83,42 @@ def grid(losses, staleness, seeds) -> list[tuple[str, int, int]]:
     ]
 
 
+def regime(row: dict) -> tuple[float, float, int]:
+    """The settings that differ between regimes of the sweep: lr, weight decay, updates per run."""
+    return float(row["lr"]), float(row["weight_decay"]), int(row["steps"])
+
+
+def regime_tag(key: tuple[float, float, int]) -> str:
+    return f"lr{key[0]:g}_wd{key[1]:g}_n{key[2]}"
+
+
 def table_order(row: dict) -> tuple:
-    return LOSSES.index(row["loss"]), int(row["staleness"]), int(row["seed"])
+    return (*regime(row), LOSSES.index(row["loss"]), int(row["staleness"]), int(row["seed"]))
 
 
-def finished_rows(out: Path) -> list[dict]:
-    """The results rows of every finished run under OUT/runs, the curves read again from its events."""
-    return [
-        {**json.loads(done.read_text())["row"], **summarize_run(done.parent)}
-        for done in (out / "runs").glob("*/summary.json")
-    ]
+def recipe_train(config: Path) -> dict:
+    """The base recipe's train section (the lr and weight decay a sweep uses unless told otherwise)."""
+    try:
+        return yaml.safe_load(Path(config).read_text())["train"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError) as err:
+        raise ValueError(f"{config}: cannot read its train section ({err})") from err
+
+
+def heldout_accuracy(hf_dir: Path, heldout: Path, n: int) -> float:
+    """The demo's greedy held-out accuracy on the first n problems, one thread. (The demo's function is
+    gaining a progress-bar `name`; passed only where it takes one, so both versions work.)"""
+    from megatron_m2po import demo
+
+    label = (
+        {"name": "held-out accuracy"} if "name" in inspect.signature(demo.heldout_accuracy).parameters else {}
+    )
+    return demo.heldout_accuracy(hf_dir, heldout, n, threads=1, **label)
 
 
 def prepare(out: Path, seed: int, heldout: int, quick: bool) -> tuple[Path, dict[str, Path], float]:
     """The demo's task files and warm-started model, built once and reused by every run, and the warm
     start's greedy accuracy on all held-out problems (the point every run starts from)."""
-    from megatron_m2po.demo import heldout_accuracy, prepare_task, warm_start_model
+    from megatron_m2po.demo import prepare_task, warm_start_model
 
     warm = out / "task" / "warmstart"
     data, base = prepare_task(out / "task", seed=seed, heldout=heldout)
@@ -83,12 +127,32 @@ def prepare(out: Path, seed: int, heldout: int, quick: bool) -> tuple[Path, dict
         warm_start_model(base, warm, data, seed=seed, **limits)
     start_file = out / "task" / "warmstart_accuracy.json"
     if not start_file.is_file():
-        start_file.write_text(json.dumps({"accuracy": heldout_accuracy(warm, data["heldout"], 0, threads=1)}))
+        start_file.write_text(json.dumps({"accuracy": heldout_accuracy(warm, data["heldout"], heldout)}))
     return warm, data, json.loads(start_file.read_text())["accuracy"]
 
 
-def run_overrides(warm: Path, data: dict[str, Path], run_dir: Path, loss: str, s: int, seed: int, args):
-    """The `section.key=value` list that turns the base recipe into one (loss, s, seed) run."""
+def run_settings(loss: str, s: int, seed: int, lr: float, weight_decay: float, args) -> dict:
+    """What defines a run, free of machine paths: a record made elsewhere with these is the same run."""
+    config = Path(args.config).resolve()
+    return {
+        "config": str(config.relative_to(REPO)) if config.is_relative_to(REPO) else str(config),
+        "loss": loss,
+        "staleness": s,
+        "seed": seed,
+        "lr": lr,
+        "weight_decay": weight_decay,
+        "steps": args.steps,
+        "eval_every": args.eval_every,
+        "eval_prompts": args.eval_prompts,
+        "heldout": args.heldout,
+        "quick_warm_start": bool(args.quick),
+        "overrides": list(args.overrides),
+    }
+
+
+def run_overrides(warm: Path, data: dict[str, Path], run_dir: Path, settings: dict) -> list[str]:
+    """The `section.key=value` list that turns the base recipe into one run."""
+    s = settings["staleness"]
     mode = (
         ["staleness.mode=sync", "staleness.fixed_lag_steps=0"]
         if s == 0
@@ -99,39 +163,48 @@ def run_overrides(warm: Path, data: dict[str, Path], run_dir: Path, loss: str, s
         f"data.path={data['train']}",
         f"eval.path={data['heldout']}",
         f"logging.run_dir={run_dir}",
-        f"algorithm.loss={loss}",
+        f"algorithm.loss={settings['loss']}",
         *mode,
-        f"train.seed={seed}",
-        f"train.steps={args.steps}",
-        f"eval.every={args.eval_every}",
-        f"eval.max_prompts={args.eval_prompts}",
+        f"train.seed={settings['seed']}",
+        f"train.steps={settings['steps']}",
+        f"train.lr={settings['lr']}",
+        f"train.weight_decay={settings['weight_decay']}",
+        f"eval.every={settings['eval_every']}",
+        f"eval.max_prompts={settings['eval_prompts']}",
         f"staleness.queue_capacity={16 * (s + 2)}",
         "checkpoint.save_at_end=false",
         "logging.console=none",
         "logging.level=WARNING",
-        *args.overrides,
+        *settings["overrides"],
     ]
 
 
-def run_one(out: Path, warm: Path, data: dict[str, Path], loss: str, s: int, seed: int, args) -> dict:
-    """Train one setting (or reuse its finished run) and return its results row; the final accuracy is
-    the exported policy's on every held-out problem (the curve uses the first --eval-prompts)."""
-    from megatron_m2po.demo import heldout_accuracy
+def git_commit() -> str:
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    return proc.stdout.strip() or "unknown"
 
-    run_dir = out / "runs" / run_name(loss, s, seed)
-    overrides = run_overrides(warm, data, run_dir, loss, s, seed, args)
-    done = run_dir / "summary.json"
-    if done.is_file():
-        summary = json.loads(done.read_text())
-        if summary["overrides"] != overrides or summary["config"] != str(args.config):
+
+def run_one(out: Path, records: Path, task, setting: tuple, args) -> dict:
+    """Train one setting, or reuse its record under `records`, and return its results row; the final
+    accuracy is the exported policy's on every held-out problem (the curve uses the first --eval-prompts)."""
+    loss, s, seed, lr = setting
+    settings = run_settings(loss, s, seed, lr, args.weight_decay, args)
+    name = run_name(loss, s, seed, lr, args.weight_decay, args.steps)
+    record = records / name
+    if (record / "summary.json").is_file():
+        summary = json.loads((record / "summary.json").read_text())
+        if summary["settings"] != settings:
             raise ValueError(
-                f"{done}: this run was made with other settings ({summary['overrides']}); "
-                "use a new --out for a different sweep"
+                f"{record / 'summary.json'}: this run was made with other settings ({summary['settings']}); "
+                "use another --results for a different sweep"
             )
-        logger.info("%s already done, reused", run_dir.name)
-        return summary["row"]
+        logger.info("%s already done, reused", name)
+        return load_record(record)
+    warm, data, start_accuracy = task()
+    run_dir = out / "runs" / name
     if run_dir.exists():  # killed part-way: its events would mix with the new run's
         shutil.rmtree(run_dir)
+    overrides = run_overrides(warm, data, run_dir, settings)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     start = time.perf_counter()
     proc = subprocess.run(
@@ -142,22 +215,117 @@ def run_one(out: Path, warm: Path, data: dict[str, Path], loss: str, s: int, see
         cwd=REPO,
     )
     if proc.returncode != 0:
-        raise RuntimeError(f"run {run_dir.name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    final = heldout_accuracy(run_dir / "hf", data["heldout"], 0, threads=1)
+        raise RuntimeError(f"run {name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    final = heldout_accuracy(run_dir / "hf", data["heldout"], args.heldout)
     seconds = time.perf_counter() - start
-    row = {
-        "loss": loss,
-        "staleness": s,
-        "seed": seed,
-        "seconds": round(seconds),
-        "final_accuracy": final,
-        **summarize_run(run_dir),
-    }
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"config": str(args.config), "overrides": overrides, "row": row}, indent=1))
-    tmp.replace(done)
-    logger.info("%s done in %.0fs: final accuracy %.3f", run_dir.name, seconds, row["final_accuracy"])
+    write_record(
+        record,
+        settings,
+        {"seconds": round(seconds), "final_accuracy": final, "start_accuracy": start_accuracy},
+        curves_from_events(run_dir),
+    )
+    row = load_record(record)
+    logger.info("%s done in %.0fs: final accuracy %.3f", name, seconds, row["final_accuracy"])
     return row
+
+
+def curves_from_events(run_dir: Path) -> list[dict]:
+    """The run's per-update curves (CURVE_FIELDS) from its TensorBoard events."""
+    from megatron_m2po.metrics import read_scalars
+
+    series = read_scalars(run_dir)
+    if "eval/accuracy" not in series:
+        raise ValueError(f"{run_dir}: no eval/accuracy in its TensorBoard events")
+    by_step: dict[int, dict] = {}
+    for field, tag in CURVE_TAGS.items():
+        for step, value in series.get(tag, []):
+            by_step.setdefault(int(step), {"step": int(step)})[field] = value
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def write_record(record: Path, settings: dict, results: dict, curves: list[dict]) -> None:
+    """RESULTS/runs/<run>/{curves.csv, summary.json}; summary.json last, and atomically: it marks the
+    record finished."""
+    record.mkdir(parents=True, exist_ok=True)
+    with (record / "curves.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CURVE_FIELDS, restval="")
+        writer.writeheader()
+        writer.writerows({k: (f"{v:.6g}" if k != "step" else v) for k, v in c.items()} for c in curves)
+    summary = {"settings": settings, "results": results, "commit": git_commit()}
+    tmp = record / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=1) + "\n")
+    tmp.replace(record / "summary.json")
+
+
+def read_curves(path: Path) -> list[dict]:
+    """A record's curves.csv as dicts of floats (absent values left out); a bad cell names its row."""
+    rows = []
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or "step" not in reader.fieldnames:
+            raise ValueError(f"{path}: no 'step' column in its header")
+        for line, raw in enumerate(reader, start=2):
+            try:
+                rows.append(
+                    {k: float(v) for k, v in raw.items() if k in CURVE_FIELDS and v not in ("", None)}
+                )
+            except ValueError as err:
+                raise ValueError(f"{path}, row {line}: {err}") from err
+    return rows
+
+
+def series(curves: list[dict], field: str) -> list[tuple[int, float]]:
+    return [(int(c["step"]), c[field]) for c in curves if field in c]
+
+
+def steady_mean(points: list[tuple[int, float]], s: int) -> float:
+    """Mean over the steady phase, the updates after the first s (NaN if the run never got there)."""
+    values = [v for step, v in points if step > s]
+    return statistics.fmean(values) if values else math.nan
+
+
+def load_record(record: Path) -> dict:
+    """A record's results row: its settings and results, and the means and curves drawn from curves.csv."""
+    try:
+        summary = json.loads((record / "summary.json").read_text())
+        settings, results = summary["settings"], summary["results"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{record / 'summary.json'}: not a finished run's record ({err!r})") from err
+    curves = read_curves(record / "curves.csv")
+    accuracy = series(curves, "accuracy")
+    if not accuracy:
+        raise ValueError(f"{record / 'curves.csv'}: no held-out accuracy")
+
+    def mean(field: str) -> float:
+        values = [v for _, v in series(curves, field)]
+        return statistics.fmean(values) if values else math.nan
+
+    masked, clipped = dict(series(curves, "masked_fraction")), dict(series(curves, "clip_fraction"))
+    zeroed = [(step, masked.get(step, 0.0) + clipped.get(step, 0.0)) for step in sorted({*masked, *clipped})]
+    m2 = series(curves, "m2_before")
+    return {
+        "run": record.name,
+        **{k: settings[k] for k in ("loss", "staleness", "seed", "lr", "weight_decay", "steps")},
+        "final_accuracy": results["final_accuracy"],
+        "best_accuracy": max(v for _, v in accuracy),
+        "masked_fraction": mean("masked_fraction"),
+        "clip_fraction": mean("clip_fraction"),
+        "m2_before": mean("m2_before"),
+        "m2_before_steady": steady_mean(m2, int(settings["staleness"])),
+        "staleness_mean": mean("staleness"),
+        "seconds": results["seconds"],
+        "start_accuracy": results["start_accuracy"],
+        "heldout": settings["heldout"],
+        "commit": summary.get("commit", "unknown"),
+        "curve": format_curve(accuracy),
+        "zeroed_curve": format_curve(binned(zeroed)),
+        "m2_curve": format_curve(binned(m2)),
+    }
+
+
+def load_records(records: Path) -> list[dict]:
+    """The rows of every finished record under `records` (a record without summary.json is skipped)."""
+    return [load_record(done.parent) for done in sorted(records.glob("*/summary.json"))]
 
 
 def format_curve(points) -> str:
@@ -176,62 +344,60 @@ def binned(points: list[tuple[int, float]], width: int = 32) -> list[tuple[int, 
     return [((b + 1) * width, statistics.fmean(v)) for b, v in sorted(bins.items())]
 
 
-def summarize_run(run_dir: Path) -> dict:
-    """From the run's TensorBoard events: the held-out accuracy curve and its best point; training
-    means and 32-update curves of the zeroed token fraction (masked by M2PO, clipped by PPO) and M2."""
-    from megatron_m2po.metrics import read_scalars
-
-    series = read_scalars(run_dir)
-    if "eval/accuracy" not in series:
-        raise ValueError(f"{run_dir}: no eval/accuracy in its TensorBoard events")
-
-    def mean(tag: str) -> float:
-        values = [v for _, v in series.get(tag, [])]
-        return statistics.fmean(values) if values else float("nan")
-
-    masked = dict(series.get("loss/masked_fraction", []))
-    clipped = dict(series.get("loss/clip_fraction", []))
-    zeroed = [(step, masked.get(step, 0.0) + clipped.get(step, 0.0)) for step in sorted({*masked, *clipped})]
-    curve = series["eval/accuracy"]
-    return {
-        "best_accuracy": max(v for _, v in curve),
-        "masked_fraction": mean("loss/masked_fraction"),
-        "clip_fraction": mean("loss/clip_fraction"),
-        "m2_before": mean("loss/m2_before"),
-        "staleness_mean": mean("train/staleness_mean"),
-        "curve": format_curve(curve),
-        "zeroed_curve": format_curve(binned(zeroed)),
-        "m2_curve": format_curve(binned(series.get("loss/m2_before", []))),
-    }
+def plateau_length(steps: list[int], accuracy: list[float], window: int, gain: float = 0.01) -> int | None:
+    """The run-length rule, fixed before the sweep: the first evaluation update u at which the mean
+    held-out accuracy of the evaluations in (u, u + window] is less than `gain` above the mean of those
+    in (u - window, u]; None if the curve never flattens (or is too short to tell)."""
+    points = list(zip(steps, accuracy))
+    for u, _ in points:
+        before = [a for x, a in points if u - window < x <= u]
+        after = [a for x, a in points if u < x <= u + window]
+        if u < window or not after or max(x for x, _ in points) < u + window:
+            continue
+        if statistics.fmean(after) - statistics.fmean(before) < gain:
+            return u
+    return None
 
 
-def write_table(rows: list[dict], path: Path, start_accuracy: float, heldout: int) -> str:
-    """Mean +- std over seeds per (loss, s), under a line giving the common starting point."""
-    keys = sorted({(r["loss"], int(r["staleness"])) for r in rows}, key=lambda k: (LOSSES.index(k[0]), k[1]))
+def write_table(rows: list[dict], path: Path) -> str:
+    """Mean +- std over seeds per (regime, loss, s), under a line per regime's common starting point."""
+    keys = sorted(
+        {(*regime(r), r["loss"], int(r["staleness"])) for r in rows},
+        key=lambda k: (*k[:3], LOSSES.index(k[3]), k[4]),
+    )
 
     def stat(values: list[float], scale: float, digits: int) -> str:
+        values = [v for v in values if not math.isnan(v)]
+        if not values:
+            return "-"
         m = statistics.fmean(values) * scale
         sd = statistics.stdev(values) * scale if len(values) > 1 else 0.0
         return f"{m:.{digits}f} +- {sd:.{digits}f}"
 
+    starts = sorted({(float(r["start_accuracy"]), int(r["heldout"])) for r in rows})
     lines = [
-        f"Every run starts from the warm start: {100 * start_accuracy:.1f}% greedy accuracy on the "
-        f"{heldout} held-out problems. Final accuracy: the trained policy on all of them; best: the highest "
-        "point of the accuracy curve during training.",
+        "Every run starts from the warm start: "
+        + ", ".join(f"{100 * a:.1f}% greedy accuracy on the {n} held-out problems" for a, n in starts)
+        + ". Final accuracy: the trained policy on all of them; best: the highest point of the accuracy "
+        "curve during training. M2: mean (log r)^2 over the trust-region tokens before masking, over the "
+        "whole run and over the steady phase (updates after the first s).",
         "",
-        "| loss | s | seeds | final held-out accuracy (%) | best (%) | masked tokens (%) | clipped tokens (%) | M2 |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| lr | weight decay | updates | loss | s | seeds | final held-out accuracy (%) | best (%) "
+        "| masked tokens (%) | clipped tokens (%) | M2 | M2 steady |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for loss, s in keys:
-        group = [r for r in rows if r["loss"] == loss and int(r["staleness"]) == s]
+    for lr, wd, steps, loss, s in keys:
+        group = [r for r in rows if (*regime(r), r["loss"], int(r["staleness"])) == (lr, wd, steps, loss, s)]
 
         def f(key: str, group=group) -> list[float]:
             return [float(r[key]) for r in group]
 
         lines.append(
-            f"| {loss} | {s} | {len(group)} | {stat(f('final_accuracy'), 100, 1)} | "
+            f"| {lr:g} | {wd:g} | {steps} | {loss} | {s} | {len(group)} | "
+            f"{stat(f('final_accuracy'), 100, 1)} | "
             f"{stat(f('best_accuracy'), 100, 1)} | {stat(f('masked_fraction'), 100, 3)} | "
-            f"{stat(f('clip_fraction'), 100, 3)} | {stat(f('m2_before'), 1, 4)} |"
+            f"{stat(f('clip_fraction'), 100, 3)} | {stat(f('m2_before'), 1, 4)} | "
+            f"{stat(f('m2_before_steady'), 1, 4)} |"
         )
     text = "\n".join(lines) + "\n"
     path.write_text(text)
@@ -253,8 +419,8 @@ PANEL_ROWS = (
 )
 
 
-def plot(rows: list[dict], out: Path) -> list[Path]:
-    """accuracy.png: a panel per loss, a line per s. accuracy_by_staleness.png: a column per s > 0, a
+def plot(rows: list[dict], out: Path, prefix: str) -> list[Path]:
+    """PREFIX_accuracy.png: a panel per loss, a line per s. PREFIX_by_staleness.png: a column per s > 0, a
     line per loss (on-policy, s = 0, dashed in every accuracy panel), rows: accuracy, token fraction
     masked (M2PO) or clipped (PPO), M2; all means over seeds."""
     import matplotlib
@@ -306,45 +472,68 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
         lines = [(loss, select(loss, s), {"color": f"C{LOSSES.index(loss)}"}) for loss in losses]
         return (reference if on_policy and key == "curve" else []) + [line for line in lines if line[1]]
 
-    paths = [draw(out / "accuracy.png", losses, by_s, str, PANEL_ROWS[:1])]
+    paths = [draw(out / f"{prefix}_accuracy.png", losses, by_s, str, PANEL_ROWS[:1])]
     stale = [s for s in staleness if s > 0]
     if stale:
         paths.append(
-            draw(out / "accuracy_by_staleness.png", stale, by_loss, lambda s: f"s = {s}", PANEL_ROWS)
+            draw(out / f"{prefix}_by_staleness.png", stale, by_loss, lambda s: f"s = {s}", PANEL_ROWS)
         )
     return paths
 
 
 FIELDS = [
+    "run",
     "loss",
     "staleness",
     "seed",
+    "lr",
+    "weight_decay",
+    "steps",
     "final_accuracy",
     "best_accuracy",
     "masked_fraction",
     "clip_fraction",
     "m2_before",
+    "m2_before_steady",
     "staleness_mean",
     "seconds",
+    "start_accuracy",
+    "heldout",
+    "commit",
     "curve",
     "zeroed_curve",
     "m2_curve",
 ]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def report(results: Path) -> list[dict]:
+    """RESULTS/sweep.csv, sweep.md and the plots of every regime, from the records in RESULTS/runs."""
+    rows = sorted(load_records(results / "runs"), key=table_order)
+    results.mkdir(parents=True, exist_ok=True)
+    with (results / "sweep.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    if rows:
+        print(write_table(rows, results / "sweep.md"))
+        for key in sorted({regime(r) for r in rows}):
+            plot([r for r in rows if regime(r) == key], results, f"sweep_{regime_tag(key)}")
+    return rows
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
+    """The options every way of running these runs shares (the sweep and the calibration)."""
+    parser.add_argument(
+        "--out", default="runs/staleness_sweep", help="work dir: the warm start and the runs' events"
     )
-    parser.add_argument("--out", default="runs/staleness_sweep")
+    parser.add_argument(
+        "--results",
+        default=str(RESULTS),
+        help="where the run records (RESULTS/runs/<run>/), tables and plots go (default: docs/results)",
+    )
     parser.add_argument("--config", default=str(RECIPE), help="base recipe (default: the CPU demo's)")
-    parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
     parser.add_argument(
-        "--staleness", nargs="+", type=int, default=list(STALENESS), help="s in optimizer updates"
-    )
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument(
-        "--steps", type=int, default=1024, help="optimizer updates per run (>> the largest s)"
+        "--steps", type=int, default=steps, help="optimizer updates per run (>> the largest s)"
     )
     parser.add_argument("--eval-every", type=int, default=128)
     parser.add_argument(
@@ -362,43 +551,104 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--report",
         action="store_true",
-        help="train nothing: write the CSV, table and plots from every finished run under --out",
+        help="train nothing: tables and plots from the records under --results",
     )
     parser.add_argument("--quick", action="store_true", help="smoke test: a 20-step warm start")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides for every run")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+
+def run_all(settings: list[tuple], records: Path, args) -> list[Exception]:
+    """Run (or reuse) every setting, `--jobs` at a time; the warm start is built only if a run needs it."""
     out = Path(args.out).resolve()
-    start = time.perf_counter()
-    warm, data, start_accuracy = prepare(out, seed=0, heldout=args.heldout, quick=args.quick)
-    logger.info("warm start: held-out accuracy %.3f on %d problems", start_accuracy, args.heldout)
-    settings = [] if args.report else grid(args.losses, args.staleness, args.seeds)
-    if not settings and not args.report:
-        parser.error("the grid is empty: on_policy runs only at s = 0, the other losses only at s > 0")
-    rows, failures = [], []
+    task_cache: list = []
+    lock = threading.Lock()
+
+    def task():
+        with lock:  # the first run that needs it builds it; the others wait
+            if not task_cache:
+                task_cache.append(prepare(out, seed=0, heldout=args.heldout, quick=args.quick))
+                logger.info(
+                    "warm start: held-out accuracy %.3f on %d problems", task_cache[0][2], args.heldout
+                )
+        return task_cache[0]
+
+    failures = []
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(run_one, out, warm, data, loss, s, seed, args) for loss, s, seed in settings]
+        futures = [pool.submit(run_one, out, records, task, setting, args) for setting in settings]
         for future in futures:
             try:
-                rows.append(future.result())
+                future.result()
             except Exception as err:  # the other runs still finish and are reported
                 failures.append(err)
                 logger.error("%s", err)
-    rows = sorted(finished_rows(out) if args.report else rows, key=table_order)
-    csv_path = out / "results.csv"
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    if rows:
-        print(write_table(rows, out / "results.md", start_accuracy, args.heldout))
-        plot(rows, out)
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_run_arguments(parser, steps=1024)
+    parser.add_argument("--losses", nargs="+", default=list(LOSSES), choices=LOSSES)
+    parser.add_argument(
+        "--staleness", nargs="+", type=int, default=list(STALENESS), help="s in optimizer updates"
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--lr", nargs="+", type=float, help="learning rates (default: the recipe's)")
+    parser.add_argument("--weight-decay", type=float, help="weight decay (default: the recipe's)")
+    parser.add_argument(
+        "--run-length",
+        action="store_true",
+        help="train nothing: print the run length the rule gives from the longest on_policy record at --lr",
+    )
+    parser.add_argument("--window", type=int, default=256, help="updates either side, for --run-length")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    results = Path(args.results).resolve()
+    start = time.perf_counter()
+    train = recipe_train(Path(args.config))
+    lrs = args.lr or [float(train["lr"])]
+    if args.weight_decay is None:
+        args.weight_decay = float(train.get("weight_decay", 0.0))
+    if args.run_length:
+        return print_run_length(results / "runs", lrs[0], args.weight_decay, args.window)
+    settings = [] if args.report else grid(args.losses, args.staleness, args.seeds, lrs)
+    if not settings and not args.report:
+        parser.error("the grid is empty: on_policy runs only at s = 0, the other losses only at s > 0")
+    failures = run_all(settings, results / "runs", args)
+    rows = report(results)
     print(
-        f"wrote {len(rows)} runs to {csv_path}, results.md and the plots in {time.perf_counter() - start:.0f}s"
+        f"wrote {len(rows)} runs to {results / 'sweep.csv'}, sweep.md and the plots "
+        f"in {time.perf_counter() - start:.0f}s"
     )
     if failures:
         print(f"{len(failures)} of {len(settings)} runs failed; rerun the same command to retry them")
         return 1
+    return 0
+
+
+def print_run_length(records: Path, lr: float, weight_decay: float, window: int) -> int:
+    """The sweep's run length from the longest on_policy record at (lr, weight decay): the plateau
+    update (plateau_length), rounded up to a multiple of 64, and at least 512 so the steady phase at
+    s = 256 is at least as long as the warm-start phase."""
+    runs = [
+        r
+        for r in load_records(records)
+        if r["loss"] == "on_policy"
+        and math.isclose(float(r["lr"]), lr)
+        and math.isclose(float(r["weight_decay"]), weight_decay)
+    ]
+    if not runs:
+        print(f"no on_policy record at lr {lr:g}, weight decay {weight_decay:g} under {records}")
+        return 1
+    longest = max(runs, key=lambda r: int(r["steps"]))
+    curve = parse_curve(longest["curve"])
+    steps = sorted(curve)
+    u = plateau_length([int(x) for x in steps], [curve[x] for x in steps], window)
+    if u is None:
+        print(f"{longest['run']}: accuracy still gains >= 1 point per {window} updates; run on_policy longer")
+        return 1
+    print(f"{longest['run']}: plateau at update {u}; run length {max(512, -(-u // 64) * 64)}")
     return 0
 
 
