@@ -26,9 +26,9 @@ SCRIPT = textwrap.dedent(
 
     verbose = sys.argv[1:] == ["--verbose"]
     assert cli.main(["train", "--config", "/nonexistent/recipe.yaml", *sys.argv[1:]]) == 2
-    assert math_reward("\\\\boxed{5}", "5") == 1.0
+    assert math_reward("\\\\boxed{\\\\frac{1}{2}}", "0.5") == 1.0  # not plain integers: math-verify parses
     with RewardPool(workers=1) as pool:
-        assert pool.score(["\\\\boxed{7}"], ["7"]) == [1.0]
+        assert pool.score(["\\\\boxed{0.25}"], ["\\\\frac14"]) == [1.0]
     """
 )
 

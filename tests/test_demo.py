@@ -88,7 +88,10 @@ def test_quick_demo_verbose_shows_every_library_message(tmp_path):
     proc, last = _demo(tmp_path / "demo", "--quick", "--verbose", timeout=600)
     assert LAST_LINE.match(last), f"last line {last!r}"
     console = proc.stdout + proc.stderr
-    assert [noise for noise in THIRD_PARTY_NOISE if noise not in console] == []
+    # math-verify runs (and warns) only on answers that are not plain integers: whether the quick demo's model
+    # writes one depends on its samples; tests/test_console.py checks that warning on a fixed input
+    expected = [noise for noise in THIRD_PARTY_NOISE if noise != "Timeout is disabled"]
+    assert [noise for noise in expected if noise not in console] == []
 
 
 @pytest.mark.slow
