@@ -90,7 +90,7 @@ def test_trust_check_refuses_what_others_can_write_and_the_override_is_explicit(
 
 
 def test_consumed_log_drops_a_torn_last_line_and_names_a_damaged_one(tmp_path, caplog):
-    from megatron_m2po.train import ConsumedLog
+    from megatron_m2po.trainer.run_state import ConsumedLog
 
     path = tmp_path / "consumed.jsonl"
     good = [json.dumps({"step": s, "version": s, "groups": []}) for s in (1, 2, 3)]

@@ -166,7 +166,7 @@ def test_tensorboard_failure_is_logged_once_counted_and_the_run_goes_on(tmp_path
 
 
 def test_consumed_log_on_a_full_disk_names_the_file_and_errno(tmp_path):
-    from megatron_m2po.train import ConsumedLog
+    from megatron_m2po.trainer.run_state import ConsumedLog
 
     path = tmp_path / "consumed.jsonl"
     log = ConsumedLog(path, keep_through_step=0)
