@@ -4,10 +4,10 @@
 2. build a tiny Qwen3 (`models/tiny.py`) and warm-start it by supervised learning until greedy
    validation accuracy reaches a partial level (`sft.py`);
 3. measure held-out accuracy (greedy, through the evaluation tool and the local engine);
-4. train it with M2PO asynchronously (`bounded` staleness: the local engine generates in its own thread
-   while the trainer trains, each batch at most 2 updates stale) with the real trainer (`train.py`:
-   Megatron-core policy, local engine, replay queue, weight sync), and measure how much of the RL
-   stage's wall time generation and training ran at the same time (`CoreMeter`);
+4. train it with M2PO asynchronously (`bounded` staleness: a local engine server process generates while
+   this process trains, each batch at most 2 updates stale) with the real trainer (`train.py`:
+   Megatron-core policy, replay queue, weight sync), and measure how much of the RL stage's wall time
+   generation and training ran at the same time (`CoreMeter`);
 5. measure held-out accuracy again, plot the run (`m2po plot`), and print as the last line
    `accuracy: BEFORE -> AFTER`.
 
