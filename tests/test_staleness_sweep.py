@@ -65,6 +65,7 @@ def test_sweep_smoke(tmp_path):
         assert float(r["m2_curve"].split(":")[1]) == pytest.approx(float(r["m2_before"]))
     assert float(rows[0]["staleness_mean"]) == 0.0 and float(rows[1]["staleness_mean"]) > 0.0
     assert float(rows[0]["m2_before"]) < 1e-9  # s = 0: the behaviour policy is the trained one
+    assert 0.0 <= float(rows[1]["confident_fraction"]) <= 1.0 and float(rows[1]["m2_before_unconfident"]) >= 0
     # m2po at s = 2 over 3 updates: update 3 is the steady phase, its M2 read back from the record
     record = results / "runs" / rows[1]["run"]
     curves = sweep.read_curves(record / "curves.csv")
@@ -114,7 +115,9 @@ def test_sweep_smoke(tmp_path):
             ("steady", 3), ("steady", 4)]
     ]  # fmt: skip
     assert [float(r["staleness_mean"]) for r in bins[:4]] == [0.0, 1.0, 2.0, 2.0]
-    assert all(0.0 <= float(r["m2_before"]) and 0.0 <= float(r["masked_fraction"]) <= 1.0 for r in bins)
+    for r in bins:
+        assert float(r["m2_before"]) >= 0 and 0.0 <= float(r["masked_fraction"]) <= 1.0
+        assert 0.0 <= float(r["confident_fraction"]) <= 1.0
     summary = (results / "calibration.md").read_text()
     assert summary.startswith("Selection rule (fixed before the runs)") and "| 1e-05 |" in summary
     assert "Chosen:" in proc.stdout
@@ -162,6 +165,7 @@ def test_phase_bins_split_at_s():
     ]  # fmt: skip
     assert [b["m2_before"] for b in bins] == pytest.approx([0.15, 0.3, 0.45, 0.65])
     assert [b["staleness_mean"] for b in bins] == [1.5, 3.0, 3.0, 3.0]
+    assert all(math.isnan(b["confident_fraction"]) for b in bins)  # not in these curves: not made up
 
 
 def test_a_bad_curves_file_names_its_row(tmp_path):

@@ -9,8 +9,8 @@ Runs `m2po` at s = 256 (fixed lag), weight decay 0.01 (the paper's), for every l
 each run's record under RESULTS/calibration_runs/<run>/. A run has two phases: the first s updates
 train on the warm start's own samples (update u on data u - 1 updates old: `first`); every later batch
 is exactly s updates old (`steady`). Per --bin updates of each phase it records the mean staleness, M2
-before masking (loss/m2_before: mean (log r)^2 over the trust-region tokens, before the mask) and the
-masked token fraction.
+before masking (loss/m2_before: mean (log r)^2 over the trust-region tokens, before the mask), the
+masked token fraction, the share of trust-region tokens sampled with p > 0.99 and M2 over the others.
 
 Writes RESULTS/calibration.csv (one row per run, phase and bin) and RESULTS/calibration.md (the per-lr
 summary and the chosen lr, then the bins). The selection rule is fixed here, before any run
@@ -43,7 +43,18 @@ FIELDS = [
     "staleness_mean",
     "m2_before",
     "masked_fraction",
+    "confident_fraction",
+    "m2_before_unconfident",
 ]
+
+
+MEANS = ("m2_before", "masked_fraction", "confident_fraction", "m2_before_unconfident")
+
+
+def mean_of(rows: list[dict], field: str) -> float:
+    """Mean of a field over the rows that have it (NaN if none: a run from before it was logged)."""
+    values = [r[field] for r in rows if field in r]
+    return statistics.fmean(values) if values else float("nan")
 
 
 def phase_bins(curves: list[dict], s: int, width: int) -> list[dict]:
@@ -64,10 +75,7 @@ def phase_bins(curves: list[dict], s: int, width: int) -> list[dict]:
                 "phase": phase,
                 "first_update": int(group[0]["step"]),
                 "last_update": int(group[-1]["step"]),
-                **{
-                    field: statistics.fmean(c.get(field, 0.0) for c in group)
-                    for field in ("staleness", "m2_before", "masked_fraction")
-                },
+                **{field: mean_of(group, field) for field in (*MEANS, "staleness")},
             }
         )
         rows[-1]["staleness_mean"] = rows[-1].pop("staleness")
@@ -123,13 +131,15 @@ def write_calibration(rows: list[dict], steady: dict[float, float], results: Pat
         )
     lines += [
         "",
-        "| lr | seed | phase | updates | mean staleness | M2 before masking | masked (%) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| lr | seed | phase | updates | mean staleness | M2 before masking | masked (%) | T with p > 0.99 (%) "
+        "| M2 over T with p <= 0.99 |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lines.append(
             f"| {r['lr']:g} | {r['seed']} | {r['phase']} | {r['first_update']}-{r['last_update']} | "
-            f"{r['staleness_mean']:.1f} | {r['m2_before']:.4f} | {100 * r['masked_fraction']:.3f} |"
+            f"{r['staleness_mean']:.1f} | {r['m2_before']:.4f} | {100 * r['masked_fraction']:.3f} | "
+            f"{100 * r['confident_fraction']:.1f} | {r['m2_before_unconfident']:.4f} |"
         )
     text = "\n".join(lines) + "\n"
     (results / "calibration.md").write_text(text)

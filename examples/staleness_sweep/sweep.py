@@ -17,7 +17,8 @@ OUT/runs/<run>.
 
 What lasts is the run's record, RESULTS/runs/<run>/ (RESULTS defaults to docs/results, committed):
 summary.json (settings, scalar results) and curves.csv (per update: staleness, M2 before masking, masked
-and clipped token fractions; held-out accuracy at each evaluation). A setting whose record exists is
+and clipped token fractions, the share of trust-region tokens sampled with p > 0.99 and M2 over the rest;
+held-out accuracy at each evaluation). A setting whose record exists is
 reused, so a sweep resumes on any machine from a fresh clone (an unfinished run starts over), and
 `--report` rebuilds everything from the records alone, without OUT.
 
@@ -54,12 +55,23 @@ LOSSES = ("on_policy", "grpo", "grpo_noclip", "m2po", "m2po_clip")
 STALENESS = (0, 4, 16, 64, 256)
 TAU = 0.04  # the M2 budget of the recipe and the paper
 # per-update columns of a record's curves.csv (accuracy only on evaluation rows, empty elsewhere)
-CURVE_FIELDS = ("step", "staleness", "m2_before", "masked_fraction", "clip_fraction", "accuracy")
+CURVE_FIELDS = (
+    "step",
+    "staleness",
+    "m2_before",
+    "masked_fraction",
+    "clip_fraction",
+    "confident_fraction",
+    "m2_before_unconfident",
+    "accuracy",
+)
 CURVE_TAGS = {
     "staleness": "train/staleness_mean",
     "m2_before": "loss/m2_before",
     "masked_fraction": "loss/masked_fraction",
     "clip_fraction": "loss/clip_fraction",
+    "confident_fraction": "loss/confident_fraction",  # T tokens with mu > 0.99
+    "m2_before_unconfident": "loss/m2_before_unconfident",  # M2 over the other T tokens
     "accuracy": "eval/accuracy",
 }
 
@@ -180,7 +192,13 @@ def run_overrides(warm: Path, data: dict[str, Path], run_dir: Path, settings: di
 
 
 def git_commit() -> str:
-    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    """The checkout's commit, recorded with each run ("unknown" outside a git checkout)."""
+    try:
+        proc = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
+        )
+    except OSError:
+        return "unknown"
     return proc.stdout.strip() or "unknown"
 
 
@@ -312,6 +330,8 @@ def load_record(record: Path) -> dict:
         "clip_fraction": mean("clip_fraction"),
         "m2_before": mean("m2_before"),
         "m2_before_steady": steady_mean(m2, int(settings["staleness"])),
+        "confident_fraction": mean("confident_fraction"),
+        "m2_before_unconfident": mean("m2_before_unconfident"),
         "staleness_mean": mean("staleness"),
         "seconds": results["seconds"],
         "start_accuracy": results["start_accuracy"],
@@ -495,6 +515,8 @@ FIELDS = [
     "clip_fraction",
     "m2_before",
     "m2_before_steady",
+    "confident_fraction",
+    "m2_before_unconfident",
     "staleness_mean",
     "seconds",
     "start_accuracy",
