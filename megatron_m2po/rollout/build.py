@@ -69,8 +69,12 @@ def build_engines(cfg: Config, hf_dir: str, dtype: torch.dtype) -> list:
         return [SGLangEngine(url, engine_id=f"sglang-{i}", **kwargs) for i, url in enumerate(r.urls)]
     from megatron_m2po.rollout.engines.vllm import VLLMEngine
 
-    if r.urls:  # vLLM servers
-        return [VLLMEngine(hf_dir, engine_id=f"vllm-{i}", url=url) for i, url in enumerate(r.urls)]
+    if r.urls:  # vLLM servers (their --api-key guards generation; docs/rollout.md, "vLLM")
+        api_key = os.environ.get(r.api_key_env) or None
+        return [
+            VLLMEngine(hf_dir, engine_id=f"vllm-{i}", url=url, api_key=api_key)
+            for i, url in enumerate(r.urls)
+        ]
     return [VLLMEngine(hf_dir, engine_id=f"vllm-{i}") for i in range(r.num_engines)]  # in process
 
 

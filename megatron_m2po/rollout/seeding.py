@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 
-SEED_BITS = 63  # fits a signed 64-bit integer (torch.Generator, vLLM, SGLang's sampling_seed)
+# 62 bits: fits a signed 64-bit integer (torch.Generator, SGLang's sampling_seed) even after vLLM seeds
+# sample i of a request with seed + i.
+SEED_BITS = 62
 
 
 def request_seed(run_seed: int | None, version: int, prompt_id: str, index: int = 0) -> int | None:
