@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import inspect
 import json
 import logging
 import math
@@ -117,14 +116,10 @@ def recipe_train(config: Path) -> dict:
 
 
 def heldout_accuracy(hf_dir: Path, heldout: Path, n: int) -> float:
-    """The demo's greedy held-out accuracy on the first n problems, one thread. (The demo's function is
-    gaining a progress-bar `name`; passed only where it takes one, so both versions work.)"""
+    """The demo's greedy held-out accuracy on the first n problems, one thread."""
     from megatron_m2po import demo
 
-    label = (
-        {"name": "held-out accuracy"} if "name" in inspect.signature(demo.heldout_accuracy).parameters else {}
-    )
-    return demo.heldout_accuracy(hf_dir, heldout, n, threads=1, **label)
+    return demo.heldout_accuracy(hf_dir, heldout, n, threads=1, name="held-out accuracy")
 
 
 def prepare(out: Path, seed: int, heldout: int, quick: bool) -> tuple[Path, dict[str, Path], float]:
