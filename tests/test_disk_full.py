@@ -27,6 +27,7 @@ from megatron_m2po.metrics import MetricsLogger, read_scalars
 from megatron_m2po.queue.journal import JournalWriter, scan_journal
 from tests.conftest import REPO, subprocess_env
 from tests.test_train_e2e import (
+    BOUNDED_OVERRIDES,
     _reap,
     consumed,
     run_train,
@@ -35,13 +36,7 @@ from tests.test_train_e2e import (
 )
 
 FAULTS = Path(__file__).parent / "fault_injection"
-BOUNDED = [
-    "staleness.mode=bounded",
-    "staleness.fixed_lag_steps=0",
-    "staleness.max_staleness=2",
-    "train.steps=6",
-    "checkpoint.save_every=2",
-]
+BOUNDED = BOUNDED_OVERRIDES
 
 
 @contextlib.contextmanager
@@ -206,6 +201,17 @@ def start(recipe, run_dir, log: Path, env, *overrides, resume=False) -> subproce
     )
 
 
+def run_until_fault(recipe, run_dir, log: Path, trigger: Path, env, *overrides) -> tuple[int, str]:
+    """Run the trainer and set off its injected fault once the step-2 checkpoint exists: (exit code, log)."""
+    proc = start(recipe, run_dir, log, env, *overrides)
+    try:
+        wait_until(proc, log, "the step-2 checkpoint", checkpoint_at(run_dir, 2))
+        trigger.touch()
+    finally:
+        code = exit_code(proc, log, timeout=300)
+    return code, log.read_text()
+
+
 def wait_until(proc, log: Path, what: str, ready, timeout: float = 400) -> None:
     deadline = time.monotonic() + timeout
     while not ready():
@@ -271,13 +277,7 @@ def test_disk_full_at_a_writer_stops_the_run_by_name_and_the_last_checkpoint_res
     run_dir, log, trigger = root / f"full-{writer}", root / f"full-{writer}.log", root / f"full-{writer}.now"
     path = WRITERS[writer][0]
     env = fault_env(M2PO_FAULT_TRIGGER=str(trigger), M2PO_FAULT_DISK_FULL=str(run_dir / path))
-    proc = start(recipe, run_dir, log, env)
-    try:
-        wait_until(proc, log, "the step-2 checkpoint", checkpoint_at(run_dir, 2))
-        trigger.touch()
-    finally:
-        code = exit_code(proc, log, timeout=300)
-    text = log.read_text()
+    code, text = run_until_fault(recipe, run_dir, log, trigger, env)
     assert said(writer, run_dir, text), text[-4000:]
     if writer == "tensorboard":
         assert code == 0, text[-4000:]
@@ -295,13 +295,7 @@ def test_disk_full_at_the_journal_in_fixed_mode_stops_the_run_by_name(e2e):
     fixed = ["staleness.mode=fixed", "staleness.fixed_lag_steps=1"]
     run_dir, log, trigger = root / "full-fixed", root / "full-fixed.log", root / "full-fixed.now"
     env = fault_env(M2PO_FAULT_TRIGGER=str(trigger), M2PO_FAULT_DISK_FULL=str(run_dir / "queue"))
-    proc = start(recipe, run_dir, log, env, *fixed)
-    try:
-        wait_until(proc, log, "the step-2 checkpoint", checkpoint_at(run_dir, 2))
-        trigger.touch()
-    finally:
-        code = exit_code(proc, log, timeout=300)
-    text = log.read_text()
+    code, text = run_until_fault(recipe, run_dir, log, trigger, env, *fixed)
     assert code == 1, text[-4000:]
     assert said("journal", run_dir, text), text[-4000:]
     assert_resumes_to_the_end(recipe, run_dir, *fixed)
@@ -383,12 +377,6 @@ def test_a_producer_that_died_ends_the_wait_with_its_cause(e2e):
     root, recipe = e2e
     run_dir, log, trigger = root / "crashed", root / "crashed.log", root / "crashed.now"
     env = fault_env(M2PO_FAULT_TRIGGER=str(trigger), M2PO_FAULT_PRODUCER_CRASH="1")
-    proc = start(recipe, run_dir, log, env)
-    try:
-        wait_until(proc, log, "the step-2 checkpoint", checkpoint_at(run_dir, 2))
-        trigger.touch()
-    finally:
-        code = exit_code(proc, log, timeout=300)
-    text = log.read_text()
+    code, text = run_until_fault(recipe, run_dir, log, trigger, env)
     assert code == 1, text[-4000:]
     assert "the rollout producer crashed: RuntimeError: injected fault: the prompt source failed" in text

@@ -17,6 +17,7 @@ import pytest
 from megatron_m2po.metrics import read_scalars
 from tests.conftest import REPO
 from tests.test_train_e2e import (
+    BOUNDED_OVERRIDES,
     _journal_accounting,
     _reap,
     consumed,
@@ -27,14 +28,7 @@ from tests.test_train_e2e import (
 )
 
 FIXED = ["train.steps=4", "staleness.journal_segment_bytes=4096"]
-BOUNDED = [
-    "staleness.mode=bounded",
-    "staleness.fixed_lag_steps=0",
-    "staleness.max_staleness=2",
-    "train.steps=6",
-    "checkpoint.save_every=2",
-    "staleness.journal_segment_bytes=4096",
-]
+BOUNDED = [*BOUNDED_OVERRIDES, "staleness.journal_segment_bytes=4096"]
 COMPARED = ("loss/value", "train/grad_norm", "loss/m2_before", "rollout/reward_mean")
 
 

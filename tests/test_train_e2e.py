@@ -246,19 +246,23 @@ def _reap(proc: subprocess.Popen) -> None:
         pass
 
 
+# bounded mode with a background producer, a checkpoint every 2 of 6 steps (also tests/test_disk_full.py,
+# tests/test_train_chaos.py)
+BOUNDED_OVERRIDES = [
+    "staleness.mode=bounded",
+    "staleness.fixed_lag_steps=0",
+    "staleness.max_staleness=2",
+    "train.steps=6",
+    "checkpoint.save_every=2",
+]
+
+
 def test_sigterm_and_kill_9_then_resume_lose_and_repeat_nothing(setup):
     """bounded mode with a background producer: SIGTERM checkpoints and exits; after a resume, SIGKILL mid-run;
     a second resume finishes. Every accepted group is consumed once or still queued; the step count continues."""
     root, recipe = setup
     run_dir, log = root / "killed", root / "killed.log"
-    overrides = [
-        "staleness.mode=bounded",
-        "staleness.fixed_lag_steps=0",
-        "staleness.max_staleness=2",
-        "train.steps=6",
-        "checkpoint.save_every=2",
-    ]
-    proc = _start(recipe, run_dir, overrides, log, resume=False)
+    proc = _start(recipe, run_dir, BOUNDED_OVERRIDES, log, resume=False)
     try:
         _wait_for_step(proc, run_dir, 1, log)
         proc.send_signal(signal.SIGTERM)
@@ -269,14 +273,14 @@ def test_sigterm_and_kill_9_then_resume_lose_and_repeat_nothing(setup):
     assert stopped_at < 6
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:08d}"
 
-    proc = _start(recipe, run_dir, overrides, log, resume=True)
+    proc = _start(recipe, run_dir, BOUNDED_OVERRIDES, log, resume=True)
     try:
         _wait_for_step(proc, run_dir, min(stopped_at + 2, 5), log)
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:
         _reap(proc)
-    run_train(recipe, run_dir, *overrides, resume=True)
+    run_train(recipe, run_dir, *BOUNDED_OVERRIDES, resume=True)
 
     records = consumed(run_dir)
     assert [r["step"] for r in records] == [
