@@ -24,7 +24,9 @@ import inspect
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,6 +41,85 @@ logger = logging.getLogger(__name__)
 
 class _Cancelled(Exception):
     """The request's task was cancelled; the worker thread stops decoding it."""
+
+
+@dataclass(eq=False)
+class _Request:
+    """One generate call: its n rows' tokens so far, and the future its caller awaits."""
+
+    prompt_id: str
+    prompt_ids: list[int]
+    n: int
+    params: SamplingParams
+    stop_ids: set[int]
+    max_new: int
+    submitted: float = field(default_factory=time.perf_counter)
+    started: float = 0.0
+    cancel: threading.Event = field(default_factory=threading.Event)
+    future: Future = field(default_factory=Future)
+    generators: list[torch.Generator] = field(default_factory=list)  # per sample, seeded at its 1st step
+
+    def __post_init__(self):
+        self.tokens: list[list[int]] = [[] for _ in range(self.n)]
+        self.logprobs: list[list[float]] = [[] for _ in range(self.n)]
+        self.versions: list[list[int]] = [[] for _ in range(self.n)]
+        self.finish = ["length"] * self.n
+        self.live = self.n  # rows still decoding
+
+
+@dataclass(frozen=True)
+class _Row:
+    request: _Request
+    index: int  # the sample's group index
+
+
+class _Batch:
+    """Rows decoding together: one KV cache (rows left-padded to the longest), which cache positions hold
+    tokens, and each row's last token."""
+
+    def __init__(self):
+        self.rows: list[_Row] = []
+        self.cache = DynamicCache()
+        self.real: torch.Tensor | None = None  # bool [rows, cache length]: False at left padding
+        self.last: torch.Tensor | None = None  # [rows]: each row's newest token, the next step's input
+        self.joining: list[_Request] = []  # requests being prefilled this step, not yet in rows
+        self.logits: torch.Tensor | None = None  # a prefilled batch's last-position logits
+
+    def merge(self, other: _Batch) -> None:
+        """Append other's rows after these, the shorter cache left-padded to the longer."""
+        if not self.rows:
+            self.rows, self.cache, self.real = other.rows, other.cache, other.real
+            return
+        length = max(self.real.shape[-1], other.real.shape[-1])
+
+        def pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            missing = length - t.shape[dim]
+            return torch.nn.functional.pad(t, (0, 0) * (t.dim() - 1 - dim % t.dim()) + (missing, 0))
+
+        self.cache = DynamicCache(
+            [
+                (torch.cat([pad(k, -2), pad(k2, -2)]), torch.cat([pad(v, -2), pad(v2, -2)]))
+                for (k, v, _), (k2, v2, _) in zip(self.cache, other.cache, strict=True)
+            ]
+        )
+        self.real = torch.cat([pad(self.real, -1), pad(other.real, -1)])
+        self.rows = self.rows + other.rows
+
+    def select(self, keep: list[int]) -> None:
+        """Keep these rows; cache positions that are padding in every remaining row go too."""
+        if len(keep) == len(self.rows):
+            return
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.cache, self.real, self.last = DynamicCache(), None, None
+            return
+        index = torch.tensor(keep, device=self.real.device)
+        self.cache.batch_select_indices(index)
+        self.real, self.last = self.real[index], self.last[index]
+        first = int(self.real.any(0).int().argmax())
+        if first > 0:
+            self.cache = DynamicCache([(k[..., first:, :], v[..., first:, :]) for k, v, _ in self.cache])
+            self.real = self.real[:, first:]
 
 
 def sampling_distribution(scaled_logits: torch.Tensor, top_p: float, top_k: int) -> torch.Tensor:
@@ -70,8 +151,12 @@ class LocalEngine(Engine):
         version: int = 0,
         attn_implementation: str = "sdpa",
         device: str | torch.device = "cpu",
+        max_batch_rows: int = 256,
     ):
         super().__init__(engine_id)
+        if max_batch_rows < 0:
+            raise ValueError(f"LocalEngine: max_batch_rows must be >= 0, got {max_batch_rows}")
+        self.max_batch_rows = max_batch_rows
         if threads is not None:
             torch.set_num_threads(threads)
         self.hf_dir = Path(hf_dir)
@@ -98,6 +183,8 @@ class LocalEngine(Engine):
         self._paused = False
         self._staged: dict[str, torch.Tensor] = {}  # a weight update's tensors, applied by finish
         self._update_error: Exception | None = None  # a failed bucket: finish discards the update
+        self._pending: deque[_Request] = deque()  # submitted, not yet in the batch
+        self._pending_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{engine_id}")
         self._closed = False
 
@@ -125,94 +212,191 @@ class LocalEngine(Engine):
             raise ValueError(f"generate {prompt_id}: prompt token id out of range [0, {vocab})")
         if params.temperature < 0:
             raise ValueError(f"generate {prompt_id}: temperature must be >= 0, got {params.temperature}")
-        cancel = threading.Event()
-        submitted = time.perf_counter()
-        future = self._executor.submit(
-            self._generate_sync, prompt_id, list(prompt_ids), n, params, cancel, submitted
+        request = _Request(
+            prompt_id,
+            list(prompt_ids),
+            n,
+            params,
+            stop_ids=self._stop_ids | set(params.stop_token_ids),
+            max_new=min(params.max_new_tokens, self._max_positions - len(prompt_ids)),
         )
+        with self._pending_lock:
+            self._pending.append(request)
         try:
-            return await asyncio.wrap_future(future)
+            self._executor.submit(self._work)  # a no-op when the running batch has taken the request already
+        except RuntimeError as e:  # shut down by close()
+            raise EngineError(f"engine {self.engine_id} is closed") from e
+        try:
+            return await asyncio.wrap_future(request.future)
         except asyncio.CancelledError:
-            cancel.set()
+            request.cancel.set()
             raise
 
-    def _wait_runnable(self, cancel: threading.Event) -> None:
-        while (self._updating or self._paused) and not cancel.is_set():
-            self._cond.wait(0.05)
-        if cancel.is_set():
-            raise _Cancelled
-
-    @torch.no_grad()
-    def _generate_sync(
-        self,
-        prompt_id: str,
-        prompt_ids: list[int],
-        n: int,
-        params: SamplingParams,
-        cancel: threading.Event,
-        submitted: float,
-    ) -> list[Sample]:
-        started = time.perf_counter()
-        generators: list[torch.Generator] = []  # one per sample, seeded at the first decoding step
-        stop_ids = self._stop_ids | set(params.stop_token_ids)
-        max_new = min(params.max_new_tokens, self._max_positions - len(prompt_ids))
-        tokens: list[list[int]] = [[] for _ in range(n)]
-        logprobs: list[list[float]] = [[] for _ in range(n)]
-        versions: list[list[int]] = [[] for _ in range(n)]
-        finish = ["length"] * n
-        active = list(range(n))  # rows of the batch still decoding, in cache order
-        cache = DynamicCache()
-        step_input = torch.tensor([prompt_ids] * n, dtype=torch.long, device=self.device)
-        try:
-            for _ in range(max(max_new, 0)):
-                with self._cond:
-                    self._wait_runnable(cancel)
-                    version = self._version
-                    logits = self.model(
-                        input_ids=step_input, use_cache=True, **{self._cache_kw: cache}
-                    ).logits
-                if not generators:
-                    generators = self._generators(params.seed, version, prompt_id, n)
-                next_tokens, token_logprobs = self._sample(
-                    logits[:, -1, :].float(), params, [generators[i] for i in active]
-                )
-                step_tokens, step_logprobs = next_tokens.tolist(), token_logprobs.tolist()
-                keep = []
-                for row, sample_index in enumerate(active):
-                    tok = step_tokens[row]
-                    tokens[sample_index].append(tok)
-                    logprobs[sample_index].append(step_logprobs[row])
-                    versions[sample_index].append(version)
-                    if tok in stop_ids:
-                        finish[sample_index] = "stop"
-                    else:
-                        keep.append(row)
-                if not keep:
+    def _take_pending(self, rows: int) -> list[_Request]:
+        """Pending requests (first come, first served) that fit beside `rows` rows; at least one into an empty
+        batch, and only one there when batching is off."""
+        taken: list[_Request] = []
+        with self._pending_lock:
+            while self._pending:
+                request = self._pending[0]
+                if (rows or taken) and rows + request.n > self.max_batch_rows:
                     break
-                if len(keep) < len(active):
-                    cache.batch_select_indices(torch.tensor(keep, device=self.device))
-                    next_tokens = next_tokens[keep]
-                    active = [active[r] for r in keep]
-                step_input = next_tokens.view(-1, 1)
-        except _Cancelled:
-            logger.debug("engine %s: request %s cancelled", self.engine_id, prompt_id)
-            raise
-        done = time.perf_counter()
-        timings = {"queue_s": started - submitted, "generate_s": done - started}
+                self._pending.popleft()
+                if request.future.set_running_or_notify_cancel():  # False: cancelled while it waited
+                    taken.append(request)
+                    rows += request.n
+        return taken
+
+    def _work(self) -> None:
+        """The worker thread's loop: decode until no row is left and nothing is pending."""
+        batch = _Batch()
+        try:
+            with torch.no_grad():
+                while self._step(batch):
+                    pass
+        except Exception as e:  # a failed step fails every request it carried
+            logger.exception("engine %s: decoding step failed", self.engine_id)
+            self._fail(batch, e)
+
+    @staticmethod
+    def _fail(batch: _Batch, error: Exception) -> None:
+        for request in [row.request for row in batch.rows] + batch.joining:
+            if not request.future.done():
+                request.future.set_exception(error)
+
+    def _step(self, batch: _Batch) -> bool:
+        """Take in the pending requests that fit, then one decoding step for every row; False when idle."""
+        with self._cond:  # weights and version stay fixed for the step
+            while (self._updating or self._paused) and not self._closed:
+                self._drop_cancelled(batch)
+                self._cond.wait(0.05)
+            if self._closed:
+                self._fail(batch, EngineError(f"engine {self.engine_id} is closed"))
+                return False
+            self._drop_cancelled(batch)
+            joining = batch.joining = []
+            for request in self._take_pending(len(batch.rows)):
+                request.started = time.perf_counter()
+                if request.max_new > 0:
+                    joining.append(request)
+                else:  # the prompt fills the context: nothing to generate
+                    request.future.set_result(self._samples(request))
+            if not batch.rows and not joining:
+                return False
+            version = self._version
+            logits = [self._forward(batch, batch.last[:, None])] if batch.rows else []
+            if joining:
+                fresh = self._prefill(joining, version)
+                logits.append(fresh.logits)
+        if joining:
+            batch.merge(fresh)
+        batch.joining = []
+        next_tokens, token_logprobs = self._sample_rows(batch.rows, torch.cat(logits).float())
+        keep = []
+        for index, (row, tok, lp) in enumerate(
+            zip(batch.rows, next_tokens.tolist(), token_logprobs.tolist())
+        ):
+            request, i = row.request, row.index
+            request.tokens[i].append(tok)
+            request.logprobs[i].append(lp)
+            request.versions[i].append(version)
+            if tok in request.stop_ids:
+                request.finish[i] = "stop"
+            elif len(request.tokens[i]) < request.max_new:
+                keep.append(index)
+                continue
+            request.live -= 1
+            if request.live == 0 and not request.future.done():
+                request.future.set_result(self._samples(request))
+        batch.last = next_tokens
+        batch.select(keep)
+        return True
+
+    def _prefill(self, joining: list[_Request], version: int) -> _Batch:
+        """The joining requests' rows (each prompt n times, left-padded to the longest) through their prompts;
+        their generators are seeded with the version of their first token."""
+        fresh = _Batch()
+        for request in joining:
+            request.generators = self._generators(request.params.seed, version, request.prompt_id, request.n)
+            fresh.rows += [_Row(request, i) for i in range(request.n)]
+        longest = max(len(r.prompt_ids) for r in joining)
+        pads = [longest - len(row.request.prompt_ids) for row in fresh.rows]
+        ids = [[0] * pad + row.request.prompt_ids for pad, row in zip(pads, fresh.rows)]
+        real = torch.arange(longest)[None] >= torch.tensor(pads)[:, None]
+        fresh.logits = self._forward(fresh, torch.tensor(ids, device=self.device), real)
+        return fresh
+
+    def _forward(self, batch: _Batch, ids: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+        """Last-position logits of `ids` appended to the batch's cache. `real` marks which new positions are
+        tokens (False: left padding); padded rows get position ids counting their tokens only and a mask that
+        hides the padding (a padding query attends to itself, so no softmax row is empty)."""
+        real = torch.ones(ids.shape, dtype=torch.bool) if real is None else real
+        real = real.to(self.device)
+        before = batch.real.sum(-1, keepdim=True) if batch.real is not None else 0
+        positions = (before + real.cumsum(-1) - 1).clamp(min=0)
+        batch.real = real if batch.real is None else torch.cat([batch.real, real], -1)
+        mask = None
+        if not batch.real.all():
+            kv, q = batch.real.shape[-1], ids.shape[-1]
+            query_at = torch.arange(kv - q, kv, device=self.device)[:, None]
+            key_at = torch.arange(kv, device=self.device)[None]
+            seen = (batch.real[:, None, :] & (key_at <= query_at)) | (key_at == query_at)
+            dtype = self.model.dtype
+            mask = torch.zeros(seen.shape, dtype=dtype, device=self.device)
+            mask = mask.masked_fill(~seen, torch.finfo(dtype).min)[:, None]
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_kw: batch.cache},
+        )
+        return out.logits[:, -1, :]
+
+    def _sample_rows(self, rows: list[_Row], logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's next token and behaviour log-prob, rows of equal sampling settings in one `_sample`."""
+        by_settings: dict[tuple, list[int]] = {}
+        for index, row in enumerate(rows):
+            p = row.request.params
+            by_settings.setdefault((p.temperature, p.top_p, p.top_k), []).append(index)
+        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        logprobs = torch.empty(len(rows), dtype=logits.dtype, device=logits.device)
+        for indices in by_settings.values():
+            generators = [rows[i].request.generators[rows[i].index] for i in indices]
+            tokens[indices], logprobs[indices] = self._sample(
+                logits[indices], rows[indices[0]].request.params, generators
+            )
+        return tokens, logprobs
+
+    def _drop_cancelled(self, batch: _Batch) -> None:
+        """Rows of cancelled requests leave the batch; the others go on."""
+        keep = [index for index, row in enumerate(batch.rows) if not row.request.cancel.is_set()]
+        if len(keep) < len(batch.rows):
+            for row in batch.rows:
+                if row.request.cancel.is_set() and not row.request.future.done():
+                    logger.debug("engine %s: request %s cancelled", self.engine_id, row.request.prompt_id)
+                    row.request.future.set_exception(_Cancelled())
+            batch.select(keep)
+
+    def _samples(self, request: _Request) -> list[Sample]:
+        timings = {
+            "queue_s": request.started - request.submitted,
+            "generate_s": time.perf_counter() - request.started,
+        }
         return [
             Sample(
-                prompt_id=prompt_id,
+                prompt_id=request.prompt_id,
                 group_index=i,
-                prompt_ids=list(prompt_ids),
-                response_ids=tokens[i],
-                behavior_logprobs=logprobs[i],
-                versions=versions[i],
-                finish_reason=finish[i],
+                prompt_ids=list(request.prompt_ids),
+                response_ids=request.tokens[i],
+                behavior_logprobs=request.logprobs[i],
+                versions=request.versions[i],
+                finish_reason=request.finish[i],
                 engine_id=self.engine_id,
                 timings=dict(timings),
-                response_text=self.tokenizer.decode(tokens[i], skip_special_tokens=True),
+                response_text=self.tokenizer.decode(request.tokens[i], skip_special_tokens=True),
             )
-            for i in range(n)
+            for i in range(request.n)
         ]
 
     def _generators(
@@ -354,5 +538,11 @@ class LocalEngine(Engine):
         return self._paused
 
     async def close(self) -> None:
+        """Requests still decoding or waiting fail with EngineError (the farm retries them elsewhere)."""
         self._closed = True
         self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._pending_lock:
+            waiting, self._pending = self._pending, deque()
+        for request in waiting:
+            if request.future.set_running_or_notify_cancel():
+                request.future.set_exception(EngineError(f"engine {self.engine_id} is closed"))
