@@ -95,8 +95,9 @@ class Trainer:
             multiple=multiple,
         )
 
-    def update(self, groups: list[Group], version: int) -> dict[str, float]:
-        """One optimizer update on one mini-batch of groups consumed at policy `version`."""
+    def update(self, groups: list[Group], version: int, *, force_pre_pass: bool = False) -> dict[str, float]:
+        """One optimizer update on one mini-batch of groups consumed at policy `version` (`force_pre_pass`:
+        see `step.train_update`)."""
         cfg = self.cfg
         rewards = torch.tensor([reward for g in groups for reward in g.rewards], dtype=torch.float32)
         ids = [g.prompt_id for g in groups for _ in g.samples]
@@ -117,6 +118,7 @@ class Trainer:
             self.loss_fn,
             temperature=cfg.rollout.temperature,
             normalizer=normalizer,
+            force_pre_pass=force_pre_pass,
         )
 
     def recompute_behavior_logprobs(self, groups: list[Group] | None) -> None:

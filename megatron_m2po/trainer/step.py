@@ -7,10 +7,12 @@ divided by the DP size, see `algorithms.get_loss`), and `loss_func` below multip
 1/num_microbatches, so the gradient is exactly that of the global token mean.
 
 A loss that says it needs log pi_theta of the whole mini-batch before the update
-(`PolicyLoss.needs_current_log_probs`) gets a no-grad pre-pass (`forward_logprobs`; it equals log pi_theta at
-loss time, the update has not happened yet) and turns it into each micro-batch's extra inputs
+(`PolicyLoss.needs_current_log_probs`) turns it into each micro-batch's extra inputs
 (`PolicyLoss.inputs_before_update`): `m2po` in `global` scope its threshold over the DP group, `decoupled_ppo`
-its proximal log-probs.
+its proximal log-probs. When one micro-batch per rank holds the whole mini-batch, the training forward's own
+detached log-probs are exactly those (same weights, same input), so `loss_func` computes them there; with more
+micro-batches a no-grad pre-pass (`forward_logprobs`) computes them first, since the first micro-batch's
+loss needs every micro-batch's log-probs.
 """
 
 from __future__ import annotations
@@ -139,16 +141,10 @@ def _reduce_metrics(per_microbatch: list[dict[str, float]], group) -> dict[str, 
     return out
 
 
-def _inputs_before_update(model, micro_batches, loss_fn, temperature, device, dp_group) -> list[dict] | None:
-    """Each micro-batch's extra loss inputs from a no-grad pre-pass, for a loss that needs one (None else).
+def _inputs_before_update(loss_fn, current, micro_batches, device, dp_group) -> list[dict]:
+    """Each micro-batch's extra loss inputs from the mini-batch's log-probs before the update (`current`).
 
-    Collective: every rank runs the pre-pass; the loss's reduction runs on the last pipeline stage (where
-    the loss is computed) over the DP group."""
-    if not loss_fn.needs_current_log_probs:
-        return None
-    current = forward_logprobs(model, micro_batches, temperature)
-    if not parallel_state.is_pipeline_last_stage():
-        return None
+    Collective over the DP group (m2po's threshold): called on the last pipeline stage of every DP rank."""
     return loss_fn.inputs_before_update(
         algorithms.CurrentLogProbs(
             current,
@@ -160,6 +156,15 @@ def _inputs_before_update(model, micro_batches, loss_fn, temperature, device, dp
     )
 
 
+def _pre_pass(model, micro_batches, loss_fn, temperature, device, dp_group) -> list[dict] | None:
+    """`_inputs_before_update` from a no-grad forward of every micro-batch (collective: every rank runs
+    it; None off the last pipeline stage, which computes no loss)."""
+    current = forward_logprobs(model, micro_batches, temperature)
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    return _inputs_before_update(loss_fn, current, micro_batches, device, dp_group)
+
+
 def train_update(
     model,
     optimizer,
@@ -169,12 +174,21 @@ def train_update(
     *,
     temperature: float,
     normalizer: float,
+    force_pre_pass: bool = False,
 ) -> dict[str, float]:
-    """Forward/backward every micro-batch, one optimizer step; returns `loss/` and `train/` metrics."""
+    """Forward/backward every micro-batch, one optimizer step; returns `loss/` and `train/` metrics.
+
+    A loss that needs the log-probs before the update takes them from its own forward when this rank has one
+    micro-batch (the count is the same on every rank: `plan_microbatches`), else from a pre-pass;
+    `force_pre_pass` runs the pre-pass anyway (the tests compare the two)."""
     device = next(model.parameters()).device
     num_mb = len(micro_batches)
     dp_group = parallel_state.get_data_parallel_group()
-    loss_inputs = _inputs_before_update(model, micro_batches, loss_fn, temperature, device, dp_group)
+    needs_current = loss_fn.needs_current_log_probs
+    in_forward = needs_current and num_mb == 1 and not force_pre_pass
+    loss_inputs = None
+    if needs_current and not in_forward:
+        loss_inputs = _pre_pass(model, micro_batches, loss_fn, temperature, device, dp_group)
     index = iter(range(num_mb))
 
     def forward_step(data_iterator, model_chunk):
@@ -189,7 +203,10 @@ def train_update(
                 "normalizer": normalizer,
                 "process_group": dp_group,
             }
-            if loss_inputs is not None:
+            if in_forward:  # the pre-pass's value: same weights, same micro-batch, as forward_logprobs
+                current = [lp.detach().float()]
+                optional.update(_inputs_before_update(loss_fn, current, [mb], device, dp_group)[0])
+            elif loss_inputs is not None:
                 optional.update(loss_inputs[i])
             if loss_fn.needs_engine_log_probs:
                 optional["engine_log_probs"] = mb.engine_logprobs
