@@ -12,6 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from megatron_m2po.models.tiny import make_tiny_model
+from megatron_m2po.rollout.engines.base import EngineError
 from megatron_m2po.rollout.engines.local import LocalEngine, sampling_distribution
 from megatron_m2po.types import SamplingParams
 
@@ -179,11 +180,14 @@ def test_cancelled_request_stops_and_engine_keeps_serving(engine):
 
 
 def forward_batch_sizes(engine) -> list[int]:
-    """The batch size of every forward the engine's model runs from now on."""
+    """The batch size of every decoding forward the engine runs from now on (not the tests' recomputes)."""
     sizes: list[int] = []
-    engine.model.register_forward_hook(
-        lambda module, args, kwargs, out: sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True
-    )
+
+    def record(module, args, kwargs, out):
+        if "input_ids" in kwargs:
+            sizes.append(kwargs["input_ids"].shape[0])
+
+    engine.model.register_forward_hook(record, with_kwargs=True)
     return sizes
 
 
@@ -206,7 +210,9 @@ def assert_same_samples(got, want, model, temperatures):
             assert (s.prompt_id, s.group_index) == (t.prompt_id, t.group_index)
             assert s.response_ids == t.response_ids and s.finish_reason == t.finish_reason
             assert s.versions == t.versions
-            assert torch.allclose(torch.tensor(s.behavior_logprobs), torch.tensor(t.behavior_logprobs), atol=1e-5)
+            assert torch.allclose(
+                torch.tensor(s.behavior_logprobs), torch.tensor(t.behavior_logprobs), atol=1e-5
+            )
             ref = recompute_logprobs(model, s, temperature or 1.0)  # greedy: log-probs at T=1
             assert torch.allclose(torch.tensor(s.behavior_logprobs), ref, atol=1e-5, rtol=0)
 
@@ -254,3 +260,137 @@ def test_batched_requests_decode_as_they_would_alone(engine_pair, requests):
     got = run_concurrently(batched, requests)
     want = run_concurrently(alone, requests)
     assert_same_samples(got, want, batched.model, [params.temperature for *_, params in requests])
+
+
+class HeldEngine(LocalEngine):
+    """A LocalEngine that stops after each sampling step in `hold_at` until the test releases it, so requests
+    join, leave or meet a weight update at a known step of the batch."""
+
+    def __init__(self, *args, hold_at: set[int], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.steps = 0
+        self.held = {k: threading.Event() for k in hold_at}
+        self.release = {k: threading.Event() for k in hold_at}
+
+    def _sample(self, logits, params, generators):
+        out = LocalEngine._sample(logits, params, generators)
+        self.steps += 1
+        if self.steps in self.held:
+            self.held[self.steps].set()
+            self.release[self.steps].wait(30)
+        return out
+
+    async def at_step(self, k: int) -> None:
+        await asyncio.to_thread(self.held[k].wait, 30)
+        assert self.held[k].is_set(), f"the engine never reached step {k}"
+
+
+PARAMS = SamplingParams(max_new_tokens=8, temperature=1.0, seed=2)
+
+
+def test_requests_join_a_running_batch_and_a_cancelled_one_leaves(hf_dir, engine_pair):
+    _, alone = engine_pair
+    engine = HeldEngine(hf_dir, engine_id="local-test", hold_at={2, 5})
+    sizes = forward_batch_sizes(engine)
+    requests = {
+        "a": ("a", [3, 4, 5], 2, PARAMS),
+        "b": ("b", list(range(10, 17)), 3, PARAMS),
+        "c": ("c", [60], 2, PARAMS),
+        "d": ("d", [7, 8, 9, 10, 11], 1, PARAMS),
+    }
+
+    async def run():
+        tasks = {"a": asyncio.ensure_future(engine.generate(*requests["a"]))}
+        await engine.at_step(2)
+        tasks.update({k: asyncio.ensure_future(engine.generate(*requests[k])) for k in "bcd"})
+        await asyncio.sleep(0.2)  # b, c, d are pending: they join at step 3
+        engine.release[2].set()
+        await engine.at_step(5)
+        tasks["c"].cancel()
+        engine.release[5].set()
+        with pytest.raises(asyncio.CancelledError):
+            await tasks["c"]
+        done = {k: await tasks[k] for k in "abd"}
+        (after,) = await asyncio.wait_for(engine.generate("e", [1, 2], 1, PARAMS), 10)
+        return done, after
+
+    done, after = asyncio.run(run())
+    asyncio.run(engine.close())
+    # a decoded alone for two steps; b, c, d were prefilled together at step 3, then all 8 rows decoded as one
+    assert sizes[:4] == [2, 2, 2, 6] and sizes[4] == 8, sizes
+    # after the cancel at step 5 c's two rows are gone and never come back
+    assert max(sizes[7:]) <= 6, sizes
+    want = run_concurrently(alone, [requests[k] for k in "abd"])
+    assert_same_samples([done[k] for k in "abd"], want, engine.model, [1.0] * 3)
+    assert len(after.response_ids) > 0 and after.timings["queue_s"] >= 0
+
+
+def test_weight_update_mid_batch(hf_dir):
+    engine = HeldEngine(hf_dir, engine_id="local-test", hold_at={3})
+    old_model = copy.deepcopy(engine.model)
+    new_weights = {
+        k: v + 0.05 * torch.randn_like(v) for k, v in engine.state_dict().items() if "norm" not in k
+    }
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, seed=1, stop_token_ids=[])
+    late_request = ("late", [9, 9, 9, 9], 2, params)
+
+    async def run():
+        await engine.pause()  # a and b surely start together
+        early = asyncio.ensure_future(
+            asyncio.gather(
+                engine.generate("a", [30, 31, 32], 2, params), engine.generate("b", [5], 1, params)
+            )
+        )
+        await asyncio.sleep(0.2)
+        await engine.resume()
+        await engine.at_step(3)
+        await asyncio.wait_for(engine.update_weights(new_weights.items(), version=1), 30)
+        late = asyncio.ensure_future(engine.generate(*late_request))  # joins at step 4, on the new weights
+        await asyncio.sleep(0.2)
+        engine.release[3].set()
+        return await early, await late
+
+    (a, b), late = asyncio.run(run())
+    asyncio.run(engine.close())
+    assert engine.version == 1
+    new_model = copy.deepcopy(old_model)
+    new_model.load_state_dict(new_weights, strict=False)
+    for s in a + b:
+        assert len(s.versions) == 10, "the fixed seed must not hit EOS in 10 tokens"
+        assert s.versions == [0] * 3 + [1] * 7
+        # tokens 0..2 came from the old weights; from token 3 on the new weights answer (on the old cache)
+        got, ref = torch.tensor(s.behavior_logprobs), recompute_logprobs(old_model, s, 1.0)
+        assert torch.allclose(got[:3], ref[:3], atol=1e-5, rtol=0)
+        assert (got[3:] - ref[3:]).abs().max() > 1e-3
+    # the late request ran wholly on version 1, seeded with version 1: as a v1 engine decodes it alone
+    reference = LocalEngine(hf_dir, engine_id="local-test", version=1, max_batch_rows=0)
+    reference.load_tensors(new_weights.items())
+    want = run_concurrently(reference, [late_request])
+    asyncio.run(reference.close())
+    assert all(s.versions == [1] * 10 for s in late)
+    assert_same_samples([late], want, new_model, [1.0])
+
+
+def test_row_cap_and_close(hf_dir, engine_pair):
+    _, alone = engine_pair
+    engine = LocalEngine(hf_dir, engine_id="local-test", max_batch_rows=4)
+    sizes = forward_batch_sizes(engine)
+    requests = [(f"r{i}", list(range(3, 3 + i)), n, PARAMS) for i, n in enumerate([3, 1, 2, 5], start=1)]
+    got = run_concurrently(engine, requests)
+    # no batch goes over 4 rows; the 5-sample request, larger than the cap, ran alone
+    assert max(sizes) == 5 and all(size <= 4 for size in sizes if size != 5), sizes
+    assert_same_samples(got, run_concurrently(alone, requests), engine.model, [1.0] * 4)
+
+    held = HeldEngine(hf_dir, hold_at={1})
+
+    async def close_while_decoding():
+        running = asyncio.ensure_future(held.generate("a", [1, 2], 1, PARAMS))
+        await held.at_step(1)
+        waiting = asyncio.ensure_future(held.generate("b", [1, 2], 8, PARAMS))
+        await asyncio.sleep(0.1)
+        await held.close()
+        held.release[1].set()
+        return await asyncio.gather(running, waiting, return_exceptions=True)
+
+    outcomes = asyncio.run(close_while_decoding())
+    assert all(isinstance(e, EngineError) and "closed" in str(e) for e in outcomes), outcomes

@@ -4,16 +4,27 @@ The CPU default (no extra dependency) and the reference the other engines are te
 Behaviour log-probs are log_softmax(logits / temperature) of the sampled token in fp32 over the
 full vocabulary; top-p / top-k only restrict what is sampled, never the log-prob, so they equal
 what the trainer recomputes from the same weights. Compute runs in one worker thread so the
-asyncio loop (the rollout manager) stays responsive. A weight update waits for the decoding step
-in progress, then in-flight requests continue on the new weights and record the new version for
-the tokens that follow (per-token staleness); the farm can abort them instead. Buckets are staged
+asyncio loop (the rollout manager) stays responsive.
+
+Concurrent requests decode as one batch: the worker holds the rows of every request it has taken
+(each request's n samples, up to `max_batch_rows` rows in all; one request at a time with 0) in one
+KV cache, prompts left-padded, with an attention mask and position ids that count each row's own
+tokens, so a row's tokens and log-probs are those it gets decoded alone (up to float rounding of
+batched matmuls). A request that arrives while the batch decodes joins it at the next step
+(continuous batching) after a prefill forward of its own; rows leave at a stop token or
+max_new_tokens, and a cancelled request's rows at the next step while the others go on. A closed
+engine fails the requests it still holds with EngineError.
+
+A weight update waits for the decoding step in progress, then in-flight requests continue on the
+new weights and record the new version for the tokens that follow (per-token staleness); the farm can abort them instead. Buckets are staged
 (checked and copied) and applied together at finish: an update with a failed bucket is discarded
 whole, so the engine keeps serving the old weights and version.
 
 Sample i of a request draws from its own generator seeded with `request_seed(params.seed, version,
 prompt_id, i)` (`params.seed` is the run seed, `version` the policy version of the request's first
 token), so the samples of a group are independent, no two requests share noise, and a rerun replays
-them exactly; sample i does not depend on n or on when the other rows stop. Without a run seed the
+them exactly; sample i does not depend on n, on when the other rows stop or on which requests share
+its batch. Without a run seed the
 seeds come from the engine's own generator (its constructor `seed`).
 """
 
@@ -138,7 +149,9 @@ def sampling_distribution(scaled_logits: torch.Tensor, top_p: float, top_k: int)
 
 
 class LocalEngine(Engine):
-    """HF model in this process. `threads` sets torch's (process-wide) intra-op threads; None leaves it."""
+    """HF model in this process. `threads` sets torch's (process-wide) intra-op threads; None leaves it.
+    `max_batch_rows` caps the rows decoded together (a larger request still runs, alone); 0 decodes one
+    request at a time."""
 
     def __init__(
         self,
