@@ -104,6 +104,31 @@ def test_sampling_distribution_support(top_k, top_p, seed):
         assert (kept.sum() - kept.min()) / topk_mass < top_p + 1e-5
 
 
+@given(
+    st.integers(2, 300),
+    st.integers(1, 6),
+    st.floats(0.1, 2.0),
+    st.floats(0.05, 1.0),
+    st.integers(-1, 40),
+    st.integers(0, 2**31 - 1),
+)
+@example(2, 1, 1.0, 1.0, -1, 0)
+@example(300, 6, 0.1, 0.05, 1, 7)  # one token left: every draw must be it
+@settings(max_examples=60, deadline=None)
+def test_batched_draw_is_torch_multinomial(vocab, rows, temperature, top_p, top_k, seed):
+    """The engine draws all rows at once; each row's token is torch.multinomial's with that row's generator,
+    and the generators stay in step over successive draws."""
+    logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+    ours, torchs = ([torch.Generator().manual_seed(seed + r) for r in range(rows)] for _ in range(2))
+    probs = sampling_distribution(logits / temperature, top_p, top_k)
+    for _ in range(3):
+        tokens, _ = LocalEngine._sample(logits, params, ours)
+        assert tokens.tolist() == [
+            torch.multinomial(p[None], 1, generator=g).item() for p, g in zip(probs, torchs)
+        ]
+
+
 class SteppedEngine(LocalEngine):
     """A LocalEngine that stops after its k-th sampling step until the test lets it go on, so a weight update
     lands at a known point of a request (sampling runs outside the weights lock, like every step)."""
@@ -316,8 +341,9 @@ def test_requests_join_a_running_batch_and_a_cancelled_one_leaves(hf_dir, engine
 
     done, after = asyncio.run(run())
     asyncio.run(engine.close())
-    # a decoded alone for two steps; b, c, d were prefilled together at step 3, then all 8 rows decoded as one
-    assert sizes[:4] == [2, 2, 2, 6] and sizes[4] == 8, sizes
+    # a (prefilled once for its 2 rows) decoded alone for two steps; b, c, d were prefilled together at step 3
+    # (one row per prompt), then all 8 rows decoded as one
+    assert sizes[:4] == [1, 2, 2, 3] and sizes[4] == 8, sizes
     # after the cancel at step 5 c's two rows are gone and never come back
     assert max(sizes[7:]) <= 6, sizes
     want = run_concurrently(alone, [requests[k] for k in "abd"])

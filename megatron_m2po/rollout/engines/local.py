@@ -116,6 +116,11 @@ class _Batch:
         self.real = torch.cat([pad(self.real, -1), pad(other.real, -1)])
         self.rows = self.rows + other.rows
 
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Cache and padding rows taken by `index` (rows may repeat)."""
+        self.cache.batch_select_indices(index)
+        self.real = self.real[index]
+
     def select(self, keep: list[int]) -> None:
         """Keep these rows; cache positions that are padding in every remaining row go too."""
         if len(keep) == len(self.rows):
@@ -125,8 +130,8 @@ class _Batch:
             self.cache, self.real, self.last = DynamicCache(), None, None
             return
         index = torch.tensor(keep, device=self.real.device)
-        self.cache.batch_select_indices(index)
-        self.real, self.last = self.real[index], self.last[index]
+        self.last = self.last[index]
+        self.select_rows(index)
         first = int(self.real.any(0).int().argmax())
         if first > 0:
             self.cache = DynamicCache([(k[..., first:, :], v[..., first:, :]) for k, v, _ in self.cache])
@@ -326,17 +331,19 @@ class LocalEngine(Engine):
         return True
 
     def _prefill(self, joining: list[_Request], version: int) -> _Batch:
-        """The joining requests' rows (each prompt n times, left-padded to the longest) through their prompts;
-        their generators are seeded with the version of their first token."""
+        """The joining requests through their prompts (left-padded to the longest), once per request, then each
+        prompt's cache and logits copied to its n rows; generators seeded with the version of the first token."""
         fresh = _Batch()
         for request in joining:
             request.generators = self._generators(request.params.seed, version, request.prompt_id, request.n)
             fresh.rows += [_Row(request, i) for i in range(request.n)]
         longest = max(len(r.prompt_ids) for r in joining)
-        pads = [longest - len(row.request.prompt_ids) for row in fresh.rows]
-        ids = [[0] * pad + row.request.prompt_ids for pad, row in zip(pads, fresh.rows)]
-        real = torch.arange(longest)[None] >= torch.tensor(pads)[:, None]
-        fresh.logits = self._forward(fresh, torch.tensor(ids, device=self.device), real)
+        pads = [longest - len(r.prompt_ids) for r in joining]
+        ids = torch.tensor([[0] * pad + r.prompt_ids for pad, r in zip(pads, joining)], device=self.device)
+        logits = self._forward(fresh, ids, torch.arange(longest)[None] >= torch.tensor(pads)[:, None])
+        rows = torch.repeat_interleave(torch.tensor([r.n for r in joining]).to(self.device))  # row -> request
+        fresh.select_rows(rows)
+        fresh.logits = logits[rows]
         return fresh
 
     def _forward(self, batch: _Batch, ids: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
@@ -362,6 +369,7 @@ class LocalEngine(Engine):
             attention_mask=mask,
             position_ids=positions,
             use_cache=True,
+            logits_to_keep=1,
             **{self._cache_kw: batch.cache},
         )
         return out.logits[:, -1, :]
@@ -425,7 +433,9 @@ class LocalEngine(Engine):
     @staticmethod
     def _sample(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator]):
         """Row r's token drawn with generators[r], and its behaviour log-prob log_softmax(logits / T)
-        (greedy at T=0: log-probs at T=1)."""
+        (greedy at T=0: log-probs at T=1). The draw is torch.multinomial's own for one sample (ATen
+        Distributions.cpp: argmax(p / q), q ~ Exp(1) from the generator), taken for all rows at once: the same
+        token as `torch.multinomial(p[None], 1, generator=g)` row by row (a test), without its per-call cost."""
         if params.temperature == 0:
             scaled = logits
             tokens = logits.argmax(-1)
@@ -433,7 +443,8 @@ class LocalEngine(Engine):
             scaled = logits / params.temperature
             probs = sampling_distribution(scaled, params.top_p, params.top_k)
             rows = zip(probs, generators, strict=True)
-            tokens = torch.cat([torch.multinomial(row[None], 1, generator=g)[0] for row, g in rows])
+            noise = torch.stack([torch.empty_like(row).exponential_(1, generator=g) for row, g in rows])
+            tokens = (probs / noise).argmax(-1)
         return tokens, torch.log_softmax(scaled, -1).gather(-1, tokens[:, None]).squeeze(-1)
 
     # -- weights ---------------------------------------------------------------------------------------
