@@ -53,6 +53,9 @@ RESULTS = REPO / "docs" / "results"
 LOSSES = ("on_policy", "grpo", "grpo_noclip", "m2po", "m2po_clip")
 STALENESS = (0, 4, 16, 64, 256)
 TAU = 0.04  # the M2 budget of the recipe and the paper
+# The sweep's own warm-start settings (the demo's of 2026-11-25), fixed here so that tuning the demo's warm
+# start does not change the starting point of a sweep continued on another machine.
+WARM_START = {"lr": 3e-3, "max_steps": 1500, "target": 0.3, "check_every": 50}
 # per-update columns of a record's curves.csv (accuracy only on evaluation rows, empty elsewhere)
 CURVE_FIELDS = (
     "step",
@@ -131,7 +134,7 @@ def prepare(out: Path, seed: int, heldout: int, quick: bool) -> tuple[Path, dict
     data, base = prepare_task(out / "task", seed=seed, heldout=heldout)
     if not (warm / "config.json").is_file():
         limits = {"max_steps": 20, "check_every": 10, "target": 2.0} if quick else {}
-        warm_start_model(base, warm, data, seed=seed, **limits)
+        warm_start_model(base, warm, data, seed=seed, **(WARM_START | limits))
     start_file = out / "task" / "warmstart_accuracy.json"
     if not start_file.is_file():
         start_file.write_text(json.dumps({"accuracy": heldout_accuracy(warm, data["heldout"], heldout)}))
