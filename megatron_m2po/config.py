@@ -193,6 +193,11 @@ class StalenessConfig:
         "s = fixed_lag_steps x updates per step; bounded: asynchronous, staleness <= max_staleness",
     )
     fixed_lag_steps: int = opt(0, "fixed: K, the number of generated batches held in the FIFO", ge=0)
+    overlap_generation: bool = opt(
+        True,
+        "fixed with K >= 1: generate the step's new batch (current weights) while training on the oldest, "
+        "as the FIFO allows; off with rollout.behavior_logprobs=trainer (its relabel needs the model)",
+    )
     max_staleness: int = opt(4, "bounded: the largest allowed staleness in optimizer updates", ge=0)
     queue_capacity: int = opt(1024, "most prompt groups the replay queue holds (back-pressure above)", ge=1)
     journal_fsync: Literal["batch", "always", "never"] = opt(

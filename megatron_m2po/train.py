@@ -5,15 +5,16 @@ Runs under `torchrun` (any TP x PP x DP) or as one plain process. Rank 0 also ho
 `trainer/distribute.py::SharedProducer`, which broadcasts its data; every rank trains (`trainer/policy.py`).
 Per step:
 
-    batch from the queue -> broadcast -> per mini-batch: [M2 pre-pass] -> micro-batches through Megatron's
-    schedule -> optimizer step -> version += 1 -> weight sync -> metrics -> checkpoint
+    batch from the queue -> broadcast -> per mini-batch: [M2 pre-pass, when it spans several micro-batches]
+    -> micro-batches through Megatron's schedule -> optimizer step -> version += 1 -> weight sync -> metrics
+    -> checkpoint
 
 The three staleness modes differ only in which mini-batches a step trains on and when the engines get new
 weights (`trainer/staleness.py`; docs/training.md):
 - `sync`:    generate a step batch with the current weights, train on it (s = 0).
 - `fixed`:   the paper's FIFO: keep K generated batches queued; each step generates one more with the
-             current weights and trains on the oldest, so every batch is s = K x updates-per-step old
-             (the first K batches come from the base model).
+             current weights (while it trains, `staleness.overlap_generation`) and trains on the oldest, so
+             every batch is s = K x updates-per-step old (the first K batches come from the base model).
 - `bounded`: a background thread generates continuously; the queue admits work only if it can be
              consumed within `max_staleness` updates, and drops (counts) what got too stale.
 """

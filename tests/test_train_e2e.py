@@ -189,6 +189,29 @@ def test_same_seed_replays_the_run_and_its_rollouts_differ_between_groups(setup)
     assert len(set(first_tokens)) == len(first_tokens)
 
 
+@pytest.mark.slow
+def test_fixed_mode_overlapped_generation_trains_on_the_same_batches_as_in_line(setup):
+    """staleness.overlap_generation: after the first step's fill, each step's new batch is generated while the
+    step trains (no generation left in line), yet every batch is exactly s = 2 updates old and both runs consume
+    and journal the same rollouts with the same losses."""
+    root, recipe = setup
+    on, off = root / "overlap_on", root / "overlap_off"
+    run_train(recipe, on, "staleness.overlap_generation=true")
+    run_train(recipe, off, "staleness.overlap_generation=false")
+    assert consumed(on) == consumed(off)
+    for r in consumed(on):
+        assert all(produced == max(0, (r["step"] - 1) * 2 - 2) for _, produced in r["groups"]), r
+    assert journal_rollouts(on) == journal_rollouts(off)
+    a, b = read_scalars(on), read_scalars(off)
+    for tag in ("loss/value", "loss/m2_before", "loss/masked_fraction", "train/staleness_mean"):
+        assert [v for _, v in a[tag]] == pytest.approx([v for _, v in b[tag]], rel=1e-6, abs=1e-7), tag
+    assert [v for _, v in a["train/staleness_mean"]] == [0.5, 2.5, 2.5]
+    assert all(v > 0 for _, v in a["perf/time_generate_overlapped"])
+    assert [v == 0 for _, v in a["perf/time_generate"]] == [False, True, True]  # the fill of step 1 only
+    assert all(v == 0 for _, v in b["perf/time_generate_overlapped"])
+    assert all(v > 0 for _, v in b["perf/time_generate"])
+
+
 def test_config_errors_are_reported_before_anything_runs(setup):
     root, recipe = setup
     proc = subprocess.run(

@@ -3,7 +3,8 @@
 In `bounded` mode it runs in the background (`start()`): for each prompt it asks the queue to
 admit one group (the queue's staleness rule decides when producing is allowed), generates n
 samples through the farm, scores them in the reward pool and `put`s the group (exactly-once by
-prompt_id). In `sync` / `fixed` modes the trainer calls `generate_batch` in line. Advantages are
+prompt_id). In `sync` / `fixed` modes the trainer calls `generate_batch` in line (or `submit_batch`,
+and trains while it runs). Advantages are
 the trainer's job; rewards are stored in `Sample.reward`.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
+from concurrent.futures import Future
 from typing import Any
 
 from megatron_m2po.data.prompts import Prompt, PromptDataset
@@ -120,22 +122,25 @@ class RolloutManager:
     # -- synchronous / fixed modes ---------------------------------------------------------------------
     def generate_batch(self, num_groups: int, version: int | None = None) -> list[Group]:
         """Generate and score `num_groups` groups now (blocking); the caller puts them in the queue."""
+        return self._loop.run(self._batch(num_groups, version))
+
+    def submit_batch(self, num_groups: int, version: int | None = None) -> Future:
+        """`generate_batch` in the loop's thread; returns its future at once (fixed mode trains meanwhile)."""
+        return self._loop.submit(self._batch(num_groups, version))
+
+    async def _batch(self, num_groups: int, version: int | None) -> list[Group]:
         if version is not None and version != self.farm.version:
             logger.warning(
                 "generate_batch at trainer version %d but the engines hold version %d",
                 version,
                 self.farm.version,
             )
-
-        async def batch() -> list[Group]:
-            prompts = [self._next_prompt() for _ in range(num_groups)]
-            try:
-                return list(await asyncio.gather(*(self._make_group(p) for p in prompts)))
-            finally:
-                for p in prompts:
-                    self._inflight_states.pop(p.prompt_id, None)
-
-        return self._loop.run(batch())
+        prompts = [self._next_prompt() for _ in range(num_groups)]
+        try:
+            return list(await asyncio.gather(*(self._make_group(p) for p in prompts)))
+        finally:
+            for p in prompts:
+                self._inflight_states.pop(p.prompt_id, None)
 
     # -- bounded mode: background producer -------------------------------------------------------------
     def start(self) -> None:

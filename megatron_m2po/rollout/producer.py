@@ -1,4 +1,5 @@
-"""Rank 0's rollout side as the loop sees it: `generate`, `put`, `take`, `start`, metrics, evaluation, state.
+"""Rank 0's rollout side as the loop sees it: `generate` (or `start_generation` / `finish_generation`), `put`,
+`take`, `start`, metrics, evaluation, state.
 
 Holds the prompts, the engine farm, the rewards and the rollout manager (docs/rollout.md), and the replay
 queue with its journal (docs/queue.md), so that `train.py` reads as the algorithm. The journal lives in
@@ -12,6 +13,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -67,13 +69,34 @@ class Producer:
             self.manager.load_state_dict(saved["data"])
         self._gen_tokens = 0
         self._gen_seconds = 0.0
+        self._pending: tuple[Future, float, list[float]] | None = None  # a started batch (future, start, end)
+        self.last_generation_s = 0.0
         self._last_rate: tuple[float, float] | None = None
 
-    # ---- sync / fixed: generation in line with training
+    # ---- sync / fixed: generation in line with training (or beside it: `start_generation`)
     def generate(self, num_groups: int, version: int) -> list[Group]:
-        t = time.monotonic()
-        groups = self.manager.generate_batch(num_groups, version)
-        self._gen_seconds += time.monotonic() - t
+        self.start_generation(num_groups, version)
+        return self.finish_generation()
+
+    def start_generation(self, num_groups: int, version: int) -> None:
+        """Begin generating `num_groups` groups with the engines at `version`; `finish_generation` returns them."""
+        if self._pending is not None:
+            raise RuntimeError("start_generation: the previous batch was not finished")
+        future, done = self.manager.submit_batch(num_groups, version), []
+        future.add_done_callback(lambda _: done.append(time.monotonic()))
+        self._pending = (future, time.monotonic(), done)
+
+    def finish_generation(self) -> list[Group]:
+        """The started batch, once generated; `last_generation_s` is its wall time."""
+        if self._pending is None:
+            raise RuntimeError("finish_generation: no batch was started")
+        future, started, done = self._pending
+        try:
+            groups = future.result()
+        finally:
+            self._pending = None
+        self.last_generation_s = (done[0] if done else time.monotonic()) - started
+        self._gen_seconds += self.last_generation_s
         self._gen_tokens += sum(len(s.response_ids) for g in groups for s in g.samples)
         return groups
 
@@ -173,6 +196,8 @@ class Producer:
         return {"data": self.manager.state_dict(), "queue": self.queue.commit()}
 
     def close(self) -> None:
+        if self._pending is not None:  # the loop ended mid-generation: its prompts come back on resume
+            self._pending[0].cancel()
         try:
             self.manager.stop()
         except Exception as e:  # noqa: BLE001 - closing must not hide the loop's own error

@@ -95,6 +95,22 @@ class SharedProducer:
         if self.local is not None:
             self.local.put(groups)
 
+    def generate_in_background(self, num_groups: int, version: int) -> None:
+        """Rank 0 starts generating `num_groups` groups with the engines at `version` and returns at once; the
+        other ranks do nothing. `join_generation` queues them."""
+        if self.local is not None:
+            self.local.start_generation(num_groups, version)
+
+    def join_generation(self) -> float:
+        """Wait for the batch `generate_in_background` started and queue it (collective); its generation's wall
+        time in seconds, from rank 0."""
+
+        def finish(producer) -> float:
+            producer.put(producer.finish_generation())
+            return producer.last_generation_s
+
+        return self._from_rank0(finish)
+
     def start(self, version: int) -> None:
         if self.local is not None:
             self.local.start(version)

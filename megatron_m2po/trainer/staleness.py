@@ -21,10 +21,24 @@ class InLine:
     """`sync` / `fixed`: each step first generates with the current weights until the queue holds (K + 1) step
     batches (K = `staleness.fixed_lag_steps`, 0 for sync), then trains on the oldest step batch. The first step
     fills the FIFO with K + 1 batches of the base model, so every batch is K steps old; after a crash, only
-    the part of a batch that the journal did not already hold is generated again."""
+    the part of a batch that the journal did not already hold is generated again.
+
+    With K >= 1 and `staleness.overlap_generation`, the step's new batch (the (K + 1)-th, at the current
+    weights) is generated while the step trains on the oldest, and queued after the step's last update: the
+    same batches at the same versions, consumed in the same order, and the engines are idle again before
+    anything else (evaluation, the next push) uses them and before a checkpoint records the queue. Not when
+    `rollout.behavior_logprobs=trainer`: its relabel pass runs the trainer's model at the producing version."""
 
     def __init__(self, cfg: Config, producer, trainer, engines):
         self.cfg, self.producer, self.trainer, self.engines = cfg, producer, trainer, engines
+        self.relabel = trainer.recompute_behavior_logprobs
+        if cfg.rollout.behavior_logprobs != "trainer":
+            self.relabel = lambda groups: None  # the engines' log-probs are kept
+        self.overlap = (
+            cfg.staleness.overlap_generation
+            and cfg.staleness.fixed_lag_steps >= 1
+            and cfg.rollout.behavior_logprobs != "trainer"
+        )
 
     def start(self, version: int) -> None:
         """Nothing runs between steps."""
@@ -33,25 +47,36 @@ class InLine:
         self, version: int, clock, stop_requested: Callable[[float], bool]
     ) -> Iterator[list[Group]]:
         """The step's `updates_per_step` mini-batches (collective)."""
-        self._fill(version, clock)
-        with clock("perf/time_wait"):
-            step_batch = self.producer.take(self.cfg.train.prompts_per_step)
-        yield from split_minibatches(step_batch, self.cfg.train.prompts_per_update)
-
-    def after_update(self, version: int, clock) -> None:
-        """The engines get the new weights before the next generation (`_fill`)."""
-
-    def _fill(self, version: int, clock) -> None:
         prompts_per_step = self.cfg.train.prompts_per_step
         target = (self.cfg.staleness.fixed_lag_steps + 1) * prompts_per_step
-        relabel = self.trainer.recompute_behavior_logprobs
-        if self.cfg.rollout.behavior_logprobs != "trainer":
-            relabel = lambda groups: None  # noqa: E731 - the engines' log-probs are kept
+        background = 0
+        if self.overlap:  # the K older batches in line (only the first step or a resume lacks them)
+            self._fill(version, clock, target - prompts_per_step)
+            background = min(prompts_per_step, target - self.producer.queued())
+            if background > 0:
+                with clock("perf/time_sync"):
+                    self.engines.push(version)
+                self.producer.generate_in_background(background, version)
+        else:
+            self._fill(version, clock, target)
+        with clock("perf/time_wait"):
+            step_batch = self.producer.take(prompts_per_step)
+        yield from split_minibatches(step_batch, self.cfg.train.prompts_per_update)
+        if background > 0:
+            with clock("perf/time_wait"):
+                clock.seconds["perf/time_generate_overlapped"] += self.producer.join_generation()
+
+    def after_update(self, version: int, clock) -> None:
+        """The engines get the new weights before the next generation."""
+
+    def _fill(self, version: int, clock, target: int) -> None:
+        """Generate in line with the current weights until `target` groups are queued."""
+        prompts_per_step = self.cfg.train.prompts_per_step
         while (need := min(prompts_per_step, target - self.producer.queued())) > 0:
             with clock("perf/time_sync"):
                 self.engines.push(version)  # the engines must generate with the current weights
             with clock("perf/time_generate"):
-                self.producer.generate(need, version, relabel)
+                self.producer.generate(need, version, self.relabel)
 
 
 class Background:

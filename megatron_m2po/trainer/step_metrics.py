@@ -16,9 +16,16 @@ from megatron_m2po.types import Group
 
 
 class StepClock:
-    """Wall time per phase of a step (`perf/time_*`), and of the whole step."""
+    """Wall time per phase of a step (`perf/time_*`), and of the whole step; `perf/time_generate_overlapped` is
+    fixed mode's generation beside the updates (not a phase of the step's wall time: it ran during them)."""
 
-    PHASES = ("perf/time_generate", "perf/time_wait", "perf/time_train", "perf/time_sync")
+    PHASES = (
+        "perf/time_generate",
+        "perf/time_wait",
+        "perf/time_train",
+        "perf/time_sync",
+        "perf/time_generate_overlapped",
+    )
 
     def __init__(self) -> None:
         self.start = time.monotonic()
