@@ -271,20 +271,34 @@ def engine_pair(hf_dir):
     asyncio.run(alone.close())
 
 
+MIXED_REQUESTS = [
+    ("a", [5], 3, SamplingParams(8, 1.0, stop_token_ids=STOPS, seed=1)),
+    ("b", list(range(3, 17)), 2, SamplingParams(8, 0.7, 0.9, 20, seed=1)),
+    ("c", [9, 8, 7], 4, SamplingParams(8, 0.0, seed=1)),
+]
+
+
 @given(request_sets())
-@example(
-    [
-        ("a", [5], 3, SamplingParams(8, 1.0, stop_token_ids=STOPS, seed=1)),
-        ("b", list(range(3, 17)), 2, SamplingParams(8, 0.7, 0.9, 20, seed=1)),
-        ("c", [9, 8, 7], 4, SamplingParams(8, 0.0, seed=1)),
-    ]
-)
+@example(MIXED_REQUESTS)
 @settings(max_examples=12, deadline=None)
 def test_batched_requests_decode_as_they_would_alone(engine_pair, requests):
     batched, alone = engine_pair
     got = run_concurrently(batched, requests)
     want = run_concurrently(alone, requests)
     assert_same_samples(got, want, batched.model, [params.temperature for *_, params in requests])
+
+
+@pytest.mark.parametrize("arch,attn", [("llama", "sdpa"), ("qwen2", "eager")])
+def test_batching_in_the_other_families_and_eager_attention(tmp_path, arch, attn):
+    """Llama (tied embeddings, llama3 rope scaling), Qwen2 (qkv bias) and the eager kernel, which adds the
+    padding mask to its scores rather than passing it to SDPA."""
+    hf_dir = make_tiny_model(arch, tmp_path / arch, seed=0)
+    batched = LocalEngine(hf_dir, engine_id="local-test", attn_implementation=attn)
+    alone = LocalEngine(hf_dir, engine_id="local-test", attn_implementation=attn, max_batch_rows=0)
+    got, want = run_concurrently(batched, MIXED_REQUESTS), run_concurrently(alone, MIXED_REQUESTS)
+    assert_same_samples(got, want, batched.model, [params.temperature for *_, params in MIXED_REQUESTS])
+    for engine in (batched, alone):
+        asyncio.run(engine.close())
 
 
 class HeldEngine(LocalEngine):
