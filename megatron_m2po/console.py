@@ -19,6 +19,7 @@ import warnings
 logger = logging.getLogger("megatron_m2po.progress")
 
 QUIET_ENV = "M2PO_QUIET"
+PROJECT_LOGGER = "megatron_m2po"  # its DEBUG records (one per weight sync, per warm-start check) show with --verbose
 
 # Python warnings hidden: (category, message regex, why it does not apply).
 _FALLBACK = (
@@ -63,7 +64,7 @@ FILTERED_PROGRESS_BARS = (
 
 def setup(verbose: bool = False, level: int = logging.INFO, fmt: str = "%(name)s: %(message)s") -> None:
     """Logging for a command-line run (on a terminal through rich, so log lines print above the live bars;
-    elsewhere with the time); then, unless `verbose`, the filters above."""
+    elsewhere with the time); then, unless `verbose`, the filters above (with it, the project's DEBUG lines too)."""
     handler: logging.Handler
     if sys.stderr.isatty():
         from rich.logging import RichHandler
@@ -76,6 +77,7 @@ def setup(verbose: bool = False, level: int = logging.INFO, fmt: str = "%(name)s
     logging.basicConfig(level=level, handlers=[handler])  # a no-op where logging is set up already
     if verbose:
         os.environ.pop(QUIET_ENV, None)
+        logging.getLogger(PROJECT_LOGGER).setLevel(logging.DEBUG)  # the per-update lines (weight sync, ...)
     else:
         quiet()
 

@@ -15,6 +15,7 @@ from tests.conftest import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 LAST_LINE = re.compile(r"^accuracy: (\d\.\d\d) -> (\d\.\d\d)$")
+SYNC_LINE = re.compile(r"weights v\d+ -> \d+ engines")  # sync/weight_sync.py's line per update (DEBUG)
 
 
 # Other libraries' messages that megatron_m2po/console.py hides unless --verbose (one per filter there).
@@ -81,6 +82,7 @@ def test_quick_demo_end_to_end(tmp_path):
     console = proc.stdout + proc.stderr
     assert "warm start 20/20" in console and "held-out before RL 30/30" in console
     assert [noise for noise in THIRD_PARTY_NOISE if noise in console] == []
+    assert not SYNC_LINE.search(console)  # the project's own per-update lines are not shown either
 
 
 @pytest.mark.slow
@@ -92,6 +94,7 @@ def test_quick_demo_verbose_shows_every_library_message(tmp_path):
     # writes one depends on its samples; tests/test_console.py checks that warning on a fixed input
     expected = [noise for noise in THIRD_PARTY_NOISE if noise != "Timeout is disabled"]
     assert [noise for noise in expected if noise not in console] == []
+    assert SYNC_LINE.search(console)
 
 
 @pytest.mark.slow

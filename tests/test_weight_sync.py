@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import logging
 
 import pytest
 import torch
@@ -104,7 +105,8 @@ def test_engine_logprobs_equal_trainer_then_after_sync(policy):
         asyncio.run(engine.close())
 
 
-def test_disk_transport_through_farm(policy, tmp_path):
+def test_disk_transport_through_farm(policy, tmp_path, caplog):
+    caplog.set_level(logging.DEBUG, logger="megatron_m2po.sync")
     hf_dir, model, hf_config = policy
     engines = [LocalEngine(hf_dir, engine_id=f"e{i}") for i in range(2)]
     farm = EngineFarm(engines)
@@ -118,6 +120,12 @@ def test_disk_transport_through_farm(policy, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v6"]  # the previous version is cleaned up
     assert len(list((tmp_path / "v6").glob("*.safetensors"))) > 1
     assert farm.version == 6 and all(e.version == 6 for e in engines)
+    # one line per push, at DEBUG: a console (INFO) shows the run's progress, not every sync (--verbose does)
+    pushes = [r for r in caplog.records if r.getMessage().startswith("weights v")]
+    assert [(r.levelno, r.getMessage()[:10]) for r in pushes] == [
+        (logging.DEBUG, "weights v5"),
+        (logging.DEBUG, "weights v6"),
+    ]
     for e in engines:
         out = generate(e, PROMPTS[:1])
         assert max_diff(out, trainer_logprobs(model, out)) <= 1e-5

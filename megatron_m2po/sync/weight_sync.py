@@ -135,7 +135,8 @@ class WeightSync:
             "sync/gbytes_per_s": n_bytes / max(seconds, 1e-9) / 1e9,
             "sync/version": float(version),
         }
-        logger.info(
+        # one per update: DEBUG (--verbose), the figures are the step's sync/ scalars in TensorBoard
+        logger.debug(
             "weights v%d -> %d engines: %.1f MB in %d buckets, %.2fs",
             version,
             len(self._engines()),
