@@ -38,13 +38,19 @@ PARTS = ("time_generate", "time_train", "time_wait", "time_sync", "time_generate
 
 
 def warm_model(out: Path, steps: int) -> tuple[Path, dict[str, Path]]:
-    """The demo's task files and a briefly warm-started tiny model under `out` (built once, then reused)."""
+    """The demo's task files and a briefly warm-started tiny model under `out` (built once, then reused; not
+    built for `steps` = 0)."""
     from megatron_m2po.demo import prepare_task, warm_start_model
 
     data, base = prepare_task(out)
     warm = out / f"warmstart_{steps}"
-    if not (warm / "config.json").is_file():
-        warm_start_model(base, warm, data, max_steps=steps, check_every=steps)  # one validation
+    if steps and not (warm / "config.json").is_file():
+        # all `steps` (target 2.0 is never reached); validation only picks an early stop: 8 prompts keep it cheap
+        few = out / "validation_8.jsonl"
+        few.write_text("".join(data["validation"].read_text().splitlines(keepends=True)[:8]))
+        warm_start_model(
+            base, warm, {**data, "validation": few}, max_steps=steps, check_every=steps, target=2.0
+        )
     return warm, data
 
 
@@ -139,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         "--warm-steps", type=int, default=150, help="supervised warm-start steps of the model"
     )
     parser.add_argument(
+        "--model",
+        help="an HF dir of the demo's model to use instead (e.g. a sweep's task/warmstart); read only",
+    )
+    parser.add_argument(
         "--out", default="runs/bench_fixed_update", help="work dir (the warm model is reused)"
     )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides for both runs")
@@ -146,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.updates < 2:
         parser.error("--updates must be >= 2: the first step (the FIFO's fill) is not counted")
     out = Path(args.out).resolve()
-    warm, data = warm_model(out / "task", args.warm_steps)
+    warm, data = warm_model(out / "task", 0 if args.model else args.warm_steps)
+    warm = Path(args.model).resolve() if args.model else warm
     with tempfile.TemporaryDirectory(prefix="fixed_update_") as tmp:
         trees = {"before": Path(tmp) / "before", "after": REPO}
         commit = checkout(args.baseline_ref, trees["before"])
