@@ -76,7 +76,11 @@ def test_sweep_smoke(tmp_path):
     assert json.loads((record / "summary.json").read_text())["settings"]["lr"] == 2e-5
     table = (results / "sweep.md").read_text().splitlines()
     assert "20 held-out problems" in table[0]
-    assert table[2].startswith("| lr | weight decay | updates | loss | s |") and len(table) == 4 + 2
+    assert table[2].startswith("| lr | weight decay | updates | loss | s |") and table[4 + 2] == ""
+    # the analysis table: where M2 sits, a row per stale run (on_policy's ratios are all 1)
+    where = [i for i, line in enumerate(table) if line.startswith("Where M2 sits")]
+    assert where == [7] and table[9].startswith("| lr | loss | s | T with p > 0.99 (%) |")
+    assert len(table) == 12 and table[11].startswith("| 2e-05 | m2po | 2 |")
     assert (results / "sweep_lr2e-05_wd0.01_n3_accuracy.png").stat().st_size > 5_000
     assert (results / "sweep_lr2e-05_wd0.01_n3_by_staleness.png").stat().st_size > 5_000
 
@@ -173,3 +177,18 @@ def test_a_bad_curves_file_names_its_row(tmp_path):
     path.write_text("step,m2_before\n1,0.1\n2,oops\n")
     with pytest.raises(ValueError, match=r"curves.csv, row 3"):
         sweep.read_curves(path)
+
+
+def test_a_killed_run_continues_only_with_its_own_settings(tmp_path):
+    settings = {"loss": "m2po", "staleness": 4, "lr": 1e-5, "steps": 512}
+    run_dir = tmp_path / "m2po_s4"
+    assert sweep.resumable(run_dir, settings) is None  # never started
+    run_dir.mkdir()
+    (run_dir / "sweep_settings.json").write_text(json.dumps(settings))
+    assert sweep.resumable(run_dir, settings) is None  # killed before its first checkpoint
+    for step in (128, 256):
+        (run_dir / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
+    assert sweep.resumable(run_dir, settings) == 256
+    assert sweep.resumable(run_dir, settings | {"lr": 2e-5}) is None  # another run's dir: start over
+    (run_dir / "sweep_settings.json").write_text("{not json")
+    assert sweep.resumable(run_dir, settings) is None

@@ -183,6 +183,7 @@ def run_overrides(warm: Path, data: dict[str, Path], run_dir: Path, settings: di
         f"eval.max_prompts={settings['eval_prompts']}",
         f"staleness.queue_capacity={16 * (s + 2)}",
         "checkpoint.save_at_end=false",
+        "checkpoint.save_every=128",  # a killed run continues from its newest checkpoint (resumable)
         "logging.console=none",
         "logging.level=WARNING",
         *settings["overrides"],
@@ -218,13 +219,26 @@ def run_one(out: Path, records: Path, task, setting: tuple, args) -> dict:
         return load_record(record)
     warm, data, start_accuracy = task()
     run_dir = out / "runs" / name
-    if run_dir.exists():  # killed part-way: its events would mix with the new run's
+    resume = resumable(run_dir, settings)
+    if resume is None and run_dir.exists():  # killed before its first checkpoint, or other settings
         shutil.rmtree(run_dir)
+    if resume is not None:
+        logger.info("%s: continuing from its checkpoint at step %d", name, resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "sweep_settings.json").write_text(json.dumps(settings, indent=1) + "\n")
     overrides = run_overrides(warm, data, run_dir, settings)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "megatron_m2po.train", "--config", str(args.config), *overrides],
+        [
+            sys.executable,
+            "-m",
+            "megatron_m2po.train",
+            "--config",
+            str(args.config),
+            *(["--resume"] if resume is not None else []),
+            *overrides,
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -234,15 +248,24 @@ def run_one(out: Path, records: Path, task, setting: tuple, args) -> dict:
         raise RuntimeError(f"run {name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     final = heldout_accuracy(run_dir / "hf", data["heldout"], args.heldout)
     seconds = time.perf_counter() - start
-    write_record(
-        record,
-        settings,
-        {"seconds": round(seconds), "final_accuracy": final, "start_accuracy": start_accuracy},
-        curves_from_events(run_dir),
-    )
+    results = {"seconds": round(seconds), "final_accuracy": final, "start_accuracy": start_accuracy}
+    if resume is not None:  # `seconds` is this process's share only
+        results["resumed_from_step"] = resume
+    write_record(record, settings, results, curves_from_events(run_dir))
     row = load_record(record)
     logger.info("%s done in %.0fs: final accuracy %.3f", name, seconds, row["final_accuracy"])
     return row
+
+
+def resumable(run_dir: Path, settings: dict) -> int | None:
+    """The step of the checkpoint a killed run of these same settings left in `run_dir` (train.py --resume
+    continues it exactly), or None: no checkpoint, or the run dir belongs to other settings."""
+    try:
+        same = json.loads((run_dir / "sweep_settings.json").read_text()) == settings
+    except (OSError, ValueError):
+        return None
+    steps = sorted((run_dir / "checkpoints").glob("step_*"))
+    return int(steps[-1].name.removeprefix("step_")) if same and steps else None
 
 
 def curves_from_events(run_dir: Path) -> list[dict]:
@@ -417,9 +440,44 @@ def write_table(rows: list[dict], path: Path) -> str:
             f"{stat(f('clip_fraction'), 100, 3)} | {stat(f('m2_before'), 1, 4)} | "
             f"{stat(f('m2_before_steady'), 1, 4)} |"
         )
+    lines += ["", *where_m2_sits(rows, keys)]
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
+
+
+PPO_CLIP_LOG_RATIO = math.log(1.2)  # |log r| beyond which PPO's eps = 0.2 clip starts (log 0.8 is -0.22)
+
+
+def where_m2_sits(rows: list[dict], keys: list[tuple]) -> list[str]:
+    """The analysis table of issue 12: how much of the trust region is confident tokens (sampled with
+    p > 0.99, whose log-ratio barely moves), M2 over the rest, and the rms |log r| of the rest against
+    the log-ratio at which PPO's per-token clip starts."""
+    lines = [
+        "Where M2 sits (means over each run's updates, then over seeds): T is the trust region (every "
+        "response token); M2 over T dilutes the few moving tokens with the confident ones. rms |log r| = "
+        f"sqrt(M2 over T with p <= 0.99); PPO's clip (eps 0.2) starts at |log r| = {PPO_CLIP_LOG_RATIO:.3f}.",
+        "",
+        "| lr | loss | s | T with p > 0.99 (%) | M2 over T | M2 over T with p <= 0.99 | rms abs log r there "
+        "| masked (%) | clipped (%) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for lr, wd, steps, loss, s in keys:
+        if s == 0:
+            continue  # fresh data: every ratio is 1
+        group = [r for r in rows if (*regime(r), r["loss"], int(r["staleness"])) == (lr, wd, steps, loss, s)]
+
+        def mean(key: str, group=group) -> float:
+            values = [float(r[key]) for r in group if not math.isnan(float(r[key]))]
+            return statistics.fmean(values) if values else math.nan
+
+        unconfident = mean("m2_before_unconfident")
+        lines.append(
+            f"| {lr:g} | {loss} | {s} | {100 * mean('confident_fraction'):.1f} | {mean('m2_before'):.4f} | "
+            f"{unconfident:.4f} | {math.sqrt(unconfident) if unconfident >= 0 else math.nan:.3f} | "
+            f"{100 * mean('masked_fraction'):.3f} | {100 * mean('clip_fraction'):.3f} |"
+        )
+    return lines
 
 
 def mean_curve(rows: list[dict], key: str = "curve") -> tuple[list[float], list[float]]:
