@@ -257,3 +257,27 @@ def test_every_request_answered_once_under_random_failures(flaky, schedules, n_r
     assert all([s.group_index for s in g] == [0, 1] for g in out)
     left = sum(map(sum, (e.failures for e in flaky)))
     assert m["rollout/farm_failures"] == injected - left
+
+
+def test_an_update_with_no_engine_in_rotation_says_so(engines):
+    async def run():
+        farm = EngineFarm(engines[:1])
+        farm._slots["e0"].healthy = False  # e.g. its health probe timed out on a loaded machine
+        with pytest.raises(EngineError, match=r"no engine to send it to .*e0\(v0 unhealthy"):
+            await farm.update_weights_from_disk("unused", 1)
+
+    asyncio.run(run())
+
+
+def test_a_health_check_during_an_update_keeps_an_engine_that_is_already_ahead(engines):
+    async def run():
+        farm = EngineFarm(engines[:1])
+        targets = farm._start_update()  # the update is in flight: e0 already serves v1, the farm v0
+        engines[0]._version = 1
+        status = await farm.check_health()
+        kept = farm._slots["e0"].synced
+        farm._end_update(targets, 1)
+        return status, kept, farm._slots["e0"].routable
+
+    status, kept, routable = asyncio.run(run())
+    assert status == {"e0": True} and kept and routable

@@ -254,9 +254,10 @@ class EngineFarm:
             if ok != slot.healthy:
                 logger.info("engine %s is now %s", slot.engine.engine_id, "healthy" if ok else "unhealthy")
             slot.healthy = ok
-            if (
-                slot.synced and slot.engine.version != self._version
-            ):  # e.g. a restarted server's start-up weights
+            updating = self._update_done is not None and not self._update_done.is_set()
+            if (  # e.g. a restarted server's start-up weights; mid-update an engine is already ahead
+                slot.synced and slot.engine.version != self._version and not updating
+            ):
                 logger.warning(
                     "engine %s serves v%d, the farm v%d: out of rotation until an update reaches it",
                     slot.engine.engine_id,
@@ -286,6 +287,10 @@ class EngineFarm:
         return [s for s in self._slots.values() if s.healthy and not s.draining]
 
     async def _each(self, slots: list[_Slot], what: str, make_call) -> None:
+        if not slots:
+            raise EngineError(
+                f"{what}: no engine to send it to (every engine is unhealthy or draining: {self.describe()})"
+            )
         results = await asyncio.gather(*(make_call(s.engine) for s in slots), return_exceptions=True)
         for slot, result in zip(slots, results):
             if isinstance(result, BaseException):
