@@ -183,6 +183,20 @@ def test_server_first_token_distribution_matches_engine_probabilities(served):
     assert result.pvalue > 1e-3, f"chi-square p = {result.pvalue} over {int(big.sum()) + 1} bins"
 
 
+async def _until_running(session, url: str, timeout: float = 60.0) -> None:
+    """Wait until the server decodes a request (its Prometheus gauge vllm:num_requests_running > 0); a fixed
+    sleep let a free machine finish all 400 tokens before the abort came."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        async with session.get(f"{url}/metrics") as r:
+            text = await r.text()
+        running = [line for line in text.splitlines() if line.startswith("vllm:num_requests_running")]
+        if any(float(line.rsplit(" ", 1)[1]) > 0 for line in running):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{url}: no request running after {timeout} s")
+
+
 def test_server_bad_request_is_not_retried_and_aborts_come_back(served):
     async def run():
         farm = EngineFarm(
@@ -199,8 +213,8 @@ def test_server_bad_request_is_not_retried_and_aborts_come_back(served):
             task = asyncio.ensure_future(
                 engine.generate("a@0", PROMPT, 4, SamplingParams(max_new_tokens=400, seed=2))
             )
-            await asyncio.sleep(1.0)
             async with aiohttp.ClientSession() as s:
+                await _until_running(s, served["url"])  # abort as soon as it decodes: long before 400 tokens
                 async with s.post(f"{served['url']}/pause", params={"mode": "abort"}) as r:
                     assert r.status == 200
             try:
