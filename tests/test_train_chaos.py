@@ -183,7 +183,8 @@ def test_fixed_mode_sigkill_anywhere_resumes_exactly(tiny, baseline, kill_points
 @pytest.mark.slow
 def test_bounded_mode_sigkill_twice_loses_and_repeats_nothing(tiny):
     """bounded mode is timing-dependent (which version produced a group), so it is checked for its invariants:
-    every step trained once, no group twice, max_staleness held, every accepted group consumed or still queued."""
+    every step trained once, no group twice, max_staleness held, every accepted group consumed, still queued or
+    counted as dropped."""
     root, recipe = tiny
     run_dir, log = root / "chaos_bounded", root / "chaos_bounded.log"
     _kill_when(recipe, run_dir, BOUNDED, _consumed_step(3), log, resume=False)
@@ -194,11 +195,12 @@ def test_bounded_mode_sigkill_twice_loses_and_repeats_nothing(tiny):
     ids = [pid for r in records for pid, _ in r["groups"]]
     assert len(ids) == len(set(ids)), "a group was consumed twice"
     assert all(r["version"] - produced <= 2 for r in records for _, produced in r["groups"])
-    accepted, queued = _journal_accounting(
+    accepted, queued, dropped = _journal_accounting(
         run_dir, {"mode": "bounded", "max_staleness": 2, "groups_per_update": 1, "capacity": 1024}
     )
-    assert set(ids).isdisjoint(queued)
-    assert accepted == set(ids) | set(queued), "an accepted group was lost"
+    assert set(ids).isdisjoint(queued) and set(ids) | set(queued) <= accepted
+    # the rest were dropped as too stale, each counted (seen in CI: one group after the SIGKILL and resume)
+    assert len(accepted - set(ids) - set(queued)) == dropped, "an accepted group was lost"
 
 
 @pytest.mark.slow
