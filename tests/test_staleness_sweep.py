@@ -192,3 +192,63 @@ def test_a_killed_run_continues_only_with_its_own_settings(tmp_path):
     assert sweep.resumable(run_dir, settings | {"lr": 2e-5}) is None  # another run's dir: start over
     (run_dir / "sweep_settings.json").write_text("{not json")
     assert sweep.resumable(run_dir, settings) is None
+
+
+def test_a_stopped_runs_curve_is_recorded_and_sets_the_run_length(tmp_path, capsys):
+    """A run stopped part way (`--snapshot`, or a failed train) leaves curves.csv + progress.json: the tables
+    skip it, `--run-length` reads it, and finishing the run replaces it with the finished record."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    settings = {
+        "loss": "on_policy",
+        "staleness": 0,
+        "seed": 0,
+        "lr": 1e-5,
+        "weight_decay": 0.01,
+        "steps": 2048,
+    }
+    out, records = tmp_path / "work", tmp_path / "results" / "runs"
+    name = sweep.run_name("on_policy", 0, 0, 1e-5, 0.01, 2048)
+    run_dir = out / "runs" / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "sweep_settings.json").write_text(json.dumps(settings))
+    # the lr 1e-5 run's held-out curve as it stood when it was stopped (evaluations every 64 updates)
+    curve = [
+        0.263,
+        0.323,
+        0.337,
+        0.367,
+        0.377,
+        0.377,
+        0.393,
+        0.383,
+        0.38,
+        0.387,
+        0.41,
+        0.397,
+        0.397,
+        0.38,
+        0.39,
+    ]
+    with SummaryWriter(str(run_dir / "tb")) as writer:
+        for i, accuracy in enumerate(curve):
+            writer.add_scalar("eval/accuracy", accuracy, 64 * i)
+    finished = out / "runs" / "calibration_run"  # exported its policy: finished, recorded elsewhere
+    (finished / "hf").mkdir(parents=True)
+    (finished / "sweep_settings.json").write_text(json.dumps(settings))
+
+    assert sweep.snapshot(out, records) == [name]
+    progress = json.loads((records / name / "progress.json").read_text())
+    assert progress["settings"] == settings and progress["reached_step"] == 896
+    assert sweep.load_records(records) == []  # unfinished: not in the tables
+    # (384, 640] averages 0.390, (640, 896] 0.391: the first window gaining under a point
+    assert sweep.print_run_length(records, 1e-5, 0.01, window=256) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"{name} (unfinished, evaluated to update 896): plateau at update 640; run length 640"
+    )
+    assert sweep.print_run_length(records, 1e-4, 0.0, window=256) == 1  # no record at that lr
+
+    sweep.write_record(records / name, settings, {"seconds": 1, "final_accuracy": 0.4, "start_accuracy": 0.27},
+                       sweep.read_curves(records / name / "curves.csv"))  # fmt: skip
+    assert not (records / name / "progress.json").exists()
+    assert sweep.snapshot(out, records) == []  # finished: left as it is

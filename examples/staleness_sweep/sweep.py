@@ -245,6 +245,7 @@ def run_one(out: Path, records: Path, task, setting: tuple, args) -> dict:
         cwd=REPO,
     )
     if proc.returncode != 0:
+        write_progress(record, settings, run_dir)
         raise RuntimeError(f"run {name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     final = heldout_accuracy(run_dir / "hf", data["heldout"], args.heldout)
     seconds = time.perf_counter() - start
@@ -282,18 +283,47 @@ def curves_from_events(run_dir: Path) -> list[dict]:
     return [by_step[step] for step in sorted(by_step)]
 
 
+def write_curves(path: Path, curves: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CURVE_FIELDS, restval="")
+        writer.writeheader()
+        writer.writerows({k: (f"{v:.6g}" if k != "step" else v) for k, v in c.items()} for c in curves)
+
+
 def write_record(record: Path, settings: dict, results: dict, curves: list[dict]) -> None:
     """RESULTS/runs/<run>/{curves.csv, summary.json}; summary.json last, and atomically: it marks the
     record finished."""
     record.mkdir(parents=True, exist_ok=True)
-    with (record / "curves.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CURVE_FIELDS, restval="")
-        writer.writeheader()
-        writer.writerows({k: (f"{v:.6g}" if k != "step" else v) for k, v in c.items()} for c in curves)
+    write_curves(record / "curves.csv", curves)
     summary = {"settings": settings, "results": results, "commit": git_commit()}
     tmp = record / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1) + "\n")
     tmp.replace(record / "summary.json")
+    (record / "progress.json").unlink(missing_ok=True)
+
+
+def write_progress(record: Path, settings: dict, run_dir: Path) -> None:
+    """An unfinished run's record: its curves so far and progress.json (no summary.json), so a stopped
+    run's curve is committed with the finished ones (`--run-length` reads it; the tables do not)."""
+    try:
+        curves = curves_from_events(run_dir)
+    except (OSError, ValueError):  # stopped before its first evaluation: nothing worth keeping
+        return
+    record.mkdir(parents=True, exist_ok=True)
+    write_curves(record / "curves.csv", curves)
+    progress = {"settings": settings, "reached_step": curves[-1]["step"], "commit": git_commit()}
+    (record / "progress.json").write_text(json.dumps(progress, indent=1) + "\n")
+
+
+def snapshot(out: Path, records: Path) -> list[str]:
+    """Write the record of every unfinished run under `out`/runs (see write_progress); their names."""
+    written = []
+    for settings_file in sorted((out / "runs").glob("*/sweep_settings.json")):
+        record = records / settings_file.parent.name
+        if not (record / "summary.json").is_file() and not (settings_file.parent / "hf").is_dir():
+            write_progress(record, json.loads(settings_file.read_text()), settings_file.parent)
+            written += [record.name] if (record / "progress.json").is_file() else []
+    return written
 
 
 def read_curves(path: Path) -> list[dict]:
@@ -680,6 +710,11 @@ def main(argv: list[str] | None = None) -> int:
         help="train nothing: print the run length the rule gives from the longest on_policy record at --lr",
     )
     parser.add_argument("--window", type=int, default=256, help="updates either side, for --run-length")
+    parser.add_argument(
+        "--snapshot",
+        action="store_true",
+        help="train nothing: record the curves so far of every unfinished run under --out (commit them)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     results = Path(args.results).resolve()
@@ -688,6 +723,10 @@ def main(argv: list[str] | None = None) -> int:
     lrs = args.lr or [float(train["lr"])]
     if args.weight_decay is None:
         args.weight_decay = float(train.get("weight_decay", 0.0))
+    if args.snapshot:
+        names = snapshot(Path(args.out).resolve(), results / "runs")
+        print(f"recorded {len(names)} unfinished runs: {' '.join(names)}")
+        return 0
     if args.run_length:
         return print_run_length(results / "runs", lrs[0], args.weight_decay, args.window)
     settings = [] if args.report else grid(args.losses, args.staleness, args.seeds, lrs)
@@ -706,27 +745,34 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_run_length(records: Path, lr: float, weight_decay: float, window: int) -> int:
-    """The sweep's run length from the longest on_policy record at (lr, weight decay): the plateau
-    update (plateau_length), rounded up to a multiple of 64, and at least 512 so the steady phase at
-    s = 256 is at least as long as the warm-start phase."""
-    runs = [
-        r
-        for r in load_records(records)
-        if r["loss"] == "on_policy"
-        and math.isclose(float(r["lr"]), lr)
-        and math.isclose(float(r["weight_decay"]), weight_decay)
-    ]
+    """The sweep's run length from the longest on_policy record at (lr, weight decay), finished or not
+    (the rule needs only the curve up to the first plateau): the plateau update (plateau_length), rounded
+    up to a multiple of 64, and at least 512 so the steady phase at s = 256 is at least as long as the
+    warm-start phase."""
+    runs = []
+    for settings_file in [*records.glob("*/summary.json"), *records.glob("*/progress.json")]:
+        settings = json.loads(settings_file.read_text())["settings"]
+        if (
+            settings["loss"] == "on_policy"
+            and math.isclose(float(settings["lr"]), lr)
+            and math.isclose(float(settings["weight_decay"]), weight_decay)
+        ):
+            runs.append((int(settings["steps"]), settings_file.parent))
     if not runs:
         print(f"no on_policy record at lr {lr:g}, weight decay {weight_decay:g} under {records}")
         return 1
-    longest = max(runs, key=lambda r: int(r["steps"]))
-    curve = parse_curve(longest["curve"])
-    steps = sorted(curve)
-    u = plateau_length([int(x) for x in steps], [curve[x] for x in steps], window)
+    record = max(runs)[1]
+    accuracy = series(read_curves(record / "curves.csv"), "accuracy")
+    u = plateau_length([step for step, _ in accuracy], [a for _, a in accuracy], window)
+    so_far = (
+        "" if (record / "summary.json").is_file() else f" (unfinished, evaluated to update {accuracy[-1][0]})"
+    )
     if u is None:
-        print(f"{longest['run']}: accuracy still gains >= 1 point per {window} updates; run on_policy longer")
+        print(
+            f"{record.name}{so_far}: accuracy still gains >= 1 point per {window} updates; run on_policy longer"
+        )
         return 1
-    print(f"{longest['run']}: plateau at update {u}; run length {max(512, -(-u // 64) * 64)}")
+    print(f"{record.name}{so_far}: plateau at update {u}; run length {max(512, -(-u // 64) * 64)}")
     return 0
 
 
