@@ -252,3 +252,11 @@ def test_a_stopped_runs_curve_is_recorded_and_sets_the_run_length(tmp_path, caps
                        sweep.read_curves(records / name / "curves.csv"))  # fmt: skip
     assert not (records / name / "progress.json").exists()
     assert sweep.snapshot(out, records) == []  # finished: left as it is
+
+
+def test_the_records_are_not_ignored_by_git():
+    """`git add docs/results` must pick the run records up (a `runs/` ignore rule once hid them)."""
+    for path in ("docs/results/runs/a_run/summary.json", "docs/results/calibration_runs/a_run/curves.csv"):
+        check = subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO, capture_output=True)
+        assert check.returncode == 1, f"{path} is ignored by git"
+    assert subprocess.run(["git", "check-ignore", "-q", "runs/staleness_sweep"], cwd=REPO).returncode == 0
