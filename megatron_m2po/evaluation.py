@@ -120,32 +120,36 @@ def resolve_hf_dir(
 
 
 def build_engine(
-    kind: str, hf_dir: Path, *, urls: Sequence[str] = (), seed: int = 0, threads: int | None = None
+    kind: str,
+    hf_dir: Path,
+    *,
+    urls: Sequence[str] = (),
+    router_url: str = "",
+    seed: int = 0,
+    threads: int | None = None,
 ):
-    """An engine (or a farm of them) serving the model: local in process, or SGLang / vLLM servers by URL."""
+    """A farm serving the model, built as the trainer builds its own (`rollout.build.build_engines`, with
+    its API-key environment variables): local in process, vLLM in process or by URL, SGLang servers by URL
+    or an sglang-router (`router_url`) in front of them."""
+    import torch
+
+    from megatron_m2po.config import Config
+    from megatron_m2po.rollout.build import build_engines
     from megatron_m2po.rollout.farm import EngineFarm
 
-    if kind == "local":
-        from megatron_m2po.rollout.engines.local import LocalEngine
-
-        engines = [LocalEngine(hf_dir, engine_id="eval-local", seed=seed, threads=threads)]
-    elif kind == "sglang":
-        from megatron_m2po.rollout.engines.sglang import SGLangEngine
-
-        if not urls:
-            raise ValueError("--engine sglang needs --url (a server or sglang-router base URL)")
-        engines = [SGLangEngine(url, engine_id=f"eval-sglang-{i}") for i, url in enumerate(urls)]
-    elif kind == "vllm":
-        from megatron_m2po.rollout.engines.vllm import VLLMEngine
-
-        # in process (vLLM's LLM class) without --url; vLLM servers' /v1/completions with it
-        engines = [
-            VLLMEngine(str(hf_dir), engine_id=f"eval-vllm-{i}", url=url)
-            for i, url in enumerate(urls or [None])
-        ]
-    else:
+    if kind not in ENGINES:
         raise ValueError(f"unknown engine {kind!r}; choose one of {ENGINES}")
-    return EngineFarm(engines)
+    if kind == "sglang" and not urls:
+        raise ValueError(
+            "--engine sglang needs --url: the SGLang servers (with --router-url, the servers behind the router, "
+            "whose /server_info the client reads)"
+        )
+    if router_url and kind != "sglang":
+        raise ValueError("--router-url is for --engine sglang (an sglang-router)")
+    cfg = Config()
+    cfg.rollout.engine, cfg.rollout.urls, cfg.rollout.router_url = kind, list(urls), router_url
+    cfg.train.seed, cfg.train.torch_threads = seed, threads or 0
+    return EngineFarm(build_engines(cfg, str(hf_dir), torch.float32))
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -239,6 +243,7 @@ def evaluate(
     sampling: SamplingParams | None = None,
     engine: str = "local",
     urls: Sequence[str] = (),
+    router_url: str = "",
     template: str = "{problem}",
     apply_chat_template: bool = True,
     max_prompts: int = 0,
@@ -269,7 +274,9 @@ def evaluate(
         hf_dir = resolve_hf_dir(checkpoint, scratch, hf_config_dir)
         tokenizer = AutoTokenizer.from_pretrained(hf_dir)
         params = SamplingParams(**{**asdict(params), "stop_token_ids": stop_token_ids(tokenizer)})
-        farm = build_engine(engine, hf_dir, urls=urls, seed=params.seed or 0, threads=threads)
+        farm = build_engine(
+            engine, hf_dir, urls=urls, router_url=router_url, seed=params.seed or 0, threads=threads
+        )
         with RewardPool(reward_fn, workers=reward_workers, timeout=reward_timeout) as rewards:
 
             async def all_files() -> None:
@@ -424,6 +431,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engine", choices=ENGINES, default="local", help="rollout engine")
     parser.add_argument("--url", nargs="*", default=[], help="sglang or vllm server base URLs")
     parser.add_argument(
+        "--router-url", default="", help="sglang: an sglang-router in front of the --url servers"
+    )
+    parser.add_argument(
         "--max-prompts", type=int, default=0, help="evaluate the first N prompts of each file"
     )
     parser.add_argument("--concurrency", type=int, default=64, help="prompts in flight")
@@ -456,6 +466,7 @@ def run(args: argparse.Namespace) -> int:
         sampling=sampling,
         engine=args.engine,
         urls=args.url,
+        router_url=args.router_url,
         template=args.template,
         apply_chat_template=not args.no_chat_template,
         max_prompts=args.max_prompts,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,3 +161,25 @@ def test_custom_field_mapping_and_errors_name_the_file(tiny_model, tmp_path):
     assert math.isfinite(res.metrics["avg@1"])
     with pytest.raises(Exception, match=r"mine\.jsonl.*line 1.*'problem'"):
         evaluate(tiny_model, [FileSpec(path)], template="plain", sampling=SamplingParams(max_new_tokens=2))
+
+
+def test_the_engines_are_built_as_the_trainers(monkeypatch):
+    """`m2po evaluate --engine sglang` builds its clients with the trainer's own builder: a router URL takes
+    generation while /server_info goes to each server behind it, and the API key comes from M2PO_API_KEY."""
+    from megatron_m2po.evaluation import build_engine
+
+    monkeypatch.setenv("M2PO_API_KEY", "eval-key")
+    servers = ["http://10.0.0.1:30000", "http://10.0.0.2:30000/"]
+    farm = build_engine("sglang", Path("unused"), urls=servers, router_url="http://10.0.0.9:30000")
+    (router,) = farm.engines
+    assert router.url == "http://10.0.0.9:30000"
+    assert router.worker_urls == ["http://10.0.0.1:30000", "http://10.0.0.2:30000"]
+    assert router._auth_header("/generate") == {"Authorization": "Bearer eval-key"}
+    direct = build_engine("sglang", Path("unused"), urls=servers)
+    assert [e.url for e in direct.engines] == ["http://10.0.0.1:30000", "http://10.0.0.2:30000"]
+    with pytest.raises(ValueError, match="needs --url: the SGLang servers"):
+        build_engine("sglang", Path("unused"), router_url="http://10.0.0.9:30000")
+    with pytest.raises(ValueError, match="--router-url is for --engine sglang"):
+        build_engine("vllm", Path("unused"), urls=servers, router_url="http://10.0.0.9:30000")
+    with pytest.raises(ValueError, match="unknown engine 'trtllm'"):
+        build_engine("trtllm", Path("unused"))
