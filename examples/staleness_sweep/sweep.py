@@ -442,8 +442,9 @@ def write_table(rows: list[dict], path: Path) -> str:
         if not values:
             return "-"
         m = statistics.fmean(values) * scale
-        sd = statistics.stdev(values) * scale if len(values) > 1 else 0.0
-        return f"{m:.{digits}f} +- {sd:.{digits}f}"
+        if len(values) == 1:
+            return f"{m:.{digits}f}"
+        return f"{m:.{digits}f} +- {statistics.stdev(values) * scale:.{digits}f}"
 
     starts = sorted({(float(r["start_accuracy"]), int(r["heldout"])) for r in rows})
     lines = [
@@ -451,11 +452,12 @@ def write_table(rows: list[dict], path: Path) -> str:
         + ", ".join(f"{100 * a:.1f}% greedy accuracy on the {n} held-out problems" for a, n in starts)
         + ". Final accuracy: the trained policy on all of them; best: the highest point of the accuracy "
         "curve during training. M2: mean (log r)^2 over the trust-region tokens before masking, over the "
-        "whole run and over the steady phase (updates after the first s).",
+        "whole run and over the steady phase (updates after the first s). Mean +- std over seeds; seconds: "
+        "wall time per run (a resumed run's counts only its last stretch).",
         "",
         "| lr | weight decay | updates | loss | s | seeds | final held-out accuracy (%) | best (%) "
-        "| masked tokens (%) | clipped tokens (%) | M2 | M2 steady |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| masked tokens (%) | clipped tokens (%) | M2 | M2 steady | seconds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for lr, wd, steps, loss, s in keys:
         group = [r for r in rows if (*regime(r), r["loss"], int(r["staleness"])) == (lr, wd, steps, loss, s)]
@@ -468,7 +470,7 @@ def write_table(rows: list[dict], path: Path) -> str:
             f"{stat(f('final_accuracy'), 100, 1)} | "
             f"{stat(f('best_accuracy'), 100, 1)} | {stat(f('masked_fraction'), 100, 3)} | "
             f"{stat(f('clip_fraction'), 100, 3)} | {stat(f('m2_before'), 1, 4)} | "
-            f"{stat(f('m2_before_steady'), 1, 4)} |"
+            f"{stat(f('m2_before_steady'), 1, 4)} | {stat(f('seconds'), 1, 0)} |"
         )
     lines += ["", *where_m2_sits(rows, keys)]
     text = "\n".join(lines) + "\n"
