@@ -379,6 +379,8 @@ def load_record(record: Path) -> dict:
         "best_accuracy": max(v for _, v in accuracy),
         "masked_fraction": mean("masked_fraction"),
         "clip_fraction": mean("clip_fraction"),
+        "masked_fraction_steady": steady_mean(series(curves, "masked_fraction"), int(settings["staleness"])),
+        "clip_fraction_steady": steady_mean(series(curves, "clip_fraction"), int(settings["staleness"])),
         "m2_before": mean("m2_before"),
         "m2_before_steady": steady_mean(m2, int(settings["staleness"])),
         "confident_fraction": mean("confident_fraction"),
@@ -452,12 +454,14 @@ def write_table(rows: list[dict], path: Path) -> str:
         + ", ".join(f"{100 * a:.1f}% greedy accuracy on the {n} held-out problems" for a, n in starts)
         + ". Final accuracy: the trained policy on all of them; best: the highest point of the accuracy "
         "curve during training. M2: mean (log r)^2 over the trust-region tokens before masking, over the "
-        "whole run and over the steady phase (updates after the first s). Mean +- std over seeds; seconds: "
+        "whole run and over the steady phase (updates after the first s); masked and clipped token fractions "
+        "likewise. Mean +- std over seeds; seconds: "
         "wall time per run (a resumed run's counts only its last stretch).",
         "",
         "| lr | weight decay | updates | loss | s | seeds | final held-out accuracy (%) | best (%) "
-        "| masked tokens (%) | clipped tokens (%) | M2 | M2 steady | seconds |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| masked tokens (%) | clipped tokens (%) | masked steady (%) | clipped steady (%) | M2 | M2 steady "
+        "| seconds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for lr, wd, steps, loss, s in keys:
         group = [r for r in rows if (*regime(r), r["loss"], int(r["staleness"])) == (lr, wd, steps, loss, s)]
@@ -469,7 +473,8 @@ def write_table(rows: list[dict], path: Path) -> str:
             f"| {lr:g} | {wd:g} | {steps} | {loss} | {s} | {len(group)} | "
             f"{stat(f('final_accuracy'), 100, 1)} | "
             f"{stat(f('best_accuracy'), 100, 1)} | {stat(f('masked_fraction'), 100, 3)} | "
-            f"{stat(f('clip_fraction'), 100, 3)} | {stat(f('m2_before'), 1, 4)} | "
+            f"{stat(f('clip_fraction'), 100, 3)} | {stat(f('masked_fraction_steady'), 100, 3)} | "
+            f"{stat(f('clip_fraction_steady'), 100, 3)} | {stat(f('m2_before'), 1, 4)} | "
             f"{stat(f('m2_before_steady'), 1, 4)} | {stat(f('seconds'), 1, 0)} |"
         )
     lines += ["", *where_m2_sits(rows, keys)]
@@ -601,6 +606,8 @@ FIELDS = [
     "best_accuracy",
     "masked_fraction",
     "clip_fraction",
+    "masked_fraction_steady",
+    "clip_fraction_steady",
     "m2_before",
     "m2_before_steady",
     "confident_fraction",
