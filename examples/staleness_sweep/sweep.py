@@ -560,6 +560,10 @@ def plot(rows: list[dict], out: Path, prefix: str) -> list[Path]:
                     ax.plot(
                         steps, [factor * v for v in values], marker=".", markersize=3, label=name, **style
                     )
+                if key == "m2_curve":  # the budget: M2PO masks only where M2 over T would exceed it
+                    ax.axhline(TAU, color="grey", linestyle=":", linewidth=1, label="tau (M2 budget)")
+                    if panel == panels[0]:
+                        ax.legend(fontsize=8)
                 ax.set_yscale(scale)
                 ax.grid(alpha=0.3)
             row_axes[0].set_ylabel(label)
