@@ -372,6 +372,7 @@ def load_record(record: Path) -> dict:
     masked, clipped = dict(series(curves, "masked_fraction")), dict(series(curves, "clip_fraction"))
     zeroed = [(step, masked.get(step, 0.0) + clipped.get(step, 0.0)) for step in sorted({*masked, *clipped})]
     m2 = series(curves, "m2_before")
+    s = int(settings["staleness"])
     return {
         "run": record.name,
         **{k: settings[k] for k in ("loss", "staleness", "seed", "lr", "weight_decay", "steps")},
@@ -379,10 +380,10 @@ def load_record(record: Path) -> dict:
         "best_accuracy": max(v for _, v in accuracy),
         "masked_fraction": mean("masked_fraction"),
         "clip_fraction": mean("clip_fraction"),
-        "masked_fraction_steady": steady_mean(series(curves, "masked_fraction"), int(settings["staleness"])),
-        "clip_fraction_steady": steady_mean(series(curves, "clip_fraction"), int(settings["staleness"])),
+        "masked_fraction_steady": steady_mean(sorted(masked.items()), s),
+        "clip_fraction_steady": steady_mean(sorted(clipped.items()), s),
         "m2_before": mean("m2_before"),
-        "m2_before_steady": steady_mean(m2, int(settings["staleness"])),
+        "m2_before_steady": steady_mean(m2, s),
         "confident_fraction": mean("confident_fraction"),
         "m2_before_unconfident": mean("m2_before_unconfident"),
         "staleness_mean": mean("staleness"),
