@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_m2po.data.arithmetic import all_problems, make_splits
+from megatron_m2po.data.arithmetic import all_problems, make_splits, write_splits
 from tests.conftest import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,6 +60,18 @@ def test_arithmetic_splits_are_disjoint_seeded_and_boxed():
     assert math_reward(p.target, p.answer) == 1.0
     with pytest.raises(ValueError, match="ops"):
         all_problems(ops="*")
+
+
+def test_split_files_are_replaced_whole_and_leave_no_temporary_files(tmp_path):
+    """Sweep processes share one task directory and each rewrites it: a rewrite renames a finished file."""
+    first = write_splits(tmp_path, make_splits(seed=3))
+    inode = first["heldout"].stat().st_ino
+    again = write_splits(tmp_path, make_splits(seed=3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heldout.jsonl", "train.jsonl", "validation.jsonl"]
+    assert again["heldout"].stat().st_ino != inode  # a new file took the name, the old one was not truncated
+    rows = [json.loads(line) for line in again["heldout"].read_text().splitlines()]
+    expected = make_splits(seed=3)["heldout"]
+    assert rows == [{"problem": p.problem, "answer": p.answer} for p in expected]
 
 
 def test_quick_demo_end_to_end(tmp_path):

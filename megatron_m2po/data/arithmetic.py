@@ -11,6 +11,7 @@ Files are written as jsonl with the `problem` / `answer` fields that `PromptData
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -78,12 +79,17 @@ def make_splits(
 
 
 def write_jsonl(problems: Iterable[ArithmeticProblem], path: str | Path) -> Path:
-    """Write `{"problem": ..., "answer": ...}` rows, the default field names of `PromptDataset`."""
+    """Write `{"problem": ..., "answer": ...}` rows, the default field names of `PromptDataset`.
+
+    Written to a temporary name and renamed, so a reader (another sweep process's run reading the shared
+    task files while this one rewrites them) sees the old file or the new one, never a truncated one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as f:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w") as f:
         for p in problems:
             f.write(json.dumps(asdict(p)) + "\n")
+    tmp.replace(path)
     return path
 
 
