@@ -48,7 +48,7 @@ model: {{path: {model}}}
 data: {{path: {prompts}, max_prompt_tokens: 64}}
 rollout: {{max_new_tokens: {args.max_new_tokens}, reward_workers: 1}}
 algorithm: {{loss: m2po}}
-train: {{steps: {args.steps}, prompts_per_step: {args.prompts}, prompts_per_update: {args.prompts // args.updates_per_step},
+train: {{steps: {args.steps}, groups_per_step: {args.prompts}, groups_per_update: {args.prompts // args.updates_per_step},
          responses_per_prompt: {args.responses}, micro_batch_size: {args.responses * args.prompts // args.updates_per_step},
          lr: 1.0e-4, torch_threads: 1}}
 checkpoint: {{save_at_end: false}}

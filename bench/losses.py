@@ -50,11 +50,11 @@ def time_losses(args) -> list[tuple[str, float]]:
     cases = {
         "grpo": (get_loss("grpo"), {}),
         "m2po (global, threshold given)": (get_loss("m2po"), {"m2_threshold": theta}),
-        "m2po (per_microbatch)": (get_loss("m2po", scope="per_microbatch"), {}),
+        "m2po (per_microbatch)": (get_loss("m2po", m2_scope="per_microbatch"), {}),
         "m2po_clip": (get_loss("m2po_clip"), {}),
         "grpo_noclip": (get_loss("grpo_noclip"), {}),
         "tis": (get_loss("tis"), {}),
-        "decoupled_ppo": (get_loss("decoupled_ppo"), {"proximal_log_probs": prox}),
+        "decoupled_ppo": (get_loss("decoupled_ppo"), {"proximal_logprobs": prox}),
         "gspo": (get_loss("gspo"), {}),
         "cispo": (get_loss("cispo"), {}),
         "topr": (get_loss("topr"), {}),

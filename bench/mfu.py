@@ -5,7 +5,7 @@
     OMP_NUM_THREADS=1 python -m bench.mfu --small   # CPU: tiny shapes, checks the flow (no MFU without a GPU)
 
 Each model is built by `build_model` with random weights at the model's real layer shapes (no checkpoint),
-wrapped and stepped by the trainer itself (`trainer.policy.Trainer.update`: the M2 pre-pass, Megatron's schedule,
+wrapped and stepped by the trainer itself (`trainer.policy.Policy.update`: the M2 pre-pass, Megatron's schedule,
 the loss, the optimizer step). The mini-batch: responses with the paper's long-tailed lengths (log-normal,
 median 600, capped at 2560) behind 512-token prompts, packed into micro-batches of `--budgets` tokens,
 the largest that fits (an out-of-memory budget is skipped for the next smaller one).
@@ -70,7 +70,7 @@ def flops_per_step(shape: dict, seq_lengths: list[int]) -> tuple[float, float]:
 
 def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict:
     from megatron_m2po.models import build_model, load_hf_config
-    from megatron_m2po.trainer.policy import Trainer
+    from megatron_m2po.trainer.policy import Policy
 
     shape = dict(SHAPES[name])
     if args.layers:
@@ -87,7 +87,7 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict:
     for budget in args.budgets:
         cfg = Config()
         cfg.model.path, cfg.data.path = str(hf_dir), "unused"
-        cfg.train.prompts_per_step = cfg.train.prompts_per_update = args.sequences // args.group
+        cfg.train.groups_per_step = cfg.train.groups_per_update = args.sequences // args.group
         cfg.train.responses_per_prompt = args.group
         cfg.train.max_tokens_per_microbatch = max(budget, max(seq_lengths))
         cfg.train.lr = 1e-6
@@ -97,7 +97,7 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict:
             torch.cuda.reset_peak_memory_stats()
         try:
             model = build_model(load_hf_config(hf_dir), dtype=platform.default_dtype(), parallel=cfg.parallel)
-            trainer = Trainer(cfg, model=model)
+            trainer = Policy(cfg, model=model)
             times = []
             for rep in range(args.reps + 1):  # the first update warms up (allocator, kernels)
                 _sync()

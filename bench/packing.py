@@ -5,7 +5,7 @@
 
 The mini-batch: `--sequences` responses whose lengths follow a log-normal like the paper's (median 600,
 sigma 0.8, capped at 2560, all x `--scale`), behind prompts of `--prompt` tokens, with rewards, advantages
-and behaviour log-probs, as the trainer consumes them. Both variants run the real `Trainer.update` (the
+and behaviour log-probs, as the trainer consumes them. Both variants run the real `Policy.update` (the
 m2po loss with its global M2 pre-pass, Megatron's schedule, the optimizer step) on the same model:
 
 - padded: `micro_batch_size` sequences per micro-batch, every one right-padded to the mini-batch's longest
@@ -78,14 +78,14 @@ def run(args: argparse.Namespace) -> dict:
         )
         cfg = Config()
         cfg.model.path, cfg.data.path = str(hf_dir), "unused"
-        cfg.train.prompts_per_step = cfg.train.prompts_per_update = args.sequences // args.group
+        cfg.train.groups_per_step = cfg.train.groups_per_update = args.sequences // args.group
         cfg.train.responses_per_prompt = args.group
         cfg.train.micro_batch_size = args.micro_batch_size
         cfg.train.lr = 1e-5
         platform.init_distributed(seed=args.seed)
-        from megatron_m2po.trainer.policy import Trainer
+        from megatron_m2po.trainer.policy import Policy
 
-        trainer = Trainer(cfg)
+        trainer = Policy(cfg)
         groups = make_groups(lengths, args.prompt, args.group, trainer.hf_config.vocab_size, args.seed)
         longest = args.prompt + max(lengths)
         budget = args.micro_batch_size * longest

@@ -212,13 +212,13 @@ class StalenessConfig:
 class TrainConfig:
     steps: int = opt(
         100,
-        "training steps; each consumes prompts_per_step groups in prompts_per_step / "
-        "prompts_per_update optimizer updates (fixed mode runs fixed_lag_steps fill steps first)",
+        "training steps; each consumes groups_per_step groups in groups_per_step / "
+        "groups_per_update optimizer updates (fixed mode runs fixed_lag_steps fill steps first)",
         ge=1,
     )
-    prompts_per_step: int = opt(8, "prompt groups consumed per step", ge=1)
+    groups_per_step: int = opt(8, "prompt groups consumed per step", ge=1)
     responses_per_prompt: int = opt(8, "responses sampled per prompt (the group size n)", ge=1)
-    prompts_per_update: int = opt(8, "mini-batch: prompt groups per optimizer update", ge=1)
+    groups_per_update: int = opt(8, "mini-batch: prompt groups per optimizer update", ge=1)
     micro_batch_size: int = opt(
         8, "sequences per micro-batch on one DP rank (forward/backward unit; unused with a token budget)", ge=1
     )
@@ -293,7 +293,7 @@ class EvalConfig:
         0, "evaluate every this many steps (0 = off); also before the first and after the last", ge=0
     )
     max_prompts: int = opt(0, "evaluate on at most this many prompts (0 = all)", ge=0)
-    samples_per_prompt: int = opt(1, "responses per eval prompt (accuracy is their average: avg@k)", ge=1)
+    responses_per_prompt: int = opt(1, "responses per eval prompt (accuracy is their average: avg@k)", ge=1)
     temperature: float = opt(0.0, "eval sampling temperature (0 = greedy)", ge=0)
     problem_key: str = opt("problem", "eval row field holding the problem text")
     answer_key: str = opt("answer", "eval row field holding the reference answer")
@@ -315,10 +315,10 @@ class Config:
     # ---- derived quantities (one definition each) ----
     @property
     def updates_per_step(self) -> int:
-        return self.train.prompts_per_step // self.train.prompts_per_update
+        return self.train.groups_per_step // self.train.groups_per_update
 
     @property
-    def fixed_staleness(self) -> int:
+    def fixed_lag_updates(self) -> int:
         """The exact lag s of `fixed` mode in optimizer updates (0 for `sync`)."""
         if self.staleness.mode == "sync":
             return 0
@@ -356,6 +356,14 @@ _MOVED = {
     "algorithm.tis_cap": "it was split by meaning into algorithm.tis_ratio_cap (the tis loss), "
     "algorithm.behavior_weight_cap (decoupled_ppo) and algorithm.engine_mismatch_tis_cap "
     "(the engine-mismatch TIS factor)",
+    **{
+        old: f"it is now {new} (the same meaning)"
+        for old, new in {
+            "train.prompts_per_step": "train.groups_per_step",
+            "train.prompts_per_update": "train.groups_per_update",
+            "eval.samples_per_prompt": "eval.responses_per_prompt",
+        }.items()
+    },
 }
 
 
@@ -538,10 +546,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(
             f"'data.template': must contain '{{problem}}' or be plain/m2po, got {cfg.data.template!r}"
         )
-    if t.prompts_per_step % t.prompts_per_update:
+    if t.groups_per_step % t.groups_per_update:
         raise ConfigError(
-            f"'train.prompts_per_update': {t.prompts_per_update} does not divide "
-            f"train.prompts_per_step={t.prompts_per_step} (a step is a whole number of optimizer updates)"
+            f"'train.groups_per_update': {t.groups_per_update} does not divide "
+            f"train.groups_per_step={t.groups_per_step} (a step is a whole number of optimizer updates)"
         )
     if t.min_lr > t.lr:
         raise ConfigError(f"'train.min_lr': {t.min_lr} is larger than train.lr={t.lr}")
@@ -565,10 +573,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(
             f"'staleness.fixed_lag_steps': only used in fixed mode, but staleness.mode={s.mode}"
         )
-    if s.queue_capacity < t.prompts_per_step * (1 + s.fixed_lag_steps):
+    if s.queue_capacity < t.groups_per_step * (1 + s.fixed_lag_steps):
         raise ConfigError(
             f"'staleness.queue_capacity': {s.queue_capacity} cannot hold the "
-            f"{t.prompts_per_step * (1 + s.fixed_lag_steps)} groups this mode keeps queued"
+            f"{t.groups_per_step * (1 + s.fixed_lag_steps)} groups this mode keeps queued"
         )
     longest = cfg.data.max_prompt_tokens + r.max_new_tokens
     if t.max_tokens_per_microbatch and t.max_tokens_per_microbatch < longest:
@@ -620,10 +628,10 @@ def validate_parallel(cfg: Config, world_size: int, model: Any = None) -> int:
                 f"Megatron splits it evenly over the {size} ranks"
             )
     dp = world_size // mp
-    seqs_per_update = t.prompts_per_update * t.responses_per_prompt
+    seqs_per_update = t.groups_per_update * t.responses_per_prompt
     if seqs_per_update % dp:
         raise ConfigError(
-            f"'train.prompts_per_update': {t.prompts_per_update} x train.responses_per_prompt="
+            f"'train.groups_per_update': {t.groups_per_update} x train.responses_per_prompt="
             f"{t.responses_per_prompt} = {seqs_per_update} sequences per update is not divisible by the "
             f"data-parallel size {dp}"
         )

@@ -104,7 +104,7 @@ def heldout_accuracy(hf_dir: Path, heldout: Path, max_prompts: int, threads: int
         results = evaluate(
             hf_dir,
             [FileSpec(heldout)],
-            samples_per_prompt=1,
+            responses_per_prompt=1,
             sampling=SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, seed=0),
             template=DEMO_TEMPLATE,
             max_prompts=max_prompts,
@@ -333,7 +333,7 @@ def _loop_seconds(run_dir: str) -> dict[str, float]:
 
 def _max_staleness(cfg) -> int:
     """The most updates a consumed batch can lag: fixed's exact lag, bounded's bound, 0 for sync."""
-    return cfg.staleness.max_staleness if cfg.staleness.mode == "bounded" else cfg.fixed_staleness
+    return cfg.staleness.max_staleness if cfg.staleness.mode == "bounded" else cfg.fixed_lag_updates
 
 
 def run(args: argparse.Namespace) -> int:

@@ -238,7 +238,7 @@ def evaluate(
     checkpoint: str | Path,
     files: Sequence[FileSpec],
     *,
-    samples_per_prompt: int = 1,
+    responses_per_prompt: int = 1,
     pass_ks: Sequence[int] = (1,),
     sampling: SamplingParams | None = None,
     engine: str = "local",
@@ -256,17 +256,19 @@ def evaluate(
     hf_config_dir: str | Path | None = None,
     on_prompt_done: Callable[[], None] | None = None,
 ) -> list[FileResult]:
-    """Sample every prompt of every file `samples_per_prompt` times and score them; one result per file.
+    """Sample every prompt of every file `responses_per_prompt` times and score them; one result per file.
     `on_prompt_done()` as each prompt's samples arrive."""
     from transformers import AutoTokenizer
 
     from megatron_m2po.rollout.rewards import RewardPool
 
-    if samples_per_prompt < 1:
-        raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
-    too_big = [k for k in pass_ks if not 1 <= k <= samples_per_prompt]
+    if responses_per_prompt < 1:
+        raise ValueError(f"responses_per_prompt must be >= 1, got {responses_per_prompt}")
+    too_big = [k for k in pass_ks if not 1 <= k <= responses_per_prompt]
     if too_big:
-        raise ValueError(f"pass@k for k={too_big} needs 1 <= k <= samples_per_prompt={samples_per_prompt}")
+        raise ValueError(
+            f"pass@k for k={too_big} needs 1 <= k <= responses_per_prompt={responses_per_prompt}"
+        )
     ks = sorted({*pass_ks, 1})
     params = sampling or SamplingParams(max_new_tokens=1024, temperature=0.0)
     results = []
@@ -288,7 +290,7 @@ def evaluate(
                                 rewards,
                                 spec,
                                 tokenizer,
-                                n=samples_per_prompt,
+                                n=responses_per_prompt,
                                 ks=ks,
                                 params=params,
                                 template=template,
@@ -413,7 +415,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-chat-template", action="store_true", help="do not wrap prompts in the chat template"
     )
-    parser.add_argument("-k", "--samples-per-prompt", type=int, default=1, help="samples per prompt (avg@k)")
+    parser.add_argument(
+        "-k", "--responses-per-prompt", type=int, default=1, help="samples per prompt (avg@k)"
+    )
     parser.add_argument(
         "--pass-k", type=int, nargs="*", default=None, help="pass@j values to report (default: 1 and k)"
     )
@@ -450,7 +454,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    k = args.samples_per_prompt
+    k = args.responses_per_prompt
     temperature = args.temperature if args.temperature is not None else (0.0 if k == 1 else 1.0)
     if k > 1 and temperature == 0:
         logger.warning("-k %d with greedy decoding: every sample is the same", k)
@@ -461,7 +465,7 @@ def run(args: argparse.Namespace) -> int:
     results = evaluate(
         args.checkpoint,
         files,
-        samples_per_prompt=k,
+        responses_per_prompt=k,
         pass_ks=args.pass_k or [1, k],
         sampling=sampling,
         engine=args.engine,
@@ -483,7 +487,7 @@ def run(args: argparse.Namespace) -> int:
         "checkpoint": str(args.checkpoint),
         "engine": args.engine,
         "sampling": asdict(sampling),
-        "samples_per_prompt": k,
+        "responses_per_prompt": k,
         "template": args.template,
         "results": [asdict(r) for r in results],
     }

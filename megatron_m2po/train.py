@@ -49,7 +49,7 @@ from megatron_m2po.trainer.distribute import (
     rank,
 )
 from megatron_m2po.trainer.engine_sync import EngineSync
-from megatron_m2po.trainer.policy import Trainer
+from megatron_m2po.trainer.policy import Policy
 from megatron_m2po.trainer.run_state import ConsumedLog, restore, save
 from megatron_m2po.trainer.staleness import staleness_mode
 from megatron_m2po.trainer.step_metrics import StepClock, mean_metrics, staleness_of, step_scalars
@@ -84,7 +84,7 @@ def train(cfg: Config, *, resume: bool | str = False) -> dict[str, float]:
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
     # ---- model side (every rank), and where the run stands
-    trainer = Trainer(cfg)
+    trainer = Policy(cfg)
     progress, saved = restore(trainer, run_dir / "checkpoints", resume)
 
     # ---- rollout side (rank 0; the other ranks receive its data by broadcast), metrics, signals

@@ -16,7 +16,7 @@ from megatron_m2po.algorithms import (
     ADVANTAGE_ESTIMATORS,
     AGGREGATIONS,
     LOSSES,
-    CurrentLogProbs,
+    CurrentLogprobs,
     PolicyLoss,
     compute_advantages,
     compute_m2_threshold,
@@ -71,7 +71,7 @@ def test_default_config_gives_each_loss_its_documented_defaults(name):
     loss = PolicyLoss.from_config(AlgorithmConfig(loss=name))
     assert loss.hyperparameters == defaults
     assert loss.aggregation == aggregation
-    assert loss.tis_cap is None
+    assert loss.engine_mismatch_tis_cap is None
     library = get_loss(name)  # the library's defaults are the documented ones too
     assert (library.hyperparameters, library.aggregation) == (defaults, aggregation)
 
@@ -102,12 +102,16 @@ def test_overrides_reach_the_loss():
         behavior_weight_cap=4.0,
         m2_budget=0.05,
     )
-    assert got["gspo"].hyperparameters == {"eps_low": 0.1, "eps_high": 0.3}
-    assert got["cispo"].hyperparameters == {"eps_low": 0.1, "eps_high": 0.3}
-    assert got["grpo"].hyperparameters == {"eps": 0.1, "eps_high": 0.3, "dual_clip": 3.0}
-    assert got["decoupled_ppo"].hyperparameters == {"eps": 0.1, "eps_high": 0.3, "behavior_weight_cap": 4.0}
-    assert got["tis"].hyperparameters == {"cap": 3.0}
-    assert got["m2po"].hyperparameters == {"m2_budget": 0.05, "scope": "global"}
+    assert got["gspo"].hyperparameters == {"clip_eps": 0.1, "clip_eps_high": 0.3}
+    assert got["cispo"].hyperparameters == {"clip_eps": 0.1, "clip_eps_high": 0.3}
+    assert got["grpo"].hyperparameters == {"clip_eps": 0.1, "clip_eps_high": 0.3, "dual_clip": 3.0}
+    assert got["decoupled_ppo"].hyperparameters == {
+        "clip_eps": 0.1,
+        "clip_eps_high": 0.3,
+        "behavior_weight_cap": 4.0,
+    }
+    assert got["tis"].hyperparameters == {"tis_ratio_cap": 3.0}
+    assert got["m2po"].hyperparameters == {"m2_budget": 0.05, "m2_scope": "global"}
 
 
 def test_recipes_keep_token_mean_for_m2po_and_give_a_gspo_baseline_its_own():
@@ -116,7 +120,7 @@ def test_recipes_keep_token_mean_for_m2po_and_give_a_gspo_baseline_its_own():
     gspo = PolicyLoss.from_config(load_config(paper, ["algorithm.loss=gspo"]).algorithm)
     assert (gspo.aggregation, gspo.hyperparameters) == (
         "seq-mean-token-mean",
-        {"eps_low": 3e-4, "eps_high": 4e-4},
+        {"clip_eps": 3e-4, "clip_eps_high": 4e-4},
     )
 
 
@@ -124,12 +128,12 @@ def test_aggregation_and_engine_mismatch_tis_reach_every_loss():
     for loss in built(
         aggregation="seq-mean-token-sum", engine_mismatch_tis=True, engine_mismatch_tis_cap=1.5
     ).values():
-        assert (loss.aggregation, loss.tis_cap, loss.needs_engine_log_probs) == (
+        assert (loss.aggregation, loss.engine_mismatch_tis_cap, loss.needs_engine_logprobs) == (
             "seq-mean-token-sum",
             1.5,
             True,
         )
-    assert all(not loss.needs_engine_log_probs for loss in built().values())
+    assert all(not loss.needs_engine_logprobs for loss in built().values())
 
 
 def test_the_config_reference_in_docs_has_the_algorithm_keys_as_generated():
@@ -143,7 +147,7 @@ def test_config_choices_are_the_algorithms_own():
     assert set(choices_of(ALGORITHM_HINTS["aggregation"])) == {"auto", *AGGREGATIONS}
     assert set(choices_of(ALGORITHM_HINTS["advantage"])) == set(ADVANTAGE_ESTIMATORS)
     assert choices_of(typing.get_type_hints(compute_advantages)["estimator"]) == ADVANTAGE_ESTIMATORS
-    scope = choices_of(typing.get_type_hints(LOSSES["m2po"].fn)["scope"])
+    scope = choices_of(typing.get_type_hints(LOSSES["m2po"].fn)["m2_scope"])
     assert set(choices_of(ALGORITHM_HINTS["m2_scope"])) == set(scope)
     for name in ADVANTAGE_ESTIMATORS:  # each advertised estimator runs
         compute_advantages(torch.tensor([0.0, 1.0]), [0, 0], estimator=name)
@@ -159,23 +163,23 @@ def _minibatch(seed: int = 0):
         adv = torch.randn(3, 1, generator=g, dtype=torch.float64).expand(3, 5).contiguous()
         mask = torch.rand(3, 5, generator=g) < 0.8
         micro.append((lp, blp, adv, mask))
-    return CurrentLogProbs(*[[m[i] for m in micro] for i in range(4)])
+    return CurrentLogprobs(*[[m[i] for m in micro] for i in range(4)])
 
 
 def test_the_loss_says_what_it_needs_before_the_update():
-    needs = {name: loss.needs_current_log_probs for name, loss in built().items()}
+    needs = {name: loss.needs_current_logprobs for name, loss in built().items()}
     assert {name for name, need in needs.items() if need} == {"m2po", "decoupled_ppo"}
     assert not PolicyLoss.from_config(
         AlgorithmConfig(loss="m2po", m2_scope="per_microbatch")
-    ).needs_current_log_probs
+    ).needs_current_logprobs
     with pytest.raises(ValueError, match="needs no current log-probs"):
         get_loss("grpo").inputs_before_update(_minibatch())
 
     current = _minibatch()
     m2po = get_loss("m2po", m2_budget=0.01)
     theta = compute_m2_threshold(
-        current.log_probs,
-        current.behavior_log_probs,
+        current.logprobs,
+        current.behavior_logprobs,
         current.advantages,
         current.response_mask,
         m2_budget=0.01,
@@ -183,4 +187,4 @@ def test_the_loss_says_what_it_needs_before_the_update():
     assert m2po.inputs_before_update(current) == [{"m2_threshold": theta}] * 2
     assert theta < float("inf")  # the mask is exercised
     proximal = get_loss("decoupled_ppo").inputs_before_update(current)
-    assert all(p["proximal_log_probs"] is lp for p, lp in zip(proximal, current.log_probs))
+    assert all(p["proximal_logprobs"] is lp for p, lp in zip(proximal, current.logprobs))

@@ -10,6 +10,6 @@ from tests.conftest import REPO, run_torchrun
 
 
 @pytest.mark.dist
-def test_global_m2_mask_and_vocab_parallel_log_probs_under_torchrun():
+def test_global_m2_mask_and_vocab_parallel_logprobs_under_torchrun():
     proc = run_torchrun(REPO / "tests" / "dist" / "algorithms_parallel.py", 2, timeout=300)
     assert "algorithms_parallel OK" in proc.stdout

@@ -24,7 +24,7 @@ def test_losses_on_cuda_match_cpu(name):
     results = {}
     for device in ("cpu", "cuda"):
         lp, blp, adv, mask, staleness = batch(device)
-        kw = {"proximal_log_probs": (lp + blp) / 2} if name == "decoupled_ppo" else {}
+        kw = {"proximal_logprobs": (lp + blp) / 2} if name == "decoupled_ppo" else {}
         x = lp.clone().requires_grad_()
         value, metrics = get_loss(name)(x, blp, adv, mask, staleness=staleness, **kw)
         value.backward()
@@ -35,7 +35,7 @@ def test_losses_on_cuda_match_cpu(name):
 
 
 @pytest.mark.gpu
-def test_m2_threshold_and_log_probs_on_cuda():
+def test_m2_threshold_and_logprobs_on_cuda():
     cpu, cuda = batch("cpu"), batch("cuda")
     assert compute_m2_threshold(*cpu[:4]) == compute_m2_threshold(*cuda[:4])
     g = torch.Generator().manual_seed(1)

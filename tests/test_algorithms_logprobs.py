@@ -51,7 +51,7 @@ def test_matches_log_softmax_values_and_gradients(batch, seq, vocab, temperature
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-10, atol=1e-10)
 
 
-def test_bf16_logits_give_fp32_log_probs_and_bf16_gradients():
+def test_bf16_logits_give_fp32_logprobs_and_bf16_gradients():
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(4, 6, 300, generator=g) * 4).bfloat16()
     targets = torch.randint(0, 300, (4, 6), generator=g)

@@ -58,8 +58,8 @@ def seq_mean(per_seq, mask):
 def reference(name, lp, blp, adv, mask, hp, prox=None):
     """Each loss's formula, directly, in float64 autograd on lp (a leaf)."""
     r = torch.exp(lp - blp)
-    eps = hp.get("eps", 0.2)
-    eps_high = hp.get("eps_high") or eps
+    eps = hp.get("clip_eps", 0.2)
+    eps_high = hp.get("clip_eps_high") or eps
     if name == "grpo":
         lt = torch.maximum(-adv * r, -adv * torch.clamp(r, 1 - eps, 1 + eps_high))
         if hp.get("dual_clip"):
@@ -70,7 +70,7 @@ def reference(name, lp, blp, adv, mask, hp, prox=None):
     if name == "on_policy":
         return token_mean(-adv * torch.exp(lp - lp.detach()), mask)
     if name == "tis":
-        return token_mean(-torch.clamp(r, max=hp.get("cap", 2.0)).detach() * adv * lp, mask)
+        return token_mean(-torch.clamp(r, max=hp.get("tis_ratio_cap", 2.0)).detach() * adv * lp, mask)
     if name == "decoupled_ppo":
         w = torch.clamp(torch.exp(prox - blp), max=2.0)
         rp = torch.exp(lp - prox)
@@ -126,7 +126,7 @@ def test_loss_matches_float64_reference(name, data):
     kw, prox = {}, None
     if name == "decoupled_ppo":
         prox = (lp + blp) / 2
-        kw["proximal_log_probs"] = prox
+        kw["proximal_logprobs"] = prox
     value, grad, metrics = run(get_loss(name), lp, blp, adv, mask, **kw)
     x = lp.clone().requires_grad_(True)
     ref = reference(name, x, blp, adv, mask, {}, prox=prox)
@@ -137,10 +137,10 @@ def test_loss_matches_float64_reference(name, data):
 
 
 @SETTINGS
-@given(data=batches(), eps_high=st.sampled_from([None, 0.28]), dual_clip=st.sampled_from([None, 3.0]))
-def test_grpo_clip_higher_and_dual_clip(data, eps_high, dual_clip):
+@given(data=batches(), clip_eps_high=st.sampled_from([None, 0.28]), dual_clip=st.sampled_from([None, 3.0]))
+def test_grpo_clip_higher_and_dual_clip(data, clip_eps_high, dual_clip):
     lp, blp, adv, mask = data
-    hp = {"eps_high": eps_high, "dual_clip": dual_clip}
+    hp = {"clip_eps_high": clip_eps_high, "dual_clip": dual_clip}
     value, grad, _ = run(get_loss("grpo", **hp), lp, blp, adv, mask)
     x = lp.clone().requires_grad_(True)
     ref = reference("grpo", x, blp, adv, mask, hp)
@@ -167,10 +167,12 @@ def test_sequence_aggregations(data, mode):
 @SETTINGS
 @given(data=batches(), cap=st.sampled_from([1.5, 2.0]))
 def test_tis_factor_on_engine_mismatch(data, cap):
-    """behavior = trainer-recomputed, engine_log_probs = the engine's: each token weighted min(mu_tr / mu_eng, cap)."""
+    """behavior = trainer-recomputed, engine_logprobs = the engine's: each token weighted min(mu_tr / mu_eng, cap)."""
     lp, blp, adv, mask = data
     engine = blp + torch.linspace(-0.8, 0.8, blp.numel(), dtype=blp.dtype).view_as(blp)
-    value, grad, metrics = run(get_loss("grpo", tis_cap=cap), lp, blp, adv, mask, engine_log_probs=engine)
+    value, grad, metrics = run(
+        get_loss("grpo", engine_mismatch_tis_cap=cap), lp, blp, adv, mask, engine_logprobs=engine
+    )
     x = lp.clone().requires_grad_(True)
     r = torch.exp(x - blp)
     w = torch.clamp(torch.exp(blp - engine), max=cap)
@@ -279,7 +281,7 @@ def make(shape=(2, 3)):
 
 def test_mismatched_shapes_name_the_tensor():
     lp, blp, adv, mask = make()
-    with pytest.raises(ValueError, match="behavior_log_probs has shape"):
+    with pytest.raises(ValueError, match="behavior_logprobs has shape"):
         get_loss("m2po")(lp, blp[:, :2], adv, mask)
     with pytest.raises(ValueError, match="staleness has shape"):
         get_loss("grpo")(lp, blp, adv, mask, staleness=torch.zeros(3, 3))
@@ -288,18 +290,18 @@ def test_mismatched_shapes_name_the_tensor():
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_nonfinite_log_probs_raise_with_position(bad):
+def test_nonfinite_logprobs_raise_with_position(bad):
     lp, blp, adv, mask = make()
     lp[1, 2] = bad
-    with pytest.raises(ValueError, match=r"log_probs has 1 non-finite values .* first at \(1, 2\)"):
+    with pytest.raises(ValueError, match=r"logprobs has 1 non-finite values .* first at \(1, 2\)"):
         get_loss("m2po")(lp, blp, adv, mask)
     lp, blp, adv, mask = make()
     blp[0, 1] = bad
-    with pytest.raises(ValueError, match=r"behavior_log_probs has 1 non-finite"):
+    with pytest.raises(ValueError, match=r"behavior_logprobs has 1 non-finite"):
         get_loss("m2po")(lp, blp, adv, mask)
 
 
-def test_nonfinite_behavior_log_probs_masked_and_counted_when_asked():
+def test_nonfinite_behavior_logprobs_masked_and_counted_when_asked():
     lp, blp, adv, mask = make((2, 4))
     blp[0, 1] = float("nan")
     loss = get_loss("m2po", nonfinite="mask")
@@ -312,7 +314,7 @@ def test_nonfinite_behavior_log_probs_masked_and_counted_when_asked():
     assert value.item() == ref_value.item()
     torch.testing.assert_close(grad, ref_grad)
     lp[1, 1] = float("nan")  # the trainer's own log-probs: always an error
-    with pytest.raises(ValueError, match="log_probs has 1 non-finite"):
+    with pytest.raises(ValueError, match="logprobs has 1 non-finite"):
         loss(lp, clean_blp, adv, mask)
 
 
@@ -323,7 +325,7 @@ def test_garbage_outside_the_response_mask_is_ignored():
     for t in dirty:
         t[:, 3] = float("nan")
     for name in LOSSES:
-        kw = {"proximal_log_probs": lp} if name == "decoupled_ppo" else {}
+        kw = {"proximal_logprobs": lp} if name == "decoupled_ppo" else {}
         value, grad, metrics = run(get_loss(name), *dirty, mask, **kw)
         assert math.isfinite(value.item()) and torch.isfinite(grad).all(), name
         assert all(math.isfinite(v) for v in metrics.values()), name
@@ -332,18 +334,18 @@ def test_garbage_outside_the_response_mask_is_ignored():
 def test_bad_configuration_is_named():
     with pytest.raises(ValueError, match="unknown loss 'm3po'"):
         get_loss("m3po")
-    with pytest.raises(ValueError, match=r"unknown hyperparameters \['eps'\]"):
-        get_loss("m2po", eps=0.2)
+    with pytest.raises(ValueError, match=r"unknown hyperparameters \['clip_eps'\]"):
+        get_loss("m2po", clip_eps=0.2)
     with pytest.raises(ValueError, match="aggregation must be one of"):
         get_loss("grpo", aggregation="mean")
     with pytest.raises(ValueError, match="m2_budget must be a positive"):
         get_loss("m2po", m2_budget=0)
-    with pytest.raises(ValueError, match="scope must be"):
-        get_loss("m2po", scope="world")
+    with pytest.raises(ValueError, match="m2_scope must be"):
+        get_loss("m2po", m2_scope="world")
     lp, blp, adv, mask = make()
-    with pytest.raises(ValueError, match="tis_cap=2.0 needs engine_log_probs"):
-        get_loss("m2po", tis_cap=2.0)(lp, blp, adv, mask)
-    with pytest.raises(ValueError, match="pass proximal_log_probs"):
+    with pytest.raises(ValueError, match="engine_mismatch_tis_cap=2.0 needs engine_logprobs"):
+        get_loss("m2po", engine_mismatch_tis_cap=2.0)(lp, blp, adv, mask)
+    with pytest.raises(ValueError, match="pass proximal_logprobs"):
         get_loss("decoupled_ppo")(lp, blp, adv, mask)
-    with pytest.raises(ValueError, match="scope='per_microbatch'"):
-        get_loss("m2po", scope="per_microbatch")(lp, blp, adv, mask, m2_threshold=0.1)
+    with pytest.raises(ValueError, match="m2_scope='per_microbatch'"):
+        get_loss("m2po", m2_scope="per_microbatch")(lp, blp, adv, mask, m2_threshold=0.1)

@@ -248,7 +248,7 @@ def test_threshold_uses_the_losss_arithmetic_for_mixed_dtypes():
     mask = torch.ones(8, 50, dtype=torch.bool)
     theta = compute_m2_threshold(lp, blp, adv, mask)
     _, given = get_loss("m2po")(lp, blp, adv, mask, m2_threshold=theta)
-    _, own = get_loss("m2po", scope="per_microbatch")(lp, blp, adv, mask)
+    _, own = get_loss("m2po", m2_scope="per_microbatch")(lp, blp, adv, mask)
     assert given["loss/masked_fraction"] == own["loss/masked_fraction"] > 0
 
 

@@ -17,7 +17,7 @@ from megatron_m2po.config import (
 RECIPE = """
 model: {path: /models/tiny}
 data: {path: /data/train.jsonl}
-train: {lr: 1e-6, prompts_per_step: 8, prompts_per_update: 4, responses_per_prompt: 4}
+train: {lr: 1e-6, groups_per_step: 8, groups_per_update: 4, responses_per_prompt: 4}
 staleness: {mode: bounded, max_staleness: 4}
 """
 
@@ -52,8 +52,8 @@ def test_optional_keys_take_null_and_choices_come_from_the_literal_type(recipe):
 
 def test_fixed_lag_is_k_times_updates_per_step(recipe):
     cfg = load_config(recipe, ["staleness.mode=fixed", "staleness.fixed_lag_steps=3"])
-    assert cfg.fixed_staleness == 3 * 2
-    assert load_config(recipe, ["staleness.mode=sync"]).fixed_staleness == 0
+    assert cfg.fixed_lag_updates == 3 * 2
+    assert load_config(recipe, ["staleness.mode=sync"]).fixed_lag_updates == 0
 
 
 @pytest.mark.parametrize(
@@ -67,7 +67,7 @@ def test_fixed_lag_is_k_times_updates_per_step(recipe):
         ("train.steps=0", "'train.steps': must be >= 1"),
         ("rollout.top_p=1.5", "'rollout.top_p': must be <= 1"),
         ("staleness.mode=boundd", "did you mean 'bounded'"),
-        ("train.prompts_per_update=3", "'train.prompts_per_update': 3 does not divide"),
+        ("train.groups_per_update=3", "'train.groups_per_update': 3 does not divide"),
         ("logging.tensorboard=maybe", "'logging.tensorboard': expected true/false"),
         ("staleness.fixed_lag_steps=2", "only used in fixed mode"),
         ("rollout.behavior_logprobs=trainer", "needs staleness.mode sync or fixed"),
@@ -84,6 +84,24 @@ def test_fixed_lag_is_k_times_updates_per_step(recipe):
 def test_bad_values_name_the_key(recipe, override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         load_config(recipe, [override])
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("train.prompts_per_step", "train.groups_per_step"),
+        ("train.prompts_per_update", "train.groups_per_update"),
+        ("eval.samples_per_prompt", "eval.responses_per_prompt"),
+    ],
+)
+def test_renamed_keys_are_refused_naming_the_new_key(recipe, tmp_path, old, new):
+    with pytest.raises(ConfigError, match=f"command line: '{old}' is no longer a key: it is now {new}"):
+        load_config(recipe, [f"{old}=2"])
+    section, name = old.split(".")
+    old_recipe = tmp_path / "old.yaml"
+    old_recipe.write_text(f"{section}:\n  {name}: 2\n")
+    with pytest.raises(ConfigError, match=f"old.yaml: '{old}' is no longer a key: it is now {new}"):
+        load_config(old_recipe)
 
 
 def test_bad_files(tmp_path):
@@ -108,8 +126,8 @@ def test_data_parallel_must_divide_the_update(recipe):
         recipe,
         [
             "train.responses_per_prompt=3",
-            "train.prompts_per_update=1",
-            "train.prompts_per_step=1",
+            "train.groups_per_update=1",
+            "train.groups_per_step=1",
             "staleness.max_staleness=0",
         ],
     )

@@ -109,7 +109,9 @@ def test_producer_stops_after_bounded_write_failures_and_says_why(tmp_path):
     farm = EngineFarm([LocalEngine(hf_dir, engine_id="e0", seed=0)])
     dataset = PromptDataset(data, AutoTokenizer.from_pretrained(hf_dir), seed=0)
     sampling = SamplingParams(max_new_tokens=4, temperature=1.0)
-    manager = RolloutManager(dataset, farm, pool, queue, n_samples=2, sampling=sampling, max_write_failures=3)
+    manager = RolloutManager(
+        dataset, farm, pool, queue, responses_per_prompt=2, sampling=sampling, max_write_failures=3
+    )
     manager.start()
     try:
         assert len(queue.get_batch(1, timeout=300)) == 1  # it works before the disk fills

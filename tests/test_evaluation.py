@@ -64,7 +64,7 @@ def test_bad_inputs_are_rejected_with_the_reason():
     with pytest.raises(FileNotFoundError, match="not a directory"):
         evaluate("/nonexistent/model", [])
     with pytest.raises(ValueError, match=r"k=\[8\]"):
-        evaluate("/nonexistent/model", [], samples_per_prompt=4, pass_ks=[1, 8])
+        evaluate("/nonexistent/model", [], responses_per_prompt=4, pass_ks=[1, 8])
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_end_to_end_on_real_benchmark_files(tiny_model, shared_data, tmp_path):
     )
     assert rc == 0
     payload = json.loads(out.read_text())
-    assert payload["samples_per_prompt"] == 2 and payload["sampling"]["temperature"] == 1.0
+    assert payload["responses_per_prompt"] == 2 and payload["sampling"]["temperature"] == 1.0
     results = {r["name"]: r for r in payload["results"]}
     assert list(results) == BENCHMARKS
     for r in results.values():

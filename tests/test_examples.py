@@ -32,7 +32,7 @@ def test_there_is_a_recipe_per_model_size():
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_recipe_loads_and_validates(recipe):
     cfg = load_config(recipe)
-    assert cfg.train.prompts_per_step % cfg.train.prompts_per_update == 0
+    assert cfg.train.groups_per_step % cfg.train.groups_per_update == 0
 
 
 def _layout_rows(readme: Path) -> list[tuple[int, int, int, int]]:
@@ -58,10 +58,10 @@ def test_documented_layouts_pass_the_parallel_check(example):
 def test_paper_recipe_is_the_paper_protocol():
     cfg = load_config(EXAMPLES / "qwen2.5_math_7b" / "paper_s256.yaml")
     t = cfg.train
-    assert (t.prompts_per_step, t.responses_per_prompt, t.prompts_per_update) == (256, 8, 64)
+    assert (t.groups_per_step, t.responses_per_prompt, t.groups_per_update) == (256, 8, 64)
     assert (t.lr, t.weight_decay, t.grad_clip, cfg.algorithm.m2_budget) == (1e-6, 0.01, 1.0, 0.04)
     assert (cfg.rollout.max_new_tokens, cfg.data.max_prompt_tokens) == (2560, 1536)
-    assert cfg.staleness.mode == "fixed" and cfg.fixed_staleness == 256
+    assert cfg.staleness.mode == "fixed" and cfg.fixed_lag_updates == 256
 
 
 @pytest.mark.parametrize(
@@ -141,7 +141,7 @@ def test_gpu_staleness_sweep_jobs_validate_against_the_recipe():
         script, *overrides = line.split()
         assert script == "examples/qwen3_1.7b/launch.sh"
         cfg = load_config(EXAMPLES / "qwen3_1.7b" / "recipe.yaml", overrides)
-        jobs[(cfg.algorithm.loss, cfg.fixed_staleness)] = cfg
+        jobs[(cfg.algorithm.loss, cfg.fixed_lag_updates)] = cfg
     expected = {("on_policy", 0)} | {
         (loss, s) for loss in ("grpo", "grpo_noclip", "m2po", "m2po_clip") for s in (4, 16, 64, 256)
     }

@@ -42,7 +42,7 @@ def make_manager(hf_dir, data, pool, queue, engines=2):
     tok = AutoTokenizer.from_pretrained(hf_dir)
     dataset = PromptDataset(data, tok, seed=0)
     farm = EngineFarm([LocalEngine(hf_dir, engine_id=f"e{i}", seed=i) for i in range(engines)])
-    return RolloutManager(dataset, farm, pool, queue, n_samples=3, sampling=PARAMS), dataset
+    return RolloutManager(dataset, farm, pool, queue, responses_per_prompt=3, sampling=PARAMS), dataset
 
 
 def test_generate_batch_scores_every_sample(setup):

@@ -111,7 +111,7 @@ def test_fifo_by_version_not_by_arrival():
 
 
 def test_fixed_mode_checks_the_exact_lag():
-    q = ReplayQueue("fixed", fixed_lag=2, groups_per_update=2)
+    q = ReplayQueue("fixed", fixed_lag_updates=2, groups_per_update=2)
     q.put(make_group("a", 0))
     q.put(make_group("b", 1))
     q.publish_version(2)
@@ -131,7 +131,7 @@ def test_paper_fifo_of_k_batches_gives_exact_lag():
     """The paper's protocol: a FIFO of K generated batches, U updates per step, s = K * U."""
     k, updates, b = 3, 2, 4
     s = k * updates
-    q = ReplayQueue("fixed", fixed_lag=s, groups_per_update=b, capacity=(k + 1) * b)
+    q = ReplayQueue("fixed", fixed_lag_updates=s, groups_per_update=b, capacity=(k + 1) * b)
     consumed_lags = []
     for step in range(12):
         for i in range(b):  # generate with the current policy

@@ -191,7 +191,7 @@ class FixedLagMachine(RuleBasedStateMachine):
         self.dir = tempfile.mkdtemp(prefix="m2po-fixed-")
         mode = "sync" if self.s == 0 else "fixed"
         self.kwargs = dict(
-            mode=mode, fixed_lag=self.s, groups_per_update=b, capacity=(k + 1) * b, fsync="never"
+            mode=mode, fixed_lag_updates=self.s, groups_per_update=b, capacity=(k + 1) * b, fsync="never"
         )
         self.q = ReplayQueue(**self.kwargs, journal_dir=self.dir, segment_bytes=4096)
         self.step = 0

@@ -34,7 +34,7 @@ REQUIRED_TAGS = (
     "train/staleness_mean",
     "train/staleness_max",
     "queue/depth",
-    "queue/dropped_groups",
+    "queue/dropped",
     "perf/gen_tokens_per_s",
     "perf/train_tokens_per_s",
     "perf/time_generate",
@@ -66,7 +66,7 @@ data: {{path: {prompts}, apply_chat_template: true, max_prompt_tokens: 64}}
 rollout: {{max_new_tokens: 8, reward_fn: "tests.e2e_rewards:odd_char_fraction", reward_workers: 1}}
 algorithm: {{loss: m2po, m2_budget: 0.04}}
 staleness: {{mode: fixed, fixed_lag_steps: 1}}
-train: {{steps: 3, prompts_per_step: 2, prompts_per_update: 1, responses_per_prompt: 4, micro_batch_size: 4,
+train: {{steps: 3, groups_per_step: 2, groups_per_update: 1, responses_per_prompt: 4, micro_batch_size: 4,
          lr: 1.0e-4, torch_threads: 1}}
 checkpoint: {{save_every: 1, keep_last: 2}}
 logging: {{console: none}}

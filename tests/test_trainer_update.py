@@ -91,14 +91,14 @@ def test_what_a_loss_declares_reaches_it_through_the_trainer(tiny_dir, tmp_path,
 def _two_updates(tiny_dir, loss: str, *, force_pre_pass: bool) -> tuple[list[dict], list, int]:
     """Two updates with one micro-batch of 8 sequences: metrics, weights after, forward passes run."""
     from megatron_m2po.config import Config
-    from megatron_m2po.trainer.policy import Trainer
+    from megatron_m2po.trainer.policy import Policy
 
     cfg = Config()
     cfg.model.path, cfg.data.path = str(tiny_dir), "unused"
-    cfg.train.prompts_per_step = cfg.train.prompts_per_update = 2
+    cfg.train.groups_per_step = cfg.train.groups_per_update = 2
     cfg.train.responses_per_prompt, cfg.train.micro_batch_size, cfg.train.lr = 4, 8, 1e-3
     cfg.algorithm.loss = loss
-    trainer = Trainer(cfg)
+    trainer = Policy(cfg)
     forwards = []
     trainer.model.module.register_forward_hook(lambda *_: forwards.append(1))
     metrics = [
@@ -109,7 +109,7 @@ def _two_updates(tiny_dir, loss: str, *, force_pre_pass: bool) -> tuple[list[dic
 
 
 @pytest.mark.parametrize("loss", ["m2po", "decoupled_ppo"])
-def test_one_microbatch_takes_the_log_probs_before_the_update_from_its_own_forward(tiny_dir, loss):
+def test_one_microbatch_takes_the_logprobs_before_the_update_from_its_own_forward(tiny_dir, loss):
     """With one micro-batch per rank the training forward's detached log-probs replace the no-grad pre-pass:
     half the forwards, and the same metrics (M2 threshold / proximal policy) and weights as with it."""
     import torch

@@ -5,7 +5,7 @@ from megatron_m2po.algorithms.logprobs import vocab_parallel_logprobs
 from megatron_m2po.algorithms.losses import (
     AGGREGATIONS,
     LOSSES,
-    CurrentLogProbs,
+    CurrentLogprobs,
     PolicyLoss,
     aggregate,
     get_loss,
@@ -17,7 +17,7 @@ __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "AGGREGATIONS",
     "LOSSES",
-    "CurrentLogProbs",
+    "CurrentLogprobs",
     "PolicyLoss",
     "aggregate",
     "compute_advantages",

@@ -59,7 +59,7 @@ def policy_metrics(
     clipped = none if out.clipped is None else out.clipped & x.mask
     lost_gradient = masked if out.clipped_keeps_gradient else masked | clipped
     trust_kept = trust * (~lost_gradient).to(dtype)
-    trust_unsure = trust * (x.behavior_log_probs.detach() <= _CONFIDENT_LOG_P).to(dtype)
+    trust_unsure = trust * (x.behavior_logprobs.detach() <= _CONFIDENT_LOG_P).to(dtype)
     m2 = log_ratio.square()
     counts = torch.stack(
         [

@@ -37,7 +37,7 @@ def _scaled_chunk(
     return x if temperature == 1.0 else x.div_(temperature)
 
 
-class _VocabParallelLogProbs(torch.autograd.Function):
+class _VocabParallelLogprobs(torch.autograd.Function):
     """Forward: (log p(target), entropy) per token. Backward: softmax recomputed chunk by chunk."""
 
     @staticmethod
@@ -76,17 +76,17 @@ class _VocabParallelLogProbs(torch.autograd.Function):
             picked, expected_x = stats[:, 1], stats[:, 2] / stats[:, 0]
         else:
             log_z, expected_x = local_lse, local_ex
-        log_probs = picked - log_z
+        logprobs = picked - log_z
         entropy = log_z - expected_x if with_entropy else torch.zeros_like(log_z)
 
         ctx.save_for_backward(logits, local_target, target_here, log_z, expected_x)
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
         ctx.with_entropy = with_entropy
-        return log_probs, entropy
+        return logprobs, entropy
 
     @staticmethod
-    def backward(ctx, grad_log_probs, grad_entropy):
+    def backward(ctx, grad_logprobs, grad_entropy):
         logits, local_target, target_here, log_z, expected_x = ctx.saved_tensors
         temperature, chunk_size = ctx.temperature, ctx.chunk_size
         grad_logits = torch.empty_like(logits)
@@ -95,7 +95,7 @@ class _VocabParallelLogProbs(torch.autograd.Function):
         for start in range(0, n_tokens, chunk_size):
             stop = min(start + chunk_size, n_tokens)
             x = _scaled_chunk(logits, start, stop, log_z.dtype, temperature)
-            g_lp = grad_log_probs[start:stop, None].to(x.dtype)
+            g_lp = grad_logprobs[start:stop, None].to(x.dtype)
             # d log p_y / dx_v = 1[v = y] - p_v;  dH / dx_v = -p_v (x_v - E_p[x]); in place, <= 2 temporaries
             if ctx.with_entropy:
                 grad_x = torch.sub(x, log_z[start:stop, None]).exp_()  # p
@@ -154,9 +154,9 @@ def vocab_parallel_logprobs(
     lead_shape = target_ids.shape
     flat_logits = logits.reshape(-1, logits.shape[-1])
     flat_targets = target_ids.reshape(-1).long()
-    log_probs, entropy = _VocabParallelLogProbs.apply(
+    logprobs, entropy = _VocabParallelLogprobs.apply(
         flat_logits, flat_targets, tp_group, float(temperature), int(chunk_size), bool(with_entropy)
     )
     if with_entropy:
-        return log_probs.view(lead_shape), entropy.view(lead_shape)
-    return log_probs.view(lead_shape)
+        return logprobs.view(lead_shape), entropy.view(lead_shape)
+    return logprobs.view(lead_shape)

@@ -7,15 +7,15 @@ wrapper then multiplies by the optional TIS factor and aggregates (token-mean by
 
 Each loss is registered with `register_loss` (as verl's `register_policy_loss`): its default aggregation, how
 it reads its hyperparameters from the `algorithm` config section (`PolicyLoss.from_config`), and whether it
-needs the trainer's log-probs of the whole mini-batch before the update (`needs_current_log_probs`, then
+needs the trainer's log-probs of the whole mini-batch before the update (`needs_current_logprobs`, then
 `inputs_before_update`). The trainer asks the loss; it never compares loss names.
 
 Behaviour log-probs, two sources (both supported, the trainer picks):
-* engine: `behavior_log_probs` = the engine's sampling log-probs; the engine-vs-trainer mismatch is then
-  inside r and `tis_cap` must stay None.
-* trainer-recomputed (the released M2PO code): `behavior_log_probs` = log-probs recomputed by the trainer
-  with the producing weights when the batch was produced; pass the engine's as `engine_log_probs` and set
-  `tis_cap` (~2) to weight each token by min(exp(behavior - engine), tis_cap) (truncated IS on mismatch).
+* engine: `behavior_logprobs` = the engine's sampling log-probs; the engine-vs-trainer mismatch is then
+  inside r and `engine_mismatch_tis_cap` must stay None.
+* trainer-recomputed (the released M2PO code): `behavior_logprobs` = log-probs recomputed by the trainer
+  with the producing weights when the batch was produced; pass the engine's as `engine_logprobs` and set
+  `engine_mismatch_tis_cap` (~2) to weight each token by min(exp(behavior - engine), engine_mismatch_tis_cap) (truncated IS on mismatch).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from megatron_m2po.choices import Aggregation, LossName, M2Scope, NonFinite
 __all__ = [
     "AGGREGATIONS",
     "LOSSES",
-    "CurrentLogProbs",
+    "CurrentLogprobs",
     "LossInputs",
     "LossSpec",
     "PolicyLoss",
@@ -61,14 +61,14 @@ _RELEASED_NO_BOUND = (0.0, 100000.0)  # the released m2po_clip's ratio bounds wh
 class LossInputs:
     """What every loss sees: validated [batch, T] tensors, zeros outside the response mask."""
 
-    log_probs: torch.Tensor  # log pi_theta, differentiable
-    behavior_log_probs: torch.Tensor  # log mu
+    logprobs: torch.Tensor  # log pi_theta, differentiable
+    behavior_logprobs: torch.Tensor  # log mu
     advantages: torch.Tensor
     mask: torch.Tensor  # bool
     log_ratio: torch.Tensor  # log r, differentiable
     ratio: torch.Tensor  # r, differentiable
     trust_region: torch.Tensor  # bool, T
-    proximal_log_probs: torch.Tensor | None = None
+    proximal_logprobs: torch.Tensor | None = None
     m2_threshold: float | None = None
     process_group: dist.ProcessGroup | None = None
 
@@ -93,12 +93,12 @@ def _ppo_clip(advantages, ratio, low, high):
 
 
 @dataclass
-class CurrentLogProbs:
+class CurrentLogprobs:
     """One optimizer mini-batch before its update, per micro-batch ([b, T] each): the trainer's no-grad
     log pi_theta and what each micro-batch's loss call receives. `process_group`: the data-parallel group."""
 
-    log_probs: Sequence[torch.Tensor]
-    behavior_log_probs: Sequence[torch.Tensor]
+    logprobs: Sequence[torch.Tensor]
+    behavior_logprobs: Sequence[torch.Tensor]
     advantages: Sequence[torch.Tensor]
     response_mask: Sequence[torch.Tensor]
     process_group: dist.ProcessGroup | None = None
@@ -117,8 +117,8 @@ class LossSpec:
     """A registered loss: the per-token function, its default aggregation, and what it needs.
 
     settings: the `algorithm` config section -> this loss's hyperparameters (None = the function's default).
-    needs_current_log_probs: (hyperparameters) -> whether the trainer must run a no-grad forward of the
-    whole mini-batch before the update; before_update: (hyperparameters, CurrentLogProbs) -> the extra
+    needs_current_logprobs: (hyperparameters) -> whether the trainer must run a no-grad forward of the
+    whole mini-batch before the update; before_update: (hyperparameters, CurrentLogprobs) -> the extra
     keyword arguments of each micro-batch's loss call.
     """
 
@@ -126,8 +126,8 @@ class LossSpec:
     fn: Callable[..., TokenLoss]
     aggregation: Aggregation = "token-mean"
     settings: Callable[[Any], dict[str, Any]] = _no_settings
-    needs_current_log_probs: Callable[[dict[str, Any]], bool] = _never
-    before_update: Callable[[dict[str, Any], CurrentLogProbs], list[dict[str, Any]]] | None = None
+    needs_current_logprobs: Callable[[dict[str, Any]], bool] = _never
+    before_update: Callable[[dict[str, Any], CurrentLogprobs], list[dict[str, Any]]] | None = None
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -138,8 +138,8 @@ def register_loss(
     *,
     aggregation: Aggregation = "token-mean",
     settings: Callable[[Any], dict[str, Any]] = _no_settings,
-    needs_current_log_probs: Callable[[dict[str, Any]], bool] = _never,
-    before_update: Callable[[dict[str, Any], CurrentLogProbs], list[dict[str, Any]]] | None = None,
+    needs_current_logprobs: Callable[[dict[str, Any]], bool] = _never,
+    before_update: Callable[[dict[str, Any], CurrentLogprobs], list[dict[str, Any]]] | None = None,
 ) -> Callable[[Callable[..., TokenLoss]], Callable[..., TokenLoss]]:
     """Register the decorated per-token loss under `name` (one of `choices.LossName`); see LossSpec."""
     if name not in get_args(LossName) or name in LOSSES:
@@ -150,7 +150,7 @@ def register_loss(
         raise ValueError(f"register_loss({name!r}): aggregation must be one of {AGGREGATIONS}")
 
     def register(fn: Callable[..., TokenLoss]) -> Callable[..., TokenLoss]:
-        LOSSES[name] = LossSpec(name, fn, aggregation, settings, needs_current_log_probs, before_update)
+        LOSSES[name] = LossSpec(name, fn, aggregation, settings, needs_current_logprobs, before_update)
         return fn
 
     return register
@@ -162,33 +162,29 @@ def _given(**hyperparameters) -> dict[str, Any]:
 
 
 def _clip_settings(algorithm) -> dict[str, Any]:
-    return _given(eps=algorithm.clip_eps, eps_high=algorithm.clip_eps_high)
-
-
-def _low_high_settings(algorithm) -> dict[str, Any]:
-    return _given(eps_low=algorithm.clip_eps, eps_high=algorithm.clip_eps_high)
+    return _given(clip_eps=algorithm.clip_eps, clip_eps_high=algorithm.clip_eps_high)
 
 
 def _m2po_global(hyperparameters: dict[str, Any]) -> bool:
-    return hyperparameters["scope"] == "global"
+    return hyperparameters["m2_scope"] == "global"
 
 
-def _m2po_threshold(hyperparameters: dict[str, Any], current: CurrentLogProbs) -> list[dict[str, Any]]:
+def _m2po_threshold(hyperparameters: dict[str, Any], current: CurrentLogprobs) -> list[dict[str, Any]]:
     """The mini-batch's exact m2 threshold over every micro-batch and DP rank (`compute_m2_threshold`)."""
     theta = compute_m2_threshold(
-        current.log_probs,
-        current.behavior_log_probs,
+        current.logprobs,
+        current.behavior_logprobs,
         current.advantages,
         current.response_mask,
         m2_budget=hyperparameters["m2_budget"],
         process_group=current.process_group,
     )
-    return [{"m2_threshold": theta} for _ in current.log_probs]
+    return [{"m2_threshold": theta} for _ in current.logprobs]
 
 
-def _proximal(hyperparameters: dict[str, Any], current: CurrentLogProbs) -> list[dict[str, Any]]:
+def _proximal(hyperparameters: dict[str, Any], current: CurrentLogprobs) -> list[dict[str, Any]]:
     """decoupled_ppo's proximal policy: log-probs just before this update."""
-    return [{"proximal_log_probs": lp} for lp in current.log_probs]
+    return [{"proximal_logprobs": lp} for lp in current.logprobs]
 
 
 # ---------------------------------------------------------------------------------------------- the losses
@@ -196,24 +192,24 @@ def _proximal(hyperparameters: dict[str, Any], current: CurrentLogProbs) -> list
 
 @register_loss(
     "m2po",
-    settings=lambda a: _given(m2_budget=a.m2_budget, scope=a.m2_scope),
-    needs_current_log_probs=_m2po_global,
+    settings=lambda a: _given(m2_budget=a.m2_budget, m2_scope=a.m2_scope),
+    needs_current_logprobs=_m2po_global,
     before_update=_m2po_threshold,
 )
-def m2po(x: LossInputs, *, m2_budget: float = 0.04, scope: M2Scope = "global") -> TokenLoss:
+def m2po(x: LossInputs, *, m2_budget: float = 0.04, m2_scope: M2Scope = "global") -> TokenLoss:
     """M2PO, paper (Algorithm 1): l_t = -M_t r_t A_t, no clipping.
 
     M_t = 0 for the largest-M2 tokens of T until mean_T(M2) <= tau_M2 (= m2_budget); masked tokens still count
-    in the normaliser. scope "global": the caller's `m2_threshold` (compute_m2_threshold over the optimizer
+    in the normaliser. m2_scope "global": the caller's `m2_threshold` (compute_m2_threshold over the optimizer
     mini-batch), or if absent the threshold over this call across `process_group`; "per_microbatch": this
     call's tokens only (the released runs).
     """
-    if x.m2_threshold is not None and scope == "per_microbatch":
-        raise ValueError("m2po: m2_threshold was passed but scope='per_microbatch' computes its own")
+    if x.m2_threshold is not None and m2_scope == "per_microbatch":
+        raise ValueError("m2po: m2_threshold was passed but m2_scope='per_microbatch' computes its own")
     q_m2 = quantized_m2(x.log_ratio.detach())
     theta = x.m2_threshold
     if theta is None:
-        group = x.process_group if scope == "global" else None
+        group = x.process_group if m2_scope == "global" else None
         theta = threshold_of_tokens(q_m2, x.trust_region, m2_budget, group)
     masked = m2po_masked_tokens(q_m2, x.trust_region, theta)
     per_token = torch.where(masked, 0.0, -x.advantages * x.ratio)
@@ -257,14 +253,19 @@ def m2po_clip(
 
 @register_loss("grpo", settings=lambda a: {**_clip_settings(a), **_given(dual_clip=a.dual_clip or None)})
 def grpo(
-    x: LossInputs, *, eps: float = 0.2, eps_high: float | None = None, dual_clip: float | None = None
+    x: LossInputs,
+    *,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
 ) -> TokenLoss:
-    """PPO-clip / GRPO: l_t = max(-A r, -A clip(r, 1 - eps, 1 + eps_high)); clip-higher when eps_high > eps.
+    """PPO-clip / GRPO: l_t = max(-A r, -A clip(r, 1 - eps, 1 + eps_high)), eps = clip_eps, eps_high =
+    clip_eps_high (default clip_eps); clip-higher when eps_high > eps.
 
     Dual-clip (c = dual_clip, e.g. 3): for A < 0, l_t = min(l_t, -A c), bounding the loss of very large r.
     """
     per_token, clipped = _ppo_clip(
-        x.advantages, x.ratio, 1 - eps, 1 + (eps if eps_high is None else eps_high)
+        x.advantages, x.ratio, 1 - clip_eps, 1 + (clip_eps if clip_eps_high is None else clip_eps_high)
     )
     if dual_clip is not None:
         bound = -x.advantages * dual_clip
@@ -283,41 +284,45 @@ def grpo_noclip(x: LossInputs) -> TokenLoss:
 @register_loss("on_policy")
 def on_policy(x: LossInputs) -> TokenLoss:
     """Sanity baseline: l_t = -A exp(log pi - sg(log pi)): value -A (r == 1), gradient -A grad log pi."""
-    return TokenLoss(-x.advantages * torch.exp(x.log_probs - x.log_probs.detach()))
+    return TokenLoss(-x.advantages * torch.exp(x.logprobs - x.logprobs.detach()))
 
 
-@register_loss("tis", settings=lambda a: _given(cap=a.tis_ratio_cap))
-def tis(x: LossInputs, *, cap: float = 2.0) -> TokenLoss:
-    """Truncated importance sampling: l_t = -sg(min(r, C)) A log pi, C = cap."""
-    weight = torch.clamp(x.ratio.detach(), max=cap)
+@register_loss("tis", settings=lambda a: _given(tis_ratio_cap=a.tis_ratio_cap))
+def tis(x: LossInputs, *, tis_ratio_cap: float = 2.0) -> TokenLoss:
+    """Truncated importance sampling: l_t = -sg(min(r, C)) A log pi, C = tis_ratio_cap."""
+    weight = torch.clamp(x.ratio.detach(), max=tis_ratio_cap)
     return TokenLoss(
-        -weight * x.advantages * x.log_probs, clipped=x.ratio.detach() > cap, clipped_keeps_gradient=True
+        -weight * x.advantages * x.logprobs,
+        clipped=x.ratio.detach() > tis_ratio_cap,
+        clipped_keeps_gradient=True,
     )
 
 
 @register_loss(
     "decoupled_ppo",
     settings=lambda a: {**_clip_settings(a), **_given(behavior_weight_cap=a.behavior_weight_cap)},
-    needs_current_log_probs=lambda hp: True,
+    needs_current_logprobs=lambda hp: True,
     before_update=_proximal,
 )
 def decoupled_ppo(
-    x: LossInputs, *, eps: float = 0.2, eps_high: float | None = None, behavior_weight_cap: float | None = 2.0
+    x: LossInputs,
+    *,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    behavior_weight_cap: float | None = 2.0,
 ) -> TokenLoss:
     """Decoupled PPO (AReaL): PPO clip around the proximal policy, times the truncated weight pi_prox / mu.
 
     l_t = sg(min(pi_prox / mu, cap)) * max(-A r', -A clip(r', 1 - eps, 1 + eps_high)), r' = pi_theta / pi_prox,
-    pi_prox = the trainer's log-probs recomputed just before the update (`proximal_log_probs`).
+    eps = clip_eps, eps_high = clip_eps_high (default clip_eps), cap = behavior_weight_cap,
+    pi_prox = the trainer's log-probs recomputed just before the update (`proximal_logprobs`).
     """
-    if x.proximal_log_probs is None:
-        raise ValueError(
-            "decoupled_ppo: pass proximal_log_probs (the trainer's log-probs before this update)"
-        )
-    prox = x.proximal_log_probs.detach()
-    per_token, clipped = _ppo_clip(
-        x.advantages, torch.exp(x.log_probs - prox), 1 - eps, 1 + (eps if eps_high is None else eps_high)
-    )
-    weight = torch.exp(prox - x.behavior_log_probs)
+    if x.proximal_logprobs is None:
+        raise ValueError("decoupled_ppo: pass proximal_logprobs (the trainer's log-probs before this update)")
+    prox = x.proximal_logprobs.detach()
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    per_token, clipped = _ppo_clip(x.advantages, torch.exp(x.logprobs - prox), 1 - clip_eps, 1 + high)
+    weight = torch.exp(prox - x.behavior_logprobs)
     if behavior_weight_cap is not None:
         weight = torch.clamp(weight, max=behavior_weight_cap)
     return TokenLoss(
@@ -325,27 +330,29 @@ def decoupled_ppo(
     )
 
 
-@register_loss("gspo", aggregation="seq-mean-token-mean", settings=_low_high_settings)
-def gspo(x: LossInputs, *, eps_low: float = 3e-4, eps_high: float = 4e-4) -> TokenLoss:
-    """GSPO: sequence ratio s_i = exp(mean_t log r_it), l_t = max(-A s_it, -A clip(s_it, 1 - eps_low, 1 + eps_high)).
+@register_loss("gspo", aggregation="seq-mean-token-mean", settings=_clip_settings)
+def gspo(x: LossInputs, *, clip_eps: float = 3e-4, clip_eps_high: float = 4e-4) -> TokenLoss:
+    """GSPO: sequence ratio s_i = exp(mean_t log r_it), l_t = max(-A s_it, -A clip(s_it, 1 - eps, 1 + eps_high)),
+    eps = clip_eps, eps_high = clip_eps_high.
 
     s_it = exp(sg(log s_i) + log pi_t - sg(log pi_t)) has the value s_i and, aggregated seq-mean-token-mean
     (the default for gspo), the gradient of s_i (GSPO-token with sequence advantages).
     """
     lengths = x.mask.sum(-1, keepdim=True).clamp(min=1)
     log_seq_ratio = (x.log_ratio.detach() * x.mask).sum(-1, keepdim=True) / lengths
-    seq_ratio = torch.exp(log_seq_ratio + x.log_probs - x.log_probs.detach())
-    per_token, clipped = _ppo_clip(x.advantages, seq_ratio, 1 - eps_low, 1 + eps_high)
+    seq_ratio = torch.exp(log_seq_ratio + x.logprobs - x.logprobs.detach())
+    per_token, clipped = _ppo_clip(x.advantages, seq_ratio, 1 - clip_eps, 1 + clip_eps_high)
     return TokenLoss(per_token, clipped=clipped)
 
 
-@register_loss("cispo", settings=_low_high_settings)
-def cispo(x: LossInputs, *, eps_low: float | None = None, eps_high: float = 0.28) -> TokenLoss:
-    """CISPO (MiniMax-M1): l_t = -sg(clip(r, 1 - eps_low, 1 + eps_high)) A log pi; eps_low None = no lower bound."""
-    low = 0.0 if eps_low is None else 1 - eps_low
+@register_loss("cispo", settings=_clip_settings)
+def cispo(x: LossInputs, *, clip_eps: float | None = None, clip_eps_high: float = 0.28) -> TokenLoss:
+    """CISPO (MiniMax-M1): l_t = -sg(clip(r, 1 - clip_eps, 1 + clip_eps_high)) A log pi; clip_eps None = no
+    lower bound."""
+    low = 0.0 if clip_eps is None else 1 - clip_eps
     r = x.ratio.detach()
-    weight = torch.clamp(r, low, 1 + eps_high)
-    return TokenLoss(-weight * x.advantages * x.log_probs, clipped=weight != r, clipped_keeps_gradient=True)
+    weight = torch.clamp(r, low, 1 + clip_eps_high)
+    return TokenLoss(-weight * x.advantages * x.logprobs, clipped=weight != r, clipped_keeps_gradient=True)
 
 
 @register_loss("topr")
@@ -355,11 +362,11 @@ def topr(x: LossInputs) -> TokenLoss:
     w_i = 1 for A >= 0 (plain REINFORCE on positive samples); w_i = sg(clip(pi(y_i) / mu(y_i), 0, 1)) for
     A < 0, with the sequence ratio pi(y_i) / mu(y_i) = exp(sum_t log r_it).
     """
-    seq_ratio = torch.exp((x.log_ratio.detach() * x.mask).sum(-1, keepdim=True)).expand_as(x.log_probs)
+    seq_ratio = torch.exp((x.log_ratio.detach() * x.mask).sum(-1, keepdim=True)).expand_as(x.logprobs)
     negative = x.advantages < 0
     weight = torch.where(negative, torch.clamp(seq_ratio, max=1.0), 1.0)
     truncated = negative & (seq_ratio > 1.0)
-    return TokenLoss(-weight * x.advantages * x.log_probs, clipped=truncated, clipped_keeps_gradient=True)
+    return TokenLoss(-weight * x.advantages * x.logprobs, clipped=truncated, clipped_keeps_gradient=True)
 
 
 if set(LOSSES) != set(get_args(LossName)):
@@ -402,18 +409,18 @@ def aggregate(
 # ----------------------------------------------------------------------------------------- the wrapper
 
 
-_TENSOR_ARGS = ("log_probs", "behavior_log_probs", "advantages", "response_mask")
-_OPTIONAL_TENSORS = ("proximal_log_probs", "engine_log_probs", "staleness")
+_TENSOR_ARGS = ("logprobs", "behavior_logprobs", "advantages", "response_mask")
+_OPTIONAL_TENSORS = ("proximal_logprobs", "engine_logprobs", "staleness")
 
 
 class PolicyLoss:
-    """A configured loss: `(log_probs, behavior_log_probs, advantages, response_mask, **optional) -> (loss, metrics)`.
+    """A configured loss: `(logprobs, behavior_logprobs, advantages, response_mask, **optional) -> (loss, metrics)`.
 
     Tensors are [batch, response_len]; advantages per token. Optional keyword arguments:
-    proximal_log_probs (decoupled_ppo), engine_log_probs (for tis_cap), staleness (ints, metrics only),
+    proximal_logprobs (decoupled_ppo), engine_logprobs (for engine_mismatch_tis_cap), staleness (ints, metrics only),
     m2_threshold (m2po, global scope), normalizer (see `aggregate`), process_group (the data-parallel group).
     Positions outside response_mask are ignored, whatever they hold (NaN padding included).
-    Non-finite log_probs inside the mask always raise: a NaN in the trainer's own forward poisons the
+    Non-finite logprobs inside the mask always raise: a NaN in the trainer's own forward poisons the
     gradient upstream whether or not the token is masked. Non-finite behaviour / engine / proximal log-probs
     or advantages raise too by default (`nonfinite="raise"`); with `nonfinite="mask"` those tokens are
     dropped from the loss and its token count and counted in `loss/nonfinite_tokens`.
@@ -424,7 +431,7 @@ class PolicyLoss:
         name: str,
         *,
         aggregation: Aggregation | None = None,
-        tis_cap: float | None = None,
+        engine_mismatch_tis_cap: float | None = None,
         nonfinite: NonFinite = "raise",
         **hyperparameters,
     ):
@@ -435,106 +442,110 @@ class PolicyLoss:
         # every hyperparameter the loss receives, its defaults included
         self.hyperparameters: dict[str, Any] = dict(list(bound.arguments.items())[1:])
         self.aggregation = aggregation or self.spec.aggregation
-        self.tis_cap, self.nonfinite = tis_cap, nonfinite
+        self.engine_mismatch_tis_cap, self.nonfinite = engine_mismatch_tis_cap, nonfinite
 
     @classmethod
     def from_config(cls, algorithm: Any) -> PolicyLoss:
         """The loss `algorithm.loss` with the settings it reads from the `algorithm` config section.
 
         `algorithm.aggregation` "auto" (or None) keeps the loss's own aggregation; the engine-mismatch TIS
-        factor (`tis_cap`) is on when `algorithm.engine_mismatch_tis`, capped at `engine_mismatch_tis_cap`.
+        factor (`engine_mismatch_tis_cap`) is on when `algorithm.engine_mismatch_tis`, capped at `engine_mismatch_tis_cap`.
         """
         spec = LOSSES[algorithm.loss]
         common = _given(
             aggregation=None if algorithm.aggregation == "auto" else algorithm.aggregation,
-            tis_cap=algorithm.engine_mismatch_tis_cap if algorithm.engine_mismatch_tis else None,
+            engine_mismatch_tis_cap=algorithm.engine_mismatch_tis_cap
+            if algorithm.engine_mismatch_tis
+            else None,
         )
         return get_loss(algorithm.loss, **common, **spec.settings(algorithm))
 
     @property
-    def needs_current_log_probs(self) -> bool:
+    def needs_current_logprobs(self) -> bool:
         """Whether the trainer must compute log pi_theta of the whole mini-batch (no grad) before the update
         and pass it to `inputs_before_update` (m2po's global threshold, decoupled_ppo's proximal policy)."""
-        return self.spec.needs_current_log_probs(self.hyperparameters)
+        return self.spec.needs_current_logprobs(self.hyperparameters)
 
-    def inputs_before_update(self, current: CurrentLogProbs) -> list[dict[str, Any]]:
+    def inputs_before_update(self, current: CurrentLogprobs) -> list[dict[str, Any]]:
         """The extra keyword arguments of each micro-batch's call, from the mini-batch's current log-probs.
 
         Collective over `current.process_group` for m2po (every DP rank calls it)."""
-        if not self.needs_current_log_probs:
+        if not self.needs_current_logprobs:
             raise ValueError(f"{self.name}: needs no current log-probs before the update")
         return self.spec.before_update(self.hyperparameters, current)
 
     @property
-    def needs_engine_log_probs(self) -> bool:
-        """Whether each call needs `engine_log_probs` (the engine-mismatch TIS factor is on)."""
-        return self.tis_cap is not None
+    def needs_engine_logprobs(self) -> bool:
+        """Whether each call needs `engine_logprobs` (the engine-mismatch TIS factor is on)."""
+        return self.engine_mismatch_tis_cap is not None
 
     def __repr__(self) -> str:
         return (
-            f"PolicyLoss({self.name!r}, aggregation={self.aggregation!r}, tis_cap={self.tis_cap}, "
+            f"PolicyLoss({self.name!r}, aggregation={self.aggregation!r}, engine_mismatch_tis_cap={self.engine_mismatch_tis_cap}, "
             f"{self.hyperparameters})"
         )
 
     def __call__(
         self,
-        log_probs: torch.Tensor,
-        behavior_log_probs: torch.Tensor,
+        logprobs: torch.Tensor,
+        behavior_logprobs: torch.Tensor,
         advantages: torch.Tensor,
         response_mask: torch.Tensor,
         *,
-        proximal_log_probs: torch.Tensor | None = None,
-        engine_log_probs: torch.Tensor | None = None,
+        proximal_logprobs: torch.Tensor | None = None,
+        engine_logprobs: torch.Tensor | None = None,
         staleness: torch.Tensor | None = None,
         m2_threshold: float | None = None,
         normalizer: float | None = None,
         process_group: dist.ProcessGroup | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         tensors = dict(
-            log_probs=log_probs,
-            behavior_log_probs=behavior_log_probs,
+            logprobs=logprobs,
+            behavior_logprobs=behavior_logprobs,
             advantages=advantages,
             response_mask=response_mask,
-            proximal_log_probs=proximal_log_probs,
-            engine_log_probs=engine_log_probs,
+            proximal_logprobs=proximal_logprobs,
+            engine_logprobs=engine_logprobs,
             staleness=staleness,
         )
         self._check_shapes(tensors)
-        if self.tis_cap is not None and engine_log_probs is None:
+        if self.engine_mismatch_tis_cap is not None and engine_logprobs is None:
             raise ValueError(
-                f"{self.name}: tis_cap={self.tis_cap} needs engine_log_probs (the engine's sampling log-probs) "
-                "when behavior_log_probs are the trainer's recomputed ones"
+                f"{self.name}: engine_mismatch_tis_cap={self.engine_mismatch_tis_cap} needs engine_logprobs (the engine's sampling log-probs) "
+                "when behavior_logprobs are the trainer's recomputed ones"
             )
         if normalizer is not None and not normalizer > 0:
             raise ValueError(f"{self.name}: normalizer must be > 0, got {normalizer}")
         mask = response_mask.bool()
         mask, n_nonfinite = self._check_finite(tensors, mask)
 
-        dtype = torch.promote_types(log_probs.dtype, torch.float32)
+        dtype = torch.promote_types(logprobs.dtype, torch.float32)
 
         def clean(t):
             return None if t is None else torch.where(mask, t.to(dtype), 0.0)
 
-        lp, blp, adv = clean(log_probs), clean(behavior_log_probs), clean(advantages)
+        lp, blp, adv = clean(logprobs), clean(behavior_logprobs), clean(advantages)
         log_ratio = lp - blp
         ratio = torch.exp(log_ratio)
         inputs = LossInputs(
-            log_probs=lp,
-            behavior_log_probs=blp,
+            logprobs=lp,
+            behavior_logprobs=blp,
             advantages=adv,
             mask=mask,
             log_ratio=log_ratio,
             ratio=ratio,
             trust_region=trust_region_mask(log_ratio.detach(), adv, mask, ratio=ratio.detach()),
-            proximal_log_probs=clean(proximal_log_probs),
+            proximal_logprobs=clean(proximal_logprobs),
             m2_threshold=m2_threshold,
             process_group=process_group,
         )
         out = self.fn(inputs, **self.hyperparameters)
         per_token = out.per_token
         extra = dict(out.extra)
-        if self.tis_cap is not None:
-            tis_weight = torch.clamp(torch.exp(blp - clean(engine_log_probs)), max=self.tis_cap).detach()
+        if self.engine_mismatch_tis_cap is not None:
+            tis_weight = torch.clamp(
+                torch.exp(blp - clean(engine_logprobs)), max=self.engine_mismatch_tis_cap
+            ).detach()
             per_token = per_token * tis_weight
             extra["tis_weight_mean"] = _masked_mean(tis_weight, mask)
         loss = aggregate(per_token, mask, self.aggregation, normalizer)
@@ -543,11 +554,9 @@ class PolicyLoss:
         return loss, metrics
 
     def _check_shapes(self, tensors: dict[str, torch.Tensor | None]) -> None:
-        shape = tensors["log_probs"].shape
+        shape = tensors["logprobs"].shape
         if len(shape) != 2:
-            raise ValueError(
-                f"{self.name}: log_probs must be [batch, response_len], got shape {tuple(shape)}"
-            )
+            raise ValueError(f"{self.name}: logprobs must be [batch, response_len], got shape {tuple(shape)}")
         for key, t in tensors.items():
             if t is None:
                 continue
@@ -555,7 +564,7 @@ class PolicyLoss:
                 raise TypeError(f"{self.name}: {key} must be a torch.Tensor, got {type(t).__name__}")
             if t.shape != shape:
                 raise ValueError(
-                    f"{self.name}: {key} has shape {tuple(t.shape)}, log_probs has {tuple(shape)}"
+                    f"{self.name}: {key} has shape {tuple(t.shape)}, logprobs has {tuple(shape)}"
                 )
             if key not in ("response_mask", "staleness") and not t.is_floating_point():
                 raise TypeError(f"{self.name}: {key} must be floating point, got {t.dtype}")
@@ -567,11 +576,11 @@ class PolicyLoss:
         keys = [
             k
             for k in (
-                "log_probs",
-                "behavior_log_probs",
+                "logprobs",
+                "behavior_logprobs",
                 "advantages",
-                "proximal_log_probs",
-                "engine_log_probs",
+                "proximal_logprobs",
+                "engine_logprobs",
             )
             if tensors[k] is not None
         ]
@@ -582,7 +591,7 @@ class PolicyLoss:
                 continue
             bad = mask & ~torch.isfinite(tensors[key].detach())
             if bool(bad.any()):
-                if key == "log_probs" or self.nonfinite == "raise":
+                if key == "logprobs" or self.nonfinite == "raise":
                     first = tuple(torch.nonzero(bad)[0].tolist())
                     raise ValueError(
                         f"{self.name}: {key} has {int(bad.sum())} non-finite values in the response mask, "
@@ -596,12 +605,12 @@ def get_loss(name: str, **hyperparameters) -> PolicyLoss:
     """The loss `name` (one of LOSSES) with its hyperparameters checked against the loss's signature.
 
     Common hyperparameters: aggregation ("token-mean" | "seq-mean-token-mean" | "seq-mean-token-sum"),
-    tis_cap (float, truncated IS on engine-vs-trainer mismatch), nonfinite ("raise" | "mask").
+    engine_mismatch_tis_cap (float, truncated IS on engine-vs-trainer mismatch), nonfinite ("raise" | "mask").
     """
     if name not in LOSSES:
         raise ValueError(f"get_loss: unknown loss {name!r}; choose one of {sorted(LOSSES)}")
     allowed = [p for p in inspect.signature(LOSSES[name].fn).parameters if p != "x"]
-    common = ("aggregation", "tis_cap", "nonfinite")
+    common = ("aggregation", "engine_mismatch_tis_cap", "nonfinite")
     unknown = sorted(set(hyperparameters) - set(allowed) - set(common))
     if unknown:
         raise ValueError(
@@ -612,20 +621,19 @@ def get_loss(name: str, **hyperparameters) -> PolicyLoss:
         raise ValueError(
             f"get_loss({name!r}): aggregation must be one of {AGGREGATIONS}, got {aggregation!r}"
         )
-    for key, choices, default in (("nonfinite", NonFinite, "raise"), ("scope", M2Scope, "global")):
+    for key, choices, default in (("nonfinite", NonFinite, "raise"), ("m2_scope", M2Scope, "global")):
         if hyperparameters.get(key, default) not in get_args(choices):
             raise ValueError(
                 f"get_loss({name!r}): {key} must be one of {get_args(choices)}, got {hyperparameters[key]!r}"
             )
     for key in (
         "m2_budget",
-        "eps",
-        "cap",
-        "tis_cap",
+        "clip_eps",
+        "tis_ratio_cap",
+        "engine_mismatch_tis_cap",
         "dual_clip",
         "behavior_weight_cap",
-        "eps_low",
-        "eps_high",
+        "clip_eps_high",
     ):
         value = hyperparameters.get(key)
         if value is not None and not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):

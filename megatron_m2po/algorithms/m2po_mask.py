@@ -95,8 +95,8 @@ def _world(group: dist.ProcessGroup | None) -> int:
 
 @torch.no_grad()
 def compute_m2_threshold(
-    log_probs: torch.Tensor | Sequence[torch.Tensor],
-    behavior_log_probs: torch.Tensor | Sequence[torch.Tensor],
+    logprobs: torch.Tensor | Sequence[torch.Tensor],
+    behavior_logprobs: torch.Tensor | Sequence[torch.Tensor],
     advantages: torch.Tensor | Sequence[torch.Tensor],
     response_mask: torch.Tensor | Sequence[torch.Tensor],
     *,
@@ -112,10 +112,10 @@ def compute_m2_threshold(
     """
     if not m2_budget > 0:
         raise ValueError(f"compute_m2_threshold: m2_budget must be > 0, got {m2_budget}")
-    parts = [_as_list(t) for t in (log_probs, behavior_log_probs, advantages, response_mask)]
+    parts = [_as_list(t) for t in (logprobs, behavior_logprobs, advantages, response_mask)]
     if len({len(p) for p in parts}) != 1:
         raise ValueError(
-            "compute_m2_threshold: log_probs, behavior_log_probs, advantages, response_mask must hold the same "
+            "compute_m2_threshold: logprobs, behavior_logprobs, advantages, response_mask must hold the same "
             f"number of micro-batches, got {[len(p) for p in parts]}"
         )
     tau = Fraction(m2_budget) / Fraction(M2_GRID)
@@ -123,7 +123,7 @@ def compute_m2_threshold(
     for i, (lp, blp, adv, mask) in enumerate(zip(*parts)):
         if not (lp.shape == blp.shape == adv.shape == mask.shape):
             raise ValueError(
-                f"compute_m2_threshold: micro-batch {i}: log_probs {tuple(lp.shape)}, behavior_log_probs "
+                f"compute_m2_threshold: micro-batch {i}: logprobs {tuple(lp.shape)}, behavior_logprobs "
                 f"{tuple(blp.shape)}, advantages {tuple(adv.shape)}, response_mask {tuple(mask.shape)} differ"
             )
         mask = mask.bool()

@@ -58,10 +58,10 @@ def bounded_admissible(
     return True
 
 
-def expected_fixed_version(version: int, fixed_lag: int) -> int:
+def expected_fixed_version(version: int, fixed_lag_updates: int) -> int:
     """The producing version of the batch consumed at `version` under a fixed lag.
 
     Clamped at 0: in the paper's protocol the first steps train on base-model rollouts
-    (the FIFO of K batches was filled by version 0), so the lag grows to `fixed_lag`.
+    (the FIFO of K batches was filled by version 0), so the lag grows to `fixed_lag_updates`.
     """
-    return max(version - fixed_lag, 0)
+    return max(version - fixed_lag_updates, 0)

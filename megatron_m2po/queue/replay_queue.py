@@ -49,7 +49,7 @@ class QueueClosed(RuntimeError):
 
 
 class StalenessViolation(RuntimeError):
-    """Fixed/sync mode: the oldest batch was not produced by exactly version - fixed_lag."""
+    """Fixed/sync mode: the oldest batch was not produced by exactly version - fixed_lag_updates."""
 
 
 class QueueFull(TimeoutError):
@@ -80,7 +80,7 @@ class ReplayQueue:
 
     mode: "bounded" (admission keeps staleness <= `max_staleness`; too-stale groups are
     dropped and counted), "fixed" (every group consumed at version v must come from exactly
-    `max(v - fixed_lag, 0)`; raises `StalenessViolation` otherwise) or "sync" (fixed, lag 0).
+    `max(v - fixed_lag_updates, 0)`; raises `StalenessViolation` otherwise) or "sync" (fixed, lag 0).
     `groups_per_update`: groups the trainer consumes per published version (admission uses it).
     `capacity`: bound on queued + reserved + being-written groups (back-pressure).
     `journal_dir`: None keeps everything in memory (no recovery); otherwise a fresh directory
@@ -96,7 +96,7 @@ class ReplayQueue:
         capacity: int = 1024,
         journal_dir: str | os.PathLike | None = None,
         fsync: str = "batch",
-        fixed_lag: int = 0,
+        fixed_lag_updates: int = 0,
         fsync_interval_s: float = 1.0,
         segment_bytes: int = 64 << 20,
         logprob_dtype: str = "float32",
@@ -109,19 +109,19 @@ class ReplayQueue:
             ("max_staleness", max_staleness, 0),
             ("groups_per_update", groups_per_update, 1),
             ("capacity", capacity, 1),
-            ("fixed_lag", fixed_lag, 0),
+            ("fixed_lag_updates", fixed_lag_updates, 0),
         ):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if capacity < groups_per_update:
             raise ValueError(f"capacity ({capacity}) must be >= groups_per_update ({groups_per_update})")
-        if mode == "sync" and fixed_lag != 0:
-            raise ValueError(f"mode='sync' means fixed_lag=0, got fixed_lag={fixed_lag}")
+        if mode == "sync" and fixed_lag_updates != 0:
+            raise ValueError(f"mode='sync' means fixed_lag_updates=0, got fixed_lag_updates={fixed_lag_updates}")
         self.mode = mode
         self.max_staleness = max_staleness
         self.groups_per_update = groups_per_update
         self.capacity = capacity
-        self.fixed_lag = fixed_lag
+        self.fixed_lag_updates = fixed_lag_updates
         self.fsync = fsync
         self._journal_kwargs = dict(
             fsync=fsync, fsync_interval_s=fsync_interval_s, segment_bytes=segment_bytes
@@ -433,13 +433,13 @@ class ReplayQueue:
     def _pop_batch_locked(self, n: int) -> list[Group]:
         batch = self._entries[:n]
         if self.mode in ("fixed", "sync"):
-            expected = expected_fixed_version(self._version, self.fixed_lag)
+            expected = expected_fixed_version(self._version, self.fixed_lag_updates)
             for e in batch:
                 if e.low != expected or e.high != expected:
                     raise StalenessViolation(
                         f"{self.mode} mode: group {e.group.prompt_id!r} consumed at version {self._version} was "
                         f"produced by versions {e.low}..{e.high}, expected exactly {expected} "
-                        f"(fixed_lag={self.fixed_lag}); nothing was consumed"
+                        f"(fixed_lag_updates={self.fixed_lag_updates}); nothing was consumed"
                     )
         del self._entries[:n]
         for e in batch:

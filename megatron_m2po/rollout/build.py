@@ -37,12 +37,12 @@ def queue_kwargs(cfg: Config, journal_dir: Path) -> dict[str, Any]:
     return {
         "mode": s.mode,
         "max_staleness": s.max_staleness,
-        "groups_per_update": t.prompts_per_update,
+        "groups_per_update": t.groups_per_update,
         "capacity": s.queue_capacity,
         "journal_dir": str(journal_dir),
         "fsync": s.journal_fsync,
         "segment_bytes": s.journal_segment_bytes,
-        "fixed_lag": cfg.fixed_staleness,
+        "fixed_lag_updates": cfg.fixed_lag_updates,
     }
 
 

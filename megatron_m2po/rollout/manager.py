@@ -44,16 +44,16 @@ class RolloutManager:
         reward_pool,
         queue,
         *,
-        n_samples: int,
+        responses_per_prompt: int,
         sampling: SamplingParams,
         max_inflight_groups: int | None = None,
         max_write_failures: int = 8,
         loop: LoopThread | None = None,
     ):
-        if n_samples < 1:
-            raise ValueError(f"RolloutManager: n_samples must be >= 1, got {n_samples}")
+        if responses_per_prompt < 1:
+            raise ValueError(f"RolloutManager: responses_per_prompt must be >= 1, got {responses_per_prompt}")
         self.dataset, self.farm, self.reward_pool, self.queue = dataset, farm, reward_pool, queue
-        self.n_samples, self.sampling = n_samples, sampling
+        self.responses_per_prompt, self.sampling = responses_per_prompt, sampling
         self.max_inflight_groups = max_inflight_groups or 4 * len(farm.engines)
         self._loop = loop or LoopThread("rollout-manager")
         self._owns_loop = loop is None
@@ -99,7 +99,9 @@ class RolloutManager:
 
     # -- one group -------------------------------------------------------------------------------------
     async def _make_group(self, prompt: Prompt) -> Group:
-        samples = await self.farm.generate(prompt.prompt_id, prompt.prompt_ids, self.n_samples, self.sampling)
+        samples = await self.farm.generate(
+            prompt.prompt_id, prompt.prompt_ids, self.responses_per_prompt, self.sampling
+        )
         tokenizer = self.dataset.tokenizer
         texts = [
             s.response_text or tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples

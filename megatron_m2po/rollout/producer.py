@@ -65,7 +65,7 @@ class Producer:
             self.farm,
             self.rewards,
             self.queue,
-            n_samples=cfg.train.responses_per_prompt,
+            responses_per_prompt=cfg.train.responses_per_prompt,
             sampling=sampling_params(cfg, stop_token_ids=stop_token_ids(self.tokenizer)),
             max_inflight_groups=cfg.rollout.max_inflight_groups,
         )
@@ -156,7 +156,6 @@ class Producer:
             out["perf/gen_tokens_per_s"] = (tokens - self._last_rate[0]) / (now - self._last_rate[1])
         self._last_rate = (tokens, now)
         self._gen_tokens, self._gen_seconds = 0, 0.0
-        out["queue/dropped_groups"] = out.get("queue/dropped", 0.0)
         return out
 
     def evaluate(self, version: int) -> dict[str, float]:
@@ -175,7 +174,7 @@ class Producer:
             max_prompts=e.max_prompts,
         )
         params = replace(self.manager.sampling, temperature=e.temperature, top_p=1.0, top_k=-1)
-        n = e.samples_per_prompt
+        n = e.responses_per_prompt
 
         async def run() -> tuple[list, list[float]]:
             groups = await generate_all(self.farm, prompts, n, params, concurrency=EVAL_CONCURRENCY)

@@ -36,7 +36,7 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-class Trainer:
+class Policy:
     """The model side: policy, optimizer, loss, and the per-batch update (every rank)."""
 
     def __init__(self, cfg: Config, model=None):

@@ -12,7 +12,7 @@ from megatron_m2po.config import ConfigError
 from megatron_m2po.io_errors import naming_write_errors
 from megatron_m2po.trainer import checkpointing
 from megatron_m2po.trainer.distribute import SharedProducer, broadcast_from_rank0
-from megatron_m2po.trainer.policy import Trainer
+from megatron_m2po.trainer.policy import Policy
 from megatron_m2po.types import Group
 
 logger = logging.getLogger(__name__)
@@ -26,7 +26,7 @@ class Progress:
     version: int = 0  # optimizer updates done = policy version
 
 
-def restore(trainer: Trainer, ckpt_root: Path, resume: bool | str) -> tuple[Progress, dict | None]:
+def restore(trainer: Policy, ckpt_root: Path, resume: bool | str) -> tuple[Progress, dict | None]:
     """With `resume`, load the newest checkpoint that loads (or the one `resume` names) into the trainer;
     return the progress and the saved state."""
     found = None
@@ -49,7 +49,7 @@ def restore(trainer: Trainer, ckpt_root: Path, resume: bool | str) -> tuple[Prog
     return progress, saved
 
 
-def save(ckpt_root: Path, progress: Progress, trainer: Trainer, producer: SharedProducer) -> None:
+def save(ckpt_root: Path, progress: Progress, trainer: Policy, producer: SharedProducer) -> None:
     """Checkpoint (collective). The queue's commit point goes inside it; once it is on disk, the journal
     segments that the oldest kept checkpoint consumed are freed (`--resume` may fall back to any kept one)."""
     state = {"step": progress.step, "version": progress.version, **trainer.state_dict_extra()}

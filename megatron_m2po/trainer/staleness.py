@@ -47,12 +47,12 @@ class InLine:
         self, version: int, clock, stop_requested: Callable[[float], bool]
     ) -> Iterator[list[Group]]:
         """The step's `updates_per_step` mini-batches (collective)."""
-        prompts_per_step = self.cfg.train.prompts_per_step
-        target = (self.cfg.staleness.fixed_lag_steps + 1) * prompts_per_step
+        groups_per_step = self.cfg.train.groups_per_step
+        target = (self.cfg.staleness.fixed_lag_steps + 1) * groups_per_step
         background = 0
         if self.overlap:  # the K older batches in line (only the first step or a resume lacks them)
-            self._fill(version, clock, target - prompts_per_step)
-            background = min(prompts_per_step, target - self.producer.queued())
+            self._fill(version, clock, target - groups_per_step)
+            background = min(groups_per_step, target - self.producer.queued())
             if background > 0:
                 with clock("perf/time_sync"):
                     self.engines.push(version)
@@ -60,8 +60,8 @@ class InLine:
         else:
             self._fill(version, clock, target)
         with clock("perf/time_wait"):
-            step_batch = self.producer.take(prompts_per_step)
-        yield from split_minibatches(step_batch, self.cfg.train.prompts_per_update)
+            step_batch = self.producer.take(groups_per_step)
+        yield from split_minibatches(step_batch, self.cfg.train.groups_per_update)
         if background > 0:
             with clock("perf/time_wait"):
                 clock.seconds["perf/time_generate_overlapped"] += self.producer.join_generation()
@@ -71,8 +71,8 @@ class InLine:
 
     def _fill(self, version: int, clock, target: int) -> None:
         """Generate in line with the current weights until `target` groups are queued."""
-        prompts_per_step = self.cfg.train.prompts_per_step
-        while (need := min(prompts_per_step, target - self.producer.queued())) > 0:
+        groups_per_step = self.cfg.train.groups_per_step
+        while (need := min(groups_per_step, target - self.producer.queued())) > 0:
             with clock("perf/time_sync"):
                 self.engines.push(version)  # the engines must generate with the current weights
             with clock("perf/time_generate"):
@@ -97,7 +97,7 @@ class Background:
         for index in range(self.cfg.updates_per_step):
             grace = SIGTERM_GRACE_S if index else 0.0
             with clock("perf/time_wait"):
-                groups = self.producer.take(self.cfg.train.prompts_per_update, partial(stop_requested, grace))
+                groups = self.producer.take(self.cfg.train.groups_per_update, partial(stop_requested, grace))
             if groups is None:  # SIGTERM while waiting: this step ends here
                 return
             yield groups

@@ -7,7 +7,7 @@ divided by the DP size, see `algorithms.get_loss`), and `loss_func` below multip
 1/num_microbatches, so the gradient is exactly that of the global token mean.
 
 A loss that says it needs log pi_theta of the whole mini-batch before the update
-(`PolicyLoss.needs_current_log_probs`) turns it into each micro-batch's extra inputs
+(`PolicyLoss.needs_current_logprobs`) turns it into each micro-batch's extra inputs
 (`PolicyLoss.inputs_before_update`): `m2po` in `global` scope its threshold over the DP group, `decoupled_ppo`
 its proximal log-probs. When one micro-batch per rank holds the whole mini-batch, the training forward's own
 detached log-probs are exactly those (same weights, same input), so `loss_func` computes them there; with more
@@ -146,7 +146,7 @@ def _inputs_before_update(loss_fn, current, micro_batches, device, dp_group) -> 
 
     Collective over the DP group (m2po's threshold): called on the last pipeline stage of every DP rank."""
     return loss_fn.inputs_before_update(
-        algorithms.CurrentLogProbs(
+        algorithms.CurrentLogprobs(
             current,
             [m.behavior_logprobs.to(device) for m in micro_batches],
             [m.advantages.to(device) for m in micro_batches],
@@ -184,7 +184,7 @@ def train_update(
     device = next(model.parameters()).device
     num_mb = len(micro_batches)
     dp_group = parallel_state.get_data_parallel_group()
-    needs_current = loss_fn.needs_current_log_probs
+    needs_current = loss_fn.needs_current_logprobs
     in_forward = needs_current and num_mb == 1 and not force_pre_pass
     loss_inputs = None
     if needs_current and not in_forward:
@@ -208,8 +208,8 @@ def train_update(
                 optional.update(_inputs_before_update(loss_fn, current, [mb], device, dp_group)[0])
             elif loss_inputs is not None:
                 optional.update(loss_inputs[i])
-            if loss_fn.needs_engine_log_probs:
-                optional["engine_log_probs"] = mb.engine_logprobs
+            if loss_fn.needs_engine_logprobs:
+                optional["engine_logprobs"] = mb.engine_logprobs
             loss, metrics = loss_fn(lp, mb.behavior_logprobs, mb.advantages, mb.response_mask, **optional)
             mask = mb.response_mask
             metrics = dict(metrics)

@@ -11,7 +11,7 @@ from megatron_m2po.metrics import gpu_peak_flops, mfu
 from megatron_m2po.trainer.batching import rollout_metrics
 from megatron_m2po.trainer.distribute import SharedProducer
 from megatron_m2po.trainer.engine_sync import EngineSync
-from megatron_m2po.trainer.policy import Trainer
+from megatron_m2po.trainer.policy import Policy
 from megatron_m2po.types import Group
 
 
@@ -49,7 +49,7 @@ def staleness_of(consumed: list[tuple[int, list[Group]]]) -> list[int]:
 
 
 def step_scalars(
-    producer: SharedProducer, trainer: Trainer, engines: EngineSync, consumed, clock: StepClock
+    producer: SharedProducer, trainer: Policy, engines: EngineSync, consumed, clock: StepClock
 ) -> dict[str, float]:
     """The `rollout/ queue/ train/ perf/` scalars of the step just done (the rollout side's on rank 0 only)."""
     groups = [g for _, batch in consumed for g in batch]

@@ -44,15 +44,15 @@ def main(hf_dir: str, work: str, out: str, tmpfs: str | None = None) -> None:
     work_dir = Path(work)
     cfg = Config()
     cfg.model.path, cfg.data.path = hf_dir, "unused"
-    cfg.train.prompts_per_step = cfg.train.prompts_per_update = 1
+    cfg.train.groups_per_step = cfg.train.groups_per_update = 1
     cfg.train.responses_per_prompt, cfg.train.micro_batch_size, cfg.train.lr = 4, 2, 1e-3
     platform.init_distributed(1, 1, seed=0)
     import psutil
 
     from megatron_m2po.trainer import checkpointing as ck
-    from megatron_m2po.trainer.policy import Trainer
+    from megatron_m2po.trainer.policy import Policy
 
-    trainer = Trainer(cfg)
+    trainer = Policy(cfg)
     model, opt = trainer.model, trainer.optimizer
     pristine = work_dir / "pristine"
     hashes = {}

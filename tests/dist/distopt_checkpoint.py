@@ -21,7 +21,7 @@ def main(hf_dir: str, out: str, ckpt_dir: str, mode: str, *overrides: str) -> No
     torch.set_num_threads(1)
     cfg = Config()
     cfg.model.path, cfg.data.path = hf_dir, "unused"
-    cfg.train.prompts_per_step = cfg.train.prompts_per_update = 2
+    cfg.train.groups_per_step = cfg.train.groups_per_update = 2
     cfg.train.responses_per_prompt, cfg.train.micro_batch_size, cfg.train.lr = 4, 2, 1e-3
     cfg.parallel.distributed_optimizer = True
     for key, value in map(parse_override, overrides):
@@ -30,9 +30,9 @@ def main(hf_dir: str, out: str, ckpt_dir: str, mode: str, *overrides: str) -> No
     platform.init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline, seed=0)
     from megatron_m2po.checkpoint.gather import iter_hf_tensors
     from megatron_m2po.trainer import checkpointing
-    from megatron_m2po.trainer.policy import Trainer
+    from megatron_m2po.trainer.policy import Policy
 
-    trainer = Trainer(cfg)
+    trainer = Policy(cfg)
     if mode == "save":
         for version, prefix in enumerate(("a", "b")):
             trainer.update(make_groups(prefix, 0), version=version)

@@ -29,13 +29,13 @@ def make_group(prompt_id: str, version: int) -> Group:
 def main(hf_dir: str, out: str, ckpt_dir: str) -> None:
     cfg = Config()
     cfg.model.path, cfg.data.path = hf_dir, "unused"
-    cfg.train.prompts_per_step = cfg.train.prompts_per_update = 1
+    cfg.train.groups_per_step = cfg.train.groups_per_update = 1
     cfg.train.responses_per_prompt, cfg.train.micro_batch_size, cfg.train.lr = 4, 2, 1e-3
     platform.init_distributed(1, 1, seed=0)
     from megatron_m2po.trainer import checkpointing
-    from megatron_m2po.trainer.policy import Trainer
+    from megatron_m2po.trainer.policy import Policy
 
-    trainer = Trainer(cfg)
+    trainer = Policy(cfg)
     first = [trainer.update([make_group(p, 0)], v) for v, p in enumerate(("a", "bb"))]
     state = {"step": 2, "scheduler": trainer.scheduler.state_dict()}
     checkpointing.save_checkpoint(ckpt_dir, 2, trainer.model, trainer.optimizer, state, keep_last=1)

@@ -46,7 +46,7 @@ def main(hf_dir: str, out: str, tp: int, pp: int, loss: str, *overrides: str) ->
     torch.set_num_threads(1)
     cfg = Config()
     cfg.model.path, cfg.data.path = hf_dir, "unused"
-    cfg.train.prompts_per_step = cfg.train.prompts_per_update = 2
+    cfg.train.groups_per_step = cfg.train.groups_per_update = 2
     cfg.train.responses_per_prompt = 4
     cfg.train.micro_batch_size = 2
     cfg.train.lr = 1e-3
@@ -57,9 +57,9 @@ def main(hf_dir: str, out: str, tp: int, pp: int, loss: str, *overrides: str) ->
         setattr(getattr(cfg, section), name, value)
     platform.init_distributed(tp, pp, seed=0)
     from megatron_m2po.checkpoint.gather import iter_hf_tensors
-    from megatron_m2po.trainer.policy import Trainer
+    from megatron_m2po.trainer.policy import Policy
 
-    trainer = Trainer(cfg)
+    trainer = Policy(cfg)
     last_stage = torch.distributed.get_world_size() - 1  # holds the loss metrics
     results = []
     for i, prefix in enumerate(("a", "b")):
