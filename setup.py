@@ -30,7 +30,10 @@ EXTRAS = {
         "torch==2.13.0", "pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6.100", "ruff>=0.6",
         "msgspec>=0.18",  # loads the pinned SGLang schema in tests/test_sglang_contract.py
         "scipy>=1.11",  # chi-square test of sampled tokens (tests/test_sampling_independence.py)
+        "datasets>=2.19",  # the [hub] prompt path, tested on local files
     ],
+    # Prompt sets by Hugging Face Hub name (data.path: BytedTsinghua-SIA/DAPO-Math-17k) or a dataset folder.
+    "hub": ["datasets>=2.19"],
     # GPU clusters run two environments (docs/rollout.md, "Two environments"): sglang 0.5.23 pins torch==2.14.1
     # and transformers==5.19.0, which no NGC PyTorch image with Transformer Engine has, so one [gpu] extra
     # holding both cannot resolve. Trainer nodes: the NGC image + [trainer] (Dockerfile); apex is optional.
@@ -46,6 +49,8 @@ setup(
     description=__doc__,
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_m2po", "megatron_m2po.*"]),
+    # The benchmark sets that `m2po evaluate --benchmark NAME` and eval.benchmarks read, with their licences.
+    package_data={"megatron_m2po.data.benchmarks": ["*.jsonl", "README.md"]},
     install_requires=CORE,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["m2po = megatron_m2po.cli:main"]},

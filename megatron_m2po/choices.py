@@ -25,3 +25,5 @@ Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 AdvantageEstimator = Literal["grpo", "drgrpo", "rloo"]
 M2Scope = Literal["global", "per_microbatch"]
 NonFinite = Literal["raise", "mask"]
+# The benchmark test sets shipped with the package (megatron_m2po/data/benchmarks), by name.
+BenchmarkName = Literal["math500", "aime24", "amc23", "gsm8k", "minerva_math", "olympiadbench"]

@@ -16,7 +16,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "train": ("megatron_m2po.train", "train from a YAML recipe (same as python -m megatron_m2po.train)"),
     "plot": ("megatron_m2po.plot", "write a PNG of the main curves of a run directory"),
-    "evaluate": ("megatron_m2po.evaluation", "accuracy of a checkpoint on benchmark files"),
+    "evaluate": (
+        "megatron_m2po.evaluation",
+        "accuracy of a checkpoint on the shipped benchmarks (by name) or your own files",
+    ),
     "engines": (
         "megatron_m2po.rollout.engines.sglang_launcher",
         "start a node's SGLang (or CPU local) engine servers",

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
-from megatron_m2po.choices import AdvantageEstimator, Aggregation, LossName, M2Scope
+from megatron_m2po.choices import AdvantageEstimator, Aggregation, BenchmarkName, LossName, M2Scope
 
 StalenessMode = Literal["sync", "fixed", "bounded"]
 
@@ -58,9 +58,20 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = opt("", "training prompts: a .jsonl or .parquet file")
-    problem_key: str = opt("problem", "row field holding the problem text")
-    answer_key: str = opt("answer", "row field holding the reference answer")
+    path: str = opt(
+        "",
+        "training prompts: a .jsonl or .parquet file, else a name the `datasets` library loads (a Hugging Face "
+        "Hub dataset such as BytedTsinghua-SIA/DAPO-Math-17k, or a local dataset folder; the [hub] extra)",
+    )
+    split: str = opt("train", "`datasets` sets only: the split to read")
+    subset: str = opt("", "`datasets` sets only: the configuration (subset) name; empty = the default")
+    problem_key: str = opt(
+        "problem", "row field holding the problem text; dotted for a nested field (prompt.0.content)"
+    )
+    answer_key: str = opt(
+        "answer",
+        "row field holding the reference answer; dotted for a nested field (reward_model.ground_truth)",
+    )
     answer_format: Literal["plain", "boxed", "gsm8k"] = opt(
         "plain",
         "how the answer field is read: as is, its last \\boxed{}, or GSM8K's `#### x`",
@@ -288,15 +299,21 @@ class LoggingConfig:
 
 @dataclass
 class EvalConfig:
-    path: str = opt("", "held-out prompts evaluated every `every` steps (empty = no eval)")
+    benchmarks: list = opt(
+        [],
+        f"benchmarks shipped with the package evaluated every `every` steps, by name "
+        f"({', '.join(typing.get_args(BenchmarkName))})",
+    )
+    path: str = opt("", "your own held-out prompt file, evaluated beside the benchmarks (empty = none)")
     every: int = opt(
         0, "evaluate every this many steps (0 = off); also before the first and after the last", ge=0
     )
     max_prompts: int = opt(0, "evaluate on at most this many prompts (0 = all)", ge=0)
     responses_per_prompt: int = opt(1, "responses per eval prompt (accuracy is their average: avg@k)", ge=1)
     temperature: float = opt(0.0, "eval sampling temperature (0 = greedy)", ge=0)
-    problem_key: str = opt("problem", "eval row field holding the problem text")
-    answer_key: str = opt("answer", "eval row field holding the reference answer")
+    problem_key: str = opt("problem", "eval.path: row field holding the problem text")
+    answer_key: str = opt("answer", "eval.path: row field holding the reference answer")
+    answer_format: Literal["plain", "boxed", "gsm8k"] = opt("plain", "eval.path: how the answer field is read")
 
 
 @dataclass
@@ -541,7 +558,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if not cfg.model.path:
         raise ConfigError("'model.path': required (an HF model dir or a Megatron checkpoint dir)")
     if not cfg.data.path:
-        raise ConfigError("'data.path': required (a .jsonl or .parquet prompt file)")
+        raise ConfigError("'data.path': required (a .jsonl or .parquet prompt file, or a `datasets` name)")
     if "{problem}" not in cfg.data.template and cfg.data.template not in ("plain", "m2po"):
         raise ConfigError(
             f"'data.template': must contain '{{problem}}' or be plain/m2po, got {cfg.data.template!r}"
@@ -594,8 +611,16 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         )
     if r.router_url and r.engine != "sglang":
         raise ConfigError(f"'rollout.router_url': only for rollout.engine=sglang, got {r.engine}")
-    if cfg.eval.every and not cfg.eval.path:
-        raise ConfigError("'eval.path': required when eval.every > 0")
+    unknown = [b for b in cfg.eval.benchmarks if b not in typing.get_args(BenchmarkName)]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), typing.get_args(BenchmarkName), n=1)
+        raise ConfigError(
+            f"'eval.benchmarks': {unknown[0]!r} is not a shipped benchmark "
+            f"({', '.join(typing.get_args(BenchmarkName))})"
+            + (f"; did you mean '{close[0]}'?" if close else "")
+        )
+    if cfg.eval.every and not (cfg.eval.benchmarks or cfg.eval.path):
+        raise ConfigError("'eval.benchmarks': name at least one (or set eval.path) when eval.every > 0")
     if world_size is not None:
         validate_parallel(cfg, world_size)
 

@@ -1,11 +1,12 @@
 """Accuracy of a checkpoint on benchmark files: avg@k and pass@k, through any rollout engine.
 
-`m2po evaluate CHECKPOINT --data FILE [FILE ...]` (or `python tools/evaluate.py ...`). The library
-functions (`evaluate`, `summarize`, `pass_at_k`) live in the package so the demo and the sweep use them. CHECKPOINT is an
-HF model dir or a Megatron checkpoint dir (converted to HF in a scratch dir with the foundation's
-converter). Each file is read with `PromptDataset`: the files of shared/data get their field mapping
-from their name (problem/question, answer/final_answer, Minerva's boxed `solution`, GSM8K's `####`);
-other files take `--problem-key/--answer-key/--answer-format`. Every prompt is sampled `-k` times;
+`m2po evaluate CHECKPOINT --benchmark math500 aime24 ... [--data FILE ...]` (or `python tools/evaluate.py
+...`). The library functions (`evaluate`, `summarize`, `pass_at_k`) live in the package so the demo and the
+sweep use them. CHECKPOINT is an HF model dir or a Megatron checkpoint dir (converted to HF in a scratch
+dir with `checkpoint.convert`). Each set is read with `PromptDataset`: a benchmark shipped with the package
+(`data.benchmarks`) by its name, with its own field mapping (problem/question, answer/final_answer,
+Minerva's boxed `solution`, GSM8K's `####`); other files with `--problem-key/--answer-key/--answer-format`.
+Every prompt is sampled `-k` times;
 a response is correct when the reward function (math-verify on the last `\\boxed{}` by default)
 gives the full reward 1.0, so a format-only reward never counts as correct.
 
@@ -23,16 +24,19 @@ import logging
 import math
 import tempfile
 import time
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from megatron_m2po.choices import BenchmarkName
 from megatron_m2po.types import Sample, SamplingParams
 
 logger = logging.getLogger(__name__)
 
 ENGINES = ("local", "sglang", "vllm")
+BENCHMARK_NAMES = typing.get_args(BenchmarkName)
 FULL_REWARD = 1.0
 
 
@@ -188,35 +192,42 @@ async def generate_all(
 
 @dataclass
 class FileSpec:
-    """How to read one benchmark file; None fields come from the file's preset (shared/data names)."""
+    """One evaluation set: a prompt file and how its rows are read; `FileSpec.benchmark(name)` for a shipped set."""
 
     path: Path
-    problem_key: str | None = None
-    answer_key: str | None = None
-    answer_format: str | None = None
+    problem_key: str = "problem"
+    answer_key: str = "answer"
+    answer_format: str = "plain"
+    name: str = ""  # in results and metrics; empty = the file's stem
+
+    @classmethod
+    def benchmark(cls, name: str) -> FileSpec:
+        """A benchmark shipped with the package (`data.benchmarks`), with its field mapping."""
+        from megatron_m2po.data.benchmarks import get_benchmark
+
+        b = get_benchmark(name)
+        return cls(b.path, **b.fields, name=b.name)
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.path).stem
 
 
 def open_dataset(
     spec: FileSpec, tokenizer, *, template: str, apply_chat_template: bool, max_prompts: int = 0
 ):
-    """The file's prompts in file order (first `max_prompts` when > 0), with its field mapping."""
-    from megatron_m2po.data.prompts import FIELD_PRESETS, PromptDataset
+    """The set's prompts in file order (first `max_prompts` when > 0), with its field mapping."""
+    from megatron_m2po.data.prompts import PromptDataset
 
-    keys = {
-        "problem_key": spec.problem_key,
-        "answer_key": spec.answer_key,
-        "answer_format": spec.answer_format,
-    }
-    preset = FIELD_PRESETS.get(spec.path.stem, {})
-    kwargs = {k: v if v is not None else preset.get(k) for k, v in keys.items()}
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     dataset = PromptDataset(
         spec.path,
         tokenizer,
+        problem_key=spec.problem_key,
+        answer_key=spec.answer_key,
+        answer_format=spec.answer_format,
         template=template,
         apply_chat_template=apply_chat_template,
         shuffle=False,
-        **kwargs,
     )
     count = len(dataset) if max_prompts <= 0 else min(max_prompts, len(dataset))
     return dataset, [dataset[i] for i in range(count)]
@@ -350,8 +361,8 @@ async def _evaluate_file(
                 }
             )
     seconds = time.perf_counter() - start
-    logger.info("%s: %s in %.1fs", spec.path.name, metrics, seconds)
-    return FileResult(spec.path.stem, str(spec.path), metrics, seconds, responses)
+    logger.info("%s: %s in %.1fs", spec.label, metrics, seconds)
+    return FileResult(spec.label, str(spec.path), metrics, seconds, responses)
 
 
 def format_table(results: Sequence[FileResult]) -> str:
@@ -395,17 +406,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--hf-config-dir", help="config + tokenizer for a training checkpoint (default: the run's model.path)"
     )
-    parser.add_argument("--data", nargs="+", required=True, help="benchmark files (.jsonl / .parquet)")
     parser.add_argument(
-        "--problem-key", help="row field of the problem (default: the file's preset, else 'problem')"
+        "--benchmark",
+        nargs="+",
+        default=[],
+        choices=BENCHMARK_NAMES,
+        metavar="NAME",
+        help=f"benchmarks shipped with the package, by name: {', '.join(BENCHMARK_NAMES)}",
     )
     parser.add_argument(
-        "--answer-key", help="row field of the answer (default: the file's preset, else 'answer')"
+        "--data",
+        nargs="+",
+        default=[],
+        help="your own prompt sets: .jsonl / .parquet files (or names the `datasets` library loads)",
     )
+    parser.add_argument("--problem-key", default="problem", help="--data: row field of the problem")
+    parser.add_argument("--answer-key", default="answer", help="--data: row field of the answer")
     parser.add_argument(
         "--answer-format",
         choices=("plain", "boxed", "gsm8k"),
-        help="how the answer field is read (default: the file's preset, else plain)",
+        default="plain",
+        help="--data: how the answer field is read",
     )
     parser.add_argument(
         "--template",
@@ -453,6 +474,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.benchmark and not args.data:
+        raise SystemExit(f"m2po evaluate: name --benchmark ({', '.join(BENCHMARK_NAMES)}) and/or --data FILE")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     k = args.responses_per_prompt
     temperature = args.temperature if args.temperature is not None else (0.0 if k == 1 else 1.0)
@@ -461,7 +484,8 @@ def run(args: argparse.Namespace) -> int:
     sampling = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=temperature, top_p=args.top_p, seed=args.seed
     )
-    files = [FileSpec(Path(p), args.problem_key, args.answer_key, args.answer_format) for p in args.data]
+    files = [FileSpec.benchmark(name) for name in args.benchmark]
+    files += [FileSpec(Path(p), args.problem_key, args.answer_key, args.answer_format) for p in args.data]
     results = evaluate(
         args.checkpoint,
         files,

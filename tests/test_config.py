@@ -77,6 +77,8 @@ def test_fixed_lag_is_k_times_updates_per_step(recipe):
         ("algorithm.clip_eps=0", "'algorithm.clip_eps': must be > 0"),
         ("algorithm.tis_cap=2", "'algorithm.tis_cap' is no longer a key: .* algorithm.tis_ratio_cap"),
         ("staleness.max_staleness=-1", "'staleness.max_staleness': must be >= 0"),
+        ("eval.benchmarks=[math500,aime2024]", "'aime2024' is not a shipped .*did you mean 'aime24'"),
+        ("eval.every=5", "'eval.benchmarks': name at least one .*set eval.path.* when eval.every > 0"),
         ("model.path=", "'model.path': required"),
         ("nonsense", "section.key=value"),
     ],

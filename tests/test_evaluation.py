@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from megatron_m2po.data.benchmarks import get_benchmark
 from megatron_m2po.evaluation import FileSpec, evaluate, format_table, pass_at_k, summarize
 from megatron_m2po.types import SamplingParams
 
@@ -77,17 +78,16 @@ def tiny_model(tmp_path_factory):
 BENCHMARKS = ["math500", "aime24", "amc23", "minerva_math", "olympiadbench", "gsm8k"]
 
 
-def test_end_to_end_on_real_benchmark_files(tiny_model, shared_data, tmp_path):
+def test_end_to_end_on_the_shipped_benchmarks_by_name(tiny_model, tmp_path):
     from megatron_m2po.cli import main
 
     out = tmp_path / "eval.json"
-    files = [str(shared_data / f"{b}.jsonl") for b in BENCHMARKS]
     rc = main(
         [
             "evaluate",
             str(tiny_model),
-            "--data",
-            *files,
+            "--benchmark",
+            *BENCHMARKS,
             "--max-prompts",
             "2",
             "-k",
@@ -117,7 +117,7 @@ def test_end_to_end_on_real_benchmark_files(tiny_model, shared_data, tmp_path):
         assert all(len(x["responses"]) == 2 and len(x["correct"]) == 2 for x in r["responses"])
     # the field mapping reached the scorer: GSM8K's gold answer is the text after '####',
     # Minerva's the last \boxed{} of its solution, OlympiadBench's the final_answer list
-    first = {name: json.loads((shared_data / f"{name}.jsonl").open().readline()) for name in BENCHMARKS}
+    first = {name: json.loads(get_benchmark(name).path.open().readline()) for name in BENCHMARKS}
     assert results["gsm8k"]["responses"][0]["answer"] == first["gsm8k"]["answer"].split("####")[
         -1
     ].strip().replace(",", "")
@@ -127,7 +127,16 @@ def test_end_to_end_on_real_benchmark_files(tiny_model, shared_data, tmp_path):
     )
 
 
-def test_megatron_checkpoint_scores_like_its_hf_source(tiny_model, shared_data, tmp_path):
+def test_evaluate_without_a_set_names_the_options(tiny_model):
+    from megatron_m2po.cli import main
+
+    with pytest.raises(SystemExit, match=r"--benchmark \(math500, aime24, .*\) and/or --data FILE"):
+        main(["evaluate", str(tiny_model)])
+    with pytest.raises(SystemExit):  # argparse: an unknown benchmark name lists the choices
+        main(["evaluate", str(tiny_model), "--benchmark", "math5000"])
+
+
+def test_megatron_checkpoint_scores_like_its_hf_source(tiny_model, tmp_path):
     """A Megatron checkpoint dir is converted back to HF and served: greedy answers equal the HF dir's."""
     from megatron_m2po import platform
     from megatron_m2po.checkpoint.convert import convert_hf_to_megatron
@@ -135,7 +144,7 @@ def test_megatron_checkpoint_scores_like_its_hf_source(tiny_model, shared_data, 
     convert_hf_to_megatron(tiny_model, tmp_path / "megatron")
     platform.destroy_distributed()
     greedy = SamplingParams(max_new_tokens=6, temperature=0.0)
-    spec = [FileSpec(shared_data / "gsm8k.jsonl")]
+    spec = [FileSpec.benchmark("gsm8k")]
     kwargs = dict(sampling=greedy, max_prompts=3, template="plain", keep_responses=True)
     hf = evaluate(tiny_model, spec, **kwargs)[0]
     meg = evaluate(tmp_path / "megatron", spec, **kwargs)[0]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -34,8 +36,8 @@ def _write_jsonl(path, rows):
         ("aime24", 30, None),
     ],
 )
-def test_benchmark_presets_read_every_row(shared_data, tokenizer, stem, rows, first_answer):
-    ds = PromptDataset.from_benchmark(shared_data / f"{stem}.jsonl", tokenizer)
+def test_shipped_benchmarks_read_every_row(tokenizer, stem, rows, first_answer):
+    ds = PromptDataset.from_benchmark(stem, tokenizer)
     assert len(ds) == rows and ds.num_skipped_malformed == 0
     assert all(p.answer for p in ds)
     if first_answer is not None:
@@ -146,3 +148,51 @@ def test_epochs_are_deterministic_and_resumable(tmp_path, tokenizer):
     c = PromptDataset(f, tokenizer, seed=3)
     c.load_state_dict(state)
     assert [p.prompt_id for p in c.next_prompts(5)] == rest
+
+
+def test_a_dataset_folder_is_read_through_the_datasets_library_with_nested_fields(tmp_path, tokenizer):
+    """A name that is not a local .jsonl/.parquet file goes to `datasets.load_dataset` (the Hub path); a local
+    folder of parquet shards takes the same path offline. DAPO-Math-17k's layout: the problem inside a chat
+    message list, the answer under reward_model."""
+    folder = tmp_path / "dapo_like"
+    folder.mkdir()
+    rows = [
+        {"prompt": [{"role": "user", "content": f"{a}+{a}?"}], "reward_model": {"ground_truth": str(2 * a)}}
+        for a in range(5)
+    ]
+    pq.write_table(pa.Table.from_pylist(rows[:3]), folder / "train-00000-of-00002.parquet")
+    pq.write_table(pa.Table.from_pylist(rows[3:]), folder / "train-00001-of-00002.parquet")
+    ds = PromptDataset(
+        folder,
+        tokenizer,
+        problem_key="prompt.0.content",
+        answer_key="reward_model.ground_truth",
+        shuffle=False,
+    )
+    assert sorted((p.text, p.answer) for p in ds) == [(f"{a}+{a}?", str(2 * a)) for a in range(5)]
+    assert ds[0].prompt_id.startswith("dapo_like:")
+    with pytest.raises(PromptDataError, match=r"dapo_like:row 1: missing field 'reward_model.answer'"):
+        PromptDataset(folder, tokenizer, problem_key="prompt.0.content", answer_key="reward_model.answer")
+    with pytest.raises(PromptDataError, match=r"split 'test'.*could not load it.*Unknown split"):
+        PromptDataset(folder, tokenizer, problem_key="prompt.0.content", split="test")
+
+
+def test_a_hub_name_without_network_is_a_clear_error(tmp_path):
+    """No network (HF_HUB_OFFLINE, as on a cluster without Hub access): the error names the set, says the
+    `datasets` library could not load it, and says how to use a downloaded copy."""
+    from tests.conftest import REPO, subprocess_env
+
+    probe = (
+        "from megatron_m2po.data.prompts import PromptDataset\n"
+        "PromptDataset('BytedTsinghua-SIA/DAPO-Math-17k', tokenizer=None)\n"
+    )
+    env = subprocess_env(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=REPO, timeout=120
+    )
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "megatron_m2po.data.prompts.PromptDataError: prompt set 'BytedTsinghua-SIA/DAPO-Math-17k'"
+    )
+    assert "could not load it" in last and "hf download --repo-type dataset" in last

@@ -12,6 +12,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from megatron_m2po.data.benchmarks import get_benchmark
 from megatron_m2po.rollout.rewards import (
     RewardPool,
     extract_last_boxed,
@@ -44,8 +45,8 @@ def test_extract_roundtrip(content):
     assert extract_last_boxed(f"blah \\boxed{{x}} then \\boxed{{{content}}} tail") == content
 
 
-def test_math500_gold_solutions_all_score_one(pool, shared_data):
-    rows = [json.loads(line) for line in open(shared_data / "math500.jsonl")]
+def test_math500_gold_solutions_all_score_one(pool):
+    rows = [json.loads(line) for line in open(get_benchmark("math500").path)]
     assert len(rows) == 500
     scores = pool.score([r["solution"] for r in rows], [r["answer"] for r in rows])
     failed = [(i, rows[i]["answer"]) for i, s in enumerate(scores) if s != 1.0]
@@ -53,8 +54,8 @@ def test_math500_gold_solutions_all_score_one(pool, shared_data):
     assert pool.metrics()["reward/timeouts"] == 0
 
 
-def test_math500_wrong_answers_score_zero(pool, shared_data):
-    rows = [json.loads(line) for line in open(shared_data / "math500.jsonl")][:120]
+def test_math500_wrong_answers_score_zero(pool):
+    rows = [json.loads(line) for line in open(get_benchmark("math500").path)][:120]
     # pair each solution with the answer of a row whose answer is textually different
     answers = [r["answer"] for r in rows]
     shifted = answers[7:] + answers[:7]

@@ -119,6 +119,32 @@ def assert_metrics_logged(run_dir: Path, steps: int) -> dict:
     return series
 
 
+def test_shipped_benchmarks_are_evaluated_by_name_during_training(setup):
+    """eval.benchmarks names shipped sets: each is scored before the first step and after the last, under
+    its own `eval/<set>/` tags, and `eval/accuracy` is their mean (the figure the console shows)."""
+    root, recipe = setup
+    run_dir = root / "eval_by_name"
+    sets = ["gsm8k", "amc23"]
+    run_train(
+        recipe,
+        run_dir,
+        "staleness.mode=sync",
+        "staleness.fixed_lag_steps=0",
+        "train.steps=1",
+        f"eval.benchmarks=[{','.join(sets)}]",
+        "eval.every=1",
+        "eval.max_prompts=2",
+    )
+    series = read_scalars(run_dir)
+    for name in sets:
+        for metric in ("accuracy", "reward_mean", "response_length_mean"):
+            assert [s for s, _ in series[f"eval/{name}/{metric}"]] == [0, 1], (name, metric)
+    for step in (0, 1):
+        mean = sum(dict(series[f"eval/{name}/accuracy"])[step] for name in sets) / len(sets)
+        assert dict(series["eval/accuracy"])[step] == pytest.approx(mean)
+    assert all(v > 0 for _, v in series["eval/gsm8k/response_length_mean"])
+
+
 def test_fixed_mode_end_to_end_lag_is_exact_and_resume_continues_exactly(setup):
     root, recipe = setup
     full = root / "fixed"

@@ -1,4 +1,4 @@
-"""`python tools/evaluate.py CHECKPOINT --data FILE ...`: accuracy (avg@k, pass@k) of a checkpoint on benchmark files.
+"""`python tools/evaluate.py CHECKPOINT --benchmark math500 ... [--data FILE ...]`: accuracy (avg@k, pass@k) of a checkpoint.
 
 The same as `m2po evaluate`; the code lives in `megatron_m2po.evaluation` (the CPU demo uses it too).
 """

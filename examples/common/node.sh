@@ -9,7 +9,7 @@
 # Required: RECIPE, MODEL_DIR, TRAIN_DATA, ENGINE_TP.  Multi-node: NNODES, NODE_RANK, MASTER_ADDR and
 # ROLLOUT_HOSTS (space-separated hostnames of the rollout nodes, in node order).
 # Optional: ROLLOUT_NODES (default NNODES/2), GPUS_PER_NODE (8), GPUS_TRAIN (GPUS_PER_NODE),
-# EVAL_DATA, RUN_ID, RDZV_PORT (29500), ENGINE_BASE_PORT (30000), LOG_DIR, extra `a.b=c` overrides as args.
+# EVAL_DATA (your own held-out file, evaluated beside the recipe's eval.benchmarks), RUN_ID, RDZV_PORT (29500), ENGINE_BASE_PORT (30000), LOG_DIR, extra `a.b=c` overrides as args.
 #
 # Two environments (docs/rollout.md): the trainer runs under TRAINER_PYTHON (the NGC image: torch, Transformer
 # Engine, megatron-core; Dockerfile), the SGLang servers under ROLLOUT_PYTHON (sglang==0.5.23's own torch;

@@ -10,7 +10,6 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 export RECIPE=${RECIPE:-$HERE/recipe.yaml}
 export MODEL_DIR=${MODEL_DIR:-models/Qwen2.5-32B}
 export TRAIN_DATA=${TRAIN_DATA:-data/deepscaler.jsonl}
-export EVAL_DATA=${EVAL_DATA:-data/math500.jsonl}
 export ENGINE_TP=${ENGINE_TP:-4}  # GPUs per SGLang server
 export NNODES=${NNODES:-4}
 exec "$HERE/../common/node.sh" "$@"

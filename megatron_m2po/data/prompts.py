@@ -1,10 +1,12 @@
-"""Prompt files (jsonl / parquet) -> tokenized prompts with their gold answers.
+"""Prompt sets -> tokenized prompts with their gold answers.
 
-Benchmarks name their fields differently (problem/question, answer/final_answer, the answer
-boxed inside `solution`, GSM8K's `#### 42`), so the field names and how the answer is read are
-options, with presets for the files in shared/data. Every bad row is an error naming the file
-and line, or is skipped and counted with `on_error="skip"`; over-long prompts are filtered and
-counted, never dropped silently.
+A set is a local .jsonl / .parquet file, a benchmark shipped with the package (`from_benchmark`), or any
+other name, which the `datasets` library loads: a Hugging Face Hub dataset such as
+`BytedTsinghua-SIA/DAPO-Math-17k` where the network allows, or a local dataset folder. Sets name their
+fields differently (problem/question, answer/final_answer, the answer boxed inside `solution`, GSM8K's
+`#### 42`, nested `reward_model.ground_truth`), so the field names and how the answer is read are
+options. Every bad row is an error naming the set and row, or is skipped and counted with
+`on_error="skip"`; over-long prompts are filtered and counted, never dropped silently.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megatron_m2po.data.benchmarks import get_benchmark
 from megatron_m2po.rollout.rewards.math_answer import extract_last_boxed
 
 logger = logging.getLogger(__name__)
@@ -33,15 +36,8 @@ TEMPLATES: dict[str, str] = {"plain": "{problem}", "m2po": M2PO_TEMPLATE}
 # field (Minerva keeps its answer in `solution`), "gsm8k" the text after "####".
 ANSWER_FORMATS = ("plain", "boxed", "gsm8k")
 
-# Field presets for the benchmark files in shared/data (data/README.md), by file stem.
-FIELD_PRESETS: dict[str, dict[str, str]] = {
-    "math500": {"problem_key": "problem", "answer_key": "answer", "answer_format": "plain"},
-    "aime24": {"problem_key": "problem", "answer_key": "answer", "answer_format": "plain"},
-    "amc23": {"problem_key": "problem", "answer_key": "answer", "answer_format": "plain"},
-    "minerva_math": {"problem_key": "problem", "answer_key": "solution", "answer_format": "boxed"},
-    "olympiadbench": {"problem_key": "question", "answer_key": "final_answer", "answer_format": "plain"},
-    "gsm8k": {"problem_key": "question", "answer_key": "answer", "answer_format": "gsm8k"},
-}
+# Local files read without the `datasets` library (line numbers in errors); any other source goes through it.
+FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 class PromptDataError(ValueError):
@@ -109,10 +105,47 @@ def _read_rows(path: Path) -> Iterator[tuple[int, Any]]:
                 yield lineno, e
 
 
-class PromptDataset:
-    """Tokenized prompts of one file, in a seeded order that is reshuffled every epoch.
+def _read_dataset_rows(name: str, split: str, subset: str) -> Iterator[tuple[int, Any]]:
+    """(row number, row) of a set loaded by the `datasets` library: a Hub name or a local dataset folder."""
+    try:
+        import datasets  # optional: the [hub] extra
+    except ImportError as e:
+        raise ImportError(
+            f"prompt set '{name}' is not a local {'/'.join(FILE_SUFFIXES)} file, so it is loaded with the "
+            "`datasets` library, which is not installed: pip install 'megatron_m2po[hub]'"
+        ) from e
+    try:
+        dataset = datasets.load_dataset(name, subset or None, split=split)
+    except Exception as e:  # noqa: BLE001 - datasets raises many types (no network, no such set or split)
+        raise PromptDataError(
+            f"prompt set '{name}' (split '{split}'{f', subset {subset!r}' if subset else ''}) is not a local "
+            f"file and the `datasets` library could not load it: {type(e).__name__}: {e}. Without network, "
+            f"download it where the Hub is reachable (`hf download --repo-type dataset {name} --local-dir DIR`) "
+            "and point the path at DIR or at one of its .jsonl / .parquet files"
+        ) from e
+    yield from enumerate(dataset, start=1)
 
-    `dataset[i]` is row i (prompt_id `<file stem>:<line>`); `next_prompts(n)` walks the shuffled epochs
+
+def _field(row: dict, key: str) -> Any:
+    """row[key], or for a dotted key the nested value (`reward_model.ground_truth`, `prompt.0.content`)."""
+    if key in row:
+        return row[key]
+    value: Any = row
+    for part in key.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, (list, tuple)) and part.isdigit() and int(part) < len(value):
+            value = value[int(part)]
+        else:
+            return None
+    return value
+
+
+class PromptDataset:
+    """Tokenized prompts of one set, in a seeded order that is reshuffled every epoch.
+
+    `path` is a local .jsonl / .parquet file, else a name for `datasets.load_dataset` (with `split` and
+    `subset`). `dataset[i]` is row i (prompt_id `<file stem>:<line>`); `next_prompts(n)` walks the shuffled epochs
     and tags ids with the epoch (`<stem>:<line>@<epoch>`) so a prompt revisited in a later epoch is a new
     group for the replay queue's exactly-once acceptance. `state_dict()` saves the position.
     """
@@ -131,6 +164,8 @@ class PromptDataset:
         on_error: str = "raise",
         seed: int = 0,
         shuffle: bool = True,
+        split: str = "train",
+        subset: str = "",
     ):
         self.path = Path(path)
         if on_error not in ("raise", "skip"):
@@ -144,9 +179,10 @@ class PromptDataset:
             raise ValueError(
                 f"PromptDataset: template must contain '{{problem}}' (or be one of {list(TEMPLATES)})"
             )
-        if not self.path.is_file():
+        local_file = self.path.is_file() or self.path.suffix in FILE_SUFFIXES
+        if local_file and not self.path.is_file():
             raise FileNotFoundError(f"prompt file not found: {self.path}")
-        if self.path.suffix not in (".jsonl", ".json", ".parquet"):
+        if self.path.is_file() and self.path.suffix not in FILE_SUFFIXES:
             raise PromptDataError(
                 f"{self.path}: unsupported prompt file type {self.path.suffix!r} (jsonl or parquet)"
             )
@@ -157,8 +193,9 @@ class PromptDataset:
         self.num_skipped_malformed = 0
         self.num_filtered_too_long = 0
         self._prompts: list[Prompt] = []
-        where = "row" if self.path.suffix == ".parquet" else "line"
-        for lineno, row in _read_rows(self.path):
+        where = "line" if local_file and self.path.suffix != ".parquet" else "row"
+        rows = _read_rows(self.path) if local_file else _read_dataset_rows(str(path), split, subset)
+        for lineno, row in rows:
             try:
                 prompt = self._make_prompt(lineno, row, problem_key, answer_key, answer_format)
             except PromptDataError as e:
@@ -187,14 +224,10 @@ class PromptDataset:
         self._order = self._epoch_order(0)
 
     @classmethod
-    def from_benchmark(cls, path: str | Path, tokenizer, **kwargs) -> PromptDataset:
-        """Open a shared/data benchmark file with the field preset of its name (math500, gsm8k, ...)."""
-        stem = Path(path).stem
-        if stem not in FIELD_PRESETS:
-            raise ValueError(
-                f"no field preset for {path} (known: {sorted(FIELD_PRESETS)}); pass the keys instead"
-            )
-        return cls(path, tokenizer, **{**FIELD_PRESETS[stem], **kwargs})
+    def from_benchmark(cls, name: str, tokenizer, **kwargs) -> PromptDataset:
+        """A benchmark shipped with the package (math500, gsm8k, ...: `data.benchmarks`), read with its fields."""
+        benchmark = get_benchmark(name)
+        return cls(benchmark.path, tokenizer, **{**benchmark.fields, **kwargs})
 
     def _make_prompt(
         self, lineno: int, row: Any, problem_key: str, answer_key: str, answer_format: str
@@ -205,14 +238,14 @@ class PromptDataset:
             raise PromptDataError(f"invalid JSON: {row}")
         if not isinstance(row, dict):
             raise PromptDataError(f"expected a JSON object, got {type(row).__name__}")
-        for key in (problem_key, answer_key):
-            if key not in row or row[key] is None:
+        problem, answer_field = _field(row, problem_key), _field(row, answer_key)
+        for key, value in ((problem_key, problem), (answer_key, answer_field)):
+            if value is None:
                 raise PromptDataError(f"missing field {key!r} (row has {sorted(row)})")
-        problem = row[problem_key]
         if not isinstance(problem, str) or not problem.strip():
             raise PromptDataError(f"field {problem_key!r} must be a non-empty string")
         try:
-            answer = read_answer(row[answer_key], answer_format)
+            answer = read_answer(answer_field, answer_format)
         except ValueError as e:
             raise PromptDataError(f"field {answer_key!r}: {e}") from None
         text = self.template.format(problem=problem.strip())

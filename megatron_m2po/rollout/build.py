@@ -110,4 +110,6 @@ def prompt_dataset(
         on_error=d.on_error,
         seed=cfg.train.seed,
         shuffle=shuffle,
+        split=d.split,
+        subset=d.subset,
     )

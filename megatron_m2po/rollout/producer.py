@@ -159,24 +159,22 @@ class Producer:
         return out
 
     def evaluate(self, version: int) -> dict[str, float]:
-        """`eval/` metrics: the engines (holding `version`) answer the held-out prompts; accuracy = avg@k."""
+        """`eval/` metrics: the engines (holding `version`) answer the held-out sets; accuracy = avg@k.
+
+        One set: `eval/accuracy`, ... With several (eval.benchmarks and eval.path), each set's under
+        `eval/<set>/`, and `eval/accuracy` is their mean, so the console and plots read one figure."""
         import asyncio
 
         from megatron_m2po.evaluation import FULL_REWARD, FileSpec, generate_all, open_dataset
 
         e = self.cfg.eval
-        spec = FileSpec(Path(e.path), problem_key=e.problem_key, answer_key=e.answer_key)
-        _, prompts = open_dataset(
-            spec,
-            self.tokenizer,
-            template=self.cfg.data.template,
-            apply_chat_template=self.cfg.data.apply_chat_template,
-            max_prompts=e.max_prompts,
-        )
+        sets = [FileSpec.benchmark(name) for name in e.benchmarks]
+        if e.path:
+            sets.append(FileSpec(Path(e.path), e.problem_key, e.answer_key, e.answer_format))
         params = replace(self.manager.sampling, temperature=e.temperature, top_p=1.0, top_k=-1)
         n = e.responses_per_prompt
 
-        async def run() -> tuple[list, list[float]]:
+        async def run(prompts) -> tuple[list, list[float]]:
             groups = await generate_all(self.farm, prompts, n, params, concurrency=EVAL_CONCURRENCY)
             texts = [s.response_text for g in groups for s in g]
             return groups, await self.rewards.score_async(
@@ -184,15 +182,26 @@ class Producer:
             )
 
         t = time.monotonic()
-        groups, scores = asyncio.run_coroutine_threadsafe(run(), self.farm.loop).result()
-        lengths = [len(s.response_ids) for g in groups for s in g]
-        return {
-            "eval/accuracy": sum(score >= FULL_REWARD for score in scores) / max(1, len(scores)),
-            "eval/reward_mean": sum(scores) / max(1, len(scores)),
-            "eval/response_length_mean": sum(lengths) / max(1, len(lengths)),
-            "eval/seconds": time.monotonic() - t,
-            "eval/version": float(version),
-        }
+        out: dict[str, float] = {}
+        for spec in sets:
+            _, prompts = open_dataset(
+                spec,
+                self.tokenizer,
+                template=self.cfg.data.template,
+                apply_chat_template=self.cfg.data.apply_chat_template,
+                max_prompts=e.max_prompts,
+            )
+            groups, scores = asyncio.run_coroutine_threadsafe(run(prompts), self.farm.loop).result()
+            lengths = [len(s.response_ids) for g in groups for s in g]
+            prefix = "eval/" if len(sets) == 1 else f"eval/{spec.label}/"
+            out[f"{prefix}accuracy"] = sum(score >= FULL_REWARD for score in scores) / max(1, len(scores))
+            out[f"{prefix}reward_mean"] = sum(scores) / max(1, len(scores))
+            out[f"{prefix}response_length_mean"] = sum(lengths) / max(1, len(lengths))
+        if len(sets) > 1:
+            out["eval/accuracy"] = sum(out[f"eval/{s.label}/accuracy"] for s in sets) / len(sets)
+        out["eval/seconds"] = time.monotonic() - t
+        out["eval/version"] = float(version)
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         """Data position + queue commit point (call right before saving the checkpoint)."""
