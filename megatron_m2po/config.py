@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +27,68 @@ StalenessMode = Literal["sync", "fixed", "bounded"]
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the key (and the file when there is one)."""
+
+
+# Error messages show a value through this: a few items of a list, the ends of a long string, `...` where
+# something was left out. Why: a value built from nested YAML aliases renders to gigabytes in full.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel, _SHOWN.maxlist, _SHOWN.maxdict = 2, 4, 4
+_SHOWN.maxstring, _SHOWN.maxother, _SHOWN.maxlong = 60, 60, 40
+
+
+def show(value: Any) -> str:
+    """`repr(value)` bounded in length and depth, for error messages."""
+    return _SHOWN.repr(value)
+
+
+# The largest integer a config key takes: every int ends in torch / numpy / C code as a signed 64-bit value.
+MAX_INT = 2**63 - 1
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` whose aliases may name a scalar or a flat list / mapping of scalars (a shared value,
+    a list of URLs, a `<<: *defaults` merge), never a collection that holds collections.
+
+    Why: aliases of aliases nest exponentially (a 464-byte recipe expands to billions of items) and a recipe
+    has no nested values where they would be needed."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            node = super().compose_node(parent, index)
+            children = node.value if isinstance(node, yaml.SequenceNode) else []
+            if isinstance(node, yaml.MappingNode):
+                children = [n for pair in node.value for n in pair]
+            if any(not isinstance(child, yaml.ScalarNode) for child in children):
+                raise ConfigError(
+                    f"line {event.start_mark.line + 1}, column {event.start_mark.column + 1}: alias "
+                    f"*{event.anchor[:60]} names a nested collection; a recipe's aliases may name a scalar "
+                    "or a flat list / mapping of scalars"
+                )
+            return node
+        return super().compose_node(parent, index)
+
+    def construct_yaml_int(self, node):
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # Python converts at most 4300 digits
+            raise ConfigError(
+                f"line {node.start_mark.line + 1}, column {node.start_mark.column + 1}: an integer of "
+                f"{len(node.value)} characters, far beyond any setting"
+            ) from None
+
+
+_RecipeLoader.add_constructor("tag:yaml.org,2002:int", _RecipeLoader.construct_yaml_int)
+
+
+def parse_yaml(text: str) -> Any:
+    """A recipe's YAML (safe tags only, aliases as `_RecipeLoader` allows); raises yaml.YAMLError or
+    ConfigError."""
+    loader = _RecipeLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def opt(
@@ -85,6 +149,12 @@ class DataConfig:
     )
     max_prompt_tokens: int = opt(
         1536, "prompts longer than this (in tokens) are filtered out and counted", gt=0
+    )
+    max_prompt_chars: int = opt(
+        100_000,
+        "rows whose problem text is longer than this (in characters) are refused before tokenizing and "
+        "counted: bounds the tokenizer's time and memory on a hostile row",
+        gt=0,
     )
     on_error: Literal["raise", "skip"] = opt(
         "raise",
@@ -251,7 +321,9 @@ class TrainConfig:
     adam_beta2: float = opt(0.999, "AdamW beta2", ge=0, lt=1)
     adam_eps: float = opt(1e-8, "AdamW epsilon", gt=0)
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)", ge=0)
-    seed: int = opt(0, "seed of the model init RNG, prompt order and sampling", ge=0)
+    seed: int = opt(
+        0, "seed of the model init RNG, prompt order and sampling (numpy's range)", ge=0, le=2**32 - 1
+    )
     torch_threads: int = opt(0, "torch intra-op threads of the trainer (0 = leave torch's default)", ge=0)
 
 
@@ -405,34 +477,42 @@ def _coerce(key: str, value: Any, tp: Any, where: str) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise ConfigError(f"{where}'{key}': expected true/false, got {value!r}")
+        raise ConfigError(f"{where}'{key}': expected true/false, got {show(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        raise ConfigError(f"{where}'{key}': expected an integer, got {value!r}")
+        raise ConfigError(f"{where}'{key}': expected an integer, got {show(value)}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-6` as a string
             try:
-                return float(value)
+                number = float(value)
+            except OverflowError:
+                number = math.inf
+        elif isinstance(value, str):  # YAML 1.1 reads `1e-6` as a string
+            try:
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{where}'{key}': expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{where}'{key}': expected a number, got {show(value)}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}'{key}': expected a finite number, got {show(value)}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ConfigError(f"{where}'{key}': expected a string, got {value!r}")
+        raise ConfigError(f"{where}'{key}': expected a string, got {show(value)}")
     if tp is list or origin is list:
         if isinstance(value, list):
             return list(value)
         if isinstance(value, str):
             return [v for v in value.split(",") if v]
-        raise ConfigError(f"{where}'{key}': expected a list, got {value!r}")
+        raise ConfigError(f"{where}'{key}': expected a list, got {show(value)}")
     raise ConfigError(f"{where}'{key}': unsupported field type {tp}")
 
 
@@ -464,13 +544,17 @@ def _apply_mapping(cfg: Config, data: Any, where: str) -> None:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}the recipe must be a mapping of sections, got {type(data).__name__}")
     for section, values in data.items():
+        names = [section, *(values if isinstance(values, dict) else ())]
+        odd = next((n for n in names if not isinstance(n, str)), None)
+        if odd is not None:
+            raise ConfigError(f"{where}section and key names are plain words, got {show(odd)}")
         if not isinstance(values, dict):
             sections = _sections()
             if section not in sections:
                 raise ConfigError(
                     f"{where}unknown section '{section}'{_closest(str(section), list(sections))}"
                 )
-            raise ConfigError(f"{where}section '{section}' must be a mapping of keys, got {values!r}")
+            raise ConfigError(f"{where}section '{section}' must be a mapping of keys, got {show(values)}")
         for name, value in values.items():
             _set(cfg, f"{section}.{name}", value, where)
 
@@ -482,9 +566,11 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     key = key.strip().lstrip("-")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = parse_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    except ConfigError as e:
+        raise ConfigError(f"override '{key}': {e}") from None
     return key, value
 
 
@@ -495,10 +581,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
+        raw = path.read_bytes()
         try:
-            data = yaml.safe_load(path.read_text())
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw.count(b"\n", 0, e.start) + 1
+            raise ConfigError(f"{path}: not UTF-8 text (line {line}, byte {e.start}: {e.reason})") from None
+        try:
+            data = parse_yaml(text)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
         _apply_mapping(cfg, data, f"{path}: ")
     for text in overrides:
         key, value = parse_override(text)
@@ -527,9 +621,13 @@ def _check_field(section: str, f: dataclasses.Field, tp: Any, value: Any) -> Non
     m = f.metadata
     choices = choices_of(tp)
     if choices and value not in choices:
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        close = (
+            difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            if len(str(value)) < 100
+            else []
+        )
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"'{key}': {value!r} is not one of {list(choices)}{hint}")
+        raise ConfigError(f"'{key}': {show(value)} is not one of {list(choices)}{hint}")
     if value is None:  # an optional field left unset
         return
     for bound, ok, word in (
@@ -540,7 +638,11 @@ def _check_field(section: str, f: dataclasses.Field, tp: Any, value: Any) -> Non
     ):
         b = m.get(bound)
         if b is not None and not ok(value, b):
-            raise ConfigError(f"'{key}': must be {word} {b}, got {value!r}")
+            raise ConfigError(f"'{key}': must be {word} {b}, got {show(value)}")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT:
+        raise ConfigError(
+            f"'{key}': must fit a signed 64-bit integer (|value| <= 2**63 - 1), got {show(value)}"
+        )
 
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
@@ -561,7 +663,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError("'data.path': required (a .jsonl or .parquet prompt file, or a `datasets` name)")
     if "{problem}" not in cfg.data.template and cfg.data.template not in ("plain", "m2po"):
         raise ConfigError(
-            f"'data.template': must contain '{{problem}}' or be plain/m2po, got {cfg.data.template!r}"
+            f"'data.template': must contain '{{problem}}' or be plain/m2po, got {show(cfg.data.template)}"
         )
     if t.groups_per_step % t.groups_per_update:
         raise ConfigError(

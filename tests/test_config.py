@@ -168,10 +168,14 @@ def test_a_tensor_parallel_size_that_cannot_split_the_model_is_a_config_error(tm
     recipe.write_text(RECIPE.replace("/models/tiny", str(model_dir)))
     cfg = load_config(recipe, ["parallel.tensor=3"])
     model = load_hf_config(model_dir)
-    with pytest.raises(ConfigError, match=r"'parallel.tensor': 3 does not divide the model's num_attention_head"):
+    with pytest.raises(
+        ConfigError, match=r"'parallel.tensor': 3 does not divide the model's num_attention_head"
+    ):
         validate_parallel(cfg, 3, model)
     cfg = load_config(recipe, ["parallel.pipeline=3"])
-    with pytest.raises(ConfigError, match=r"'parallel.pipeline': 3 does not divide the model's num_hidden_lay"):
+    with pytest.raises(
+        ConfigError, match=r"'parallel.pipeline': 3 does not divide the model's num_hidden_lay"
+    ):
         validate_parallel(cfg, 3, model)
     assert validate_parallel(load_config(recipe, ["parallel.tensor=2"]), 2, model) == 1
 
@@ -186,3 +190,109 @@ def test_a_tensor_parallel_size_that_cannot_split_the_model_is_a_config_error(tm
         proc.stderr
     )
     assert "Traceback" not in proc.stderr and not run_dir.exists()
+
+
+def _float_keys() -> list[str]:
+    import dataclasses
+    import typing
+
+    from megatron_m2po.config import Config
+
+    keys = []
+    for section in dataclasses.fields(Config):
+        cls = section.default_factory
+        hints = typing.get_type_hints(cls)
+        keys += [
+            f"{section.name}.{f.name}"
+            for f in dataclasses.fields(cls)
+            if float in (hints[f.name], *typing.get_args(hints[f.name]))
+        ]
+    return keys
+
+
+@pytest.mark.parametrize("key", _float_keys())
+def test_every_float_key_refuses_infinity_and_nan(recipe, key):
+    assert len(_float_keys()) > 10  # found generically, not listed by hand
+    for value in (".inf", "-.inf", ".nan", "inf", "nan", "1e999"):
+        with pytest.raises(ConfigError, match=rf"'{key}': expected a finite number, got"):
+            load_config(recipe, [f"{key}={value}"])
+    section, name = key.split(".")
+    in_file = recipe.with_name("inf.yaml")
+    in_file.write_text(
+        f"model: {{path: /models/tiny}}\ndata: {{path: d.jsonl}}\n{section}: {{{name}: .inf}}\n"
+    )
+    with pytest.raises(ConfigError, match=rf"inf.yaml: '{key}': expected a finite number, got inf"):
+        load_config(in_file)
+
+
+def test_integers_are_bounded_by_what_torch_and_numpy_take(recipe):
+    assert load_config(recipe, [f"train.seed={2**32 - 1}"]).train.seed == 2**32 - 1
+    for seed in (2**32, 2**64, 2**64 + 1, 10**30):
+        with pytest.raises(ConfigError, match=r"'train.seed': must be <= 4294967295"):
+            load_config(recipe, [f"train.seed={seed}"])
+    with pytest.raises(ConfigError, match=r"'staleness.queue_capacity': must fit a signed 64-bit integer"):
+        load_config(recipe, [f"staleness.queue_capacity={2**70}"])
+    with pytest.raises(ConfigError, match=r"'train.steps': must fit a signed 64-bit integer"):
+        load_config(recipe, ["train.steps=1.0e+300"])
+    huge = recipe.with_name("huge.yaml")
+    huge.write_text(RECIPE + "train:\n  seed: " + "9" * 5000 + "\n")
+    with pytest.raises(ConfigError, match=r"huge.yaml: line 7, column 9: an integer of 5000 characters"):
+        load_config(huge)
+
+
+def test_a_recipe_that_is_not_utf8_is_a_config_error_naming_the_file_and_line(tmp_path):
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"model: {path: /models/tiny}\ndata: {path: /data/caf\xe9.jsonl}\n")
+    with pytest.raises(
+        ConfigError, match=r"latin1.yaml: not UTF-8 text \(line 2, byte 50: invalid continuation"
+    ):
+        load_config(bad)
+
+
+# About 460 bytes: each anchor in model.path is a list of ten aliases of the previous one (10**9 strings in all)
+ALIAS_BOMB = "model:\n  path: [\n" + '    &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol","lol"],\n'
+for _name, _prev in zip("bcdefgh", "abcdefg"):
+    ALIAS_BOMB += f"    &{_name} [" + ",".join([f"*{_prev}"] * 10) + "],\n"
+ALIAS_BOMB += "    [" + ",".join(["*h"] * 10) + "]]\n"
+
+
+def test_nested_aliases_are_refused_quickly_and_error_values_are_bounded(tmp_path):
+    import time
+    import tracemalloc
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(ALIAS_BOMB)
+    assert len(ALIAS_BOMB) < 600
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with pytest.raises(
+            ConfigError, match=r"bomb.yaml: line 5, column \d+: alias \*b names a nested collection"
+        ):
+            load_config(bomb)
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert time.perf_counter() - start < 5 and peak < 20 << 20
+    # what aliases are for still works: a shared scalar, a flat list, a merged mapping of scalars
+    shared = tmp_path / "shared.yaml"
+    shared.write_text(
+        "defaults: &d {lr: 1e-5, seed: 3}\nmodel: {path: &p /models/tiny}\ndata: {path: *p}\n"
+        "rollout: {urls: &u [http://a, http://b]}\ntrain: {<<: *d, steps: 4}\n"
+    )
+    with pytest.raises(ConfigError, match="unknown section 'defaults'"):
+        load_config(shared)
+    shared.write_text(
+        shared.read_text().replace("defaults: &d", "train: &d").replace("train: {<<", "eval: {<<")
+    )
+    with pytest.raises(ConfigError, match="unknown key 'eval.lr'"):
+        load_config(shared)
+    # a long value is shown with its ends, never in full
+    with pytest.raises(
+        ConfigError, match=r"'model.path': expected a string, got \['x', 'x', 'x', 'x', \.\.\.\]"
+    ) as err:
+        load_config(None, ["model.path=[" + ",".join(["x"] * 10_000) + "]", "data.path=d"])
+    assert len(str(err.value)) < 200
+    with pytest.raises(ConfigError, match=r"'staleness.mode': 'aaaa.*\.\.\..*aaa' is not one of") as err:
+        load_config(None, ["staleness.mode=" + "a" * 100_000, "model.path=m", "data.path=d"])
+    assert len(str(err.value)) < 300

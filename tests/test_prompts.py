@@ -196,3 +196,56 @@ def test_a_hub_name_without_network_is_a_clear_error(tmp_path):
         "megatron_m2po.data.prompts.PromptDataError: prompt set 'BytedTsinghua-SIA/DAPO-Math-17k'"
     )
     assert "could not load it" in last and "hf download --repo-type dataset" in last
+
+
+def test_hostile_json_rows_are_named_by_file_and_line(tmp_path, tokenizer):
+    good = json.dumps({"problem": "a", "answer": "1"})
+    cases = {
+        "nested": ('{"problem": "a", "answer": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested deeper"),
+        "bigint": ('{"problem": "a", "answer": ' + "7" * 5000 + "}", "Exceeds the limit \\(4300 digits\\)"),
+        "surrogate": (
+            '{"problem": "x \\ud800 y", "answer": "1"}',
+            "field 'problem': a lone surrogate '\\\\ud800' at character 2",
+        ),
+        "surrogate_answer": ('{"problem": "x", "answer": "\\udfff"}', "field 'answer': a lone surrogate"),
+    }
+    for name, (line, message) in cases.items():
+        f = _write_jsonl(tmp_path / f"{name}.jsonl", [good, line, good])
+        with pytest.raises(PromptDataError, match=rf"{name}\.jsonl:line 2: .*{message}"):
+            PromptDataset(f, tokenizer)
+        ds = PromptDataset(f, tokenizer, on_error="skip")
+        assert [p.prompt_id for p in ds] == [f"{name}:1", f"{name}:3"] and ds.num_skipped_malformed == 1
+
+
+def test_a_huge_prompt_line_is_refused_before_tokenizing_in_bounded_time_and_memory(
+    tmp_path, tokenizer, caplog
+):
+    import logging
+    import time
+    import tracemalloc
+
+    f = tmp_path / "huge.jsonl"
+    good = json.dumps({"problem": "1+1?", "answer": "2"})
+    f.write_text(
+        good + "\n" + json.dumps({"problem": "9 + " * 5_000_000, "answer": "1"}) + "\n" + good + "\n"
+    )
+    assert f.stat().st_size > 20e6
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        with caplog.at_level(logging.WARNING):
+            ds = PromptDataset(f, tokenizer, max_prompt_tokens=100, max_prompt_chars=10_000)
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    seconds = time.perf_counter() - start
+    assert seconds < 5 and peak < 200e6, (seconds, peak)  # unbounded: minutes and gigabytes in the tokenizer
+    assert len(ds) == 2 and ds.num_refused_too_many_chars == 1 and ds.num_filtered_too_long == 0
+    assert ds.metrics()["data/refused_too_many_chars"] == 1
+    assert (
+        "huge.jsonl: 1 rows with a problem longer than 10000 characters refused before tokenizing"
+        in caplog.text
+    )
+    f.write_text(json.dumps({"problem": "x" * 20, "answer": "1"}) + "\n")
+    with pytest.raises(PromptDataError, match=r"no usable prompts .* 1 over 10 characters"):
+        PromptDataset(f, tokenizer, max_prompt_chars=10)

@@ -6,7 +6,9 @@ other name, which the `datasets` library loads: a Hugging Face Hub dataset such 
 fields differently (problem/question, answer/final_answer, the answer boxed inside `solution`, GSM8K's
 `#### 42`, nested `reward_model.ground_truth`), so the field names and how the answer is read are
 options. Every bad row is an error naming the set and row, or is skipped and counted with
-`on_error="skip"`; over-long prompts are filtered and counted, never dropped silently.
+`on_error="skip"`; over-long prompts are filtered and counted, never dropped silently. A problem over
+`max_prompt_chars` characters is refused (and counted) before it reaches the tokenizer, whose time and
+memory grow with the text.
 """
 
 from __future__ import annotations
@@ -101,8 +103,10 @@ def _read_rows(path: Path) -> Iterator[tuple[int, Any]]:
                 continue
             try:
                 yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                yield lineno, e
+            except RecursionError:
+                yield lineno, PromptDataError("invalid JSON: nested deeper than Python's recursion limit")
+            except ValueError as e:  # malformed JSON, or an integer over Python's 4300-digit limit
+                yield lineno, PromptDataError(f"invalid JSON: {e}")
 
 
 def _read_dataset_rows(name: str, split: str, subset: str) -> Iterator[tuple[int, Any]]:
@@ -161,6 +165,7 @@ class PromptDataset:
         template: str = "{problem}",
         apply_chat_template: bool = True,
         max_prompt_tokens: int | None = None,
+        max_prompt_chars: int | None = None,
         on_error: str = "raise",
         seed: int = 0,
         shuffle: bool = True,
@@ -192,6 +197,8 @@ class PromptDataset:
         self.seed, self.shuffle = seed, shuffle
         self.num_skipped_malformed = 0
         self.num_filtered_too_long = 0
+        self.num_refused_too_many_chars = 0
+        self.max_prompt_chars = max_prompt_chars
         self._prompts: list[Prompt] = []
         where = "line" if local_file and self.path.suffix != ".parquet" else "row"
         rows = _read_rows(self.path) if local_file else _read_dataset_rows(str(path), split, subset)
@@ -204,6 +211,9 @@ class PromptDataset:
                 self.num_skipped_malformed += 1
                 logger.warning("skipping %s:%s %d: %s", self.path, where, lineno, e)
                 continue
+            if prompt is None:
+                self.num_refused_too_many_chars += 1
+                continue
             if max_prompt_tokens is not None and len(prompt.prompt_ids) > max_prompt_tokens:
                 self.num_filtered_too_long += 1
                 continue
@@ -215,10 +225,19 @@ class PromptDataset:
                 self.num_filtered_too_long,
                 max_prompt_tokens,
             )
+        if self.num_refused_too_many_chars:
+            logger.warning(
+                "%s: %d rows with a problem longer than %d characters refused before tokenizing "
+                "(data.max_prompt_chars)",
+                self.path,
+                self.num_refused_too_many_chars,
+                max_prompt_chars,
+            )
         if not self._prompts:
             raise PromptDataError(
                 f"{self.path}: no usable prompts (skipped {self.num_skipped_malformed} malformed, "
-                f"{self.num_filtered_too_long} too long)"
+                f"{self.num_filtered_too_long} too long, {self.num_refused_too_many_chars} over "
+                f"{max_prompt_chars} characters)"
             )
         self._epoch, self._position = 0, 0
         self._order = self._epoch_order(0)
@@ -231,7 +250,9 @@ class PromptDataset:
 
     def _make_prompt(
         self, lineno: int, row: Any, problem_key: str, answer_key: str, answer_format: str
-    ) -> Prompt:
+    ) -> Prompt | None:
+        """The row's prompt, tokenized; None when its problem is over `max_prompt_chars` (not tokenized:
+        a tokenizer takes minutes and gigabytes on a line of tens of megabytes)."""
         if isinstance(row, PromptDataError):
             raise row
         if isinstance(row, Exception):
@@ -244,10 +265,19 @@ class PromptDataset:
                 raise PromptDataError(f"missing field {key!r} (row has {sorted(row)})")
         if not isinstance(problem, str) or not problem.strip():
             raise PromptDataError(f"field {problem_key!r} must be a non-empty string")
+        if self.max_prompt_chars is not None and len(problem) > self.max_prompt_chars:
+            return None
         try:
             answer = read_answer(answer_field, answer_format)
         except ValueError as e:
             raise PromptDataError(f"field {answer_key!r}: {e}") from None
+        for key, text in ((problem_key, problem), (answer_key, answer)):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:  # JSON's "\ud800" escape: no tokenizer or engine takes it
+                raise PromptDataError(
+                    f"field {key!r}: a lone surrogate {text[e.start]!r} at character {e.start} is not text"
+                ) from None
         text = self.template.format(problem=problem.strip())
         return Prompt(f"{self.path.stem}:{lineno}", self.tokenize(text), answer, text)
 
@@ -305,5 +335,6 @@ class PromptDataset:
             "data/prompts": float(len(self._prompts)),
             "data/skipped_malformed": float(self.num_skipped_malformed),
             "data/filtered_too_long": float(self.num_filtered_too_long),
+            "data/refused_too_many_chars": float(self.num_refused_too_many_chars),
             "data/epoch": float(self._epoch),
         }

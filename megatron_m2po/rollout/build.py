@@ -107,6 +107,7 @@ def prompt_dataset(
         template=d.template,
         apply_chat_template=d.apply_chat_template,
         max_prompt_tokens=d.max_prompt_tokens,
+        max_prompt_chars=d.max_prompt_chars,
         on_error=d.on_error,
         seed=cfg.train.seed,
         shuffle=shuffle,
