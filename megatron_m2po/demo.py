@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from megatron_m2po import console
-from megatron_m2po.data.arithmetic import DEMO_TEMPLATE, make_splits, write_splits
+from megatron_m2po.data.arithmetic import DEMO_TEMPLATE, SPLITS, make_splits, write_splits
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "or the recipe's in-process engine thread (shares the trainer's interpreter lock)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the task split, model init and sampling")
+    parser.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="fact",
+        help="how the task's problems are split: 'fact' keeps every twin of a held-out problem (b+a for a+b) "
+        "out of training; 'problem' splits by question string alone (figures measured before 'fact')",
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -194,11 +201,14 @@ class CoreMeter:
         }
 
 
-def prepare_task(out: Path, *, seed: int = 0, heldout: int = 300) -> tuple[dict[str, Path], Path]:
-    """The arithmetic task's split files under out/data and the random tiny model out/base."""
+def prepare_task(
+    out: Path, *, seed: int = 0, heldout: int = 300, split: str = "fact"
+) -> tuple[dict[str, Path], Path]:
+    """The arithmetic task's split files under out/data (`split`: see `make_splits`) and the random tiny
+    model out/base."""
     from megatron_m2po.models.tiny import make_tiny_model
 
-    data = write_splits(out / "data", make_splits(seed=seed, num_heldout=heldout))
+    data = write_splits(out / "data", make_splits(seed=seed, num_heldout=heldout, split=split))
     base = make_tiny_model("qwen3", out / "base", seed=seed, **DEMO_MODEL)
     return data, base
 
@@ -354,7 +364,7 @@ def run(args: argparse.Namespace) -> int:
         logger.info("demo: %s done in %.1fs", name, now - since)
         return now
 
-    data, base = prepare_task(out, seed=args.seed, heldout=args.heldout)
+    data, base = prepare_task(out, seed=args.seed, heldout=args.heldout, split=args.split)
     warm = out / "warmstart"
     overrides = _rl_overrides(args, out, warm, data)
     load_config(args.config, [*overrides, *args.overrides])  # a bad recipe fails here, before the warm start

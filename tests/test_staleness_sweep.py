@@ -21,6 +21,9 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "examples" / "staleness_sweep"
 sys.path.insert(0, str(SCRIPTS))
 import calibrate  # noqa: E402
+import grid  # noqa: E402
+import numpy as np  # noqa: E402
+import paired  # noqa: E402
 import sweep  # noqa: E402
 
 ENV = subprocess_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
@@ -76,13 +79,30 @@ def test_sweep_smoke(tmp_path):
     assert json.loads((record / "summary.json").read_text())["settings"]["lr"] == 2e-5
     table = (results / "sweep.md").read_text().splitlines()
     assert "20 held-out problems" in table[0]
-    assert table[2].startswith("| lr | weight decay | updates | loss | s |") and table[4 + 2] == ""
+    assert table[2].startswith("| warm start | split | lr | weight decay | updates | loss | s |")
+    assert table[4].startswith("| short | fact | 2e-05 |") and table[4 + 2] == ""
     # the analysis table: where M2 sits, a row per stale run (on_policy's ratios are all 1)
     where = [i for i, line in enumerate(table) if line.startswith("Where M2 sits")]
-    assert where == [7] and table[9].startswith("| lr | loss | s | T with p > 0.99 (%) |")
-    assert len(table) == 12 and table[11].startswith("| 2e-05 | m2po | 2 |")
-    assert (results / "sweep_lr2e-05_wd0.01_n3_accuracy.png").stat().st_size > 5_000
-    assert (results / "sweep_lr2e-05_wd0.01_n3_by_staleness.png").stat().st_size > 5_000
+    assert where == [7] and table[9].startswith(
+        "| warm start | split | lr | loss | s | T with p > 0.99 (%) |"
+    )
+    assert len(table) == 12 and table[11].startswith("| short | fact | 2e-05 | m2po | 2 |")
+    plots = [
+        "sweep_short-fact_lr2e-05_wd0.01_n3_accuracy.png",
+        "sweep_short-fact_lr2e-05_wd0.01_n3_by_staleness.png",
+    ]
+    assert all((results / name).stat().st_size > 5_000 for name in plots)
+    # per-problem correctness: the warm start and the final policy on all 20 held-out problems, each
+    # evaluation during training on the first 10; the final accuracy is the share of its ones
+    correct = sweep.read_correct(record / "correct.csv")
+    assert list(correct) == ["start", "0", "3", "final"]
+    assert [len(bits) for bits in correct.values()] == [20, 10, 10, 20]
+    assert correct["0"] == correct["start"][:10]  # the warm start, greedy, through the engine or the trainer
+    assert sweep.accuracy_of(correct["final"]) == pytest.approx(float(rows[1]["final_accuracy"]))
+    assert sweep.accuracy_of(correct["3"]) == pytest.approx(sweep.series(curves, "accuracy")[-1][1])
+    grid = (results / "grid.md").read_text()
+    assert "## warm start short, split fact, lr 2e-05, weight decay 0.01, 3 updates" in grid
+    assert "N = 3" in grid  # too short for the run-length rule: N is the runs' length
 
     # resume from the records alone: the runs' events gone, the same command trains nothing again
     shutil.rmtree(out / "runs")
@@ -103,8 +123,8 @@ def test_sweep_smoke(tmp_path):
     shutil.copytree(results / "runs", clone / "docs_results" / "runs")
     script("sweep.py", "--report", "--results", str(clone / "docs_results"), cwd=clone)
     assert read_csv(clone / "docs_results" / "sweep.csv") == rows
-    assert (clone / "docs_results" / "sweep.md").read_text() == (results / "sweep.md").read_text()
-    assert (clone / "docs_results" / "sweep_lr2e-05_wd0.01_n3_by_staleness.png").is_file()
+    for name in ["sweep.md", "grid.md", *plots]:  # byte for byte
+        assert (clone / "docs_results" / name).read_bytes() == (results / name).read_bytes(), name
     assert not (clone / "runs").exists()  # no work dir, no warm start: the records were enough
 
     # the calibration in a tiny setting: m2po at s = 2 for two lrs, 4 updates, bins of 1 update
@@ -260,3 +280,149 @@ def test_the_records_are_not_ignored_by_git():
         check = subprocess.run(["git", "check-ignore", "-q", path], cwd=REPO, capture_output=True)
         assert check.returncode == 1, f"{path} is ignored by git"
     assert subprocess.run(["git", "check-ignore", "-q", "runs/staleness_sweep"], cwd=REPO).returncode == 0
+
+
+def test_mcnemar_is_the_exact_binomial_test_of_the_discordant_problems():
+    a = np.array([True] * 10 + [False] * 2 + [True] * 50 + [False] * 38)
+    b = np.array([False] * 10 + [True] * 2 + [True] * 50 + [False] * 38)
+    # 10 problems only A solves, 2 only B: p = 2 P(X <= 2), X ~ Binomial(12, 1/2) = 2 (1 + 12 + 66) / 4096
+    assert paired.mcnemar(a, b) == (10, 2, pytest.approx(158 / 4096))
+    assert paired.mcnemar(a, a) == (0, 0, 1.0)
+    with pytest.raises(ValueError, match="100 and 3 problems"):
+        paired.mcnemar(a, b[:3])
+
+
+def test_the_paired_interval_is_over_problems_and_the_mean_over_seeds():
+    rng = np.random.default_rng(1)
+    a = [rng.random(1000) < 0.6 for _ in range(2)]
+    b = [rng.random(1000) < 0.5 for _ in range(2)]
+    mean, low, high = paired.paired_interval(a, b)
+    expected = np.mean([x.mean() - y.mean() for x, y in zip(a, b)])
+    assert mean == pytest.approx(expected) and low < mean < high
+    # the normal approximation of the same interval: the per-problem differences' standard error
+    d = np.mean([x.astype(float) - y for x, y in zip(a, b)], axis=0)
+    half = 1.96 * d.std() / np.sqrt(d.size)
+    assert (high - low) / 2 == pytest.approx(half, rel=0.1)
+    assert paired.paired_interval(a, b) == (mean, low, high)  # a fixed seed: rebuilt digit for digit
+    assert paired.paired_interval(a, a) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="pair them seed by seed"):
+        paired.paired_interval(a, b[:1])
+
+
+@pytest.mark.parametrize(
+    "low, high, sign, threshold, decision",
+    [
+        (0.5, 1.5, "<", 2, "holds"),
+        (1.0, 2.5, "<", 2, "undecided"),
+        (2.0, 3.0, "<", 2, "fails"),
+        (0.1, 2.0, ">", 0, "holds"),
+        (-0.1, 2.0, ">", 0, "undecided"),
+        (-1.0, 0.0, ">", 0, "fails"),
+    ],
+)
+def test_a_claim_is_decided_only_by_the_whole_interval(low, high, sign, threshold, decision):
+    assert paired.decide(low, high, sign, threshold) == decision
+
+
+def bits(n_correct: int, n: int = 1000, shift: int = 0) -> str:
+    return "".join("1" if (i + shift) % n < n_correct else "0" for i in range(n))
+
+
+def cell_run(loss, s, seed, accuracy_by_update, steps=1280, masked=0.0, clipped=0.0):
+    """A record as grid.py reads it: evaluations every 64 updates, masked / clipped fractions per update."""
+    correct = {str(u): bits(round(1000 * a)) for u, a in accuracy_by_update.items()}
+    curves = [
+        {"step": u, "masked_fraction": masked, "clip_fraction": clipped, "m2_before": 0.01}
+        for u in range(1, steps + 1)
+    ]
+    return {"loss": loss, "s": s, "seed": seed, "steps": steps, "curves": curves, "correct": correct}
+
+
+def test_the_grid_reads_accuracy_at_the_rules_final_update_and_decides_each_claim(tmp_path):
+    updates = range(0, 1281, 64)
+    # on-policy rises by 2 points per 64 updates to update 640, then stays: (512, 768] averages 49.5,
+    # (768, 1024] 50.0, the first window gaining under a point: u = 768
+    on_policy = {u: 0.30 + 0.02 * min(u, 640) / 64 for u in updates}
+    m2po = {u: a - 0.01 for u, a in on_policy.items()}
+    # GRPO far below at N, then catching up by the cap: the claims read N, not the last update
+    grpo = {u: a - (0.20 if u <= 1024 else 0.0) for u, a in on_policy.items()}
+    noclip = {
+        u: (0.7 if 0 < u <= 1024 else 0.3) for u in updates
+    }  # rises 40 points, then falls 40: a collapse
+    runs = [
+        cell_run("on_policy", 0, 0, on_policy),
+        cell_run("m2po", 256, 0, m2po, masked=0.0005),
+        cell_run("grpo", 256, 0, grpo, clipped=0.01),
+        cell_run("grpo_noclip", 256, 0, noclip),
+    ]
+    text = grid.write_grid({("long", "fact", 1e-5, 0.01, 1280): runs}, tmp_path / "grid.md")
+    assert "on_policy seed 0 flattens at update 768: N = 768" in text
+    lines = text.splitlines()
+
+    def row(prefix: str) -> list[str]:
+        (line,) = [x for x in lines if x.startswith(prefix)]
+        return [cell.strip() for cell in line.strip("|").split("|")]
+
+    assert row("| grpo | 256 | 1 |")[3:6] == ["30.0", "30.0", "50.0"]  # at N, per seed, at the last update
+    assert row("| M2PO within 2 points")[3] == "+1.0" and row("| M2PO within 2 points")[-1] == "**holds**"
+    assert row("| GRPO below on-policy")[3] == "+20.0" and row("| GRPO below on-policy")[-1] == "**holds**"
+    assert row("| M2PO's mask adds")[-1] == "**fails**"  # noclip is 70 at N, M2PO 49
+    assert row("| whole run (1..N)") == [
+        "whole run (1..N)",
+        "0.050 (1 seeds)",
+        "1.000 (1 seeds)",
+        "1/20.0",
+        "**holds**",
+    ]
+    assert row("| grpo_noclip | 256 | 0 |")[-1] == "yes" and row("| m2po | 256 | 0 |")[-1] == "no"
+
+
+def test_a_run_being_trained_is_not_trained_twice(tmp_path):
+    """A sweep killed part way may leave its train process running: the lock it passed on refuses a second
+    sweep that would train the same run in the same directory."""
+    import argparse
+    import fcntl
+
+    args = argparse.Namespace(
+        config=str(sweep.RECIPE), steps=4, eval_every=2, eval_prompts=5, heldout=10, quick=True, overrides=[],
+        weight_decay=0.0, split="fact", warm_start="short",
+    )  # fmt: skip
+    name = sweep.run_name("m2po", 2, 0, 1e-5, 0.0, 4, "short", "fact")
+    (tmp_path / "runs").mkdir()
+    with (tmp_path / "runs" / f"{name}.lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(RuntimeError, match="another process is training this run"):
+            sweep.run_one(
+                tmp_path, tmp_path / "records", lambda: (None, None, "0"), ("m2po", 2, 0, 1e-5), args
+            )
+    assert not (tmp_path / "runs" / name).exists()
+
+
+def test_a_warm_start_unlike_the_records_one_is_refused(tmp_path):
+    records = tmp_path / "runs"
+    settings = {"loss": "m2po", "split": "fact", "warm_start": "long"}
+    sweep.write_record(records / "a", settings, {}, [{"step": 0, "accuracy": 0.5}], [("start", "0110")])
+    sweep.check_start(records, "fact", "long", "0110")  # the same start
+    sweep.check_start(records, "fact", "short", "1111")  # another warm start: not compared
+    with pytest.raises(
+        ValueError, match=r"a/correct.csv: this run started from another long warm start .* 2 problems differ"
+    ):
+        sweep.check_start(records, "fact", "long", "1111")
+
+
+def test_the_evaluation_record_keeps_the_last_evaluation_of_each_version(tmp_path):
+    """A run resumed from an older checkpoint evaluates some versions again: the later line counts."""
+    from megatron_m2po.rollout.producer import append_eval_record, read_eval_record
+
+    path = tmp_path / "eval_correct.csv"
+    append_eval_record(path, 0, "heldout", 1, [True, False, True])
+    append_eval_record(path, 64, "heldout", 1, [False, False, True])
+    append_eval_record(path, 64, "heldout", 1, [True, True, True])
+    assert read_eval_record(path) == {0: "101", 64: "111"}
+    append_eval_record(path, 64, "math500", 1, [False])
+    assert read_eval_record(path, "math500") == {64: "0"} and read_eval_record(path, "heldout")[64] == "111"
+    with pytest.raises(ValueError, match=r"evaluations of \['heldout', 'math500'\]; name the set"):
+        read_eval_record(path)
+    path.write_text(path.read_text() + "128,heldout,1,1x1\n")
+    with pytest.raises(ValueError, match=r"eval_correct.csv, row 6"):
+        read_eval_record(path, "heldout")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import json
 import logging
 import math
@@ -46,6 +47,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
+from grid import plateau_length, write_grid
+
+from megatron_m2po.data.arithmetic import SPLITS
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "examples" / "cpu_demo" / "config.yaml"
@@ -53,9 +57,19 @@ RESULTS = REPO / "docs" / "results"
 LOSSES = ("on_policy", "grpo", "grpo_noclip", "m2po", "m2po_clip")
 STALENESS = (0, 4, 16, 64, 256)
 TAU = 0.04  # the M2 budget of the recipe and the paper
-# The sweep's own warm-start settings (the demo's of 2026-11-25), fixed here so that tuning the demo's warm
-# start does not change the starting point of a sweep continued on another machine.
-WARM_START = {"lr": 3e-3, "max_steps": 1500, "target": 0.3, "check_every": 50}
+# The sweep's own warm starts (supervised, 64 problems per step, stopped at the first check, every
+# `check_every` steps, whose greedy accuracy on the 200 validation problems reaches `target`, or at
+# `max_steps`), fixed here so that tuning the demo's warm start does not change the starting point of a
+# sweep continued on another machine. `short` is the demo's of 2026-11-25. `long` trains on to 0.42
+# validation accuracy, checked every 10 steps because accuracy jumps within 50 (0.28 -> 0.70 from step 900
+# to 950 on the split by fact): a stronger start chosen by the validation target alone, never by held-out
+# or RL results. The checks consume no randomness, so both follow one supervised trajectory.
+WARM_STARTS = {
+    "short": {"lr": 3e-3, "max_steps": 1500, "target": 0.3, "check_every": 50},
+    "long": {"lr": 3e-3, "max_steps": 8000, "target": 0.42, "check_every": 10},
+}
+# The settings of a record made before the split and the warm start were options.
+LEGACY = {"split": "problem", "warm_start": "short"}
 # per-update columns of a record's curves.csv (accuracy only on evaluation rows, empty elsewhere)
 CURVE_FIELDS = (
     "step",
@@ -65,6 +79,9 @@ CURVE_FIELDS = (
     "clip_fraction",
     "confident_fraction",
     "m2_before_unconfident",
+    "reward",
+    "entropy",
+    "grad_norm",
     "accuracy",
 )
 CURVE_TAGS = {
@@ -74,14 +91,31 @@ CURVE_TAGS = {
     "clip_fraction": "loss/clip_fraction",
     "confident_fraction": "loss/confident_fraction",  # T tokens with mu > 0.99
     "m2_before_unconfident": "loss/m2_before_unconfident",  # M2 over the other T tokens
+    "reward": "rollout/reward_mean",
+    "entropy": "loss/entropy",
+    "grad_norm": "train/grad_norm",
     "accuracy": "eval/accuracy",
 }
 
 logger = logging.getLogger("staleness_sweep")
 
 
-def run_name(loss: str, s: int, seed: int, lr: float, weight_decay: float, steps: int) -> str:
-    return f"{loss}_s{s}_seed{seed}_lr{lr:g}_wd{weight_decay:g}_n{steps}"
+def run_name(
+    loss: str,
+    s: int,
+    seed: int,
+    lr: float,
+    weight_decay: float,
+    steps: int,
+    warm_start: str = LEGACY["warm_start"],
+    split: str = LEGACY["split"],
+) -> str:
+    name = f"{loss}_s{s}_seed{seed}_lr{lr:g}_wd{weight_decay:g}_n{steps}"
+    return (
+        name
+        if (split, warm_start) == (LEGACY["split"], LEGACY["warm_start"])
+        else f"{name}_{warm_start}-{split}"
+    )
 
 
 def grid(losses, staleness, seeds, lrs=(None,)) -> list[tuple[str, int, int, float | None]]:
@@ -97,13 +131,16 @@ def grid(losses, staleness, seeds, lrs=(None,)) -> list[tuple[str, int, int, flo
     ]
 
 
-def regime(row: dict) -> tuple[float, float, int]:
-    """The settings that differ between regimes of the sweep: lr, weight decay, updates per run."""
-    return float(row["lr"]), float(row["weight_decay"]), int(row["steps"])
+def regime(row: dict) -> tuple[str, str, float, float, int]:
+    """The settings that differ between regimes of the sweep: warm start, split, lr, weight decay, updates
+    per run."""
+    return row["warm_start"], row["split"], float(row["lr"]), float(row["weight_decay"]), int(row["steps"])
 
 
-def regime_tag(key: tuple[float, float, int]) -> str:
-    return f"lr{key[0]:g}_wd{key[1]:g}_n{key[2]}"
+def regime_tag(key: tuple[str, str, float, float, int]) -> str:
+    warm, split, lr, wd, steps = key
+    tag = f"lr{lr:g}_wd{wd:g}_n{steps}"
+    return tag if (split, warm) == (LEGACY["split"], LEGACY["warm_start"]) else f"{warm}-{split}_{tag}"
 
 
 def table_order(row: dict) -> tuple:
@@ -118,27 +155,54 @@ def recipe_train(config: Path) -> dict:
         raise ValueError(f"{config}: cannot read its train section ({err})") from err
 
 
-def heldout_accuracy(hf_dir: Path, heldout: Path, n: int) -> float:
-    """The demo's greedy held-out accuracy on the first n problems, one thread."""
-    from megatron_m2po import demo
+def heldout_correct(hf_dir: Path, heldout: Path, n: int) -> str:
+    """Which of the first n held-out problems the model answers correctly, greedily (the demo's decoding),
+    as a string of 0 and 1 in file order."""
+    from megatron_m2po.data.arithmetic import DEMO_TEMPLATE
+    from megatron_m2po.demo import MAX_NEW_TOKENS
+    from megatron_m2po.evaluation import FileSpec, evaluate
+    from megatron_m2po.types import SamplingParams
 
-    return demo.heldout_accuracy(hf_dir, heldout, n, threads=1, name="held-out accuracy")
+    (result,) = evaluate(
+        hf_dir,
+        [FileSpec(heldout)],
+        sampling=SamplingParams(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, seed=0),
+        template=DEMO_TEMPLATE,
+        max_prompts=n,
+        concurrency=n,  # all in flight: the local engine decodes them as one batch
+        reward_workers=1,
+        threads=1,
+        keep_responses=True,
+    )
+    return "".join("1" if r["correct"][0] else "0" for r in result.responses)
 
 
-def prepare(out: Path, seed: int, heldout: int, quick: bool) -> tuple[Path, dict[str, Path], float]:
-    """The demo's task files and warm-started model, built once and reused by every run, and the warm
-    start's greedy accuracy on all held-out problems (the point every run starts from)."""
+def accuracy_of(bits: str) -> float:
+    return bits.count("1") / max(1, len(bits))
+
+
+def prepare(
+    out: Path, seed: int, heldout: int, quick: bool, split: str, warm_start: str
+) -> tuple[Path, dict[str, Path], str]:
+    """The demo's task files and warm-started model, built once per (split, warm start) and reused by every
+    run, and the warm start's per-problem greedy correctness on all held-out problems (where every run
+    starts from)."""
     from megatron_m2po.demo import prepare_task, warm_start_model
 
-    warm = out / "task" / "warmstart"
-    data, base = prepare_task(out / "task", seed=seed, heldout=heldout)
+    legacy = (split, warm_start) == (LEGACY["split"], LEGACY["warm_start"])
+    task = out / ("task" if legacy else f"task-{warm_start}-{split}")
+    warm = task / "warmstart"
+    data, base = prepare_task(task, seed=seed, heldout=heldout, split=split)
     if not (warm / "config.json").is_file():
         limits = {"max_steps": 20, "check_every": 10, "target": 2.0} if quick else {}
-        warm_start_model(base, warm, data, seed=seed, **(WARM_START | limits))
-    start_file = out / "task" / "warmstart_accuracy.json"
-    if not start_file.is_file():
-        start_file.write_text(json.dumps({"accuracy": heldout_accuracy(warm, data["heldout"], heldout)}))
-    return warm, data, json.loads(start_file.read_text())["accuracy"]
+        result = warm_start_model(base, warm, data, seed=seed, **(WARM_STARTS[warm_start] | limits))
+        (task / "warmstart_sft.json").write_text(json.dumps(result, indent=1) + "\n")
+    start_file = task / "warmstart_accuracy.json"
+    start = json.loads(start_file.read_text()) if start_file.is_file() else {}
+    if "correct" not in start:
+        correct = heldout_correct(warm, data["heldout"], heldout)
+        start_file.write_text(json.dumps({"accuracy": accuracy_of(correct), "correct": correct}))
+    return warm, data, json.loads(start_file.read_text())["correct"]
 
 
 def run_settings(loss: str, s: int, seed: int, lr: float, weight_decay: float, args) -> dict:
@@ -157,6 +221,8 @@ def run_settings(loss: str, s: int, seed: int, lr: float, weight_decay: float, a
         "heldout": args.heldout,
         "quick_warm_start": bool(args.quick),
         "overrides": list(args.overrides),
+        "split": args.split,
+        "warm_start": args.warm_start,
     }
 
 
@@ -206,19 +272,33 @@ def run_one(out: Path, records: Path, task, setting: tuple, args) -> dict:
     accuracy is the exported policy's on every held-out problem (the curve uses the first --eval-prompts)."""
     loss, s, seed, lr = setting
     settings = run_settings(loss, s, seed, lr, args.weight_decay, args)
-    name = run_name(loss, s, seed, lr, args.weight_decay, args.steps)
+    name = run_name(loss, s, seed, lr, args.weight_decay, args.steps, args.warm_start, args.split)
     record = records / name
     if (record / "summary.json").is_file():
         summary = json.loads((record / "summary.json").read_text())
-        if summary["settings"] != settings:
+        if LEGACY | summary["settings"] != settings:
             raise ValueError(
                 f"{record / 'summary.json'}: this run was made with other settings ({summary['settings']}); "
                 "use another --results for a different sweep"
             )
         logger.info("%s already done, reused", name)
         return load_record(record)
-    warm, data, start_accuracy = task()
+    warm, data, start_correct = task()
     run_dir = out / "runs" / name
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with (out / "runs" / f"{name}.lock").open("w") as lock:
+        try:  # the train process inherits the lock: held while either this process or it lives
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(
+                f"{run_dir}: another process is training this run (lock {lock.name})"
+            ) from None
+        return train_one(out, record, run_dir, settings, warm, data, start_correct, lock, args)
+
+
+def train_one(out, record, run_dir, settings, warm, data, start_correct, lock, args) -> dict:
+    """Train (or continue) one run under `run_dir`, holding `lock`, then write its record."""
+    name = run_dir.name
     resume = resumable(run_dir, settings)
     if resume is None and run_dir.exists():  # killed before its first checkpoint, or other settings
         shutil.rmtree(run_dir)
@@ -229,30 +309,39 @@ def run_one(out: Path, records: Path, task, setting: tuple, args) -> dict:
     overrides = run_overrides(warm, data, run_dir, settings)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     start = time.perf_counter()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "megatron_m2po.train",
-            "--config",
-            str(args.config),
-            *(["--resume"] if resume is not None else []),
-            *overrides,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-    )
+    with (run_dir / "train.log").open("a") as log:  # on disk: a sweep killed part way leaves it
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "megatron_m2po.train",
+                "--config",
+                str(args.config),
+                *(["--resume"] if resume is not None else []),
+                *overrides,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+            pass_fds=(lock.fileno(),),
+        )
     if proc.returncode != 0:
         write_progress(record, settings, run_dir)
-        raise RuntimeError(f"run {name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    final = heldout_accuracy(run_dir / "hf", data["heldout"], args.heldout)
+        tail = (run_dir / "train.log").read_text(errors="replace")[-4000:]
+        raise RuntimeError(f"run {name} failed ({proc.returncode}; log {run_dir / 'train.log'}):\n{tail}")
+    final = heldout_correct(run_dir / "hf", data["heldout"], args.heldout)
     seconds = time.perf_counter() - start
-    results = {"seconds": round(seconds), "final_accuracy": final, "start_accuracy": start_accuracy}
+    results = {
+        "seconds": round(seconds),
+        "final_accuracy": accuracy_of(final),
+        "start_accuracy": accuracy_of(start_correct),
+    }
     if resume is not None:  # `seconds` is this process's share only
         results["resumed_from_step"] = resume
-    write_record(record, settings, results, curves_from_events(run_dir))
+    write_record(
+        record, settings, results, curves_from_events(run_dir), evaluations(run_dir, start_correct, final)
+    )
     row = load_record(record)
     logger.info("%s done in %.0fs: final accuracy %.3f", name, seconds, row["final_accuracy"])
     return row
@@ -290,11 +379,53 @@ def write_curves(path: Path, curves: list[dict]) -> None:
         writer.writerows({k: (f"{v:.6g}" if k != "step" else v) for k, v in c.items()} for c in curves)
 
 
-def write_record(record: Path, settings: dict, results: dict, curves: list[dict]) -> None:
-    """RESULTS/runs/<run>/{curves.csv, summary.json}; summary.json last, and atomically: it marks the
-    record finished."""
+def evaluations(run_dir: Path, start: str | None = None, final: str | None = None) -> list[tuple[str, str]]:
+    """(evaluation, per-problem bits) of a run: `start` (the warm start on all held-out problems), each
+    evaluation during training by its update (the first --eval-prompts problems), `final` (the exported
+    policy on all of them)."""
+    from megatron_m2po.rollout.producer import EVAL_RECORD, read_eval_record
+
+    path = run_dir / EVAL_RECORD
+    during = sorted(read_eval_record(path).items()) if path.is_file() else []
+    return [
+        *([("start", start)] if start is not None else []),
+        *((str(version), bits) for version, bits in during),
+        *([("final", final)] if final is not None else []),
+    ]
+
+
+def write_correct(path: Path, rows: list[tuple[str, str]]) -> None:
+    """A record's correct.csv: per evaluation, how many problems and which were answered correctly."""
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["evaluation", "problems", "correct"])
+        writer.writerows((name, len(bits), bits) for name, bits in rows)
+
+
+def read_correct(path: Path) -> dict[str, str]:
+    """evaluation -> bits from a record's correct.csv ({} for a record made before it existed); a bad row
+    is named."""
+    if not path.is_file():
+        return {}
+    out = {}
+    with path.open(newline="") as f:
+        for line, row in enumerate(csv.DictReader(f), start=2):
+            bits = row.get("correct") or ""
+            if set(bits) - {"0", "1"} or str(len(bits)) != row.get("problems"):
+                raise ValueError(f"{path}, row {line}: not 'evaluation,problems,bits' with that many bits")
+            out[row["evaluation"]] = bits
+    return out
+
+
+def write_record(
+    record: Path, settings: dict, results: dict, curves: list[dict], correct: list[tuple[str, str]] = ()
+) -> None:
+    """RESULTS/runs/<run>/{curves.csv, correct.csv, summary.json}; summary.json last, and atomically: it
+    marks the record finished."""
     record.mkdir(parents=True, exist_ok=True)
     write_curves(record / "curves.csv", curves)
+    if correct:
+        write_correct(record / "correct.csv", list(correct))
     summary = {"settings": settings, "results": results, "commit": git_commit()}
     tmp = record / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1) + "\n")
@@ -311,6 +442,9 @@ def write_progress(record: Path, settings: dict, run_dir: Path) -> None:
         return
     record.mkdir(parents=True, exist_ok=True)
     write_curves(record / "curves.csv", curves)
+    correct = evaluations(run_dir)
+    if correct:
+        write_correct(record / "correct.csv", correct)
     progress = {"settings": settings, "reached_step": curves[-1]["step"], "commit": git_commit()}
     (record / "progress.json").write_text(json.dumps(progress, indent=1) + "\n")
 
@@ -357,7 +491,7 @@ def load_record(record: Path) -> dict:
     """A record's results row: its settings and results, and the means and curves drawn from curves.csv."""
     try:
         summary = json.loads((record / "summary.json").read_text())
-        settings, results = summary["settings"], summary["results"]
+        settings, results = LEGACY | summary["settings"], summary["results"]
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"{record / 'summary.json'}: not a finished run's record ({err!r})") from err
     curves = read_curves(record / "curves.csv")
@@ -375,7 +509,10 @@ def load_record(record: Path) -> dict:
     s = int(settings["staleness"])
     return {
         "run": record.name,
-        **{k: settings[k] for k in ("loss", "staleness", "seed", "lr", "weight_decay", "steps")},
+        **{
+            k: settings[k]
+            for k in ("loss", "staleness", "seed", "lr", "weight_decay", "steps", "warm_start", "split")
+        },
         "final_accuracy": results["final_accuracy"],
         "best_accuracy": max(v for _, v in accuracy),
         "masked_fraction": mean("masked_fraction"),
@@ -394,6 +531,9 @@ def load_record(record: Path) -> dict:
         "curve": format_curve(accuracy),
         "zeroed_curve": format_curve(binned(zeroed)),
         "m2_curve": format_curve(binned(m2)),
+        "reward_curve": format_curve(binned(series(curves, "reward"))),
+        "entropy_curve": format_curve(binned(series(curves, "entropy"))),
+        "grad_norm_curve": format_curve(binned(series(curves, "grad_norm"))),
     }
 
 
@@ -418,26 +558,11 @@ def binned(points: list[tuple[int, float]], width: int = 32) -> list[tuple[int, 
     return [((b + 1) * width, statistics.fmean(v)) for b, v in sorted(bins.items())]
 
 
-def plateau_length(steps: list[int], accuracy: list[float], window: int, gain: float = 0.01) -> int | None:
-    """The run-length rule, fixed before the sweep: the first evaluation update u at which the mean
-    held-out accuracy of the evaluations in (u, u + window] is less than `gain` above the mean of those
-    in (u - window, u]; None if the curve never flattens (or is too short to tell)."""
-    points = list(zip(steps, accuracy))
-    for u, _ in points:
-        before = [a for x, a in points if u - window < x <= u]
-        after = [a for x, a in points if u < x <= u + window]
-        if u < window or not after or max(x for x, _ in points) < u + window:
-            continue
-        if statistics.fmean(after) - statistics.fmean(before) < gain:
-            return u
-    return None
-
-
 def write_table(rows: list[dict], path: Path) -> str:
     """Mean +- std over seeds per (regime, loss, s), under a line per regime's common starting point."""
     keys = sorted(
         {(*regime(r), r["loss"], int(r["staleness"])) for r in rows},
-        key=lambda k: (*k[:3], LOSSES.index(k[3]), k[4]),
+        key=lambda k: (*k[:5], LOSSES.index(k[5]), k[6]),
     )
 
     def stat(values: list[float], scale: float, digits: int) -> str:
@@ -449,29 +574,38 @@ def write_table(rows: list[dict], path: Path) -> str:
             return f"{m:.{digits}f}"
         return f"{m:.{digits}f} +- {statistics.stdev(values) * scale:.{digits}f}"
 
-    starts = sorted({(float(r["start_accuracy"]), int(r["heldout"])) for r in rows})
+    starts = sorted(
+        {(r["warm_start"], r["split"], float(r["start_accuracy"]), int(r["heldout"])) for r in rows}
+    )
     lines = [
-        "Every run starts from the warm start: "
-        + ", ".join(f"{100 * a:.1f}% greedy accuracy on the {n} held-out problems" for a, n in starts)
+        "Every run starts from its warm start: "
+        + ", ".join(
+            f"{warm} on the {split} split {100 * a:.1f}% greedy accuracy on the {n} held-out problems"
+            for warm, split, a, n in starts
+        )
         + ". Final accuracy: the trained policy on all of them; best: the highest point of the accuracy "
         "curve during training. M2: mean (log r)^2 over the trust-region tokens before masking, over the "
         "whole run and over the steady phase (updates after the first s); masked and clipped token fractions "
         "likewise. Mean +- std over seeds; seconds: "
         "wall time per run (a resumed run's counts only its last stretch).",
         "",
-        "| lr | weight decay | updates | loss | s | seeds | final held-out accuracy (%) | best (%) "
-        "| masked tokens (%) | clipped tokens (%) | masked steady (%) | clipped steady (%) | M2 | M2 steady "
-        "| seconds |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| warm start | split | lr | weight decay | updates | loss | s | seeds | final held-out accuracy (%) "
+        "| best (%) | masked tokens (%) | clipped tokens (%) | masked steady (%) | clipped steady (%) | M2 "
+        "| M2 steady | seconds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for lr, wd, steps, loss, s in keys:
-        group = [r for r in rows if (*regime(r), r["loss"], int(r["staleness"])) == (lr, wd, steps, loss, s)]
+    for warm, split, lr, wd, steps, loss, s in keys:
+        group = [
+            r
+            for r in rows
+            if (*regime(r), r["loss"], int(r["staleness"])) == (warm, split, lr, wd, steps, loss, s)
+        ]
 
         def f(key: str, group=group) -> list[float]:
             return [float(r[key]) for r in group]
 
         lines.append(
-            f"| {lr:g} | {wd:g} | {steps} | {loss} | {s} | {len(group)} | "
+            f"| {warm} | {split} | {lr:g} | {wd:g} | {steps} | {loss} | {s} | {len(group)} | "
             f"{stat(f('final_accuracy'), 100, 1)} | "
             f"{stat(f('best_accuracy'), 100, 1)} | {stat(f('masked_fraction'), 100, 3)} | "
             f"{stat(f('clip_fraction'), 100, 3)} | {stat(f('masked_fraction_steady'), 100, 3)} | "
@@ -492,18 +626,20 @@ def where_m2_sits(rows: list[dict], keys: list[tuple]) -> list[str]:
     p > 0.99, whose log-ratio barely moves), M2 over the rest, and the rms |log r| of the rest against
     the log-ratio at which PPO's per-token clip starts."""
     lines = [
-        "Where M2 sits (means over each run's updates, then over seeds): T is the trust region (every "
-        "response token); M2 over T dilutes the few moving tokens with the confident ones. rms |log r| = "
+        "Where M2 sits (means over each run's updates, then over seeds): T is the trust region (the response "
+        "tokens with A > 0 and r > 1 or A < 0 and r < 1, where a trust region binds); M2 over T dilutes the few "
+        "moving tokens with the confident ones. rms |log r| = "
         f"sqrt(M2 over T with p <= 0.99); PPO's clip (eps 0.2) starts at |log r| = {PPO_CLIP_LOG_RATIO:.3f}.",
         "",
-        "| lr | loss | s | T with p > 0.99 (%) | M2 over T | M2 over T with p <= 0.99 | rms abs log r there "
-        "| masked (%) | clipped (%) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| warm start | split | lr | loss | s | T with p > 0.99 (%) | M2 over T | M2 over T with p <= 0.99 "
+        "| rms abs log r there | masked (%) | clipped (%) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for lr, wd, steps, loss, s in keys:
+    for key in keys:
+        warm, split, lr, wd, steps, loss, s = key
         if s == 0:
             continue  # fresh data: every ratio is 1
-        group = [r for r in rows if (*regime(r), r["loss"], int(r["staleness"])) == (lr, wd, steps, loss, s)]
+        group = [r for r in rows if (*regime(r), r["loss"], int(r["staleness"])) == key]
 
         def mean(key: str, group=group) -> float:
             values = [float(r[key]) for r in group if not math.isnan(float(r[key]))]
@@ -511,7 +647,7 @@ def where_m2_sits(rows: list[dict], keys: list[tuple]) -> list[str]:
 
         unconfident = mean("m2_before_unconfident")
         lines.append(
-            f"| {lr:g} | {loss} | {s} | {100 * mean('confident_fraction'):.1f} | {mean('m2_before'):.4f} | "
+            f"| {warm} | {split} | {lr:g} | {loss} | {s} | {100 * mean('confident_fraction'):.1f} | {mean('m2_before'):.4f} | "
             f"{unconfident:.4f} | {math.sqrt(unconfident) if unconfident >= 0 else math.nan:.3f} | "
             f"{100 * mean('masked_fraction'):.3f} | {100 * mean('clip_fraction'):.3f} |"
         )
@@ -530,6 +666,12 @@ PANEL_ROWS = (
     ("curve", "held-out accuracy (greedy)", "linear", 1.0),
     ("zeroed_curve", "masked or clipped tokens (%)", "linear", 100.0),
     ("m2_curve", "M2 of the log-ratio", "log", 1.0),
+)
+# the rows a run recorded since its curves kept them: what a collapse shows first
+TRAINING_ROWS = (
+    ("reward_curve", "mean reward of the batch", "linear", 1.0),
+    ("entropy_curve", "entropy (nats per token)", "linear", 1.0),
+    ("grad_norm_curve", "gradient norm", "log", 1.0),
 )
 
 
@@ -592,9 +734,10 @@ def plot(rows: list[dict], out: Path, prefix: str) -> list[Path]:
 
     paths = [draw(out / f"{prefix}_accuracy.png", losses, by_s, str, PANEL_ROWS[:1])]
     stale = [s for s in staleness if s > 0]
+    panel_rows = PANEL_ROWS + (TRAINING_ROWS if all(r["reward_curve"] for r in rows) else ())
     if stale:
         paths.append(
-            draw(out / f"{prefix}_by_staleness.png", stale, by_loss, lambda s: f"s = {s}", PANEL_ROWS)
+            draw(out / f"{prefix}_by_staleness.png", stale, by_loss, lambda s: f"s = {s}", panel_rows)
         )
     return paths
 
@@ -607,6 +750,8 @@ FIELDS = [
     "lr",
     "weight_decay",
     "steps",
+    "warm_start",
+    "split",
     "final_accuracy",
     "best_accuracy",
     "masked_fraction",
@@ -625,6 +770,9 @@ FIELDS = [
     "curve",
     "zeroed_curve",
     "m2_curve",
+    "reward_curve",
+    "entropy_curve",
+    "grad_norm_curve",
 ]
 
 
@@ -640,7 +788,30 @@ def report(results: Path) -> list[dict]:
         print(write_table(rows, results / "sweep.md"))
         for key in sorted({regime(r) for r in rows}):
             plot([r for r in rows if regime(r) == key], results, f"sweep_{regime_tag(key)}")
+    cells = grid_cells(rows, results / "runs")
+    if cells:
+        print(write_grid(cells, results / "grid.md"))
     return rows
+
+
+def grid_cells(rows: list[dict], records: Path) -> dict[tuple, list[dict]]:
+    """The runs of every regime whose records hold per-problem correctness, as grid.py reads them."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in rows:
+        correct = read_correct(records / r["run"] / "correct.csv")
+        if not correct:
+            continue
+        cells.setdefault(regime(r), []).append(
+            {
+                "loss": r["loss"],
+                "s": int(r["staleness"]),
+                "seed": int(r["seed"]),
+                "steps": int(r["steps"]),
+                "curves": read_curves(records / r["run"] / "curves.csv"),
+                "correct": correct,
+            }
+        )
+    return cells
 
 
 def add_run_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
@@ -676,7 +847,37 @@ def add_run_arguments(parser: argparse.ArgumentParser, steps: int) -> None:
         help="train nothing: tables and plots from the records under --results",
     )
     parser.add_argument("--quick", action="store_true", help="smoke test: a 20-step warm start")
+    parser.add_argument(
+        "--split",
+        choices=SPLITS,
+        default="fact",
+        help="the task's split: 'fact' keeps every twin of a held-out problem out of training; 'problem' is "
+        "the split by question string the sweeps before it ran on (reproduce them with --warm-start short)",
+    )
+    parser.add_argument(
+        "--warm-start",
+        choices=sorted(WARM_STARTS),
+        default="short",
+        help="the supervised warm start every run starts from (WARM_STARTS)",
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides for every run")
+
+
+def check_start(records: Path, split: str, warm_start: str, correct: str) -> None:
+    """Refuse a warm start that differs from the one the records of its (split, warm start) started from:
+    a sweep continued on another machine rebuilds it, and runs from two starting points do not compare."""
+    for settings_file in sorted([*records.glob("*/summary.json"), *records.glob("*/progress.json")]):
+        settings = LEGACY | json.loads(settings_file.read_text())["settings"]
+        if (settings["split"], settings["warm_start"]) != (split, warm_start):
+            continue
+        start = read_correct(settings_file.parent / "correct.csv").get("start")
+        if start is not None and start != correct:
+            raise ValueError(
+                f"{settings_file.parent / 'correct.csv'}: this run started from another {warm_start} warm start "
+                f"({100 * accuracy_of(start):.1f}% held-out, this machine built {100 * accuracy_of(correct):.1f}%, "
+                f"{sum(a != b for a, b in zip(start, correct))} problems differ): rebuild it as that run's "
+                "machine did, or use another --results"
+            )
 
 
 def run_all(settings: list[tuple], records: Path, args) -> list[Exception]:
@@ -688,9 +889,14 @@ def run_all(settings: list[tuple], records: Path, args) -> list[Exception]:
     def task():
         with lock:  # the first run that needs it builds it; the others wait
             if not task_cache:
-                task_cache.append(prepare(out, seed=0, heldout=args.heldout, quick=args.quick))
+                task_cache.append(
+                    prepare(out, 0, args.heldout, args.quick, split=args.split, warm_start=args.warm_start)
+                )
+                check_start(records, args.split, args.warm_start, task_cache[0][2])
                 logger.info(
-                    "warm start: held-out accuracy %.3f on %d problems", task_cache[0][2], args.heldout
+                    "warm start: held-out accuracy %.3f on %d problems",
+                    accuracy_of(task_cache[0][2]),
+                    args.heldout,
                 )
         return task_cache[0]
 

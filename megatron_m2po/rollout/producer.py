@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 # Held-out prompts in flight during `eval.every`'s evaluation: enough that a local engine decodes them in a
 # few large batches (8 at a time took 38 rounds for the CPU demo's 300 prompts), few enough for any server.
 EVAL_CONCURRENCY = 64
+# Per-problem correctness of every evaluation, appended under run_dir: paired comparisons between runs
+# scored on the same problems need which problems each got right, not only how many.
+EVAL_RECORD = "eval_correct.csv"
 
 
 class Producer:
@@ -46,6 +49,7 @@ class Producer:
         from megatron_m2po.rollout.manager import RolloutManager
 
         self.cfg = cfg
+        self.eval_record = run_dir / EVAL_RECORD
         hf_dir = str(hf_config_dir(cfg.model.path))  # a Megatron checkpoint keeps its HF files in `hf/`
         self.tokenizer = AutoTokenizer.from_pretrained(hf_dir)
         journal = run_dir / "queue"
@@ -57,6 +61,7 @@ class Producer:
             if journal.exists():
                 logger.warning("fresh run: removing the old queue journal %s", journal)
                 shutil.rmtree(journal)
+            self.eval_record.unlink(missing_ok=True)  # a fresh run's evaluations are its own
             self.queue = ReplayQueue(**kwargs)
         self.farm = EngineFarm(build_engines(cfg, hf_dir, trainer.dtype))
         self.rewards = reward_pool(cfg)
@@ -193,8 +198,10 @@ class Producer:
             )
             groups, scores = asyncio.run_coroutine_threadsafe(run(prompts), self.farm.loop).result()
             lengths = [len(s.response_ids) for g in groups for s in g]
+            correct = [score >= FULL_REWARD for score in scores]
+            append_eval_record(self.eval_record, version, spec.label, n, correct)
             prefix = "eval/" if len(sets) == 1 else f"eval/{spec.label}/"
-            out[f"{prefix}accuracy"] = sum(score >= FULL_REWARD for score in scores) / max(1, len(scores))
+            out[f"{prefix}accuracy"] = sum(correct) / max(1, len(correct))
             out[f"{prefix}reward_mean"] = sum(scores) / max(1, len(scores))
             out[f"{prefix}response_length_mean"] = sum(lengths) / max(1, len(lengths))
         if len(sets) > 1:
@@ -219,3 +226,35 @@ class Producer:
             self.queue.close()
         except OSError as e:  # a full disk at the final fsync: the loop's own error (if any) matters more
             logger.error("closing the replay queue: %s", e)
+
+
+def append_eval_record(
+    path: Path, version: int, label: str, responses_per_prompt: int, correct: list[bool]
+) -> None:
+    """One line per evaluation of one set: `version,set,responses_per_prompt,bits`, bits '1'/'0' per
+    response in prompt order (a resumed run may repeat a version: its last line is the one that counts)."""
+    import csv
+
+    new = not path.is_file()
+    with path.open("a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(["version", "set", "responses_per_prompt", "correct"])
+        writer.writerow([version, label, responses_per_prompt, "".join("1" if c else "0" for c in correct)])
+
+
+def read_eval_record(path: Path, label: str | None = None) -> dict[int, str]:
+    """version -> the bits of its (last) evaluation of the set `label` (None: the run's only set), from
+    `append_eval_record`'s file."""
+    import csv
+
+    out: dict[str, dict[int, str]] = {}
+    with Path(path).open(newline="") as f:
+        for line, row in enumerate(csv.DictReader(f), start=2):
+            bits = row.get("correct") or ""
+            if set(bits) - {"0", "1"} or not (row.get("version") or "").isdigit():
+                raise ValueError(f"{path}, row {line}: not 'version,set,responses_per_prompt,bits'")
+            out.setdefault(row["set"], {})[int(row["version"])] = bits
+    if label is None and len(out) > 1:
+        raise ValueError(f"{path}: evaluations of {sorted(out)}; name the set")
+    return out.get(label, {}) if label is not None else next(iter(out.values()), {})
