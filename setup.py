@@ -13,6 +13,7 @@ CORE = [
     "math-verify[antlr4-13-2]>=0.8",
     "tensorboard>=2.16",
     "pyyaml>=6",
+    "annotated-types>=0.6",  # bounds of the losses' hyperparameters, in their signatures
     "numpy>=1.26",
     "psutil>=5.9",  # megatron dist_checkpointing writer
     "einops>=0.7",

@@ -46,10 +46,12 @@ def make_batch(sequences: int, tokens: int, seed: int = 0):
 def time_losses(args) -> list[tuple[str, float]]:
     lp, blp, adv, mask = (t.to(args.device) for t in make_batch(args.prompts * args.responses, args.tokens))
     prox = (lp + blp) / 2
-    theta = compute_m2_threshold(lp, blp, adv, mask)
+    m2po = get_loss("m2po")
+    budget = m2po.hyperparameters["m2_budget"]
+    theta = compute_m2_threshold(lp, blp, adv, mask, m2_budget=budget)
     cases = {
         "grpo": (get_loss("grpo"), {}),
-        "m2po (global, threshold given)": (get_loss("m2po"), {"m2_threshold": theta}),
+        "m2po (global, threshold given)": (m2po, {"m2_threshold": theta}),
         "m2po (per_microbatch)": (get_loss("m2po", m2_scope="per_microbatch"), {}),
         "m2po_clip": (get_loss("m2po_clip"), {}),
         "grpo_noclip": (get_loss("grpo_noclip"), {}),
@@ -74,7 +76,7 @@ def time_losses(args) -> list[tuple[str, float]]:
     def prepass():
         sync()
         start = time.perf_counter()
-        compute_m2_threshold(lp, blp, adv, mask)
+        compute_m2_threshold(lp, blp, adv, mask, m2_budget=budget)
         sync()
         return time.perf_counter() - start
 

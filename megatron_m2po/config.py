@@ -222,39 +222,45 @@ class RolloutConfig:
 
 @dataclass
 class AlgorithmConfig:
-    """Each loss reads the keys its help names (algorithms.losses: `register_loss(settings=...)`)."""
+    """Each loss's hyperparameters are the keyword parameters of its function in algorithms/losses.py, and
+    each has the key of the same name here, read by the losses its help names. Their defaults are the
+    losses' own, kept there only: a key left null gives each loss its own default (docs/algorithms.md)."""
 
     loss: LossName = opt("m2po", "policy loss (algorithms.get_loss name)")
     advantage: AdvantageEstimator = opt("grpo", "advantage estimator over each prompt group")
     aggregation: Literal["auto", Aggregation] = opt(
-        "auto",
-        "loss aggregation over the mini-batch; auto = the loss's own (seq-mean-token-mean for gspo, "
-        "token-mean for the others)",
+        "auto", "loss aggregation over the mini-batch; auto = the loss's own"
     )
-    m2_budget: float = opt(
-        0.04, "m2po / m2po_clip: second-moment budget tau_M2 on the trust-region tokens", gt=0
+    m2_budget: float | None = opt(
+        None,
+        "m2po / m2po_clip: second-moment budget tau_M2 on the trust-region tokens; null = the loss's own",
+        gt=0,
     )
-    m2_scope: M2Scope = opt(
-        "global",
+    m2_scope: M2Scope | None = opt(
+        None,
         "m2po: mask over the whole optimizer mini-batch (all DP ranks, all micro-batches) "
-        "or per micro-batch as the released code",
+        "or per micro-batch as the released code; null = the loss's own",
+    )
+    miniclip_low: float | None = opt(
+        None, "m2po_clip: floor of the lower clip epsilon (the released code's 0.3); null = the loss's own", gt=0
+    )
+    miniclip_high: float | None = opt(
+        None, "m2po_clip: floor of the upper clip epsilon (the released code's 0.5); null = the loss's own", gt=0
     )
     clip_eps: float | None = opt(
-        None,
-        "grpo / decoupled_ppo / gspo / cispo: lower clip epsilon; null = the loss's own "
-        "(0.2; gspo 3e-4; cispo none: no lower bound)",
-        gt=0,
+        None, "grpo / decoupled_ppo / gspo / cispo: lower clip epsilon; null = the loss's own", gt=0
     )
     clip_eps_high: float | None = opt(
         None,
-        "grpo / decoupled_ppo / gspo / cispo: upper clip epsilon; null = the loss's own "
-        "(grpo, decoupled_ppo: clip_eps; gspo 4e-4; cispo 0.28); clip-higher: 0.28",
+        "grpo / decoupled_ppo / gspo / cispo: upper clip epsilon (clip-higher: 0.28); null = the loss's own",
         gt=0,
     )
-    dual_clip: float = opt(0.0, "grpo: dual-clip constant c (0 = off, else > 1, e.g. 3)", ge=0)
-    tis_ratio_cap: float = opt(2.0, "tis: cap C of the truncated importance weight min(r, C)", gt=0)
-    behavior_weight_cap: float = opt(
-        2.0, "decoupled_ppo: cap of the behaviour weight min(pi_prox / mu, cap)", gt=0
+    dual_clip: float | None = opt(None, "grpo: dual-clip constant c (e.g. 3); null = the loss's own", gt=1)
+    tis_ratio_cap: float | None = opt(
+        None, "tis: cap C of the truncated importance weight min(r, C); null = the loss's own", gt=0
+    )
+    behavior_weight_cap: float | None = opt(
+        None, "decoupled_ppo: cap of the behaviour weight min(pi_prox / mu, cap); null = the loss's own", gt=0
     )
     engine_mismatch_tis: bool = opt(
         False,
@@ -413,30 +419,23 @@ class Config:
             return 0
         return self.staleness.fixed_lag_steps * self.updates_per_step
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
 
 
 # ---------------------------------------------------------------- loading
 
 
 def _sections() -> dict[str, type]:
-    return {f.name: _resolve(Config, f) for f in dataclasses.fields(Config)}
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _resolve(cls: type, f: dataclasses.Field) -> Any:
-    return _hints(cls)[f.name]
+    """Section name -> its dataclass, in the recipe's order."""
+    return typing.get_type_hints(Config)
 
 
 def choices_of(tp: Any) -> tuple | None:
-    """The allowed values of a `Literal[...]` field type (nested Literals flattened); None for other types."""
+    """The allowed values of a `Literal[...]` field type, optional or not (nested Literals flattened); None
+    for other types."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
     return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
 
 
@@ -534,7 +533,7 @@ def _set(cfg: Config, dotted: str, value: Any, where: str) -> None:
     if name not in names:
         valid = [f"{section}.{n}" for n in names]
         raise ConfigError(f"{where}unknown key '{dotted}'{_closest(dotted, valid)}")
-    tp = _hints(cls)[name]
+    tp = typing.get_type_hints(cls)[name]
     setattr(getattr(cfg, section), name, _coerce(dotted, value, tp, where))
 
 
@@ -605,20 +604,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
-def from_dict(data: dict[str, Any]) -> Config:
-    """A validated Config from a nested dict (e.g. one saved in a checkpoint)."""
-    cfg = Config()
-    _apply_mapping(cfg, data, "")
-    validate(cfg)
-    return cfg
-
-
 # ---------------------------------------------------------------- validation
 
 
 def _check_field(section: str, f: dataclasses.Field, tp: Any, value: Any) -> None:
     key = f"{section}.{f.name}"
     m = f.metadata
+    if value is None:  # an optional field left unset
+        return
     choices = choices_of(tp)
     if choices and value not in choices:
         close = (
@@ -628,8 +621,6 @@ def _check_field(section: str, f: dataclasses.Field, tp: Any, value: Any) -> Non
         )
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(f"'{key}': {show(value)} is not one of {list(choices)}{hint}")
-    if value is None:  # an optional field left unset
-        return
     for bound, ok, word in (
         ("ge", lambda v, b: v >= b, ">="),
         ("gt", lambda v, b: v > b, ">"),
@@ -652,7 +643,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     data-parallel size divides the batch.
     """
     for section, cls in _sections().items():
-        obj, hints = getattr(cfg, section), _hints(cls)
+        obj, hints = getattr(cfg, section), typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             _check_field(section, f, hints[f.name], getattr(obj, f.name))
 
@@ -672,8 +663,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         )
     if t.min_lr > t.lr:
         raise ConfigError(f"'train.min_lr': {t.min_lr} is larger than train.lr={t.lr}")
-    if a.dual_clip and a.dual_clip <= 1:
-        raise ConfigError(f"'algorithm.dual_clip': must be 0 (off) or > 1, got {a.dual_clip}")
     if r.behavior_logprobs == "trainer" and s.mode == "bounded":
         raise ConfigError(
             "'rollout.behavior_logprobs': `trainer` (recompute with the producing weights) needs "
@@ -770,7 +759,7 @@ def reference_markdown() -> str:
     lines = []
     for section, cls in _sections().items():
         lines += [f"### `{section}`", "", "| key | default | meaning |", "| --- | --- | --- |"]
-        hints = _hints(cls)
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             choices = choices_of(hints[f.name])

@@ -6,7 +6,7 @@ field means the same thing everywhere.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -79,17 +79,3 @@ class Group:
     @property
     def num_tokens(self) -> int:
         return sum(len(s.prompt_ids) + len(s.response_ids) for s in self.samples)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Group:
-        samples = [Sample(**s) for s in d["samples"]]
-        return cls(
-            prompt_id=d["prompt_id"],
-            prompt_ids=list(d["prompt_ids"]),
-            samples=samples,
-            answer=d.get("answer", ""),
-            metadata=dict(d.get("metadata", {})),
-        )

@@ -18,10 +18,12 @@ from megatron_m2po.algorithms import (
     LOSSES,
     CurrentLogprobs,
     PolicyLoss,
+    aggregate,
     compute_advantages,
     compute_m2_threshold,
     get_loss,
 )
+from megatron_m2po.algorithms.hyperparameters import bounds, choices
 from megatron_m2po.config import AlgorithmConfig, Config, choices_of, load_config, reference_markdown
 from tests.conftest import REPO
 
@@ -30,6 +32,8 @@ ALGORITHM_HINTS = typing.get_type_hints(AlgorithmConfig)
 OVERRIDES = {
     "m2_budget": 0.05,
     "m2_scope": "per_microbatch",
+    "miniclip_low": 0.3,
+    "miniclip_high": 0.5,
     "clip_eps": 0.1,
     "clip_eps_high": 0.3,
     "dual_clip": 3.0,
@@ -147,11 +151,88 @@ def test_config_choices_are_the_algorithms_own():
     assert set(choices_of(ALGORITHM_HINTS["aggregation"])) == {"auto", *AGGREGATIONS}
     assert set(choices_of(ALGORITHM_HINTS["advantage"])) == set(ADVANTAGE_ESTIMATORS)
     assert choices_of(typing.get_type_hints(compute_advantages)["estimator"]) == ADVANTAGE_ESTIMATORS
-    scope = choices_of(typing.get_type_hints(LOSSES["m2po"].fn)["m2_scope"])
-    assert set(choices_of(ALGORITHM_HINTS["m2_scope"])) == set(scope)
     for name in ADVANTAGE_ESTIMATORS:  # each advertised estimator runs
         compute_advantages(torch.tensor([0.0, 1.0]), [0, 0], estimator=name)
     assert Config().algorithm.loss in LOSSES
+
+
+def test_each_offered_aggregation_reduces_as_documented():
+    """A value the config offers for `algorithm.aggregation` is checked against its definition here (a new
+    one must bring its definition), not only against the list it comes from."""
+    g = torch.Generator().manual_seed(3)
+    per_token = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    kept = torch.where(mask, per_token, 0.0)
+    lengths = mask.sum(-1)
+    nonempty = lengths > 0
+    defined = {  # docs/algorithms.md, "Common options of every loss"
+        "token-mean": (kept.sum() / mask.sum(), int(mask.sum())),
+        "seq-mean-token-mean": ((kept.sum(-1) / lengths.clamp(min=1))[nonempty].mean(), int(nonempty.sum())),
+        "seq-mean-token-sum": (kept.sum(-1)[nonempty].mean(), int(nonempty.sum())),
+    }
+    assert set(choices_of(ALGORITHM_HINTS["aggregation"])) - {"auto"} == set(defined)
+    for mode, (value, count) in defined.items():
+        loss = PolicyLoss.from_config(AlgorithmConfig(loss="grpo_noclip", aggregation=mode))
+        assert loss.aggregation == mode
+        torch.testing.assert_close(aggregate(per_token, mask, mode), value)
+        assert loss.normalizer_count(lengths.tolist()) == count  # what the trainer divides by
+        torch.testing.assert_close(aggregate(per_token, mask, mode, normalizer=count), value)
+    with pytest.raises(ValueError, match="aggregate: mode must be one of"):
+        aggregate(per_token, mask, "seq-sum")
+
+
+def test_each_offered_m2_scope_sets_where_the_threshold_comes_from():
+    """Each `algorithm.m2_scope` the config offers has its own behaviour: `global` takes the threshold of the
+    whole mini-batch before the update (the trainer's pre-pass), `per_microbatch` its own call's."""
+    current = _minibatch()
+    whole = compute_m2_threshold(
+        current.logprobs, current.behavior_logprobs, current.advantages, current.response_mask, m2_budget=0.01
+    )
+    first = [t[0] for t in (current.logprobs, current.behavior_logprobs, current.advantages)]
+    own = compute_m2_threshold(*first, current.response_mask[0], m2_budget=0.01)
+    assert own != whole  # the two scopes are told apart on this mini-batch
+    expected = {"global": (True, whole), "per_microbatch": (False, own)}
+    assert set(choices_of(ALGORITHM_HINTS["m2_scope"])) == set(expected)
+    for scope, (pre_pass, theta) in expected.items():
+        loss = PolicyLoss.from_config(AlgorithmConfig(loss="m2po", m2_scope=scope, m2_budget=0.01))
+        assert loss.needs_current_logprobs is pre_pass, scope
+        extra = loss.inputs_before_update(current)[0] if pre_pass else {}
+        _, metrics = loss(*first, current.response_mask[0], **extra)
+        assert metrics["loss/m2_threshold"] == pytest.approx(min(theta, 1e30)), scope
+
+
+def test_a_loss_reads_the_config_keys_named_as_its_keyword_parameters():
+    """The registry knows what each loss reads from its signature: every keyword parameter is the config key
+    of that name, its help names the loss, its bounds and choices are the signature's, and the config's
+    default is null (the loss's own default is in its signature only)."""
+    fields = {f.name: f for f in dataclasses.fields(AlgorithmConfig)}
+    read = set()
+    for name, spec in LOSSES.items():
+        for key, parameter in spec.hyperparameters.items():
+            read.add(key)
+            assert key in fields, f"{name} takes {key}, which is no algorithm.* key"
+            f = fields[key]
+            assert name in readers(f.metadata["help"]), (name, key)
+            assert f.default is None, key
+            config_bounds = {b: f.metadata[b] for b in ("gt", "ge", "lt", "le") if f.metadata[b] is not None}
+            assert config_bounds == bounds(parameter.annotation), key
+            assert choices_of(ALGORITHM_HINTS[key]) == choices(parameter.annotation), key
+    assert read == {k for k, f in fields.items() if readers(f.metadata["help"])}
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_every_hyperparameter_value_is_checked_against_its_signature(name):
+    """No list of names to keep up to date: each keyword parameter of each loss refuses what its annotation
+    does not allow, naming itself."""
+    for key, parameter in LOSSES[name].hyperparameters.items():
+        allowed = choices(parameter.annotation)
+        bad = ["not-a-choice"] if allowed else [float("nan"), float("inf"), -1.0, "0.1"]
+        for value in bad:
+            with pytest.raises(ValueError, match=rf"get_loss\('{name}'\): {key} must be"):
+                get_loss(name, **{key: value})
+    for key in ("aggregation", "engine_mismatch_tis_cap", "nonfinite"):  # PolicyLoss's own keywords
+        with pytest.raises(ValueError, match=rf"get_loss\('{name}'\): {key} must be"):
+            get_loss(name, **{key: -1.0})
 
 
 def _minibatch(seed: int = 0):

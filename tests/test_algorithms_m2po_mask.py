@@ -229,14 +229,14 @@ def test_global_threshold_is_independent_of_the_micro_batch_split():
     blp = lp + torch.randn(16, 32, generator=g, dtype=torch.float64) * 0.5
     adv = torch.randn(16, 1, generator=g, dtype=torch.float64).expand(16, 32).contiguous()
     mask = torch.rand(16, 32, generator=g) > 0.2
-    whole = compute_m2_threshold(lp, blp, adv, mask)
+    whole = compute_m2_threshold(lp, blp, adv, mask, m2_budget=0.04)
     chunks = [slice(0, 3), slice(3, 4), slice(4, 11), slice(11, 16)]
-    split = compute_m2_threshold(*[[t[c] for c in chunks] for t in (lp, blp, adv, mask)])
+    split = compute_m2_threshold(*[[t[c] for c in chunks] for t in (lp, blp, adv, mask)], m2_budget=0.04)
     assert whole == split and not math.isinf(whole)
     with pytest.raises(ValueError, match="same number of micro-batches"):
-        compute_m2_threshold([lp], [blp, blp], [adv], [mask])
+        compute_m2_threshold([lp], [blp, blp], [adv], [mask], m2_budget=0.04)
     with pytest.raises(ValueError, match="micro-batch 0"):
-        compute_m2_threshold(lp, blp[:, :3], adv, mask)
+        compute_m2_threshold(lp, blp[:, :3], adv, mask, m2_budget=0.04)
 
 
 def test_threshold_uses_the_losss_arithmetic_for_mixed_dtypes():
@@ -246,7 +246,7 @@ def test_threshold_uses_the_losss_arithmetic_for_mixed_dtypes():
     blp = lp.double() - torch.randn(8, 50, generator=g, dtype=torch.float64) * 0.4
     adv = torch.randn(8, 1, generator=g).expand(8, 50).contiguous()
     mask = torch.ones(8, 50, dtype=torch.bool)
-    theta = compute_m2_threshold(lp, blp, adv, mask)
+    theta = compute_m2_threshold(lp, blp, adv, mask, m2_budget=0.04)
     _, given = get_loss("m2po")(lp, blp, adv, mask, m2_threshold=theta)
     _, own = get_loss("m2po", m2_scope="per_microbatch")(lp, blp, adv, mask)
     assert given["loss/masked_fraction"] == own["loss/masked_fraction"] > 0
@@ -259,6 +259,6 @@ def test_global_threshold_same_for_any_split(data, cuts):
     lp, old, adv, mask = data
     bounds = sorted({0, lp.shape[0], *[min(c, lp.shape[0]) for c in cuts]})
     parts = [slice(a, b) for a, b in zip(bounds, bounds[1:])] + [slice(0, 0)]
-    whole = compute_m2_threshold(lp, old, adv, mask)
-    split = compute_m2_threshold(*[[t[p] for p in parts] for t in (lp, old, adv, mask)])
+    whole = compute_m2_threshold(lp, old, adv, mask, m2_budget=0.04)
+    split = compute_m2_threshold(*[[t[p] for p in parts] for t in (lp, old, adv, mask)], m2_budget=0.04)
     assert whole == split

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -24,7 +25,7 @@ def test_mfu_small_mode_runs_the_trainer_update(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     (result,) = json.loads(out.read_text())
     assert result["model"] == "small" and result["budget"] == 256
-    assert result["tokens_per_s"] > 0 and result["loss"] == result["loss"]  # a finite step happened
+    assert result["tokens_per_s"] > 0 and math.isfinite(result["loss"])  # a finite step happened
     assert result["mfu"] is None  # no GPU peak on CPU: the figure stays open
 
 

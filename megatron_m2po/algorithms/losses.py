@@ -5,10 +5,12 @@ Notation (docs/algorithms.md, "Notation"): for response token t of sequence i, l
 M2 = (log r)^2, T the trust-region tokens (A > 0, r > 1) or (A < 0, r < 1). Each loss below is a per-token loss l_t; the
 wrapper then multiplies by the optional TIS factor and aggregates (token-mean by default).
 
-Each loss is registered with `register_loss` (as verl's `register_policy_loss`): its default aggregation, how
-it reads its hyperparameters from the `algorithm` config section (`PolicyLoss.from_config`), and whether it
-needs the trainer's log-probs of the whole mini-batch before the update (`needs_current_logprobs`, then
-`inputs_before_update`). The trainer asks the loss; it never compares loss names.
+Each loss is registered with `register_loss` (as verl's `register_policy_loss`) with its default aggregation
+and whether it needs the trainer's log-probs of the whole mini-batch before the update
+(`needs_current_logprobs`, then `inputs_before_update`). Its hyperparameters are its keyword-only parameters:
+the signature holds their names, defaults and allowed values (`hyperparameters.py`), and the `algorithm`
+config section has one key of the same name for each, so `PolicyLoss.from_config` needs no list of them.
+The trainer asks the loss (what it needs, what its normaliser counts); it never compares loss names.
 
 Behaviour log-probs, two sources (both supported, the trainer picks):
 * engine: `behavior_logprobs` = the engine's sampling log-probs; the engine-vs-trainer mismatch is then
@@ -24,12 +26,14 @@ import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, get_args
+from typing import Annotated, Any, get_args
 
 import torch
 import torch.distributed as dist
+from annotated_types import Gt
 
 from megatron_m2po.algorithms.diagnostics import policy_metrics
+from megatron_m2po.algorithms.hyperparameters import Positive, check, keyword_parameters
 from megatron_m2po.algorithms.m2po_mask import (
     compute_m2_threshold,
     m2po_masked_tokens,
@@ -104,10 +108,6 @@ class CurrentLogprobs:
     process_group: dist.ProcessGroup | None = None
 
 
-def _no_settings(algorithm: Any) -> dict[str, Any]:
-    return {}
-
-
 def _never(hyperparameters: dict[str, Any]) -> bool:
     return False
 
@@ -116,7 +116,7 @@ def _never(hyperparameters: dict[str, Any]) -> bool:
 class LossSpec:
     """A registered loss: the per-token function, its default aggregation, and what it needs.
 
-    settings: the `algorithm` config section -> this loss's hyperparameters (None = the function's default).
+    hyperparameters: the function's keyword-only parameters (`hyperparameters.keyword_parameters`).
     needs_current_logprobs: (hyperparameters) -> whether the trainer must run a no-grad forward of the
     whole mini-batch before the update; before_update: (hyperparameters, CurrentLogprobs) -> the extra
     keyword arguments of each micro-batch's loss call.
@@ -125,9 +125,12 @@ class LossSpec:
     name: str
     fn: Callable[..., TokenLoss]
     aggregation: Aggregation = "token-mean"
-    settings: Callable[[Any], dict[str, Any]] = _no_settings
     needs_current_logprobs: Callable[[dict[str, Any]], bool] = _never
     before_update: Callable[[dict[str, Any], CurrentLogprobs], list[dict[str, Any]]] | None = None
+
+    @property
+    def hyperparameters(self) -> dict[str, inspect.Parameter]:
+        return keyword_parameters(self.fn)
 
 
 LOSSES: dict[str, LossSpec] = {}
@@ -137,7 +140,6 @@ def register_loss(
     name: LossName,
     *,
     aggregation: Aggregation = "token-mean",
-    settings: Callable[[Any], dict[str, Any]] = _no_settings,
     needs_current_logprobs: Callable[[dict[str, Any]], bool] = _never,
     before_update: Callable[[dict[str, Any], CurrentLogprobs], list[dict[str, Any]]] | None = None,
 ) -> Callable[[Callable[..., TokenLoss]], Callable[..., TokenLoss]]:
@@ -150,7 +152,7 @@ def register_loss(
         raise ValueError(f"register_loss({name!r}): aggregation must be one of {AGGREGATIONS}")
 
     def register(fn: Callable[..., TokenLoss]) -> Callable[..., TokenLoss]:
-        LOSSES[name] = LossSpec(name, fn, aggregation, settings, needs_current_logprobs, before_update)
+        LOSSES[name] = LossSpec(name, fn, aggregation, needs_current_logprobs, before_update)
         return fn
 
     return register
@@ -159,10 +161,6 @@ def register_loss(
 def _given(**hyperparameters) -> dict[str, Any]:
     """The hyperparameters the config sets; None (unset) leaves the loss's own default."""
     return {k: v for k, v in hyperparameters.items() if v is not None}
-
-
-def _clip_settings(algorithm) -> dict[str, Any]:
-    return _given(clip_eps=algorithm.clip_eps, clip_eps_high=algorithm.clip_eps_high)
 
 
 def _m2po_global(hyperparameters: dict[str, Any]) -> bool:
@@ -190,13 +188,8 @@ def _proximal(hyperparameters: dict[str, Any], current: CurrentLogprobs) -> list
 # ---------------------------------------------------------------------------------------------- the losses
 
 
-@register_loss(
-    "m2po",
-    settings=lambda a: _given(m2_budget=a.m2_budget, m2_scope=a.m2_scope),
-    needs_current_logprobs=_m2po_global,
-    before_update=_m2po_threshold,
-)
-def m2po(x: LossInputs, *, m2_budget: float = 0.04, m2_scope: M2Scope = "global") -> TokenLoss:
+@register_loss("m2po", needs_current_logprobs=_m2po_global, before_update=_m2po_threshold)
+def m2po(x: LossInputs, *, m2_budget: Positive = 0.04, m2_scope: M2Scope = "global") -> TokenLoss:
     """M2PO, paper (Algorithm 1): l_t = -M_t r_t A_t, no clipping.
 
     M_t = 0 for the largest-M2 tokens of T until mean_T(M2) <= tau_M2 (= m2_budget); masked tokens still count
@@ -216,13 +209,13 @@ def m2po(x: LossInputs, *, m2_budget: float = 0.04, m2_scope: M2Scope = "global"
     return TokenLoss(per_token, masked=masked, extra={"m2_threshold": min(theta, 1e30)})
 
 
-@register_loss("m2po_clip", settings=lambda a: _given(m2_budget=a.m2_budget))
+@register_loss("m2po_clip")
 def m2po_clip(
     x: LossInputs,
     *,
-    m2_budget: float = 0.04,
-    miniclip_low: float | None = None,
-    miniclip_high: float | None = None,
+    m2_budget: Positive = 0.04,
+    miniclip_low: Positive | None = None,
+    miniclip_high: Positive | None = None,
 ) -> TokenLoss:
     """M2PO, released code: l_t = max(-A r, -A clip(r, 1 - eps_lo, 1 + eps_hi)), per micro-batch.
 
@@ -251,18 +244,18 @@ def m2po_clip(
     return TokenLoss(per_token, clipped=clipped, extra=extra)
 
 
-@register_loss("grpo", settings=lambda a: {**_clip_settings(a), **_given(dual_clip=a.dual_clip or None)})
+@register_loss("grpo")
 def grpo(
     x: LossInputs,
     *,
-    clip_eps: float = 0.2,
-    clip_eps_high: float | None = None,
-    dual_clip: float | None = None,
+    clip_eps: Positive = 0.2,
+    clip_eps_high: Positive | None = None,
+    dual_clip: Annotated[float, Gt(1)] | None = None,
 ) -> TokenLoss:
     """PPO-clip / GRPO: l_t = max(-A r, -A clip(r, 1 - eps, 1 + eps_high)), eps = clip_eps, eps_high =
     clip_eps_high (default clip_eps); clip-higher when eps_high > eps.
 
-    Dual-clip (c = dual_clip, e.g. 3): for A < 0, l_t = min(l_t, -A c), bounding the loss of very large r.
+    Dual-clip (c = dual_clip, e.g. 3; None = off): for A < 0, l_t = min(l_t, -A c), bounding the loss of very large r.
     """
     per_token, clipped = _ppo_clip(
         x.advantages, x.ratio, 1 - clip_eps, 1 + (clip_eps if clip_eps_high is None else clip_eps_high)
@@ -287,8 +280,8 @@ def on_policy(x: LossInputs) -> TokenLoss:
     return TokenLoss(-x.advantages * torch.exp(x.logprobs - x.logprobs.detach()))
 
 
-@register_loss("tis", settings=lambda a: _given(tis_ratio_cap=a.tis_ratio_cap))
-def tis(x: LossInputs, *, tis_ratio_cap: float = 2.0) -> TokenLoss:
+@register_loss("tis")
+def tis(x: LossInputs, *, tis_ratio_cap: Positive = 2.0) -> TokenLoss:
     """Truncated importance sampling: l_t = -sg(min(r, C)) A log pi, C = tis_ratio_cap."""
     weight = torch.clamp(x.ratio.detach(), max=tis_ratio_cap)
     return TokenLoss(
@@ -298,18 +291,13 @@ def tis(x: LossInputs, *, tis_ratio_cap: float = 2.0) -> TokenLoss:
     )
 
 
-@register_loss(
-    "decoupled_ppo",
-    settings=lambda a: {**_clip_settings(a), **_given(behavior_weight_cap=a.behavior_weight_cap)},
-    needs_current_logprobs=lambda hp: True,
-    before_update=_proximal,
-)
+@register_loss("decoupled_ppo", needs_current_logprobs=lambda hp: True, before_update=_proximal)
 def decoupled_ppo(
     x: LossInputs,
     *,
-    clip_eps: float = 0.2,
-    clip_eps_high: float | None = None,
-    behavior_weight_cap: float | None = 2.0,
+    clip_eps: Positive = 0.2,
+    clip_eps_high: Positive | None = None,
+    behavior_weight_cap: Positive | None = 2.0,
 ) -> TokenLoss:
     """Decoupled PPO (AReaL): PPO clip around the proximal policy, times the truncated weight pi_prox / mu.
 
@@ -330,8 +318,8 @@ def decoupled_ppo(
     )
 
 
-@register_loss("gspo", aggregation="seq-mean-token-mean", settings=_clip_settings)
-def gspo(x: LossInputs, *, clip_eps: float = 3e-4, clip_eps_high: float = 4e-4) -> TokenLoss:
+@register_loss("gspo", aggregation="seq-mean-token-mean")
+def gspo(x: LossInputs, *, clip_eps: Positive = 3e-4, clip_eps_high: Positive = 4e-4) -> TokenLoss:
     """GSPO: sequence ratio s_i = exp(mean_t log r_it), l_t = max(-A s_it, -A clip(s_it, 1 - eps, 1 + eps_high)),
     eps = clip_eps, eps_high = clip_eps_high.
 
@@ -345,8 +333,8 @@ def gspo(x: LossInputs, *, clip_eps: float = 3e-4, clip_eps_high: float = 4e-4) 
     return TokenLoss(per_token, clipped=clipped)
 
 
-@register_loss("cispo", settings=_clip_settings)
-def cispo(x: LossInputs, *, clip_eps: float | None = None, clip_eps_high: float = 0.28) -> TokenLoss:
+@register_loss("cispo")
+def cispo(x: LossInputs, *, clip_eps: Positive | None = None, clip_eps_high: Positive = 0.28) -> TokenLoss:
     """CISPO (MiniMax-M1): l_t = -sg(clip(r, 1 - clip_eps, 1 + clip_eps_high)) A log pi; clip_eps None = no
     lower bound."""
     low = 0.0 if clip_eps is None else 1 - clip_eps
@@ -382,6 +370,34 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values.detach() * mask).sum() / mask.sum().clamp(min=1)
 
 
+@dataclass(frozen=True)
+class Reduction:
+    """One aggregation mode: the sum it takes of the masked per-token losses [batch, T] (given the mask), and
+    the count it divides by, from the response lengths [batch]: tokens or sequences with a response token."""
+
+    total: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    count: Callable[[torch.Tensor], torch.Tensor]
+
+
+def _tokens(lengths: torch.Tensor) -> torch.Tensor:
+    return lengths.sum()
+
+
+def _sequences(lengths: torch.Tensor) -> torch.Tensor:
+    return (lengths > 0).sum()
+
+
+REDUCTIONS: dict[str, Reduction] = {
+    "token-mean": Reduction(lambda loss, mask: loss.sum(), _tokens),
+    "seq-mean-token-mean": Reduction(
+        lambda loss, mask: (loss.sum(-1) / mask.sum(-1).clamp(min=1)).sum(), _sequences
+    ),
+    "seq-mean-token-sum": Reduction(lambda loss, mask: loss.sum(-1).sum(), _sequences),
+}
+if set(REDUCTIONS) != set(AGGREGATIONS):
+    raise ImportError(f"losses: REDUCTIONS {sorted(REDUCTIONS)} are not choices.Aggregation {AGGREGATIONS}")
+
+
 def aggregate(
     per_token: torch.Tensor, mask: torch.Tensor, mode: str, normalizer: float | None = None
 ) -> torch.Tensor:
@@ -392,25 +408,16 @@ def aggregate(
     response token) unless `normalizer` gives the count over the whole optimizer mini-batch (all DP ranks and
     micro-batches): then the result is this call's share of the global mean.
     """
-    per_token = torch.where(mask, per_token, 0.0)
-    if mode == "token-mean":
-        total = per_token.sum()
-        count = mask.sum()
-    else:
-        seq_sum = per_token.sum(-1)
-        lengths = mask.sum(-1)
-        total = (seq_sum / lengths.clamp(min=1)).sum() if mode == "seq-mean-token-mean" else seq_sum.sum()
-        count = (lengths > 0).sum()
+    if mode not in REDUCTIONS:
+        raise ValueError(f"aggregate: mode must be one of {AGGREGATIONS}, got {mode!r}")
+    reduction = REDUCTIONS[mode]
+    total = reduction.total(torch.where(mask, per_token, 0.0), mask)
     if normalizer is not None:
         return total / normalizer
-    return total / count.clamp(min=1)
+    return total / reduction.count(mask.sum(-1)).clamp(min=1)
 
 
 # ----------------------------------------------------------------------------------------- the wrapper
-
-
-_TENSOR_ARGS = ("logprobs", "behavior_logprobs", "advantages", "response_mask")
-_OPTIONAL_TENSORS = ("proximal_logprobs", "engine_logprobs", "staleness")
 
 
 class PolicyLoss:
@@ -431,7 +438,7 @@ class PolicyLoss:
         name: str,
         *,
         aggregation: Aggregation | None = None,
-        engine_mismatch_tis_cap: float | None = None,
+        engine_mismatch_tis_cap: Positive | None = None,
         nonfinite: NonFinite = "raise",
         **hyperparameters,
     ):
@@ -446,19 +453,18 @@ class PolicyLoss:
 
     @classmethod
     def from_config(cls, algorithm: Any) -> PolicyLoss:
-        """The loss `algorithm.loss` with the settings it reads from the `algorithm` config section.
+        """The loss `algorithm.loss`, each of its hyperparameters read from the `algorithm` key of that name.
 
-        `algorithm.aggregation` "auto" (or None) keeps the loss's own aggregation; the engine-mismatch TIS
-        factor (`engine_mismatch_tis_cap`) is on when `algorithm.engine_mismatch_tis`, capped at `engine_mismatch_tis_cap`.
+        A key left None (and `algorithm.aggregation` "auto") keeps the loss's own default; the engine-mismatch
+        TIS factor is on when `algorithm.engine_mismatch_tis`, capped at `algorithm.engine_mismatch_tis_cap`.
         """
-        spec = LOSSES[algorithm.loss]
-        common = _given(
-            aggregation=None if algorithm.aggregation == "auto" else algorithm.aggregation,
-            engine_mismatch_tis_cap=algorithm.engine_mismatch_tis_cap
-            if algorithm.engine_mismatch_tis
-            else None,
+        settings = {key: getattr(algorithm, key) for key in LOSSES[algorithm.loss].hyperparameters}
+        mismatch_cap = algorithm.engine_mismatch_tis_cap if algorithm.engine_mismatch_tis else None
+        aggregation = None if algorithm.aggregation == "auto" else algorithm.aggregation
+        return get_loss(
+            algorithm.loss,
+            **_given(aggregation=aggregation, engine_mismatch_tis_cap=mismatch_cap, **settings),
         )
-        return get_loss(algorithm.loss, **common, **spec.settings(algorithm))
 
     @property
     def needs_current_logprobs(self) -> bool:
@@ -473,6 +479,12 @@ class PolicyLoss:
         if not self.needs_current_logprobs:
             raise ValueError(f"{self.name}: needs no current log-probs before the update")
         return self.spec.before_update(self.hyperparameters, current)
+
+    def normalizer_count(self, response_lengths: Sequence[int]) -> int:
+        """What this loss's aggregation divides by, over responses of these lengths: their tokens
+        (token-mean) or those with a response token (the seq-mean modes). The trainer's `normalizer` is this
+        count over the whole optimizer mini-batch."""
+        return int(REDUCTIONS[self.aggregation].count(torch.as_tensor(response_lengths, dtype=torch.long)))
 
     @property
     def needs_engine_logprobs(self) -> bool:
@@ -604,40 +616,19 @@ class PolicyLoss:
 def get_loss(name: str, **hyperparameters) -> PolicyLoss:
     """The loss `name` (one of LOSSES) with its hyperparameters checked against the loss's signature.
 
-    Common hyperparameters: aggregation ("token-mean" | "seq-mean-token-mean" | "seq-mean-token-sum"),
-    engine_mismatch_tis_cap (float, truncated IS on engine-vs-trainer mismatch), nonfinite ("raise" | "mask").
+    Common to every loss (`PolicyLoss`'s own keywords): aggregation ("token-mean" | "seq-mean-token-mean" |
+    "seq-mean-token-sum"), engine_mismatch_tis_cap (truncated IS on engine-vs-trainer mismatch), nonfinite
+    ("raise" | "mask").
     """
     if name not in LOSSES:
         raise ValueError(f"get_loss: unknown loss {name!r}; choose one of {sorted(LOSSES)}")
-    allowed = [p for p in inspect.signature(LOSSES[name].fn).parameters if p != "x"]
-    common = ("aggregation", "engine_mismatch_tis_cap", "nonfinite")
-    unknown = sorted(set(hyperparameters) - set(allowed) - set(common))
+    takes = {**LOSSES[name].hyperparameters, **keyword_parameters(PolicyLoss.__init__)}
+    unknown = sorted(set(hyperparameters) - set(takes))
     if unknown:
-        raise ValueError(
-            f"get_loss({name!r}): unknown hyperparameters {unknown}; {name} takes {allowed + list(common)}"
-        )
-    aggregation = hyperparameters.get("aggregation")
-    if aggregation is not None and aggregation not in AGGREGATIONS:
-        raise ValueError(
-            f"get_loss({name!r}): aggregation must be one of {AGGREGATIONS}, got {aggregation!r}"
-        )
-    for key, choices, default in (("nonfinite", NonFinite, "raise"), ("m2_scope", M2Scope, "global")):
-        if hyperparameters.get(key, default) not in get_args(choices):
-            raise ValueError(
-                f"get_loss({name!r}): {key} must be one of {get_args(choices)}, got {hyperparameters[key]!r}"
-            )
-    for key in (
-        "m2_budget",
-        "clip_eps",
-        "tis_ratio_cap",
-        "engine_mismatch_tis_cap",
-        "dual_clip",
-        "behavior_weight_cap",
-        "clip_eps_high",
-    ):
-        value = hyperparameters.get(key)
-        if value is not None and not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
-            raise ValueError(f"get_loss({name!r}): {key} must be a positive finite number, got {value!r}")
-    if hyperparameters.get("dual_clip") is not None and hyperparameters["dual_clip"] <= 1:
-        raise ValueError(f"get_loss({name!r}): dual_clip must be > 1, got {hyperparameters['dual_clip']}")
+        raise ValueError(f"get_loss({name!r}): unknown hyperparameters {unknown}; {name} takes {list(takes)}")
+    for key, value in hyperparameters.items():
+        try:
+            check(key, value, takes[key].annotation)
+        except ValueError as e:
+            raise ValueError(f"get_loss({name!r}): {e}") from None
     return PolicyLoss(name, **hyperparameters)

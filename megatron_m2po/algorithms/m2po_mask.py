@@ -100,7 +100,7 @@ def compute_m2_threshold(
     advantages: torch.Tensor | Sequence[torch.Tensor],
     response_mask: torch.Tensor | Sequence[torch.Tensor],
     *,
-    m2_budget: float = 0.04,
+    m2_budget: float,
     process_group: dist.ProcessGroup | None = None,
 ) -> float:
     """theta such that `m2po` keeps exactly the trust-region tokens with M2 <= theta (inf: nothing masked).

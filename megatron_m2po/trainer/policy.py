@@ -105,10 +105,7 @@ class Policy:
         rows = groups_to_rows(groups, advantages, behavior_source=cfg.rollout.behavior_logprobs)
         mbs = self._microbatches(rows, version)
         # The loss is a mean over the whole mini-batch (all DP ranks): DDP averages over DP, hence / dp.
-        if self.loss_fn.aggregation == "token-mean":
-            total = sum(len(row.tokens) - row.prompt_len for row in rows)
-        else:
-            total = sum(1 for row in rows if len(row.tokens) > row.prompt_len)
+        total = self.loss_fn.normalizer_count([len(row.tokens) - row.prompt_len for row in rows])
         normalizer = max(total, 1) / self.dp_size
         return train_update(
             self.model,

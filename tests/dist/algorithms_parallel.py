@@ -35,12 +35,14 @@ def check_global_m2(rank: int, world: int) -> None:
         lp, blp, adv, mask = heavy_tailed_batch(seed)
         if seed == 2:
             mask[1::2] = False  # rank 1 holds no response tokens at all
-        whole = compute_m2_threshold(lp, blp, adv, mask)  # DP=1, one micro-batch
+        whole = compute_m2_threshold(lp, blp, adv, mask, m2_budget=0.04)  # DP=1, one micro-batch
         assert not math.isinf(whole), "the test batch must need masking"
         mine = slice(rank, None, world)  # this rank's sequences (interleaved)
         micro = [slice(0, 1), slice(1, 3), slice(3, 5), slice(5, 8)]  # 4 uneven micro-batches of 8 rows
         local = [t[mine] for t in (lp, blp, adv, mask)]
-        split = compute_m2_threshold(*[[t[m] for m in micro] for t in local], process_group=dist.group.WORLD)
+        split = compute_m2_threshold(
+            *[[t[m] for m in micro] for t in local], process_group=dist.group.WORLD, m2_budget=0.04
+        )
         assert split == whole, (seed, split, whole)
 
         # the loss with that threshold: same mask, same loss and gradients as the whole batch in one process
