@@ -57,7 +57,7 @@ def test_generate_batch_scores_every_sample(setup):
             assert [s.group_index for s in g.samples] == [0, 1, 2]
             assert all(s.reward == float(len(s.response_text) % 2) for s in g.samples)
         m = manager.metrics()
-        assert m["rollout/groups"] == 4 and m["rollout/samples_per_group"] == 3
+        assert m["rollout/groups"] == 4 and m["rollout/responses_per_group"] == 3
         assert manager.state_dict() == dataset.state_dict()  # nothing in flight
     finally:
         manager.stop()

@@ -274,8 +274,8 @@ class RolloutManager:
             "rollout/duplicate_groups": float(self._counts["duplicates"]),
             "rollout/skipped_accepted": float(self._counts["skipped_accepted"]),
             "rollout/reward_mean": self._reward_sum / samples,
-            "rollout/response_len_mean": self._counts["response_tokens"] / samples,
-            "rollout/samples_per_group": self._counts["samples"] / groups,
+            "rollout/generated_response_length_mean": self._counts["response_tokens"] / samples,
+            "rollout/responses_per_group": self._counts["samples"] / groups,
         }
         out.update(self.farm.metrics())
         out.update(self.dataset.metrics())

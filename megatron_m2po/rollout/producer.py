@@ -152,8 +152,10 @@ class Producer:
         # The manager's running reward mean is over everything generated; the loop logs the consumed batch's.
         out["rollout/generated_reward_mean"] = rollout.pop("rollout/reward_mean", 0.0)
         out.update(rollout)
-        tokens = rollout.get("rollout/response_len_mean", 0.0) * rollout.get("rollout/groups", 0.0)
-        tokens *= rollout.get("rollout/samples_per_group", 0.0)
+        tokens = rollout.get("rollout/generated_response_length_mean", 0.0) * rollout.get(
+            "rollout/groups", 0.0
+        )
+        tokens *= rollout.get("rollout/responses_per_group", 0.0)
         now = time.monotonic()
         if self._gen_seconds > 0:  # sync / fixed: tokens over the time spent generating
             out["perf/gen_tokens_per_s"] = self._gen_tokens / self._gen_seconds
