@@ -32,7 +32,12 @@ EXTRAS = {
         "msgspec>=0.18",  # loads the pinned SGLang schema in tests/test_sglang_contract.py
         "scipy>=1.11",  # chi-square test of sampled tokens (tests/test_sampling_independence.py)
         "datasets>=2.19",  # the [hub] prompt path, tested on local files
+        "wandb>=0.19",  # the [tracking] backends, tested offline
+        "mlflow-skinny>=3.0",
     ],
+    # Experiment trackers beside TensorBoard (logging.backends). mlflow-skinny: the client and the local file
+    # store without the server's dependencies; the full `mlflow` package works the same.
+    "tracking": ["wandb>=0.19", "mlflow-skinny>=3.0"],
     # Prompt sets by Hugging Face Hub name (data.path: BytedTsinghua-SIA/DAPO-Math-17k) or a dataset folder.
     "hub": ["datasets>=2.19"],
     # GPU clusters run two environments (docs/rollout.md, "Two environments"): sglang 0.5.23 pins torch==2.14.1

@@ -27,3 +27,5 @@ M2Scope = Literal["global", "per_microbatch"]
 NonFinite = Literal["raise", "mask"]
 # The benchmark test sets shipped with the package (megatron_m2po/data/benchmarks), by name.
 BenchmarkName = Literal["math500", "aime24", "amc23", "gsm8k", "minerva_math", "olympiadbench"]
+# The experiment trackers `logging.backends` may name (megatron_m2po/trackers).
+TrackerName = Literal["tensorboard", "wandb", "mlflow"]

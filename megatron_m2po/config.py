@@ -20,7 +20,14 @@ from typing import Any, Literal
 
 import yaml
 
-from megatron_m2po.choices import AdvantageEstimator, Aggregation, BenchmarkName, LossName, M2Scope
+from megatron_m2po.choices import (
+    AdvantageEstimator,
+    Aggregation,
+    BenchmarkName,
+    LossName,
+    M2Scope,
+    TrackerName,
+)
 
 StalenessMode = Literal["sync", "fixed", "bounded"]
 
@@ -370,8 +377,24 @@ class LoggingConfig:
         "runs/default", "output dir: TensorBoard events, checkpoints, queue journal, resolved config"
     )
     console: Literal["rich", "tqdm", "none"] = opt("rich", "per-step console progress line")
-    tensorboard: bool = opt(True, "write TensorBoard event files to run_dir/tb")
-    histograms: bool = opt(True, "log the staleness histogram every step")
+    backends: list = opt(
+        ["tensorboard"],
+        "experiment trackers that get the metrics, the config and the git commit: any of tensorboard "
+        "(run_dir/tb), wandb, mlflow (the [tracking] extra); [] = the console only",
+    )
+    run_name: str = opt("", "the run's name in wandb and MLflow; empty = the name of run_dir")
+    wandb_project: str = opt("megatron_m2po", "wandb project")
+    wandb_entity: str = opt("", "wandb team or user; empty = your default entity")
+    wandb_mode: Literal["online", "offline"] = opt(
+        "online", "offline: the run stays in run_dir/wandb (upload it later with `wandb sync`)"
+    )
+    mlflow_tracking_uri: str = opt(
+        "",
+        "MLflow tracking server or store URI; empty = a local file store in run_dir/mlruns "
+        "(`mlflow ui --backend-store-uri RUN_DIR/mlruns`)",
+    )
+    mlflow_experiment: str = opt("megatron_m2po", "MLflow experiment the run is filed under")
+    histograms: bool = opt(True, "log the staleness histogram every step (to the trackers that have them)")
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = opt("INFO", "python logging level")
 
 
@@ -444,6 +467,8 @@ _MOVED = {
     "algorithm.tis_cap": "it was split by meaning into algorithm.tis_ratio_cap (the tis loss), "
     "algorithm.behavior_weight_cap (decoupled_ppo) and algorithm.engine_mismatch_tis_cap "
     "(the engine-mismatch TIS factor)",
+    "logging.tensorboard": "trackers are chosen by logging.backends, a list of tensorboard, wandb, mlflow: "
+    "logging.backends=[tensorboard] (the default) keeps TensorBoard, logging.backends=[] turns it off",
     **{
         old: f"it is now {new} (the same meaning)"
         for old, new in {
@@ -702,14 +727,19 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         )
     if r.router_url and r.engine != "sglang":
         raise ConfigError(f"'rollout.router_url': only for rollout.engine=sglang, got {r.engine}")
-    unknown = [b for b in cfg.eval.benchmarks if b not in typing.get_args(BenchmarkName)]
-    if unknown:
-        close = difflib.get_close_matches(str(unknown[0]), typing.get_args(BenchmarkName), n=1)
-        raise ConfigError(
-            f"'eval.benchmarks': {unknown[0]!r} is not a shipped benchmark "
-            f"({', '.join(typing.get_args(BenchmarkName))})"
-            + (f"; did you mean '{close[0]}'?" if close else "")
-        )
+    for key, values, allowed in (
+        ("logging.backends", cfg.logging.backends, typing.get_args(TrackerName)),
+        ("eval.benchmarks", cfg.eval.benchmarks, typing.get_args(BenchmarkName)),
+    ):
+        for value in values:
+            if value not in allowed:
+                close = difflib.get_close_matches(str(value), allowed, n=1)
+                raise ConfigError(
+                    f"'{key}': {value!r} is not one of {list(allowed)}"
+                    + (f" (did you mean '{close[0]}'?)" if close else "")
+                )
+        if len(set(values)) != len(values):
+            raise ConfigError(f"'{key}': {values} names one twice")
     if cfg.eval.every and not (cfg.eval.benchmarks or cfg.eval.path):
         raise ConfigError("'eval.benchmarks': name at least one (or set eval.path) when eval.every > 0")
     if world_size is not None:

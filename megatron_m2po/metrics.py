@@ -1,8 +1,8 @@
-"""Training metrics: TensorBoard scalars/histograms and one console progress line per step.
+"""Training metrics: scalars and histograms to the experiment trackers (TensorBoard, wandb, MLflow:
+`trackers/`) and one console progress line per step.
 
-One name per quantity across TensorBoard, console and docs, grouped by area: `rollout/`, `queue/`,
-`loss/`, `perf/`, `train/`, `eval/`. Only rank 0 writes; other ranks get a disabled logger so the
-loop can call it unconditionally.
+One name per quantity across trackers, console and docs, grouped by area (`NAMESPACES`). Only rank 0
+writes; other ranks get a disabled logger so the loop can call it unconditionally.
 """
 
 from __future__ import annotations
@@ -11,8 +11,12 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
+
+from megatron_m2po.config import LoggingConfig
+from megatron_m2po.trackers import RunInfo, Tracker, code_commit, start_trackers
 
 logger = logging.getLogger(__name__)
 
@@ -109,11 +113,11 @@ class _ConsoleLine:
 
 
 class MetricsLogger:
-    """Writes scalars and histograms to `run_dir/tb` and shows a console line per step (rank 0 only).
+    """Sends scalars and histograms to the trackers of `backends` and shows a console line per step (rank 0).
 
-    TensorBoard is a record, not the run: if writing it fails (a full disk), the error is logged once, the
-    writer is dropped, and the writes lost from then on are counted (`tensorboard_failures`, logged at
-    close).
+    A tracker is a record, not the run: one that cannot start is a `TrackerStartError` here, before the run
+    spends anything, but if one fails later (a full disk, a lost server) the error is logged once, the
+    tracker is dropped, and the writes lost from then on are counted (`failures`, logged at close).
     """
 
     def __init__(
@@ -122,87 +126,95 @@ class MetricsLogger:
         *,
         total_steps: int,
         start_step: int = 0,
-        tensorboard: bool = True,
+        backends: Sequence[str] = ("tensorboard",),
+        settings=None,
+        config: Mapping[str, Any] | None = None,
         console: str = "rich",
         enabled: bool = True,
     ) -> None:
+        """`settings`: the config's `logging` section (wandb / MLflow options; defaults when None);
+        `config`: the resolved config every tracker records."""
         self.enabled = enabled
-        self.writer = None
         self.console = None
-        self.tb_dir = Path(run_dir) / "tb"
-        self.tensorboard_failures = 0
+        self.trackers: list[Tracker] = []
+        self.failures: dict[str, int] = {}
         if not enabled:
             return
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            # purge_step drops events of the steps a resumed run redoes, so the curves stay single-valued.
-            try:
-                purge = start_step + 1 if start_step else None
-                self.writer = SummaryWriter(str(self.tb_dir), purge_step=purge)
-            except OSError as e:
-                self._tensorboard_failed(e)
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        settings = settings or LoggingConfig()
+        run = RunInfo(
+            run_dir,
+            settings.run_name or run_dir.resolve().name,
+            dict(config or {}),
+            code_commit(),
+            start_step,
+        )
+        self.trackers = start_trackers(backends, run, settings)
+        self.failures = {t.title: 0 for t in self.trackers}
         self.console = _ConsoleLine(console, total_steps, start_step)
 
-    def _tensorboard(self, method: str, *args) -> None:
-        """`writer.method(*args)`; after an OS error the writer is dropped and each lost write counted."""
-        if self.tensorboard_failures:
-            self.tensorboard_failures += 1
+    def _write(self, tracker: Tracker, method: str, *args) -> None:
+        """`tracker.method(*args)`; after its first failure the tracker is dropped and each lost write counted."""
+        if self.failures[tracker.title]:
+            self.failures[tracker.title] += 1
             return
         try:
-            getattr(self.writer, method)(*args)
-        except OSError as e:
-            self._tensorboard_failed(e)
-
-    def _tensorboard_failed(self, e: OSError) -> None:
-        self.tensorboard_failures += 1
-        if self.tensorboard_failures == 1:
-            self.writer = None
+            getattr(tracker, method)(*args)
+        except tracker.errors as e:
+            self.failures[tracker.title] += 1
             logger.error(
-                "TensorBoard: writing %s failed (%s); the run continues without TensorBoard, the lost writes "
-                "are counted and reported when the run ends",
-                self.tb_dir,
+                "%s: writing %s failed (%s); the run continues without %s, the lost writes are counted and "
+                "reported when the run ends",
+                tracker.title,
+                tracker.location,
                 e,
+                tracker.title,
             )
 
     def log(self, step: int, scalars: Mapping[str, float], *, console: bool = True) -> None:
-        """Write every finite scalar (a non-finite one is logged as a warning and still written)."""
+        """Write every scalar (a non-finite one is logged as a warning and still written)."""
         if not self.enabled:
             return
+        values = {}
         for tag, value in scalars.items():
             if not tag.startswith(NAMESPACES):
                 raise ValueError(f"metric '{tag}' is outside the namespaces {NAMESPACES}")
             if value is None:
                 continue
-            value = float(value)
-            if not math.isfinite(value):
+            values[tag] = float(value)
+            if not math.isfinite(values[tag]):
                 logger.warning("metric %s is %s at step %d", tag, value, step)
-            if self.writer is not None or self.tensorboard_failures:
-                self._tensorboard("add_scalar", tag, value, step)
+        for tracker in self.trackers:
+            self._write(tracker, "scalars", step, values)
         if console and self.console is not None:
             self.console.update(step, scalars)
 
     def histogram(self, step: int, tag: str, values: Iterable[float]) -> None:
-        if not self.enabled or (self.writer is None and not self.tensorboard_failures):
+        if not self.trackers:
             return
         import numpy as np
 
         arr = np.asarray(list(values), dtype=np.float64)
         if arr.size:
-            self._tensorboard("add_histogram", tag, arr, step)
+            for tracker in self.trackers:
+                self._write(tracker, "histogram", step, tag, arr)
 
     def flush(self) -> None:
-        if self.writer is not None:
-            self._tensorboard("flush")
+        for tracker in self.trackers:
+            self._write(tracker, "flush")
 
     def close(self) -> None:
         if self.console is not None:
             self.console.close()
-        if self.writer is not None:
-            self._tensorboard("close")
-        if self.tensorboard_failures:
-            lost, where = self.tensorboard_failures, self.tb_dir
-            logger.error("TensorBoard: %d writes to %s were lost after it failed", lost, where)
+        for tracker in self.trackers:
+            self._write(tracker, "close")
+        for tracker in self.trackers:
+            if self.failures[tracker.title]:
+                lost = self.failures[tracker.title]
+                logger.error(
+                    "%s: %d writes to %s were lost after it failed", tracker.title, lost, tracker.location
+                )
 
 
 def _tb_dir(run_dir: str | Path) -> Path:

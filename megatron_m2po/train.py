@@ -94,7 +94,9 @@ def train(cfg: Config, *, resume: bool | str = False) -> dict[str, float]:
         run_dir,
         total_steps=cfg.train.steps,
         start_step=progress.step,
-        tensorboard=cfg.logging.tensorboard,
+        backends=cfg.logging.backends,
+        settings=cfg.logging,
+        config=cfg.to_dict(),
         console=cfg.logging.console,
         enabled=is_rank0,
     )

@@ -32,13 +32,13 @@ def recipe(tmp_path):
 def test_yaml_and_overrides_are_typed(recipe):
     cfg = load_config(
         recipe,
-        ["algorithm.m2_budget=0.05", "train.steps=7", "rollout.urls=[a,b]", "logging.tensorboard=false"],
+        ["algorithm.m2_budget=0.05", "train.steps=7", "rollout.urls=[a,b]", "logging.backends=[wandb,mlflow]"],
     )
     assert cfg.train.lr == 1e-6 and isinstance(cfg.train.lr, float)  # YAML 1.1 reads 1e-6 as a string
     assert cfg.algorithm.m2_budget == 0.05
     assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
     assert cfg.rollout.urls == ["a", "b"]
-    assert cfg.logging.tensorboard is False
+    assert cfg.logging.backends == ["wandb", "mlflow"]
     assert cfg.updates_per_step == 2
 
 
@@ -68,7 +68,10 @@ def test_fixed_lag_is_k_times_updates_per_step(recipe):
         ("rollout.top_p=1.5", "'rollout.top_p': must be <= 1"),
         ("staleness.mode=boundd", "did you mean 'bounded'"),
         ("train.groups_per_update=3", "'train.groups_per_update': 3 does not divide"),
-        ("logging.tensorboard=maybe", "'logging.tensorboard': expected true/false"),
+        ("logging.histograms=maybe", "'logging.histograms': expected true/false"),
+        ("logging.tensorboard=false", "'logging.tensorboard' is no longer a key: .*logging.backends=.tensorboard."),
+        ("logging.backends=[tensorboard,wanb]", "'logging.backends': 'wanb' is not one of .*did you mean 'wandb'"),
+        ("logging.backends=[mlflow,mlflow]", "'logging.backends': .* names one twice"),
         ("staleness.fixed_lag_steps=2", "only used in fixed mode"),
         ("rollout.behavior_logprobs=trainer", "needs staleness.mode sync or fixed"),
         ("algorithm.dual_clip=0.5", "'algorithm.dual_clip'"),
@@ -77,7 +80,7 @@ def test_fixed_lag_is_k_times_updates_per_step(recipe):
         ("algorithm.clip_eps=0", "'algorithm.clip_eps': must be > 0"),
         ("algorithm.tis_cap=2", "'algorithm.tis_cap' is no longer a key: .* algorithm.tis_ratio_cap"),
         ("staleness.max_staleness=-1", "'staleness.max_staleness': must be >= 0"),
-        ("eval.benchmarks=[math500,aime2024]", "'aime2024' is not a shipped .*did you mean 'aime24'"),
+        ("eval.benchmarks=[math500,aime2024]", "'eval.benchmarks': 'aime2024' is not one of .*did you mean 'aime24'"),
         ("eval.every=5", "'eval.benchmarks': name at least one .*set eval.path.* when eval.every > 0"),
         ("model.path=", "'model.path': required"),
         ("nonsense", "section.key=value"),

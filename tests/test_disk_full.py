@@ -157,8 +157,8 @@ def test_tensorboard_failure_is_logged_once_counted_and_the_run_goes_on(tmp_path
     messages = [r.getMessage() for r in caplog.records if "TensorBoard" in r.getMessage()]
     assert len(messages) == 2, messages
     assert f"writing {tmp_path / 'tb'} failed ([Errno 28] No space left on device)" in messages[0]
-    assert log.tensorboard_failures >= 3
-    assert messages[1].startswith(f"TensorBoard: {log.tensorboard_failures} writes")
+    assert log.failures["TensorBoard"] >= 3
+    assert messages[1].startswith(f"TensorBoard: {log.failures['TensorBoard']} writes")
     assert read_scalars(tmp_path)["loss/value"] == [(1, 1.0)]  # what was written before stays readable
 
 

@@ -24,7 +24,7 @@ def test_scalars_and_histograms_round_trip(tmp_path):
 
 
 def test_unknown_namespace_is_refused(tmp_path):
-    m = MetricsLogger(tmp_path, total_steps=1, console="none", tensorboard=False)
+    m = MetricsLogger(tmp_path, total_steps=1, console="none", backends=())
     with pytest.raises(ValueError, match="'reward_mean' is outside the namespaces"):
         m.log(1, {"reward_mean": 1.0})
 

@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 
 from megatron_m2po.metrics import read_histogram_tags, read_scalars
+from megatron_m2po.trackers.mlflow_tracker import mlflow_name
 from tests.conftest import REPO, subprocess_env, torchrun_prefix
+from tests.tracker_records import mlflow_run, wandb_config, wandb_history
 
 REQUIRED_TAGS = (
     "rollout/reward_mean",
@@ -119,9 +121,11 @@ def assert_metrics_logged(run_dir: Path, steps: int) -> dict:
     return series
 
 
-def test_shipped_benchmarks_are_evaluated_by_name_during_training(setup):
+def test_benchmarks_by_name_and_every_tracker_in_a_training_run(setup):
     """eval.benchmarks names shipped sets: each is scored before the first step and after the last, under
-    its own `eval/<set>/` tags, and `eval/accuracy` is their mean (the figure the console shows)."""
+    its own `eval/<set>/` tags, and `eval/accuracy` is their mean (the figure the console shows). Every
+    tracker of logging.backends (wandb offline, MLflow to its local store) gets the same scalars as
+    TensorBoard, and the run's config."""
     root, recipe = setup
     run_dir = root / "eval_by_name"
     sets = ["gsm8k", "amc23"]
@@ -134,6 +138,8 @@ def test_shipped_benchmarks_are_evaluated_by_name_during_training(setup):
         f"eval.benchmarks=[{','.join(sets)}]",
         "eval.every=1",
         "eval.max_prompts=2",
+        "logging.backends=[tensorboard,wandb,mlflow]",
+        "logging.wandb_mode=offline",
     )
     series = read_scalars(run_dir)
     for name in sets:
@@ -143,6 +149,18 @@ def test_shipped_benchmarks_are_evaluated_by_name_during_training(setup):
         mean = sum(dict(series[f"eval/{name}/accuracy"])[step] for name in sets) / len(sets)
         assert dict(series["eval/accuracy"])[step] == pytest.approx(mean)
     assert all(v > 0 for _, v in series["eval/gsm8k/response_length_mean"])
+
+    wandb_rows = wandb_history(run_dir)
+    client, mlflow = mlflow_run(run_dir)
+    assert set(mlflow.data.metrics) == {mlflow_name(tag) for tag in series}
+    for tag, points in series.items():  # TensorBoard stores float32: equal to 1e-6
+        steps, values = [p[0] for p in points], pytest.approx([p[1] for p in points], rel=1e-6)
+        history = client.get_metric_history(mlflow.info.run_id, mlflow_name(tag))
+        assert [m.step for m in history] == steps and [m.value for m in history] == values, tag
+        assert [wandb_rows[step][tag] for step in steps] == values, tag
+    assert wandb_rows[1]["train/staleness/_type"] == "histogram"
+    assert wandb_config(run_dir)["eval"]["benchmarks"] == sets
+    assert mlflow.data.params["eval.benchmarks"] == str(sets)
 
 
 def test_fixed_mode_end_to_end_lag_is_exact_and_resume_continues_exactly(setup):
