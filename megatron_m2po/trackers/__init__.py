@@ -14,6 +14,7 @@ import subprocess
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -126,8 +127,6 @@ def code_commit() -> str:
             return git("rev-parse", "HEAD") + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return f"megatron_m2po {version('megatron_m2po')} (not a git checkout)"
     except PackageNotFoundError:
