@@ -22,6 +22,7 @@ weights (`trainer/staleness.py`; docs/training.md):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -96,7 +97,7 @@ def train(cfg: Config, *, resume: bool | str = False) -> dict[str, float]:
         start_step=progress.step,
         backends=cfg.logging.backends,
         settings=cfg.logging,
-        config=cfg.to_dict(),
+        config=dataclasses.asdict(cfg),
         console=cfg.logging.console,
         enabled=is_rank0,
     )

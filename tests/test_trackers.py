@@ -4,6 +4,7 @@ clients; a tracker that cannot start is a named error; one that fails mid-run is
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import shutil
@@ -35,7 +36,7 @@ def _log_run(run_dir, backends, *, start_step=0, steps=STEPS, **settings):
         start_step=start_step,
         backends=backends,
         settings=LoggingConfig(**settings),
-        config=config.to_dict(),
+        config=dataclasses.asdict(config),
         console="none",
     )
     for step, scalars in steps.items():

@@ -36,7 +36,7 @@ class RunInfo:
 
     run_dir: Path
     name: str  # the run's name in wandb / MLflow
-    config: dict[str, Any]  # the resolved config, as `Config.to_dict()`
+    config: dict[str, Any]  # the resolved config, as `dataclasses.asdict(Config)`
     commit: str  # `code_commit()`
     start_step: int  # > 0: a resumed run, which continues the backend's run of that run_dir
 
