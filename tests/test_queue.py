@@ -56,7 +56,7 @@ def test_admit_waits_until_the_trainer_moves():
     q.publish_version(1)
     assert q.admit(timeout=0) and q.admit(timeout=0) and not q.admit(timeout=0)
     m = q.metrics()
-    assert m["queue/admitted"] == 6 and m["queue/admit_waits"] == 3 and m["queue/in_flight"] == 2
+    assert m["queue/admitted"] == 6 and m["queue/admit_waits"] == 3 and m["queue/inflight"] == 2
 
 
 def test_admit_for_a_lagging_engine():
@@ -188,7 +188,7 @@ def test_duplicates_and_releases():
     assert q.admit(2, timeout=0)
     assert q.put(make_group("a", 0))
     assert not q.put(make_group("a", 0))  # duplicate: refused, and its reservation is used up
-    assert q.metrics()["queue/in_flight"] == 0 and q.metrics()["queue/duplicates"] == 1
+    assert q.metrics()["queue/inflight"] == 0 and q.metrics()["queue/duplicates"] == 1
     assert q.admit(timeout=0)
     q.release()
     with pytest.raises(ValueError, match="only 0 groups are reserved"):
@@ -244,7 +244,7 @@ def test_admit_async_waits_without_blocking_the_loop_and_is_cancel_safe():
         assert await q.put_async(make_group("b", 1))
 
     asyncio.run(main())
-    assert q.metrics()["queue/in_flight"] == 0  # the cancelled admit reserved nothing
+    assert q.metrics()["queue/inflight"] == 0  # the cancelled admit reserved nothing
 
 
 @pytest.mark.parametrize("producer_kind", ["thread", "asyncio"])

@@ -349,7 +349,7 @@ _FULL_DISK = textwrap.dedent(
         except OSError as e:
             assert e.errno == errno.EFBIG, e
             assert len(q) == i and f"f{{i}}" not in q.accepted_prompt_ids()
-            assert q.metrics()["queue/in_flight"] == 1  # the failed put left its reservation to release
+            assert q.metrics()["queue/inflight"] == 1  # the failed put left its reservation to release
             q.release()
             print(i, flush=True)
             break

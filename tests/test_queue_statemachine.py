@@ -136,7 +136,7 @@ class BoundedQueueMachine(RuleBasedStateMachine):
         versions = [self.accepted[p] for p in queued]
         assert versions == sorted(versions), "not FIFO by version"
         m = self.q.metrics()
-        assert m["queue/depth"] == len(queued) and m["queue/in_flight"] == len(self.reservations)
+        assert m["queue/depth"] == len(queued) and m["queue/inflight"] == len(self.reservations)
 
 
 class WellBehavedBoundedMachine(RuleBasedStateMachine):

@@ -30,7 +30,7 @@ def level_capacity(level: int, *, version: int, max_staleness: int, groups_per_u
 
 
 def bounded_admissible(
-    n_groups: int,
+    num_groups: int,
     at_version: int,
     *,
     version: int,
@@ -39,7 +39,7 @@ def bounded_admissible(
     max_staleness: int,
     groups_per_update: int,
 ) -> bool:
-    """True when `n_groups` started at policy version `at_version` can all be consumed within the bound."""
+    """True when `num_groups` started at policy version `at_version` can all be consumed within the bound."""
     if version - at_version > max_staleness:
         return False
 
@@ -49,11 +49,11 @@ def bounded_admissible(
         )
 
     cum = consumed_at_version + sum(count for level, count in pending.items() if level <= at_version)
-    if cum + n_groups > cap(at_version):
+    if cum + num_groups > cap(at_version):
         return False
     for level in sorted(lv for lv in pending if lv > at_version):
         cum += pending[level]
-        if cum <= cap(level) < cum + n_groups:
+        if cum <= cap(level) < cum + num_groups:
             return False
     return True
 

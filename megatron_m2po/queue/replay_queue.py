@@ -178,9 +178,9 @@ class ReplayQueue:
             self._notify_locked()
 
     # ------------------------------------------------------------------ producer
-    def _take_admission_locked(self, n_groups: int, at_version: int) -> bool | None:
-        """Reserve `n_groups` started at `at_version` if allowed; None when it can never be."""
-        if self._occupied_locked() + n_groups > self.capacity:
+    def _take_admission_locked(self, num_groups: int, at_version: int) -> bool | None:
+        """Reserve `num_groups` started at `at_version` if allowed; None when it can never be."""
+        if self._occupied_locked() + num_groups > self.capacity:
             return False
         if self.mode == "bounded":
             if self._version - at_version > self.max_staleness:
@@ -193,7 +193,7 @@ class ReplayQueue:
                 return None
             pending = self._queued_levels + self._reserved
             if not bounded_admissible(
-                n_groups,
+                num_groups,
                 at_version,
                 version=self._version,
                 consumed_at_version=self._consumed_at_version,
@@ -202,34 +202,34 @@ class ReplayQueue:
                 groups_per_update=self.groups_per_update,
             ):
                 return False
-        self._reserved[at_version] += n_groups
-        self._counters["admitted"] += n_groups
+        self._reserved[at_version] += num_groups
+        self._counters["admitted"] += num_groups
         return True
 
-    def _check_admit_args(self, n_groups: int) -> None:
-        if n_groups < 1:
-            raise ValueError(f"admit: n_groups must be >= 1, got {n_groups}")
-        if n_groups > self.capacity:
-            raise ValueError(f"admit: n_groups={n_groups} exceeds capacity {self.capacity}")
+    def _check_admit_args(self, num_groups: int) -> None:
+        if num_groups < 1:
+            raise ValueError(f"admit: num_groups must be >= 1, got {num_groups}")
+        if num_groups > self.capacity:
+            raise ValueError(f"admit: num_groups={num_groups} exceeds capacity {self.capacity}")
         bound = (self.max_staleness + 1) * self.groups_per_update
-        if self.mode == "bounded" and n_groups > bound:
+        if self.mode == "bounded" and num_groups > bound:
             raise ValueError(
-                f"admit: n_groups={n_groups} can never fit within max_staleness: at most "
+                f"admit: num_groups={num_groups} can never fit within max_staleness: at most "
                 f"(max_staleness + 1) * groups_per_update = {bound}"
             )
 
-    def admit(self, n_groups: int = 1, timeout: float | None = None, *, version: int | None = None) -> bool:
-        """Producer: block until `n_groups` prompts may start; reserves them. False on timeout/close.
+    def admit(self, num_groups: int = 1, timeout: float | None = None, *, version: int | None = None) -> bool:
+        """Producer: block until `num_groups` prompts may start; reserves them. False on timeout/close.
 
         `version`: the policy version the engine will generate with (default: the trainer's
         current version); pass the engine's version when engines lag the trainer.
         """
-        self._check_admit_args(n_groups)
+        self._check_admit_args(num_groups)
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             counted = False
             while True:
-                decided = self._try_admit_locked(n_groups, version, counted)
+                decided = self._try_admit_locked(num_groups, version, counted)
                 if decided is not None:
                     return decided
                 counted = True
@@ -239,17 +239,17 @@ class ReplayQueue:
                 self._cond.wait(remaining)
 
     async def admit_async(
-        self, n_groups: int = 1, timeout: float | None = None, *, version: int | None = None
+        self, num_groups: int = 1, timeout: float | None = None, *, version: int | None = None
     ) -> bool:
         """`admit` for the asyncio producer: waits without blocking the event loop; cancel-safe."""
-        self._check_admit_args(n_groups)
+        self._check_admit_args(num_groups)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         counted = False
         while True:
             event = asyncio.Event()
             with self._cond:
-                decided = self._try_admit_locked(n_groups, version, counted)
+                decided = self._try_admit_locked(num_groups, version, counted)
                 if decided is not None:
                     return decided
                 counted = True
@@ -267,13 +267,13 @@ class ReplayQueue:
                     if waiter in self._async_waiters:
                         self._async_waiters.remove(waiter)
 
-    def _try_admit_locked(self, n_groups: int, version: int | None, counted: bool) -> bool | None:
+    def _try_admit_locked(self, num_groups: int, version: int | None, counted: bool) -> bool | None:
         """One admission attempt: True (reserved) or False (closed / can never fit) is final; None = wait.
 
         A wait is counted once per `admit` call (`counted` says it already was)."""
         if self._closed:
             return False
-        ok = self._take_admission_locked(n_groups, self._version if version is None else version)
+        ok = self._take_admission_locked(num_groups, self._version if version is None else version)
         if ok is None:  # can never be admitted (too far behind the trainer)
             return False
         if ok:
@@ -282,22 +282,22 @@ class ReplayQueue:
             self._counters["admit_waits"] += 1
         return None
 
-    def release(self, n_groups: int = 1, *, version: int | None = None) -> None:
+    def release(self, num_groups: int = 1, *, version: int | None = None) -> None:
         """Producer: give back reservations of aborted work (the newest ones unless `version` is given)."""
         with self._cond:
             total = sum(self._reserved.values())
-            if n_groups > total:
-                raise ValueError(f"release({n_groups}): only {total} groups are reserved")
+            if num_groups > total:
+                raise ValueError(f"release({num_groups}): only {total} groups are reserved")
             if version is not None:
-                if self._reserved[version] < n_groups:
+                if self._reserved[version] < num_groups:
                     raise ValueError(
-                        f"release({n_groups}, version={version}): only {self._reserved[version]} reserved at it"
+                        f"release({num_groups}, version={version}): only {self._reserved[version]} reserved at it"
                     )
-                _decrement(self._reserved, version, n_groups)
+                _decrement(self._reserved, version, num_groups)
             else:
-                for _ in range(n_groups):
+                for _ in range(num_groups):
                     _decrement(self._reserved, max(self._reserved))
-            self._counters["released"] += n_groups
+            self._counters["released"] += num_groups
             self._notify_locked()
 
     def _use_reservation_locked(self, low: int) -> int | None:
@@ -647,7 +647,7 @@ class ReplayQueue:
                 "queue/version": float(self._version),
                 "queue/depth": float(len(self._entries)),
                 "queue/depth_tokens": float(self._queued_tokens),
-                "queue/in_flight": float(sum(self._reserved.values()) + self._writing),
+                "queue/inflight": float(sum(self._reserved.values()) + self._writing),
                 **{f"queue/{k}": float(v) for k, v in self._counters.items()},
                 **self._staleness.metrics(),
             }
