@@ -4,7 +4,7 @@
 #
 #   docker build -t megatron_m2po .
 #   docker run --gpus all --ipc=host --ulimit memlock=-1 -v $PWD/runs:/workspace/megatron_m2po/runs megatron_m2po \
-#       torchrun --nproc-per-node 8 -m megatron_m2po.train --config examples/<model>/<recipe>.yaml
+#       torchrun --nproc-per-node 8 -m megatron_m2po train --config examples/<model>/<recipe>.yaml
 #
 # The NGC release pins torch/TE/apex built together; the constraints below keep that stack. In examples/common/
 # node.sh the trainer runs under TRAINER_PYTHON (this image), the servers under ROLLOUT_PYTHON (the other).

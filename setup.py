@@ -59,5 +59,5 @@ setup(
     package_data={"megatron_m2po.data.benchmarks": ["*.jsonl", "README.md"]},
     install_requires=CORE,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["m2po = megatron_m2po.cli:main"]},
+    entry_points={"console_scripts": ["m2po = megatron_m2po.commands.m2po:main"]},
 )

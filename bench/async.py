@@ -65,7 +65,7 @@ def run_mode(recipe: Path, run_dir: Path, mode: str, args, engine_overrides: lis
             f"rollout.sync_every={args.updates_per_step}",
         ]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "megatron_m2po.train", "--config", str(recipe), *overrides]
+    cmd = [sys.executable, "-m", "megatron_m2po", "train", "--config", str(recipe), *overrides]
     t0 = time.monotonic()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)

@@ -5,7 +5,7 @@
     OMP_NUM_THREADS=1 python -m bench.engine_batching --before bca40bf   # also the engine as of that commit
 
 What a fixed-mode training update asks of the engine: the rollout manager submits `--prompts` requests at
-once (one per prompt, n = `--samples` each). The model is the demo's (megatron_m2po/demo.py DEMO_MODEL,
+once (one per prompt, n = `--samples` each). The model is the demo's (megatron_m2po/commands/demo.py DEMO_MODEL,
 ~0.9M parameters, untrained), the prompts the demo's first training problems in its template. Every sample
 decodes exactly `--max-new-tokens` tokens (no stop tokens), so both variants do the same work:
 
@@ -38,9 +38,9 @@ import types  # noqa: E402
 
 import torch  # noqa: E402
 
+from megatron_m2po.commands.demo import prepare_task  # noqa: E402
 from megatron_m2po.data.arithmetic import DEMO_TEMPLATE  # noqa: E402
 from megatron_m2po.data.prompts import PromptDataset  # noqa: E402
-from megatron_m2po.demo import prepare_task  # noqa: E402
 from megatron_m2po.rollout.engines.local import LocalEngine  # noqa: E402
 from megatron_m2po.types import SamplingParams  # noqa: E402
 

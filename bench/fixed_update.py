@@ -40,7 +40,7 @@ PARTS = ("time_generate", "time_train", "time_wait", "time_sync", "time_generate
 def warm_model(out: Path, steps: int) -> tuple[Path, dict[str, Path]]:
     """The demo's task files and a briefly warm-started tiny model under `out` (built once, then reused; not
     built for `steps` = 0)."""
-    from megatron_m2po.demo import prepare_task, warm_start_model
+    from megatron_m2po.commands.demo import prepare_task, warm_start_model
 
     data, base = prepare_task(out)
     warm = out / f"warmstart_{steps}"
@@ -109,7 +109,8 @@ def start(tree: Path, run_dir: Path, warm: Path, data: dict[str, Path], args, lo
     cmd = [
         sys.executable,
         "-m",
-        "megatron_m2po.train",
+        "megatron_m2po",
+        "train",
         "--config",
         "examples/cpu_demo/config.yaml",
         *overrides,

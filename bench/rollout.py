@@ -32,8 +32,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from megatron_m2po.checkpoint import iter_hf_tensors  # noqa: E402
-from megatron_m2po.models import load_hf_config, load_policy  # noqa: E402
+from megatron_m2po.checkpoint import iter_hf_tensors, load_policy  # noqa: E402
+from megatron_m2po.models import load_hf_config  # noqa: E402
 from megatron_m2po.models.tiny import make_tiny_model  # noqa: E402
 from megatron_m2po.platform import destroy_distributed, init_distributed  # noqa: E402
 from megatron_m2po.rollout.engines.local import LocalEngine  # noqa: E402

@@ -1,4 +1,4 @@
-"""The one place that knows CPU vs GPU: process groups, dtype, device, layer spec, and Megatron's CUDA shims.
+"""The one place that knows CPU vs GPU: process groups, dtype, device, Transformer Engine, and Megatron's CUDA shims.
 
 Megatron-core 0.16 assumes CUDA in a handful of places that are not about the math: it asks for
 `torch.cuda.current_device()`, creates small bookkeeping tensors with `device="cuda"` (pipeline
@@ -77,44 +77,6 @@ def has_transformer_engine() -> bool:
     except Exception:  # noqa: BLE001 - a broken TE install must fall back to the local spec, not crash
         return False
     return True
-
-
-def gpt_decoder_spec(config, *, use_transformer_engine: bool | None = None):
-    """The Megatron decoder spec: Transformer Engine (fused norms + attention) on GPUs that have it, else the
-    local spec with torch RMSNorm and SDPA attention (CPU, or GPU without TE), as a block spec so that
-    every norm, the final one included, can run under sequence parallelism (`_RMSNorm`)."""
-    from megatron.core.models.gpt import gpt_layer_specs
-    from megatron.core.transformer.transformer_block import (
-        TransformerBlockSubmodules,
-        get_num_layers_to_build,
-    )
-
-    if use_transformer_engine is None:
-        use_transformer_engine = has_transformer_engine()
-    if use_transformer_engine:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
-
-    from megatron_m2po.models.sdpa_attention import SDPAttention
-
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
-    layer, attention = spec.submodules, spec.submodules.self_attention.submodules
-    attention.core_attention = SDPAttention
-    layer.input_layernorm = layer.pre_mlp_layernorm = _RMSNorm
-    if config.qk_layernorm:
-        attention.q_layernorm = attention.k_layernorm = _RMSNorm
-    return TransformerBlockSubmodules(
-        layer_specs=[spec] * get_num_layers_to_build(config), layer_norm=_RMSNorm
-    )
-
-
-class _RMSNorm(torch.nn.RMSNorm):
-    """torch RMSNorm with Megatron's norm constructor (`WrappedTorchNorm` refuses sequence parallelism):
-    under it each TP rank normalises its slice of the sequence, so the weight is marked for the TP
-    all-reduce of its gradient that Megatron's `finalize_model_grads` does for `sequence_parallel` params."""
-
-    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **kwargs: Any):
-        super().__init__(normalized_shape=hidden_size, eps=eps)
-        self.weight.sequence_parallel = config.sequence_parallel
 
 
 # ----------------------------------------------------------------------------------------------- CPU shims
@@ -316,6 +278,16 @@ def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed:
     stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
     torch.manual_seed(stage_seed)
     mp_tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
+
+
+def rank() -> int:
+    """This process's global rank (0 outside torch.distributed)."""
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def world() -> int:
+    """The number of processes (1 outside torch.distributed)."""
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
 
 
 def destroy_distributed() -> None:

@@ -1,4 +1,4 @@
-"""The training loop: `python -m megatron_m2po.train --config RECIPE.yaml [a.b=value ...] [--resume]`.
+"""The training loop, `train(cfg)`; its command is `m2po train` (`python -m megatron_m2po train` under torchrun).
 
 Runs under `torchrun` (any TP x PP x DP) or as one plain process. Rank 0 also hosts the rollout side
 (prompts, engines, rewards, replay queue: `rollout/producer.py`); the other ranks see it through
@@ -21,34 +21,25 @@ weights (`trainer/staleness.py`; docs/training.md):
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from megatron_m2po import console, platform
+from megatron_m2po import platform
 from megatron_m2po.checkpoint.convert import export_hf_dir
 from megatron_m2po.checkpoint.megatron_ckpt import is_megatron_checkpoint
-from megatron_m2po.config import Config, ConfigError, load_config, validate_parallel
-from megatron_m2po.io_errors import WriteError
+from megatron_m2po.config import Config, validate_parallel
 from megatron_m2po.metrics import MetricsLogger
 from megatron_m2po.models import load_hf_config
-from megatron_m2po.rollout.manager import ProducerStopped
 from megatron_m2po.rollout.producer import Producer
 from megatron_m2po.trainer import checkpointing
-from megatron_m2po.trainer.distribute import (
-    SharedProducer,
-    broadcast_from_rank0,
-    merge_metrics_to_rank0,
-    rank,
-)
+from megatron_m2po.trainer.distribute import SharedProducer, broadcast_from_rank0, merge_metrics_to_rank0
 from megatron_m2po.trainer.engine_sync import EngineSync
 from megatron_m2po.trainer.policy import Policy
 from megatron_m2po.trainer.run_state import ConsumedLog, restore, save
@@ -78,7 +69,7 @@ def train(cfg: Config, *, resume: bool | str = False) -> dict[str, float]:
     # before Megatron starts: a layout it cannot split is a config error naming the key, not its traceback
     validate_parallel(cfg, int(os.environ.get("WORLD_SIZE", "1")), load_hf_config(cfg.model.path))
     platform.init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline, seed=cfg.train.seed)
-    run_dir, is_rank0 = Path(cfg.logging.run_dir), rank() == 0
+    run_dir, is_rank0 = Path(cfg.logging.run_dir), platform.rank() == 0
     if is_rank0:
         run_dir.mkdir(parents=True, exist_ok=True)
         checkpointing.remove_partial(run_dir / "checkpoints")  # before writing: a failed save's disk
@@ -166,68 +157,3 @@ def evaluate(producer: SharedProducer, engines: EngineSync, version: int) -> dic
     """Held-out accuracy through the engines (rank 0), after giving them the current weights (collective)."""
     engines.push(version)
     return producer.evaluate(version)
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="YAML recipe")
-    parser.add_argument(
-        "--resume",
-        nargs="?",
-        const=True,
-        default=False,
-        metavar="PATH",
-        help="continue from the newest checkpoint in run_dir that loads (older ones are tried if the newest "
-        "is damaged); --resume=PATH continues from that checkpoint (a dir, or a step_N name in run_dir)",
-    )
-    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-6")
-
-
-def run(args: argparse.Namespace) -> int:
-    if isinstance(args.resume, str) and "=" in args.resume:  # `--resume a.b=c`: an override, not a PATH
-        args.overrides, args.resume = [args.resume, *args.overrides], True
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    level, fmt = getattr(logging, cfg.logging.level), f"[rank{rank()}] %(name)s: %(message)s"
-    console.setup(getattr(args, "verbose", False), level, fmt)  # --verbose: other libraries' messages too
-    try:
-        train(cfg, resume=args.resume)
-    except ConfigError as e:  # found once the model or the run dir is looked at
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    except (ProducerStopped, WriteError, checkpointing.CheckpointError) as e:  # named; the last checkpoint kept
-        logger.error("the run stopped: %s (fix it, then continue with --resume)", e, exc_info=True)
-        return 1
-    platform.destroy_distributed()
-    return 0
-
-
-def _spawned_children_skip_this_module() -> None:
-    """Spawned helpers (the reward pool's workers) re-import the main module before running; this one pulls in
-    Megatron and torch (~10 s each on a laptop). They need nothing from it, so point them at the light CLI."""
-    main_module = sys.modules.get("__main__")
-    if getattr(getattr(main_module, "__spec__", None), "name", None) == "megatron_m2po.train":
-        import importlib.util
-
-        main_module.__spec__ = importlib.util.find_spec("megatron_m2po.cli")
-
-
-def main(argv: list[str] | None = None) -> int:
-    _spawned_children_skip_this_module()
-    parser = argparse.ArgumentParser(
-        prog="python -m megatron_m2po.train",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    console.add_verbose_argument(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from megatron_m2po import platform
+from megatron_m2po.checkpoint import load_policy
 from megatron_m2po.checkpoint.convert import convert_hf_to_megatron, convert_megatron_to_hf
 from megatron_m2po.checkpoint.hf_io import INDEX_FILE, HFSafetensorsReader
-from megatron_m2po.models import load_hf_config, load_policy
+from megatron_m2po.models import load_hf_config
 from megatron_m2po.models.tiny import make_tiny_model
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[1]

@@ -184,7 +184,7 @@ def test_a_tensor_parallel_size_that_cannot_split_the_model_is_a_config_error(tm
 
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "megatron_m2po.train", "--config", str(recipe), "parallel.tensor=3",
+        [sys.executable, "-m", "megatron_m2po", "train", "--config", str(recipe), "parallel.tensor=3",
          f"logging.run_dir={run_dir}"],
         capture_output=True, text=True, timeout=300, env=subprocess_env(OMP_NUM_THREADS="1"), cwd=REPO,
     )  # fmt: skip

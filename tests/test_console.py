@@ -21,11 +21,11 @@ from tests.conftest import subprocess_env
 SCRIPT = textwrap.dedent(
     """
     import sys
-    from megatron_m2po import cli
+    from megatron_m2po.commands import m2po
     from megatron_m2po.rollout.rewards import RewardPool, math_reward
 
     verbose = sys.argv[1:] == ["--verbose"]
-    assert cli.main(["train", "--config", "/nonexistent/recipe.yaml", *sys.argv[1:]]) == 2
+    assert m2po.main(["train", "--config", "/nonexistent/recipe.yaml", *sys.argv[1:]]) == 2
     assert math_reward("\\\\boxed{\\\\frac{1}{2}}", "0.5") == 1.0  # not plain integers: math-verify parses
     with RewardPool(workers=1) as pool:
         assert pool.score(["\\\\boxed{0.25}"], ["\\\\frac14"]) == [1.0]

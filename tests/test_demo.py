@@ -34,7 +34,7 @@ THIRD_PARTY_NOISE = (
 def _demo(out: Path, *args: str, timeout: float) -> tuple[subprocess.CompletedProcess, str]:
     env = subprocess_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run(
-        [sys.executable, "-m", "megatron_m2po.cli", "demo", "--out", str(out), *args],
+        [sys.executable, "-m", "megatron_m2po", "demo", "--out", str(out), *args],
         capture_output=True,
         text=True,
         timeout=timeout,

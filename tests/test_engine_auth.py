@@ -64,7 +64,7 @@ def test_rollout_node_serves_in_the_rollout_environment_with_the_key(tmp_path):
     proc, calls = _node(tmp_path, NNODES="2", NODE_RANK="1", M2PO_API_KEY="s3cret")
     assert proc.returncode == 0, proc.stderr
     (call,) = calls
-    assert call.startswith("rollout-python KEY=s3cret ARGS=-m megatron_m2po.rollout.engines.sglang_launcher")
+    assert call.startswith("rollout-python KEY=s3cret ARGS=-m megatron_m2po engines")
     assert "--host 0.0.0.0" in call and "--tp 2 " in call and "--servers 4 " in call
 
 
@@ -185,8 +185,8 @@ def test_launched_cpu_server_requires_the_key(tmp_path):
 
 
 def test_engines_cli_names_the_missing_key_variable(monkeypatch):
-    from megatron_m2po.rollout.engines.sglang_launcher import main
+    from megatron_m2po.commands.m2po import main
 
     monkeypatch.delenv("M2PO_API_KEY", raising=False)
     with pytest.raises(SystemExit, match="set M2PO_API_KEY"):
-        main(["--model", "m", "--host", "0.0.0.0", "--backend", "local"])
+        main(["engines", "--model", "m", "--host", "0.0.0.0", "--backend", "local"])

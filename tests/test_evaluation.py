@@ -1,4 +1,4 @@
-"""tools/evaluate.py (megatron_m2po.evaluation): pass@k / avg@k math, and end-to-end runs on real benchmark files."""
+"""`m2po evaluate` (commands/evaluate.py, rollout/evaluation.py): pass@k / avg@k math, and end-to-end runs on real benchmark files."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from megatron_m2po.commands.evaluate import format_table
 from megatron_m2po.data.benchmarks import get_benchmark
-from megatron_m2po.evaluation import FileSpec, evaluate, format_table, pass_at_k, summarize
+from megatron_m2po.rollout.evaluation import FileSpec, evaluate, pass_at_k, summarize
 from megatron_m2po.types import SamplingParams
 
 torch.set_num_threads(1)
@@ -79,7 +80,7 @@ BENCHMARKS = ["math500", "aime24", "amc23", "minerva_math", "olympiadbench", "gs
 
 
 def test_end_to_end_on_the_shipped_benchmarks_by_name(tiny_model, tmp_path):
-    from megatron_m2po.cli import main
+    from megatron_m2po.commands.m2po import main
 
     out = tmp_path / "eval.json"
     rc = main(
@@ -128,7 +129,7 @@ def test_end_to_end_on_the_shipped_benchmarks_by_name(tiny_model, tmp_path):
 
 
 def test_evaluate_without_a_set_names_the_options(tiny_model):
-    from megatron_m2po.cli import main
+    from megatron_m2po.commands.m2po import main
 
     with pytest.raises(SystemExit, match=r"--benchmark \(math500, aime24, .*\) and/or --data FILE"):
         main(["evaluate", str(tiny_model)])
@@ -175,7 +176,7 @@ def test_custom_field_mapping_and_errors_name_the_file(tiny_model, tmp_path):
 def test_the_engines_are_built_as_the_trainers(monkeypatch):
     """`m2po evaluate --engine sglang` builds its clients with the trainer's own builder: a router URL takes
     generation while /server_info goes to each server behind it, and the API key comes from M2PO_API_KEY."""
-    from megatron_m2po.evaluation import build_engine
+    from megatron_m2po.rollout.evaluation import build_engine
 
     monkeypatch.setenv("M2PO_API_KEY", "eval-key")
     servers = ["http://10.0.0.1:30000", "http://10.0.0.2:30000/"]

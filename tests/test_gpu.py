@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from megatron_m2po import platform
-from megatron_m2po.models import forward_logits, load_hf_config, load_policy
+from megatron_m2po.checkpoint import load_policy
+from megatron_m2po.models import forward_logits, load_hf_config
 from megatron_m2po.models.tiny import make_tiny_model
 
 pytestmark = pytest.mark.gpu

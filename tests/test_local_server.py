@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from megatron_m2po.models.tiny import make_tiny_model
+from megatron_m2po.net import free_port
 from megatron_m2po.rollout.engines.local import LocalEngine
 from megatron_m2po.rollout.engines.local_server import (
     NOT_FLUSHED,
@@ -26,7 +27,6 @@ from megatron_m2po.rollout.engines.local_server import (
     main,
     parse_sampling,
 )
-from megatron_m2po.rollout.engines.sglang_launcher import free_port
 
 torch.set_num_threads(1)
 

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_m2po.checkpoint.mapping import (
+from megatron_m2po.models.mapping import (
     LAYER_RULES,
     Layout,
     hf_slices_for_rank,

@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from megatron_m2po.cli import main as cli_main
+from megatron_m2po.commands.m2po import main as cli_main
+from megatron_m2po.commands.plot import plot_run
 from megatron_m2po.metrics import MetricsLogger, mfu, read_histogram_tags, read_scalars
-from megatron_m2po.plot import plot_run
 
 
 def test_scalars_and_histograms_round_trip(tmp_path):

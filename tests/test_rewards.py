@@ -12,10 +12,10 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from megatron_m2po.data.answers import extract_last_boxed
 from megatron_m2po.data.benchmarks import get_benchmark
 from megatron_m2po.rollout.rewards import (
     RewardPool,
-    extract_last_boxed,
     load_reward_fn,
     math_reward,
     math_reward_with_format,

@@ -1,4 +1,4 @@
-"""The demo's supervised warm start (megatron_m2po/sft.py, through demo.warm_start_model) on the real task
+"""The demo's supervised warm start (megatron_m2po/commands/sft.py, through demo.warm_start_model) on the real task
 files and the demo's tiny Qwen3: when it checks validation accuracy, when it stops, and what it records."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_m2po import demo
-from megatron_m2po.sft import WarmStartResult, warm_start
+from megatron_m2po.commands import demo
+from megatron_m2po.commands.sft import WarmStartResult, warm_start
 
 torch.set_num_threads(1)
 
@@ -41,8 +41,8 @@ def test_warm_start_learns_the_response_tokens(task):
     """Cross-entropy on two problems' responses falls within a few steps: the loop trains on its pairs."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from megatron_m2po.commands.sft import response_ids
     from megatron_m2po.data.prompts import PromptDataset
-    from megatron_m2po.sft import response_ids
 
     _, data, base = task
     tokenizer = AutoTokenizer.from_pretrained(base)

@@ -22,11 +22,11 @@ from aiohttp import web
 from safetensors.torch import save_file
 
 from megatron_m2po.models.tiny import make_tiny_model
+from megatron_m2po.net import free_port, is_healthy
 from megatron_m2po.rollout.engines.base import EngineError, EngineReplyError, EngineRequestError
 from megatron_m2po.rollout.engines.local import LocalEngine
 from megatron_m2po.rollout.engines.local_server import LocalSGLangServer
 from megatron_m2po.rollout.engines.sglang import SGLangEngine, parse_generate_reply, token_versions
-from megatron_m2po.rollout.engines.sglang_launcher import free_port, is_healthy
 from megatron_m2po.rollout.farm import EngineFarm
 from megatron_m2po.types import SamplingParams
 
@@ -326,7 +326,8 @@ def test_update_group_rebuilt_when_an_engine_joins_or_dies(hf_dir, tmp_path):
     left out of the next group, the other goes on. After each update the served log-probs are the trainer's."""
     from test_weight_sync import PARAMS, max_diff, trainer_logprobs
 
-    from megatron_m2po.models import load_hf_config, load_policy
+    from megatron_m2po.checkpoint import load_policy
+    from megatron_m2po.models import load_hf_config
     from megatron_m2po.platform import destroy_distributed, init_distributed
     from megatron_m2po.rollout.engines.sglang_launcher import EngineLauncher
     from megatron_m2po.sync import WeightSync
@@ -404,7 +405,8 @@ def test_a_refused_bucket_takes_that_engine_out_not_the_update(hf_dir, tmp_path,
     farm routes around it with the server's message logged, and the other engine serves the new weights."""
     from test_weight_sync import PARAMS, max_diff, trainer_logprobs
 
-    from megatron_m2po.models import load_hf_config, load_policy
+    from megatron_m2po.checkpoint import load_policy
+    from megatron_m2po.models import load_hf_config
     from megatron_m2po.models.tiny import make_tiny_model
     from megatron_m2po.platform import destroy_distributed, init_distributed
     from megatron_m2po.rollout.engines.sglang_launcher import EngineLauncher
@@ -530,7 +532,7 @@ def test_engines_cli_serves_until_sigterm(hf_dir, tmp_path):
         [
             sys.executable,
             "-m",
-            "megatron_m2po.cli",
+            "megatron_m2po",
             "engines",
             "--model",
             str(hf_dir),

@@ -27,6 +27,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from megatron_m2po.net import free_port
 from megatron_m2po.rollout.engines.base import EngineError
 from megatron_m2po.rollout.engines.sglang import (
     CONTROL_ROUTES,
@@ -36,7 +37,6 @@ from megatron_m2po.rollout.engines.sglang import (
     parse_generate_reply,
     token_versions,
 )
-from megatron_m2po.rollout.engines.sglang_launcher import free_port
 from megatron_m2po.rollout.seeding import request_seed
 from megatron_m2po.types import SamplingParams
 

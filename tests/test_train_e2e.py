@@ -1,4 +1,4 @@
-"""End to end: `python -m megatron_m2po.train` on a tiny model with the local engine, real queue journal,
+"""End to end: `python -m megatron_m2po train` on a tiny model with the local engine, real queue journal,
 real Megatron checkpoints; then the event files are read back, and runs are resumed and killed."""
 
 from __future__ import annotations
@@ -83,9 +83,9 @@ def train_cmd(
         ["--resume"] if resume else []
     )
     if nproc == 1:
-        return [sys.executable, "-m", "megatron_m2po.train", *args]
+        return [sys.executable, "-m", "megatron_m2po", "train", *args]
     # as a module: a script path would put megatron_m2po/ first on sys.path (its platform.py)
-    return [*torchrun_prefix(nproc), "-m", "megatron_m2po.train", *args]
+    return [*torchrun_prefix(nproc), "-m", "megatron_m2po", "train", *args]
 
 
 def env() -> dict[str, str]:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from megatron_m2po.algorithms import vocab_parallel_logprobs
-from megatron_m2po.models import forward_logits, load_hf_config, load_policy
+from megatron_m2po.checkpoint import load_policy
+from megatron_m2po.models import forward_logits, load_hf_config
 from megatron_m2po.models.tiny import make_tiny_model
 from megatron_m2po.platform import destroy_distributed, init_distributed
 from megatron_m2po.rollout.engines.local import LocalEngine
@@ -144,7 +145,8 @@ def test_iter_buckets_bounds_bytes():
 def test_distributed_transport_to_engine_process(policy, tmp_path):
     """The GPU protocol on CPU: SGLang's /init_weights_update_group + /update_weights_from_distributed to an
     engine process, tensors broadcast over a separate gloo group (NCCL on GPU) from the trainer."""
-    from megatron_m2po.rollout.engines.sglang_launcher import EngineLauncher, free_port
+    from megatron_m2po.net import free_port
+    from megatron_m2po.rollout.engines.sglang_launcher import EngineLauncher
     from megatron_m2po.sync.broadcast import DistributedWeightBroadcaster
 
     hf_dir, model, hf_config = policy
@@ -185,7 +187,8 @@ def test_distributed_transport_to_engine_process(policy, tmp_path):
 )
 def test_nccl_transport_to_real_sglang_server(tmp_path):
     """GPU path: the trainer (cuda:0) broadcasts to a real SGLang server (cuda:1) over NCCL."""
-    from megatron_m2po.rollout.engines.sglang_launcher import EngineLauncher, free_port
+    from megatron_m2po.net import free_port
+    from megatron_m2po.rollout.engines.sglang_launcher import EngineLauncher
     from megatron_m2po.sync.broadcast import DistributedWeightBroadcaster
 
     hf_dir = make_tiny_model(

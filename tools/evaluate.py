@@ -1,6 +1,7 @@
 """`python tools/evaluate.py CHECKPOINT --benchmark math500 ... [--data FILE ...]`: accuracy (avg@k, pass@k) of a checkpoint.
 
-The same as `m2po evaluate`; the code lives in `megatron_m2po.evaluation` (the CPU demo uses it too).
+The same as `m2po evaluate` (`megatron_m2po/commands/evaluate.py`; its library, `rollout/evaluation.py`, serves the
+trainer's held-out evaluation and the CPU demo too).
 """
 
 from __future__ import annotations
@@ -8,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_m2po.evaluation import __doc__ as _doc
-from megatron_m2po.evaluation import add_arguments, run
+from megatron_m2po.commands.evaluate import __doc__ as _doc
+from megatron_m2po.commands.evaluate import add_arguments, run
 
 __all__ = ["add_arguments", "run", "main"]
 

@@ -48,7 +48,7 @@ export M2PO_API_KEY  # read by the launcher (--api-key-env) and the trainer (rol
 serve() {  # serve GPUS on this node with SGLang servers of ENGINE_TP GPUs each, bound to HOST (blocks)
   local gpus=$1 host=$2
   local servers=$((gpus / ENGINE_TP))
-  exec "${ROLLOUT_PY[@]}" -m megatron_m2po.rollout.engines.sglang_launcher --model "$MODEL_DIR" \
+  exec "${ROLLOUT_PY[@]}" -m megatron_m2po engines --model "$MODEL_DIR" \
     --servers "$servers" --tp "$ENGINE_TP" --host "$host" --base-port "$ENGINE_BASE_PORT" \
     --log-dir "$LOG_DIR/engines-node$NODE_RANK"
 }
@@ -91,4 +91,4 @@ overrides=("model.path=$MODEL_DIR" "data.path=$TRAIN_DATA" "rollout.engine=sglan
 exec "${TRAINER_PY[@]}" -m torch.distributed.run \
   --nnodes "$TRAIN_NODES" --nproc-per-node "$GPUS_TRAIN" --node-rank "$NODE_RANK" \
   --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$RDZV_PORT" --rdzv-id "$RUN_ID" \
-  -m megatron_m2po.train --config "$RECIPE" "${overrides[@]}" "$@"
+  -m megatron_m2po train --config "$RECIPE" "${overrides[@]}" "$@"

@@ -12,7 +12,7 @@ updates old (the paper's protocol; s = 0 is `sync`). The first s updates train o
 own samples (update u on data u - 1 updates old: the warm-start phase); every later batch is exactly s
 updates old (the steady phase). At s = 0 every importance ratio is 1 and every loss computes the
 on-policy gradient, so s = 0 is run once, as `on_policy`, and the other losses run at every s > 0. Each
-run is a separate `python -m megatron_m2po.train` process (`--jobs` at a time) working under
+run is a separate `python -m megatron_m2po train` process (`--jobs` at a time) working under
 OUT/runs/<run>.
 
 What lasts is the run's record, RESULTS/runs/<run>/ (RESULTS defaults to docs/results, committed):
@@ -158,9 +158,9 @@ def recipe_train(config: Path) -> dict:
 def heldout_correct(hf_dir: Path, heldout: Path, n: int) -> str:
     """Which of the first n held-out problems the model answers correctly, greedily (the demo's decoding),
     as a string of 0 and 1 in file order."""
+    from megatron_m2po.commands.demo import MAX_NEW_TOKENS
     from megatron_m2po.data.arithmetic import DEMO_TEMPLATE
-    from megatron_m2po.demo import MAX_NEW_TOKENS
-    from megatron_m2po.evaluation import FileSpec, evaluate
+    from megatron_m2po.rollout.evaluation import FileSpec, evaluate
     from megatron_m2po.types import SamplingParams
 
     (result,) = evaluate(
@@ -187,7 +187,7 @@ def prepare(
     """The demo's task files and warm-started model, built once per (split, warm start) and reused by every
     run, and the warm start's per-problem greedy correctness on all held-out problems (where every run
     starts from)."""
-    from megatron_m2po.demo import prepare_task, warm_start_model
+    from megatron_m2po.commands.demo import prepare_task, warm_start_model
 
     legacy = (split, warm_start) == (LEGACY["split"], LEGACY["warm_start"])
     task = out / ("task" if legacy else f"task-{warm_start}-{split}")
@@ -314,7 +314,8 @@ def train_one(out, record, run_dir, settings, warm, data, start_correct, lock, a
             [
                 sys.executable,
                 "-m",
-                "megatron_m2po.train",
+                "megatron_m2po",
+                "train",
                 "--config",
                 str(args.config),
                 *(["--resume"] if resume is not None else []),

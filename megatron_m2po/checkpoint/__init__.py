@@ -1,7 +1,8 @@
-"""HF <-> Megatron weights: mapping tables, live-model gathering, converters, Megatron checkpoints."""
+"""HF <-> Megatron weights: loading a policy, live-model gathering, converters, Megatron checkpoints."""
 
 from megatron_m2po.checkpoint.convert import convert_hf_to_megatron, convert_megatron_to_hf, export_hf_dir
 from megatron_m2po.checkpoint.gather import iter_hf_tensors
+from megatron_m2po.checkpoint.loading import load_policy
 from megatron_m2po.checkpoint.megatron_ckpt import (
     is_megatron_checkpoint,
     load_model_checkpoint,
@@ -17,6 +18,7 @@ __all__ = [
     "export_hf_dir",
     "is_megatron_checkpoint",
     "iter_hf_tensors",
+    "load_policy",
     "load_model_checkpoint",
     "load_sharded",
     "model_sharded_state_dict",

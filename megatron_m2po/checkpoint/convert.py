@@ -26,12 +26,16 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing import ShardedTensor
 from tqdm import tqdm
 
+from megatron_m2po import platform
+from megatron_m2po.checkpoint.gather import iter_hf_tensors
 from megatron_m2po.checkpoint.hf_io import (
     HFSafetensorsReader,
     copy_non_weight_files,
     write_sharded_safetensors,
 )
-from megatron_m2po.checkpoint.mapping import (
+from megatron_m2po.checkpoint.megatron_ckpt import FORMAT, MARKER_FILE, MODEL_SUBDIR, is_megatron_checkpoint
+from megatron_m2po.models.hf_config import MEGATRON_HF_SUBDIR, hf_config_dir, load_hf_config
+from megatron_m2po.models.mapping import (
     Layout,
     WeightRule,
     architecture,
@@ -41,8 +45,6 @@ from megatron_m2po.checkpoint.mapping import (
     to_hf_tensors,
     to_megatron_shard,
 )
-from megatron_m2po.checkpoint.megatron_ckpt import FORMAT, MARKER_FILE, MODEL_SUBDIR, is_megatron_checkpoint
-from megatron_m2po.models.hf_config import MEGATRON_HF_SUBDIR, load_hf_config
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +65,6 @@ def _release_freed_memory() -> None:
 
 
 def _ensure_single_process_group() -> None:
-    from megatron_m2po import platform
-
     if not torch.distributed.is_initialized():
         platform.init_distributed()
 
@@ -237,9 +237,6 @@ def export_hf_dir(
     `source_dir` is where config.json and the tokenizer come from (the HF dir or a converter dir the run
     started from).
     """
-    from megatron_m2po.checkpoint.gather import iter_hf_tensors
-    from megatron_m2po.models.hf_config import hf_config_dir
-
     out = Path(out_dir)
     tensors = iter_hf_tensors(model, hf_config)
     if torch.distributed.get_rank() == 0:

@@ -11,7 +11,8 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from megatron_m2po.checkpoint.mapping import (
+from megatron_m2po.models.builder import unwrap_model
+from megatron_m2po.models.mapping import (
     Layout,
     WeightRule,
     global_rules,
@@ -58,8 +59,6 @@ def iter_hf_tensors(model, hf_config) -> Iterator[tuple[str, torch.Tensor | None
     are yielded on the model-parallel source rank (tp_rank 0 and pp_rank 0, in every data-parallel replica);
     every other rank yields the same names with `None`. Tensors are on the model's device in its dtype.
     """
-    from megatron_m2po.models.builder import unwrap_model
-
     gpt = unwrap_model(model)
     params = dict(gpt.named_parameters())
     te = any(name.endswith("layer_norm_weight") for name in params)

@@ -11,7 +11,8 @@ from megatron.core import parallel_state
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron_m2po.checkpoint.hf_io import HFSafetensorsReader
-from megatron_m2po.checkpoint.mapping import (
+from megatron_m2po.models.builder import unwrap_model
+from megatron_m2po.models.mapping import (
     Layout,
     WeightRule,
     global_rules,
@@ -28,8 +29,6 @@ logger = logging.getLogger(__name__)
 
 def local_rules(model, hf_config) -> Iterator[tuple[WeightRule, str, int | None]]:
     """(rule, megatron parameter name, global layer) for every parameter this rank's model holds."""
-    from megatron_m2po.models.builder import unwrap_model
-
     gpt = unwrap_model(model)
     params = dict(gpt.named_parameters())
     te = any(name.endswith("layer_norm_weight") for name in params)
@@ -48,8 +47,6 @@ def local_rules(model, hf_config) -> Iterator[tuple[WeightRule, str, int | None]
 
 def load_hf_weights(model, hf_dir: str | Path, hf_config) -> None:
     """Copy the HF weights into this rank's parameters; every parameter must be covered exactly once."""
-    from megatron_m2po.models.builder import unwrap_model
-
     gpt = unwrap_model(model)
     params = dict(gpt.named_parameters())
     tp_rank = parallel_state.get_tensor_model_parallel_rank()

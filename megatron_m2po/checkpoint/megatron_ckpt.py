@@ -32,8 +32,9 @@ from megatron.core.dist_checkpointing.strategies import filesystem_async
 from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_m2po.checkpoint.hf_io import copy_non_weight_files
-from megatron_m2po.checkpoint.mapping import architecture
+from megatron_m2po.models.builder import unwrap_model
 from megatron_m2po.models.hf_config import MEGATRON_HF_SUBDIR
+from megatron_m2po.models.mapping import architecture
 
 logger = logging.getLogger(__name__)
 
@@ -172,8 +173,6 @@ def model_sharded_state_dict(model, *, weights_only: bool = True) -> dict:
     a checkpoint converted from HF, one saved by a local-spec model and one saved by a TE model all load
     into each other.
     """
-    from megatron_m2po.models.builder import unwrap_model
-
     state = unwrap_model(model).sharded_state_dict()
     if weights_only:
         state = {key: value for key, value in state.items() if not key.endswith("_extra_state")}
@@ -244,8 +243,6 @@ def load_model_checkpoint(model, path: str | Path) -> dict[str, Any]:
         raise
     except (Exception, CheckpointException) as err:  # torch's CheckpointException is a BaseException
         raise ValueError(f"{path / MODEL_SUBDIR}: cannot load the model weights ({err})") from err
-    from megatron_m2po.models.builder import unwrap_model
-
     result = unwrap_model(model).load_state_dict(loaded["model"], strict=False)
     missing = [key for key in result.missing_keys if not key.endswith("_extra_state")]
     if missing or result.unexpected_keys:

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megatron_m2po.data.answers import extract_last_boxed
 from megatron_m2po.data.benchmarks import get_benchmark
-from megatron_m2po.rollout.rewards.math_answer import extract_last_boxed
 
 logger = logging.getLogger(__name__)
 

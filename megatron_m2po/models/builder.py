@@ -10,9 +10,10 @@ from megatron.core.transformer import TransformerConfig
 from transformers import PretrainedConfig
 
 from megatron_m2po import platform
-from megatron_m2po.checkpoint.mapping import Layout, architecture
 from megatron_m2po.config import ParallelConfig
 from megatron_m2po.models.hf_config import validate_hf_config
+from megatron_m2po.models.layer_spec import gpt_decoder_spec
+from megatron_m2po.models.mapping import Layout, architecture
 
 # llama3 rope-scaling parameters megatron-core hard-codes; any other value is applied by `_set_llama3_inv_freq`.
 _MEGATRON_LLAMA3_DEFAULTS = {
@@ -94,7 +95,7 @@ def build_model(
     llama3 = rope.get("rope_type") == "llama3"
     model = GPTModel(
         config=config,
-        transformer_layer_spec=platform.gpt_decoder_spec(
+        transformer_layer_spec=gpt_decoder_spec(
             config, use_transformer_engine=use_transformer_engine
         ),
         vocab_size=hf_config.vocab_size,

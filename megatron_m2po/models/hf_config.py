@@ -7,7 +7,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, PretrainedConfig
 
-from megatron_m2po.checkpoint.mapping import architecture
+from megatron_m2po.models.mapping import architecture
 
 MEGATRON_HF_SUBDIR = "hf"  # a Megatron checkpoint dir keeps its HF config + tokenizer here
 SUPPORTED_ROPE_TYPES = ("default", "llama3")

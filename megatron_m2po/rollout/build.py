@@ -14,6 +14,11 @@ from typing import Any
 import torch
 
 from megatron_m2po.config import Config
+from megatron_m2po.data.prompts import PromptDataset
+from megatron_m2po.rollout.engines.local import LocalEngine
+from megatron_m2po.rollout.engines.sglang import SGLangEngine
+from megatron_m2po.rollout.engines.vllm import VLLMEngine
+from megatron_m2po.rollout.rewards import RewardPool
 from megatron_m2po.types import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -49,16 +54,12 @@ def queue_kwargs(cfg: Config, journal_dir: Path) -> dict[str, Any]:
 def build_engines(cfg: Config, hf_dir: str, dtype: torch.dtype) -> list:
     r = cfg.rollout
     if r.engine == "local":
-        from megatron_m2po.rollout.engines.local import LocalEngine
-
         threads = cfg.train.torch_threads or None
         return [
             LocalEngine(hf_dir, engine_id=f"local-{i}", dtype=dtype, threads=threads, seed=cfg.train.seed + i)
             for i in range(r.num_engines)
         ]
     if r.engine == "sglang":
-        from megatron_m2po.rollout.engines.sglang import SGLangEngine
-
         kwargs = {
             "deterministic": r.sglang_deterministic,
             "api_key": os.environ.get(r.api_key_env) or None,
@@ -67,8 +68,6 @@ def build_engines(cfg: Config, hf_dir: str, dtype: torch.dtype) -> list:
         if r.router_url:  # one endpoint: generation through the router, control calls to every server in urls
             return [SGLangEngine(r.router_url, worker_urls=r.urls, engine_id="sglang-router", **kwargs)]
         return [SGLangEngine(url, engine_id=f"sglang-{i}", **kwargs) for i, url in enumerate(r.urls)]
-    from megatron_m2po.rollout.engines.vllm import VLLMEngine
-
     if r.urls:  # vLLM servers (their --api-key guards generation; docs/rollout.md, "vLLM")
         api_key = os.environ.get(r.api_key_env) or None
         return [
@@ -79,8 +78,6 @@ def build_engines(cfg: Config, hf_dir: str, dtype: torch.dtype) -> list:
 
 
 def reward_pool(cfg: Config):
-    from megatron_m2po.rollout.rewards import RewardPool
-
     r = cfg.rollout
     fn_kwargs = {"format_reward": r.format_reward} if r.format_reward else None
     return RewardPool(fn=r.reward_fn, workers=r.reward_workers, timeout=r.reward_timeout, fn_kwargs=fn_kwargs)
@@ -95,8 +92,6 @@ def prompt_dataset(
     answer_key=None,
     shuffle: bool = True,
 ):
-    from megatron_m2po.data.prompts import PromptDataset
-
     d = cfg.data
     return PromptDataset(
         path or d.path,

@@ -17,9 +17,9 @@ from concurrent.futures import Future
 from typing import Any
 
 from megatron_m2po.data.prompts import Prompt, PromptDataset
+from megatron_m2po.event_loop import LoopThread
 from megatron_m2po.io_errors import WriteError
 from megatron_m2po.rollout.farm import EngineFarm, FarmError
-from megatron_m2po.rollout.loop import LoopThread
 from megatron_m2po.types import Group, SamplingParams
 
 logger = logging.getLogger(__name__)

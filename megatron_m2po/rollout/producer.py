@@ -9,6 +9,7 @@ groups accepted but not consumed by that checkpoint, and the manager skips their
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import time
@@ -18,7 +19,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from transformers import AutoTokenizer
+
 from megatron_m2po.config import Config
+from megatron_m2po.models.hf_config import hf_config_dir
+from megatron_m2po.queue import ReplayQueue
 from megatron_m2po.rollout.build import (
     build_engines,
     prompt_dataset,
@@ -26,6 +31,9 @@ from megatron_m2po.rollout.build import (
     reward_pool,
     sampling_params,
 )
+from megatron_m2po.rollout.evaluation import FULL_REWARD, FileSpec, generate_all, open_dataset, stop_token_ids
+from megatron_m2po.rollout.farm import EngineFarm
+from megatron_m2po.rollout.manager import ProducerStopped, RolloutManager
 from megatron_m2po.types import Group
 
 logger = logging.getLogger(__name__)
@@ -40,14 +48,6 @@ EVAL_RECORD = "eval_correct.csv"
 
 class Producer:
     def __init__(self, cfg: Config, trainer, run_dir: Path, *, saved: dict[str, Any] | None):
-        from transformers import AutoTokenizer
-
-        from megatron_m2po.evaluation import stop_token_ids
-        from megatron_m2po.models.hf_config import hf_config_dir
-        from megatron_m2po.queue import ReplayQueue
-        from megatron_m2po.rollout.farm import EngineFarm
-        from megatron_m2po.rollout.manager import RolloutManager
-
         self.cfg = cfg
         self.eval_record = run_dir / EVAL_RECORD
         hf_dir = str(hf_config_dir(cfg.model.path))  # a Megatron checkpoint keeps its HF files in `hf/`
@@ -131,8 +131,6 @@ class Producer:
         Raises `ProducerStopped` with the cause when no producer can deliver them any more (a persistent
         write failure, a crashed producer thread), so the wait never outlives the producer.
         """
-        from megatron_m2po.rollout.manager import ProducerStopped
-
         while True:
             groups = self.queue.get_batch(num_groups, timeout=poll_s)
             if groups:
@@ -170,10 +168,6 @@ class Producer:
 
         One set: `eval/accuracy`, ... With several (eval.benchmarks and eval.path), each set's under
         `eval/<set>/`, and `eval/accuracy` is their mean, so the console and plots read one figure."""
-        import asyncio
-
-        from megatron_m2po.evaluation import FULL_REWARD, FileSpec, generate_all, open_dataset
-
         e = self.cfg.eval
         sets = [FileSpec.benchmark(name) for name in e.benchmarks]
         if e.path:

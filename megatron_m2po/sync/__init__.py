@@ -10,7 +10,7 @@ __all__ = ["TRANSPORTS", "WeightSync", "iter_buckets"]
 
 def __getattr__(name: str):
     if name in ("WeightSync", "TRANSPORTS"):
-        from megatron_m2po.sync import weight_sync
+        from megatron_m2po.sync import weight_sync  # pulls in megatron-core, which engine servers never need
 
         return getattr(weight_sync, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

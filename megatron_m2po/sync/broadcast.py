@@ -13,24 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
 
-from megatron_m2po.rollout.engines.sglang_launcher import free_port
+from megatron_m2po.net import free_port
 from megatron_m2po.sync.process_group import broadcast_from_trainer, new_weight_update_group
 
 logger = logging.getLogger(__name__)
-
-
-def host_address() -> str:
-    """This host's address as the engines on other hosts reach it (loopback when the name does not resolve)."""
-    try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return "127.0.0.1"
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_m2po.checkpoint import iter_hf_tensors
-from megatron_m2po.rollout.loop import LoopThread
+from megatron_m2po.event_loop import LoopThread
 from megatron_m2po.sync.buckets import iter_buckets, tensor_bytes
 
 logger = logging.getLogger(__name__)

@@ -42,7 +42,7 @@ from megatron_m2po.checkpoint.megatron_ckpt import (
     verify_dist_files,
 )
 from megatron_m2po.models import unwrap_model
-from megatron_m2po.trainer.distribute import rank
+from megatron_m2po.platform import rank
 from megatron_m2po.trainer.optimizer import load_optimizer_state, prepare_for_load
 
 logger = logging.getLogger(__name__)

@@ -15,16 +15,10 @@ from typing import Any
 import torch.distributed as dist
 
 from megatron_m2po import platform
+from megatron_m2po.platform import rank, world
 from megatron_m2po.rollout.manager import ProducerStopped
+from megatron_m2po.trainer.checkpointing import oldest_trainer_state
 from megatron_m2po.types import Group
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def broadcast_from_rank0(obj: Any) -> Any:
@@ -133,8 +127,6 @@ class SharedProducer:
         """Free the journal segments that the oldest kept checkpoint consumed (`--resume` may fall back to it)."""
         if self.local is None:
             return
-        from megatron_m2po.trainer.checkpointing import oldest_trainer_state
-
         oldest = oldest_trainer_state(ckpt_root)
         if oldest is not None:
             self.local.queue.gc(oldest["queue"])

@@ -9,7 +9,9 @@ from typing import Any
 from megatron.core import parallel_state
 
 from megatron_m2po import platform
-from megatron_m2po.sync import WeightSync
+from megatron_m2po.net import free_port, host_address
+from megatron_m2po.sync.broadcast import DistributedWeightBroadcaster
+from megatron_m2po.sync.weight_sync import WeightSync
 
 
 class EngineSync:
@@ -49,9 +51,6 @@ class EngineSync:
         if transport == "disk":
             kwargs["disk_dir"] = Path(self.trainer.cfg.logging.run_dir) / "weights"
         if transport == "distributed" and self.farm is not None:
-            from megatron_m2po.rollout.engines.sglang_launcher import free_port
-            from megatron_m2po.sync.broadcast import DistributedWeightBroadcaster, host_address
-
             broadcaster = DistributedWeightBroadcaster(
                 self.farm.engines,
                 master_address=host_address(),

@@ -12,8 +12,9 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_m2po import algorithms, platform
+from megatron_m2po.checkpoint import load_policy
 from megatron_m2po.config import Config
-from megatron_m2po.models import load_hf_config, load_policy
+from megatron_m2po.models import load_hf_config
 from megatron_m2po.trainer.batching import (
     TRAINER_LOGPROBS_KEY,
     groups_to_rows,

@@ -19,7 +19,8 @@ import torch
 from megatron_m2po import platform
 from megatron_m2po.checkpoint import export_hf_dir, iter_hf_tensors
 from megatron_m2po.checkpoint.hf_io import HFSafetensorsReader
-from megatron_m2po.models import forward_logits, load_hf_config, load_policy
+from megatron_m2po.checkpoint import load_policy
+from megatron_m2po.models import forward_logits, load_hf_config
 
 ARCHS = ("qwen3", "qwen2", "llama")
 BATCH, SEQ, MICRO_BATCHES = 2, 12, 2

@@ -40,10 +40,13 @@ import os
 import secrets
 from typing import Any
 
+import torch
 from aiohttp import web
+from torch.distributed import distributed_c10d as c10d
 
 from megatron_m2po.rollout.engines.local import LocalEngine
 from megatron_m2po.rollout.engines.sglang import CONTROL_ROUTES
+from megatron_m2po.sync.process_group import broadcast_from_trainer, new_weight_update_group
 from megatron_m2po.types import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -460,8 +463,6 @@ class LocalSGLangServer:
 
     async def init_weights_update_group(self, request: web.Request) -> web.Response:
         """Join the trainer's weight-update group as rank `rank_offset` (gloo here; SGLang uses NCCL)."""
-        from megatron_m2po.sync.process_group import new_weight_update_group
-
         body = await self._body(request)
         try:
             name = body.get("group_name", "weight_update_group")
@@ -481,8 +482,6 @@ class LocalSGLangServer:
         )
 
     async def destroy_weights_update_group(self, request: web.Request) -> web.Response:
-        from torch.distributed import distributed_c10d as c10d
-
         name = (await self._body(request)).get("group_name", "weight_update_group")
         group = self.update_groups.pop(name, None)
         if group is None:
@@ -511,10 +510,6 @@ class LocalSGLangServer:
 
     async def update_weights_from_distributed(self, request: web.Request) -> web.Response:
         """Receive the announced tensors by broadcast from the trainer (rank 0), then stage them."""
-        import torch
-
-        from megatron_m2po.sync.process_group import broadcast_from_trainer
-
         body = await self._body(request)
         if self.session is None:  # sglang >= 0.5.21: refused, and the broadcast is not joined
             return _fail(

@@ -41,6 +41,7 @@ from typing import Any
 
 import aiohttp
 
+from megatron_m2po.net import free_port, is_healthy
 from megatron_m2po.rollout.engines.base import (
     Engine,
     EngineError,
@@ -113,8 +114,6 @@ def start_server(
 ) -> tuple[subprocess.Popen, str]:
     """Start `serve_command` in its own session (stop it by killing the group) and, unless `wait=False`,
     wait until it is healthy (`wait_healthy`); returns the process and its base URL."""
-    from megatron_m2po.rollout.engines.sglang_launcher import free_port
-
     port = port or free_port(host)
     cmd, env = serve_command(model, port=port, host=host, api_key=api_key, extra_args=extra_args)
     out = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115 (the child's lifetime)
@@ -128,8 +127,6 @@ def start_server(
 
 def wait_healthy(proc: subprocess.Popen, url: str, timeout: float = 600.0) -> None:
     """Poll /health; a server that exits or is not healthy within `timeout` is an error naming its log."""
-    from megatron_m2po.rollout.engines.sglang_launcher import is_healthy
-
     deadline = time.monotonic() + timeout
     while not is_healthy(url):
         if proc.poll() is not None or time.monotonic() > deadline:

@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
+from megatron_m2po import console
+
 logger = logging.getLogger(__name__)
 
 RewardFn = Callable[[str, str], float]
@@ -47,8 +49,6 @@ def load_reward_fn(path: str) -> RewardFn:
 
 def _worker_main(conn, fn_path: str, fn_kwargs: dict[str, Any]) -> None:
     """Worker process loop: receive (response, answer), send back ("ok", score) or ("error", message)."""
-    from megatron_m2po import console
-
     console.apply_inherited()  # the parent's console filters (math-verify's "Timeout is disabled")
     fn = load_reward_fn(fn_path)
     conn.send(("ready", None))

@@ -3,7 +3,7 @@
 1. generate a 2-digit addition task (train / validation / held-out splits, `data/arithmetic.py`);
 2. build a tiny Qwen3 (`models/tiny.py`) and warm-start it by supervised learning until greedy
    validation accuracy reaches a partial level (`sft.py`);
-3. measure held-out accuracy (greedy, through the evaluation tool and the local engine) while the RL stage's
+3. measure held-out accuracy (greedy, through `m2po evaluate`'s library and the local engine) while the RL stage's
    engine server boots;
 4. train it with M2PO asynchronously (`bounded` staleness: a local engine server process generates while
    this process trains, each batch at most 2 updates stale) with the real trainer (`train.py`:
@@ -26,14 +26,26 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+import psutil
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from megatron_m2po import console
+from megatron_m2po import console, platform
+from megatron_m2po.commands.plot import plot_run
+from megatron_m2po.commands.sft import greedy_accuracy, response_ids, save_hf, warm_start
+from megatron_m2po.config import load_config
 from megatron_m2po.data.arithmetic import DEMO_TEMPLATE, SPLITS, make_splits, write_splits
+from megatron_m2po.data.prompts import PromptDataset
+from megatron_m2po.metrics import read_scalars
+from megatron_m2po.models.tiny import make_tiny_model
+from megatron_m2po.rollout.engines.sglang_launcher import EngineLauncher
+from megatron_m2po.rollout.evaluation import FileSpec, evaluate, stop_token_ids
+from megatron_m2po.train import train
+from megatron_m2po.types import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO / "examples" / "cpu_demo" / "config.yaml"
 
 # ~0.9M parameters: big enough to learn 2-digit addition in a few hundred steps, small enough that
@@ -98,9 +110,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def heldout_accuracy(hf_dir: Path, heldout: Path, max_prompts: int, threads: int, name: str) -> float:
     """Greedy accuracy of an HF model dir on the task's held-out problems (the first `max_prompts`)."""
-    from megatron_m2po.evaluation import FileSpec, evaluate
-    from megatron_m2po.types import SamplingParams
-
     with console.StageBar(name, max_prompts) as bar:
         done = [0]
 
@@ -137,8 +146,6 @@ class CoreMeter:
     def __init__(self, engine_pids: list[int], interval: float = 0.5) -> None:
         """`engine_pids` empty: the engine runs in this process, and its generation is every thread but the
         main one and this meter's (the engine's worker, the rollout loop, the reward pool's pipes)."""
-        import psutil
-
         self._process, self._interval = psutil.Process(), interval
         self._engines = [psutil.Process(pid) for pid in engine_pids]
         self._main = threading.main_thread().native_id
@@ -149,8 +156,6 @@ class CoreMeter:
 
     def _cpu(self) -> tuple[float, float]:
         """CPU seconds so far of (the main thread, the engine processes)."""
-        import psutil
-
         threads = {t.id: t.user_time + t.system_time for t in self._process.threads()}
         train = threads.pop(self._main, 0.0)
         threads.pop(self._thread.native_id, None)
@@ -206,8 +211,6 @@ def prepare_task(
 ) -> tuple[dict[str, Path], Path]:
     """The arithmetic task's split files under out/data (`split`: see `make_splits`) and the random tiny
     model out/base."""
-    from megatron_m2po.models.tiny import make_tiny_model
-
     data = write_splits(out / "data", make_splits(seed=seed, num_heldout=heldout, split=split))
     base = make_tiny_model("qwen3", out / "base", seed=seed, **DEMO_MODEL)
     return data, base
@@ -230,17 +233,11 @@ def warm_start_model(
     A check (greedy decoding of the 200 validation problems) costs about two steps of 64 problems,
     and accuracy climbs steeply once it starts (0.12 -> 0.38 in 50 steps): checking every 25 steps stops
     closer to the target than every 50."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from megatron_m2po.data.prompts import PromptDataset
-    from megatron_m2po.evaluation import stop_token_ids
-    from megatron_m2po.sft import greedy_accuracy, response_ids, save_hf, warm_start
-
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    train = PromptDataset(data["train"], tokenizer, template=DEMO_TEMPLATE, shuffle=False)
+    train_set = PromptDataset(data["train"], tokenizer, template=DEMO_TEMPLATE, shuffle=False)
     validation = PromptDataset(data["validation"], tokenizer, template=DEMO_TEMPLATE, shuffle=False)
-    pairs = [(p.prompt_ids, response_ids(tokenizer, f"\\boxed{{{p.answer}}}")) for p in train]
+    pairs = [(p.prompt_ids, response_ids(tokenizer, f"\\boxed{{{p.answer}}}")) for p in train_set]
     val_prompts = [validation[i] for i in range(len(validation))]
     stops = stop_token_ids(tokenizer)
 
@@ -299,8 +296,6 @@ def _booting_engine(args, out: Path, warm: Path):
     as a GPU node runs SGLang), started in the background so that it boots on the other core while this
     process measures the held-out accuracy before RL. Yields the launcher and a function that waits until the
     server is healthy; the server stops on exit."""
-    from megatron_m2po.rollout.engines.sglang_launcher import EngineLauncher
-
     engines = EngineLauncher(warm, servers=1, backend="local", log_dir=out / "engine_logs")
     with ThreadPoolExecutor(1, thread_name_prefix="engine-boot") as pool:
         boot = pool.submit(engines.start) if args.engine == "process" else None
@@ -318,10 +313,6 @@ def _booting_engine(args, out: Path, warm: Path):
 def _rl(args, overrides: list[str], engines, urls: list[str]):
     """The RL stage: the engine server at `urls` (none: the recipe's in-process engine thread) generates while
     this process trains; weights reach it from disk after every update."""
-    from megatron_m2po import platform
-    from megatron_m2po.config import load_config
-    from megatron_m2po.train import train
-
     engine = ["rollout.engine=sglang", f"rollout.urls={json.dumps(urls)}"] if urls else []
     cfg = load_config(args.config, [*overrides, *engine, *args.overrides])
     try:
@@ -334,8 +325,6 @@ def _rl(args, overrides: list[str], engines, urls: list[str]):
 
 def _loop_seconds(run_dir: str) -> dict[str, float]:
     """The RL loop's own clock (TensorBoard `perf/time_*`, summed over steps): training, and waiting for data."""
-    from megatron_m2po.metrics import read_scalars
-
     scalars = read_scalars(run_dir)
     total = {name: sum(v for _, v in scalars.get(f"perf/time_{name}", [])) for name in ("train", "wait")}
     return {"loop_train_s": round(total["train"], 1), "loop_wait_s": round(total["wait"], 1)}
@@ -347,9 +336,6 @@ def _max_staleness(cfg) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_m2po.config import load_config
-    from megatron_m2po.plot import plot_run
-
     console.setup(getattr(args, "verbose", False))
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

@@ -1,27 +1,29 @@
-"""The `m2po` console script: one sub-command per user task, each in its own module."""
+"""The `m2po` console script (also `python -m megatron_m2po`): one sub-command per user task, each in its own module."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import sys
 
 from megatron_m2po import console
 
 # name -> (module, help). Each module exposes `add_arguments(parser)` and `run(args) -> int`.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": (
-        "megatron_m2po.demo",
+        "megatron_m2po.commands.demo",
         "tiny CPU demo: warm-start a tiny model, then M2PO RL; prints accuracy before -> after",
     ),
-    "train": ("megatron_m2po.train", "train from a YAML recipe (same as python -m megatron_m2po.train)"),
-    "plot": ("megatron_m2po.plot", "write a PNG of the main curves of a run directory"),
+    "train": (
+        "megatron_m2po.commands.train",
+        "train from a YAML recipe (under torchrun: torchrun ... -m megatron_m2po train ...)",
+    ),
+    "plot": ("megatron_m2po.commands.plot", "write a PNG of the main curves of a run directory"),
     "evaluate": (
-        "megatron_m2po.evaluation",
+        "megatron_m2po.commands.evaluate",
         "accuracy of a checkpoint on the shipped benchmarks (by name) or your own files",
     ),
     "engines": (
-        "megatron_m2po.rollout.engines.sglang_launcher",
+        "megatron_m2po.commands.engines",
         "start a node's SGLang (or CPU local) engine servers",
     ),
 }
@@ -48,7 +50,3 @@ def main(argv: list[str] | None = None) -> int:
     if verbose_flag:
         console.add_verbose_argument(sub_parser)
     return int(module.run(sub_parser.parse_args(rest)) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

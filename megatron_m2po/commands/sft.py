@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_m2po.rollout.rewards import math_reward
+
 logger = logging.getLogger(__name__)
 
 
@@ -60,8 +62,6 @@ def greedy_accuracy(
 
     Batched `generate` with left padding: fast enough to check every few dozen warm-start steps.
     """
-    from megatron_m2po.rollout.rewards import math_reward
-
     was_training = model.training
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 from megatron.core.models.gpt import GPTModel
 
+from megatron_m2po.checkpoint.hf_weights import load_hf_weights
+from megatron_m2po.checkpoint.megatron_ckpt import is_megatron_checkpoint, load_model_checkpoint
 from megatron_m2po.models.builder import build_model
 from megatron_m2po.models.hf_config import load_hf_config
 
@@ -17,9 +19,6 @@ def load_policy(path: str | Path, *, dtype: torch.dtype | None = None, parallel=
     `path` is an HF dir (config.json + safetensors) or a Megatron checkpoint dir written by
     tools/convert_hf_to_megatron.py (resharded on load to the current TP/PP).
     """
-    from megatron_m2po.checkpoint.hf_weights import load_hf_weights
-    from megatron_m2po.checkpoint.megatron_ckpt import is_megatron_checkpoint, load_model_checkpoint
-
     hf_config = load_hf_config(path)
     model = build_model(hf_config, dtype=dtype, parallel=parallel)  # parallel: config.ParallelConfig
     if is_megatron_checkpoint(path):

@@ -1,0 +1,85 @@
+"""`m2po engines --model HF_DIR --servers N [--tp T] [--router]`: serve a node's engines until SIGINT / SIGTERM.
+
+Starts the servers (`rollout/engines/sglang_launcher.py`: SGLang, or `--backend local` for CPU engines behind
+the same HTTP API), prints their URLs (or the router's) on one line, and stops them on the way out. The keys
+come from environment variables (`--api-key-env`, default M2PO_API_KEY), so they stay out of configs and shell
+history; a host other than loopback without a key is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import signal
+
+from megatron_m2po.rollout.engines.local_server import is_loopback
+from megatron_m2po.rollout.engines.sglang_launcher import EngineLauncher
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="HF model dir served by every server")
+    parser.add_argument("--servers", type=int, default=1, help="servers on this node")
+    parser.add_argument("--tp", type=int, default=1, help="tensor parallel GPUs per server")
+    parser.add_argument(
+        "--backend",
+        choices=["sglang", "local"],
+        default="sglang",
+        help="sglang: sglang.launch_server; local: megatron_m2po's LocalEngine (CPU)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="beyond loopback needs a key (--api-key-env)")
+    parser.add_argument(
+        "--api-key-env",
+        default="M2PO_API_KEY",
+        help="environment variable holding the servers' --api-key (unset: none on loopback, refused otherwise)",
+    )
+    parser.add_argument(
+        "--admin-api-key-env",
+        default="M2PO_ADMIN_API_KEY",
+        help="environment variable holding the servers' --admin-api-key for control routes (optional)",
+    )
+    parser.add_argument("--base-port", type=int, default=30000, help="server i listens on base-port + i")
+    parser.add_argument("--router", action="store_true", help="start sglang-router in front")
+    parser.add_argument("--router-port", type=int, default=29000)
+    parser.add_argument("--log-dir", default=None, help="one <name>.log per server")
+    parser.add_argument("--server-args", default="", help="extra flags for every server, one quoted string")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start the servers, print their URLs on one line, serve until SIGINT / SIGTERM."""
+    logging.basicConfig(level=logging.INFO)
+    if not os.environ.get(args.api_key_env) and not is_loopback(args.host):
+        raise SystemExit(
+            f"m2po engines: refusing to serve on {args.host} without a key: set {args.api_key_env} "
+            "(the same value the trainer's rollout.api_key_env names), or use --host 127.0.0.1"
+        )
+    launcher = EngineLauncher(
+        args.model,
+        servers=args.servers,
+        tp=args.tp,
+        backend=args.backend,
+        host=args.host,
+        ports=[args.base_port + i for i in range(args.servers)],
+        router=args.router,
+        router_port=args.router_port,
+        extra_args=shlex.split(args.server_args),
+        log_dir=args.log_dir,
+        api_key=os.environ.get(args.api_key_env) or None,
+        admin_api_key=os.environ.get(args.admin_api_key_env) or None,
+    )
+
+    def _exit(signum, frame):
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _exit)  # SIGTERM, like Ctrl-C, stops the servers on the way out
+    try:
+        launcher.start()
+        print(" ".join([launcher.router_url] if args.router else launcher.urls), flush=True)
+        while True:
+            signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        launcher.stop()
+    return 0
