@@ -1,6 +1,6 @@
 """The console: the project's own progress, and the other libraries' messages it hides (one list, with why).
 
-`setup(verbose)` is what `m2po demo` and `m2po train` call first. Without `--verbose` it installs every
+`setup(verbose)` is what `m2po demo`, `m2po train` and `m2po evaluate` call first. Without `--verbose` it installs every
 filter listed below; with it, nothing is filtered and every message comes back. Spawned workers (the reward
 pool) inherit the choice through the environment (`QUIET_ENV`) and call `apply_inherited()`.
 
@@ -83,7 +83,7 @@ def setup(verbose: bool = False, level: int = logging.INFO, fmt: str = "%(name)s
 
 
 def add_verbose_argument(parser) -> None:
-    """`--verbose` on a command that calls `setup` (`m2po demo`, `m2po train`)."""
+    """`--verbose` on a command that calls `setup` (`m2po demo`, `m2po train`, `m2po evaluate`)."""
     parser.add_argument(
         "--verbose",
         action="store_true",

@@ -301,9 +301,9 @@ def test_an_unexplained_import_in_a_function_is_found(tmp_path):
 
 
 def test_a_part_missing_from_the_table_is_found(tmp_path):
-    found = problems(_tree(tmp_path, {**CLEAN, "trackers/__init__.py": ""}))
+    found = problems(_tree(tmp_path, {**CLEAN, "environments/__init__.py": ""}))
     assert found == [
-        f"{PACKAGE}/trackers: not in the layer table; add it to LAYERS (tests/test_import_layers.py)"
+        f"{PACKAGE}/environments: not in the layer table; add it to LAYERS (tests/test_import_layers.py)"
     ]
 
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from megatron_m2po import console
 from megatron_m2po.rollout.evaluation import BENCHMARK_NAMES, ENGINES, FileResult, FileSpec, evaluate
 from megatron_m2po.types import SamplingParams
 
@@ -133,7 +134,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.benchmark and not args.data:
         raise SystemExit(f"m2po evaluate: name --benchmark ({', '.join(BENCHMARK_NAMES)}) and/or --data FILE")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    console.setup(getattr(args, "verbose", False))  # --verbose: other libraries' messages too
     k = args.responses_per_prompt
     temperature = args.temperature if args.temperature is not None else (0.0 if k == 1 else 1.0)
     if k > 1 and temperature == 0:

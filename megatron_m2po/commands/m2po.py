@@ -29,7 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 # Commands whose console hides other libraries' known noise unless --verbose (megatron_m2po/console.py).
-VERBOSE_COMMANDS = ("demo", "train")
+VERBOSE_COMMANDS = ("demo", "train", "evaluate")
 
 
 def main(argv: list[str] | None = None) -> int:
