@@ -376,6 +376,11 @@ class LoggingConfig:
     run_dir: str = opt(
         "runs/default", "output dir: TensorBoard events, checkpoints, queue journal, resolved config"
     )
+    reuse_run_dir: bool = opt(
+        False,
+        "let a fresh run write into a run_dir that holds files this project did not write (they are left "
+        "alone; config.yaml and the queue journal's files are replaced)",
+    )
     console: Literal["rich", "tqdm", "none"] = opt("rich", "per-step console progress line")
     backends: list = opt(
         ["tensorboard"],

@@ -42,6 +42,7 @@ from megatron_m2po.trainer import checkpointing
 from megatron_m2po.trainer.distribute import SharedProducer, broadcast_from_rank0, merge_metrics_to_rank0
 from megatron_m2po.trainer.engine_sync import EngineSync
 from megatron_m2po.trainer.policy import Policy
+from megatron_m2po.trainer.run_dir import check_run_dir, mark_run_dir
 from megatron_m2po.trainer.run_state import ConsumedLog, restore, save
 from megatron_m2po.trainer.staleness import staleness_mode
 from megatron_m2po.trainer.step_metrics import StepClock, mean_metrics, staleness_of, step_scalars
@@ -68,10 +69,11 @@ def train(cfg: Config, *, resume: bool | str = False) -> dict[str, float]:
         torch.set_num_threads(cfg.train.torch_threads)
     # before Megatron starts: a layout it cannot split is a config error naming the key, not its traceback
     validate_parallel(cfg, int(os.environ.get("WORLD_SIZE", "1")), load_hf_config(cfg.model.path))
+    check_run_dir(cfg, resume=resume)  # nothing written yet: a directory of other files is refused
     platform.init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline, seed=cfg.train.seed)
     run_dir, is_rank0 = Path(cfg.logging.run_dir), platform.rank() == 0
     if is_rank0:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        mark_run_dir(run_dir)
         checkpointing.remove_partial(run_dir / "checkpoints")  # before writing: a failed save's disk
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
 
@@ -92,6 +94,9 @@ def train(cfg: Config, *, resume: bool | str = False) -> dict[str, float]:
         console=cfg.logging.console,
         enabled=is_rank0,
     )
+    if progress.skipped_checkpoints:  # each named in a warning by --resume; counted beside the run's curves
+        skipped = {"checkpoint/skipped_on_resume": progress.skipped_checkpoints}
+        metrics_log.log(progress.step, skipped, console=False)
     stop = _install_sigterm()
     held = None if progress.version > 0 or is_megatron_checkpoint(cfg.model.path) else 0  # HF weights: version 0
     engines = EngineSync(trainer, producer.farm, version=held)

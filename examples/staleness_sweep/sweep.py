@@ -239,6 +239,7 @@ def run_overrides(warm: Path, data: dict[str, Path], run_dir: Path, settings: di
         f"data.path={data['train']}",
         f"eval.path={data['heldout']}",
         f"logging.run_dir={run_dir}",
+        "logging.reuse_run_dir=true",  # the run dir also holds the sweep's own sweep_settings.json
         f"algorithm.loss={settings['loss']}",
         *mode,
         f"train.seed={settings['seed']}",

@@ -50,35 +50,76 @@ class UntrustedCheckpointError(PermissionError):
     """A checkpoint another user could have written: loading it could run their code."""
 
 
-def check_trusted(path: str | Path, *, parents: int = 0) -> None:
-    """Refuse `path` (a checkpoint dir), anything under it, and its `parents` nearest parent dirs if any of
-    them is group/world-writable or owned by a uid other than ours or root.
+def _writable_by_others(st: os.stat_result, me: int) -> str | None:
+    """Why another user could change the file or directory `st` describes; None if no one but us (or root) can."""
+    if st.st_uid not in (me, 0):
+        return f"owned by uid {st.st_uid}, not by this user (uid {me}) or root"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        who = "world" if st.st_mode & stat.S_IWOTH else "group"
+        return f"{who}-writable (mode {stat.filemode(st.st_mode)})"
+    return None
+
+
+def _containers(path: Path, root: Path) -> list[Path]:
+    """`path` and each directory above it up to `root` (only `path` and its parent when `root` is not above it)."""
+    path, root = Path(os.path.abspath(path)), Path(os.path.abspath(root))
+    above = list(path.parents)
+    return [path, *(above[: above.index(root) + 1] if root in above else above[:1])]
+
+
+def check_trusted(path: str | Path, *, root: str | Path | None = None) -> None:
+    """Refuse checkpoint dir `path` if another user could have written anything that loading it reads.
 
     Why: torch's dist-checkpoint reader unpickles `.metadata` and the shards' byte items, so whoever can
-    write a checkpoint can run code in the process that loads it. `M2PO_TRUST_CHECKPOINTS=1` skips this.
+    write a checkpoint can run code in the process that loads it. Checked, each by the file it really is
+    (its inode: a hard link is checked as the file it links to): `path` and every directory above it up to
+    `root` (default: its parent), plus the directory holding the target of any of them that is a symbolic
+    link; then everything under `path`, walked with symbolic links followed, each of which must resolve to
+    inside `path`. Refused: a file or directory owned by a uid other than ours or root, or group/world-
+    writable; a link leaving the checkpoint; anything but directories and regular files (a FIFO would hang
+    the load). `M2PO_TRUST_CHECKPOINTS=1` skips this.
     """
     path = Path(path)
     if os.environ.get(TRUST_ENV) == "1":
         logger.warning("%s=1: loading %s without checking who can write it", TRUST_ENV, path)
         return
     me = os.geteuid()
-    to_check = [*list(path.parents)[:parents], path]
-    if path.is_dir():
-        to_check += sorted(path.rglob("*"))
-    for p in to_check:
-        st = p.stat()  # follows links: what is checked is what will be read
-        problem = None
-        if st.st_uid not in (me, 0):
-            problem = f"owned by uid {st.st_uid}, not by this user (uid {me}) or root"
-        elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            who = "world" if st.st_mode & stat.S_IWOTH else "group"
-            problem = f"{who}-writable (mode {stat.filemode(st.st_mode)})"
+
+    def refuse(p: Path, problem: str) -> None:
+        raise UntrustedCheckpointError(
+            f"{p}: {problem}. Loading checkpoint {path} would run code from it (torch unpickles its "
+            f"metadata), so it is loaded only if no other user can write it. If you trust whoever can: "
+            f"`chmod -R go-w` / `chown` it, or set {TRUST_ENV}=1"
+        )
+
+    def check(p: Path, st: os.stat_result) -> None:
+        problem = _writable_by_others(st, me)
         if problem:
-            raise UntrustedCheckpointError(
-                f"{p}: {problem}. Loading checkpoint {path} would run code from it (torch unpickles its "
-                f"metadata), so it is loaded only if no other user can write it. If you trust whoever can: "
-                f"`chmod -R go-w` / `chown` it, or set {TRUST_ENV}=1"
-            )
+            refuse(p, problem)
+
+    for d in _containers(path, Path(root) if root is not None else path.parent):
+        check(d, d.stat())
+        if d.is_symlink():  # whoever can write the directory the target is in can swap the target
+            target_dir = Path(os.path.realpath(d)).parent
+            check(target_dir, target_dir.stat())
+    inside = Path(os.path.realpath(path))
+    seen: set[tuple[int, int]] = set()
+    todo = [path]
+    while todo:
+        p = todo.pop()
+        if p is not path and p.is_symlink():
+            target = Path(os.path.realpath(p))
+            if not target.is_relative_to(inside):
+                refuse(p, f"a symbolic link to {target}, outside the checkpoint ({inside})")
+        st = p.stat()  # follows links: what is checked is what will be read
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        check(p, st)
+        if stat.S_ISDIR(st.st_mode):
+            todo += sorted(p.iterdir(), reverse=True)
+        elif not stat.S_ISREG(st.st_mode):
+            refuse(p, f"not a regular file (mode {stat.filemode(st.st_mode)})")
 
 
 def make_private(path: str | Path) -> None:
@@ -194,7 +235,7 @@ def load_sharded(state: dict, ckpt_dir: str | Path) -> dict:
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / "metadata.json").exists():
         raise FileNotFoundError(f"{ckpt_dir}: not a megatron dist checkpoint (no metadata.json)")
-    check_trusted(ckpt_dir, parents=1)
+    check_trusted(ckpt_dir, root=ckpt_dir.parent)
     verify_dist_files(ckpt_dir)
     return dist_checkpointing.load(state, str(ckpt_dir))
 

@@ -86,6 +86,28 @@ def list_segments(journal_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def is_journal_file(name: str) -> bool:
+    """Whether a file of that name in a journal directory is one the journal writes."""
+    return bool(_SEGMENT_RE.match(name)) or name == RETIRED_IDS_FILE
+
+
+def remove_journal(journal_dir: str | os.PathLike) -> list[Path]:
+    """Delete the journal's own files in `journal_dir` (and the directory once empty); return what else is
+    there, left untouched: a journal directory is cleared for a fresh run, never wiped whatever it holds."""
+    root = Path(journal_dir)
+    if not root.is_dir():
+        return []
+    others = []
+    for p in sorted(root.iterdir()):
+        if is_journal_file(p.name) and p.is_file() and not p.is_symlink():
+            p.unlink()
+        else:
+            others.append(p)
+    if not others:
+        root.rmdir()
+    return others
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -24,6 +23,7 @@ from transformers import AutoTokenizer
 from megatron_m2po.config import Config
 from megatron_m2po.models.hf_config import hf_config_dir
 from megatron_m2po.queue import ReplayQueue
+from megatron_m2po.queue.journal import remove_journal
 from megatron_m2po.rollout.build import (
     build_engines,
     prompt_dataset,
@@ -59,8 +59,9 @@ class Producer:
             self.queue = ReplayQueue.recover(journal, saved["queue"], **kwargs)
         else:
             if journal.exists():
-                logger.warning("fresh run: removing the old queue journal %s", journal)
-                shutil.rmtree(journal)
+                logger.warning("fresh run: removing the old queue journal's files in %s", journal)
+                for other in remove_journal(journal):
+                    logger.warning("fresh run: %s is not the journal's: left as it is", other)
             self.eval_record.unlink(missing_ok=True)  # a fresh run's evaluations are its own
             self.queue = ReplayQueue(**kwargs)
         self.farm = EngineFarm(build_engines(cfg, hf_dir, trainer.dtype))

@@ -26,6 +26,7 @@ import os
 import pickle
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -254,28 +255,56 @@ def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
     return sorted(p for p in ckpt_root.glob("step_*") if p.is_dir() and not p.name.endswith(PARTIAL))
 
 
+def _read_latest(ckpt_root: Path) -> str | None:
+    """The checkpoint name `latest` holds; None (with a warning) if it holds no plausible name."""
+    pointer = ckpt_root / LATEST
+    if not pointer.is_file():
+        return None
+    try:
+        name = pointer.read_bytes()[:256].decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        logger.warning("%s: unreadable (%s), ignored: the newest step_* checkpoint is used", pointer, e)
+        return None
+    if not name.startswith("step_") or "/" in name or name.endswith(PARTIAL):
+        logger.warning("%s: %r is not a checkpoint name, ignored: the newest step_* is used", pointer, name[:80])
+        return None
+    return name
+
+
 def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     ckpt_root = Path(ckpt_root)
-    pointer = ckpt_root / LATEST
-    if pointer.is_file():
-        path = ckpt_root / pointer.read_text().strip()
+    name = _read_latest(ckpt_root)
+    if name is not None:
+        path = ckpt_root / name
         if not (path / STATE_FILE).is_file():
-            raise CheckpointError(f"{pointer} names {path}, which has no {STATE_FILE}")
+            raise CheckpointError(f"{ckpt_root / LATEST} names {path}, which has no {STATE_FILE}")
         return path
     found = list_checkpoints(ckpt_root)
     return found[-1] if found else None
 
 
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} where a number belongs")
+
+
 def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    """The checkpoint's trainer state: a JSON object whose `step` is a count (NaN / Infinity anywhere, which
+    Python's json accepts, are refused)."""
     f = Path(path) / STATE_FILE
     try:
-        return json.loads(f.read_text())
+        state = json.loads(f.read_bytes().decode("utf-8"), parse_constant=_no_constant)
     except FileNotFoundError:
         raise CheckpointError(f"{f}: missing; {path} is not a complete training checkpoint") from None
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{f}: unreadable ({e})") from None
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
         raise CheckpointError(f"{f}: corrupt JSON ({e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{f}: corrupt (a JSON {type(state).__name__}, not an object)")
+    step = state.get("step")
+    if type(step) is not int or step < 0:
+        raise CheckpointError(f"{f}: corrupt ('step' is {step!r:.60}, not a step count)")
+    return state
 
 
 def oldest_trainer_state(ckpt_root: str | Path) -> dict[str, Any] | None:
@@ -303,17 +332,34 @@ def _agree(problem: str | None) -> None:
             raise CheckpointError(p if r == rank() or p == problem else f"rank {r}: {p}")
 
 
-def load_checkpoint(path: str | Path, model, optimizer) -> dict[str, Any]:
+StateCheck = Callable[[dict[str, Any]], None]
+
+
+def load_checkpoint(
+    path: str | Path,
+    model,
+    optimizer,
+    *,
+    run_dir: str | Path | None = None,
+    check_state: StateCheck | None = None,
+) -> dict[str, Any]:
     """Collective: restore model, optimizer and this rank's RNG; return the trainer state.
 
-    Everything each rank can check alone (trust, state file, RNG file, shard sizes) is checked first, and the
-    ranks agree on the outcome before the collective load.
+    Everything each rank can check alone (trust, state file and `check_state` on it, RNG file, shard sizes) is
+    checked first, and the ranks agree on the outcome before the collective load. The trust check covers the
+    directories above `path` up to `run_dir` (default: its parent). `check_state` raises ValueError naming
+    what the trainer state lacks.
     """
     path = Path(path)
     state = rng = problem = None
     try:
-        check_trusted(path, parents=1)
+        check_trusted(path, root=run_dir)
         state = read_trainer_state(path)
+        if check_state is not None:
+            try:
+                check_state(state)
+            except ValueError as e:
+                raise CheckpointError(f"{path / STATE_FILE}: corrupt ({e})") from None
         rng = _read_rng_state(path / f"rng_rank{rank()}.pt")
         verify_dist_files(path / "dist")
     except (CheckpointError, OSError, ValueError) as e:
@@ -333,34 +379,50 @@ def load_checkpoint(path: str | Path, model, optimizer) -> dict[str, Any]:
 
 
 def load_newest_checkpoint(
-    ckpt_root: str | Path, model, optimizer, *, path: str | Path | None = None
-) -> tuple[Path, dict[str, Any]] | None:
-    """Collective: load `path` if given, else the newest checkpoint under `ckpt_root` that loads.
+    ckpt_root: str | Path,
+    model,
+    optimizer,
+    *,
+    path: str | Path | None = None,
+    check_state: StateCheck | None = None,
+) -> tuple[Path, dict[str, Any], list[str]] | None:
+    """Collective: load `path` if given, else the newest checkpoint under `ckpt_root` that loads; return
+    (its path, its trainer state, why each newer one was skipped).
 
     A checkpoint that fails (corrupt, truncated, refused as untrusted) is skipped with a warning that says
-    why, and the next older one is tried; None if there is none; `CheckpointError` listing every reason if
-    none loads.
+    which and why, and the next older one is tried; None if there is none; `CheckpointError` listing every
+    reason if none loads.
     """
     ckpt_root = Path(ckpt_root)
     if path is not None:
         path = Path(path)
         if not path.is_absolute() and not path.exists():
             path = ckpt_root / path  # `--resume=step_00000004`
-        return path, load_checkpoint(path, model, optimizer)
+        inside = Path(os.path.abspath(path)).is_relative_to(os.path.abspath(ckpt_root))
+        run_dir = ckpt_root.parent if inside else None
+        return path, load_checkpoint(path, model, optimizer, run_dir=run_dir, check_state=check_state), []
     candidates = list(reversed(list_checkpoints(ckpt_root)))
-    pointer = ckpt_root / LATEST
-    if pointer.is_file():
-        named = ckpt_root / pointer.read_text().strip()
-        if named in candidates:  # `latest` first: it is the one the run finished
-            candidates.remove(named)
-            candidates.insert(0, named)
+    named = _read_latest(ckpt_root)
+    if named is not None and ckpt_root / named in candidates:  # `latest` first: it is the one the run finished
+        candidates.remove(ckpt_root / named)
+        candidates.insert(0, ckpt_root / named)
     skipped = []
     for candidate in candidates:
         try:
-            return candidate, load_checkpoint(candidate, model, optimizer)
+            state = load_checkpoint(
+                candidate, model, optimizer, run_dir=ckpt_root.parent, check_state=check_state
+            )
         except CheckpointError as e:
             logger.warning("--resume: skipping checkpoint %s: %s", candidate, e)
             skipped.append(f"{candidate.name}: {e}")
+            continue
+        if skipped:
+            logger.warning(
+                "--resume: resuming from %s, the newest checkpoint that loads; %d newer skipped (see above)",
+                candidate.name,
+                len(skipped),
+            )
+        return candidate, state, skipped
     if skipped:
         raise CheckpointError(f"{ckpt_root}: no checkpoint loads:\n  " + "\n  ".join(skipped))
     return None

@@ -24,6 +24,20 @@ class Progress:
 
     step: int = 0  # training steps done
     version: int = 0  # optimizer updates done = policy version
+    skipped_checkpoints: int = 0  # newer checkpoints `--resume` could not load (named in its warnings)
+
+
+# What `save` puts in a checkpoint's trainer state and `restore` reads back, by type.
+SAVED_STATE = {"step": int, "version": int, "scheduler": dict, "data": dict, "queue": dict}
+
+
+def check_saved_state(state: dict) -> None:
+    """Raise ValueError naming the first key of `SAVED_STATE` that `state` lacks or holds with another type."""
+    for key, kind in SAVED_STATE.items():
+        value = state.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 0):
+            shown = "missing" if key not in state else f"{type(value).__name__} {value!r:.60}"
+            raise ValueError(f"'{key}': {shown}, expected {'a count' if kind is int else 'an object'}")
 
 
 def restore(trainer: Policy, ckpt_root: Path, resume: bool | str) -> tuple[Progress, dict | None]:
@@ -32,7 +46,9 @@ def restore(trainer: Policy, ckpt_root: Path, resume: bool | str) -> tuple[Progr
     found = None
     if resume:
         path = resume if isinstance(resume, str) else None
-        found = checkpointing.load_newest_checkpoint(ckpt_root, trainer.model, trainer.optimizer, path=path)
+        found = checkpointing.load_newest_checkpoint(
+            ckpt_root, trainer.model, trainer.optimizer, path=path, check_state=check_saved_state
+        )
     if found is None:
         if resume:
             logger.info("--resume: no checkpoint in %s, starting fresh", ckpt_root)
@@ -42,9 +58,9 @@ def restore(trainer: Policy, ckpt_root: Path, resume: bool | str) -> tuple[Progr
                 "to continue it, or choose a new run_dir"
             )
         return Progress(), None
-    ckpt, saved = found
+    ckpt, saved, skipped = found
     trainer.scheduler.load_state_dict(saved["scheduler"])
-    progress = Progress(step=saved["step"], version=saved["version"])
+    progress = Progress(step=saved["step"], version=saved["version"], skipped_checkpoints=len(skipped))
     logger.info("resumed from %s at step %d (version %d)", ckpt, progress.step, progress.version)
     return progress, saved
 

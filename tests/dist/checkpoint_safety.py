@@ -9,9 +9,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +23,7 @@ from megatron_m2po.config import Config
 
 sys.path.insert(0, str(Path(__file__).parent))
 from trainer_checkpoint_roundtrip import make_group  # noqa: E402
+from two_users import NOBODY, as_nobody  # noqa: E402
 
 
 class Payload:
@@ -31,6 +34,16 @@ class Payload:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+class IdPayload:
+    """Unpickling this writes `id` (who ran it) into the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"id > {self.marker}",))
 
 
 def params_hash(model) -> str:
@@ -51,6 +64,7 @@ def main(hf_dir: str, work: str, out: str, tmpfs: str | None = None) -> None:
 
     from megatron_m2po.trainer import checkpointing as ck
     from megatron_m2po.trainer.policy import Policy
+    from megatron_m2po.trainer.run_state import check_saved_state
 
     trainer = Policy(cfg)
     model, opt = trainer.model, trainer.optimizer
@@ -58,7 +72,8 @@ def main(hf_dir: str, work: str, out: str, tmpfs: str | None = None) -> None:
     hashes = {}
     for step, pid in ((1, "a"), (2, "bb")):
         trainer.update([make_group(pid, 0)], step - 1)
-        ck.save_checkpoint(pristine, step, model, opt, {"step": step}, keep_last=2)
+        state = {"step": step, "version": step, "scheduler": {}, "data": {}, "queue": {}}
+        ck.save_checkpoint(pristine, step, model, opt, state, keep_last=2)
         hashes[step] = params_hash(model)
     result: dict = {"children_after_save": [" ".join(c.cmdline()) for c in psutil.Process().children(True)]}
     marker = work_dir / "MARKER"
@@ -70,11 +85,14 @@ def main(hf_dir: str, work: str, out: str, tmpfs: str | None = None) -> None:
         mutate(root / "step_00000002")
         os.environ.update(env or {})
         try:
+            skipped = None
             if newest:
-                path, _ = ck.load_newest_checkpoint(root, model, opt)
+                path, _, skipped = ck.load_newest_checkpoint(root, model, opt, check_state=check_saved_state)
             else:
                 path, _ = root / "step_00000002", ck.load_checkpoint(root / "step_00000002", model, opt)
             result[name] = {"loaded": path.name, "hash_ok": params_hash(model) == hashes[int(path.name[5:])]}
+            if skipped:
+                result[name]["skipped"] = skipped
         except ck.CheckpointError as e:
             result[name] = {"error": str(e)}
         except Exception as e:  # noqa: BLE001 - an unnamed failure is what the test looks for
@@ -120,12 +138,65 @@ def main(hf_dir: str, work: str, out: str, tmpfs: str | None = None) -> None:
         attempt("other_owner", lambda d: os.chown(d / "trainer_state.json", 12345, -1))
     except OSError as e:
         result["other_owner"] = {"skipped": str(e)}
+
+    def other_user_plants_through_symlinked_dist(d):
+        """The step's dist/ becomes a link to a copy that user `nobody` owns; nobody overwrites the first byte
+        item of a shard with a pickle that records who runs it."""
+        from megatron_m2po.checkpoint.megatron_ckpt import read_dist_metadata
+
+        shared = Path(
+            tempfile.mkdtemp(prefix="m2po-shared-")
+        )  # reachable by nobody, unlike pytest's tmp dirs
+        made.append(shared)
+        shared.chmod(0o755)
+        shutil.move(d / "dist", shared / "dist")
+        (d / "dist").symlink_to(shared / "dist")
+        md = read_dist_metadata(shared / "dist")
+        info = next(v for k, v in md.storage_data.items() if "_extra_state" in k.fqn)
+        payload = pickle.dumps(IdPayload(marker))
+        assert len(payload) <= info.length, (len(payload), info.length)
+        (shared / "payload").write_bytes(payload)
+        for f in (shared / "dist").iterdir():
+            os.chown(f, NOBODY, NOBODY)
+        as_nobody(
+            f"dd if={shared / 'payload'} of={shared / 'dist' / info.relative_path} bs=1 seek={info.offset} "
+            "conv=notrunc"
+        )
+
+    made: list[Path] = []
+    try:
+        os.chown(pristine, NOBODY, -1)
+        os.chown(pristine, os.getuid(), -1)
+        as_nobody("true")
+        attempt("symlinked_dist_payload", other_user_plants_through_symlinked_dist, newest=True)
+        result["symlinked_dist_payload"]["ran_as"] = marker.read_text().strip() if marker.exists() else None
+        marker.unlink(missing_ok=True)
+    except (OSError, subprocess.CalledProcessError) as e:
+        result["symlinked_dist_payload"] = {"skipped": f"cannot act as a second user here: {e}"}
+    finally:
+        for d in made:
+            shutil.rmtree(d, ignore_errors=True)
     attempt("truncated_shard", truncate("dist/__0_0.distcp"))
     attempt("truncated_rng", truncate("rng_rank0.pt"))
     attempt("corrupt_byte_item", zero_bytes_item)
     attempt("fallback_truncated_shard", truncate("dist/__0_1.distcp"), newest=True)
     attempt("fallback_corrupt_byte_item", zero_bytes_item, newest=True)
     attempt("intact_newest", lambda d: None, newest=True)
+
+    def rewrite_state(edit):
+        def mutate(d):
+            state = json.loads((d / "trainer_state.json").read_text())
+            (d / "trainer_state.json").write_text(edit(state))
+
+        return mutate
+
+    def without(key):
+        return rewrite_state(lambda st: json.dumps({k: v for k, v in st.items() if k != key}))
+
+    attempt("latest_not_utf8", lambda d: (d.parent / "latest").write_bytes(b"step_\xff\xfe\n"), newest=True)
+    attempt("state_step_nan", rewrite_state(lambda st: json.dumps({**st, "step": float("nan")})), newest=True)
+    attempt("state_without_step", without("step"), newest=True)
+    attempt("state_without_scheduler", without("scheduler"), newest=True)
 
     if tmpfs:
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", tmpfs], check=True)
@@ -141,7 +212,7 @@ def main(hf_dir: str, work: str, out: str, tmpfs: str | None = None) -> None:
                 result["disk_full"] = {"error": f"UNNAMED {type(e).__name__}: {e}"}
             result["disk_full"]["left"] = sorted(p.name for p in full.iterdir())
             result["disk_full"]["latest"] = (full / "latest").read_text().strip()
-            path, _ = ck.load_newest_checkpoint(full, model, opt)
+            path, _, _ = ck.load_newest_checkpoint(full, model, opt)
             result["disk_full"]["resumed"] = path.name
         finally:
             subprocess.run(["umount", tmpfs], check=False)
