@@ -95,7 +95,7 @@ def train(cfg: Config, *, resume: bool | str = False) -> dict[str, float]:
         enabled=is_rank0,
     )
     if progress.skipped_checkpoints:  # each named in a warning by --resume; counted beside the run's curves
-        skipped = {"checkpoint/skipped_on_resume": progress.skipped_checkpoints}
+        skipped = {"train/checkpoints_skipped_on_resume": progress.skipped_checkpoints}
         metrics_log.log(progress.step, skipped, console=False)
     stop = _install_sigterm()
     held = None if progress.version > 0 or is_megatron_checkpoint(cfg.model.path) else 0  # HF weights: version 0

@@ -85,7 +85,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one_exactly(tiny
     assert "__0_0.distcp: truncated" in proc.stderr
     assert "resumed from" in proc.stderr and "step_00000003 at step 3" in proc.stderr
     assert "resuming from step_00000003, the newest checkpoint that loads; 1 newer skipped" in proc.stderr
-    assert read_scalars(run_dir)["checkpoint/skipped_on_resume"] == [(3, 1.0)]  # counted with the run's curves
+    assert read_scalars(run_dir)["train/checkpoints_skipped_on_resume"] == [(3, 1.0)]  # beside the curves
     assert_same_as(run_dir, baseline)
 
 
