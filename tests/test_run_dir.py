@@ -92,9 +92,14 @@ def test_clearing_the_queue_journal_leaves_what_is_not_the_journals(tmp_path):
 
 
 def test_the_trainer_refuses_before_writing_anything(tmp_path, capsys):
-    """`python -m megatron_m2po.train` into `/` or a directory of other files: a config error, nothing written."""
+    """`m2po train` into `/` or a directory of other files: a config error, nothing written."""
+    from argparse import Namespace
+
+    from megatron_m2po.commands.train import run
     from megatron_m2po.models.tiny import make_tiny_model
-    from megatron_m2po.train import main
+
+    def main(argv: list[str]) -> int:
+        return run(Namespace(config=argv[1], resume=False, overrides=argv[2:], verbose=False))
 
     model = make_tiny_model("qwen3", tmp_path / "tiny")
     prompts = tmp_path / "prompts.jsonl"

@@ -1,11 +1,13 @@
 """The run directory (`logging.run_dir`): checked before a run writes anything into it.
 
-A run writes `config.yaml`, `checkpoints/`, `queue/`, `tb/`, `consumed.jsonl`, `weights/` and `hf/` there,
-and a fresh run clears the queue journal an earlier attempt left. Pointed by mistake at a directory that
-holds other things (a project checkout, `$HOME`, `/`), it would overwrite or scatter files among them. So
-a system directory is refused outright, and a fresh run writes only into a new or empty directory (empty run subdirectories
-such as a `checkpoints/` link to a larger disk allowed) or one this project made (it leaves `m2po_run.json`
-there) that holds nothing else; `logging.reuse_run_dir=true` lets a fresh run into any other. `--resume` continues in the directory of the run it resumes.
+A run writes `config.yaml`, `checkpoints/`, `queue/`, `tb/`, `consumed.jsonl`, `weights/`, `hf/` (and the
+evaluation record and the experiment trackers' files) there, and a fresh run clears the queue journal an
+earlier attempt left. Pointed by mistake at a directory that holds other things (a project checkout,
+`$HOME`, `/`), it would overwrite or scatter files among them. So a system directory is refused outright,
+and a fresh run writes only into a new or empty directory (empty run subdirectories, such as a
+`checkpoints/` link to a larger disk, allowed) or one this project made (it leaves `m2po_run.json` there)
+that holds nothing else; `logging.reuse_run_dir=true` lets a fresh run into any other. `--resume`
+continues in the directory of the run it resumes.
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ from pathlib import Path
 
 from megatron_m2po.config import Config, ConfigError
 from megatron_m2po.queue.journal import is_journal_file
+from megatron_m2po.rollout.producer import EVAL_RECORD
 
 MARKER = "m2po_run.json"
 # Everything a run (and `m2po plot`) writes at the top of its run directory.
 RUN_ENTRIES = frozenset(
     {MARKER, "config.yaml", "checkpoints", "queue", "tb", "consumed.jsonl", "weights", "hf", "curves.png"}
+    | {EVAL_RECORD, "trackers.json", "mlruns", "wandb"}
 )
 # The directories among them, which may be made ahead of a run (`checkpoints/` a link to a larger disk).
-RUN_DIRS = frozenset({"checkpoints", "queue", "tb", "weights", "hf"})
+RUN_DIRS = frozenset({"checkpoints", "queue", "tb", "weights", "hf", "mlruns", "wandb"})
 # Never a run directory: the directories of the system itself, and where users keep everything else.
 SYSTEM_DIRS = frozenset(
     {"/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/media", "/mnt", "/opt"}
