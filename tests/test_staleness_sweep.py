@@ -375,6 +375,7 @@ def test_the_grid_reads_accuracy_at_the_rules_final_update_and_decides_each_clai
         "**holds**",
     ]
     assert row("| grpo_noclip | 256 | 0 |")[-1] == "yes" and row("| m2po | 256 | 0 |")[-1] == "no"
+    assert "grpo_noclip collapses in 1 of 1 seeds, m2po in 0 of 1: **holds**" in text
 
 
 def test_a_run_being_trained_is_not_trained_twice(tmp_path):

@@ -169,6 +169,31 @@ def token_rows(runs: list[dict], s: int) -> list[str]:
     return lines
 
 
+def collapse_decision(runs: list[dict]) -> str:
+    """The claim "without a trust region training collapses where M2PO does not", at this cell's lr."""
+    noclip = [r["collapsed"] for r in runs if r["loss"] == "grpo_noclip"]
+    m2po = [r["collapsed"] for r in runs if r["loss"] == "m2po"]
+    if not noclip or not m2po:
+        return "not decided here (needs grpo_noclip and m2po)"
+    if all(noclip) and not any(m2po):
+        verdict = "holds"
+    elif not any(noclip):
+        verdict = "fails"
+    else:
+        verdict = "mixed"
+    return (
+        f"grpo_noclip collapses in {sum(noclip)} of {len(noclip)} seeds, m2po in {sum(m2po)} of {len(m2po)}: "
+        f"**{verdict}**"
+    )
+
+
+def table(title: str, header: list[str], rows: list[str]) -> list[str]:
+    """A titled markdown table, or nothing when it has no rows."""
+    if not rows:
+        return []
+    return ["", title, "", f"| {' | '.join(header)} |", f"|{' --- |' * len(header)}", *rows]
+
+
 def write_grid(cells: dict[tuple, list[dict]], path: Path) -> str:
     """grid.md: for each cell, N, the per-loss figures, the paired claims and decisions, the token claim
     and the collapse table."""
@@ -188,66 +213,52 @@ def write_grid(cells: dict[tuple, list[dict]], path: Path) -> str:
             )
         else:
             length = f"on_policy seed 0 flattens at update {info['u']}: N = {info['n']}"
-        lines += [
-            "",
-            f"## {describe(cell)}",
-            "",
-            f"Final update {length}.",
-            "",
-            "| loss | s | seeds | at N | per seed at N | at the last update | masked (%) | masked steady (%) "
-            "| clipped (%) | clipped steady (%) | M2 | M2 steady |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
+        lines += ["", f"## {describe(cell)}", "", f"Final update {length}."]
         groups: dict[tuple, list[dict]] = {}
         for r in sorted(runs, key=lambda r: (r["s"], r["loss"], r["seed"])):
             groups.setdefault((r["loss"], r["s"]), []).append(r)
+        rows = []
         for (loss, s), group in groups.items():
 
             def col(key: str, scale: float = 100, digits: int = 1, group=group) -> str:
                 return stat([g[key] for g in group], scale, digits)
 
             per_seed = ", ".join(f"{100 * g['acc_n']:.1f}" for g in group)
-            lines.append(
+            rows.append(
                 f"| {loss} | {s} | {len(group)} | {col('acc_n')} | {per_seed} | {col('acc_last')} | "
                 f"{col('masked_fraction', 100, 3)} | {col('masked_fraction_steady', 100, 3)} | "
                 f"{col('clip_fraction', 100, 3)} | {col('clip_fraction_steady', 100, 3)} | "
                 f"{col('m2_before', 1, 4)} | {col('m2_before_steady', 1, 4)} |"
             )
-        for s in sorted({r["s"] for r in runs if r["s"] > 0}):
-            claims = claim_rows(runs, s)
-            if claims and s == STALENESS:
-                lines += [
-                    "",
-                    f"Claims at s = {s}, at N = {info['n']}:",
-                    "",
-                    "| claim | rule | seeds | A - B | paired 95% interval | per seed | McNemar | decision |",
-                    "| --- | --- | --- | --- | --- | --- | --- | --- |",
-                    *claims,
-                ]
-            tokens = token_rows(runs, s)
-            if tokens and s == STALENESS:
-                lines += [
-                    "",
-                    f"M2PO's masked fraction against GRPO's clipped at s = {s} (claim: at most 1/{1 / MASK_RATIO:g}):",
-                    "",
-                    "| phase | M2PO masked (%) | GRPO clipped (%) | ratio | decision |",
-                    "| --- | --- | --- | --- | --- |",
-                    *tokens,
-                ]
-        lines += [
-            "",
+        lines += table(
+            "Per loss (mean +- std over seeds):",
+            ["loss", "s", "seeds", "at N", "per seed at N", "at the last update", "masked (%)",
+             "masked steady (%)", "clipped (%)", "clipped steady (%)", "M2", "M2 steady"],
+            rows,
+        )  # fmt: skip
+        s = STALENESS
+        lines += table(
+            f"Claims at s = {s}, at N = {info['n']}:",
+            ["claim", "rule", "seeds", "A - B", "paired 95% interval", "per seed", "McNemar", "decision"],
+            claim_rows(runs, s),
+        )
+        lines += table(
+            f"M2PO's masked fraction against GRPO's clipped at s = {s} (claim: at most 1/{1 / MASK_RATIO:g}):",
+            ["phase", "M2PO masked (%)", "GRPO clipped (%)", "ratio", "decision"],
+            token_rows(runs, s),
+        )
+        ordered = sorted(runs, key=lambda r: (r["s"], r["loss"], r["seed"]))
+        lines += table(
             f"Prosperity before collapse (a rise of >= {100 * PROSPERITY:g} points over the start, then a fall "
-            f"of >= {100 * COLLAPSE:g} from the best to the last evaluation):",
-            "",
-            "| loss | s | seed | start | best (update) | last | collapsed |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for r in sorted(runs, key=lambda r: (r["s"], r["loss"], r["seed"])):
-            lines.append(
+            f"of >= {100 * COLLAPSE:g} from the best to the last evaluation): {collapse_decision(runs)}",
+            ["loss", "s", "seed", "start", "best (update)", "last", "collapsed"],
+            [
                 f"| {r['loss']} | {r['s']} | {r['seed']} | {100 * r['start']:.1f} | "
                 f"{100 * r['best']:.1f} ({r['best_at']}) | {100 * r['acc_last']:.1f} | "
                 f"{'yes' if r['collapsed'] else 'no'} |"
-            )
+                for r in ordered
+            ],
+        )
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
