@@ -344,12 +344,17 @@ def test_damaged_latest_and_trainer_state_fall_back_by_name(outcomes):
 
 @pytest.mark.slow
 def test_a_shard_that_fails_to_load_is_named_with_the_checkpoint_it_skips(outcomes):
-    skipped = outcomes["fallback_corrupt_byte_item"]["skipped"]
-    assert len(skipped) == 1 and skipped[0].startswith("step_00000002: ")
-    assert (
-        "step_00000002/dist: cannot load the model/optimizer checkpoint (rank 0: UnpicklingError"
-        in skipped[0]
-    )
+    for case, why in (
+        ("fallback_corrupt_byte_item", "UnpicklingError: invalid load key"),
+        ("fallback_wrong_magic_byte_item", "RuntimeError: Invalid magic number; corrupt file?"),
+    ):
+        outcome = outcomes[case]
+        assert outcome["loaded"] == "step_00000001" and outcome["hash_ok"] and len(outcome["skipped"]) == 1
+        assert outcome["skipped"][0].startswith("step_00000002: ")
+        assert (
+            f"step_00000002/dist: cannot load the model/optimizer checkpoint (rank 0: {why}"
+            in (outcome["skipped"][0])
+        )
 
 
 @pytest.mark.slow

@@ -116,6 +116,16 @@ def main(hf_dir: str, work: str, out: str, tmpfs: str | None = None) -> None:
     def chmod(rel, bits):
         return lambda d: os.chmod(d / rel, (d / rel).stat().st_mode | bits)
 
+    def wrong_magic_bytes_item(d):
+        """A byte item that is a valid pickle but not a torch file: torch says "Invalid magic number"."""
+        from megatron_m2po.checkpoint.megatron_ckpt import read_dist_metadata
+
+        md = read_dist_metadata(d / "dist")
+        info = next(v for k, v in md.storage_data.items() if "_extra_state" in k.fqn)
+        with open(d / "dist" / info.relative_path, "r+b") as f:
+            f.seek(info.offset)
+            f.write(pickle.dumps(12345).ljust(info.length, b"\0"))
+
     def zero_bytes_item(d):
         """Overwrite a pickled byte item (an `_extra_state`) inside a shard: same size, unreadable content."""
         from megatron_m2po.checkpoint.megatron_ckpt import read_dist_metadata
@@ -181,6 +191,7 @@ def main(hf_dir: str, work: str, out: str, tmpfs: str | None = None) -> None:
     attempt("corrupt_byte_item", zero_bytes_item)
     attempt("fallback_truncated_shard", truncate("dist/__0_1.distcp"), newest=True)
     attempt("fallback_corrupt_byte_item", zero_bytes_item, newest=True)
+    attempt("fallback_wrong_magic_byte_item", wrong_magic_bytes_item, newest=True)
     attempt("intact_newest", lambda d: None, newest=True)
 
     def rewrite_state(edit):
