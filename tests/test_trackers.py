@@ -17,7 +17,7 @@ from megatron_m2po.metrics import MetricsLogger, read_scalars
 from megatron_m2po.trackers import TrackerStartError, code_commit
 from megatron_m2po.trackers.mlflow_tracker import mlflow_name
 from tests.conftest import REPO
-from tests.tracker_records import mlflow_run, wandb_config, wandb_history
+from tests.tracker_records import mlflow_run, wandb_config, wandb_history, wandb_runs
 
 STEPS = {1: {"loss/value": 0.5, "train/lr": 1e-6}, 2: {"loss/value": 0.25, "train/lr": 2e-6}}
 
@@ -65,6 +65,15 @@ def test_wandb_offline_writes_its_run_dir_with_the_scalars_histogram_config_and_
     config = wandb_config(tmp_path)
     assert config["git_commit"] == code_commit()
     assert config["train"]["lr"] == Config().train.lr and config["logging"]["backends"] == ["wandb"]
+    # --resume from step 2: the same wandb run (its id kept in run_dir) goes on at step 3
+    _log_run(tmp_path, ["wandb"], start_step=2, steps={3: {"loss/value": 0.125}}, wandb_mode="offline")
+    first, resumed = wandb_runs(tmp_path)
+    assert resumed.run_id == first.run_id and first.display_name == "offline-test"
+    assert {step: row["loss/value"] for step, row in wandb_history(tmp_path).items()} == {
+        1: 0.5,
+        2: 0.25,
+        3: 0.125,
+    }
 
 
 def test_mlflow_local_store_has_the_scalars_params_config_and_commit_and_a_resume_continues_it(tmp_path):
@@ -86,7 +95,7 @@ def test_mlflow_local_store_has_the_scalars_params_config_and_commit_and_a_resum
     assert [(m.step, m.value) for m in history] == [(1, 0.5), (2, 0.25), (3, 0.125)]
 
 
-def test_a_tracker_that_cannot_start_is_a_named_error(tmp_path):
+def test_a_tracker_that_cannot_start_is_a_named_error(tmp_path, monkeypatch):
     (tmp_path / "tb").write_text("a file where TensorBoard's folder goes")
     with pytest.raises(TrackerStartError, match=r"logging.backends: tensorboard could not start: \w+Error"):
         MetricsLogger(tmp_path, total_steps=1, console="none")
@@ -95,6 +104,12 @@ def test_a_tracker_that_cannot_start_is_a_named_error(tmp_path):
     settings = LoggingConfig(mlflow_tracking_uri=(blocked / "mlruns").as_uri())
     with pytest.raises(TrackerStartError, match=r"logging.backends: mlflow could not start: "):
         MetricsLogger(tmp_path / "run", total_steps=1, console="none", backends=["mlflow"], settings=settings)
+    # wandb online without a login (no API key, no ~/.netrc): refused at start, not at the first log
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("NETRC", str(tmp_path / "home" / ".netrc"))
+    with pytest.raises(TrackerStartError, match=r"logging.backends: wandb could not start: .*API key"):
+        MetricsLogger(tmp_path / "online", total_steps=1, console="none", backends=["wandb"])
 
 
 def test_mlflow_failing_mid_run_is_logged_once_counted_and_tensorboard_goes_on(tmp_path, caplog):

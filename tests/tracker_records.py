@@ -11,10 +11,16 @@ FULL, LAST = 1, 4
 
 
 def wandb_records(run_dir: Path) -> list:
-    """The protobuf records (wandb's own `Record` type) of the one offline run in `run_dir/wandb`."""
+    """The protobuf records (wandb's own `Record` type) of the offline runs in `run_dir/wandb`, oldest first
+    (a resumed run writes a second run file with the same id)."""
+    paths = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert paths, f"no offline wandb run in {run_dir / 'wandb'}"
+    return [record for path in paths for record in _run_file_records(path)]
+
+
+def _run_file_records(path: Path) -> list:
     from wandb.proto import wandb_internal_pb2
 
-    (path,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
     data = path.read_bytes()
     assert data[:4] == b":W&B", f"{path}: not a wandb run file"
     pos, chunks, records = 7, b"", []
@@ -46,10 +52,14 @@ def wandb_history(run_dir: Path) -> dict[int, dict]:
     return rows
 
 
+def wandb_runs(run_dir: Path) -> list:
+    """The `run` records (id, name, config), one per start."""
+    return [r.run for r in wandb_records(run_dir) if r.WhichOneof("record_type") == "run"]
+
+
 def wandb_config(run_dir: Path) -> dict:
-    """The config the run started with (the `run` record's config)."""
-    (run,) = [r.run for r in wandb_records(run_dir) if r.WhichOneof("record_type") == "run"]
-    return {item.key: json.loads(item.value_json) for item in run.config.update}
+    """The config the run started with."""
+    return {item.key: json.loads(item.value_json) for item in wandb_runs(run_dir)[0].config.update}
 
 
 def mlflow_run(run_dir: Path, run_id: str | None = None):
