@@ -423,6 +423,36 @@ class EvalConfig:
 
 
 @dataclass
+class SandboxConfig:
+    workers: int = opt(4, "sandboxed Python tool calls run at once, each in a fresh process", ge=1)
+    cpu_seconds: int = opt(10, "CPU seconds one tool call may use (RLIMIT_CPU)", ge=1)
+    wall_seconds: float = opt(20.0, "wall-clock seconds before a tool call is killed", gt=0)
+    memory_mb: int = opt(1024, "address space of each process of a tool call, MB (RLIMIT_AS)", ge=64)
+    max_processes: int = opt(
+        16,
+        "processes and threads one tool call may run at once (RLIMIT_NPROC, counted in the call's own user "
+        "namespace)",
+        ge=1,
+    )
+    max_output_bytes: int = opt(
+        65536, "stdout and stderr kept per call, each; beyond it the output is cut with a marker and the call "
+        "killed",
+        ge=1024,
+    )
+    disk_mb: int = opt(64, "size of the call's private /tmp (its working directory) and of each file, MB", ge=1)
+    allow_unisolated: bool = opt(
+        False,
+        "where Linux namespaces are unavailable, run tool calls with the resource limits only (no network, "
+        "filesystem or process isolation); off: refuse to start and name what is missing",
+    )
+    outside_uid: int = opt(
+        65534,
+        "when the trainer runs as root: the unprivileged uid and gid (outside the namespace) a tool call runs as",
+        ge=1,
+    )
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -434,6 +464,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
     # ---- derived quantities (one definition each) ----
     @property

@@ -1,0 +1,356 @@
+"""The sandboxed Python tool against hostile code: each attack ends within its limit, reaches nothing outside
+its call, and leaves this test process, its other processes and the pool working.
+
+These run the real sandbox (Linux namespaces, rlimits) on this machine; none is mocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+from megatron_m2po.config import ConfigError, SandboxConfig, load_config, validate
+from megatron_m2po.rollout.tools import SandboxPool, ToolResult
+from tests.conftest import REPO, subprocess_env
+
+pytestmark = pytest.mark.timeout(120)
+
+LIMITS = SandboxConfig(
+    workers=4, cpu_seconds=2, wall_seconds=6.0, memory_mb=512, max_processes=16, max_output_bytes=65536
+)
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with SandboxPool(LIMITS) as p:
+        yield p
+
+
+def _code(text: str) -> str:
+    return textwrap.dedent(text).strip() + "\n"
+
+
+def _still_works(pool: SandboxPool) -> None:
+    result = pool.run("print(6 * 7)")
+    assert result.ok and result.stdout == "42\n", result
+
+
+def _leftovers() -> list[psutil.Process]:
+    """Processes still running as the sandbox's outside uid (the code's), or descendants of this test."""
+    me = psutil.Process()
+    mine = me.children(recursive=True)
+    return [p for p in mine if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_the_machine_isolates_and_says_what_it_got(pool):
+    caps = pool.capabilities
+    assert caps.isolated, caps.problems
+    assert all(caps.namespaces[n] for n in ("user", "mount", "network", "pid")), caps
+    assert "isolated: namespaces user, mount, network, pid" in caps.describe()
+
+
+def test_ordinary_code_runs_with_the_installed_packages(pool):
+    result = pool.run("import sympy\nprint(sympy.factorint(360))\nprint(sum(i * i for i in range(10)))")
+    assert result.ok, result
+    assert result.stdout == "{2: 3, 3: 2, 5: 1}\n285\n"
+    assert result.setup_seconds > 0 and result.cpu_seconds > 0 and result.wall_seconds >= result.setup_seconds
+    failed = pool.run("raise ValueError('bad')")
+    assert failed.exit_code == 1 and "ValueError: bad" in failed.stderr and failed.limit is None
+
+
+def test_infinite_loop_is_killed_at_the_wall_limit(pool):
+    t0 = time.monotonic()
+    result = pool.run("import time\nwhile True:\n    time.sleep(0.01)", timeout=1.5)
+    assert result.limit == "wall" and not result.ok
+    assert 1.5 <= time.monotonic() - t0 < 6
+    _still_works(pool)
+
+
+def test_busy_loop_is_killed_at_the_cpu_limit(pool):
+    result = pool.run("while True:\n    pass", timeout=60)  # wall time is generous on a loaded machine
+    assert result.limit == "cpu" and result.signal == signal.SIGXCPU, result
+    assert LIMITS.cpu_seconds - 0.1 <= result.cpu_seconds < LIMITS.cpu_seconds + 1
+
+
+def test_fork_bomb_is_held_to_the_process_limit_and_leaves_nothing_behind(pool):
+    counted = pool.run(
+        _code(
+            """
+            import os, time
+            n = 0
+            try:
+                while True:
+                    if os.fork() == 0:
+                        time.sleep(60)
+                        os._exit(0)
+                    n += 1
+            except OSError as e:
+                print(n, e.errno)
+            """
+        )
+    )
+    started, err = map(int, counted.stdout.split())
+    assert err == errno.EAGAIN and started < LIMITS.max_processes, counted
+    assert counted.wall_seconds < 5  # its children sleeping 60 s died with the call's pid namespace
+    bomb = pool.run(
+        _code(
+            """
+            import os
+            while True:
+                try:
+                    os.fork()
+                except OSError:
+                    pass
+            """
+        ),
+        timeout=3,
+    )
+    assert bomb.limit in ("wall", "cpu"), bomb
+    assert _leftovers() == []
+    assert psutil.cpu_count() and len(psutil.pids()) < 2000
+    _still_works(pool)
+
+
+def test_memory_hog_gets_a_memory_error(pool):
+    result = pool.run("x = bytearray(2 << 30)\nprint(len(x))")
+    assert result.limit == "memory" and "MemoryError" in result.stderr, result
+    assert result.stdout == ""
+    _still_works(pool)
+
+
+def test_a_gigabyte_of_output_is_cut_at_the_limit(pool):
+    t0 = time.monotonic()
+    result = pool.run("import sys\nblock = 'x' * 65536\nfor _ in range(16384):\n    sys.stdout.write(block)")
+    assert result.limit == "output" and result.truncated
+    assert result.stdout.startswith("x" * 1000)
+    assert result.stdout.endswith(f"[... output truncated: more than {LIMITS.max_output_bytes} bytes]\n")
+    assert len(result.stdout) < LIMITS.max_output_bytes + 100
+    assert time.monotonic() - t0 < 5
+
+
+def test_the_environment_holds_none_of_the_runs_secrets(pool, monkeypatch):
+    secrets = {
+        "M2PO_API_KEY": "sk-m2po-secret-1",
+        "WANDB_API_KEY": "wandb-secret-2",
+        "HF_TOKEN": "hf-secret-3",
+        "AWS_SECRET_ACCESS_KEY": "aws-secret-4",
+    }
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    result = pool.run(
+        _code(
+            """
+            import os
+            print(sorted(os.environ))
+            for pid in os.listdir('/proc'):
+                if pid.isdigit():
+                    try:
+                        print(open(f'/proc/{pid}/environ', 'rb').read())
+                    except OSError as e:
+                        print(pid, e)
+            """
+        )
+    )
+    assert result.ok, result
+    for name, value in secrets.items():
+        assert name not in result.stdout and value not in result.stdout
+    assert "'PATH'" in result.stdout and "WANDB" not in result.stdout
+
+
+@pytest.mark.parametrize("where", ["repo", "host_tmp", "home", "dev_shm"])
+def test_writing_outside_its_directory_fails_or_stays_in_the_call(pool, tmp_path, where):
+    target = {
+        "repo": REPO / "sandbox-escape.txt",
+        "host_tmp": tmp_path / "sandbox-escape.txt",
+        "home": os.path.expanduser("~/sandbox-escape.txt"),
+        "dev_shm": "/dev/shm/sandbox-escape.txt",
+    }[where]
+    tmp_path.chmod(0o777)  # writable by anyone: only the mount namespace keeps it out of reach
+    result = pool.run(
+        _code(
+            f"""
+            try:
+                with open({str(target)!r}, 'w') as f:
+                    f.write('escaped')
+                print('wrote')
+            except OSError as e:
+                print('refused', e.errno)
+            """
+        )
+    )
+    assert result.exit_code == 0, result
+    assert not os.path.exists(target), f"{target} was written from the sandbox"
+    if where != "dev_shm":  # the call's own /dev/shm is a throwaway tmpfs; everything else is read-only
+        assert result.stdout.startswith("refused"), result
+    own = pool.run("open('mine.txt', 'w').write('x')\nimport os\nprint(os.getcwd(), sorted(os.listdir('.')))")
+    assert own.ok and own.stdout == "/tmp ['main.py', 'mine.txt']\n", own
+    again = pool.run("import os\nprint(os.listdir('.'))")
+    assert again.stdout == "['main.py']\n"  # each call starts from an empty directory
+
+
+def test_loopback_connection_never_reaches_a_listener(pool):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.settimeout(0.5)
+        port = listener.getsockname()[1]
+        result = pool.run(
+            _code(
+                f"""
+                import socket
+                s = socket.socket()
+                s.settimeout(2)
+                try:
+                    s.connect(('127.0.0.1', {port}))
+                    print('connected')
+                except OSError as e:
+                    print('refused', e.errno)
+                """
+            )
+        )
+        assert result.stdout == f"refused {errno.ENETUNREACH}\n", result
+        with pytest.raises(TimeoutError):
+            listener.accept()
+
+
+def test_other_addresses_have_no_route_and_no_interface(pool):
+    result = pool.run(
+        _code(
+            """
+            import socket, time
+            for address in [('1.1.1.1', 53), ('10.0.0.1', 80), ('::1', 80)]:
+                family = socket.AF_INET6 if ':' in address[0] else socket.AF_INET
+                s = socket.socket(family, socket.SOCK_STREAM)
+                s.settimeout(5)
+                t0 = time.monotonic()
+                try:
+                    s.connect(address)
+                    print('connected')
+                except OSError as e:
+                    print(e.errno, round(time.monotonic() - t0, 1))
+            u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                u.sendto(b'x', ('8.8.8.8', 53))
+                print('sent')
+            except OSError as e:
+                print('udp', e.errno)
+            print([name for _, name in socket.if_nameindex()])
+            """
+        )
+    )
+    lines = result.stdout.splitlines()
+    # No route at all: the kernel refuses at once, before any packet could be built.
+    assert lines[:2] == [f"{errno.ENETUNREACH} 0.0"] * 2, result
+    assert lines[2] in (f"{errno.ENETUNREACH} 0.0", f"{errno.EADDRNOTAVAIL} 0.0")  # ::1 does not exist
+    assert lines[3] == f"udp {errno.ENETUNREACH}"
+    assert lines[4] == "['lo']"  # the namespace's own loopback, and it is down
+
+
+def test_signalling_the_parent_or_everyone_touches_nothing_outside(pool):
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        result = pool.run(
+            _code(
+                """
+                import os, signal, subprocess
+                print('ppid', os.getppid())
+                for pid in (os.getppid(), 1):
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except OSError as e:
+                        print('kill', pid, e.errno)
+                subprocess.run(['kill', '-9', '-1'])
+                """
+            )
+        )
+        assert "ppid 1" in result.stdout, result  # its parent is the namespace's own pid 1
+        assert bystander.poll() is None, "the sandboxed code killed a process outside it"
+        _still_works(pool)
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_many_calls_at_once_finish_within_a_bound(pool):
+    code = "import time\ntime.sleep(1)\nprint('done')"
+
+    async def many(n: int) -> list[ToolResult]:
+        return await asyncio.gather(*(pool.run_async(code) for _ in range(n)))
+
+    t0 = time.monotonic()
+    results = asyncio.run(many(12))
+    elapsed = time.monotonic() - t0
+    assert all(r.ok and r.stdout == "done\n" for r in results)
+    # 12 calls of 1 s on 4 workers: 3 rounds, not 12 (plus each call's start-up).
+    assert elapsed < 3 * (1 + 2.0), elapsed
+    metrics = pool.metrics()
+    assert metrics["tool/calls"] >= 12 and metrics["tool/errors"] == 0
+
+
+def test_refuses_to_start_where_it_cannot_isolate_unless_told():
+    """In a user namespace that may create no more namespaces, the pool refuses, naming what is missing;
+    `allow_unisolated` runs the code with the resource limits only, and says so."""
+    script = _code(
+        """
+        from megatron_m2po.config import SandboxConfig
+        from megatron_m2po.rollout.tools import SandboxPool, SandboxUnavailable
+        try:
+            SandboxPool(SandboxConfig())
+            print('started')
+        except SandboxUnavailable as e:
+            print('refused:', e)
+        with SandboxPool(SandboxConfig(allow_unisolated=True, cpu_seconds=1)) as pool:
+            print(pool.capabilities.describe())
+            r = pool.run('import os; print(os.getcwd()); print(sorted(os.environ))')
+            print(r.stdout, r.exit_code)
+            print(pool.run('while True: pass', timeout=10).limit)
+        """
+    )
+    proc = subprocess.run(
+        [
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "sh",
+            "-c",
+            f'echo 0 > /proc/sys/user/max_user_namespaces && exec {sys.executable} -c "$0"',
+            script,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=subprocess_env(M2PO_API_KEY="sk-secret"),
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stderr
+    assert "refused: the Python tool sandbox cannot isolate code on this machine" in out
+    assert "cannot create user namespace" in out and "sandbox.allow_unisolated=true" in out
+    assert "UNISOLATED (resource limits only)" in out
+    assert "/tmp/m2po-tool-" in out and "M2PO_API_KEY" not in out
+    assert out.strip().endswith("cpu")
+
+
+def test_config_section_is_validated(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {path: m}\ndata: {path: d.jsonl}\nsandbox: {workers: 8, memory_mb: 2048}\n")
+    cfg = load_config(recipe)
+    validate(cfg)
+    assert (cfg.sandbox.workers, cfg.sandbox.memory_mb, cfg.sandbox.allow_unisolated) == (8, 2048, False)
+    for override, message in [
+        ("sandbox.workers=0", "'sandbox.workers': must be >= 1"),
+        ("sandbox.memory_mb=16", "'sandbox.memory_mb': must be >= 64"),
+        ("sandbox.wall_seconds=0", "'sandbox.wall_seconds': must be > 0"),
+        ("sandbox.max_procs=4", "sandbox.max_processes"),
+    ]:
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+            validate(load_config(recipe, [override]))
