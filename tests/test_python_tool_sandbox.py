@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -354,3 +355,32 @@ def test_config_section_is_validated(tmp_path):
     ]:
         with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
             validate(load_config(recipe, [override]))
+
+
+def test_a_world_writable_unix_socket_of_the_host_is_out_of_reach(pool, tmp_path):
+    """A read-only mount does not stop connect() on a unix socket: /run and /tmp are replaced instead."""
+    paths = [Path("/run") / f"m2po-sandbox-test-{os.getpid()}.sock", tmp_path / "s.sock"]
+    tmp_path.chmod(0o777)
+    listeners = []
+    try:
+        for path in paths:
+            listener = socket.socket(socket.AF_UNIX)
+            listener.bind(str(path))
+            path.chmod(0o777)
+            listener.listen(1)
+            listener.settimeout(0.2)
+            listeners.append(listener)
+        code = "import socket\n" + "".join(
+            f"s = socket.socket(socket.AF_UNIX)\ntry:\n    s.connect({str(p)!r}); print('connected')\n"
+            "except OSError as e:\n    print('refused', e.errno)\n"
+            for p in paths
+        )
+        result = pool.run(code)
+        assert result.stdout == f"refused {errno.ENOENT}\n" * 2, result
+        for listener in listeners:
+            with pytest.raises(TimeoutError):
+                listener.accept()
+    finally:
+        for listener in listeners:
+            listener.close()
+        paths[0].unlink(missing_ok=True)

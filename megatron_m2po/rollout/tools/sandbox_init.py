@@ -232,6 +232,11 @@ def _init(spec, code, status_fd, report):
     _die_with_parent()
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     _expose(spec["expose"])
+    # Unix sockets ignore a read-only mount: hide the directories where services keep theirs (a socket left
+    # world-writable there would still be reachable; /tmp and /dev/shm are replaced below).
+    for path in ("/run", "/var/run"):
+        if os.path.isdir(path) and not os.path.islink(path):
+            _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=755")
     refused = _make_readonly()
     if refused:
         raise OSError(f"could not make these mounts read-only: {'; '.join(refused[:5])}")
