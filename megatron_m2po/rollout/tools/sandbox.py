@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -261,7 +262,7 @@ class Sandbox:
             for pipe in (proc.stdout, proc.stderr):
                 pipe.close()
             if workdir:
-                subprocess.run(["rm", "-rf", "--one-file-system", workdir], check=False)
+                shutil.rmtree(workdir, ignore_errors=True)
         lines = bytes(status.kept).decode(errors="replace").strip().splitlines()
         report = json.loads(lines[-1]) if lines else {}
         cpu = float(report.get("cpu_seconds", 0.0))
