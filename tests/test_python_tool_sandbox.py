@@ -384,3 +384,50 @@ def test_a_world_writable_unix_socket_of_the_host_is_out_of_reach(pool, tmp_path
         for listener in listeners:
             listener.close()
         paths[0].unlink(missing_ok=True)
+
+
+def test_a_caller_without_root_maps_only_its_own_uid_and_is_isolated_alike(tmp_path):
+    """Not root (uid 1000 in a user namespace): the sandbox maps the caller's own uid, gives up setgroups,
+    and the code still finds no network, a read-only filesystem and its own /tmp."""
+    script = _code(
+        f"""
+        import os
+        from megatron_m2po.config import SandboxConfig
+        from megatron_m2po.rollout.tools import SandboxPool
+        print('caller', os.geteuid())
+        with SandboxPool(SandboxConfig()) as pool:
+            print(pool.capabilities.describe())
+            print(pool.run('''
+        import os, socket
+        print(os.getuid(), os.getcwd())
+        for target in ({str(REPO / "escape.txt")!r}, {str(tmp_path / "escape.txt")!r}):
+            try:
+                open(target, 'w')
+            except OSError as e:
+                print(e.errno)
+        try:
+            socket.create_connection(('1.1.1.1', 53), timeout=2)
+        except OSError as e:
+            print(e.errno)
+        ''').stdout)
+        """
+    )
+    tmp_path.chmod(0o777)
+    proc = subprocess.run(
+        ["unshare", "--user", "--map-user=1000", "--map-group=1000", sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=subprocess_env(),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        "caller 1000",
+        "isolated: namespaces user, mount, network, pid, ipc, uts; private /proc True; code runs as the caller's uid",
+        "1000 /tmp",
+        str(errno.EROFS),  # the repo: read-only
+        str(errno.ENOENT),  # the host's /tmp: not there, the call has its own
+        str(errno.ENETUNREACH),
+        "",
+    ], proc.stdout
+    assert not (REPO / "escape.txt").exists() and not (tmp_path / "escape.txt").exists()

@@ -150,8 +150,11 @@ def _expose(wanted):
 
 
 def _write(path, text):
-    with open(path, "w") as f:
-        f.write(text)
+    try:
+        with open(path, "w") as f:
+            f.write(text)
+    except OSError as e:
+        raise OSError(e.errno, f"writing {text.strip()!r} to {path}: {e.strerror}") from None
 
 
 def _map_ids(pid, outside_uid, outside_gid, privileged):
@@ -255,7 +258,8 @@ def _init(spec, code, status_fd, report):
 
 
 def _isolated(spec, code, status_fd, report):
-    privileged = os.geteuid() == 0
+    uid, gid = os.geteuid(), os.getegid()  # as the parent namespace sees them: afterwards they read 65534
+    privileged = uid == 0
     to_setup, from_setup = os.pipe(), os.pipe()
     pid = os.fork()
     if pid == 0:  # setup
@@ -265,7 +269,7 @@ def _isolated(spec, code, status_fd, report):
             _die_with_parent()
             _unshare(list(NAMESPACES))
             if not privileged:
-                _map_ids("self", os.geteuid(), os.getegid(), False)
+                _map_ids("self", uid, gid, False)
             os.write(from_setup[1], b"u")
             if os.read(to_setup[0], 1) != b"m":
                 os._exit(1)
