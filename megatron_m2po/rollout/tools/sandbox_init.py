@@ -64,8 +64,12 @@ def _mount(source, target, fstype, flags, data=None):
     )
 
 
-def _die_with_parent():
+def _die_with_parent(parent=None):
+    """SIGKILL this process when its parent dies. Set after the last change of credentials (unshare of a user
+    namespace, setfsuid), which clear it; `parent`: exit now if it already died."""
     _call("prctl(PR_SET_PDEATHSIG)", libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0))
+    if parent is not None and os.getppid() != parent:
+        os._exit(1)
 
 
 def _unshare(names):
@@ -232,7 +236,6 @@ def _run_code(spec, code, status_fd, report):
 
 def _init(spec, code, status_fd, report):
     """pid 1 of the new namespaces: the private filesystem view, then the code."""
-    _die_with_parent()
     _mount(None, "/", None, MS_REC | MS_PRIVATE)
     _expose(spec["expose"])
     # Unix sockets ignore a read-only mount: hide the directories where services keep theirs (a socket left
@@ -254,6 +257,7 @@ def _init(spec, code, status_fd, report):
         report["isolation"]["proc"] = False
         report["warnings"].append(f"the namespace's own /proc could not be mounted ({e.strerror})")
     spec["workdir"] = "/tmp"
+    _die_with_parent()
     _run_code(spec, code, status_fd, report)
 
 
@@ -266,8 +270,9 @@ def _isolated(spec, code, status_fd, report):
         try:
             os.close(to_setup[1])
             os.close(from_setup[0])
-            _die_with_parent()
+            launcher = os.getppid()
             _unshare(list(NAMESPACES))
+            _die_with_parent(launcher)
             if not privileged:
                 _map_ids("self", uid, gid, False)
             os.write(from_setup[1], b"u")
