@@ -64,6 +64,16 @@ def test_the_machine_isolates_and_says_what_it_got(pool):
     assert caps.isolated, caps.problems
     assert all(caps.namespaces[n] for n in ("user", "mount", "network", "pid")), caps
     assert "isolated: namespaces user, mount, network, pid" in caps.describe()
+    identity = pool.run(
+        "import os\n"
+        "status = dict(line.split(':', 1) for line in open('/proc/self/status'))\n"
+        "print([status[k].split() for k in ('Uid', 'Gid', 'Groups', 'CapPrm', 'CapEff', 'NoNewPrivs')])\n"
+        "print(sorted(p for p in os.listdir('/proc') if p.isdigit()))"
+    )
+    assert identity.stdout.splitlines() == [
+        str([["1000"] * 4, ["1000"] * 4, [], ["0000000000000000"], ["0000000000000000"], ["1"]]),
+        "['1', '2']",  # the call's own pid 1 and the code: no process of the host is visible
+    ], identity
 
 
 def test_ordinary_code_runs_with_the_installed_packages(pool):
