@@ -2,6 +2,7 @@
 
     python -m bench.mfu                          # GPU: Qwen3-1.7B shapes (28 layers), then Qwen3-8B shapes (4 layers)
     python -m bench.mfu --models qwen3-1.7b --budgets 32768 16384
+    python -m bench.mfu --models qwen3-30b-a3b   # GPU: a Qwen3-30B-A3B layer stack (2 of its 48 MoE layers)
     OMP_NUM_THREADS=1 python -m bench.mfu --small   # CPU: tiny shapes, checks the flow (no MFU without a GPU)
 
 Each model is built by `build_model` with random weights at the model's real layer shapes (no checkpoint),
@@ -13,7 +14,8 @@ the largest that fits (an out-of-memory budget is skipped for the next smaller o
 FLOPs per real token are counted as a Megatron paper would: 2 x (matmul parameters incl. the output
 layer) per forward token plus causal attention 2 x 2 x heads x head_dim x (s + 1) / 2 per layer for a
 token of a sequence of length s; the training step is forward + backward = 3 x, the M2 pre-pass one more
-forward. `mfu` uses the training step's FLOPs, `mfu_with_prepass` adds the pre-pass; both divide by the
+forward. An MoE layer counts what a token runs through: the router and its top-k experts (not every expert).
+The MoE stack runs on one GPU with every expert local (EP = 1): grouped GEMM, the alltoall dispatcher. `mfu` uses the training step's FLOPs, `mfu_with_prepass` adds the pre-pass; both divide by the
 GPU's dense bf16 peak (`metrics.PEAK_BF16_FLOPS`).
 """
 
@@ -50,9 +52,19 @@ SHAPES = {
         vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=4,
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False,
     ),
+    "qwen3-30b-a3b": dict(
+        arch="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=2,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, tie_word_embeddings=False,
+        num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
+    ),
     "small": dict(
         vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False,
+    ),
+    "small-moe": dict(
+        arch="qwen3_moe", vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=False,
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=64, norm_topk_prob=True,
     ),
 }  # fmt: skip
 
@@ -61,7 +73,11 @@ def flops_per_step(shape: dict, seq_lengths: list[int]) -> tuple[float, float]:
     """(forward FLOPs of the mini-batch, of which attention), per the module docstring."""
     h, layers, head_dim = shape["hidden_size"], shape["num_hidden_layers"], shape["head_dim"]
     q, kv = shape["num_attention_heads"] * head_dim, shape["num_key_value_heads"] * head_dim
-    per_layer = h * q + 2 * h * kv + q * h + 3 * h * shape["intermediate_size"]
+    if "num_experts" in shape:  # router + the top-k experts a token goes through
+        mlp = h * shape["num_experts"] + 3 * h * shape["moe_intermediate_size"] * shape["num_experts_per_tok"]
+    else:
+        mlp = 3 * h * shape["intermediate_size"]
+    per_layer = h * q + 2 * h * kv + q * h + mlp
     matmul_params = layers * per_layer + shape["vocab_size"] * h  # + the output layer
     tokens = sum(seq_lengths)
     attention = sum(2 * 2 * q * s * (s + 1) / 2 for s in seq_lengths) * layers
@@ -73,10 +89,11 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict:
     from megatron_m2po.trainer.policy import Policy
 
     shape = dict(SHAPES[name])
+    arch = shape.pop("arch", "qwen3")
     if args.layers:
         shape["num_hidden_layers"] = args.layers
     hf_dir = tmp / name
-    tiny_config("qwen3", max_position_embeddings=8192, **shape).save_pretrained(hf_dir)
+    tiny_config(arch, max_position_embeddings=8192, **shape).save_pretrained(hf_dir)
     prompt = args.prompt
     lengths = response_lengths(args.sequences, args.scale, args.seed)
     groups = make_groups(lengths, prompt, args.group, shape["vocab_size"], args.seed)
@@ -145,11 +162,13 @@ def main() -> None:
     p.add_argument("--recompute", choices=("none", "selective", "full"), default="none")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--small", action="store_true", help="CPU flow check: tiny shapes, short sequences")
+    p.add_argument(
+        "--small", action="store_true", help="CPU flow check: tiny dense and MoE shapes, short sequences"
+    )
     p.add_argument("--out", type=Path, help="also write the results as JSON here")
     args = p.parse_args()
     if args.small:
-        args.models, args.budgets, args.sequences, args.group = ["small"], [256], 8, 4
+        args.models, args.budgets, args.sequences, args.group = ["small", "small-moe"], [256], 8, 4
         args.prompt, args.scale, args.reps = 8, 0.02, 1
     platform.init_distributed(seed=args.seed)
     torch.manual_seed(args.seed)

@@ -125,6 +125,12 @@ class ModelConfig:
         "auto",
         "parameter dtype; auto = bf16 on GPU, fp32 on CPU",
     )
+    router_aux_loss_coef: float | None = opt(
+        None,
+        "MoE models: coefficient of Megatron's per-layer load-balancing loss; unset = config.json's "
+        "router_aux_loss_coef (0 turns it off)",
+        ge=0,
+    )
 
 
 @dataclass
@@ -344,6 +350,15 @@ class TrainConfig:
 class ParallelConfig:
     tensor: int = opt(1, "tensor-parallel size", ge=1)
     pipeline: int = opt(1, "pipeline-parallel size", ge=1)
+    expert: int = opt(
+        1, "MoE models: expert-parallel size (each rank holds num_experts / expert experts); carved from DP", ge=1
+    )
+    expert_tensor: int | None = opt(
+        None,
+        "MoE models: tensor-parallel size inside each expert; unset = parallel.tensor (Megatron's default). "
+        "Smaller (e.g. 1: whole experts) needs parallel.expert > 1",
+        ge=1,
+    )
     sequence_parallel: bool = opt(
         False, "split norm/dropout activations along the sequence over the TP ranks (needs tensor > 1)"
     )
@@ -359,6 +374,11 @@ class ParallelConfig:
     overlap_grad_reduce: bool = opt(
         False, "overlap the DP gradient reduce (all-reduce, or reduce-scatter) with the backward, by bucket"
     )
+
+    @property
+    def expert_tensor_size(self) -> int:
+        """The expert-tensor-parallel size in effect (`expert_tensor`, or `tensor` when unset)."""
+        return self.tensor if self.expert_tensor is None else self.expert_tensor
 
 
 @dataclass
@@ -756,6 +776,16 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     pl = cfg.parallel
     if pl.sequence_parallel and pl.tensor == 1:
         raise ConfigError("'parallel.sequence_parallel': needs parallel.tensor > 1 (it splits over the TP ranks)")
+    if pl.expert_tensor is not None and pl.tensor % pl.expert_tensor:
+        raise ConfigError(
+            f"'parallel.expert_tensor': {pl.expert_tensor} does not divide parallel.tensor={pl.tensor}"
+        )
+    if pl.expert == 1 and pl.expert_tensor not in (None, pl.tensor):
+        raise ConfigError(
+            f"'parallel.expert_tensor': {pl.expert_tensor} differs from parallel.tensor={pl.tensor}, which needs "
+            "parallel.expert > 1 (megatron-core sums expert gradients over the expert-data-parallel ranks only "
+            "under expert parallelism; TP ranks holding the same expert would drift apart)"
+        )
     if r.engine == "sglang" and not r.urls:
         raise ConfigError(
             "'rollout.urls': sglang needs its server URLs"
@@ -792,6 +822,45 @@ _SPLIT_BY = {
 }
 
 
+def _validate_expert_layout(cfg: Config, world_size: int, model: Any) -> None:
+    """megatron-core 0.16's expert grid: ETP x EP x PP ranks divide the world (the rest is expert-DP), EP
+    splits the experts evenly, ETP the expert FFN; MoE with TP > 1 trains only with sequence parallelism."""
+    p = cfg.parallel
+    etp = p.expert_tensor_size
+    grid = etp * p.expert * p.pipeline
+    if world_size % grid:
+        raise ConfigError(
+            f"'parallel.expert': parallel.expert_tensor x parallel.expert x parallel.pipeline = "
+            f"{etp} x {p.expert} x {p.pipeline} = {grid} does not divide the world size {world_size}"
+        )
+    if model is None:
+        return
+    experts = getattr(model, "num_experts", None)
+    if not isinstance(experts, int) or experts < 1:
+        for key, value, unset in (("expert", p.expert, 1), ("expert_tensor", p.expert_tensor, None)):
+            if value != unset:
+                raise ConfigError(
+                    f"'parallel.{key}': {value}, but {cfg.model.path} is a dense model (no experts); "
+                    f"leave it at {unset}"
+                )
+        return
+    if experts % p.expert:
+        raise ConfigError(
+            f"'parallel.expert': {p.expert} does not divide the model's num_experts = {experts} ({cfg.model.path})"
+        )
+    if p.tensor > 1 and not p.sequence_parallel:
+        raise ConfigError(
+            "'parallel.sequence_parallel': MoE models with parallel.tensor > 1 need it (megatron-core refuses "
+            "to train an MoE layer under tensor parallelism without sequence parallelism)"
+        )
+    ffn = getattr(model, "moe_intermediate_size", None)
+    if isinstance(ffn, int) and ffn % etp:
+        raise ConfigError(
+            f"'parallel.expert_tensor': {etp} does not divide the model's moe_intermediate_size = "
+            f"{ffn} ({cfg.model.path})"
+        )
+
+
 def validate_parallel(cfg: Config, world_size: int, model: Any = None) -> int:
     """Check the parallel layout against the world size and, given `model` (its HF config), against what
     Megatron splits over the ranks; return the data-parallel size. Runs before Megatron starts, so a bad
@@ -809,6 +878,7 @@ def validate_parallel(cfg: Config, world_size: int, model: Any = None) -> int:
                 f"'{key}': {size} does not divide the model's {hf_key} = {value} ({cfg.model.path}); "
                 f"Megatron splits it evenly over the {size} ranks"
             )
+    _validate_expert_layout(cfg, world_size, model)
     dp = world_size // mp
     seqs_per_update = t.groups_per_update * t.responses_per_prompt
     if seqs_per_update % dp:

@@ -208,9 +208,18 @@ def _with_cuda_type_names(fn: Callable) -> Callable:
     return wrapper
 
 
+def apply_moe_shims() -> None:
+    """Without Transformer Engine megatron-core 0.16 leaves `moe_utils.te_general_gemm` undefined, and the MoE
+    router's gating GEMM raises NameError on it; None selects its plain torch matmul. Idempotent."""
+    moe_utils = importlib.import_module("megatron.core.transformer.moe.moe_utils")
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
 def apply_cpu_shims() -> None:
     """Redirect Megatron-core's CUDA-only bookkeeping to the CPU. Idempotent; a no-op when CUDA is present."""
     global _shims_applied
+    apply_moe_shims()
     if _shims_applied or on_gpu():
         return
     torch.cuda.current_device = _cpu_current_device
@@ -235,8 +244,18 @@ def apply_cpu_shims() -> None:
 # ------------------------------------------------------------------------------------ process groups
 
 
-def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed: int = 0) -> None:
+def init_distributed(
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    seed: int = 0,
+    *,
+    expert_parallel: int = 1,
+    expert_tensor_parallel: int | None = None,
+) -> None:
     """Initialise torch.distributed, Megatron's parallel_state and its RNG tracker.
+
+    `expert_parallel` / `expert_tensor_parallel` lay out MoE experts (Megatron's expert grid: ETP x EP x PP
+    ranks, the rest expert-data-parallel; ETP defaults to `tensor_parallel`); dense models leave them unset.
 
     Under torchrun the env:// rendezvous is used; in a plain process (no RANK/WORLD_SIZE) a private
     single-rank FileStore is created, so tests and notebooks need no launcher. Safe to call again after
@@ -271,8 +290,19 @@ def init_distributed(tensor_parallel: int = 1, pipeline_parallel: int = 1, seed:
         )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    if expert_tensor_parallel is None:
+        expert_tensor_parallel = tensor_parallel
+    grid = expert_tensor_parallel * expert_parallel * pipeline_parallel
+    if world % grid != 0:
+        raise ValueError(
+            f"world size {world} is not divisible by expert_tensor_parallel={expert_tensor_parallel} x "
+            f"expert_parallel={expert_parallel} x pipeline_parallel={pipeline_parallel}"
+        )
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tensor_parallel, pipeline_model_parallel_size=pipeline_parallel
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        expert_model_parallel_size=expert_parallel,
+        expert_tensor_parallel_size=expert_tensor_parallel,
     )
     # Megatron's convention: pipeline stages draw different init streams, TP ranks are forked by the tracker.
     stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()

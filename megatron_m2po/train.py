@@ -70,7 +70,13 @@ def train(cfg: Config, *, resume: bool | str = False) -> dict[str, float]:
     # before Megatron starts: a layout it cannot split is a config error naming the key, not its traceback
     validate_parallel(cfg, int(os.environ.get("WORLD_SIZE", "1")), load_hf_config(cfg.model.path))
     check_run_dir(cfg, resume=resume)  # nothing written yet: a directory of other files is refused
-    platform.init_distributed(cfg.parallel.tensor, cfg.parallel.pipeline, seed=cfg.train.seed)
+    platform.init_distributed(
+        cfg.parallel.tensor,
+        cfg.parallel.pipeline,
+        seed=cfg.train.seed,
+        expert_parallel=cfg.parallel.expert,
+        expert_tensor_parallel=cfg.parallel.expert_tensor_size,
+    )
     run_dir, is_rank0 = Path(cfg.logging.run_dir), platform.rank() == 0
     if is_rank0:
         mark_run_dir(run_dir)

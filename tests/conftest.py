@@ -57,3 +57,14 @@ def run_torchrun(
             f"torchrun {script} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
         )
     return proc
+
+
+@pytest.fixture()
+def single_process():
+    """A one-rank process group and Megatron parallel state for the test, torn down after it."""
+    from megatron_m2po import platform
+
+    torch.set_num_threads(1)
+    platform.init_distributed()
+    yield
+    platform.destroy_distributed()

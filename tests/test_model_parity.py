@@ -35,14 +35,6 @@ CASES = {
 }
 
 
-@pytest.fixture()
-def single_process():
-    torch.set_num_threads(1)
-    platform.init_distributed()
-    yield
-    platform.destroy_distributed()
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_logits_match_transformers(tmp_path, single_process, case):
     arch, overrides = CASES[case]

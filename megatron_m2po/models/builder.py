@@ -13,7 +13,7 @@ from megatron_m2po import platform
 from megatron_m2po.config import ParallelConfig
 from megatron_m2po.models.hf_config import validate_hf_config
 from megatron_m2po.models.layer_spec import gpt_decoder_spec
-from megatron_m2po.models.mapping import Layout, architecture
+from megatron_m2po.models.mapping import Layout, architecture, num_experts
 
 # llama3 rope-scaling parameters megatron-core hard-codes; any other value is applied by `_set_llama3_inv_freq`.
 _MEGATRON_LLAMA3_DEFAULTS = {
@@ -23,11 +23,48 @@ _MEGATRON_LLAMA3_DEFAULTS = {
 }
 
 
+def moe_options(hf_config: PretrainedConfig, aux_loss_coef: float | None = None) -> dict:
+    """The MoE fields of TransformerConfig for the Qwen3-MoE router and experts (empty for a dense model).
+
+    Router: softmax over the expert logits, top-k, in fp32. HF's `norm_topk_prob` renormalises the k chosen
+    probabilities, which equals Megatron's softmax over the k chosen logits (`moe_router_pre_softmax=False`);
+    without it the probabilities are the full softmax's (`pre_softmax=True`). Load balancing: Megatron's
+    per-layer switch loss with coefficient `aux_loss_coef` (default: config.json's `router_aux_loss_coef`).
+    Experts: grouped GEMM with the alltoall dispatcher on GPUs with Transformer Engine, else one MLP per
+    expert with the allgather dispatcher (CPU: the alltoall dispatcher needs CUDA streams).
+    """
+    experts = num_experts(hf_config)
+    if not experts:
+        return {}
+    grouped = platform.has_transformer_engine()
+    coef = hf_config.router_aux_loss_coef if aux_loss_coef is None else aux_loss_coef
+    return {
+        "num_moe_experts": experts,
+        "moe_ffn_hidden_size": hf_config.moe_intermediate_size,
+        "moe_router_topk": hf_config.num_experts_per_tok,
+        "moe_router_score_function": "softmax",
+        "moe_router_pre_softmax": not hf_config.norm_topk_prob,
+        "moe_router_dtype": "fp32",
+        "moe_router_load_balancing_type": "aux_loss" if coef else "none",
+        "moe_aux_loss_coeff": float(coef),
+        "moe_grouped_gemm": grouped,
+        "moe_token_dispatcher_type": "alltoall" if platform.on_gpu() else "allgather",
+        "moe_permute_fusion": False,
+        "expert_model_parallel_size": parallel_state.get_expert_model_parallel_world_size(),
+        "expert_tensor_parallel_size": parallel_state.get_expert_tensor_parallel_world_size(),
+    }
+
+
 def transformer_config(
-    hf_config: PretrainedConfig, *, dtype: torch.dtype | None = None, parallel: ParallelConfig | None = None
+    hf_config: PretrainedConfig,
+    *,
+    dtype: torch.dtype | None = None,
+    parallel: ParallelConfig | None = None,
+    aux_loss_coef: float | None = None,
 ) -> TransformerConfig:
-    """Megatron's TransformerConfig equivalent to the HF config, for the current TP/PP sizes; `parallel`
-    adds sequence parallelism and activation recompute (neither changes the math)."""
+    """Megatron's TransformerConfig equivalent to the HF config, for the current TP/PP/EP sizes; `parallel`
+    adds sequence parallelism and activation recompute (neither changes the math); `aux_loss_coef`
+    overrides an MoE model's load-balancing coefficient."""
     parallel = parallel or ParallelConfig()
     recompute = {}
     if parallel.recompute == "selective":
@@ -54,7 +91,7 @@ def transformer_config(
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=arch == "Qwen2ForCausalLM",
-        qk_layernorm=arch == "Qwen3ForCausalLM",
+        qk_layernorm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=getattr(hf_config, "initializer_range", 0.02),
@@ -73,6 +110,7 @@ def transformer_config(
         attention_softmax_in_fp32=True,
         sequence_parallel=parallel.sequence_parallel,
         **recompute,
+        **moe_options(hf_config, aux_loss_coef),
     )
 
 
@@ -82,15 +120,18 @@ def build_model(
     dtype: torch.dtype | None = None,
     use_transformer_engine: bool | None = None,
     parallel: ParallelConfig | None = None,
+    aux_loss_coef: float | None = None,
 ) -> GPTModel:
-    """The randomly initialised GPTModel for this TP/PP rank (parallel_state must be initialised)."""
+    """The randomly initialised GPTModel for this TP/PP/EP rank (parallel_state must be initialised)."""
     validate_hf_config(hf_config, tensor_parallel=parallel_state.get_tensor_model_parallel_world_size())
     pp = parallel_state.get_pipeline_model_parallel_world_size()
     if hf_config.num_hidden_layers % pp != 0:
         raise ValueError(
             f"num_hidden_layers={hf_config.num_hidden_layers} is not divisible by pipeline_parallel={pp}"
         )
-    config = transformer_config(hf_config, dtype=dtype, parallel=parallel)
+    config = transformer_config(hf_config, dtype=dtype, parallel=parallel, aux_loss_coef=aux_loss_coef)
+    if use_transformer_engine is False:
+        config.moe_grouped_gemm = False  # grouped GEMM comes with the TE spec
     rope = dict(getattr(hf_config, "rope_parameters", None) or {})
     llama3 = rope.get("rope_type") == "llama3"
     model = GPTModel(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, PretrainedConfig
 
-from megatron_m2po.models.mapping import architecture
+from megatron_m2po.models.mapping import MOE_ARCHITECTURES, architecture
 
 MEGATRON_HF_SUBDIR = "hf"  # a Megatron checkpoint dir keeps its HF config + tokenizer here
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
@@ -57,8 +57,19 @@ def _current_tp() -> int:
     return 1
 
 
+# Families that look like a supported one but compute something this project does not map, by name.
+REFUSED_ARCHITECTURES = {
+    "Qwen2MoeForCausalLM": "Qwen2-MoE adds a shared expert behind a sigmoid gate to every MoE layer, which "
+    "is not mapped; Qwen3MoeForCausalLM (routed experts only) is supported",
+}
+
+
 def validate_hf_config(config: PretrainedConfig, *, tensor_parallel: int | None = None) -> None:
     """Refuse anything the Megatron model would silently compute differently from the HF reference."""
+    archs = getattr(config, "architectures", None) or []
+    for name in archs:
+        if name in REFUSED_ARCHITECTURES:
+            raise ValueError(f"architecture {name} is not supported: {REFUSED_ARCHITECTURES[name]}")
     arch = architecture(config)
     tp = tensor_parallel if tensor_parallel is not None else _current_tp()
     act = getattr(config, "hidden_act", "silu")
@@ -90,3 +101,29 @@ def validate_hf_config(config: PretrainedConfig, *, tensor_parallel: int | None 
             f"num_attention_heads={config.num_attention_heads} is not a multiple of "
             f"num_key_value_heads={config.num_key_value_heads}"
         )
+    if arch in MOE_ARCHITECTURES:
+        validate_moe_config(config)
+
+
+def validate_moe_config(config: PretrainedConfig) -> None:
+    """Every MoE option of the family that the Megatron MoE layer would compute differently (or not at all)."""
+    experts = getattr(config, "num_experts", None)
+    top_k = getattr(config, "num_experts_per_tok", None)
+    if not isinstance(experts, int) or experts < 1:
+        raise ValueError(f"num_experts={experts!r}: expected a positive integer")
+    if not isinstance(top_k, int) or not 1 <= top_k <= experts:
+        raise ValueError(f"num_experts_per_tok={top_k!r}: expected an integer in [1, num_experts={experts}]")
+    if list(getattr(config, "mlp_only_layers", None) or []):
+        raise ValueError(
+            f"mlp_only_layers={list(config.mlp_only_layers)} is not supported (every layer must be an MoE layer)"
+        )
+    if getattr(config, "decoder_sparse_step", 1) != 1:
+        raise ValueError(
+            f"decoder_sparse_step={config.decoder_sparse_step} is not supported (only 1: every layer is an MoE layer)"
+        )
+    for key in ("shared_expert_intermediate_size", "n_shared_experts", "num_shared_experts"):
+        if getattr(config, key, None):
+            raise ValueError(f"{key}={getattr(config, key)} is not supported (shared experts are not mapped)")
+    coef = getattr(config, "router_aux_loss_coef", 0.0)
+    if not isinstance(coef, (int, float)) or coef < 0:
+        raise ValueError(f"router_aux_loss_coef={coef!r}: expected a number >= 0")

@@ -23,10 +23,22 @@ def gpt_decoder_spec(config, *, use_transformer_engine: bool | None = None):
     if use_transformer_engine is None:
         use_transformer_engine = platform.has_transformer_engine()
     if use_transformer_engine:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=config.num_moe_experts,
+            moe_grouped_gemm=config.moe_grouped_gemm,
+            qk_layernorm=config.qk_layernorm,
+        )
 
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(
+        num_experts=config.num_moe_experts, qk_layernorm=config.qk_layernorm, normalization="RMSNorm"
+    )
     layer, attention = spec.submodules, spec.submodules.self_attention.submodules
+    if config.num_moe_experts:
+        # the TE spec keeps an MoE layer's pre-MLP norm as `pre_mlp_layernorm` (no linear_fc1 to fuse it
+        # into): checkpoint it under that key here too, so CPU and GPU checkpoints load into each other
+        layer.sharded_state_dict_keys_map = {
+            k: v for k, v in layer.sharded_state_dict_keys_map.items() if k != "pre_mlp_layernorm."
+        }
     attention.core_attention = SDPAttention
     layer.input_layernorm = layer.pre_mlp_layernorm = _RMSNorm
     if config.qk_layernorm:

@@ -11,6 +11,12 @@ Megatron layouts (verified against megatron-core 0.16):
 - `linear_fc1`: each TP shard is cat(gate_shard, up_shard).
 - Local spec norms are `input_layernorm` / `pre_mlp_layernorm`; the Transformer Engine spec fuses them
   into `linear_qkv.layer_norm_weight` / `linear_fc1.layer_norm_weight` (`WeightRule.te_megatron`).
+- Mixture-of-experts layers (Qwen3-MoE): `mlp.router.weight` [experts, hidden] is the HF `mlp.gate.weight`;
+  expert e's `linear_fc1` is cat(gate_e, up_e) and `linear_fc2` its down projection, one tensor per expert
+  as Hub checkpoints and the engines name them (`mlp.experts.{e}.gate_proj.weight`, ...). Megatron names
+  an expert by its index on this expert-parallel rank: `experts.local_experts.{i}.linear_fc1.weight`
+  (sequential experts, CPU) or `experts.linear_fc1.weight{i}` (grouped GEMM, GPU); the expert's global index
+  is ep_rank * experts_per_rank + i. The pre-MLP norm stays a separate `pre_mlp_layernorm` under both specs.
 """
 
 from __future__ import annotations
@@ -31,10 +37,16 @@ class WeightRule:
     split: Split
     fuse: Fuse | None = None
     te_megatron: str | None = None  # the name under the Transformer Engine layer spec, when it differs
+    checkpoint: str | None = None  # the dist-checkpoint key, when it is not the layer-stacked megatron name
 
     @property
     def per_layer(self) -> bool:
         return "{layer}" in self.megatron
+
+    @property
+    def per_expert(self) -> bool:
+        """One tensor per expert: "{expert}" is the rank-local index in `megatron`, the global one in `hf`."""
+        return "{expert}" in self.megatron
 
 
 _EMBED = WeightRule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab")
@@ -81,13 +93,37 @@ _QK_NORMS = (
     WeightRule(_L + "self_attention.k_layernorm.weight", (_H + "self_attn.k_norm.weight",), "replicated"),
 )
 
+_E = _L + "mlp.experts."
+_MOE_LAYER = (
+    WeightRule(_L + "pre_mlp_layernorm.weight", (_H + "post_attention_layernorm.weight",), "replicated"),
+    WeightRule(_L + "mlp.router.weight", (_H + "mlp.gate.weight",), "replicated"),
+    WeightRule(
+        _E + "local_experts.{expert}.linear_fc1.weight",
+        (_H + "mlp.experts.{expert}.gate_proj.weight", _H + "mlp.experts.{expert}.up_proj.weight"),
+        "column",
+        fuse="gate_up",
+        te_megatron=_E + "linear_fc1.weight{expert}",
+        checkpoint="decoder.layers.mlp.experts.experts.linear_fc1.weight",
+    ),
+    WeightRule(
+        _E + "local_experts.{expert}.linear_fc2.weight",
+        (_H + "mlp.experts.{expert}.down_proj.weight",),
+        "row",
+        te_megatron=_E + "linear_fc2.weight{expert}",
+        checkpoint="decoder.layers.mlp.experts.experts.linear_fc2.weight",
+    ),
+)
+_QWEN3_ATTENTION = _DECODER_LAYER[:2] + _QK_NORMS + _DECODER_LAYER[2:3]
+
 # One table per family. Order = HF order within a layer (the order iter_hf_tensors yields).
 LAYER_RULES: dict[str, tuple[WeightRule, ...]] = {
     "LlamaForCausalLM": _DECODER_LAYER,
     "Qwen2ForCausalLM": _DECODER_LAYER[:2] + (_QKV_BIAS,) + _DECODER_LAYER[2:],
-    "Qwen3ForCausalLM": _DECODER_LAYER[:2] + _QK_NORMS + _DECODER_LAYER[2:],
+    "Qwen3ForCausalLM": _QWEN3_ATTENTION + _DECODER_LAYER[3:],
+    "Qwen3MoeForCausalLM": _QWEN3_ATTENTION + _MOE_LAYER,
 }
 SUPPORTED_ARCHITECTURES = tuple(LAYER_RULES)
+MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM",)
 
 
 @dataclass(frozen=True)
@@ -130,15 +166,38 @@ def tied_output_rule() -> WeightRule:
     return WeightRule("output_layer.weight", _EMBED.hf, "vocab")
 
 
-def hf_names(rule: WeightRule, layer: int | None = None) -> list[str]:
-    return [name.format(layer=layer) for name in rule.hf]
+def num_experts(hf_config) -> int:
+    """Routed experts per MoE layer (0 for a dense model)."""
+    return (
+        int(getattr(hf_config, "num_experts", 0) or 0) if architecture(hf_config) in MOE_ARCHITECTURES else 0
+    )
+
+
+def rule_instances(rule: WeightRule, hf_config) -> range | tuple[None]:
+    """The expert indices a rule stands for (every global expert), or (None,) for a rule without experts."""
+    return range(num_experts(hf_config)) if rule.per_expert else (None,)
+
+
+def local_experts(hf_config, ep_rank: int, ep_size: int) -> range:
+    """Global indices of the experts an expert-parallel rank holds (Megatron: a contiguous block)."""
+    per_rank = num_experts(hf_config) // ep_size
+    return range(ep_rank * per_rank, (ep_rank + 1) * per_rank)
+
+
+def hf_names(rule: WeightRule, layer: int | None = None, expert: int | None = None) -> list[str]:
+    return [name.format(layer=layer, expert=expert) for name in rule.hf]
 
 
 def megatron_name(
-    rule: WeightRule, local_layer: int | None = None, *, transformer_engine: bool = False
+    rule: WeightRule,
+    local_layer: int | None = None,
+    *,
+    transformer_engine: bool = False,
+    local_expert: int | None = None,
 ) -> str:
+    """The parameter name in this rank's GPTModel; `transformer_engine` picks the TE / grouped-GEMM name."""
     name = rule.te_megatron if transformer_engine and rule.te_megatron else rule.megatron
-    return name.format(layer=local_layer)
+    return name.format(layer=local_layer, expert=local_expert)
 
 
 # ------------------------------------------------------------------------------ split and fuse

@@ -33,11 +33,24 @@ CHAT_TEMPLATE = (
 )
 
 # HF architecture name and family defaults for each --arch choice. The defaults mirror the real
-# families: Qwen2 has qkv bias, Qwen3 has q/k norms and an explicit head_dim, Llama 3.2 ties the
-# embeddings and uses llama3 rope scaling.
+# families: Qwen2 has qkv bias, Qwen3 has q/k norms and an explicit head_dim, Qwen3-MoE routes each
+# token to 2 of 8 experts, Llama 3.2 ties the embeddings and uses llama3 rope scaling.
 ARCHS: dict[str, dict[str, Any]] = {
     "qwen3": {"config_class": "Qwen3Config", "tie_word_embeddings": False, "rope_theta": 1_000_000.0},
     "qwen2": {"config_class": "Qwen2Config", "tie_word_embeddings": False, "rope_theta": 1_000_000.0},
+    # Qwen3-30B-A3B's MoE options at tiny size: every layer sparse, softmax top-k renormalised
+    "qwen3_moe": {
+        "config_class": "Qwen3MoeConfig",
+        "tie_word_embeddings": False,
+        "rope_theta": 1_000_000.0,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "router_aux_loss_coef": 0.001,
+    },
     "llama": {
         "config_class": "LlamaConfig",
         "tie_word_embeddings": True,
@@ -124,7 +137,7 @@ def build_tokenizer(vocab_size: int | None = None):
 
 
 def tiny_config(arch: str, **config_overrides: Any):
-    """The `transformers` config of a tiny model of family `arch` ('qwen3', 'qwen2' or 'llama')."""
+    """The `transformers` config of a tiny model of family `arch` (a key of `ARCHS`)."""
     import transformers
 
     if arch not in ARCHS:
@@ -143,14 +156,23 @@ def tiny_config(arch: str, **config_overrides: Any):
     return config
 
 
+# Std of a tiny MoE model's router weights: with the usual 0.02 the router logits of a 64-wide model are
+# ~0.01 apart and the top-k choice is nearly a coin flip; at 1.0 choices are decided by clear margins, as in
+# a trained router (parity tests check the margin on every token).
+ROUTER_STD = 1.0
+
+
 def _perturb_constant_weights(model: torch.nn.Module, generator: torch.Generator) -> None:
-    """Norm weights start at 1 and biases at 0; make them random so parity tests can tell every tensor apart."""
+    """Norm weights start at 1 and biases at 0; make them random so parity tests can tell every tensor apart.
+    MoE routers get decisive weights (`ROUTER_STD`)."""
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.add_(0.1 * torch.randn(param.shape, generator=generator))
             elif name.endswith(".bias"):
                 param.copy_(0.02 * torch.randn(param.shape, generator=generator))
+            elif name.endswith("mlp.gate.weight"):
+                param.copy_(ROUTER_STD * torch.randn(param.shape, generator=generator))
 
 
 def make_tiny_model(arch: str, out_dir: str | Path, *, seed: int = 0, **config_overrides: Any) -> Path:

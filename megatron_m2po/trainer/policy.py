@@ -47,7 +47,12 @@ class Policy:
         self.dtype = _dtype(cfg)
         self.hf_config = load_hf_config(cfg.model.path)
         if model is None:
-            model = load_policy(cfg.model.path, dtype=self.dtype, parallel=cfg.parallel)
+            model = load_policy(
+                cfg.model.path,
+                dtype=self.dtype,
+                parallel=cfg.parallel,
+                aux_loss_coef=cfg.model.router_aux_loss_coef,
+            )
         self.model = wrap_ddp(model, cfg.parallel)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.dtype)
         self.loss_fn = algorithms.PolicyLoss.from_config(cfg.algorithm)
