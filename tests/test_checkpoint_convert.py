@@ -25,10 +25,11 @@ def _clean_process_group():
     platform.destroy_distributed()
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama"])
+@pytest.mark.parametrize("arch", ["qwen3", "qwen2", "llama", "qwen3_moe"])
 def test_hf_megatron_hf_round_trip_is_bitwise(tmp_path, arch):
     hf_dir = make_tiny_model(arch, tmp_path / "hf", seed=5)
-    convert_hf_to_megatron(hf_dir, tmp_path / "megatron", tensor_parallel=2, pipeline_parallel=2)
+    experts = {"expert_parallel": 2} if arch == "qwen3_moe" else {}
+    convert_hf_to_megatron(hf_dir, tmp_path / "megatron", tensor_parallel=2, pipeline_parallel=2, **experts)
     # a tiny shard limit forces several safetensors shards + an index
     convert_megatron_to_hf(tmp_path / "megatron", tmp_path / "back", max_shard_bytes=64 * 1024)
     assert (tmp_path / "back" / INDEX_FILE).exists()
@@ -42,6 +43,34 @@ def test_hf_megatron_hf_round_trip_is_bitwise(tmp_path, arch):
     )
     assert (tmp_path / "back" / "tokenizer.json").read_bytes() == (hf_dir / "tokenizer.json").read_bytes()
     assert load_hf_config(tmp_path / "megatron").architectures == load_hf_config(hf_dir).architectures
+
+
+def test_transformers_loads_the_converted_moe_model(tmp_path):
+    """Megatron -> HF writes the per-expert Hub names, which transformers 5 fuses on load: same model."""
+    from transformers import AutoModelForCausalLM
+
+    hf_dir = make_tiny_model("qwen3_moe", tmp_path / "hf", seed=6)
+    convert_hf_to_megatron(hf_dir, tmp_path / "megatron", expert_parallel=4)
+    convert_megatron_to_hf(tmp_path / "megatron", tmp_path / "back", max_shard_bytes=32 * 1024)
+    with HFSafetensorsReader(tmp_path / "back") as back:
+        assert "model.layers.1.mlp.experts.7.up_proj.weight" in back.names()
+        assert not any("gate_up_proj" in name for name in back.names())
+    original = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    for (name, a), (name_b, b) in zip(original.state_dict().items(), loaded.state_dict().items()):
+        assert name == name_b and torch.equal(a, b), name
+    ids = torch.randint(1, 320, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(original(ids).logits, loaded(ids).logits)
+
+
+def test_expert_parallel_must_divide_the_experts(tmp_path):
+    hf_dir = make_tiny_model("qwen3_moe", tmp_path / "hf")
+    with pytest.raises(ValueError, match=r"config\.json: expert_parallel=3 does not divide num_experts=8"):
+        convert_hf_to_megatron(hf_dir, tmp_path / "m", expert_parallel=3)
+    dense = make_tiny_model("qwen3", tmp_path / "dense")
+    with pytest.raises(ValueError, match="expert_parallel=2 does not divide num_experts=0"):
+        convert_hf_to_megatron(dense, tmp_path / "m2", expert_parallel=2)
 
 
 def test_raw_dist_checkpoint_converts_with_hf_config_dir(tmp_path):

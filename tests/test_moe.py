@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from megatron_m2po import platform
 from megatron_m2po.checkpoint import load_policy
+from megatron_m2po.checkpoint.convert import convert_hf_to_megatron
 from megatron_m2po.config import Config, ConfigError, validate, validate_parallel
 from megatron_m2po.models import forward_logits, load_hf_config, transformer_config
 from megatron_m2po.models.tiny import make_tiny_model, tiny_config
@@ -23,6 +24,16 @@ SCRIPT = REPO / "tests" / "dist" / "moe_parallel_parity.py"
 @pytest.fixture(scope="module")
 def moe_dir(tmp_path_factory) -> Path:
     return make_tiny_model("qwen3_moe", tmp_path_factory.mktemp("moe") / "hf", seed=11)
+
+
+@pytest.fixture(scope="module")
+def moe_megatron_dir(moe_dir) -> Path:
+    """The converter's checkpoint of `moe_dir` (global tensors: every layout below loads it resharded)."""
+    out = convert_hf_to_megatron(
+        moe_dir, moe_dir.parent / "megatron", tensor_parallel=2, pipeline_parallel=2, expert_parallel=2
+    )
+    platform.destroy_distributed()
+    return out
 
 
 def test_tiny_moe_is_transformers_qwen3_moe(moe_dir):
@@ -148,15 +159,16 @@ def test_init_distributed_refuses_an_expert_grid_that_does_not_fit():
 
 
 @pytest.mark.dist
-def test_expert_parallel_matches_transformers(moe_dir):
-    """EP = 2: logits, per-expert gradients from both EP ranks, routing and weights equal transformers'."""
-    proc = run_torchrun(SCRIPT, 2, "ep", moe_dir)
+def test_expert_parallel_matches_transformers(moe_dir, moe_megatron_dir):
+    """EP = 2: logits, per-expert gradients from both EP ranks, routing and weights equal transformers';
+    the converted checkpoint loads split over the two EP ranks and gathers back bitwise."""
+    proc = run_torchrun(SCRIPT, 2, "ep", moe_dir, moe_megatron_dir)
     assert proc.stdout.count("ep: logits, 69 gradients") == 2
 
 
 @pytest.mark.dist
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["tp", "pp"])
-def test_tensor_and_pipeline_parallel_match_transformers(moe_dir, mode):
-    proc = run_torchrun(SCRIPT, 2, mode, moe_dir)
+def test_tensor_and_pipeline_parallel_match_transformers(moe_dir, moe_megatron_dir, mode):
+    proc = run_torchrun(SCRIPT, 2, mode, moe_dir, moe_megatron_dir)
     assert f"{mode}: logits, 69 gradients" in proc.stdout

@@ -51,11 +51,17 @@ HTTP_SERVER = SRC / "sglang/srt/entrypoints/http_server.py"
 IO_STRUCT = SRC / "sglang/srt/managers/io_struct.py"
 VERSION_FILE = SRC / "sglang/_version.py"
 ROUTER_DIR = SRC / "sglang_router"
+QWEN3_MOE = SRC / "sglang/srt/models/qwen3_moe.py"
+FUSED_MOE_LAYER = SRC / "sglang/srt/layers/moe/fused_moe_triton/layer.py"
+WEIGHT_UPDATER = SRC / "sglang/srt/model_executor/model_runner_components/weight_updater.py"
 PINNED = [
     API_TYPES,
     HTTP_SERVER,
     IO_STRUCT,
     VERSION_FILE,
+    QWEN3_MOE,
+    FUSED_MOE_LAYER,
+    WEIGHT_UPDATER,
     ROUTER_DIR / "mini_lb.py",
     ROUTER_DIR / "version.py",
 ]
@@ -502,3 +508,102 @@ def test_the_contract_check_rejects_bodies_the_pinned_structs_reject(api, path, 
             await client.close()
 
     asyncio.run(run())
+
+
+# ------------------------------------------------------------------------------ Qwen3-MoE weight names
+
+
+def _method(path: Path, cls: str, name: str) -> ast.FunctionDef:
+    tree = ast.parse(path.read_text())
+    (node,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls]
+    (fn,) = [f for f in node.body if isinstance(f, ast.FunctionDef) and f.name == name]
+    return fn
+
+
+def _pinned_expert_mapping(num_experts: int) -> list[tuple[str, str, int, str]]:
+    """FusedMoE.make_expert_params_mapping of the pinned wheel, called with the arguments the pinned
+    Qwen3MoeForCausalLM.load_weights passes (both read from the pinned sources, the former executed)."""
+    load = _method(QWEN3_MOE, "Qwen3MoeForCausalLM", "load_weights")
+    (call,) = [
+        n
+        for n in ast.walk(load)
+        if isinstance(n, ast.Call) and ast.unparse(n.func).endswith("make_expert_params_mapping")
+    ]
+    kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg != "num_experts"}
+    fn = _method(FUSED_MOE_LAYER, "FusedMoE", "make_expert_params_mapping")
+    fn.decorator_list = []
+    namespace = {"List": list, "Tuple": tuple}
+    exec(compile(ast.Module([fn], []), str(FUSED_MOE_LAYER), "exec"), namespace)  # noqa: S102 (pinned source)
+    return namespace["make_expert_params_mapping"](None, num_experts=num_experts, **kwargs)
+
+
+def test_qwen3_moe_sync_names_are_what_the_pinned_server_loads(tmp_path):
+    """Every tensor name a Qwen3-MoE weight sync sends is routed by the pinned server's
+    `Qwen3MoeForCausalLM.load_weights` (which `/update_weights_from_distributed` hands the received tensors
+    to) to a parameter: attention into its fused qkv, each expert's gate / up / down into the FusedMoE
+    `w13` / `w2` weights with its own expert id, the rest (norms, o_proj, router `mlp.gate`) by name."""
+    from megatron_m2po import platform
+    from megatron_m2po.checkpoint import iter_hf_tensors
+    from megatron_m2po.models import load_hf_config, load_policy
+    from megatron_m2po.models.tiny import make_tiny_model
+
+    _require_pinned()
+    updater = _method(WEIGHT_UPDATER, "WeightUpdater", "load_weights_from_distributed")
+    assert "self.get_model().load_weights(named_tensors)" in ast.unparse(updater)
+    load = _method(QWEN3_MOE, "Qwen3MoeForCausalLM", "load_weights")
+    (stacked,) = [
+        ast.literal_eval(n.value)
+        for n in ast.walk(load)
+        if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "stacked_params_mapping"
+    ]
+    block = ast.unparse(
+        next(
+            n
+            for n in ast.parse(QWEN3_MOE.read_text()).body
+            if getattr(n, "name", "") == "Qwen3MoeSparseMoeBlock"
+        )
+    )
+    assert "self.gate = ReplicatedLinear(" in block and "self.experts = " in block
+
+    hf_dir = make_tiny_model("qwen3_moe", tmp_path / "hf", seed=1)
+    config = load_hf_config(hf_dir)
+    platform.init_distributed()
+    try:
+        names = [name for name, _ in iter_hf_tensors(load_policy(hf_dir), config)]
+    finally:
+        platform.destroy_distributed()
+    mapping = _pinned_expert_mapping(config.num_experts)
+    experts_loaded, by_name = set(), set()
+    for name in names:  # the dispatch of the pinned load_weights, branch by branch
+        if any(weight in name and "mlp.experts" not in name for _, weight, _ in stacked):
+            param = next(p for p, w, _ in stacked if w in name)
+            assert param in ("qkv_proj", "gate_up_proj"), name
+            continue
+        hits = [(param, weight, e, shard) for param, weight, e, shard in mapping if weight in name]
+        if "mlp.experts" in name:
+            assert len(hits) == 1, (name, hits)  # exactly one expert slot, never skipped as unmapped
+            param, weight, e, shard = hits[0]
+            target = name.replace(weight, param)
+            assert target.endswith(("mlp.experts.w13_weight", "mlp.experts.w2_weight")), target
+            layer = int(name.split(".")[2])
+            experts_loaded.add((layer, e, shard))
+            continue
+        assert not hits, name
+        by_name.add(re.sub(r"layers\.\d+\.", "layers.N.", name))
+    assert experts_loaded == {
+        (layer, e, shard)
+        for layer in range(config.num_hidden_layers)
+        for e in range(config.num_experts)
+        for shard in ("w1", "w2", "w3")
+    }
+    assert by_name == {
+        "model.embed_tokens.weight",
+        "model.norm.weight",
+        "lm_head.weight",
+        "model.layers.N.input_layernorm.weight",
+        "model.layers.N.post_attention_layernorm.weight",
+        "model.layers.N.self_attn.o_proj.weight",
+        "model.layers.N.self_attn.q_norm.weight",
+        "model.layers.N.self_attn.k_norm.weight",
+        "model.layers.N.mlp.gate.weight",
+    }

@@ -25,7 +25,7 @@ PARAMS = SamplingParams(max_new_tokens=12, temperature=T, top_p=0.95, seed=11)
 PROMPTS = [[40, 41, 42, 43, 44], [50, 51, 52, 53, 54]]
 
 
-@pytest.fixture(scope="module", params=["qwen3", "llama"])
+@pytest.fixture(scope="module", params=["qwen3", "llama", "qwen3_moe"])
 def policy(request, tmp_path_factory):
     hf_dir = make_tiny_model(request.param, tmp_path_factory.mktemp(request.param), seed=3)
     init_distributed()
@@ -142,12 +142,30 @@ def test_iter_buckets_bounds_bytes():
         list(iter_buckets(tensors, 0))
 
 
+def gloo_sync(model, hf_config, engine, bucket_bytes: int) -> WeightSync:
+    """A WeightSync over the distributed transport (gloo) to one engine server, group connected."""
+    from megatron_m2po.net import free_port
+    from megatron_m2po.sync.broadcast import DistributedWeightBroadcaster
+
+    broadcaster = DistributedWeightBroadcaster(
+        [engine], master_address="127.0.0.1", master_port=free_port(), backend="gloo"
+    )
+    sync = WeightSync(
+        model,
+        hf_config,
+        [engine],
+        transport="distributed",
+        broadcaster=broadcaster,
+        bucket_bytes=bucket_bytes,
+    )
+    broadcaster.connect(sync.loop)
+    return sync
+
+
 def test_distributed_transport_to_engine_process(policy, tmp_path):
     """The GPU protocol on CPU: SGLang's /init_weights_update_group + /update_weights_from_distributed to an
     engine process, tensors broadcast over a separate gloo group (NCCL on GPU) from the trainer."""
-    from megatron_m2po.net import free_port
     from megatron_m2po.rollout.engines.sglang_launcher import EngineLauncher
-    from megatron_m2po.sync.broadcast import DistributedWeightBroadcaster
 
     hf_dir, model, hf_config = policy
     if hf_config.model_type != "qwen3":
@@ -157,18 +175,7 @@ def test_distributed_transport_to_engine_process(policy, tmp_path):
             p.add_(0.01 * torch.randn_like(p))
     with EngineLauncher(hf_dir, servers=1, backend="local", log_dir=tmp_path) as launcher:
         (engine,) = launcher.engines()
-        broadcaster = DistributedWeightBroadcaster(
-            [engine], master_address="127.0.0.1", master_port=free_port(), backend="gloo"
-        )
-        sync = WeightSync(
-            model,
-            hf_config,
-            [engine],
-            transport="distributed",
-            broadcaster=broadcaster,
-            bucket_bytes=64 << 10,
-        )
-        broadcaster.connect(sync.loop)
+        sync = gloo_sync(model, hf_config, engine, bucket_bytes=64 << 10)
         metrics = sync.push(version=2)
         out = asyncio.run_coroutine_threadsafe(
             engine.generate("q", PROMPTS[0], 2, PARAMS), sync.loop
@@ -230,3 +237,15 @@ def test_nccl_transport_to_real_sglang_server(tmp_path):
         assert max_diff(out, trainer_logprobs(model, out)) <= 2e-3
     finally:
         destroy_distributed()
+
+
+@pytest.mark.dist
+@pytest.mark.slow  # ~70 s; the EP gather itself is in the default set (tests/test_moe.py, EP = 2)
+def test_expert_parallel_sync_to_engine_server(tmp_path):
+    """A Qwen3-MoE trained at EP = 2 syncs every expert of both ranks into a CPU engine server, which then
+    samples with the trainer's log-probs (tests/dist/moe_weight_sync.py)."""
+    from tests.conftest import REPO, run_torchrun
+
+    hf_dir = make_tiny_model("qwen3_moe", tmp_path / "hf", seed=11)
+    proc = run_torchrun(REPO / "tests" / "dist" / "moe_weight_sync.py", 2, hf_dir, tmp_path / "logs")
+    assert proc.stdout.count("engine at v2 after an EP=2 sync, log-probs match the trainer") == 2

@@ -1,9 +1,10 @@
 """Convert an HF model dir (config.json + safetensors) into a Megatron dist checkpoint dir.
 
-    python tools/convert_hf_to_megatron.py --hf-dir DIR --out DIR --tp N --pp M
+    python tools/convert_hf_to_megatron.py --hf-dir DIR --out DIR --tp N --pp M [--ep E]
 
-The written checkpoint is resharded on load, so it serves any TP/PP the config allows; --tp/--pp are
-checked against the config (heads, kv heads, vocab, layers) and recorded in m2po_checkpoint.json.
+The written checkpoint is resharded on load, so it serves any TP/PP/EP the config allows; --tp/--pp/--ep
+are checked against the config (heads, kv heads, vocab, layers, experts) and recorded in
+m2po_checkpoint.json. MoE checkpoints are read expert by expert (Hub names `mlp.experts.{e}.*`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output Megatron checkpoint dir")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel size it is meant for")
     parser.add_argument("--pp", type=int, default=1, help="pipeline-parallel size it is meant for")
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel size it is meant for (MoE)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -31,7 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_m2po.checkpoint.convert import convert_hf_to_megatron
 
     try:
-        convert_hf_to_megatron(args.hf_dir, args.out, tensor_parallel=args.tp, pipeline_parallel=args.pp)
+        convert_hf_to_megatron(
+            args.hf_dir,
+            args.out,
+            tensor_parallel=args.tp,
+            pipeline_parallel=args.pp,
+            expert_parallel=args.ep,
+        )
     finally:
         platform.destroy_distributed()
     return 0

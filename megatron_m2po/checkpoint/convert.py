@@ -6,9 +6,11 @@ layer by layer.
 
 - HF -> Megatron: each Megatron tensor is built from lazily read safetensors and placed in a disk-backed
   scratch file (`numpy.memmap`), so the process holds one tensor of anonymous memory at a time and the
-  dist-checkpoint writer streams from the page cache (reclaimable), not from the heap.
-- Megatron -> HF: one decoder layer is loaded at a time (`dist_checkpointing.load` of a per-layer slice)
-  and written into size-bounded safetensors shards.
+  dist-checkpoint writer streams from the page cache (reclaimable), not from the heap. MoE experts are one
+  [1, 1, ...] fragment each of the [layers, experts, ...] global tensor Megatron checkpoints them as.
+- Megatron -> HF: one decoder layer's dense tensors are loaded at a time (`dist_checkpointing.load` of a
+  per-layer slice), then its experts one at a time, and written into size-bounded safetensors shards.
+Host memory therefore does not grow with the number of experts.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ from megatron_m2po.models.mapping import (
     global_rules,
     hf_names,
     layer_rules,
+    num_experts,
+    rule_instances,
     to_hf_tensors,
     to_megatron_shard,
 )
@@ -50,9 +54,22 @@ logger = logging.getLogger(__name__)
 
 
 def checkpoint_key(rule: WeightRule) -> str:
-    """The dist-checkpoint key: Megatron saves layer norms under their TE names and stacks layers (no index)."""
+    """The dist-checkpoint key: Megatron saves layer norms under their TE names and stacks layers (no index);
+    experts are stacked too, under the key both expert implementations share (`rule.checkpoint`)."""
+    if rule.checkpoint:
+        return rule.checkpoint
     name = rule.te_megatron or rule.megatron
     return name.replace("{layer}.", "")
+
+
+def _fragment_offsets(layer: int | None, expert: int | None, hf_config) -> tuple[tuple[int, int, int], ...]:
+    """The (axis, index, count) offsets of one tensor inside its stacked global tensor."""
+    offsets = []
+    if layer is not None:
+        offsets.append((0, layer, hf_config.num_hidden_layers))
+    if expert is not None:
+        offsets.append((1, expert, num_experts(hf_config)))
+    return tuple(offsets)
 
 
 def _release_freed_memory() -> None:
@@ -81,12 +98,17 @@ def _to_scratch(tensor: torch.Tensor, scratch: Path, name: str) -> torch.Tensor:
 
 
 def convert_hf_to_megatron(
-    hf_dir: str | Path, out_dir: str | Path, *, tensor_parallel: int = 1, pipeline_parallel: int = 1
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    expert_parallel: int = 1,
 ) -> Path:
     """Write a Megatron checkpoint dir (see megatron_ckpt.py) from an HF dir. Needs a process group (made if absent).
 
-    `tensor_parallel`/`pipeline_parallel` are validated against the config and recorded; the checkpoint itself
-    loads at any TP/PP the config allows.
+    `tensor_parallel`/`pipeline_parallel`/`expert_parallel` are validated against the config and recorded; the
+    checkpoint itself loads at any TP/PP/EP the config allows.
     """
     hf_dir, out = Path(hf_dir), Path(out_dir)
     hf_config = load_hf_config(hf_dir, tensor_parallel=tensor_parallel)
@@ -95,32 +117,40 @@ def convert_hf_to_megatron(
             f"{hf_dir / 'config.json'}: num_hidden_layers={hf_config.num_hidden_layers} is not divisible by "
             f"pipeline_parallel={pipeline_parallel}"
         )
+    experts = num_experts(hf_config)
+    if expert_parallel != 1 and (not experts or experts % expert_parallel):
+        raise ValueError(
+            f"{hf_dir / 'config.json'}: expert_parallel={expert_parallel} does not divide num_experts={experts}"
+        )
     if (out / MODEL_SUBDIR).exists() and any((out / MODEL_SUBDIR).iterdir()):
         raise FileExistsError(f"{out / MODEL_SUBDIR}: already exists and is not empty")
     _ensure_single_process_group()
     layout = Layout.from_hf_config(hf_config)
     n_layers = hf_config.num_hidden_layers
-    rules = [(rule, None) for rule in global_rules(hf_config)]
-    rules += [(rule, layer) for layer in range(n_layers) for rule in layer_rules(hf_config)]
+    rules = [(rule, None, None) for rule in global_rules(hf_config)]
+    rules += [
+        (rule, layer, expert)
+        for layer in range(n_layers)
+        for rule in layer_rules(hf_config)
+        for expert in rule_instances(rule, hf_config)
+    ]
     state: dict[str, ShardedTensor] = {}
     out.mkdir(parents=True, exist_ok=True)
     with (
         tempfile.TemporaryDirectory(prefix="m2po-convert-", dir=out) as scratch,
         HFSafetensorsReader(hf_dir) as reader,
     ):
-        for i, (rule, layer) in enumerate(tqdm(rules, desc="hf -> megatron", unit="tensor")):
-            parts = [reader.read(name) for name in hf_names(rule, layer)]
+        for i, (rule, layer, expert) in enumerate(tqdm(rules, desc="hf -> megatron", unit="tensor")):
+            parts = [reader.read(name) for name in hf_names(rule, layer, expert)]
             tensor = _to_scratch(to_megatron_shard(rule, layout, parts, tp_size=1), Path(scratch), str(i))
             del parts
             _release_freed_memory()
             key = checkpoint_key(rule)
-            if layer is None:
-                state[key] = ShardedTensor.from_rank_offsets(key, tensor, replica_id=0)
-            else:
-                # one [1, ...] fragment of the layer-stacked global tensor
-                state[f"{key}.{layer}"] = ShardedTensor.from_rank_offsets(
-                    key, tensor.unsqueeze(0), (0, layer, n_layers), replica_id=0
-                )
+            offsets = _fragment_offsets(layer, expert, hf_config)
+            # one [1, (1,) ...] fragment of the layer- (and expert-) stacked global tensor
+            fragment = tensor[(None,) * len(offsets)]
+            name = ".".join([key, *(str(index) for _, index, _ in offsets)])
+            state[name] = ShardedTensor.from_rank_offsets(key, fragment, *offsets, replica_id=0)
         (out / MODEL_SUBDIR).mkdir(parents=True, exist_ok=True)
         dist_checkpointing.save({"model": state}, str(out / MODEL_SUBDIR))
         del state
@@ -130,6 +160,7 @@ def convert_hf_to_megatron(
         "architecture": architecture(hf_config),
         "tensor_parallel": tensor_parallel,
         "pipeline_parallel": pipeline_parallel,
+        "expert_parallel": expert_parallel,
     }
     (out / MARKER_FILE).write_text(json.dumps(marker, indent=2))
     logger.info("wrote megatron checkpoint %s", out)
@@ -172,40 +203,42 @@ def iter_checkpoint_hf_tensors(
     layout = Layout.from_hf_config(hf_config)
     n_layers = hf_config.num_hidden_layers
 
-    def load(rules: list[WeightRule], layer: int | None) -> dict[str, torch.Tensor]:
+    def load(
+        rules: list[WeightRule], layer: int | None, expert: int | None = None
+    ) -> dict[str, torch.Tensor]:
         request = {}
+        offsets = _fragment_offsets(layer, expert, hf_config)
         for rule in rules:
             key = checkpoint_key(rule)
             if key not in metadata:
                 raise KeyError(f"{ckpt}: tensor {key!r} missing from the checkpoint")
             meta = metadata[key]
-            if layer is None:
-                buf = torch.empty(meta.global_shape, dtype=meta.dtype)
-                request[key] = ShardedTensor.from_rank_offsets(key, buf, replica_id=0)
-            else:
-                # a [1, ...] fragment of the layer-stacked tensor (prepend_axis_num fails on partial loads)
-                buf = torch.empty((1, *meta.global_shape[1:]), dtype=meta.dtype)
-                request[key] = ShardedTensor.from_rank_offsets(key, buf, (0, layer, n_layers), replica_id=0)
+            # a [1, (1,) ...] fragment of the stacked tensor (prepend_axis_num fails on partial loads)
+            buf = torch.empty(
+                (1,) * len(offsets) + tuple(meta.global_shape[len(offsets) :]), dtype=meta.dtype
+            )
+            request[key] = ShardedTensor.from_rank_offsets(key, buf, *offsets, replica_id=0)
         loaded = dist_checkpointing.load(request, ckpt, validate_access_integrity=False)
         # the result also carries the checkpoint's common (non-tensor) state: keep only what was asked for
-        return {key: loaded[key][0] if layer is not None else loaded[key] for key in request}
+        return {key: loaded[key][(0,) * len(offsets)] for key in request}
+
+    def hf_tensors(rules: list[WeightRule], layer: int | None, expert: int | None = None):
+        loaded = load(rules, layer, expert)
+        for rule in rules:
+            yield from zip(
+                hf_names(rule, layer, expert), to_hf_tensors(rule, layout, [loaded.pop(checkpoint_key(rule))])
+            )
 
     globals_ = global_rules(hf_config)
-    loaded = load([globals_[0]], None)
-    yield from zip(
-        hf_names(globals_[0]), to_hf_tensors(globals_[0], layout, [loaded.pop(checkpoint_key(globals_[0]))])
-    )
+    yield from hf_tensors([globals_[0]], None)
     for layer in tqdm(range(n_layers), desc="megatron -> hf", unit="layer"):
         rules = list(layer_rules(hf_config))
-        loaded = load(rules, layer)
-        for rule in rules:
-            tensors = to_hf_tensors(rule, layout, [loaded.pop(checkpoint_key(rule))])
-            yield from zip(hf_names(rule, layer), tensors)
-        del loaded, tensors
+        yield from hf_tensors([rule for rule in rules if not rule.per_expert], layer)
+        expert_rules = [rule for rule in rules if rule.per_expert]
+        for expert in range(num_experts(hf_config) if expert_rules else 0):
+            yield from hf_tensors(expert_rules, layer, expert)
         _release_freed_memory()
-    loaded = load(list(globals_[1:]), None)
-    for rule in globals_[1:]:
-        yield from zip(hf_names(rule), to_hf_tensors(rule, layout, [loaded.pop(checkpoint_key(rule))]))
+    yield from hf_tensors(list(globals_[1:]), None)
 
 
 def convert_megatron_to_hf(

@@ -2,7 +2,7 @@
 
 Layout of a checkpoint dir written here:
 
-    DIR/m2po_checkpoint.json   format marker + architecture + the TP/PP it was written for
+    DIR/m2po_checkpoint.json   format marker + architecture + the TP/PP/EP it was written for
     DIR/hf/                    the HF config.json, generation config and tokenizer (so load_hf_config(DIR) works)
     DIR/model/                 the dist checkpoint of the model weights (+ any extra common state)
 
@@ -261,6 +261,7 @@ def save_model_checkpoint(
             "architecture": architecture(hf_config),
             "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
             "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size(),
+            "expert_parallel": parallel_state.get_expert_model_parallel_world_size(),
         }
         (out / MARKER_FILE).write_text(json.dumps(marker, indent=2))
     torch.distributed.barrier()

@@ -1,10 +1,12 @@
 """A process group of the trainer's sending rank and the engines' GPUs, apart from torchrun's world.
 
 The engines (SGLang `/init_weights_update_group`, or our local server) join the same TCP
-rendezvous at `master_address:master_port` and the same `group_name` prefix; the trainer is
+store at `master_address:master_port` and the same `group_name` prefix; the trainer is
 rank 0. torch has no public API for a second, independent world, so this uses the same private
-helpers SGLang's receiving side uses (`rendezvous`, `_new_process_group_helper`), which keeps both
-sides' store keys identical.
+helper SGLang's receiving side uses (`_new_process_group_helper`) on the store its `rendezvous` makes
+(a multi-tenant `TCPStore` that rank 0 serves), which keeps both sides' store keys identical. The store
+is built directly rather than through `rendezvous`: under torchrun (TORCHELASTIC_USE_AGENT_STORE)
+`rendezvous` would make every rank, rank 0 included, a client of a store nobody serves at that port.
 """
 
 from __future__ import annotations
@@ -27,10 +29,14 @@ def new_weight_update_group(
     timeout: timedelta = timedelta(minutes=10),
 ) -> dist.ProcessGroup:
     """Join (rank 0: host) the weight-update group; blocks until all `world_size` ranks have joined."""
-    store, rank, world_size = next(
-        c10d.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout)
+    store = dist.TCPStore(
+        host_name=master_address,
+        port=master_port,
+        world_size=world_size,
+        is_master=rank == 0,
+        timeout=timeout,
+        multi_tenant=True,
     )
-    store.set_timeout(timeout)
     prefixed = c10d.PrefixStore(group_name, store)
     params = inspect.signature(c10d._new_process_group_helper).parameters
     options = {"backend_options": None} if "backend_options" in params else {"pg_options": None}

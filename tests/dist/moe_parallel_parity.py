@@ -1,12 +1,13 @@
 """Megatron Qwen3-MoE at EP=2, TP=2 or PP=2 (2 processes, gloo) against transformers' own Qwen3-MoE.
 
-    torchrun --nproc-per-node 2 tests/dist/moe_parallel_parity.py {ep|tp|pp} HF_DIR
+    torchrun --nproc-per-node 2 tests/dist/moe_parallel_parity.py {ep|tp|pp} HF_DIR [MEGATRON_DIR]
 
 Asserts (exit non-zero on failure), fp32: logits and every HF-named gradient (experts under their
 per-expert Hub names, gathered from both EP ranks) equal transformers' to 1e-4 (1e-3 on GPUs, where
 Megatron runs Transformer Engine's grouped GEMM and the alltoall dispatcher), every MoE router sends
 every token to the experts transformers sends it to, with a clear top-k margin on every token (see
-tests/moe_reference.py), and `iter_hf_tensors` gives back the HF weights bitwise.
+tests/moe_reference.py), and `iter_hf_tensors` gives back the HF weights bitwise, also for the model
+loaded from MEGATRON_DIR (the converter's checkpoint of HF_DIR, resharded on load to this layout).
 
 Layouts: ep = EP 2 (whole experts, ETP 1; the two ranks are data-parallel for the dense weights, so each
 takes half of the batch); tp = TP 2 with sequence parallelism (MoE training needs it) and experts split
@@ -143,7 +144,19 @@ def check_routing(seen: dict[int, list[torch.Tensor]], ref_masks, rows: slice) -
     return checked
 
 
-def main(mode: str, hf_dir: Path) -> None:
+def check_weights(model, hf_config, hf_dir: Path, what: str) -> None:
+    """Collective: the model's weights gathered under HF names equal HF_DIR's bitwise (checked on the source)."""
+    from megatron.core import parallel_state as ps
+
+    weights = {name: t.cpu() for name, t in iter_hf_tensors(model, hf_config) if t is not None}
+    if ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0:
+        with HFSafetensorsReader(hf_dir) as reader:
+            assert sorted(weights) == sorted(reader.names()), (what, "names")
+            for name, tensor in weights.items():
+                assert torch.equal(tensor, reader.read(name)), (what, name, "not bitwise equal")
+
+
+def main(mode: str, hf_dir: Path, megatron_dir: Path | None = None) -> None:
     torch.set_num_threads(1)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     tp, pp, ep, etp = LAYOUTS[mode]
@@ -177,16 +190,16 @@ def main(mode: str, hf_dir: Path) -> None:
     )
     finalize_grads(model)
     grads = megatron_named_grads(model, hf_config)
-    weights_back = {name: t.clone() for name, t in iter_hf_tensors(model, hf_config) if t is not None}
+    check_weights(model, hf_config, hf_dir, f"{mode} from HF")
+    if megatron_dir is not None:
+        check_weights(
+            load_policy(megatron_dir, dtype=torch.float32), hf_config, hf_dir, f"{mode} from Megatron"
+        )
     if ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0:
         assert sorted(grads) == sorted(ref_grads), (mode, sorted(set(grads) ^ set(ref_grads)))
         for name, ref in ref_grads.items():
             assert ref.abs().sum() > 0, (mode, name, "zero reference gradient")
             assert close(grads[name], ref, TOL), (mode, name, max_abs_diff(grads[name], ref))
-        with HFSafetensorsReader(hf_dir) as reader:
-            assert sorted(weights_back) == sorted(reader.names()), (mode, "names")
-            for name, tensor in weights_back.items():
-                assert torch.equal(tensor.cpu(), reader.read(name)), (mode, name, "not bitwise equal")
     print(
         f"rank {rank} {mode}: logits, {len(grads)} gradients, weights and the routing of {tokens} "
         "token-layers match transformers",
@@ -196,4 +209,4 @@ def main(mode: str, hf_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+    main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) > 3 else None)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import re
 import threading
 import time
 from collections import deque
@@ -46,6 +47,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 from megatron_m2po.rollout.engines.base import Engine, EngineError, NamedTensors
 from megatron_m2po.rollout.seeding import SEED_BITS, request_seed
 from megatron_m2po.types import Sample, SamplingParams
+
+# transformers 5 holds an MoE layer's experts fused: `mlp.experts.gate_up_proj` [experts, 2 x ffn, hidden]
+# (gate rows, then up rows) and `mlp.experts.down_proj` [experts, hidden, ffn]; Hub checkpoints and the
+# weight sync name one tensor per expert (`mlp.experts.{e}.gate_proj.weight`, ...), the names SGLang loads.
+_EXPERT_WEIGHT = re.compile(
+    r"^(?P<experts>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate|up|down)_proj\.weight$"
+)
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +197,7 @@ class LocalEngine(Engine):
         self.model.requires_grad_(False)
         self.tokenizer = AutoTokenizer.from_pretrained(self.hf_dir)
         self._params = dict(self.model.named_parameters(remove_duplicate=False))
+        self._fused_experts = any(_is_fused_expert(name) for name in self._params)
         self._stop_ids = self._eos_ids()
         # transformers 5.x renamed forward's `past_key_values` to `cache`; accept both.
         forward_args = inspect.signature(self.model.forward).parameters
@@ -463,33 +472,55 @@ class LocalEngine(Engine):
         def stage():
             try:
                 for name, tensor in named_tensors:
-                    param = self._checked(name, tensor)
-                    self._staged[name] = tensor.detach().to(device=param.device, dtype=param.dtype, copy=True)
+                    target = self._checked(name, tensor)
+                    self._staged[name] = tensor.detach().to(
+                        device=target.device, dtype=target.dtype, copy=True
+                    )
             except Exception as e:
                 self._update_error = e
                 raise
 
         await asyncio.to_thread(stage)
 
-    def _checked(self, name: str, tensor: torch.Tensor) -> torch.nn.Parameter:
-        param = self._params.get(name)
-        if param is None:
+    def _destination(self, name: str) -> tuple[str, torch.Tensor] | None:
+        """(parameter name, the tensor a weight of this name is copied into): the parameter itself, or for
+        a per-expert name its expert's slice of the fused parameter; None if the model has no such weight."""
+        if name in self._params:
+            return name, self._params[name].data
+        match = _EXPERT_WEIGHT.match(name) if self._fused_experts else None
+        if match is None:
+            return None
+        fused = f"{match['experts']}.{'down_proj' if match['proj'] == 'down' else 'gate_up_proj'}"
+        expert = int(match["e"])
+        if fused not in self._params or expert >= self._params[fused].shape[0]:
+            return None
+        view = self._params[fused].data[expert]
+        if match["proj"] != "down":
+            gate, up = view.chunk(2, dim=0)
+            view = gate if match["proj"] == "gate" else up
+        return fused, view
+
+    def _checked(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor `name` is copied into, after checking the name and shape (errors name the weight)."""
+        found = self._destination(name)
+        if found is None:
             raise KeyError(
                 f"engine {self.engine_id}: weight {name!r} is not a parameter of {self.hf_dir} "
                 f"(e.g. {sorted(self._params)[:3]})"
             )
-        if tuple(tensor.shape) != tuple(param.shape):
+        target = found[1]
+        if tuple(tensor.shape) != tuple(target.shape):
             raise ValueError(
                 f"engine {self.engine_id}: weight {name!r} has shape {tuple(tensor.shape)}, "
-                f"the model expects {tuple(param.shape)}"
+                f"the model expects {tuple(target.shape)}"
             )
-        return param
+        return target
 
     def load_tensors(self, named_tensors: NamedTensors) -> None:
         """Copy HF-named tensors into the model in place now (shape-checked, cast to the model dtype)."""
         with self._cond:
             for name, tensor in named_tensors:
-                self._checked(name, tensor).data.copy_(tensor.detach())
+                self._checked(name, tensor).copy_(tensor.detach())
 
     async def finish_weight_update(self, version: int) -> None:
         def finish():
@@ -504,9 +535,11 @@ class LocalEngine(Engine):
                         self._version,
                     )
                 else:
+                    updated = set()
                     for name, tensor in staged.items():
-                        self._params[name].data.copy_(tensor)
-                    updated = {id(self._params[name]) for name in staged}
+                        param, target = self._destination(name)
+                        target.copy_(tensor)
+                        updated.add(id(self._params[param]))
                     missing = [name for name, p in self._params.items() if id(p) not in updated]
                     if staged and missing:
                         logger.warning(
@@ -537,8 +570,22 @@ class LocalEngine(Engine):
             await self.finish_weight_update(version)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The engine's current HF-named weights (for tests and debugging)."""
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        """The engine's current weights under the names it loads (for tests and debugging): fused MoE
+        experts appear as one tensor per expert, as on the Hub."""
+        out = {}
+        for name, value in self.model.state_dict().items():
+            if not _is_fused_expert(name):
+                out[name] = value.detach().clone()
+                continue
+            prefix, kind = name.rsplit(".", 1)
+            for e, expert in enumerate(value):
+                if kind == "down_proj":
+                    out[f"{prefix}.{e}.down_proj.weight"] = expert.detach().clone()
+                else:
+                    gate, up = expert.chunk(2, dim=0)
+                    out[f"{prefix}.{e}.gate_proj.weight"] = gate.detach().clone()
+                    out[f"{prefix}.{e}.up_proj.weight"] = up.detach().clone()
+        return out
 
     # -- control ---------------------------------------------------------------------------------------
     async def pause(self) -> None:
@@ -570,3 +617,7 @@ class LocalEngine(Engine):
         for request in waiting:
             if request.future.set_running_or_notify_cancel():
                 request.future.set_exception(EngineError(f"engine {self.engine_id} is closed"))
+
+
+def _is_fused_expert(name: str) -> bool:
+    return name.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj"))
