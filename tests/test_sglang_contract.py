@@ -543,8 +543,8 @@ def test_qwen3_moe_sync_names_are_what_the_pinned_server_loads(tmp_path):
     to) to a parameter: attention into its fused qkv, each expert's gate / up / down into the FusedMoE
     `w13` / `w2` weights with its own expert id, the rest (norms, o_proj, router `mlp.gate`) by name."""
     from megatron_m2po import platform
-    from megatron_m2po.checkpoint import iter_hf_tensors
-    from megatron_m2po.models import load_hf_config, load_policy
+    from megatron_m2po.checkpoint import iter_hf_tensors, load_policy
+    from megatron_m2po.models import load_hf_config
     from megatron_m2po.models.tiny import make_tiny_model
 
     _require_pinned()

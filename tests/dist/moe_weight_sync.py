@@ -21,7 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from megatron_m2po import platform  # noqa: E402
 from megatron_m2po.checkpoint.hf_io import HFSafetensorsReader  # noqa: E402
-from megatron_m2po.models import load_hf_config, load_policy  # noqa: E402
+from megatron_m2po.checkpoint import load_policy  # noqa: E402
+from megatron_m2po.models import load_hf_config  # noqa: E402
 from megatron_m2po.sync import WeightSync  # noqa: E402
 from tests.test_weight_sync import PARAMS, PROMPTS, gloo_sync, max_diff, trainer_logprobs  # noqa: E402
 
