@@ -19,9 +19,12 @@ from pathlib import Path
 
 import psutil
 import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
 
 from megatron_m2po.config import ConfigError, SandboxConfig, load_config, validate
 from megatron_m2po.rollout.tools import SandboxPool, ToolResult
+from megatron_m2po.rollout.tools.sandbox import _BoundedReader
 from tests.conftest import REPO, subprocess_env
 
 pytestmark = pytest.mark.timeout(120)
@@ -57,6 +60,17 @@ def _cmdline(process: psutil.Process) -> list[str]:
         return process.cmdline()
     except psutil.Error:  # ended meanwhile
         return []
+
+
+def _wait_for_launcher() -> psutil.Process:
+    """The launcher of a call this test started (once it is running)."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        launchers = [p for p in _leftovers() if "sandbox_init.py" in " ".join(_cmdline(p))]
+        if launchers:
+            return launchers[0]
+        time.sleep(0.05)
+    raise AssertionError("no sandbox launcher appeared")
 
 
 def test_the_machine_isolates_and_says_what_it_got(pool):
@@ -452,16 +466,42 @@ def test_a_call_whose_sandbox_is_killed_from_outside_is_an_error_result(pool):
     """Whatever kills a call's launcher (an OOM killer, an operator), the caller gets a ToolResult, the
     call's processes are gone and the next call runs."""
     future = pool.submit("import time\nprint('started', flush=True)\ntime.sleep(60)")
-    deadline = time.monotonic() + 20
-    launchers = []
-    while not launchers and time.monotonic() < deadline:
-        time.sleep(0.1)
-        launchers = [p for p in _leftovers() if "sandbox_init.py" in " ".join(_cmdline(p))]
-    assert launchers, "the call's launcher never appeared"
-    launchers[0].kill()
+    _wait_for_launcher().kill()
     result = future.result(timeout=20)
     assert not result.ok and result.error and "without a status" in result.error, result
     assert result.wall_seconds < LIMITS.wall_seconds  # ended with the launcher, not at the wall limit
     time.sleep(0.2)
     assert _leftovers() == []
     _still_works(pool)
+
+
+def test_what_the_model_reads_back(pool):
+    assert pool.run("print(1)").as_text() == "1\n"
+    failed = pool.run("print('partial', end='')\nraise SystemExit(3)").as_text()
+    assert failed == "partial\n[exit status 3]\n"
+    slow = pool.run("import time\nprint('a', flush=True)\ntime.sleep(10)", timeout=1).as_text()
+    assert slow == "a\n[stopped: time limit exceeded]\n"
+    error = pool.run("import sys\nsys.stderr.write('oops')\nraise SystemExit(1)").as_text()
+    assert error == "oops\n[exit status 1]\n"
+
+
+def test_a_closed_pool_answers_with_an_error_result():
+    with SandboxPool(SandboxConfig(workers=1)) as closing:
+        slow = closing.submit("import time\ntime.sleep(1)\nprint('ran')")
+        queued = closing.submit("print('queued')")
+        _wait_for_launcher()
+        closing.close()
+    assert slow.result().stdout == "ran\n"
+    assert queued.result().error == "the Python tool pool is closed"
+    assert closing.run("print(1)").error == "the Python tool pool is closed"
+
+
+@given(st.binary(max_size=300), st.lists(st.integers(1, 64), max_size=20), st.integers(1, 200))
+@example(b"x" * 10, [3, 3, 3, 3], 10)  # exactly at the limit: kept whole, not over
+def test_bounded_reader_keeps_the_first_bytes_whatever_the_chunking(data, cuts, limit):
+    reader, at = _BoundedReader(limit), 0
+    for size in cuts + [len(data)]:
+        reader.feed(data[at : at + size])
+        at += size
+    assert bytes(reader.kept) == data[:limit]
+    assert reader.over == (len(data) > limit) and reader.seen == len(data)

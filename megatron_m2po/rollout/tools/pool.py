@@ -14,6 +14,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from megatron_m2po.config import SandboxConfig
 from megatron_m2po.rollout.tools.sandbox import Sandbox, ToolResult
 
+_CLOSED = ToolResult("", "", error="the Python tool pool is closed")
+
 
 class SandboxPool:
     """`config.workers` calls at once, each bounded by the config's limits (or `timeout` seconds of wall
@@ -34,11 +36,14 @@ class SandboxPool:
 
     def submit(self, code: str, timeout: float | None = None) -> Future:
         """A Future of the call's ToolResult (a closed pool answers with an error result)."""
-        if self._closed:
-            future: Future = Future()
-            future.set_result(ToolResult("", "", error="the Python tool pool is closed"))
-            return future
-        return self._executor.submit(self._call, code, timeout)
+        try:
+            if not self._closed:
+                return self._executor.submit(self._call, code, timeout)
+        except RuntimeError:  # closed meanwhile
+            pass
+        future: Future = Future()
+        future.set_result(_CLOSED)
+        return future
 
     def run(self, code: str, timeout: float | None = None) -> ToolResult:
         return self.submit(code, timeout).result()
@@ -48,6 +53,8 @@ class SandboxPool:
         return await asyncio.wrap_future(self.submit(code, timeout))
 
     def _call(self, code: str, timeout: float | None) -> ToolResult:
+        if self._closed:  # queued before close(): answered at once, not run
+            return _CLOSED
         result = self.sandbox.run(code, timeout)
         with self._lock:
             self._counts["calls"] += 1
@@ -70,9 +77,10 @@ class SandboxPool:
             return out
 
     def close(self) -> None:
-        """Wait for the calls in flight (each ends within its wall limit)."""
+        """Wait for the calls in flight (each ends within its wall limit); calls still queued are answered
+        with an error result, not run."""
         self._closed = True
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._executor.shutdown(wait=True)
 
     def __enter__(self) -> SandboxPool:
         return self

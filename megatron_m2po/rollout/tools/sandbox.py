@@ -45,6 +45,12 @@ CODE_ENV = {
     "MPLBACKEND": "Agg",
 }
 Limit = Literal["wall", "cpu", "memory", "output"]
+LIMIT_WORDS = {
+    "wall": "time limit exceeded",
+    "cpu": "CPU time limit exceeded",
+    "memory": "memory limit exceeded",
+    "output": "output limit exceeded",
+}
 
 
 class SandboxUnavailable(RuntimeError):
@@ -70,6 +76,20 @@ class ToolResult:
     @property
     def ok(self) -> bool:
         return self.exit_code == 0 and self.limit is None and self.error is None
+
+    def as_text(self) -> str:
+        """What a model reads back: stdout, then stderr, then one line for how the call ended unless it
+        ended normally."""
+        parts = [self.stdout, self.stderr]
+        if self.error:
+            parts.append(f"[the tool failed: {self.error}]\n")
+        elif self.limit:
+            parts.append(f"[stopped: {LIMIT_WORDS[self.limit]}]\n")
+        elif self.signal is not None:
+            parts.append(f"[killed by signal {self.signal}]\n")
+        elif self.exit_code:
+            parts.append(f"[exit status {self.exit_code}]\n")
+        return "".join(p if not p or p.endswith("\n") else p + "\n" for p in parts)
 
 
 @dataclass(frozen=True)
