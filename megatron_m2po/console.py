@@ -16,6 +16,9 @@ import sys
 import time
 import warnings
 
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
 logger = logging.getLogger("megatron_m2po.progress")
 
 QUIET_ENV = "M2PO_QUIET"
@@ -67,8 +70,6 @@ def setup(verbose: bool = False, level: int = logging.INFO, fmt: str = "%(name)s
     elsewhere with the time); then, unless `verbose`, the filters above (with it, the project's DEBUG lines too)."""
     handler: logging.Handler
     if sys.stderr.isatty():
-        from rich.logging import RichHandler
-
         handler = RichHandler(show_path=False, log_time_format="%H:%M:%S")
         handler.setFormatter(logging.Formatter(fmt))
     else:
@@ -99,7 +100,7 @@ def quiet() -> None:
         warnings.filterwarnings("ignore", message=message, category=category)
     for name, level, _ in FILTERED_LOGGERS:
         logging.getLogger(name).setLevel(level)
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # ~2 s; the `m2po` dispatcher imports this module
 
     hf_logging.disable_progress_bar()
 
@@ -125,8 +126,6 @@ class StageBar:
         self._metrics: dict[str, str] = {}
         self._bar = None
         if sys.stderr.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
             self._bar = Progress(
                 TextColumn(f"[bold]{name}"),
                 BarColumn(),

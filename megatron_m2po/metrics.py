@@ -15,6 +15,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from tqdm import tqdm
+
 from megatron_m2po.config import LoggingConfig
 from megatron_m2po.trackers import RunInfo, Tracker, code_commit, start_trackers
 
@@ -42,8 +47,6 @@ CONSOLE_FIELDS = (
 def gpu_peak_flops() -> float | None:
     """Peak dense bf16 FLOP/s of this process's GPU, or None (CPU / unknown card: no MFU)."""
     try:
-        import torch
-
         if not torch.cuda.is_available():
             return None
         name = torch.cuda.get_device_name()
@@ -67,8 +70,6 @@ class _ConsoleLine:
         self.t0, self.start = time.monotonic(), start
         self._bar = None
         if kind == "rich" and sys.stderr.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
             self._bar = Progress(
                 TextColumn("[bold]train"),
                 BarColumn(),
@@ -80,8 +81,6 @@ class _ConsoleLine:
             self._task = self._bar.add_task("", total=total, completed=start)
             self._bar.start()
         elif kind == "tqdm":
-            from tqdm import tqdm
-
             self._bar = tqdm(total=total, initial=start, desc="train", dynamic_ncols=True)
 
     def eta_seconds(self) -> float:
@@ -193,8 +192,6 @@ class MetricsLogger:
     def histogram(self, step: int, tag: str, values: Iterable[float]) -> None:
         if not self.trackers:
             return
-        import numpy as np
-
         arr = np.asarray(list(values), dtype=np.float64)
         if arr.size:
             for tracker in self.trackers:
@@ -225,7 +222,7 @@ def _tb_dir(run_dir: str | Path) -> Path:
 
 def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
     """All scalar series of a run (tag -> [(step, value)]), read back with TensorBoard's EventAccumulator."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # ~1 s: readers only
 
     tb = _tb_dir(run_dir)
     if not any(tb.glob("events.out.tfevents.*")):
@@ -241,7 +238,7 @@ def read_scalars(run_dir: str | Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def read_histogram_tags(run_dir: str | Path) -> set[str]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # ~1 s: readers only
 
     tb = _tb_dir(run_dir)
     tags: set[str] = set()

@@ -21,6 +21,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from megatron.core import parallel_state
+from megatron.core import tensor_parallel as mp_tensor_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -261,9 +263,6 @@ def init_distributed(
     single-rank FileStore is created, so tests and notebooks need no launcher. Safe to call again after
     `destroy_distributed()`.
     """
-    from megatron.core import parallel_state
-    from megatron.core import tensor_parallel as mp_tensor_parallel
-
     global _owned_store_dir
     apply_cpu_shims()
     if not torch.distributed.is_initialized():
@@ -322,8 +321,6 @@ def world() -> int:
 
 def destroy_distributed() -> None:
     """Tear down Megatron's parallel state and the process group (so `init_distributed` can run again)."""
-    from megatron.core import parallel_state
-
     global _owned_store_dir
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

@@ -2,8 +2,9 @@
 
 A part of the package (a subpackage or a top-level module) may import its own modules, and parts of a lower
 layer; never a higher layer, never the commands from the library, never in a cycle. An import inside a
-function is allowed only with its reason on the same line (a heavy optional dependency), since such imports
-are what used to hide cycles. `if TYPE_CHECKING:` imports are exempt (they never run).
+function (of any module) needs its reason on the same line (a heavy or optional dependency that most callers
+never load), since such imports hide cycles from a reader. `if TYPE_CHECKING:` imports are exempt (they
+never run).
 
 Adding a part: put it in LAYERS at the lowest layer whose parts it needs, and in README's "Layout" table.
 """
@@ -45,7 +46,6 @@ class Import:
     line: int
     source: str  # the importing part
     target: str  # the imported part ("" for the package itself)
-    in_function: bool
     text: str  # the source line
 
 
@@ -84,7 +84,7 @@ def imports(root: Path) -> Iterator[Import]:
         module = module_name(root, path)
         source_lines = path.read_text().splitlines()
         tree = ast.parse("\n".join(source_lines), filename=str(path))
-        exempt, in_function = _type_checking_blocks(tree), _function_imports(tree)
+        exempt = _type_checking_blocks(tree)
         for node in ast.walk(tree):
             if id(node) in exempt:
                 continue
@@ -112,9 +112,21 @@ def imports(root: Path) -> Iterator[Import]:
                         node.lineno,
                         part_of(module),
                         part_of(target),
-                        id(node) in in_function,
                         source_lines[node.lineno - 1].strip(),
                     )
+
+
+def unexplained_function_imports(root: Path) -> Iterator[str]:
+    """`path:line: text` of every import inside a function without a comment giving its reason."""
+    for path in sorted(root.rglob("*.py")):
+        source_lines = path.read_text().splitlines()
+        tree = ast.parse("\n".join(source_lines), filename=str(path))
+        exempt, in_function = _type_checking_blocks(tree), _function_imports(tree)
+        for node in ast.walk(tree):
+            if id(node) in in_function and id(node) not in exempt:
+                text = source_lines[node.lineno - 1].strip()
+                if "#" not in text:
+                    yield f"{path.relative_to(root.parent)}:{node.lineno}: {text}"
 
 
 def _layer_of(layers: dict[int, tuple[str, ...]]) -> dict[str, int]:
@@ -172,13 +184,13 @@ def problems(root: Path, layers: dict[int, tuple[str, ...]] = LAYERS) -> list[st
         out.append(
             f"{root.name}/{part}: not in the layer table; add it to LAYERS (tests/test_import_layers.py)"
         )
+    out += [
+        f"{where}: an import inside a function needs its reason on the same line (a heavy or optional "
+        "dependency); otherwise import at the top of the module"
+        for where in unexplained_function_imports(root)
+    ]
     for imp in imports(root):
         where = f"{imp.path}:{imp.line}: {imp.text}"
-        if imp.in_function and "#" not in imp.text:
-            out.append(
-                f"{where}: an import inside a function needs its reason on the same line (a heavy optional "
-                "dependency); otherwise import at the top of the module"
-            )
         if imp.source == imp.target or "" in (imp.source, imp.target):
             continue
         edges.setdefault((imp.source, imp.target), imp)
@@ -290,13 +302,20 @@ def test_the_library_importing_the_commands_is_found(tmp_path):
 
 
 def test_an_unexplained_import_in_a_function_is_found(tmp_path):
-    body = "def f():\n    from megatron_m2po import types\n"
+    body = (
+        "def f():\n    from megatron_m2po import types\n\n\nclass A:\n    def g(self):\n        import yaml\n"
+    )
     found = problems(_tree(tmp_path, {**CLEAN, "config.py": body}))
+    why = (
+        "an import inside a function needs its reason on the same line (a heavy or optional dependency); "
+        "otherwise import at the top of the module"
+    )
     assert found == [
-        "megatron_m2po/config.py:2: from megatron_m2po import types: an import inside a function needs its "
-        "reason on the same line (a heavy optional dependency); otherwise import at the top of the module"
+        f"megatron_m2po/config.py:2: from megatron_m2po import types: {why}",
+        f"megatron_m2po/config.py:7: import yaml: {why}",
     ]
     explained = body.replace("import types\n", "import types  # pulls in a heavy optional dependency\n")
+    explained = explained.replace("import yaml\n", "import yaml  # optional\n")
     assert problems(_tree(tmp_path / "b", {**CLEAN, "config.py": explained})) == []
 
 

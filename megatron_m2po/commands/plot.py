@@ -27,10 +27,10 @@ PANELS = (
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Draw the main curves of `run_dir` into a PNG (default RUN_DIR/curves.png); return its path."""
-    import matplotlib
+    import matplotlib  # ~1 s, for drawing only; the backend is chosen before pyplot loads
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after matplotlib.use: pyplot fixes its backend on import
 
     run_dir = Path(run_dir)
     series = read_scalars(run_dir)

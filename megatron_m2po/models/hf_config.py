@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from megatron.core import parallel_state
 from transformers import AutoConfig, PretrainedConfig
 
 from megatron_m2po.models.mapping import MOE_ARCHITECTURES, architecture
@@ -50,8 +51,6 @@ def load_hf_config(hf_dir: str | Path, *, tensor_parallel: int | None = None) ->
 
 
 def _current_tp() -> int:
-    from megatron.core import parallel_state
-
     if parallel_state.model_parallel_is_initialized():
         return parallel_state.get_tensor_model_parallel_world_size()
     return 1

@@ -15,6 +15,7 @@ import math
 from typing import Any
 
 import torch
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -41,8 +42,6 @@ class SDPAttention(MegatronModule):
         if config.softmax_type != "vanilla" or config.window_size is not None:
             raise ValueError("SDPAttention supports only vanilla softmax without sliding windows")
         if pg_collection is None:
-            from megatron.core.process_groups_config import ProcessGroupCollection
-
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
         tp_size = pg_collection.tp.size()
         self.attn_mask_type = attn_mask_type

@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers import models as token_models
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +83,6 @@ TINY_DIMS: dict[str, Any] = {
 
 def byte_alphabet() -> list[str]:
     """The 256 byte-level symbols (GPT-2 / Qwen byte-to-unicode map): every string tokenizes, none is unknown."""
-    from tokenizers import pre_tokenizers
-
     return sorted(pre_tokenizers.ByteLevel.alphabet(), key=_byte_order)
 
 
@@ -102,9 +104,6 @@ def build_tokenizer(vocab_size: int | None = None):
     The vocabulary is padded with reserved special tokens up to a multiple of 64 (or `vocab_size`) so that
     `len(tokenizer) == config.vocab_size` and the vocabulary divides every TP size we test.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for symbol in byte_alphabet():
         vocab[symbol] = len(vocab)
@@ -115,7 +114,7 @@ def build_tokenizer(vocab_size: int | None = None):
     for tok in reserved:
         vocab[tok] = len(vocab)
 
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False, byte_fallback=False))
+    backend = Tokenizer(token_models.BPE(vocab=vocab, merges=[], fuse_unk=False, byte_fallback=False))
     backend.normalizer = normalizers.NFC()
     backend.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -138,8 +137,6 @@ def build_tokenizer(vocab_size: int | None = None):
 
 def tiny_config(arch: str, **config_overrides: Any):
     """The `transformers` config of a tiny model of family `arch` (a key of `ARCHS`)."""
-    import transformers
-
     if arch not in ARCHS:
         raise ValueError(f"unknown tiny model arch {arch!r}; choose one of {sorted(ARCHS)}")
     family = dict(ARCHS[arch])
@@ -180,8 +177,6 @@ def make_tiny_model(arch: str, out_dir: str | Path, *, seed: int = 0, **config_o
 
     `config_overrides` go to the HF config (e.g. `hidden_size=256, num_hidden_layers=4`).
     """
-    from transformers import AutoModelForCausalLM
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = tiny_config(arch, **config_overrides)

@@ -10,6 +10,7 @@ groups accepted but not consumed by that checkpoint, and the manager skips their
 from __future__ import annotations
 
 import asyncio
+import csv
 import logging
 import time
 from collections.abc import Callable
@@ -230,8 +231,6 @@ def append_eval_record(
 ) -> None:
     """One line per evaluation of one set: `version,set,responses_per_prompt,bits`, bits '1'/'0' per
     response in prompt order (a resumed run may repeat a version: its last line is the one that counts)."""
-    import csv
-
     new = not path.is_file()
     with path.open("a", newline="") as f:
         writer = csv.writer(f)
@@ -243,8 +242,6 @@ def append_eval_record(
 def read_eval_record(path: Path, label: str | None = None) -> dict[int, str]:
     """version -> the bits of its (last) evaluation of the set `label` (None: the run's only set), from
     `append_eval_record`'s file."""
-    import csv
-
     out: dict[str, dict[int, str]] = {}
     with Path(path).open(newline="") as f:
         for line, row in enumerate(csv.DictReader(f), start=2):

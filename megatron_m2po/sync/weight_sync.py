@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 
 from megatron_m2po.checkpoint import iter_hf_tensors
 from megatron_m2po.event_loop import LoopThread
@@ -151,8 +152,6 @@ class WeightSync:
 
     def _write_hf_dir(self, tensors, version: int) -> tuple[int, int]:
         """Write an HF dir (config + one safetensors shard per bucket) that engines load by path."""
-        from safetensors.torch import save_file
-
         out = self._version_dir(version)
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)

@@ -30,8 +30,8 @@ class MlflowTracker(Tracker):
             # MLflow 3 keeps the file store (the local mode that needs no database) behind this switch.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         from mlflow.entities import Metric, Param  # the [tracking] extra: loaded only when named
-        from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
+        from mlflow.exceptions import MlflowException  # the [tracking] extra, as above
+        from mlflow.tracking import MlflowClient  # the [tracking] extra, as above
 
         self.Metric, self.errors, self.location = Metric, (OSError, MlflowException), uri
         self.client = MlflowClient(tracking_uri=uri)

@@ -13,7 +13,7 @@ class TensorBoardTracker(Tracker):
     title = "TensorBoard"
 
     def __init__(self, run: RunInfo, settings) -> None:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # loads tensorboard (~1 s): only when named
 
         self.location = str(run.run_dir / "tb")
         # purge_step drops events of the steps a resumed run redoes, so the curves stay single-valued.

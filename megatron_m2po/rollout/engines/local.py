@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from megatron_m2po.rollout.engines.base import Engine, EngineError, NamedTensors
@@ -557,8 +558,6 @@ class LocalEngine(Engine):
 
     async def update_weights_from_disk(self, hf_dir: str | Path, version: int) -> None:
         """Load all weights from an HF safetensors dir (the disk transport of WeightSync)."""
-        from safetensors.torch import load_file
-
         files = sorted(Path(hf_dir).glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"engine {self.engine_id}: no *.safetensors in {hf_dir}")

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from safetensors.torch import load_file, save
 
 from megatron_m2po.net import free_port, is_healthy
 from megatron_m2po.rollout.engines.base import (
@@ -163,7 +164,7 @@ class VLLMEngine(Engine):
         self._session: aiohttp.ClientSession | None = None
         self.llm = None
         if self.url is None:
-            import vllm
+            import vllm  # the optional [vllm] extra, in-process engines only
 
             kwargs = {
                 "dtype": "auto",
@@ -222,7 +223,7 @@ class VLLMEngine(Engine):
         return samples
 
     def _generate_inproc(self, prompt_ids: list[int], n: int, params: SamplingParams, seed: int | None):
-        import vllm
+        import vllm  # the optional [vllm] extra, in-process engines only
 
         sp = vllm.SamplingParams(
             n=n,
@@ -390,8 +391,6 @@ class VLLMEngine(Engine):
         await self._call("POST", "/update_weights", body={"update_info": update_info})
 
     async def update_weights_bucket(self, named_tensors: NamedTensors) -> None:
-        from safetensors.torch import save
-
         payload = save({name: t.detach().cpu().contiguous() for name, t in named_tensors})
         if self.llm is None:
             await self._send_bucket({"data": base64.b64encode(payload).decode()})
@@ -414,8 +413,6 @@ class VLLMEngine(Engine):
 
     async def update_weights_from_disk(self, hf_dir: str, version: int) -> None:
         """A server reads the files itself (it must see `hf_dir`); in process they go through the buckets."""
-        from safetensors.torch import load_file
-
         await self.begin_weight_update(version)
         try:
             if self.llm is None:

@@ -19,6 +19,7 @@ import base64
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors.torch import load, load_file
 from vllm.distributed.weight_transfer.base import (
     WeightTransferEngine,
     WeightTransferInitInfo,
@@ -33,8 +34,6 @@ class WeightUpdateExtension:
     """Mixed into vLLM's worker class by vLLM itself; `self.model_runner` is the worker's runner."""
 
     def stage_hf_tensors(self, payload: bytes) -> int:
-        from safetensors.torch import load
-
         staged = getattr(self, "_m2po_staged", None)
         if staged is None:
             staged = self._m2po_staged = {}
@@ -75,12 +74,12 @@ class SafetensorsWeightTransferEngine(WeightTransferEngine[SafetensorsInitInfo, 
         return None
 
     def start_weight_update(self) -> None:
-        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload  # ~10 s to import
 
         initialize_layerwise_reload(self.model)
 
     def finish_weight_update(self) -> None:
-        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload  # ~10 s to import
 
         finalize_layerwise_reload(self.model, self.model_config)
 
@@ -89,8 +88,6 @@ class SafetensorsWeightTransferEngine(WeightTransferEngine[SafetensorsInitInfo, 
         self.receive_weights(self.parse_update_info(update_info))
 
     def receive_weights(self, update_info: SafetensorsUpdateInfo) -> None:
-        from safetensors.torch import load, load_file
-
         if update_info.data is not None:
             tensors = load(base64.b64decode(update_info.data))
         else:
