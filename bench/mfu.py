@@ -99,7 +99,7 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict:
     groups = make_groups(lengths, prompt, args.group, shape["vocab_size"], args.seed)
     seq_lengths = [prompt + n for n in lengths]
     fwd, attention = flops_per_step(shape, seq_lengths)
-    peak = gpu_peak_flops()
+    peak = gpu_peak_flops(platform.gpu_name())
     out: dict = {"model": name, "layers": shape["num_hidden_layers"], "tokens": sum(seq_lengths)}
     for budget in args.budgets:
         cfg = Config()

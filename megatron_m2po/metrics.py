@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from tqdm import tqdm
 
@@ -44,15 +43,11 @@ CONSOLE_FIELDS = (
 )
 
 
-def gpu_peak_flops() -> float | None:
-    """Peak dense bf16 FLOP/s of this process's GPU, or None (CPU / unknown card: no MFU)."""
-    try:
-        if not torch.cuda.is_available():
-            return None
-        name = torch.cuda.get_device_name()
-    except Exception:  # noqa: BLE001 - no GPU info means no MFU, never a crash
+def gpu_peak_flops(gpu_name: str | None) -> float | None:
+    """Peak dense bf16 FLOP/s of the GPU named `gpu_name` (`platform.gpu_name()`), or None (CPU / unknown card: no MFU)."""
+    if not gpu_name:
         return None
-    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in gpu_name), None)
 
 
 def mfu(num_params: int, tokens_per_s: float, num_gpus: int, peak_flops: float | None) -> float | None:

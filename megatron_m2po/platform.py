@@ -71,6 +71,27 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def backend_device(backend: str) -> torch.device:
+    """The device a process group's tensors must live on: NCCL moves only GPU tensors, gloo only CPU ones."""
+    return torch.device("cuda") if backend == "nccl" else torch.device("cpu")
+
+
+def gpu_name() -> str | None:
+    """This process's GPU model name (e.g. "NVIDIA H100 80GB HBM3"), or None on a CPU machine."""
+    return torch.cuda.get_device_name() if on_gpu() else None
+
+
+def accelerator_rng_states() -> dict[str, torch.Tensor]:
+    """The GPU's RNG state under its checkpoint key, or nothing on a CPU machine (the CPU state is torch's own)."""
+    return {"cuda": torch.cuda.get_rng_state()} if on_gpu() else {}
+
+
+def set_accelerator_rng_states(states: dict[str, Any]) -> None:
+    """Restore what `accelerator_rng_states()` saved; a GPU state resumed on a CPU machine is skipped."""
+    if "cuda" in states and on_gpu():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
 def has_transformer_engine() -> bool:
     if not on_gpu():
         return False

@@ -8,7 +8,7 @@ import pytest
 
 from megatron_m2po.commands.m2po import main as cli_main
 from megatron_m2po.commands.plot import plot_run
-from megatron_m2po.metrics import MetricsLogger, mfu, read_histogram_tags, read_scalars
+from megatron_m2po.metrics import MetricsLogger, gpu_peak_flops, mfu, read_histogram_tags, read_scalars
 
 
 def test_scalars_and_histograms_round_trip(tmp_path):
@@ -54,6 +54,13 @@ def test_plot_cli_writes_png(tmp_path):
 def test_plot_without_events_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no TensorBoard event files"):
         plot_run(tmp_path)
+
+
+def test_peak_flops_by_gpu_name():
+    assert gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert gpu_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert gpu_peak_flops("Tesla T4") is None  # unknown card: no MFU rather than a wrong one
+    assert gpu_peak_flops(None) is None  # CPU
 
 
 def test_mfu_estimate():

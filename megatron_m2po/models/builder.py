@@ -136,9 +136,7 @@ def build_model(
     llama3 = rope.get("rope_type") == "llama3"
     model = GPTModel(
         config=config,
-        transformer_layer_spec=gpt_decoder_spec(
-            config, use_transformer_engine=use_transformer_engine
-        ),
+        transformer_layer_spec=gpt_decoder_spec(config, use_transformer_engine=use_transformer_engine),
         vocab_size=hf_config.vocab_size,
         max_sequence_length=hf_config.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
@@ -153,8 +151,7 @@ def build_model(
         _set_llama3_inv_freq(model, rope)
     # torch's RMSNorm (local spec) ignores params_dtype; cast every parameter, as Megatron's Float16Module does
     model.to(dtype=config.params_dtype)
-    if platform.on_gpu():
-        model.cuda(torch.cuda.current_device())
+    model.to(platform.device())
     return model
 
 

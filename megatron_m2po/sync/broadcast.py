@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 import torch.distributed as dist
 
+from megatron_m2po import platform
 from megatron_m2po.net import free_port
 from megatron_m2po.sync.process_group import broadcast_from_trainer, new_weight_update_group
 
@@ -46,7 +47,7 @@ class DistributedWeightBroadcaster:
         self.master_address, self.master_port = master_address, master_port
         self.base_name, self.backend = group_name, backend
         self.group_name = group_name
-        self.device = torch.device(device or ("cuda" if backend == "nccl" else "cpu"))
+        self.device = torch.device(device) if device is not None else platform.backend_device(backend)
         self.world_size = 0
         self.generation = 0  # groups created so far; each gets its own name and port
         self.group: dist.ProcessGroup | None = None

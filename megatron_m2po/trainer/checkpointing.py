@@ -36,6 +36,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_m2po import platform
 from megatron_m2po.checkpoint.megatron_ckpt import (
     check_trusted,
     make_private,
@@ -75,8 +76,7 @@ def _rng_state() -> dict[str, Any]:
         "python": [version, list(mt), gauss],
         "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
+    state.update(platform.accelerator_rng_states())
     try:
         state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
     except Exception:  # noqa: BLE001 - no tracker initialised (CPU single process): nothing to restore
@@ -90,8 +90,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(mt), gauss))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    platform.set_accelerator_rng_states(state)
     if "tracker" in state:
         try:
             tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
@@ -144,9 +143,7 @@ def _rank_failures(err: CheckpointException) -> list[BaseException]:
 def _describe(err: BaseException) -> str:
     """`Type: message`; for a CheckpointException, each failed rank's, without torch's tracebacks."""
     if isinstance(err, CheckpointException):
-        return "; ".join(
-            f"rank {r}: {_describe(e)}" for r, e in zip(err.failures, _rank_failures(err))
-        )
+        return "; ".join(f"rank {r}: {_describe(e)}" for r, e in zip(err.failures, _rank_failures(err)))
     return f"{type(err).__name__}: {err}"
 
 
@@ -186,7 +183,9 @@ def _save_failure(where: Path, err: BaseException) -> CheckpointError:
     if code is not None:
         detail = f"[Errno {code} {errno.errorcode.get(code, '?')}] {os.strerror(code)}; {detail}"
     space = f"; {free} bytes free on its filesystem" if free is not None else ""
-    return CheckpointError(f"{where}: saving the checkpoint failed ({detail}){space}; its partial files were removed")
+    return CheckpointError(
+        f"{where}: saving the checkpoint failed ({detail}){space}; its partial files were removed"
+    )
 
 
 def save_checkpoint(
@@ -266,7 +265,9 @@ def _read_latest(ckpt_root: Path) -> str | None:
         logger.warning("%s: unreadable (%s), ignored: the newest step_* checkpoint is used", pointer, e)
         return None
     if not name.startswith("step_") or "/" in name or name.endswith(PARTIAL):
-        logger.warning("%s: %r is not a checkpoint name, ignored: the newest step_* is used", pointer, name[:80])
+        logger.warning(
+            "%s: %r is not a checkpoint name, ignored: the newest step_* is used", pointer, name[:80]
+        )
         return None
     return name
 
@@ -366,7 +367,9 @@ def load_checkpoint(
         problem = str(e)
     _agree(problem)
     try:
-        loaded = dist_checkpointing.load(_sharded_state(model, optimizer, is_loading=True), str(path / "dist"))
+        loaded = dist_checkpointing.load(
+            _sharded_state(model, optimizer, is_loading=True), str(path / "dist")
+        )
     except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
         raise CheckpointError(
             f"{path / 'dist'}: cannot load the model/optimizer checkpoint ({_describe(e)})"
@@ -403,7 +406,9 @@ def load_newest_checkpoint(
         return path, load_checkpoint(path, model, optimizer, run_dir=run_dir, check_state=check_state), []
     candidates = list(reversed(list_checkpoints(ckpt_root)))
     named = _read_latest(ckpt_root)
-    if named is not None and ckpt_root / named in candidates:  # `latest` first: it is the one the run finished
+    if (
+        named is not None and ckpt_root / named in candidates
+    ):  # `latest` first: it is the one the run finished
         candidates.remove(ckpt_root / named)
         candidates.insert(0, ckpt_root / named)
     skipped = []

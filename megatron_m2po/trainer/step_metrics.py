@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from megatron_m2po import platform
 from megatron_m2po.metrics import gpu_peak_flops, mfu
 from megatron_m2po.trainer.batching import rollout_metrics
 from megatron_m2po.trainer.distribute import SharedProducer
@@ -65,7 +66,9 @@ def step_scalars(
         clock.seconds["perf/time_train"], 1e-9
     )
     gpus = torch.distributed.get_world_size()
-    utilisation = mfu(trainer.num_params, out["perf/train_tokens_per_s"], gpus, gpu_peak_flops())
+    utilisation = mfu(
+        trainer.num_params, out["perf/train_tokens_per_s"], gpus, gpu_peak_flops(platform.gpu_name())
+    )
     if utilisation is not None:
         out["perf/mfu"] = utilisation
     return out
