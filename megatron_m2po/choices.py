@@ -25,6 +25,12 @@ Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"]
 AdvantageEstimator = Literal["grpo", "drgrpo", "rloo"]
 M2Scope = Literal["global", "per_microbatch"]
 NonFinite = Literal["raise", "mask"]
+# Where the behaviour log-probs come from: the engine's sampling ones, or the trainer's recomputed ones.
+BehaviorSource = Literal["engine", "trainer"]
+# Rollout corrections (algorithms/corrections.py); the first two weight the loss by rho, the others only drop
+# tokens, so only those apply where the loss's ratio already divides by the engine's probabilities.
+WeightingCorrection = Literal["token_tis", "token_mis"]
+CorrectionName = Literal[WeightingCorrection, "icepop", "seq_geo_mask", "seq_product_mask"]
 # The benchmark test sets shipped with the package (megatron_m2po/data/benchmarks), by name.
 BenchmarkName = Literal["math500", "aime24", "amc23", "gsm8k", "minerva_math", "olympiadbench"]
 # The experiment trackers `logging.backends` may name (megatron_m2po/trackers).

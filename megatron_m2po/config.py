@@ -23,10 +23,13 @@ import yaml
 from megatron_m2po.choices import (
     AdvantageEstimator,
     Aggregation,
+    BehaviorSource,
     BenchmarkName,
+    CorrectionName,
     LossName,
     M2Scope,
     TrackerName,
+    WeightingCorrection,
 )
 
 StalenessMode = Literal["sync", "fixed", "bounded"]
@@ -206,7 +209,7 @@ class RolloutConfig:
     )
     top_p: float = opt(1.0, "nucleus sampling threshold", gt=0, le=1)
     top_k: int = opt(-1, "top-k sampling; -1 = off", ge=-1)
-    behavior_logprobs: Literal["engine", "trainer"] = opt(
+    behavior_logprobs: BehaviorSource = opt(
         "engine",
         "behaviour log-probs in the ratio: the engine's sampling log-probs, or `trainer`: recomputed by the "
         "trainer with the producing weights right after generation (sync/fixed only, as the released code)",
@@ -275,13 +278,30 @@ class AlgorithmConfig:
     behavior_weight_cap: float | None = opt(
         None, "decoupled_ppo: cap of the behaviour weight min(pi_prox / mu, cap); null = the loss's own", gt=0
     )
-    engine_mismatch_tis: bool = opt(
-        False,
-        "multiply the loss by a truncated IS factor for engine-vs-trainer mismatch "
-        "(needs rollout.behavior_logprobs=trainer)",
+    rollout_corrections: list = opt(
+        [],
+        "rollout corrections applied in order before the loss (docs/algorithms.md): token_tis, token_mis "
+        "(weight by mu_trainer / mu_engine: rollout.behavior_logprobs=trainer only), icepop, seq_geo_mask, "
+        "seq_product_mask (drop tokens / responses; any mode)",
     )
-    engine_mismatch_tis_cap: float = opt(
-        2.0, "engine_mismatch_tis: cap C of that factor min(mu_trainer / mu_engine, C)", gt=0
+    engine_mismatch_tis_cap: float | None = opt(
+        None, "token_tis: cap C of the weight min(rho, C); null = the rule's own (2)", gt=0
+    )
+    mis_low: float | None = opt(None, "token_mis: lowest kept rho; null = the rule's own (0.5)", gt=0)
+    mis_high: float | None = opt(None, "token_mis: highest kept rho; null = the rule's own (2)", gt=0)
+    icepop_low: float | None = opt(None, "icepop: lowest kept rho; null = the rule's own (0.5)", gt=0)
+    icepop_high: float | None = opt(None, "icepop: highest kept rho; null = the rule's own (5)", gt=0)
+    geo_mask_low: float | None = opt(
+        None, "seq_geo_mask: lowest kept geometric mean of rho over a response; null = the rule's own (0.999)", gt=0
+    )
+    geo_mask_high: float | None = opt(
+        None, "seq_geo_mask: highest kept geometric mean of rho; null = the rule's own (1.001)", gt=0
+    )
+    seq_mask_low: float | None = opt(
+        None, "seq_product_mask: lowest kept product of rho over a response; null = the rule's own (0.5)", gt=0
+    )
+    seq_mask_high: float | None = opt(
+        None, "seq_product_mask: highest kept product of rho; null = the rule's own (2)", gt=0
     )
 
 
@@ -523,6 +543,8 @@ _MOVED = {
     "algorithm.tis_cap": "it was split by meaning into algorithm.tis_ratio_cap (the tis loss), "
     "algorithm.behavior_weight_cap (decoupled_ppo) and algorithm.engine_mismatch_tis_cap "
     "(the engine-mismatch TIS factor)",
+    "algorithm.engine_mismatch_tis": "the engine-mismatch truncated IS is the rollout correction token_tis: "
+    "algorithm.rollout_corrections=[token_tis] (cap: algorithm.engine_mismatch_tis_cap)",
     "logging.tensorboard": "trackers are chosen by logging.backends, a list of tensorboard, wandb, mlflow: "
     "logging.backends=[tensorboard] (the default) keeps TensorBoard, logging.backends=[] turns it off",
     **{
@@ -749,11 +771,25 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             "'rollout.behavior_logprobs': `trainer` (recompute with the producing weights) needs "
             "staleness.mode sync or fixed; in bounded mode the producing weights are gone by consumption"
         )
-    if a.engine_mismatch_tis and r.behavior_logprobs != "trainer":
-        raise ConfigError(
-            "'algorithm.engine_mismatch_tis': needs rollout.behavior_logprobs=trainer "
-            "(otherwise the engine's log-probs already are the behaviour log-probs)"
-        )
+    for name in a.rollout_corrections:
+        if name in typing.get_args(WeightingCorrection) and r.behavior_logprobs != "trainer":
+            raise ConfigError(
+                f"'algorithm.rollout_corrections': {name} weights the loss by mu_trainer / mu_engine and needs "
+                "rollout.behavior_logprobs=trainer (sync/fixed); with the engine's log-probs as behaviour "
+                "(bounded always) the loss's ratio already divides by mu_engine: use icepop, seq_geo_mask "
+                "or seq_product_mask there"
+            )
+    if len(set(a.rollout_corrections)) != len(a.rollout_corrections):
+        raise ConfigError(f"'algorithm.rollout_corrections': a rule is listed twice in {a.rollout_corrections}")
+    for low, high in (
+        ("mis_low", "mis_high"),
+        ("icepop_low", "icepop_high"),
+        ("geo_mask_low", "geo_mask_high"),
+        ("seq_mask_low", "seq_mask_high"),
+    ):
+        lo, hi = getattr(a, low), getattr(a, high)
+        if lo is not None and hi is not None and not lo < hi:
+            raise ConfigError(f"'algorithm.{low}': {lo} must be below algorithm.{high}={hi}")
     if s.mode == "fixed" and s.fixed_lag_steps == 0:
         raise ConfigError(
             "'staleness.fixed_lag_steps': must be >= 1 in fixed mode (use staleness.mode=sync for s=0)"
@@ -796,6 +832,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     for key, values, allowed in (
         ("logging.backends", cfg.logging.backends, typing.get_args(TrackerName)),
         ("eval.benchmarks", cfg.eval.benchmarks, typing.get_args(BenchmarkName)),
+        ("algorithm.rollout_corrections", cfg.algorithm.rollout_corrections, typing.get_args(CorrectionName)),
     ):
         for value in values:
             if value not in allowed:

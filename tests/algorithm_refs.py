@@ -7,6 +7,8 @@ transcribed step by step (prints removed, token-mean only). Run them with float6
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -106,3 +108,37 @@ def released_m2po_clip_loss(
     pg_clipfrac = (torch.gt(pg_losses2, pg_losses1).to(m.dtype) * m).sum() / m.sum().clamp_min(1)
     pg_loss = (clip_pg_losses1 * m).sum() / m.sum().clamp_min(1)
     return pg_loss, pg_clipfrac, (1 - clip_low, 1 + clip_high), m2_after
+
+
+def rollout_correction(name: str, log_rho, mask, **t):
+    """One rollout correction, token by token in Python: (keep [batch, T] bool, weight [batch, T] or None)."""
+    b, n = log_rho.shape
+    keep = [[bool(mask[i, j]) for j in range(n)] for i in range(b)]
+    weight = None
+    rho = [[math.exp(float(log_rho[i, j])) for j in range(n)] for i in range(b)]
+    if name == "token_tis":
+        weight = [[min(rho[i][j], t.get("engine_mismatch_tis_cap", 2.0)) for j in range(n)] for i in range(b)]
+    elif name in ("token_mis", "icepop"):
+        lo, hi = (
+            (t.get("mis_low", 0.5), t.get("mis_high", 2.0))
+            if name == "token_mis"
+            else (t.get("icepop_low", 0.5), t.get("icepop_high", 5.0))
+        )
+        keep = [[keep[i][j] and lo <= rho[i][j] <= hi for j in range(n)] for i in range(b)]
+        if name == "token_mis":
+            weight = rho
+    else:
+        lo, hi = (
+            (t.get("geo_mask_low", 0.999), t.get("geo_mask_high", 1.001))
+            if name == "seq_geo_mask"
+            else (t.get("seq_mask_low", 0.5), t.get("seq_mask_high", 2.0))
+        )
+        for i in range(b):
+            logs = [float(log_rho[i, j]) for j in range(n) if mask[i, j]]
+            if not logs:
+                continue
+            value = math.exp(sum(logs) / len(logs) if name == "seq_geo_mask" else sum(logs))
+            if not lo <= value <= hi:
+                keep[i] = [False] * n
+    as_tensor = torch.tensor(keep, dtype=torch.bool)
+    return as_tensor, None if weight is None else torch.tensor(weight, dtype=torch.float64)

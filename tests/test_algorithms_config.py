@@ -75,7 +75,7 @@ def test_default_config_gives_each_loss_its_documented_defaults(name):
     loss = PolicyLoss.from_config(AlgorithmConfig(loss=name))
     assert loss.hyperparameters == defaults
     assert loss.aggregation == aggregation
-    assert loss.engine_mismatch_tis_cap is None
+    assert loss.corrections == ()
     library = get_loss(name)  # the library's defaults are the documented ones too
     assert (library.hyperparameters, library.aggregation) == (defaults, aggregation)
 
@@ -128,13 +128,20 @@ def test_recipes_keep_token_mean_for_m2po_and_give_a_gspo_baseline_its_own():
     )
 
 
-def test_aggregation_and_engine_mismatch_tis_reach_every_loss():
-    for loss in built(
-        aggregation="seq-mean-token-sum", engine_mismatch_tis=True, engine_mismatch_tis_cap=1.5
-    ).values():
-        assert (loss.aggregation, loss.engine_mismatch_tis_cap, loss.needs_engine_logprobs) == (
+def test_aggregation_and_rollout_corrections_reach_every_loss():
+    algorithm = AlgorithmConfig(
+        aggregation="seq-mean-token-sum",
+        rollout_corrections=["token_tis", "icepop"],
+        engine_mismatch_tis_cap=1.5,
+        icepop_high=4.0,
+    )
+    for name in LOSSES:
+        algorithm.loss = name
+        loss = PolicyLoss.from_config(algorithm, "trainer")
+        assert (loss.aggregation, loss.corrections, loss.correction_settings, loss.needs_engine_logprobs) == (
             "seq-mean-token-sum",
-            1.5,
+            ("token_tis", "icepop"),
+            {"engine_mismatch_tis_cap": 1.5, "icepop_high": 4.0},
             True,
         )
     assert all(not loss.needs_engine_logprobs for loss in built().values())
@@ -230,7 +237,7 @@ def test_every_hyperparameter_value_is_checked_against_its_signature(name):
         for value in bad:
             with pytest.raises(ValueError, match=rf"get_loss\('{name}'\): {key} must be"):
                 get_loss(name, **{key: value})
-    for key in ("aggregation", "engine_mismatch_tis_cap", "nonfinite"):  # PolicyLoss's own keywords
+    for key in ("aggregation", "engine_mismatch_tis_cap", "icepop_low", "nonfinite"):  # common keywords
         with pytest.raises(ValueError, match=rf"get_loss\('{name}'\): {key} must be"):
             get_loss(name, **{key: -1.0})
 

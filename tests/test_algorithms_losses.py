@@ -171,7 +171,12 @@ def test_tis_factor_on_engine_mismatch(data, cap):
     lp, blp, adv, mask = data
     engine = blp + torch.linspace(-0.8, 0.8, blp.numel(), dtype=blp.dtype).view_as(blp)
     value, grad, metrics = run(
-        get_loss("grpo", engine_mismatch_tis_cap=cap), lp, blp, adv, mask, engine_logprobs=engine
+        get_loss("grpo", corrections=["token_tis"], behavior_logprobs="trainer", engine_mismatch_tis_cap=cap),
+        lp,
+        blp,
+        adv,
+        mask,
+        engine_logprobs=engine,
     )
     x = lp.clone().requires_grad_(True)
     r = torch.exp(x - blp)
@@ -180,7 +185,7 @@ def test_tis_factor_on_engine_mismatch(data, cap):
     (ref_grad,) = torch.autograd.grad(ref, x)
     assert value.item() == pytest.approx(ref.item(), rel=1e-9, abs=1e-12)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-12)
-    assert "loss/tis_weight_mean" in metrics
+    assert "loss/correction_token_tis_weight_mean" in metrics
 
 
 @pytest.mark.parametrize("name", ["grpo", "m2po"])
@@ -343,8 +348,8 @@ def test_bad_configuration_is_named():
     with pytest.raises(ValueError, match="m2_scope must be"):
         get_loss("m2po", m2_scope="world")
     lp, blp, adv, mask = make()
-    with pytest.raises(ValueError, match="engine_mismatch_tis_cap=2.0 needs engine_logprobs"):
-        get_loss("m2po", engine_mismatch_tis_cap=2.0)(lp, blp, adv, mask)
+    with pytest.raises(ValueError, match=r"corrections \['token_tis'\] .* need engine_logprobs"):
+        get_loss("m2po", corrections=["token_tis"], behavior_logprobs="trainer")(lp, blp, adv, mask)
     with pytest.raises(ValueError, match="pass proximal_logprobs"):
         get_loss("decoupled_ppo")(lp, blp, adv, mask)
     with pytest.raises(ValueError, match="m2_scope='per_microbatch'"):

@@ -32,7 +32,12 @@ def recipe(tmp_path):
 def test_yaml_and_overrides_are_typed(recipe):
     cfg = load_config(
         recipe,
-        ["algorithm.m2_budget=0.05", "train.steps=7", "rollout.urls=[a,b]", "logging.backends=[wandb,mlflow]"],
+        [
+            "algorithm.m2_budget=0.05",
+            "train.steps=7",
+            "rollout.urls=[a,b]",
+            "logging.backends=[wandb,mlflow]",
+        ],
     )
     assert cfg.train.lr == 1e-6 and isinstance(cfg.train.lr, float)  # YAML 1.1 reads 1e-6 as a string
     assert cfg.algorithm.m2_budget == 0.05
@@ -69,8 +74,14 @@ def test_fixed_lag_is_k_times_updates_per_step(recipe):
         ("staleness.mode=boundd", "did you mean 'bounded'"),
         ("train.groups_per_update=3", "'train.groups_per_update': 3 does not divide"),
         ("logging.histograms=maybe", "'logging.histograms': expected true/false"),
-        ("logging.tensorboard=false", "'logging.tensorboard' is no longer a key: .*logging.backends=.tensorboard."),
-        ("logging.backends=[tensorboard,wanb]", "'logging.backends': 'wanb' is not one of .*did you mean 'wandb'"),
+        (
+            "logging.tensorboard=false",
+            "'logging.tensorboard' is no longer a key: .*logging.backends=.tensorboard.",
+        ),
+        (
+            "logging.backends=[tensorboard,wanb]",
+            "'logging.backends': 'wanb' is not one of .*did you mean 'wandb'",
+        ),
         ("logging.backends=[mlflow,mlflow]", "'logging.backends': .* names one twice"),
         ("staleness.fixed_lag_steps=2", "only used in fixed mode"),
         ("rollout.behavior_logprobs=trainer", "needs staleness.mode sync or fixed"),
@@ -79,8 +90,28 @@ def test_fixed_lag_is_k_times_updates_per_step(recipe):
         ("algorithm.aggregation=token_mean", "did you mean 'token-mean'"),
         ("algorithm.clip_eps=0", "'algorithm.clip_eps': must be > 0"),
         ("algorithm.tis_cap=2", "'algorithm.tis_cap' is no longer a key: .* algorithm.tis_ratio_cap"),
+        (
+            "algorithm.engine_mismatch_tis=true",
+            "'algorithm.engine_mismatch_tis' is no longer a key: .*algorithm.rollout_corrections=[token_tis]",
+        ),
+        (
+            "algorithm.rollout_corrections=[token_mis]",
+            "'algorithm.rollout_corrections': token_mis weights the loss .*needs rollout.behavior_logprobs=trainer",
+        ),
+        (
+            "algorithm.rollout_corrections=[icepop,icepop]",
+            "'algorithm.rollout_corrections': a rule is listed twice",
+        ),
+        (
+            "algorithm.rollout_corrections=[icepp]",
+            "'algorithm.rollout_corrections': 'icepp' is not one of .*'icepop'",
+        ),
+        ("algorithm.icepop_high=0", "'algorithm.icepop_high': must be > 0"),
         ("staleness.max_staleness=-1", "'staleness.max_staleness': must be >= 0"),
-        ("eval.benchmarks=[math500,aime2024]", "'eval.benchmarks': 'aime2024' is not one of .*did you mean 'aime24'"),
+        (
+            "eval.benchmarks=[math500,aime2024]",
+            "'eval.benchmarks': 'aime2024' is not one of .*did you mean 'aime24'",
+        ),
         ("eval.every=5", "'eval.benchmarks': name at least one .*set eval.path.* when eval.every > 0"),
         ("model.path=", "'model.path': required"),
         ("nonsense", "section.key=value"),
@@ -89,6 +120,19 @@ def test_fixed_lag_is_k_times_updates_per_step(recipe):
 def test_bad_values_name_the_key(recipe, override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
         load_config(recipe, [override])
+
+
+def test_a_correction_band_must_be_a_band(recipe):
+    with pytest.raises(
+        ConfigError, match="'algorithm.geo_mask_low': 1.2 must be below algorithm.geo_mask_high=1.1"
+    ):
+        load_config(recipe, ["algorithm.geo_mask_low=1.2", "algorithm.geo_mask_high=1.1"])
+    sync = [
+        "staleness.mode=sync",
+        "rollout.behavior_logprobs=trainer",
+        "algorithm.rollout_corrections=[token_tis]",
+    ]
+    assert load_config(recipe, sync).algorithm.rollout_corrections == ["token_tis"]
 
 
 @pytest.mark.parametrize(

@@ -387,3 +387,70 @@ def test_two_processes_dp2_with_trainer_logprobs(setup):
     run_train(recipe, run_dir, "train.steps=2", "rollout.behavior_logprobs=trainer", nproc=2)
     run_train(recipe, run_dir, "train.steps=3", "rollout.behavior_logprobs=trainer", resume=True, nproc=2)
     assert_metrics_logged(run_dir, 3)
+
+
+ALL_CORRECTIONS = "[token_tis,token_mis,icepop,seq_geo_mask,seq_product_mask]"
+MASKS = "[icepop,seq_geo_mask,seq_product_mask]"
+
+
+def _assert_corrections_logged(run_dir: Path, rules: list[str], steps: int) -> dict:
+    """Every rule's masked fraction and rho's statistics each step; the kept and dropped shares add up."""
+    series = read_scalars(run_dir)
+    for step in range(1, steps + 1):
+        at = {tag: dict(points).get(step) for tag, points in series.items()}
+        dropped = [at[f"loss/correction_{r}_masked_fraction"] for r in rules]
+        assert all(v is not None and 0 <= v <= 1 for v in dropped), (step, dropped)
+        assert at["loss/correction_kept_fraction"] + sum(dropped) == pytest.approx(1, abs=1e-5)
+        assert at["loss/correction_ratio_max"] >= 1 / at["loss/correction_inverse_ratio_max"]
+    return series
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        ["staleness.mode=fixed"],
+        pytest.param(["staleness.mode=sync", "staleness.fixed_lag_steps=0"], marks=pytest.mark.slow),
+    ],
+)
+def test_rollout_corrections_with_trainer_behaviour_compare_trainer_and_engine(setup, mode):
+    """sync / fixed with rollout.behavior_logprobs=trainer: every rule at once, rho = mu_trainer / mu_engine.
+    The local engine runs the trainer's weights in fp32, so rho is 1 up to kernel noise and nothing is dropped
+    by the wide bands."""
+    root, recipe = setup
+    run_dir = root / f"corrections_{mode[0].split('=')[1]}"
+    run_train(
+        recipe,
+        run_dir,
+        *mode,
+        "train.steps=2",
+        "rollout.behavior_logprobs=trainer",
+        f"algorithm.rollout_corrections={ALL_CORRECTIONS}",
+        "algorithm.geo_mask_low=0.99",
+        "algorithm.geo_mask_high=1.01",
+    )
+    series = _assert_corrections_logged(run_dir, ALL_CORRECTIONS[1:-1].split(","), 2)
+    for _, value in series["loss/correction_ratio_max"] + series["loss/correction_inverse_ratio_max"]:
+        assert value == pytest.approx(1, abs=1e-3)
+    assert all(v == 0 for _, v in series["loss/correction_icepop_masked_fraction"])
+    assert all(v == pytest.approx(1, abs=1e-3) for _, v in series["loss/correction_token_tis_weight_mean"])
+
+
+def test_rollout_masks_in_bounded_mode_compare_the_policy_before_the_update_and_the_engine(setup):
+    """bounded: only the masks, on rho = pi_old / mu_engine (staleness and mismatch together); a band too
+    tight for any stale token drops tokens, and the run trains on the rest."""
+    root, recipe = setup
+    run_dir = root / "corrections_bounded"
+    run_train(
+        recipe,
+        run_dir,
+        *BOUNDED_OVERRIDES[:3],
+        "train.steps=4",
+        f"algorithm.rollout_corrections={MASKS}",
+        "algorithm.icepop_low=0.999",
+        "algorithm.icepop_high=1.001",
+    )
+    series = _assert_corrections_logged(run_dir, MASKS[1:-1].split(","), 4)
+    stale = [v for _, v in series["train/staleness_max"]]
+    dropped = [v for _, v in series["loss/correction_icepop_masked_fraction"]]
+    assert any(s > 0 for s in stale), stale
+    assert all(d > 0 for s, d in zip(stale, dropped) if s > 0), (stale, dropped)

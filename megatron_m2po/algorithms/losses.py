@@ -3,7 +3,8 @@
 Notation (docs/algorithms.md, "Notation"): for response token t of sequence i, log r = log pi_theta - log mu
 (mu = the behaviour policy that sampled it), r = exp(log r), A the advantage, sg() stop-gradient,
 M2 = (log r)^2, T the trust-region tokens (A > 0, r > 1) or (A < 0, r < 1). Each loss below is a per-token loss l_t; the
-wrapper then multiplies by the optional TIS factor and aggregates (token-mean by default).
+wrapper first applies the rollout corrections (corrections.py: they drop tokens before the loss and its M2
+mask see them, and weight the kept ones), then aggregates (token-mean by default).
 
 Each loss is registered with `register_loss` (as verl's `register_policy_loss`) with its default aggregation
 and whether it needs the trainer's log-probs of the whole mini-batch before the update
@@ -12,16 +13,17 @@ the signature holds their names, defaults and allowed values (`hyperparameters.p
 config section has one key of the same name for each, so `PolicyLoss.from_config` needs no list of them.
 The trainer asks the loss (what it needs, what its normaliser counts); it never compares loss names.
 
-Behaviour log-probs, two sources (both supported, the trainer picks):
+Behaviour log-probs, two sources (both supported, the trainer picks, `behavior_logprobs=`):
 * engine: `behavior_logprobs` = the engine's sampling log-probs; the engine-vs-trainer mismatch is then
-  inside r and `engine_mismatch_tis_cap` must stay None.
+  inside r, and the corrections compare pi_old (the current policy before the update) with the engine.
 * trainer-recomputed (the released M2PO code): `behavior_logprobs` = log-probs recomputed by the trainer
-  with the producing weights when the batch was produced; pass the engine's as `engine_logprobs` and set
-  `engine_mismatch_tis_cap` (~2) to weight each token by min(exp(behavior - engine), engine_mismatch_tis_cap) (truncated IS on mismatch).
+  with the producing weights when the batch was produced; pass the engine's as `engine_logprobs`, and the
+  corrections compare the two (e.g. `token_tis`: weight min(exp(behavior - engine), engine_mismatch_tis_cap)).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 from collections.abc import Callable, Sequence
@@ -32,6 +34,12 @@ import torch
 import torch.distributed as dist
 from annotated_types import Gt
 
+from megatron_m2po.algorithms.corrections import (
+    CORRECTIONS,
+    apply_corrections,
+    check_thresholds,
+    correction_hyperparameters,
+)
 from megatron_m2po.algorithms.diagnostics import policy_metrics
 from megatron_m2po.algorithms.hyperparameters import Positive, check, keyword_parameters
 from megatron_m2po.algorithms.m2po_mask import (
@@ -42,7 +50,7 @@ from megatron_m2po.algorithms.m2po_mask import (
     trust_region_mask,
     water_filling_tau,
 )
-from megatron_m2po.choices import Aggregation, LossName, M2Scope, NonFinite
+from megatron_m2po.choices import Aggregation, BehaviorSource, LossName, M2Scope, NonFinite
 
 __all__ = [
     "AGGREGATIONS",
@@ -106,6 +114,7 @@ class CurrentLogprobs:
     advantages: Sequence[torch.Tensor]
     response_mask: Sequence[torch.Tensor]
     process_group: dist.ProcessGroup | None = None
+    engine_logprobs: Sequence[torch.Tensor] | None = None  # given when the loss `needs_engine_logprobs`
 
 
 def _never(hyperparameters: dict[str, Any]) -> bool:
@@ -424,7 +433,7 @@ class PolicyLoss:
     """A configured loss: `(logprobs, behavior_logprobs, advantages, response_mask, **optional) -> (loss, metrics)`.
 
     Tensors are [batch, response_len]; advantages per token. Optional keyword arguments:
-    proximal_logprobs (decoupled_ppo), engine_logprobs (for engine_mismatch_tis_cap), staleness (ints, metrics only),
+    proximal_logprobs (decoupled_ppo), engine_logprobs (corrections with trainer behaviour), staleness (metrics only),
     m2_threshold (m2po, global scope), normalizer (see `aggregate`), process_group (the data-parallel group).
     Positions outside response_mask are ignored, whatever they hold (NaN padding included).
     Non-finite logprobs inside the mask always raise: a NaN in the trainer's own forward poisons the
@@ -438,32 +447,57 @@ class PolicyLoss:
         name: str,
         *,
         aggregation: Aggregation | None = None,
-        engine_mismatch_tis_cap: Positive | None = None,
+        corrections: Sequence[str] = (),
+        behavior_logprobs: BehaviorSource = "engine",
         nonfinite: NonFinite = "raise",
         **hyperparameters,
     ):
         self.spec = LOSSES[name]
         self.name, self.fn = name, self.spec.fn
-        bound = inspect.signature(self.fn).bind(None, **hyperparameters)
+        thresholds = correction_hyperparameters()
+        self.correction_settings = {k: v for k, v in hyperparameters.items() if k in thresholds}
+        bound = inspect.signature(self.fn).bind(
+            None, **{k: v for k, v in hyperparameters.items() if k not in thresholds}
+        )
         bound.apply_defaults()
         # every hyperparameter the loss receives, its defaults included
         self.hyperparameters: dict[str, Any] = dict(list(bound.arguments.items())[1:])
         self.aggregation = aggregation or self.spec.aggregation
-        self.engine_mismatch_tis_cap, self.nonfinite = engine_mismatch_tis_cap, nonfinite
+        self.corrections, self.behavior_logprobs = tuple(corrections), behavior_logprobs
+        self.nonfinite = nonfinite
+        for correction in self.corrections:
+            if correction not in CORRECTIONS:
+                raise ValueError(
+                    f"{name}: unknown rollout correction {correction!r}; choose from {sorted(CORRECTIONS)}"
+                )
+            if CORRECTIONS[correction].weights and behavior_logprobs != "trainer":
+                raise ValueError(
+                    f"{name}: rollout correction {correction!r} weights the loss by mu_trainer / mu_engine, which "
+                    "needs behavior_logprobs='trainer'; with the engine's log-probs as behaviour the loss's ratio "
+                    "already divides by mu_engine (use a masking rule: icepop, seq_geo_mask, seq_product_mask)"
+                )
+        if len(set(self.corrections)) != len(self.corrections):
+            raise ValueError(f"{name}: a rollout correction is listed twice in {list(self.corrections)}")
+        check_thresholds(self.corrections, self.correction_settings)
 
     @classmethod
-    def from_config(cls, algorithm: Any) -> PolicyLoss:
+    def from_config(cls, algorithm: Any, behavior_logprobs: BehaviorSource = "engine") -> PolicyLoss:
         """The loss `algorithm.loss`, each of its hyperparameters read from the `algorithm` key of that name.
 
-        A key left None (and `algorithm.aggregation` "auto") keeps the loss's own default; the engine-mismatch
-        TIS factor is on when `algorithm.engine_mismatch_tis`, capped at `algorithm.engine_mismatch_tis_cap`.
+        A key left None (and `algorithm.aggregation` "auto") keeps the loss's own default; the rollout
+        corrections `algorithm.rollout_corrections` read their thresholds the same way. `behavior_logprobs`:
+        `rollout.behavior_logprobs`, what the corrections compare.
         """
-        settings = {key: getattr(algorithm, key) for key in LOSSES[algorithm.loss].hyperparameters}
-        mismatch_cap = algorithm.engine_mismatch_tis_cap if algorithm.engine_mismatch_tis else None
+        keys = [*LOSSES[algorithm.loss].hyperparameters]
+        for correction in algorithm.rollout_corrections:
+            keys += CORRECTIONS[correction].hyperparameters if correction in CORRECTIONS else []
+        settings = {key: getattr(algorithm, key) for key in keys}
         aggregation = None if algorithm.aggregation == "auto" else algorithm.aggregation
         return get_loss(
             algorithm.loss,
-            **_given(aggregation=aggregation, engine_mismatch_tis_cap=mismatch_cap, **settings),
+            corrections=tuple(algorithm.rollout_corrections),
+            behavior_logprobs=behavior_logprobs,
+            **_given(aggregation=aggregation, **settings),
         )
 
     @property
@@ -475,10 +509,38 @@ class PolicyLoss:
     def inputs_before_update(self, current: CurrentLogprobs) -> list[dict[str, Any]]:
         """The extra keyword arguments of each micro-batch's call, from the mini-batch's current log-probs.
 
-        Collective over `current.process_group` for m2po (every DP rank calls it)."""
+        Collective over `current.process_group` for m2po (every DP rank calls it). The response masks it
+        passes on are those the rollout corrections keep, so m2po's threshold covers the tokens its loss sees."""
         if not self.needs_current_logprobs:
             raise ValueError(f"{self.name}: needs no current log-probs before the update")
+        if self.corrections:
+            engine = current.engine_logprobs or [None] * len(current.logprobs)
+            kept = [
+                self.corrected_mask(lp, blp, m.bool(), e)
+                for lp, blp, m, e in zip(
+                    current.logprobs, current.behavior_logprobs, current.response_mask, engine
+                )
+            ]
+            current = dataclasses.replace(current, response_mask=kept)
         return self.spec.before_update(self.hyperparameters, current)
+
+    def _log_rho(self, logprobs, behavior_logprobs, engine_logprobs) -> torch.Tensor:
+        """The corrections' log rho: log mu_trainer - log mu_engine (trainer behaviour), else log pi_old -
+        log mu_engine (`logprobs` are the current policy's before the update, detached)."""
+        if self.needs_engine_logprobs:
+            if engine_logprobs is None:
+                raise ValueError(
+                    f"{self.name}: rollout corrections {list(self.corrections)} with behavior_logprobs='trainer' "
+                    "need engine_logprobs (the engine's sampling log-probs)"
+                )
+            return behavior_logprobs - engine_logprobs
+        return logprobs.detach() - behavior_logprobs
+
+    def corrected_mask(self, logprobs, behavior_logprobs, mask, engine_logprobs=None) -> torch.Tensor:
+        """The tokens of `mask` that every rollout correction keeps."""
+        log_rho = self._log_rho(logprobs.float(), behavior_logprobs.float(), engine_logprobs)
+        keep, _, _ = apply_corrections(self.corrections, self.correction_settings, log_rho, mask)
+        return keep
 
     def normalizer_count(self, response_lengths: Sequence[int]) -> int:
         """What this loss's aggregation divides by, over responses of these lengths: their tokens
@@ -488,13 +550,13 @@ class PolicyLoss:
 
     @property
     def needs_engine_logprobs(self) -> bool:
-        """Whether each call needs `engine_logprobs` (the engine-mismatch TIS factor is on)."""
-        return self.engine_mismatch_tis_cap is not None
+        """Whether each call needs `engine_logprobs`: rollout corrections against trainer-side behaviour."""
+        return bool(self.corrections) and self.behavior_logprobs == "trainer"
 
     def __repr__(self) -> str:
         return (
-            f"PolicyLoss({self.name!r}, aggregation={self.aggregation!r}, engine_mismatch_tis_cap={self.engine_mismatch_tis_cap}, "
-            f"{self.hyperparameters})"
+            f"PolicyLoss({self.name!r}, aggregation={self.aggregation!r}, corrections={list(self.corrections)}, "
+            f"behavior_logprobs={self.behavior_logprobs!r}, {self.hyperparameters}, {self.correction_settings})"
         )
 
     def __call__(
@@ -521,11 +583,6 @@ class PolicyLoss:
             staleness=staleness,
         )
         self._check_shapes(tensors)
-        if self.engine_mismatch_tis_cap is not None and engine_logprobs is None:
-            raise ValueError(
-                f"{self.name}: engine_mismatch_tis_cap={self.engine_mismatch_tis_cap} needs engine_logprobs (the engine's sampling log-probs) "
-                "when behavior_logprobs are the trainer's recomputed ones"
-            )
         if normalizer is not None and not normalizer > 0:
             raise ValueError(f"{self.name}: normalizer must be > 0, got {normalizer}")
         mask = response_mask.bool()
@@ -537,30 +594,29 @@ class PolicyLoss:
             return None if t is None else torch.where(mask, t.to(dtype), 0.0)
 
         lp, blp, adv = clean(logprobs), clean(behavior_logprobs), clean(advantages)
+        keep, weight, extra = mask, None, {}
+        if self.corrections:  # before the loss: the tokens they drop enter neither T nor the M2 budget
+            log_rho = self._log_rho(lp, blp, clean(engine_logprobs))
+            keep, weight, extra = apply_corrections(self.corrections, self.correction_settings, log_rho, mask)
         log_ratio = lp - blp
         ratio = torch.exp(log_ratio)
         inputs = LossInputs(
             logprobs=lp,
             behavior_logprobs=blp,
             advantages=adv,
-            mask=mask,
+            mask=keep,
             log_ratio=log_ratio,
             ratio=ratio,
-            trust_region=trust_region_mask(log_ratio.detach(), adv, mask, ratio=ratio.detach()),
+            trust_region=trust_region_mask(log_ratio.detach(), adv, keep, ratio=ratio.detach()),
             proximal_logprobs=clean(proximal_logprobs),
             m2_threshold=m2_threshold,
             process_group=process_group,
         )
         out = self.fn(inputs, **self.hyperparameters)
-        per_token = out.per_token
-        extra = dict(out.extra)
-        if self.engine_mismatch_tis_cap is not None:
-            tis_weight = torch.clamp(
-                torch.exp(blp - clean(engine_logprobs)), max=self.engine_mismatch_tis_cap
-            ).detach()
-            per_token = per_token * tis_weight
-            extra["tis_weight_mean"] = _masked_mean(tis_weight, mask)
-        loss = aggregate(per_token, mask, self.aggregation, normalizer)
+        per_token = out.per_token if weight is None else out.per_token * weight
+        extra.update(out.extra)
+        # dropped tokens still count in the normaliser, as the M2 mask's: the step size does not grow with them
+        loss = aggregate(torch.where(keep, per_token, 0.0), mask, self.aggregation, normalizer)
         extra["nonfinite_tokens"] = float(n_nonfinite)
         metrics = policy_metrics(inputs, out, staleness=staleness, extra=extra)
         return loss, metrics
@@ -617,12 +673,17 @@ def get_loss(name: str, **hyperparameters) -> PolicyLoss:
     """The loss `name` (one of LOSSES) with its hyperparameters checked against the loss's signature.
 
     Common to every loss (`PolicyLoss`'s own keywords): aggregation ("token-mean" | "seq-mean-token-mean" |
-    "seq-mean-token-sum"), engine_mismatch_tis_cap (truncated IS on engine-vs-trainer mismatch), nonfinite
-    ("raise" | "mask").
+    "seq-mean-token-sum"), corrections (rollout corrections, in order; their thresholds by name, e.g.
+    engine_mismatch_tis_cap for token_tis), behavior_logprobs ("engine" | "trainer": what the behaviour
+    log-probs are, so what the corrections compare), nonfinite ("raise" | "mask").
     """
     if name not in LOSSES:
         raise ValueError(f"get_loss: unknown loss {name!r}; choose one of {sorted(LOSSES)}")
-    takes = {**LOSSES[name].hyperparameters, **keyword_parameters(PolicyLoss.__init__)}
+    takes = {
+        **LOSSES[name].hyperparameters,
+        **correction_hyperparameters(),
+        **keyword_parameters(PolicyLoss.__init__),
+    }
     unknown = sorted(set(hyperparameters) - set(takes))
     if unknown:
         raise ValueError(f"get_loss({name!r}): unknown hyperparameters {unknown}; {name} takes {list(takes)}")

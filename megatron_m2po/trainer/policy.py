@@ -55,7 +55,7 @@ class Policy:
             )
         self.model = wrap_ddp(model, cfg.parallel)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.dtype)
-        self.loss_fn = algorithms.PolicyLoss.from_config(cfg.algorithm)
+        self.loss_fn = algorithms.PolicyLoss.from_config(cfg.algorithm, cfg.rollout.behavior_logprobs)
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.pad_id = int(

@@ -152,6 +152,9 @@ def _inputs_before_update(loss_fn, current, micro_batches, device, dp_group) -> 
             [m.advantages.to(device) for m in micro_batches],
             [m.response_mask.to(device) for m in micro_batches],
             process_group=dp_group,
+            engine_logprobs=[m.engine_logprobs.to(device) for m in micro_batches]
+            if loss_fn.needs_engine_logprobs
+            else None,
         )
     )
 
