@@ -1,4 +1,4 @@
-"""Fixed-mode update cost, before and after (issue 12 item 4): the same short fixed-lag training run from a base
+"""Fixed-mode update cost of this tree against a base commit: the same short fixed-lag training run from a base
 commit and from this working tree, both started at once so the machine's noise falls on both alike.
 
     python -m bench.fixed_update                                  # base bca40bf, s = 4, 40 updates

@@ -1,4 +1,4 @@
-"""The records that flow engine -> reward -> queue -> trainer (ENGINES.md, "the common record").
+"""The records that flow engine -> reward -> queue -> trainer (docs/rollout.md, "Engines").
 
 One definition, used by every engine, the queue and its journal, and the trainer, so a
 field means the same thing everywhere.

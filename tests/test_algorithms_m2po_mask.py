@@ -1,4 +1,4 @@
-"""The M2PO selections: the four mask properties of M2PO.md, Algorithm 1, and the released m2po_clip solve."""
+"""The M2PO selections: the four mask properties of the paper's Algorithm 1 (docs/algorithms.md), and the released m2po_clip solve."""
 
 from __future__ import annotations
 
@@ -195,7 +195,7 @@ def test_m2po_clip_equals_the_released_code_step_by_step(data, low, high):
 @given(data=clip_batches())
 @example(data=TINY_M2_EDGE)
 def test_m2po_clip_masks_at_least_what_m2po_masks(data):
-    """Both drop a suffix of the sorted trust-region M2; the capped-mean rule stops later (M2PO.md)."""
+    """Both drop a suffix of the sorted trust-region M2; the capped-mean rule stops later (docs/algorithms.md, "m2po vs m2po_clip")."""
     lp, old, adv, mask = data
     trust_m2 = (lp - old).square()[released_trust_region(lp - old, adv[:, 0], mask)].tolist()
     assume(no_near_ties(trust_m2))

@@ -1,4 +1,4 @@
-"""Checkpoints under attack and accident (issue 15): a hostile pickle never runs, files other users can write
+"""Checkpoints under attack and accident: a hostile pickle never runs, files other users can write
 are refused (with a deliberate override), truncation and corruption are named by file, a full disk is named
 and leaves no `.partial`, and `--resume` falls back to the newest checkpoint that loads.
 

@@ -201,8 +201,8 @@ def test_every_field_has_help():
 
 
 def test_a_tensor_parallel_size_that_cannot_split_the_model_is_a_config_error(tmp_path):
-    """`parallel.tensor=3` was a traceback from inside Megatron; now a config error naming the key, before
-    Megatron is initialised (exit code 2, no traceback)."""
+    """`parallel.tensor=3` is a config error naming the key, raised before Megatron is initialised (exit code
+    2, no traceback), not a traceback from inside Megatron."""
     import subprocess
     import sys
 

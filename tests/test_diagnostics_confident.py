@@ -1,4 +1,4 @@
-"""loss/confident_fraction and loss/m2_before_unconfident (issue 12): how much of the trust-region M2
+"""loss/confident_fraction and loss/m2_before_unconfident: how much of the trust-region M2
 mean is diluted by tokens the behaviour policy was near-certain of (mu > 0.99)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Write failures and stalls (issue 15): each writer names the file and the errno; a persistent failure stops
+"""Write failures and stalls: each writer names the file and the errno; a persistent failure stops
 the run (no hang) while a TensorBoard failure does not; SIGTERM while waiting for data checkpoints and exits;
 a producer that died is named; the last good checkpoint resumes.
 

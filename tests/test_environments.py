@@ -49,7 +49,7 @@ def _pins(meta: email.message.Message) -> dict[str, str]:
 
 def test_each_role_has_its_own_extra():
     lists = setup_lists()
-    assert "gpu" not in lists, "one extra with sglang and transformer-engine cannot resolve (issue 11)"
+    assert "gpu" not in lists, "one extra with sglang and transformer-engine cannot resolve: their pinned torch versions differ"
     assert any(r.startswith("transformer-engine") for r in lists["trainer"])
     assert not any("sglang" in r for r in lists["trainer"])
     assert sorted(lists["sglang"]) == sorted(

@@ -167,7 +167,7 @@ def test_sampling_params_are_accepted_valid_or_refused_by_name(d):
 
 
 def test_tiny_temperature_is_greedy_as_sglang(engine):
-    """sglang treats 0 <= T < 1e-6 as greedy (T = 1e-45 used to overflow into a 500)."""
+    """sglang treats 0 <= T < 1e-6 as greedy (a tiny positive T such as 1e-45 must not overflow into a 500)."""
 
     async def run():
         async with served(engine) as (_, url, http):

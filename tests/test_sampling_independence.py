@@ -1,6 +1,6 @@
 """Rollouts are independent draws from the behaviour policy: per-request seeds, the first token's law, reruns.
 
-A seed repeated on every request decodes every group with the same noise (issue 11). These tests pin
+A seed repeated on every request decodes every group with the same noise. These tests pin
 what fixes it: `request_seed` separates requests, the local engine's samples follow its own
 probabilities over thousands of draws from many requests, and a run seed replays a run exactly.
 """

@@ -1,4 +1,4 @@
-"""Crashes and damaged checkpoints against an uninterrupted run (issue 15): the trainer is killed with SIGKILL at
+"""Crashes and damaged checkpoints against an uninterrupted run: the trainer is killed with SIGKILL at
 several points, or its newest checkpoint is corrupted, and the resumed run must consume exactly the groups the
 uninterrupted one did (nothing lost, nothing trained twice) with the same losses. The journal uses small segments
 so that its garbage collection really deletes files between checkpoints."""

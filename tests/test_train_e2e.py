@@ -216,7 +216,7 @@ def journal_rollouts(run_dir: Path) -> list[tuple]:
 
 @pytest.mark.slow
 def test_same_seed_replays_the_run_and_its_rollouts_differ_between_groups(setup):
-    """Two runs with train.seed=0 sample the same rollouts (per-request seeds are reproducible, issue 11),
+    """Two runs with train.seed=0 sample the same rollouts (per-request seeds are reproducible),
     and different groups are not decoded with one noise tape (no seed shared across requests)."""
     root, recipe = setup
     runs = [root / "seed_a", root / "seed_b"]

@@ -1,4 +1,4 @@
-"""Calibrate the policy drift before the staleness sweep (issue 12): which lr keeps M2 <= tau at s = 256?
+"""Calibrate the policy drift before the staleness sweep: which lr keeps M2 <= tau at s = 256?
 
     python examples/staleness_sweep/calibrate.py --jobs 2                # m2po, s = 256, lr 1e-5 and 2e-5
     python examples/staleness_sweep/calibrate.py --jobs 2 --lower 5e-6   # and a lower lr too

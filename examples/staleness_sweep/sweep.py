@@ -624,7 +624,7 @@ PPO_CLIP_LOG_RATIO = math.log(1.2)  # |log r| beyond which PPO's eps = 0.2 clip 
 
 
 def where_m2_sits(rows: list[dict], keys: list[tuple]) -> list[str]:
-    """The analysis table of issue 12: how much of the trust region is confident tokens (sampled with
+    """The confident-token analysis table: how much of the trust region is confident tokens (sampled with
     p > 0.99, whose log-ratio barely moves), M2 over the rest, and the rms |log r| of the rest against
     the log-ratio at which PPO's per-token clip starts."""
     lines = [

@@ -9,7 +9,7 @@ loss/m2_after                           the same over the T tokens that keep the
 loss/m2_all                             mean of M2 over all response tokens
 loss/confident_fraction                 the T tokens the behaviour policy sampled with mu > 0.99 / |T|
 loss/m2_before_unconfident              mean of M2 over the other T tokens (mu <= 0.99): where the answer's
-                                        drift sits when near-certain tokens dilute the mean (issue 12)
+                                        drift sits when near-certain tokens dilute the mean
 loss/trust_region_fraction              |T| / num_tokens
 loss/masked_fraction                    tokens masked by the loss (m2po) / num_tokens
 loss/clip_fraction                      tokens clipped (gradient zero) or truncated (weight capped) / num_tokens

@@ -1,4 +1,4 @@
-"""The engine interface every rollout backend implements (ENGINES.md, "the common record").
+"""The engine interface every rollout backend implements (docs/rollout.md, "Engines"): every one returns `types.Sample`.
 
 An engine turns (prompt token ids, n, sampling params) into n `Sample`s with behaviour
 log-probs and the policy version of every token, and takes new weights as HF-named
