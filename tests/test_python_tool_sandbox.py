@@ -505,3 +505,19 @@ def test_bounded_reader_keeps_the_first_bytes_whatever_the_chunking(data, cuts, 
         at += size
     assert bytes(reader.kept) == data[:limit]
     assert reader.over == (len(data) > limit) and reader.seen == len(data)
+
+
+def test_the_overhead_bench_runs_and_reports_ratios():
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.sandbox", "--calls", "2", "--workers", "2"],
+        cwd=REPO,
+        env=subprocess_env(OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = {line[:40].strip(): line[40:].split() for line in proc.stdout.splitlines()[1:5]}
+    assert rows["baseline: python -c pass"][1] == "1.00"
+    assert float(rows["sandbox, isolated"][1]) > 0 and float(rows["sandbox, unisolated"][1]) > 0
+    assert "pool of 2:" in proc.stdout
