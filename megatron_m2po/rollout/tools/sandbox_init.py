@@ -300,10 +300,6 @@ def _isolated(spec, code, status_fd, report):
     os.waitpid(pid, 0)
 
 
-def _unisolated(spec, code, status_fd, report):
-    _run_code(spec, code, status_fd, report)
-
-
 def main():
     spec = json.loads(sys.argv[1])
     spec["t0"] = time.monotonic()
@@ -319,7 +315,7 @@ def main():
             report["isolation"] = {name: True for name in NAMESPACES}
             _isolated(spec, code, status_fd, report)
         else:
-            _unisolated(spec, code, status_fd, report)
+            _run_code(spec, code, status_fd, report)
     except BaseException as e:
         report["error"] = f"sandbox launcher: {e}"
         os.write(status_fd, json.dumps(report).encode() + b"\n")
