@@ -303,6 +303,15 @@ class AlgorithmConfig:
     seq_mask_high: float | None = opt(
         None, "seq_product_mask: highest kept product of rho; null = the rule's own (2)", gt=0
     )
+    overlong_filtering: bool = opt(
+        False, "leave responses cut at rollout.max_new_tokens out of the loss and its token count (DAPO)"
+    )
+    overlong_buffer: int = opt(
+        0,
+        "soft overlong punishment (DAPO eq. 13): L_cache, the last tokens before rollout.max_new_tokens over "
+        "which the reward falls linearly to -1; 0 = off",
+        ge=0,
+    )
 
 
 @dataclass
@@ -770,6 +779,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(
             "'rollout.behavior_logprobs': `trainer` (recompute with the producing weights) needs "
             "staleness.mode sync or fixed; in bounded mode the producing weights are gone by consumption"
+        )
+    if a.overlong_buffer > r.max_new_tokens:
+        raise ConfigError(
+            f"'algorithm.overlong_buffer': {a.overlong_buffer} is longer than rollout.max_new_tokens="
+            f"{r.max_new_tokens} (the penalty ramp lies inside the response budget)"
         )
     for name in a.rollout_corrections:
         if name in typing.get_args(WeightingCorrection) and r.behavior_logprobs != "trainer":

@@ -107,6 +107,10 @@ def test_fixed_lag_is_k_times_updates_per_step(recipe):
             "'algorithm.rollout_corrections': 'icepp' is not one of .*'icepop'",
         ),
         ("algorithm.icepop_high=0", "'algorithm.icepop_high': must be > 0"),
+        (
+            "algorithm.overlong_buffer=100000",
+            "'algorithm.overlong_buffer': 100000 is longer than rollout.max_new_tokens",
+        ),
         ("staleness.max_staleness=-1", "'staleness.max_staleness': must be >= 0"),
         (
             "eval.benchmarks=[math500,aime2024]",

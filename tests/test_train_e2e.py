@@ -454,3 +454,31 @@ def test_rollout_masks_in_bounded_mode_compare_the_policy_before_the_update_and_
     dropped = [v for _, v in series["loss/correction_icepop_masked_fraction"]]
     assert any(s > 0 for s in stale), stale
     assert all(d > 0 for s, d in zip(stale, dropped) if s > 0), (stale, dropped)
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [["staleness.mode=fixed"], pytest.param(BOUNDED_OVERRIDES[:3], marks=pytest.mark.slow)],
+)
+def test_overlong_filtering_and_soft_punishment_in_a_run(setup, mode):
+    """Responses cut at max_new_tokens (8) leave the loss, and the soft punishment over the last 4 tokens
+    lowers the training reward: each update reports both on the batch it consumed."""
+    root, recipe = setup
+    run_dir = root / f"overlong_{mode[0].split('=')[1]}"
+    run_train(
+        recipe,
+        run_dir,
+        *mode,
+        "train.steps=2",
+        "algorithm.overlong_filtering=true",
+        "algorithm.overlong_buffer=4",
+    )
+    series = read_scalars(run_dir)
+    filtered = dict(series["train/overlong_filtered_fraction"])
+    truncated = dict(series["rollout/truncated_fraction"])
+    assert sorted(filtered) == [1, 2]
+    assert any(v > 0 for v in truncated.values()), truncated  # the tiny model runs into the limit
+    for step in filtered:
+        assert filtered[step] == pytest.approx(truncated[step], abs=1e-6)
+    # a truncated response (8 tokens, L_max - L_cache = 4) costs exactly -1
+    assert all(-1 <= v <= -truncated[s] + 1e-6 for s, v in series["train/overlong_penalty_mean"])

@@ -12,6 +12,7 @@ from megatron_m2po.algorithms.losses import (
     register_loss,
 )
 from megatron_m2po.algorithms.m2po_mask import compute_m2_threshold, trust_region_mask, water_filling_tau
+from megatron_m2po.algorithms.overlong import soft_overlong_penalty
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
@@ -24,6 +25,7 @@ __all__ = [
     "compute_m2_threshold",
     "get_loss",
     "register_loss",
+    "soft_overlong_penalty",
     "trust_region_mask",
     "vocab_parallel_logprobs",
     "water_filling_tau",

@@ -102,6 +102,7 @@ class SequenceRow:
     engine_logprobs: list[float]
     advantage: float
     versions: list[int]
+    in_loss: bool = True  # False: trained on by nobody (overlong filtering), its tokens outside the mask
 
 
 def groups_to_rows(
@@ -166,7 +167,7 @@ def rows_to_microbatch(
         n, p = len(r.tokens), r.prompt_len
         tokens[i, :n] = torch.tensor(r.tokens, dtype=torch.long)
         span = slice(p - 1, n - 1)  # positions predicting the response tokens
-        per_token["response_mask"][i, span] = 1.0
+        per_token["response_mask"][i, span] = 1.0 if r.in_loss else 0.0
         per_token["behavior_logprobs"][i, span] = torch.tensor(r.behavior_logprobs, dtype=torch.float32)
         per_token["engine_logprobs"][i, span] = torch.tensor(r.engine_logprobs, dtype=torch.float32)
         per_token["advantages"][i, span] = r.advantage

@@ -105,15 +105,29 @@ class Policy:
         """One optimizer update on one mini-batch of groups consumed at policy `version` (`force_pre_pass`:
         see `step.train_update`)."""
         cfg = self.cfg
+        a = cfg.algorithm
         rewards = torch.tensor([reward for g in groups for reward in g.rewards], dtype=torch.float32)
+        lengths = torch.tensor([len(s.response_ids) for g in groups for s in g.samples])
+        truncated = [s.finish_reason == "length" for g in groups for s in g.samples]
+        extra: dict[str, float] = {}
+        if a.overlong_buffer:
+            penalty = algorithms.soft_overlong_penalty(lengths, cfg.rollout.max_new_tokens, a.overlong_buffer)
+            rewards = rewards + penalty.float()
+            extra["train/overlong_penalty_mean"] = float(penalty.mean())
         ids = [g.prompt_id for g in groups for _ in g.samples]
-        advantages = algorithms.compute_advantages(rewards, ids, estimator=cfg.algorithm.advantage)
+        advantages = algorithms.compute_advantages(rewards, ids, estimator=a.advantage)
         rows = groups_to_rows(groups, advantages, behavior_source=cfg.rollout.behavior_logprobs)
+        if a.overlong_filtering:
+            for row, cut in zip(rows, truncated):
+                row.in_loss = not cut
+            extra["train/overlong_filtered_fraction"] = sum(truncated) / max(1, len(truncated))
         mbs = self._microbatches(rows, version)
         # The loss is a mean over the whole mini-batch (all DP ranks): DDP averages over DP, hence / dp.
-        total = self.loss_fn.normalizer_count([len(row.tokens) - row.prompt_len for row in rows])
+        total = self.loss_fn.normalizer_count(
+            [len(row.tokens) - row.prompt_len if row.in_loss else 0 for row in rows]
+        )
         normalizer = max(total, 1) / self.dp_size
-        return train_update(
+        return extra | train_update(
             self.model,
             self.optimizer,
             self.scheduler,
