@@ -172,3 +172,42 @@ def test_expert_parallel_matches_transformers(moe_dir, moe_megatron_dir):
 def test_tensor_and_pipeline_parallel_match_transformers(moe_dir, moe_megatron_dir, mode):
     proc = run_torchrun(SCRIPT, 2, mode, moe_dir, moe_megatron_dir)
     assert f"{mode}: logits, 69 gradients" in proc.stdout
+
+
+@pytest.mark.dist
+@pytest.mark.slow  # ~75 s on a loaded 2-core machine
+def test_m2po_train_runs_at_expert_parallel_2(moe_dir, tmp_path):
+    """`m2po train` of the tiny Qwen3-MoE at EP = 2 (2 processes): the weight sync after an update gathers the
+    experts over the EP group, which spans both data-parallel replicas, so both ranks must take part."""
+    import json
+    import subprocess
+
+    from tests.conftest import subprocess_env, torchrun_prefix
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(
+            json.dumps({"problem": f"{a}+{b}", "answer": str(a + b)}) + "\n"
+            for a in range(8)
+            for b in range(4)
+        )
+    )
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""
+model: {{path: {moe_dir}}}
+data: {{path: {prompts}, apply_chat_template: true, max_prompt_tokens: 64}}
+rollout: {{max_new_tokens: 8, reward_fn: "tests.e2e_rewards:odd_char_fraction", reward_workers: 1}}
+algorithm: {{loss: m2po, m2_budget: 0.04}}
+staleness: {{mode: bounded}}
+train: {{steps: 2, groups_per_step: 2, groups_per_update: 1, responses_per_prompt: 4, micro_batch_size: 4,
+         lr: 1.0e-4, torch_threads: 1}}
+checkpoint: {{save_at_end: false}}
+logging: {{console: none, run_dir: {tmp_path / "run"}}}
+parallel: {{expert: 2}}
+""")
+    cmd = [*torchrun_prefix(2), "-m", "megatron_m2po", "train", "--config", str(recipe)]
+    env = subprocess_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    steps = [json.loads(line) for line in (tmp_path / "run" / "consumed.jsonl").read_text().splitlines()]
+    assert steps and max(s["step"] for s in steps) == 2

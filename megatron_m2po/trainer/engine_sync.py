@@ -16,7 +16,8 @@ from megatron_m2po.sync.weight_sync import WeightSync
 
 class EngineSync:
     """Which policy version the engines hold, and the transport that gives them a newer one (built on first use,
-    DP replica 0 only: the other replicas hold the same weights)."""
+    on DP replica 0's ranks: the other replicas hold the same weights; with expert parallelism on every rank,
+    since each EP group, which gathers the experts, spans several DP replicas)."""
 
     def __init__(self, trainer, farm, *, version: int):
         """`farm`: rank 0's engines (None on the other ranks); `version`: the version they hold now."""
@@ -26,8 +27,13 @@ class EngineSync:
         self.metrics: dict[str, float] = {}  # the last push's `sync/` scalars
 
     def push(self, version: int) -> None:
-        """Give the engines the policy at `version`: collective over DP replica 0's ranks; a no-op if they hold it."""
-        if parallel_state.get_data_parallel_rank() != 0 or self.version == version:
+        """Give the engines the policy at `version`: collective over DP replica 0's ranks (every rank under expert
+        parallelism); a no-op if they hold it."""
+        takes_part = (
+            parallel_state.get_data_parallel_rank() == 0
+            or parallel_state.get_expert_model_parallel_world_size() > 1
+        )
+        if not takes_part or self.version == version:
             return
         if self.transport is None:
             self.transport = self._build()
