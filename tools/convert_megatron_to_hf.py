@@ -13,7 +13,8 @@ import logging
 import os
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (tests parse the documented commands with it)."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -27,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
         help="config.json + tokenizer source; needed for a raw dist checkpoint (a training run's checkpoints/step_N/dist)",
     )
     parser.add_argument("--max-shard-size-gb", type=float, default=2.0, help="safetensors shard size limit")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 

@@ -45,8 +45,15 @@ def main(argv: list[str] | None = None) -> int:
     if verbose_flag and "--verbose" not in rest:
         console.quiet()  # before the import: Megatron warns while its modules load
     module = importlib.import_module(args._module)
-    sub_parser = argparse.ArgumentParser(prog=f"m2po {args.command}", allow_abbrev=not verbose_flag)
-    module.add_arguments(sub_parser)
+    return int(module.run(command_parser(args.command).parse_args(rest)) or 0)
+
+
+def command_parser(name: str) -> argparse.ArgumentParser:
+    """The argument parser of `m2po NAME` (what `main` parses with; tests parse documented commands with it)."""
+    module = importlib.import_module(COMMANDS[name][0])
+    verbose_flag = name in VERBOSE_COMMANDS  # then no abbreviations: "--verbose" is matched in `main`
+    parser = argparse.ArgumentParser(prog=f"m2po {name}", allow_abbrev=not verbose_flag)
+    module.add_arguments(parser)
     if verbose_flag:
-        console.add_verbose_argument(sub_parser)
-    return int(module.run(sub_parser.parse_args(rest)) or 0)
+        console.add_verbose_argument(parser)
+    return parser
