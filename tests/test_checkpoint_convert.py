@@ -71,6 +71,12 @@ def test_expert_parallel_must_divide_the_experts(tmp_path):
     dense = make_tiny_model("qwen3", tmp_path / "dense")
     with pytest.raises(ValueError, match="expert_parallel=2 does not divide num_experts=0"):
         convert_hf_to_megatron(dense, tmp_path / "m2", expert_parallel=2)
+    to_megatron = _tool("convert_hf_to_megatron").main
+    with pytest.raises(ValueError, match="expert_parallel=3 does not divide num_experts=8"):
+        to_megatron(["--hf-dir", str(hf_dir), "--out", str(tmp_path / "m3"), "--ep", "3"])
+    assert to_megatron(["--hf-dir", str(hf_dir), "--out", str(tmp_path / "m4"), "--ep", "4"]) == 0
+    marker = json.loads((tmp_path / "m4" / "m2po_checkpoint.json").read_text())
+    assert marker["expert_parallel"] == 4 and marker["architecture"] == "Qwen3MoeForCausalLM"
 
 
 def test_raw_dist_checkpoint_converts_with_hf_config_dir(tmp_path):
