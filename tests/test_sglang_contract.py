@@ -607,3 +607,22 @@ def test_qwen3_moe_sync_names_are_what_the_pinned_server_loads(tmp_path):
         "model.layers.N.self_attn.k_norm.weight",
         "model.layers.N.mlp.gate.weight",
     }
+
+
+def test_router_timeout_outlasts_the_client():
+    """sglang-router 0.3.2 (router_args.py, RouterArgs.request_timeout_secs) cuts a request at 1800 s by default
+    and retries the 504 from scratch under the same rid; the launcher sets the router's bound above the
+    client's, so a long request finishes instead."""
+    _require_pinned()
+    from megatron_m2po.rollout.engines.sglang_launcher import EngineLauncher
+
+    router_args = (ROUTER_DIR / "router_args.py").read_text()
+    assert re.search(r"request_timeout_secs: int = 1800\b", router_args)
+    assert '--{prefix}request-timeout-secs"' in router_args
+    client_timeout = SGLangEngine("http://127.0.0.1:1").request_timeout
+    for timeout in (client_timeout, 7200.0):
+        launcher = EngineLauncher(
+            "m", servers=2, ports=[1, 2], router=True, router_port=3, gpu_ids=[0, 1], request_timeout=timeout
+        )
+        cmd = launcher._router_cmd()
+        assert float(cmd[cmd.index("--request-timeout-secs") + 1]) > timeout

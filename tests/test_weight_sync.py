@@ -187,6 +187,30 @@ def test_distributed_transport_to_engine_process(policy, tmp_path):
     assert max_diff(out, trainer_logprobs(model, out)) <= 1e-5
 
 
+def test_restarted_trainer_rejoins_servers_that_stayed_up(policy, tmp_path):
+    """A trainer killed before WeightSync.close() leaves its group on the servers (SGLang has no replace path
+    and torch refuses a group name in use); the next trainer's group has its own name and joins."""
+    from megatron_m2po.rollout.engines.sglang_launcher import EngineLauncher
+
+    hf_dir, model, hf_config = policy
+    if hf_config.model_type != "qwen3":
+        pytest.skip("the group naming does not depend on the architecture")
+    with EngineLauncher(hf_dir, servers=1, backend="local", log_dir=tmp_path) as launcher:
+        (first_client,) = launcher.engines()
+        dead = gloo_sync(model, hf_config, first_client, bucket_bytes=1 << 20)
+        dead.push(version=1)  # then the trainer dies: no close(), the server keeps the group
+        (engine,) = launcher.engines()
+        sync = gloo_sync(model, hf_config, engine, bucket_bytes=1 << 20)
+        sync.push(version=2)
+        out = asyncio.run_coroutine_threadsafe(
+            engine.generate("q", PROMPTS[0], 1, PARAMS), sync.loop
+        ).result()
+        assert sync.broadcaster.group_name != dead.broadcaster.group_name
+        asyncio.run_coroutine_threadsafe(engine.close(), sync.loop).result()
+        sync.close()
+    assert engine.version == 2 and out[0].versions == [2] * len(out[0].response_ids)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(
     importlib.util.find_spec("sglang") is None or torch.cuda.device_count() < 2,

@@ -28,6 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="sglang",
         help="sglang: sglang.launch_server; local: megatron_m2po's LocalEngine (CPU)",
     )
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=3600.0,
+        help="seconds the trainer's client waits for one /generate; the router's bound is set above it",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="beyond loopback needs a key (--api-key-env)")
     parser.add_argument(
         "--api-key-env",
@@ -63,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         ports=[args.base_port + i for i in range(args.servers)],
         router=args.router,
         router_port=args.router_port,
+        request_timeout=args.request_timeout,
         extra_args=shlex.split(args.server_args),
         log_dir=args.log_dir,
         api_key=os.environ.get(args.api_key_env) or None,

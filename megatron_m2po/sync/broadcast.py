@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Sequence
 
 import torch
@@ -39,14 +40,17 @@ class DistributedWeightBroadcaster:
         *,
         master_address: str,
         master_port: int,
-        group_name: str = "m2po_weight_update",
+        group_name: str | None = None,
         backend: str = "nccl",
         device: torch.device | str | None = None,
     ):
         self.engines = self._check(engines)
         self.master_address, self.master_port = master_address, master_port
-        self.base_name, self.backend = group_name, backend
-        self.group_name = group_name
+        # One name per trainer incarnation: servers that outlive a trainer killed before close() still hold
+        # its group under its name (SGLang has no replace path and torch refuses a name in use).
+        self.base_name = group_name or f"m2po_weight_update-{uuid.uuid4().hex[:12]}"
+        self.backend = backend
+        self.group_name = self.base_name
         self.device = torch.device(device) if device is not None else platform.backend_device(backend)
         self.world_size = 0
         self.generation = 0  # groups created so far; each gets its own name and port

@@ -20,6 +20,7 @@ key is refused.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -49,7 +50,8 @@ class EngineLauncher:
         ports: Sequence[int] | None = None,
         router: bool = False,
         router_port: int | None = None,
-        gpu_ids: Sequence[int] | None = None,
+        gpu_ids: Sequence[int | str] | None = None,
+        request_timeout: float = 3600.0,
         extra_args: Sequence[str] = (),
         log_dir: str | Path | None = None,
         env: dict[str, str] | None = None,
@@ -73,15 +75,25 @@ class EngineLauncher:
         if len(self.ports) != servers:
             raise ValueError(f"EngineLauncher: {servers} servers but {len(self.ports)} ports")
         self.router, self.router_port = router, router_port or (free_port(host) if router else None)
-        self.gpu_ids = list(gpu_ids) if gpu_ids is not None else list(range(servers * tp))
+        self.env = dict(env or {})
+        self.gpu_ids = [str(g) for g in gpu_ids] if gpu_ids is not None else self._visible_gpus(servers * tp)
+        self.request_timeout = request_timeout
         if backend == "sglang" and len(self.gpu_ids) < servers * tp:
             raise ValueError(
                 f"EngineLauncher: {servers} servers x tp {tp} need {servers * tp} GPUs, "
                 f"got gpu_ids {self.gpu_ids}"
             )
-        self.extra_args, self.env = list(extra_args), dict(env or {})
+        self.extra_args = list(extra_args)
         self.log_dir = Path(log_dir) if log_dir else None
         self.procs: dict[str, subprocess.Popen] = {}
+
+    def _visible_gpus(self, count: int) -> list[str]:
+        """The GPUs this launcher may use: the parent's CUDA_VISIBLE_DEVICES when set (a node split gives the
+        rollout side its own GPUs; physical ids from 0 would land on the trainer's), else 0 .. count - 1."""
+        visible = self.env.get("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES"))
+        if visible is not None and visible.strip():
+            return [g.strip() for g in visible.split(",") if g.strip()]
+        return [str(i) for i in range(count)]
 
     @property
     def urls(self) -> list[str]:
@@ -126,7 +138,7 @@ class EngineLauncher:
                 "--random-seed",
                 str(i),
             ]
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, self.gpu_ids[i * self.tp : (i + 1) * self.tp]))
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(self.gpu_ids[i * self.tp : (i + 1) * self.tp])
             env.pop("SGLANG_RETURN_ORIGINAL_LOGPROB", None)  # behaviour log-probs must be of logits / T
             # /health without a one-token generation: it then answers while paused or updating, so neither the
             # router's health checks nor this launcher's drop a worker the trainer has paused.
@@ -144,6 +156,10 @@ class EngineLauncher:
             str(self.router_port),
             "--worker-urls",
             *self.urls,
+            # The router's own bound (default 1800 s) must not cut a request the client still waits for: a
+            # router timeout is a 504 it retries from scratch under the same rid.
+            "--request-timeout-secs",
+            str(math.ceil(self.request_timeout) + 60),
             *self._key_args(admin=False),  # the router's key for its calls to the workers
         ]
 
