@@ -181,6 +181,11 @@ class DataConfig:
 @dataclass
 class RolloutConfig:
     engine: Literal["local", "sglang", "vllm"] = opt("local", "inference engine kind")
+    local_dtype: Literal["auto", "float32", "bfloat16"] = opt(
+        "auto",
+        "local engine: its weights' dtype; auto = the trainer's (model.dtype). bfloat16 against a float32 trainer "
+        "gives the engine-vs-trainer mismatch that the rollout corrections address, on CPU",
+    )
     num_engines: int = opt(1, "number of in-process engines (local / vllm); sglang uses `urls`", ge=1)
     urls: list = opt(
         [], "sglang / vllm servers: base URLs, e.g. [http://127.0.0.1:30000] (vllm without urls: in process)"
@@ -841,6 +846,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             "'rollout.urls': sglang needs its server URLs"
             + (f" (the workers behind rollout.router_url={r.router_url})" if r.router_url else "")
         )
+    if r.local_dtype != "auto" and r.engine != "local":
+        raise ConfigError(f"'rollout.local_dtype': only for rollout.engine=local, got {r.engine}")
     if r.router_url and r.engine != "sglang":
         raise ConfigError(f"'rollout.router_url': only for rollout.engine=sglang, got {r.engine}")
     for key, values, allowed in (

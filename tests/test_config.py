@@ -107,6 +107,7 @@ def test_fixed_lag_is_k_times_updates_per_step(recipe):
             "'algorithm.rollout_corrections': 'icepp' is not one of .*'icepop'",
         ),
         ("algorithm.icepop_high=0", "'algorithm.icepop_high': must be > 0"),
+        ("rollout.local_dtype=float16", "'rollout.local_dtype': 'float16' is not one of"),
         (
             "algorithm.overlong_buffer=100000",
             "'algorithm.overlong_buffer': 100000 is longer than rollout.max_new_tokens",

@@ -435,6 +435,33 @@ def test_rollout_corrections_with_trainer_behaviour_compare_trainer_and_engine(s
     assert all(v == pytest.approx(1, abs=1e-3) for _, v in series["loss/correction_token_tis_weight_mean"])
 
 
+@pytest.mark.slow
+def test_a_bf16_engine_against_the_fp32_trainer_is_what_the_corrections_see(setup):
+    """rollout.local_dtype=bfloat16: the engine's probabilities drift from the fp32 trainer's; rho moves off 1
+    (where the fp32 engine's stays within 1e-3, above) and an IcePop band of 1e-3 drops tokens."""
+    root, recipe = setup
+    run_dir = root / "corrections_bf16_engine"
+    run_train(
+        recipe,
+        run_dir,
+        "train.steps=2",
+        "rollout.local_dtype=bfloat16",
+        "rollout.behavior_logprobs=trainer",
+        "algorithm.rollout_corrections=[icepop,token_tis]",
+        "algorithm.icepop_low=0.999",
+        "algorithm.icepop_high=1.001",
+    )
+    series = _assert_corrections_logged(run_dir, ["icepop", "token_tis"], 2)
+    spread = [
+        max(a, b)
+        for (_, a), (_, b) in zip(
+            series["loss/correction_ratio_max"], series["loss/correction_inverse_ratio_max"]
+        )
+    ]
+    assert all(v > 1.001 for v in spread), spread
+    assert all(v > 0 for _, v in series["loss/correction_icepop_masked_fraction"])
+
+
 def test_rollout_masks_in_bounded_mode_compare_the_policy_before_the_update_and_the_engine(setup):
     """bounded: only the masks, on rho = pi_old / mu_engine (staleness and mismatch together); a band too
     tight for any stale token drops tokens, and the run trains on the rest."""

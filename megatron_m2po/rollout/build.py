@@ -55,6 +55,8 @@ def build_engines(cfg: Config, hf_dir: str, dtype: torch.dtype) -> list:
     r = cfg.rollout
     if r.engine == "local":
         threads = cfg.train.torch_threads or None
+        if r.local_dtype != "auto":
+            dtype = getattr(torch, r.local_dtype)
         return [
             LocalEngine(hf_dir, engine_id=f"local-{i}", dtype=dtype, threads=threads, seed=cfg.train.seed + i)
             for i in range(r.num_engines)
