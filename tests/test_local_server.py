@@ -12,7 +12,6 @@ import contextlib
 import aiohttp
 import pytest
 import torch
-from aiohttp import web
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
@@ -47,10 +46,8 @@ def engine(hf_dir):
 async def served(engine, **kwargs):
     """(server, base url, client session) for one test; the engine is shared, the server is fresh."""
     server = LocalSGLangServer(engine, **kwargs)
-    runner = web.AppRunner(server.app)
-    await runner.setup()
     port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner = await server.start("127.0.0.1", port)
     try:
         async with aiohttp.ClientSession() as http:
             yield server, f"http://127.0.0.1:{port}", http
@@ -108,6 +105,16 @@ BAD_REQUESTS = [
     ("/update_weights_from_disk", {"model_path": 3}, "model_path"),
     ("/update_weights_from_disk", {"model_path": "/x", "weight_version": "v2"}, "weight_version"),
     ("/pause_generation", {"mode": "halt"}, "mode"),
+    ("/generate", gen({"temperature": 10**400}), "temperature"),  # float() overflows
+    ("/generate", gen({"top_p": -(10**400)}), "top_p"),
+    ("/update_weights_from_disk", {"model_path": "/x", "weight_version": 10**30}, "weight_version"),
+    ("/update_weights_from_disk", {"model_path": "/x", "weight_version": -1}, "weight_version"),
+    ("/init_weights_update_group", {"master_address": "h", "master_port": 1, "rank_offset": 1}, "world_size"),
+    (
+        "/init_weights_update_group",
+        {"master_address": "h", "master_port": 99999, "world_size": 2},
+        "master_port",
+    ),
 ]
 
 
@@ -131,6 +138,101 @@ def test_non_json_body_is_400(engine):
 
     for status, reply in asyncio.run(run()):
         assert status == 400 and "not JSON" in error_message(reply)
+
+
+HOSTILE_BODIES = [
+    ("/generate", b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),  # RecursionError in json
+    ("/abort_request", b'{"rid": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "nested too deeply"),
+    ("/generate", b'{"input_ids": [' + b"9" * 5000 + b"]}", "not JSON"),  # over int_max_str_digits
+    (
+        "/generate",
+        b'{"input_ids": [1], "sampling_params": {"temperature": ' + b"9" * 400 + b"}}",
+        "temperature",
+    ),
+    ("/update_weights_from_disk", b'{"model_path": "/x", "weight_version": Infinity}', "weight_version"),
+    ("/update_weights_from_disk", b'{"model_path": "/x", "weight_version": NaN}', "weight_version"),
+    (
+        "/update_weights_from_distributed",
+        b'{"names": ["a"], "dtypes": ["float32"], "shapes": [[1e400]]}',
+        "shapes",
+    ),
+    (
+        "/update_weights_from_distributed",
+        b'{"names": ["a"], "dtypes": ["float32"], "shapes": [[-1]]}',
+        "shapes",
+    ),
+    (
+        "/update_weights_from_distributed",
+        b'{"names": ["a"], "dtypes": ["Tensor"], "shapes": [[1]]}',
+        "dtypes",
+    ),
+    (
+        "/update_weights_from_distributed",
+        b'{"names": ["a"], "dtypes": ["float32"], "shapes": [[99999999999]]}',
+        "elements",
+    ),
+    ("/generate", b'{"input_ids": [1], "rid": "\xff"}', "not JSON"),
+    ("/generate", b'{"input_ids": [1]}\xff', "not JSON"),  # not UTF-8
+]
+
+
+HOSTILE_IDS = [
+    "deep-array",
+    "deep-rid",
+    "int-5000-digits",
+    "temperature-400-digits",
+    "version-infinity",
+    "version-nan",
+    "shape-1e400",
+    "shape-negative",
+    "dtype-not-torch",
+    "shape-huge",
+    "rid-not-utf8",
+    "trailing-not-utf8",
+]
+
+
+@pytest.mark.parametrize(("path", "raw", "field"), HOSTILE_BODIES, ids=HOSTILE_IDS)
+def test_hostile_json_is_400_naming_the_field(engine, path, raw, field):
+    """Bodies that used to raise past the validation (RecursionError, OverflowError) into a 500."""
+
+    async def run():
+        async with served(engine) as (server, url, http):
+            await call(http, url, "/begin_weight_update", {})  # so the distributed route reads its fields
+            try:
+                return await call(http, url, path, raw=raw)
+            finally:
+                await call(http, url, "/end_weight_update", {})
+
+    status, reply = asyncio.run(run())
+    assert status == 400, reply
+    assert field in error_message(reply)
+    assert len(error_message(reply)) < 400  # the value is not echoed back whole
+
+
+async def raw_status(port: int, request: bytes) -> bytes:
+    """The status line the server answers a hand-written request with."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await asyncio.wait_for(reader.readline(), 10)
+    finally:
+        writer.close()
+
+
+def test_non_utf8_authorization_is_401(engine):
+    async def run():
+        async with served(engine, api_key="user-key") as (_, url, _http):
+            port = int(url.rsplit(":", 1)[1])
+            lines = []
+            for header in (b"Bearer \xff\xfe", b"Bearer \xed\xa0\x80", b"\xff user-key"):
+                request = b"POST /flush_cache HTTP/1.1\r\nHost: x\r\nAuthorization: " + header
+                lines.append(await raw_status(port, request + b"\r\nContent-Length: 0\r\n\r\n"))
+            return lines
+
+    for line in asyncio.run(run()):
+        assert line.startswith(b"HTTP/1.1 401"), line
 
 
 @given(

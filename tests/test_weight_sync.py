@@ -106,6 +106,40 @@ def test_engine_logprobs_equal_trainer_then_after_sync(policy):
         asyncio.run(engine.close())
 
 
+def test_sender_failing_halfway_publishes_nothing(policy, monkeypatch):
+    """The tensors transport when the trainer's gather fails after some buckets went out (through a farm and
+    to a bare engine): the engines discard what they staged and serve the old weights and version."""
+    import megatron_m2po.sync.weight_sync as weight_sync
+
+    hf_dir, model, hf_config = policy
+    engine = LocalEngine(hf_dir, engine_id="e")
+    farm_engine = LocalEngine(hf_dir, engine_id="f")
+    real = weight_sync.iter_hf_tensors
+
+    def gather_fails_halfway(model, hf_config):
+        tensors = list(real(model, hf_config))
+        for name, t in tensors[: len(tensors) // 2]:
+            yield name, t + 1.0
+        raise RuntimeError("a rank's gather failed")
+
+    monkeypatch.setattr(weight_sync, "iter_hf_tensors", gather_fails_halfway)
+    before = engine.state_dict()
+    outputs = generate(engine)
+    try:
+        for target in ([engine], EngineFarm([farm_engine])):
+            sync = WeightSync(model, hf_config, target, bucket_bytes=16 << 10)
+            with pytest.raises(RuntimeError, match="gather failed"):
+                sync.push(version=1)
+            sync.close()
+        assert engine.version == farm_engine.version == 0 and target.version == 0
+        for e in (engine, farm_engine):
+            assert all(torch.equal(e.state_dict()[k], v) for k, v in before.items())
+            assert [s.response_ids for s in generate(e)] == [s.response_ids for s in outputs]
+    finally:
+        asyncio.run(engine.close())
+        asyncio.run(farm_engine.close())
+
+
 def test_disk_transport_through_farm(policy, tmp_path, caplog):
     caplog.set_level(logging.DEBUG, logger="megatron_m2po.sync")
     hf_dir, model, hf_config = policy

@@ -341,6 +341,14 @@ class EngineFarm:
         finally:
             self._end_update(self._targets, version)
 
+    async def discard_weight_update(self, reason: str) -> None:
+        """The sender gave the update up: every engine ends it without the new version (engine docs say
+        how); the farm's version stays."""
+        try:
+            await self._each(self._targets, "discard update", lambda e: e.discard_weight_update(reason))
+        finally:
+            self._end_update(self._targets, self._version)
+
     update_weights = Engine.update_weights  # begin, one bucket, finish: the same sequence as one engine's
 
     async def update_weights_from_disk(self, hf_dir: str, version: int) -> None:

@@ -12,8 +12,11 @@ is built directly rather than through `rendezvous`: under torchrun (TORCHELASTIC
 from __future__ import annotations
 
 import inspect
+import ipaddress
+import os
 from datetime import timedelta
 
+import psutil
 import torch
 import torch.distributed as dist
 from torch.distributed import distributed_c10d as c10d
@@ -27,14 +30,17 @@ def new_weight_update_group(
     group_name: str,
     backend: str = "nccl",
     timeout: timedelta = timedelta(minutes=10),
+    rendezvous_timeout: timedelta | None = None,
 ) -> dist.ProcessGroup:
-    """Join (rank 0: host) the weight-update group; blocks until all `world_size` ranks have joined."""
+    """Join (rank 0: host) the weight-update group; blocks until all `world_size` ranks have joined, for at
+    most `rendezvous_timeout` (default `timeout`, which then bounds each collective)."""
+    joining = rendezvous_timeout or timeout
     store = dist.TCPStore(
         host_name=master_address,
         port=master_port,
         world_size=world_size,
         is_master=rank == 0,
-        timeout=timeout,
+        timeout=joining,
         multi_tenant=True,
     )
     prefixed = c10d.PrefixStore(group_name, store)
@@ -51,7 +57,31 @@ def new_weight_update_group(
         **options,
     )
     c10d._world.pg_group_ranks[group] = {i: i for i in range(world_size)}
+    store.set_timeout(timeout)
     return group
+
+
+def bind_gloo_to(address: str) -> str | None:
+    """Make this process's gloo sockets listen on the network interface that holds `address` (through
+    GLOO_SOCKET_IFNAME, unless it is set already); returns the interface. A wildcard address, or one no
+    interface holds, leaves gloo's default, the interface of the host name."""
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return os.environ["GLOO_SOCKET_IFNAME"]
+    try:
+        ip = ipaddress.ip_address("127.0.0.1" if address == "localhost" else address)
+    except ValueError:
+        return None
+    if ip.is_unspecified:
+        return None
+    for interface, addresses in psutil.net_if_addrs().items():
+        for a in addresses:
+            try:
+                if ipaddress.ip_address(a.address.split("%")[0]) == ip:
+                    os.environ["GLOO_SOCKET_IFNAME"] = interface
+                    return interface
+            except ValueError:  # a MAC address
+                continue
+    return None
 
 
 def broadcast_from_trainer(group: dist.ProcessGroup, tensor: torch.Tensor) -> None:

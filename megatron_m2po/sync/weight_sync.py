@@ -126,8 +126,13 @@ class WeightSync:
                         self._call("update_weights_bucket", bucket)
                     elif receivers:
                         self.broadcaster.send_bucket(bucket, version, self.loop)
-            finally:
-                self._call("finish_weight_update", version)
+            except BaseException as e:  # part of the weights went out: the engines must not publish them
+                try:
+                    self._call("discard_weight_update", f"{type(e).__name__}: {e}")
+                except Exception as discard_error:  # noqa: BLE001 (the first failure is the one to raise)
+                    logger.error("weights v%d: discarding the update failed too: %s", version, discard_error)
+                raise
+            self._call("finish_weight_update", version)
         seconds = time.perf_counter() - t0
         self.last = {
             "sync/seconds": seconds,

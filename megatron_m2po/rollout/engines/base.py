@@ -62,6 +62,12 @@ class Engine(abc.ABC):
     async def finish_weight_update(self, version: int) -> None:
         """New weights are complete: serve `version` from now on (tokens after this record it)."""
 
+    async def discard_weight_update(self, reason: str) -> None:
+        """The sender gave the update up before its last bucket (the trainer's gather failed): end it without
+        a new version. Engines that stage buckets drop them; this default, for engines that load in place,
+        ends the update keeping the version."""
+        await self.finish_weight_update(self.version)
+
     async def update_weights(self, named_tensors: NamedTensors, version: int) -> None:
         """All tensors of one update in one call."""
         await self.begin_weight_update(version)

@@ -17,8 +17,10 @@ engine fails the requests it still holds with EngineError.
 
 A weight update waits for the decoding step in progress, then in-flight requests continue on the
 new weights and record the new version for the tokens that follow (per-token staleness); the farm can abort them instead. Buckets are staged
-(checked and copied) and applied together at finish: an update with a failed bucket is discarded
-whole, so the engine keeps serving the old weights and version.
+(checked and copied) and applied together at finish: an update with a failed bucket, or one its sender
+gives up (`discard_weight_update`), is discarded whole, so the engine keeps serving the old weights and
+version. An update from disk reads and checks every shard in a worker thread while decoding goes on,
+and only then applies them, all or none.
 
 Sample i of a request draws from its own generator seeded with `request_seed(params.seed, version,
 prompt_id, i)` (`params.seed` is the run seed, `version` the policy version of the request's first
@@ -33,7 +35,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import re
+import stat
 import threading
 import time
 from collections import deque
@@ -467,15 +471,16 @@ class LocalEngine(Engine):
 
         await asyncio.to_thread(begin)
 
-    async def update_weights_bucket(self, named_tensors: NamedTensors) -> None:
-        """Stage one bucket (checked, copied); a failed bucket makes finish discard the whole update."""
+    async def update_weights_bucket(self, named_tensors: NamedTensors, *, copy: bool = True) -> None:
+        """Stage one bucket (checked; copied unless `copy=False` hands over tensors nobody else holds); a
+        failed bucket makes finish discard the whole update."""
 
         def stage():
             try:
                 for name, tensor in named_tensors:
                     target = self._checked(name, tensor)
                     self._staged[name] = tensor.detach().to(
-                        device=target.device, dtype=target.dtype, copy=True
+                        device=target.device, dtype=target.dtype, copy=copy
                     )
             except Exception as e:
                 self._update_error = e
@@ -517,11 +522,21 @@ class LocalEngine(Engine):
             )
         return target
 
+    @property
+    def num_elements(self) -> int:
+        """Elements of the model's weights (a tied weight once)."""
+        return sum(p.numel() for p in {id(p): p for p in self._params.values()}.values())
+
     def load_tensors(self, named_tensors: NamedTensors) -> None:
         """Copy HF-named tensors into the model in place now (shape-checked, cast to the model dtype)."""
         with self._cond:
             for name, tensor in named_tensors:
                 self._checked(name, tensor).copy_(tensor.detach())
+
+    async def discard_weight_update(self, reason: str) -> None:
+        """The sender gave the update up (a broadcast broke off): drop what was staged, keep serving."""
+        self._update_error = self._update_error or RuntimeError(reason)
+        await self.finish_weight_update(self._version)
 
     async def finish_weight_update(self, version: int) -> None:
         def finish():
@@ -557,16 +572,43 @@ class LocalEngine(Engine):
         await asyncio.to_thread(finish)
 
     async def update_weights_from_disk(self, hf_dir: str | Path, version: int) -> None:
-        """Load all weights from an HF safetensors dir (the disk transport of WeightSync)."""
-        files = sorted(Path(hf_dir).glob("*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"engine {self.engine_id}: no *.safetensors in {hf_dir}")
+        """Load all weights from an HF safetensors dir (the disk transport of WeightSync). Every shard is read
+        and checked first, off the event loop; a shard that fails leaves the weights and version as they were."""
+        tensors = await asyncio.to_thread(self._read_hf_dir, Path(hf_dir))
         await self.begin_weight_update(version)
         try:
-            for f in files:
-                await self.update_weights_bucket(load_file(f).items())
+            await self.update_weights_bucket(tensors, copy=False)
         finally:
             await self.finish_weight_update(version)
+
+    def _read_hf_dir(self, hf_dir: Path) -> list[tuple[str, torch.Tensor]]:
+        """Every weight of an HF safetensors dir, checked against the model; errors name the file. Only
+        regular files are opened (a FIFO would block the reader until some writer appeared), and the dir
+        must hold every weight of the model."""
+        files = sorted(hf_dir.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"engine {self.engine_id}: no *.safetensors in {hf_dir}")
+        tensors: list[tuple[str, torch.Tensor]] = []
+        for f in files:
+            if not stat.S_ISREG(os.stat(f).st_mode):
+                raise ValueError(f"engine {self.engine_id}: {f} is not a regular file")
+            try:
+                shard = load_file(f)
+            except Exception as e:  # safetensors' own errors name neither the file nor what is wrong in it
+                raise ValueError(f"engine {self.engine_id}: cannot read {f}: {type(e).__name__}: {e}") from e
+            for name, tensor in shard.items():
+                try:
+                    self._checked(name, tensor)
+                except (KeyError, ValueError) as e:
+                    raise ValueError(f"{f}: {e}") from e
+                tensors.append((name, tensor))
+        loaded = {id(self._params[self._destination(name)[0]]) for name, _ in tensors}
+        missing = sorted(name for name, p in self._params.items() if id(p) not in loaded)
+        if missing:
+            raise ValueError(
+                f"engine {self.engine_id}: {hf_dir} lacks {len(missing)} of the model's weights, e.g. {missing[:3]}"
+            )
+        return tensors
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The engine's current weights under the names it loads (for tests and debugging): fused MoE

@@ -22,9 +22,14 @@ utils/auth.py, sampling/sampling_params.py) on what the client depends on:
   otherwise); with `--admin-api-key` the control routes need that key instead (SGLang's
   ADMIN_OPTIONAL routes). Binding beyond loopback without a key is refused.
 
-Beyond SGLang, `n` and `max_new_tokens` are capped by `--max-n` / `--max-new-tokens` (400 above),
-and a weight update is staged: a bucket that fails (unknown name, wrong shape) discards the
-whole update, so the engine keeps serving the old weights and version.
+Beyond SGLang, `n` and `max_new_tokens` are capped by `--max-n` / `--max-new-tokens` (400 above); a
+`rid` already in flight is refused (400), so /abort_request reaches the request it names; every weight
+update is staged and published whole or not at all: a shard that fails to load, a bucket that fails
+(unknown name, wrong shape) or a broadcast that breaks off discards the update, so the engine keeps
+serving the old weights and version. The limits of server_limits.py hold against slow, many or large
+clients (http_guard.py): request head and body deadlines, a connection cap, a body cap; bodies over
+64 KiB are parsed and weight files read off the event loop, so /health keeps answering. One update
+group forms at a time, in its own thread, for at most --rendezvous-timeout seconds.
 
     python -m megatron_m2po.rollout.engines.local_server --model HF_DIR --port 30000 [--api-key KEY]
 """
@@ -33,20 +38,27 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import functools
 import ipaddress
+import json
 import logging
 import math
 import os
 import secrets
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from typing import Any
 
 import torch
 from aiohttp import web
-from torch.distributed import distributed_c10d as c10d
 
+from megatron_m2po.rollout.engines import server_limits
+from megatron_m2po.rollout.engines.http_guard import GuardedTCPSite, limit_log_rate
 from megatron_m2po.rollout.engines.local import LocalEngine
+from megatron_m2po.rollout.engines.server_limits import ServerLimits
 from megatron_m2po.rollout.engines.sglang import CONTROL_ROUTES
-from megatron_m2po.sync.process_group import broadcast_from_trainer, new_weight_update_group
+from megatron_m2po.sync.process_group import bind_gloo_to, broadcast_from_trainer, new_weight_update_group
 from megatron_m2po.types import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -65,6 +77,8 @@ _SAMPLING_KEYS = {
     "min_new_tokens",
 }
 _SAMPLING_EPS = 1e-6  # sglang: 0 <= temperature < 1e-6 is greedy
+INLINE_PARSE_BYTES = 64 << 10  # larger bodies are parsed in a worker thread
+LARGE_BODIES_AT_ONCE = 4  # bodies over INLINE_PARSE_BYTES read and parsed together (bounds their memory)
 NOT_FLUSHED = (
     "Weights were updated, but the cache was not flushed because requests are still running or queued. "
     "Retract or finish them, then call /flush_cache."
@@ -89,8 +103,29 @@ def _float(d: dict, key: str, default: float, where: str) -> float:
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise _BadRequest(f"{where}.{key} must be a number, got {type(v).__name__} {v!r}")
-    return float(v)
+        raise _BadRequest(f"{where}.{key} must be a number, got {type(v).__name__} {_short(v)}")
+    try:
+        return float(v)
+    except OverflowError as e:
+        raise _BadRequest(
+            f"{where}.{key} must be a number in float range, got an integer of {len(str(v))} digits"
+        ) from e
+
+
+def _short(v: Any, limit: int = 80) -> str:
+    """repr(v) cut to `limit` characters: a reply never echoes a huge value."""
+    text = repr(v)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def parse_json(raw: bytes, where: str) -> Any:
+    """The body as JSON, or a _BadRequest saying why not (bad syntax or UTF-8, too deep, too many digits)."""
+    try:
+        return json.loads(raw)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, int digits over sys.get_int_max_str_digits
+        raise _BadRequest(f"{where}: the body is not JSON ({_short(str(e), 200)})") from e
+    except RecursionError as e:
+        raise _BadRequest(f"{where}: the body is not JSON this server reads (nested too deeply)") from e
 
 
 def _object(body: Any, where: str) -> dict:
@@ -130,14 +165,14 @@ def parse_sampling(d: Any, *, vocab: int, max_n: int, max_new_cap: int) -> tuple
     if not 1 <= n <= max_n:
         raise _BadRequest(f"{w}.n must be in [1, {max_n}] (--max-n), got {n}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise _BadRequest(f"{w}.sampling_seed must be an integer, got {type(seed).__name__} {seed!r}")
+        raise _BadRequest(f"{w}.sampling_seed must be an integer, got {type(seed).__name__} {_short(seed)}")
     if seed is not None and not -(2**63) <= seed < 2**63:
-        raise _BadRequest(f"{w}.sampling_seed must be in [-2**63, 2**63 - 1], got {seed}")
+        raise _BadRequest(f"{w}.sampling_seed must be in [-2**63, 2**63 - 1], got {_short(seed)}")
     stop = d.get("stop_token_ids") or []
     if not isinstance(stop, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop):
-        raise _BadRequest(f"{w}.stop_token_ids must be a list of token ids, got {stop!r}")
+        raise _BadRequest(f"{w}.stop_token_ids must be a list of token ids, got {_short(stop)}")
     if any(not 0 <= t < vocab for t in stop):
-        raise _BadRequest(f"{w}.stop_token_ids must be in [0, {vocab}), got {stop}")
+        raise _BadRequest(f"{w}.stop_token_ids must be in [0, {vocab}), got {_short(stop)}")
     if temperature < _SAMPLING_EPS:  # greedy, as sglang; the engine's T = 0 is greedy
         temperature = 0.0
     params = SamplingParams(
@@ -166,9 +201,21 @@ def _fail(message: str, status: int = 400) -> web.Response:
     return web.json_response({"success": False, "message": message}, status=status)
 
 
+def _error(request: web.Request, message: str, status: int = 400) -> web.Response:
+    """The failure reply in the route's shape: sglang's /generate error object, or a control route's."""
+    if request.path == "/generate":
+        return web.json_response({"error": {"message": message}}, status=status)
+    return _fail(message, status)
+
+
 def _bearer_ok(header: str | None, key: str) -> bool:
+    """aiohttp keeps a header's non-UTF-8 bytes as surrogate escapes: they encode back, and never match."""
     scheme, _, token = (header or "").partition(" ")
-    return scheme.lower() == "bearer" and secrets.compare_digest(token.encode(), key.encode())
+    try:
+        token_bytes = token.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return False
+    return scheme.lower() == "bearer" and secrets.compare_digest(token_bytes, key.encode())
 
 
 def is_loopback(host: str) -> bool:
@@ -181,7 +228,8 @@ def is_loopback(host: str) -> bool:
 
 
 class LocalSGLangServer:
-    """aiohttp app around one LocalEngine; `inflight` maps rid -> task so /abort_request can cancel it."""
+    """aiohttp app around one LocalEngine; `inflight` maps rid -> task so /abort_request can cancel it.
+    Serve it with `start(host, port)`, which puts the connections behind `limits` (http_guard.py)."""
 
     def __init__(
         self,
@@ -191,17 +239,32 @@ class LocalSGLangServer:
         admin_api_key: str | None = None,
         max_n: int = 64,
         max_new_tokens: int | None = None,
+        limits: ServerLimits | None = None,
     ):
         self.engine = engine
         self.api_key, self.admin_api_key = api_key or None, admin_api_key or None
         self.max_n = max_n
+        self.limits = limits or ServerLimits()
         self.context_len = int(getattr(engine.model.config, "max_position_embeddings", 1 << 30))
         self.max_new_tokens = min(max_new_tokens or self.context_len, self.context_len)
         self.inflight: dict[str, asyncio.Task] = {}
         self.update_groups: dict[str, Any] = {}
+        self.forming: str | None = None  # the update group being formed (one at a time)
         self.session: dict[str, Any] | None = None  # the open weight-update session
+        self.loading_from_disk = False
         self.pause_mode: str | None = None  # while paused
-        self.app = web.Application(client_max_size=1 << 28, middlewares=[self._auth, self._errors])
+        self.guard = None  # the ConnectionGuard, once start() serves
+        # Own threads, so neither big bodies nor a rendezvous take the default executor the engine's
+        # pause and update calls run in.
+        self._parse_pool = ThreadPoolExecutor(2, thread_name_prefix="body-parse")
+        self._group_pool = ThreadPoolExecutor(1, thread_name_prefix="update-group")
+        self._receive_pool = ThreadPoolExecutor(1, thread_name_prefix="update-receive")
+        self._large_bodies = asyncio.Semaphore(LARGE_BODIES_AT_ONCE)
+        self.app = web.Application(
+            client_max_size=self.limits.max_body_bytes,
+            middlewares=[self._track, self._auth, self._errors, self._read_body],
+        )
+        self.app.on_cleanup.append(self._shutdown_pools)
         r = self.app.router
         r.add_get("/health", self.health)
         r.add_get("/health_generate", self.health_generate)
@@ -223,7 +286,36 @@ class LocalSGLangServer:
         r.add_post("/end_weight_update", self.end_weight_update)
         r.add_post("/update_weights_from_distributed", self.update_weights_from_distributed)
 
+    async def start(self, host: str, port: int) -> web.AppRunner:
+        """Serve on host:port with the connection guard; returns the runner (`await runner.cleanup()` stops)."""
+        runner = web.AppRunner(self.app, access_log=None, keepalive_timeout=self.limits.idle_timeout_s)
+        await runner.setup()
+        guard = {
+            "max_connections": self.limits.connection_cap,
+            "header_timeout_s": self.limits.header_timeout_s,
+        }
+        site = GuardedTCPSite(runner, host, port, guard)
+        await site.start()
+        self.guard = site.guard
+        return runner
+
+    async def _shutdown_pools(self, app: web.Application) -> None:
+        self._parse_pool.shutdown(wait=False, cancel_futures=True)
+        self._group_pool.shutdown(wait=False, cancel_futures=True)
+        self._receive_pool.shutdown(wait=False, cancel_futures=True)
+
     # -- middleware ------------------------------------------------------------------------------------
+    @web.middleware
+    async def _track(self, request: web.Request, handler):
+        """The request head is in: its connection's head deadline is off until the response is out."""
+        if self.guard is not None:
+            self.guard.request_started(request.transport)
+        try:
+            return await handler(request)
+        finally:
+            if self.guard is not None:
+                self.guard.request_finished(request.transport)
+
     @web.middleware
     async def _auth(self, request: web.Request, handler):
         """sglang utils/auth.py decide_request_auth: /health* open; control routes take the admin key if set."""
@@ -243,18 +335,49 @@ class LocalSGLangServer:
         try:
             return await handler(request)
         except _BadRequest as e:
-            if request.path == "/generate":
-                return web.json_response({"error": {"message": str(e)}}, status=400)
-            return _fail(str(e))
+            return _error(request, str(e))
+
+    @web.middleware
+    async def _read_body(self, request: web.Request, handler):
+        """Read and parse the body before the handler: 413 above --max-body-mb (by Content-Length, before
+        reading), 408 past --body-timeout, bodies over INLINE_PARSE_BYTES parsed in a worker thread."""
+        request["json"] = None
+        if not request.body_exists:
+            return await handler(request)
+        limit = self.limits.max_body_bytes
+        size = request.content_length
+        if size is not None and size > limit:
+            return self._too_large(request, f" ({size} bytes)")
+        large = size is None or size > INLINE_PARSE_BYTES
+        async with self._large_bodies if large else contextlib.nullcontext():
+            try:
+                async with asyncio.timeout(self.limits.body_timeout_s):
+                    raw = await request.read()
+            except TimeoutError:
+                timeout = self.limits.body_timeout_s
+                reply = _error(request, f"the body did not arrive within {timeout:g}s (--body-timeout)", 408)
+                reply.force_close()
+                return reply
+            except web.HTTPRequestEntityTooLarge:
+                return self._too_large(request, "")
+            if len(raw) > INLINE_PARSE_BYTES:
+                loop = asyncio.get_running_loop()
+                request["json"] = await loop.run_in_executor(self._parse_pool, parse_json, raw, request.path)
+            else:
+                request["json"] = parse_json(raw, request.path)
+        return await handler(request)
+
+    def _too_large(self, request: web.Request, size: str) -> web.Response:
+        limit = self.limits.max_body_bytes
+        message = (
+            f"{request.path}: the body{size} is larger than this server takes ({limit} bytes, --max-body-mb)"
+        )
+        reply = _error(request, message, 413)
+        reply.force_close()  # the rest of the body is not read
+        return reply
 
     async def _body(self, request: web.Request) -> dict:
-        if not request.body_exists:
-            return {}
-        try:
-            body = await request.json()
-        except ValueError as e:
-            raise _BadRequest(f"{request.path}: the body is not JSON ({e})") from e
-        return _object(body, request.path)
+        return _object(request.get("json"), request.path)
 
     def _running(self) -> int:
         """Requests that keep a flush from running: sglang's is_fully_idle(ignore_waiting=paused), where a
@@ -304,22 +427,22 @@ class LocalSGLangServer:
     def _parse_generate(self, body: Any) -> tuple[list[int], SamplingParams, int]:
         body = _object(body, "/generate")
         input_ids = body.get("input_ids")
-        if (
-            not isinstance(input_ids, list)
-            or not input_ids
-            or not all(isinstance(t, int) and not isinstance(t, bool) for t in input_ids)
-        ):
+        if not isinstance(input_ids, list) or not input_ids:
+            raise _BadRequest(
+                "input_ids must be one non-empty list of token ids (batches are not served here)"
+            )
+        if len(input_ids) >= self.context_len:  # before the per-token checks, which run on the event loop
+            raise _BadRequest(
+                f"The input ({len(input_ids)} tokens) is longer than the model's context length "
+                f"({self.context_len} tokens)."
+            )
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in input_ids):
             raise _BadRequest(
                 "input_ids must be one non-empty list of token ids (batches are not served here)"
             )
         vocab = self.engine.model.config.vocab_size
         if not all(0 <= t < vocab for t in input_ids):
             raise _BadRequest(f"input_ids must be in [0, {vocab})")
-        if len(input_ids) >= self.context_len:
-            raise _BadRequest(
-                f"The input ({len(input_ids)} tokens) is longer than the model's context length "
-                f"({self.context_len} tokens)."
-            )
         params, n = parse_sampling(
             body.get("sampling_params"), vocab=vocab, max_n=self.max_n, max_new_cap=self.max_new_tokens
         )
@@ -334,12 +457,11 @@ class LocalSGLangServer:
         return input_ids, params, n
 
     async def generate(self, request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except ValueError as e:
-            raise _BadRequest(f"/generate: the body is not JSON ({e})") from e
+        body = request["json"]
         input_ids, params, n = self._parse_generate(body)
         rid = str(body.get("rid") or os.urandom(8).hex())
+        if rid in self.inflight:  # abort by rid must reach one request
+            raise _BadRequest(f"rid {_short(rid)} is already in flight; a rid names one request at a time")
         return_logprob = bool(body.get("return_logprob", False))
         task = asyncio.ensure_future(self.engine.generate(rid, input_ids, n, params))
         self.inflight[rid] = task
@@ -425,13 +547,15 @@ class LocalSGLangServer:
 
     # -- weights ---------------------------------------------------------------------------------------
     def _version(self, body: dict, default: int) -> int:
+        """weight_version: an integer or its decimal string (SGLang's is a string) in [0, 2**63)."""
         v = body.get("weight_version")
         if v in (None, ""):
             return default
-        try:
-            return int(v)
-        except (TypeError, ValueError) as e:
-            raise _BadRequest(f"weight_version must be an integer version, got {v!r}") from e
+        if isinstance(v, str) and v.strip().isdigit() and len(v) < 20:
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 2**63:
+            raise _BadRequest(f"weight_version must be an integer version in [0, 2**63), got {_short(v)}")
+        return v
 
     def _flushed(self, body: dict, message: str) -> web.Response:
         """sglang's flush_cache_after_weight_update: loaded, but 400 when a requested flush cannot run."""
@@ -439,14 +563,24 @@ class LocalSGLangServer:
             return _fail(NOT_FLUSHED)
         return web.json_response({"success": True, "message": message})
 
+    def _update_busy(self) -> str | None:
+        """Why a weight update cannot start now, if it cannot: one update at a time, whatever its path."""
+        if self.session is not None:
+            return "a weight-update session is open; call end_weight_update() first"
+        if self.loading_from_disk:
+            return "an update from disk is loading; wait for its reply"
+        return None
+
     async def update_weights_from_disk(self, request: web.Request) -> web.Response:
         body = await self._body(request)
         path = body.get("model_path")
         if not isinstance(path, str) or not path:
             raise _BadRequest("/update_weights_from_disk: model_path must be a non-empty string")
         version = self._version(body, self.engine.version + 1)
-        if self.session is not None:
-            return _fail("a weight-update session is open; call end_weight_update() first")
+        busy = self._update_busy()
+        if busy:
+            return _fail(busy)
+        self.loading_from_disk = True
         try:
             await self.engine.update_weights_from_disk(path, version)
         except Exception as e:  # noqa: BLE001 (any load failure is the caller's 400, as in sglang)
@@ -454,6 +588,8 @@ class LocalSGLangServer:
                 {"success": False, "message": f"{type(e).__name__}: {e}", "num_paused_requests": 0},
                 status=400,
             )
+        finally:
+            self.loading_from_disk = False
         reply = self._flushed(body, "Succeeded to update model weights.")
         if reply.status == 200:
             return web.json_response(
@@ -461,38 +597,88 @@ class LocalSGLangServer:
             )
         return reply
 
+    def _group_request(self, body: dict) -> dict[str, Any]:
+        """The fields of /init_weights_update_group, checked: this server receives, so it is never rank 0
+        (the trainer's, which hosts the rendezvous); each bad field is named."""
+        where = "/init_weights_update_group"
+        address, name = body.get("master_address"), body.get("group_name", "weight_update_group")
+        if not isinstance(address, str) or not address:
+            raise _BadRequest(f"{where}: master_address must be a host name or address")
+        if not isinstance(name, str) or not name:
+            raise _BadRequest(f"{where}: group_name must be a non-empty string")
+        port = _int(body, "master_port", 0, where)
+        world = _int(body, "world_size", 0, where)
+        rank = _int(body, "rank_offset", 0, where)
+        if not 1 <= port <= 65535:
+            raise _BadRequest(f"{where}.master_port must be in [1, 65535], got {port}")
+        if not 2 <= world <= 1 << 16:
+            raise _BadRequest(f"{where}.world_size must be in [2, 65536], got {world}")
+        if not 1 <= rank < world:
+            raise _BadRequest(
+                f"{where}.rank_offset must be in [1, world_size) = [1, {world}): rank 0 is the trainer, "
+                f"which broadcasts, got {rank}"
+            )
+        backend = body.get("backend", "gloo")
+        if backend not in ("gloo", "nccl"):
+            raise _BadRequest(f"{where}.backend must be gloo or nccl, got {_short(backend)}")
+        return {
+            "address": address,
+            "port": port,
+            "rank": rank,
+            "world": world,
+            "name": name,
+            "backend": backend,
+        }
+
     async def init_weights_update_group(self, request: web.Request) -> web.Response:
-        """Join the trainer's weight-update group as rank `rank_offset` (gloo here; SGLang uses NCCL)."""
-        body = await self._body(request)
+        """Join the trainer's weight-update group as rank `rank_offset` (gloo here; SGLang uses NCCL). One
+        group forms at a time, in this server's own thread, for at most --rendezvous-timeout seconds."""
+        g = self._group_request(await self._body(request))
+        if self.forming is not None:
+            return _fail(f"Failed to init group: group {self.forming!r} is still forming; one at a time")
+        if g["name"] in self.update_groups:
+            return _fail(f"Failed to init group: a group named {g['name']!r} exists; destroy it first")
+        self.forming = g["name"]
+        timeout = timedelta(seconds=self.limits.rendezvous_timeout_s)
         try:
-            name = body.get("group_name", "weight_update_group")
-            self.update_groups[name] = await asyncio.to_thread(
-                new_weight_update_group,
-                body["master_address"],
-                int(body["master_port"]),
-                int(body["rank_offset"]),
-                int(body["world_size"]),
-                name,
-                body.get("backend", "gloo"),
+            group = await asyncio.get_running_loop().run_in_executor(
+                self._group_pool,
+                functools.partial(
+                    new_weight_update_group,
+                    g["address"],
+                    g["port"],
+                    g["rank"],
+                    g["world"],
+                    g["name"],
+                    g["backend"],
+                    rendezvous_timeout=timeout,
+                ),
             )
         except Exception as e:  # reply like SGLang: success false with the reason
-            return _fail(f"Failed to init group: {type(e).__name__}: {e}")
+            return _fail(f"Failed to init group: {type(e).__name__}: {_short(str(e), 300)}")
+        finally:
+            self.forming = None
+        self.update_groups[g["name"]] = group
         return web.json_response(
             {"success": True, "message": "Succeeded to initialize custom process group."}
         )
 
     async def destroy_weights_update_group(self, request: web.Request) -> web.Response:
         name = (await self._body(request)).get("group_name", "weight_update_group")
+        if not isinstance(name, str):
+            raise _BadRequest("/destroy_weights_update_group: group_name must be a string")
         group = self.update_groups.pop(name, None)
         if group is None:
-            return _fail(f"Failed to destroy group: no group named {name!r}")
-        c10d._world.pg_group_ranks.pop(group, None)
+            return _fail(f"Failed to destroy group: no group named {_short(name)}")
+        torch.distributed.destroy_process_group(group)  # frees its name and sockets too
         return web.json_response({"success": True, "message": "Succeed to destroy custom process group."})
 
     async def begin_weight_update(self, request: web.Request) -> web.Response:
         await self._body(request)
         if self.session is not None:
             return _fail("a weight-update session is already open; call end_weight_update() first")
+        if self.loading_from_disk:
+            return _fail(self._update_busy())
         self.session = {"version": self.engine.version, "error": None}
         await self.engine.begin_weight_update(self.engine.version)
         return web.json_response({"success": True, "message": "Success"})
@@ -503,50 +689,78 @@ class LocalSGLangServer:
         session, self.session = self.session, None
         if session is None:
             return _fail("no weight-update session is open; call begin_weight_update() first")
-        await self.engine.finish_weight_update(session["version"])
         if session["error"]:
+            await self.engine.discard_weight_update(session["error"])
             return _fail(f"update discarded, still serving version {self.engine.version}: {session['error']}")
+        await self.engine.finish_weight_update(session["version"])
         return web.json_response({"success": True, "message": "Success"})
 
-    async def update_weights_from_distributed(self, request: web.Request) -> web.Response:
-        """Receive the announced tensors by broadcast from the trainer (rank 0), then stage them."""
-        body = await self._body(request)
-        if self.session is None:  # sglang >= 0.5.21: refused, and the broadcast is not joined
-            return _fail(
-                "update_weights_from_distributed must run between begin_weight_update() and end_weight_update()"
-            )
-        group = self.update_groups.get(body.get("group_name", "weight_update_group"))
-        if group is None:
-            return _fail("no weight update group; call /init_weights_update_group")
+    def _bucket_specs(self, body: dict) -> list[tuple[str, Any, Any]]:
+        """The announced (name, dtype, shape) triples, checked before any memory is taken for them: at most
+        as many elements as the model has, so an announcement cannot make this server allocate more."""
         names, dtypes, shapes = body.get("names"), body.get("dtypes"), body.get("shapes")
         if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)) or not (
             len(names) == len(dtypes) == len(shapes)
         ):
             raise _BadRequest("names, dtypes and shapes must be lists of the same length")
-        try:
-            specs = [(n, getattr(torch, d), torch.Size(s)) for n, d, s in zip(names, dtypes, shapes)]
-            if not all(isinstance(dt, torch.dtype) for _, dt, _ in specs):
-                raise TypeError(f"not a torch dtype in {dtypes}")
-        except (AttributeError, TypeError, ValueError) as e:
-            raise _BadRequest(f"bad dtypes or shapes: {e}") from e
-        self.session["version"] = self._version(body, self.session["version"])
+        specs, elements = [], 0
+        for name, dtype, shape in zip(names, dtypes, shapes):
+            if not isinstance(name, str):
+                raise _BadRequest(f"names must be strings, got {_short(name)}")
+            dt = getattr(torch, dtype, None) if isinstance(dtype, str) else None
+            if not isinstance(dt, torch.dtype):
+                raise _BadRequest(f"dtypes: {_short(dtype)} (for {_short(name)}) is not a torch dtype")
+            if not isinstance(shape, list) or not all(
+                isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape
+            ):
+                raise _BadRequest(f"shapes: {_short(shape)} (for {_short(name)}) is not a list of sizes")
+            size = math.prod(shape)
+            elements += size
+            specs.append((name, dt, torch.Size(shape)))
+        if elements > self.engine.num_elements:
+            raise _BadRequest(
+                f"the bucket announces {elements} elements, more than the model's {self.engine.num_elements}"
+            )
+        return specs
+
+    async def update_weights_from_distributed(self, request: web.Request) -> web.Response:
+        """Receive the announced tensors by broadcast from the trainer (rank 0), then stage them. A broadcast
+        that fails (the trainer died, a timeout) fails the session: end_weight_update discards it."""
+        body = await self._body(request)
+        if self.session is None:  # sglang >= 0.5.21: refused, and the broadcast is not joined
+            return _fail(
+                "update_weights_from_distributed must run between begin_weight_update() and end_weight_update()"
+            )
+        specs = self._bucket_specs(body)
+        name = body.get("group_name", "weight_update_group")
+        group = self.update_groups.get(name) if isinstance(name, str) else None
+        if group is None:
+            return _fail("no weight update group; call /init_weights_update_group")
+        session = self.session
+        session["version"] = self._version(body, session["version"])
 
         def receive():
             out = []
-            for name, dtype, shape in specs:
+            for tensor_name, dtype, shape in specs:
                 tensor = torch.empty(shape, dtype=dtype)
                 broadcast_from_trainer(group, tensor)
-                out.append((name, tensor))
+                out.append((tensor_name, tensor))
             return out
 
-        tensors = await asyncio.to_thread(receive)
-        if self.session["error"] is None:
+        try:
+            tensors = await asyncio.get_running_loop().run_in_executor(self._receive_pool, receive)
+        except Exception as e:  # noqa: BLE001 (the broadcast broke off: nothing of it is served)
+            tensors = None
+            session["error"] = (
+                session["error"] or f"the broadcast failed: {type(e).__name__}: {_short(str(e), 300)}"
+            )
+        if session["error"] is None:
             try:
                 await self.engine.update_weights_bucket(tensors)
             except (KeyError, ValueError) as e:
-                self.session["error"] = str(e)
-        if self.session["error"] is not None:
-            return _fail(f"Failed to update weights (the update will be discarded): {self.session['error']}")
+                session["error"] = str(e)
+        if session["error"] is not None:
+            return _fail(f"Failed to update weights (the update will be discarded): {session['error']}")
         return self._flushed(body, "Succeeded to update parameter online.")
 
 
@@ -560,12 +774,12 @@ def check_bind(host: str, api_key: str | None) -> None:
 
 
 async def serve(engine: LocalEngine, host: str, port: int, **server_kwargs) -> web.AppRunner:
-    """Start serving in the running loop; returns the runner (call `await runner.cleanup()` to stop)."""
+    """Start serving in the running loop; returns the runner (call `await runner.cleanup()` to stop). The
+    process's noisy loggers are rate-limited, and its gloo sockets listen on `host`'s interface."""
     check_bind(host, server_kwargs.get("api_key"))
-    runner = web.AppRunner(LocalSGLangServer(engine, **server_kwargs).app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, host, port).start()
-    return runner
+    limit_log_rate()
+    bind_gloo_to(host)
+    return await LocalSGLangServer(engine, **server_kwargs).start(host, port)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -591,10 +805,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="largest sampling_params.max_new_tokens (default: context)",
     )
+    server_limits.add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
     try:
         check_bind(args.host, args.api_key)
+        limits = server_limits.from_args(args)
     except ValueError as e:
         parser.error(str(e))
 
@@ -610,6 +826,7 @@ def main(argv: list[str] | None = None) -> None:
             admin_api_key=args.admin_api_key,
             max_n=args.max_n,
             max_new_tokens=args.max_new_tokens,
+            limits=limits,
         )
         logger.info("serving %s on http://%s:%d", args.model, args.host, args.port)
         await asyncio.Event().wait()

@@ -574,6 +574,12 @@ class SGLangEngine(Engine):
             )
         self._version = version
 
+    async def discard_weight_update(self, reason: str) -> None:
+        """SGLang has no route to drop a session: it is closed as failed, so the version stays and the farm
+        keeps this engine out of rotation until a complete update reaches it."""
+        self._update_error = self._update_error or f"the sender gave the update up: {reason}"
+        await self.finish_weight_update(self.version)
+
     async def update_weights_from_disk(self, hf_dir: str, version: int) -> None:
         """Every server loads the HF dir while paused; the cache is flushed unless requests stay in place."""
         await self.pause()
