@@ -34,6 +34,9 @@ from megatron_m2po.sync.process_group import bind_gloo_to
 torch.set_num_threads(1)
 pytestmark = pytest.mark.timeout(180)
 
+# Generous for a shared CI machine: before these fixes /health stalled for the whole parse of every body, the
+# server hung on a FIFO until a writer came, and control routes waited for the rendezvous timeout.
+LATENCY_BOUND_S = 5.0
 GREEDY = {"input_ids": [5, 6, 7], "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
 
 
@@ -322,8 +325,8 @@ def test_slow_headers_are_timed_out_and_others_still_served(engine):
     finally:
         root.removeHandler(handler)
         root.setLevel(old_level)
-    assert all(status == 200 and seconds < 5 for status, seconds in served_in), served_in
-    assert all(seconds < 5 for seconds, _ in closed), sorted(s for s, _ in closed)[-5:]
+    assert all(status == 200 and seconds < 10 for status, seconds in served_in), served_in
+    assert all(seconds < 10 for seconds, _ in closed), sorted(s for s, _ in closed)[-5:]
     assert {data.split(b"\r\n")[0] for _, data in closed} <= {
         b"HTTP/1.1 408 Request Timeout",
         b"HTTP/1.1 503 Service Unavailable",
@@ -388,7 +391,7 @@ def test_huge_bodies_are_refused_and_health_answers(engine):
     assert statuses == [413, 413, 400, 400, 400], statuses
     assert "--max-body-mb" in replies[0][1]["error"]["message"]
     assert "context length" in replies[2][1]["error"]["message"]
-    assert latencies and max(latencies) < 1.5, latencies
+    assert len(latencies) >= 3 and max(latencies) < LATENCY_BOUND_S, latencies
 
 
 def test_fifo_shard_is_refused_and_health_answers(engine, tmp_path):
@@ -408,7 +411,7 @@ def test_fifo_shard_is_refused_and_health_answers(engine, tmp_path):
 
     (status, reply), seconds, latencies = asyncio.run(run())
     assert status == 400 and "not a regular file" in reply["message"] and seconds < 5
-    assert max(latencies, default=0) < 1.0
+    assert max(latencies, default=0) < LATENCY_BOUND_S
 
 
 def test_disk_update_reads_off_the_event_loop(engine, tmp_path):
@@ -428,7 +431,7 @@ def test_disk_update_reads_off_the_event_loop(engine, tmp_path):
 
     replies, latencies = asyncio.run(run())
     assert all(status == 200 for status, _ in replies)
-    assert max(latencies) < 1.0, latencies
+    assert max(latencies) < LATENCY_BOUND_S, latencies
 
 
 # -- item: update groups ---------------------------------------------------------------------------------
@@ -466,12 +469,12 @@ def test_forming_groups_do_not_starve_control_routes(engine, tmp_path):
             return control, replies, time.perf_counter() - t0, rank0
 
     control, replies, seconds, rank0 = asyncio.run(run())
-    assert all(status == 200 and s < 1.5 for _, status, s in control), control
+    assert all(status == 200 and s < LATENCY_BOUND_S for _, status, s in control), control
     messages = [reply["message"] for _, reply in replies]
     assert all(status == 400 for status, _ in replies)
     assert sum("still forming" in m for m in messages) == 5, messages
     assert sum("Timeout" in m or "timed out" in m.lower() for m in messages) == 1, messages
-    assert seconds < 15
+    assert seconds < 30
     assert rank0[0] == 400 and "rank_offset" in rank0[1]["message"]
 
 
