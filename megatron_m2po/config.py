@@ -26,6 +26,7 @@ from megatron_m2po.choices import (
     BehaviorSource,
     BenchmarkName,
     CorrectionName,
+    EnvName,
     LossName,
     M2Scope,
     TrackerName,
@@ -229,6 +230,12 @@ class RolloutConfig:
     )
     max_inflight_groups: int = opt(
         8, "bounded mode: prompt groups generated concurrently by the rollout manager", ge=1
+    )
+    env: EnvName = opt(
+        "math", "environment turning a prompt into scored samples: math = one model turn scored by reward_fn"
+    )
+    env_settings: dict = opt(
+        {}, "the environment's own settings, checked against it when the rollout side is built (docs/rollout.md)"
     )
     reward_fn: str = opt(
         "megatron_m2po.rollout.rewards:math_reward",
@@ -629,6 +636,10 @@ def _coerce(key: str, value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, str):
             return [v for v in value.split(",") if v]
         raise ConfigError(f"{where}'{key}': expected a list, got {show(value)}")
+    if tp is dict or origin is dict:
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return dict(value)
+        raise ConfigError(f"{where}'{key}': expected a mapping of names to values, got {show(value)}")
     raise ConfigError(f"{where}'{key}': unsupported field type {tp}")
 
 

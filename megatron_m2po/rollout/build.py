@@ -18,6 +18,7 @@ from megatron_m2po.data.prompts import PromptDataset
 from megatron_m2po.rollout.engines.local import LocalEngine
 from megatron_m2po.rollout.engines.sglang import SGLangEngine
 from megatron_m2po.rollout.engines.vllm import VLLMEngine
+from megatron_m2po.rollout.environments import Environment, environment_class
 from megatron_m2po.rollout.rewards import RewardPool
 from megatron_m2po.types import SamplingParams
 
@@ -77,6 +78,12 @@ def build_engines(cfg: Config, hf_dir: str, dtype: torch.dtype) -> list:
             for i, url in enumerate(r.urls)
         ]
     return [VLLMEngine(hf_dir, engine_id=f"vllm-{i}") for i in range(r.num_engines)]  # in process
+
+
+def environment(cfg: Config, farm, rewards, tokenizer, sampling: SamplingParams) -> Environment:
+    """The `rollout.env` environment with its `rollout.env_settings` (checked here: a bad key is named)."""
+    cls = environment_class(cfg.rollout.env)
+    return cls(farm, rewards, tokenizer, sampling, settings=cls.parse_settings(cfg.rollout.env_settings))
 
 
 def reward_pool(cfg: Config):

@@ -1,8 +1,8 @@
-"""RolloutManager: prompts -> engine farm -> rewards -> replay queue, as an asyncio producer.
+"""RolloutManager: prompts -> environment (engine farm, rewards) -> replay queue, as an asyncio producer.
 
 In `bounded` mode it runs in the background (`start()`): for each prompt it asks the queue to
-admit one group (the queue's staleness rule decides when producing is allowed), generates n
-samples through the farm, scores them in the reward pool and `put`s the group (exactly-once by
+admit one group (the queue's staleness rule decides when producing is allowed), has the environment
+(`rollout.env`) turn it into n scored samples and `put`s the group (exactly-once by
 prompt_id). In `sync` / `fixed` modes the trainer calls `generate_batch` in line (or `submit_batch`,
 and trains while it runs). Advantages are
 the trainer's job; rewards are stored in `Sample.reward`.
@@ -19,6 +19,7 @@ from typing import Any
 from megatron_m2po.data.prompts import Prompt, PromptDataset
 from megatron_m2po.event_loop import LoopThread
 from megatron_m2po.io_errors import WriteError
+from megatron_m2po.rollout.environments import Environment, SingleTurnMath
 from megatron_m2po.rollout.farm import EngineFarm, FarmError
 from megatron_m2po.types import Group, SamplingParams
 
@@ -49,11 +50,13 @@ class RolloutManager:
         max_inflight_groups: int | None = None,
         max_write_failures: int = 8,
         loop: LoopThread | None = None,
+        environment: Environment | None = None,
     ):
         if responses_per_prompt < 1:
             raise ValueError(f"RolloutManager: responses_per_prompt must be >= 1, got {responses_per_prompt}")
         self.dataset, self.farm, self.reward_pool, self.queue = dataset, farm, reward_pool, queue
         self.responses_per_prompt, self.sampling = responses_per_prompt, sampling
+        self.environment = environment or SingleTurnMath(farm, reward_pool, dataset.tokenizer, sampling)
         self.max_inflight_groups = max_inflight_groups or 4 * len(farm.engines)
         self._loop = loop or LoopThread("rollout-manager")
         self._owns_loop = loop is None
@@ -99,20 +102,11 @@ class RolloutManager:
 
     # -- one group -------------------------------------------------------------------------------------
     async def _make_group(self, prompt: Prompt) -> Group:
-        samples = await self.farm.generate(
-            prompt.prompt_id, prompt.prompt_ids, self.responses_per_prompt, self.sampling
-        )
-        tokenizer = self.dataset.tokenizer
-        texts = [
-            s.response_text or tokenizer.decode(s.response_ids, skip_special_tokens=True) for s in samples
-        ]
-        rewards = await self.reward_pool.score_async(texts, [prompt.answer] * len(samples))
-        for sample, text, reward in zip(samples, texts, rewards):
-            sample.response_text, sample.reward = text, float(reward)
+        samples = await self.environment.rollout(prompt, self.responses_per_prompt)
         self._counts["groups"] += 1
         self._counts["samples"] += len(samples)
         self._counts["response_tokens"] += sum(len(s.response_ids) for s in samples)
-        self._reward_sum += sum(rewards)
+        self._reward_sum += sum(0.0 if s.reward is None else s.reward for s in samples)
         return Group(
             prompt.prompt_id,
             list(prompt.prompt_ids),
@@ -260,6 +254,7 @@ class RolloutManager:
             self._producer = None
         if self._owns_loop:
             try:
+                self._loop.run(self.environment.close(), timeout=timeout)
                 self._loop.run(self.farm.close(), timeout=timeout)
             finally:
                 self._loop.stop()

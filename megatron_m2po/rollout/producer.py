@@ -27,6 +27,7 @@ from megatron_m2po.queue import ReplayQueue
 from megatron_m2po.queue.journal import remove_journal
 from megatron_m2po.rollout.build import (
     build_engines,
+    environment,
     prompt_dataset,
     queue_kwargs,
     reward_pool,
@@ -67,14 +68,16 @@ class Producer:
             self.queue = ReplayQueue(**kwargs)
         self.farm = EngineFarm(build_engines(cfg, hf_dir, trainer.dtype))
         self.rewards = reward_pool(cfg)
+        sampling = sampling_params(cfg, stop_token_ids=stop_token_ids(self.tokenizer))
         self.manager = RolloutManager(
             prompt_dataset(cfg, self.tokenizer),
             self.farm,
             self.rewards,
             self.queue,
             responses_per_prompt=cfg.train.responses_per_prompt,
-            sampling=sampling_params(cfg, stop_token_ids=stop_token_ids(self.tokenizer)),
+            sampling=sampling,
             max_inflight_groups=cfg.rollout.max_inflight_groups,
+            environment=environment(cfg, self.farm, self.rewards, self.tokenizer, sampling),
         )
         if saved is not None:
             self.manager.load_state_dict(saved["data"])

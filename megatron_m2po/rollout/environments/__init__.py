@@ -1,0 +1,25 @@
+"""Environments: how a prompt becomes scored samples (`rollout.env` picks one, docs/rollout.md)."""
+
+from __future__ import annotations
+
+from typing import get_args
+
+from megatron_m2po.choices import EnvName
+from megatron_m2po.rollout.environments.base import Environment
+from megatron_m2po.rollout.environments.single_turn_math import SingleTurnMath
+
+ENVIRONMENTS: dict[str, type[Environment]] = {cls.name: cls for cls in (SingleTurnMath,)}
+if set(ENVIRONMENTS) != set(get_args(EnvName)):
+    raise ImportError(f"environments {sorted(ENVIRONMENTS)} do not match choices.EnvName {get_args(EnvName)}")
+
+
+def environment_class(name: str) -> type[Environment]:
+    try:
+        return ENVIRONMENTS[name]
+    except KeyError:
+        raise ValueError(
+            f"'rollout.env': unknown environment {name!r} (known: {sorted(ENVIRONMENTS)})"
+        ) from None
+
+
+__all__ = ["ENVIRONMENTS", "Environment", "SingleTurnMath", "environment_class"]

@@ -1,0 +1,55 @@
+"""What an environment is to the rollout manager: a prompt in, a group of scored samples out.
+
+The manager owns prompts, admission and the queue; the environment owns how a prompt becomes responses
+(one model turn, or model turns alternating with tool results) and how they are scored. So a new task is a
+new environment, and the manager, the queue and the trainer stay as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+from megatron_m2po.config import ConfigError
+from megatron_m2po.data.prompts import Prompt
+from megatron_m2po.types import Sample
+
+
+@dataclasses.dataclass
+class NoSettings:
+    """An environment without settings of its own: any key under `rollout.env_settings` is refused."""
+
+
+class Environment(ABC):
+    """Turns one prompt into `n` samples with `Sample.reward` and `Sample.response_text` set.
+
+    `Settings` is the dataclass of the environment's own settings (`rollout.env_settings` in the config),
+    checked by `parse_settings` when the rollout side is built."""
+
+    name: ClassVar[str]
+    Settings: ClassVar[type] = NoSettings
+
+    @abstractmethod
+    async def rollout(self, prompt: Prompt, n: int) -> list[Sample]:
+        """`n` scored samples for `prompt`; errors from the engines propagate (the manager counts them)."""
+
+    async def close(self) -> None:
+        """Release what the environment holds (tool pools); the engines and reward pool belong to others."""
+        return None
+
+    @classmethod
+    def parse_settings(cls, raw: dict[str, Any] | None) -> Any:
+        """`rollout.env_settings` as this environment's `Settings`; an unknown or mistyped key is named."""
+        raw = dict(raw or {})
+        fields = {f.name: f for f in dataclasses.fields(cls.Settings)}
+        for key in raw:
+            if key not in fields:
+                known = ", ".join(sorted(fields)) or "none"
+                raise ConfigError(
+                    f"'rollout.env_settings.{key}': not a setting of rollout.env={cls.name} (its settings: {known})"
+                )
+        try:
+            return cls.Settings(**raw)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"'rollout.env_settings' for rollout.env={cls.name}: {e}") from e
