@@ -24,10 +24,11 @@ def host_address() -> str:
         return "127.0.0.1"
 
 
-def is_healthy(url: str, timeout: float = 2.0) -> bool:
-    """The server at `url` answers 200 on `/health` (SGLang, vLLM and the local engine server all do)."""
+def is_healthy(url: str, timeout: float = 2.0, path: str = "/health") -> bool:
+    """The server at `url` answers 200 on `path` (`/health`: SGLang, vLLM and the local engine server all have
+    it; sglang-router's `/health` is liveness only, its `/readiness` checks the workers)."""
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=timeout) as r:
+        with urllib.request.urlopen(f"{url}{path}", timeout=timeout) as r:
             return r.status == 200
     except OSError:
         return False

@@ -100,6 +100,75 @@ class Served:
         await self.runner.cleanup()
 
 
+class RouterStandIn:
+    """What sglang-router 0.3.2 does for the routes these tests touch (the contract test checks the pinned
+    router has them): /server_info proxied to a worker, /health always 200 (liveness), /readiness 503 until a
+    worker is registered, everything else 404."""
+
+    def __init__(self, worker_url: str):
+        self.worker_url, self.ready = worker_url, False
+
+    async def __aenter__(self):
+        import aiohttp
+
+        self.session = aiohttp.ClientSession()
+
+        async def server_info(request):
+            async with self.session.get(f"{self.worker_url}/server_info") as r:
+                return web.json_response(await r.json(), status=r.status)
+
+        async def readiness(request):
+            if self.ready:
+                return web.json_response({"status": "ready", "healthy_workers": 1})
+            return web.json_response({"status": "not ready", "reason": "no healthy workers"}, status=503)
+
+        app = web.Application()
+        app.router.add_get("/server_info", server_info)
+        app.router.add_get("/health", lambda request: web.Response(text="OK"))
+        app.router.add_get("/readiness", readiness)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        port = free_port()
+        await web.TCPSite(self.runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.session.close()
+        await self.runner.cleanup()
+
+
+def test_a_router_given_as_a_server_is_refused(hf_dir):
+    """The router proxies /server_info (a worker's tp_size), so only a router-only route gives it away."""
+
+    async def run():
+        async with Served(LocalEngine(hf_dir)) as served, RouterStandIn(served.url) as router:
+            server = SGLangEngine(served.url)
+            await server.connect()
+            wrong = SGLangEngine(router.url)
+            with pytest.raises(EngineError, match="rollout.router_url"):
+                await wrong.connect()
+            await server.close()
+            await wrong.close()
+
+    asyncio.run(run())
+
+
+def test_router_health_waits_for_its_readiness(hf_dir):
+    """The router's /health answers 200 before any worker is registered; health() is its /readiness."""
+
+    async def run():
+        async with Served(LocalEngine(hf_dir)) as served, RouterStandIn(served.url) as router:
+            engine = SGLangEngine(router.url, worker_urls=[served.url])
+            before = await engine.health()
+            router.ready = True
+            after = await engine.health()
+            await engine.close()
+            return before, after
+
+    assert asyncio.run(run()) == (False, True)
+
+
 def _reference_logprobs(engine: LocalEngine, sample, temperature: float) -> torch.Tensor:
     ids = torch.tensor([sample.prompt_ids + sample.response_ids])
     with torch.no_grad():

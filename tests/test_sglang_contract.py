@@ -31,6 +31,7 @@ from megatron_m2po.net import free_port
 from megatron_m2po.rollout.engines.base import EngineError
 from megatron_m2po.rollout.engines.sglang import (
     CONTROL_ROUTES,
+    ROUTER_ONLY_ROUTE,
     SGLANG_ROUTER_VERSION,
     SGLANG_VERSION,
     SGLangEngine,
@@ -170,8 +171,9 @@ def _routes(source: str) -> dict[str, tuple[set[str], str | None]]:
 class ContractServer:
     """Answers the client as the pinned 0.5.23 routes would, from their own schema; records every request."""
 
-    def __init__(self, api, *, deterministic: bool = False, tp_size: int = 1):
+    def __init__(self, api, *, deterministic: bool = False, tp_size: int = 1, router_ready: bool = False):
         self.api, self.deterministic, self.tp_size = api, deterministic, tp_size
+        self.router_ready = router_ready  # also answers the router's /readiness (it stands in for one)
         self.structs = _io_structs()
         self.routes = _routes(HTTP_SERVER.read_text())
         self.requests: list[tuple[str, str, dict]] = []
@@ -208,6 +210,8 @@ class ContractServer:
         body = json.loads(text) if text.strip() else {}
         self.requests.append((method, path, body))
         methods, struct = self.routes.get(path, (set(), None))
+        if path == ROUTER_ONLY_ROUTE and not methods:  # the client's router probe: the pinned server 404s
+            return web.json_response({"status": "ready"}) if self.router_ready else web.Response(status=404)
         if method not in methods:
             self.errors.append(f"{method} {path}: no such route in the pinned http_server.py")
             return web.Response(status=404)
@@ -343,8 +347,12 @@ def test_control_bodies_match_pinned_io_struct(api):
     the pinned http_server.py and the body converts strictly to the io_struct class that route declares."""
 
     async def run():
-        async with ContractServer(api, tp_size=2) as a, ContractServer(api, tp_size=1) as b:
-            client = SGLangEngine(a.url, worker_urls=[a.url, b.url], engine_id="c")
+        async with (
+            ContractServer(api, tp_size=2) as a,
+            ContractServer(api, tp_size=1) as b,
+            ContractServer(api, router_ready=True) as router,
+        ):
+            client = SGLangEngine(router.url, worker_urls=[a.url, b.url], engine_id="c")
             assert await client.health()
             await client.init_weights_update_group("10.0.0.1", 29500, 1, 4, "g", "nccl")
             await client.begin_weight_update(5)
@@ -626,3 +634,16 @@ def test_router_timeout_outlasts_the_client():
         )
         cmd = launcher._router_cmd()
         assert float(cmd[cmd.index("--request-timeout-secs") + 1]) > timeout
+
+
+def test_readiness_is_a_router_only_route():
+    """The client tells a router from a server by ROUTER_ONLY_ROUTE: sglang-router 0.3.2 serves it (and proxies
+    /server_info and /get_server_info to a worker, so those cannot tell), SGLang 0.5.23's http_server.py has
+    no such route (404)."""
+    _require_pinned()
+    native = next(ROUTER_DIR.glob("sglang_router_rs*.so")).read_bytes()
+    assert (
+        ROUTER_ONLY_ROUTE.encode() in native and b"/server_info" in native and b"/get_server_info" in native
+    )
+    assert ROUTER_ONLY_ROUTE not in _routes(HTTP_SERVER.read_text())
+    assert "/server_info" in _routes(HTTP_SERVER.read_text())

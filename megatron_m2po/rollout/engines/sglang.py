@@ -50,6 +50,8 @@ SGLANG_ROUTER_VERSION = "0.3.2"
 FINISH_TYPES = {"stop", "length", "abort"}
 PAUSE_MODES = ("retract", "abort", "in_place")
 DEFAULT_VERSION = "default"  # the server's weight_version before any update names one
+# sglang-router 0.3.2's readiness route (200 once a worker is healthy, 503 before); SGLang 0.5.23 has none.
+ROUTER_ONLY_ROUTE = "/readiness"
 # Sent to every server directly: sglang-router 0.3.2 has none of them (404), and 0.5.23 guards them with
 # --admin-api-key when one is set (ADMIN_OPTIONAL).
 CONTROL_ROUTES = (
@@ -340,9 +342,20 @@ class SGLangEngine(Engine):
                     f"{self.deterministic}; set rollout.sglang_deterministic to match (a deterministic server "
                     "samples every unseeded request with seed 42; a normal one ignores sampling_seed)"
                 )
+            await self._refuse_router(url)
             infos.append(info)
         self.server_info = infos
         return infos
+
+    async def _refuse_router(self, url: str) -> None:
+        """sglang-router proxies /server_info to a worker, so a router listed as a server passes that check and
+        fails later (404 on /ready and the control routes); /readiness is a route only the router has."""
+        status, _ = await self._request("GET", url, ROUTER_ONLY_ROUTE, None, 60.0)
+        if status != 404:
+            raise EngineError(
+                f"{url} answers {ROUTER_ONLY_ROUTE} (HTTP {status}), a route only sglang-router has: a router "
+                "belongs in rollout.router_url, the servers behind it in rollout.urls"
+            )
 
     # -- generation ------------------------------------------------------------------------------------
     async def generate(
@@ -478,8 +491,8 @@ class SGLangEngine(Engine):
         """
         try:
             checks = [self._server_alive(u) for u in self.worker_urls]
-            if self.via_router:
-                checks.append(self._get_ok(self.url, "/health"))
+            if self.via_router:  # the router's /health is liveness only; /readiness checks its workers
+                checks.append(self._get_ok(self.url, ROUTER_ONLY_ROUTE))
             return all(await asyncio.gather(*checks))
         except (EngineError, asyncio.TimeoutError):
             return False

@@ -180,16 +180,17 @@ class EngineLauncher:
         )
 
     def start(self, timeout: float = 900.0) -> list[str]:
-        """Start every server, wait for /health, then the router; returns the server URLs."""
+        """Start every server, wait for /health, then the router's /readiness (its workers registered and
+        healthy: its /health is liveness only); returns the server URLs."""
         for i in range(self.servers):
             self._spawn(f"server-{i}", *self._server_cmd(i))
         self._wait([(f"server-{i}", u) for i, u in enumerate(self.urls)], timeout)
         if self.router:
             self._spawn("router", self._router_cmd(), dict(os.environ))
-            self._wait([("router", self.router_url)], timeout)
+            self._wait([("router", self.router_url)], timeout, path="/readiness")
         return self.urls
 
-    def _wait(self, named_urls: list[tuple[str, str]], timeout: float) -> None:
+    def _wait(self, named_urls: list[tuple[str, str]], timeout: float, path: str = "/health") -> None:
         deadline = time.monotonic() + timeout
         pending = dict(named_urls)
         while pending:
@@ -201,7 +202,7 @@ class EngineLauncher:
                     raise RuntimeError(
                         f"{name} at {url} exited with code {code} before becoming healthy{where}"
                     )
-                if is_healthy(url):
+                if is_healthy(url, path=path):
                     pending.pop(name)
             if pending and time.monotonic() > deadline:
                 self.stop()
