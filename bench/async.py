@@ -57,13 +57,9 @@ logging: {{console: none}}
     return recipe
 
 
-def run_mode(recipe: Path, run_dir: Path, mode: str, args, engine_overrides: list[str]) -> dict[str, float]:
-    overrides = [f"logging.run_dir={run_dir}", f"staleness.mode={mode}", *engine_overrides]
-    if mode == "bounded":
-        overrides += [
-            f"staleness.max_staleness={2 * args.updates_per_step}",
-            f"rollout.sync_every={args.updates_per_step}",
-        ]
+def run_mode(recipe: Path, run_dir: Path, mode_overrides: list[str], args, engine_overrides: list[str]) -> dict:
+    """One run with `mode_overrides` (staleness.mode=... and that mode's settings); its timings after warm-up."""
+    overrides = [f"logging.run_dir={run_dir}", *mode_overrides, *engine_overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO))
     cmd = [sys.executable, "-m", "megatron_m2po", "train", "--config", str(recipe), *overrides]
     t0 = time.monotonic()
@@ -71,7 +67,7 @@ def run_mode(recipe: Path, run_dir: Path, mode: str, args, engine_overrides: lis
     proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
-        sys.exit(f"{mode} run failed:\n{proc.stderr[-4000:]}")
+        sys.exit(f"{' '.join(mode_overrides)} run failed:\n{proc.stderr[-4000:]}")
     s = read_scalars(run_dir)
 
     def total(tag: str) -> float:
@@ -94,8 +90,13 @@ def run_mode(recipe: Path, run_dir: Path, mode: str, args, engine_overrides: lis
 
 def measure(recipe: Path, root: Path, name: str, args, engine_overrides: list[str]) -> dict:
     load_before = f"{os.getloadavg()[0]:.2f}"
-    sync = run_mode(recipe, root / f"{name}-sync", "sync", args, engine_overrides)
-    bounded = run_mode(recipe, root / f"{name}-bounded", "bounded", args, engine_overrides)
+    sync = run_mode(recipe, root / f"{name}-sync", ["staleness.mode=sync"], args, engine_overrides)
+    bounded_overrides = [
+        "staleness.mode=bounded",
+        f"staleness.max_staleness={2 * args.updates_per_step}",
+        f"rollout.sync_every={args.updates_per_step}",
+    ]
+    bounded = run_mode(recipe, root / f"{name}-bounded", bounded_overrides, args, engine_overrides)
     ideal = (sync["generate"] + sync["train"]) / max(sync["generate"], sync["train"])
     speedup = sync["wall"] / bounded["wall"]
     print(f"\n[{name}] {sync['updates']} updates per mode after warm-up")

@@ -119,7 +119,7 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict:
             for rep in range(args.reps + 1):  # the first update warms up (allocator, kernels)
                 _sync()
                 start = time.perf_counter()
-                metrics = trainer.update(groups, version=rep)
+                metrics = trainer.update_collective(groups, version=rep)
                 _sync()
                 if rep:
                     times.append(time.perf_counter() - start)

@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> dict:
             for variant in ("padded", "packed"):
                 cfg.train.max_tokens_per_microbatch = budget if variant == "packed" else 0
                 start = time.perf_counter()
-                trainer.update(groups, version=rep)
+                trainer.update_collective(groups, version=rep)
                 if rep:
                     times[variant].append(time.perf_counter() - start)
         platform.destroy_distributed()

@@ -2,7 +2,7 @@
 
     python -m bench.rollout [--hidden 512 --layers 8] [--requests 200] [--repeats 5]
 
-1. Weight sync: `WeightSync.push` (Megatron model -> iter_hf_tensors gather -> bounded buckets ->
+1. Weight sync: `WeightSync.push_collective` (Megatron model -> iter_hf_tensors gather -> bounded buckets ->
    LocalEngine in-place load, version bump) vs a plain in-memory copy of the same bytes into
    preallocated tensors (the floor any in-process sync must pay). Also the disk transport
    (safetensors dir written and loaded), same baseline.
@@ -68,13 +68,13 @@ def bench_sync(args, hf_dir: Path, rows: list[str]) -> None:
     base = median_time(plain_copy, args.repeats)
     sync = WeightSync(model, hf_config, [engine], bucket_bytes=args.bucket_mb << 20)
     version = iter(range(1, 10**6))
-    t_sync = median_time(lambda: sync.push(next(version)), args.repeats)
+    t_sync = median_time(lambda: sync.push_collective(next(version)), args.repeats)
     sync.close()
     with tempfile.TemporaryDirectory() as d:
         disk = WeightSync(
             model, hf_config, [engine], transport="disk", disk_dir=d, bucket_bytes=args.bucket_mb << 20
         )
-        t_disk = median_time(lambda: disk.push(next(version)), args.repeats)
+        t_disk = median_time(lambda: disk.push_collective(next(version)), args.repeats)
         disk.close()
     asyncio.run(engine.close())
     destroy_distributed()

@@ -32,8 +32,7 @@ from megatron_m2po.choices import (
     TrackerName,
     WeightingCorrection,
 )
-
-StalenessMode = Literal["sync", "fixed", "bounded"]
+from megatron_m2po.staleness import MODES, ModeName, mode_named
 
 
 class ConfigError(ValueError):
@@ -328,11 +327,7 @@ class AlgorithmConfig:
 
 @dataclass
 class StalenessConfig:
-    mode: StalenessMode = opt(
-        "bounded",
-        "sync: s=0 on-policy; fixed: the paper's FIFO of `fixed_lag_steps` batches, "
-        "s = fixed_lag_steps x updates per step; bounded: asynchronous, staleness <= max_staleness",
-    )
+    mode: ModeName = opt("bounded", "; ".join(f"{m.name}: {m.help}" for m in MODES.values()))
     fixed_lag_steps: int = opt(0, "fixed: K, the number of generated batches held in the FIFO", ge=0)
     overlap_generation: bool = opt(
         True,
@@ -535,9 +530,7 @@ class Config:
     @property
     def fixed_lag_updates(self) -> int:
         """The exact lag s of `fixed` mode in optimizer updates (0 for `sync`)."""
-        if self.staleness.mode == "sync":
-            return 0
-        return self.staleness.fixed_lag_steps * self.updates_per_step
+        return mode_named(self.staleness.mode).lag_updates(self)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(dataclasses.asdict(self), sort_keys=False)
@@ -791,11 +784,6 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         )
     if t.min_lr > t.lr:
         raise ConfigError(f"'train.min_lr': {t.min_lr} is larger than train.lr={t.lr}")
-    if r.behavior_logprobs == "trainer" and s.mode == "bounded":
-        raise ConfigError(
-            "'rollout.behavior_logprobs': `trainer` (recompute with the producing weights) needs "
-            "staleness.mode sync or fixed; in bounded mode the producing weights are gone by consumption"
-        )
     if a.overlong_buffer > r.max_new_tokens:
         raise ConfigError(
             f"'algorithm.overlong_buffer': {a.overlong_buffer} is longer than rollout.max_new_tokens="
@@ -820,19 +808,10 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         lo, hi = getattr(a, low), getattr(a, high)
         if lo is not None and hi is not None and not lo < hi:
             raise ConfigError(f"'algorithm.{low}': {lo} must be below algorithm.{high}={hi}")
-    if s.mode == "fixed" and s.fixed_lag_steps == 0:
-        raise ConfigError(
-            "'staleness.fixed_lag_steps': must be >= 1 in fixed mode (use staleness.mode=sync for s=0)"
-        )
-    if s.mode != "fixed" and s.fixed_lag_steps:
-        raise ConfigError(
-            f"'staleness.fixed_lag_steps': only used in fixed mode, but staleness.mode={s.mode}"
-        )
-    if s.queue_capacity < t.groups_per_step * (1 + s.fixed_lag_steps):
-        raise ConfigError(
-            f"'staleness.queue_capacity': {s.queue_capacity} cannot hold the "
-            f"{t.groups_per_step * (1 + s.fixed_lag_steps)} groups this mode keeps queued"
-        )
+    problems = mode_named(s.mode).config_problems(cfg)  # what this staleness mode needs of the rest
+    if problems:
+        key, problem = problems[0]
+        raise ConfigError(f"'{key}': {problem}")
     longest = cfg.data.max_prompt_tokens + r.max_new_tokens
     if t.max_tokens_per_microbatch and t.max_tokens_per_microbatch < longest:
         raise ConfigError(

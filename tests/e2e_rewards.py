@@ -15,3 +15,17 @@ def gated_odd_char_fraction(response: str, answer: str) -> float:
     while gate and os.path.exists(gate):
         time.sleep(0.05)
     return odd_char_fraction(response, answer)
+
+
+def held_from_checkpoint(response: str, answer: str) -> float:
+    """`odd_char_fraction`, held while the file $M2PO_TEST_REWARD_GATE exists once the directory $M2PO_TEST_HOLD_FROM
+    exists (a checkpoint: generation stalls from a known step on); the file GATE.waiting says it is held."""
+    import os
+    import time
+
+    gate, hold_from = os.environ.get("M2PO_TEST_REWARD_GATE"), os.environ.get("M2PO_TEST_HOLD_FROM")
+    if gate and hold_from and os.path.exists(hold_from):
+        while os.path.exists(gate):
+            open(gate + ".waiting", "a").close()
+            time.sleep(0.05)
+    return odd_char_fraction(response, answer)

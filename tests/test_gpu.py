@@ -91,7 +91,7 @@ def test_transformer_engine_spec(tmp_path, nccl, arch):
 
 
 def test_megatron_checkpoint_round_trip_on_gpu(tmp_path, nccl):
-    from megatron_m2po.checkpoint import export_hf_dir, save_model_checkpoint
+    from megatron_m2po.checkpoint import export_hf_dir_collective, save_model_checkpoint
     from megatron_m2po.checkpoint.hf_io import HFSafetensorsReader
 
     hf_dir = make_tiny_model("qwen3", tmp_path / "hf", seed=3)
@@ -101,7 +101,7 @@ def test_megatron_checkpoint_round_trip_on_gpu(tmp_path, nccl):
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         if isinstance(a, torch.Tensor):
             assert torch.equal(a, b), name
-    export_hf_dir(again, load_hf_config(hf_dir), tmp_path / "export", source_dir=tmp_path / "ckpt")
+    export_hf_dir_collective(again, load_hf_config(hf_dir), tmp_path / "export", source_dir=tmp_path / "ckpt")
     with HFSafetensorsReader(hf_dir) as original, HFSafetensorsReader(tmp_path / "export") as exported:
         for name in original.names():  # bf16 on GPU: the export equals the bf16-rounded original
             assert torch.equal(exported.read(name), original.read(name).to(torch.bfloat16)), name

@@ -25,7 +25,7 @@ PACKAGE = "megatron_m2po"
 
 # layer -> the parts in it; a part is a subpackage or a top-level module of megatron_m2po.
 LAYERS: dict[int, tuple[str, ...]] = {
-    1: ("types", "choices", "io_errors", "console", "platform", "net", "event_loop", "trackers"),
+    1: ("types", "choices", "staleness", "io_errors", "console", "platform", "net", "event_loop", "trackers"),
     2: ("config",),
     3: ("models", "metrics"),
     4: ("checkpoint", "algorithms", "queue", "data"),

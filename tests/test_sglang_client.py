@@ -429,11 +429,11 @@ def test_update_group_rebuilt_when_an_engine_joins_or_dies(hf_dir, tmp_path):
 
             broadcaster.connect(sync.loop)
             perturb(model)
-            sync.push(1)
+            sync.push_collective(1)
             assert (first.version, broadcaster.generation) == (1, 1)
             call(join())
             perturb(model)
-            sync.push(2)
+            sync.push_collective(2)
             assert [e.engine_id for e in broadcaster.engines] == [first.engine_id, second.engine_id]
             assert (first.version, second.version, broadcaster.generation) == (2, 2, 2)
             for engine in (first, second):
@@ -444,7 +444,7 @@ def test_update_group_rebuilt_when_an_engine_joins_or_dies(hf_dir, tmp_path):
             # begin_weight_update notices (/model_info) and the group is rebuilt with the same members
             restarted = restart(launcher, second, hf_dir)
             perturb(model)
-            sync.push(3)
+            sync.push_collective(3)
             assert (first.version, second.version, broadcaster.generation) == (3, 3, 3)
             out = call(second.generate("q", [40, 41, 42, 43], 2, PARAMS))
             assert max_diff(out, trainer_logprobs(model, out)) <= 1e-5
@@ -456,7 +456,7 @@ def test_update_group_rebuilt_when_an_engine_joins_or_dies(hf_dir, tmp_path):
             restarted.wait()
             assert call(farm.check_health()) == {first.engine_id: True, second.engine_id: False}
             perturb(model)
-            sync.push(4)
+            sync.push_collective(4)
             assert [e.engine_id for e in broadcaster.engines] == [first.engine_id]
             assert (first.version, second.version, broadcaster.generation) == (4, 0, 4)
             out = call(farm.generate("r", [50, 51, 52], 2, PARAMS))
@@ -470,7 +470,7 @@ def test_update_group_rebuilt_when_an_engine_joins_or_dies(hf_dir, tmp_path):
 @pytest.mark.slow
 def test_a_refused_bucket_takes_that_engine_out_not_the_update(hf_dir, tmp_path, caplog):
     """NCCL protocol on CPU (gloo): a server that receives a bucket but refuses it (400, success false: here
-    its model has other parameter names) does not fail WeightSync.push; it keeps its weights and version, the
+    its model has other parameter names) does not fail WeightSync.push_collective; it keeps its weights and version, the
     farm routes around it with the server's message logged, and the other engine serves the new weights."""
     from test_weight_sync import PARAMS, max_diff, trainer_logprobs
 
@@ -503,7 +503,7 @@ def test_a_refused_bucket_takes_that_engine_out_not_the_update(hf_dir, tmp_path,
             )
             broadcaster.connect(sync.loop)
             with caplog.at_level("ERROR"):
-                metrics = sync.push(1)
+                metrics = sync.push_collective(1)
             assert metrics["sync/version"] == 1 and (good.version, bad.version) == (1, 0)
             assert farm._slots[good.engine_id].synced and not farm._slots[bad.engine_id].synced
             assert f"{bad.url}/update_weights_from_distributed failed (HTTP 400)" in caplog.text

@@ -102,7 +102,7 @@ def _two_updates(tiny_dir, loss: str, *, force_pre_pass: bool) -> tuple[list[dic
     forwards = []
     trainer.model.module.register_forward_hook(lambda *_: forwards.append(1))
     metrics = [
-        trainer.update(make_groups(prefix, 0), version=i, force_pre_pass=force_pre_pass)
+        trainer.update_collective(make_groups(prefix, 0), version=i, force_pre_pass=force_pre_pass)
         for i, prefix in enumerate("ab")
     ]
     return metrics, [p.detach().clone() for p in trainer.model.parameters()], len(forwards)

@@ -92,7 +92,7 @@ def test_engine_logprobs_equal_trainer_then_after_sync(policy):
         moved = trainer_logprobs(model, before)
         assert max_diff(before, moved) > 1e-3  # the update changed the policy: the check below can fail
         sync = WeightSync(model, hf_config, [engine], bucket_bytes=64 << 10)
-        metrics = sync.push(version=1)
+        metrics = sync.push_collective(version=1)
         sync.close()
         assert metrics["sync/buckets"] > 1 and engine.version == 1
         after = generate(engine)
@@ -129,7 +129,7 @@ def test_sender_failing_halfway_publishes_nothing(policy, monkeypatch):
         for target in ([engine], EngineFarm([farm_engine])):
             sync = WeightSync(model, hf_config, target, bucket_bytes=16 << 10)
             with pytest.raises(RuntimeError, match="gather failed"):
-                sync.push(version=1)
+                sync.push_collective(version=1)
             sync.close()
         assert engine.version == farm_engine.version == 0 and target.version == 0
         for e in (engine, farm_engine):
@@ -149,8 +149,8 @@ def test_disk_transport_through_farm(policy, tmp_path, caplog):
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
     sync = WeightSync(model, hf_config, farm, transport="disk", disk_dir=tmp_path, bucket_bytes=32 << 10)
-    sync.push(version=5)
-    sync.push(version=6)
+    sync.push_collective(version=5)
+    sync.push_collective(version=6)
     sync.close()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v6"]  # the previous version is cleaned up
     assert len(list((tmp_path / "v6").glob("*.safetensors"))) > 1
@@ -210,7 +210,7 @@ def test_distributed_transport_to_engine_process(policy, tmp_path):
     with EngineLauncher(hf_dir, servers=1, backend="local", log_dir=tmp_path) as launcher:
         (engine,) = launcher.engines()
         sync = gloo_sync(model, hf_config, engine, bucket_bytes=64 << 10)
-        metrics = sync.push(version=2)
+        metrics = sync.push_collective(version=2)
         out = asyncio.run_coroutine_threadsafe(
             engine.generate("q", PROMPTS[0], 2, PARAMS), sync.loop
         ).result()
@@ -232,10 +232,10 @@ def test_restarted_trainer_rejoins_servers_that_stayed_up(policy, tmp_path):
     with EngineLauncher(hf_dir, servers=1, backend="local", log_dir=tmp_path) as launcher:
         (first_client,) = launcher.engines()
         dead = gloo_sync(model, hf_config, first_client, bucket_bytes=1 << 20)
-        dead.push(version=1)  # then the trainer dies: no close(), the server keeps the group
+        dead.push_collective(version=1)  # then the trainer dies: no close(), the server keeps the group
         (engine,) = launcher.engines()
         sync = gloo_sync(model, hf_config, engine, bucket_bytes=1 << 20)
-        sync.push(version=2)
+        sync.push_collective(version=2)
         out = asyncio.run_coroutine_threadsafe(
             engine.generate("q", PROMPTS[0], 1, PARAMS), sync.loop
         ).result()
@@ -285,7 +285,7 @@ def test_nccl_transport_to_real_sglang_server(tmp_path):
             )
             sync = WeightSync(model, hf_config, [engine], transport="distributed", broadcaster=broadcaster)
             broadcaster.connect(sync.loop)
-            sync.push(version=1)
+            sync.push_collective(version=1)
             params = SamplingParams(max_new_tokens=12, temperature=T)
             out = asyncio.run_coroutine_threadsafe(
                 engine.generate("q", PROMPTS[0], 2, params), sync.loop

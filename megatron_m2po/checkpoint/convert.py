@@ -262,7 +262,7 @@ def convert_megatron_to_hf(
     return out
 
 
-def export_hf_dir(
+def export_hf_dir_collective(
     model, hf_config, out_dir: str | Path, *, source_dir: str | Path, max_shard_bytes: int = 2 * 1024**3
 ) -> Path:
     """Collective: write the live (TP/PP-sharded) model as an HF dir; global rank 0 writes.

@@ -40,6 +40,7 @@ from megatron_m2po.metrics import read_scalars
 from megatron_m2po.models.tiny import make_tiny_model
 from megatron_m2po.rollout.engines.sglang_launcher import EngineLauncher
 from megatron_m2po.rollout.evaluation import FileSpec, evaluate, stop_token_ids
+from megatron_m2po.staleness import mode_named
 from megatron_m2po.train import train
 from megatron_m2po.types import SamplingParams
 
@@ -332,7 +333,7 @@ def _loop_seconds(run_dir: str) -> dict[str, float]:
 
 def _max_staleness(cfg) -> int:
     """The most updates a consumed batch can lag: fixed's exact lag, bounded's bound, 0 for sync."""
-    return cfg.staleness.max_staleness if cfg.staleness.mode == "bounded" else cfg.fixed_lag_updates
+    return mode_named(cfg.staleness.mode).staleness_bound(cfg)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from megatron_m2po.queue.admission import bounded_admissible, expected_fixed_version
+from megatron_m2po.queue.admission import admission_rule
 from megatron_m2po.queue.codec import CodecError, VersionRange, decode_group, encode_group, version_range
 from megatron_m2po.queue.journal import (
     FSYNC_POLICIES,
@@ -39,17 +39,12 @@ from megatron_m2po.types import Group
 
 logger = logging.getLogger(__name__)
 
-MODES = ("bounded", "fixed", "sync")
 COMMIT_FORMAT = 1
 _COUNTERS = ("admitted", "admit_waits", "released", "accepted", "duplicates", "dropped", "consumed")
 
 
 class QueueClosed(RuntimeError):
     """The queue was closed while a caller waited on it, or is used after `close()`."""
-
-
-class StalenessViolation(RuntimeError):
-    """Fixed/sync mode: the oldest batch was not produced by exactly version - fixed_lag_updates."""
 
 
 class QueueFull(TimeoutError):
@@ -78,9 +73,10 @@ class _Entry:
 class ReplayQueue:
     """Thread-safe, journaled queue of `Group`s with staleness control.
 
-    mode: "bounded" (admission keeps staleness <= `max_staleness`; too-stale groups are
-    dropped and counted), "fixed" (every group consumed at version v must come from exactly
-    `max(v - fixed_lag_updates, 0)`; raises `StalenessViolation` otherwise) or "sync" (fixed, lag 0).
+    mode: a staleness mode's name (`megatron_m2po.staleness`); its rule (queue/admission.py) decides
+    admission, drops and the check at consumption: "bounded" (admission keeps staleness <= `max_staleness`;
+    too-stale groups are dropped and counted), "fixed" (every group consumed at version v must come from
+    exactly `max(v - fixed_lag_updates, 0)`; raises `StalenessViolation` otherwise) or "sync" (fixed, lag 0).
     `groups_per_update`: groups the trainer consumes per published version (admission uses it).
     `capacity`: bound on queued + reserved + being-written groups (back-pressure).
     `journal_dir`: None keeps everything in memory (no recovery); otherwise a fresh directory
@@ -101,8 +97,6 @@ class ReplayQueue:
         segment_bytes: int = 64 << 20,
         logprob_dtype: str = "float32",
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {FSYNC_POLICIES}, got {fsync!r}")
         for name, value, low in (
@@ -115,8 +109,9 @@ class ReplayQueue:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if capacity < groups_per_update:
             raise ValueError(f"capacity ({capacity}) must be >= groups_per_update ({groups_per_update})")
-        if mode == "sync" and fixed_lag_updates != 0:
-            raise ValueError(f"mode='sync' means fixed_lag_updates=0, got fixed_lag_updates={fixed_lag_updates}")
+        self._rule = admission_rule(
+            mode, max_staleness=max_staleness, groups_per_update=groups_per_update, fixed_lag_updates=fixed_lag_updates
+        )
         self.mode = mode
         self.max_staleness = max_staleness
         self.groups_per_update = groups_per_update
@@ -182,26 +177,22 @@ class ReplayQueue:
         """Reserve `num_groups` started at `at_version` if allowed; None when it can never be."""
         if self._occupied_locked() + num_groups > self.capacity:
             return False
-        if self.mode == "bounded":
-            if self._version - at_version > self.max_staleness:
-                logger.warning(
-                    "queue: refusing work at version %d: already %d versions behind the trainer (max_staleness %d)",
-                    at_version,
-                    self._version - at_version,
-                    self.max_staleness,
-                )
-                return None
-            pending = self._queued_levels + self._reserved
-            if not bounded_admissible(
-                num_groups,
+        admitted = self._rule.admit(
+            num_groups,
+            at_version,
+            version=self._version,
+            consumed_at_version=self._consumed_at_version,
+            pending=self._queued_levels + self._reserved,
+        )
+        if admitted is None:
+            logger.warning(
+                "queue: refusing work at version %d: already %d versions behind the trainer (max_staleness %d)",
                 at_version,
-                version=self._version,
-                consumed_at_version=self._consumed_at_version,
-                pending=pending,
-                max_staleness=self.max_staleness,
-                groups_per_update=self.groups_per_update,
-            ):
-                return False
+                self._version - at_version,
+                self.max_staleness,
+            )
+        if not admitted:
+            return admitted
         self._reserved[at_version] += num_groups
         self._counters["admitted"] += num_groups
         return True
@@ -211,12 +202,7 @@ class ReplayQueue:
             raise ValueError(f"admit: num_groups must be >= 1, got {num_groups}")
         if num_groups > self.capacity:
             raise ValueError(f"admit: num_groups={num_groups} exceeds capacity {self.capacity}")
-        bound = (self.max_staleness + 1) * self.groups_per_update
-        if self.mode == "bounded" and num_groups > bound:
-            raise ValueError(
-                f"admit: num_groups={num_groups} can never fit within max_staleness: at most "
-                f"(max_staleness + 1) * groups_per_update = {bound}"
-            )
+        self._rule.check_request(num_groups)
 
     def admit(self, num_groups: int = 1, timeout: float | None = None, *, version: int | None = None) -> bool:
         """Producer: block until `num_groups` prompts may start; reserves them. False on timeout/close.
@@ -432,15 +418,7 @@ class ReplayQueue:
 
     def _pop_batch_locked(self, n: int) -> list[Group]:
         batch = self._entries[:n]
-        if self.mode in ("fixed", "sync"):
-            expected = expected_fixed_version(self._version, self.fixed_lag_updates)
-            for e in batch:
-                if e.low != expected or e.high != expected:
-                    raise StalenessViolation(
-                        f"{self.mode} mode: group {e.group.prompt_id!r} consumed at version {self._version} was "
-                        f"produced by versions {e.low}..{e.high}, expected exactly {expected} "
-                        f"(fixed_lag_updates={self.fixed_lag_updates}); nothing was consumed"
-                    )
+        self._rule.check_consumed(((e.group.prompt_id, e.low, e.high) for e in batch), self._version)
         del self._entries[:n]
         for e in batch:
             self._remove_entry_locked(e)
@@ -451,10 +429,11 @@ class ReplayQueue:
         return [e.group for e in batch]
 
     def _drop_stale_locked(self) -> None:
-        if self.mode != "bounded":
+        oldest_fresh = self._rule.oldest_fresh(self._version)
+        if oldest_fresh is None:
             return
-        # entries are sorted by low: the stale ones (version - low > max_staleness) are a prefix
-        stale = bisect.bisect_left(self._entries, self._version - self.max_staleness, key=lambda e: e.low)
+        # entries are sorted by low: the stale ones (low < oldest_fresh) are a prefix
+        stale = bisect.bisect_left(self._entries, oldest_fresh, key=lambda e: e.low)
         if not stale:
             return
         dropped, self._entries[:stale] = self._entries[:stale], []

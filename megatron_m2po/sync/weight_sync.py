@@ -1,6 +1,6 @@
 """WeightSync: the trainer's current policy -> every engine, as HF-named tensors, and a version bump.
 
-`push(version)` is collective over the model-parallel ranks (checkpoint.iter_hf_tensors gathers TP/PP
+`push_collective(version)` is collective over the model-parallel ranks (checkpoint.iter_hf_tensors gathers TP/PP
 shards); the rank holding the rollout side (global rank 0) streams buckets of at most `bucket_bytes`
 to the engines, the others only take part in the gather. Transports:
 - "tensors": in-process engines (LocalEngine, CPU) copy each bucket into their weights;
@@ -98,7 +98,7 @@ class WeightSync:
 
     # -- push ------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def push(self, version: int) -> dict[str, float]:
+    def push_collective(self, version: int) -> dict[str, float]:
         """Send the current weights as `version` to every engine; returns sync/ metrics (on the sending rank)."""
         t0 = time.perf_counter()
         tensors = iter_hf_tensors(self.model, self.hf_config)
@@ -109,7 +109,7 @@ class WeightSync:
             return {}
         if dist.is_initialized() and dist.get_rank() != 0:
             logger.warning(
-                "WeightSync.push with engines on global rank %d (expected rank 0)", dist.get_rank()
+                "WeightSync.push_collective with engines on global rank %d (expected rank 0)", dist.get_rank()
             )
         n_bytes = n_buckets = 0
         if self.transport == "disk":

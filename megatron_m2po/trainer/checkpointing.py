@@ -11,7 +11,7 @@ It is written into `step_N.partial` and renamed only after every rank finished, 
 updated last, so a crash while saving leaves the previous checkpoint as the one to resume from; a save
 that fails removes its `.partial` and raises `CheckpointError` with the path, errno and free space.
 Loading refuses a checkpoint other users can write (`megatron_ckpt.check_trusted`), and
-`load_newest_checkpoint` falls back to an older checkpoint when the newest does not load.
+`load_newest_checkpoint_collective` falls back to an older checkpoint when the newest does not load.
 The queue journal lives outside checkpoints; its commit point inside them, so a restart replays
 exactly the groups that checkpoint had not consumed.
 """
@@ -188,7 +188,7 @@ def _save_failure(where: Path, err: BaseException) -> CheckpointError:
     )
 
 
-def save_checkpoint(
+def save_checkpoint_collective(
     ckpt_root: str | Path, step: int, model, optimizer, trainer_state: dict[str, Any], *, keep_last: int
 ) -> Path:
     """Collective: every rank calls it. `trainer_state` must be JSON-able (rank 0's copy is written).
@@ -217,7 +217,7 @@ def save_checkpoint(
                 _write_bytes(partial / STATE_FILE, state)
         except OSError as e:
             local_error = e
-        _agree(None if local_error is None else str(local_error))
+        _agree_collective(None if local_error is None else str(local_error))
         if rank() == 0:
             make_private(ckpt_root)
             shutil.rmtree(final, ignore_errors=True)
@@ -321,7 +321,7 @@ def oldest_trainer_state(ckpt_root: str | Path) -> dict[str, Any] | None:
         return None
 
 
-def _agree(problem: str | None) -> None:
+def _agree_collective(problem: str | None) -> None:
     """Collective: raise the first rank's problem on every rank, so all ranks skip the same checkpoint
     (and none enters the collective load while another has given up)."""
     problems = [problem]
@@ -336,7 +336,7 @@ def _agree(problem: str | None) -> None:
 StateCheck = Callable[[dict[str, Any]], None]
 
 
-def load_checkpoint(
+def load_checkpoint_collective(
     path: str | Path,
     model,
     optimizer,
@@ -365,7 +365,7 @@ def load_checkpoint(
         verify_dist_files(path / "dist")
     except (CheckpointError, OSError, ValueError) as e:
         problem = str(e)
-    _agree(problem)
+    _agree_collective(problem)
     try:
         loaded = dist_checkpointing.load(
             _sharded_state(model, optimizer, is_loading=True), str(path / "dist")
@@ -381,7 +381,7 @@ def load_checkpoint(
     return state
 
 
-def load_newest_checkpoint(
+def load_newest_checkpoint_collective(
     ckpt_root: str | Path,
     model,
     optimizer,
@@ -403,7 +403,7 @@ def load_newest_checkpoint(
             path = ckpt_root / path  # `--resume=step_00000004`
         inside = Path(os.path.abspath(path)).is_relative_to(os.path.abspath(ckpt_root))
         run_dir = ckpt_root.parent if inside else None
-        return path, load_checkpoint(path, model, optimizer, run_dir=run_dir, check_state=check_state), []
+        return path, load_checkpoint_collective(path, model, optimizer, run_dir=run_dir, check_state=check_state), []
     candidates = list(reversed(list_checkpoints(ckpt_root)))
     named = _read_latest(ckpt_root)
     if (
@@ -414,7 +414,7 @@ def load_newest_checkpoint(
     skipped = []
     for candidate in candidates:
         try:
-            state = load_checkpoint(
+            state = load_checkpoint_collective(
                 candidate, model, optimizer, run_dir=ckpt_root.parent, check_state=check_state
             )
         except CheckpointError as e:

@@ -3,7 +3,8 @@
 Rank 0 owns the rollout side; every rank needs the consumed batch, and rank 0 needs the metrics that
 only the last pipeline stage computes. Object collectives keep this short; the payload per step is
 token ids and log-probs, small next to the weights. `SharedProducer` gives every rank the rollout side's
-interface, so the loop never asks which rank it is on.
+interface, so the loop never asks which rank it is on. A name ending in `_collective` (or a torch.distributed
+verb: broadcast, gather) is a call every rank makes, in the same order.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def gather_to_rank0(obj: Any) -> list[Any] | None:
     return out
 
 
-def merge_metrics_to_rank0(metrics: dict[str, float]) -> dict[str, float]:
+def gather_metrics_to_rank0(metrics: dict[str, float]) -> dict[str, float]:
     """Union of every rank's metrics on rank 0 (the last pipeline stage has the loss metrics)."""
     parts = gather_to_rank0(metrics)
     if parts is None:
@@ -53,14 +54,14 @@ def merge_metrics_to_rank0(metrics: dict[str, float]) -> dict[str, float]:
 
 class SharedProducer:
     """The rollout side on every rank: rank 0 runs its `rollout.producer.Producer` (`local`); on the other ranks
-    `local` is None and the methods that return data receive rank 0's answer by broadcast. Collective where
-    the docstring says so; the rest act on rank 0 only."""
+    `local` is None and the methods that return data receive rank 0's answer by broadcast. The `_collective`
+    methods are collectives; the rest act on rank 0 only."""
 
     def __init__(self, local=None):
         self.local = local
         self.farm = local.farm if local is not None else None  # the engines, for weight sync (rank 0)
 
-    def _from_rank0(self, call: Callable[[Any], Any]) -> Any:
+    def _call_on_rank0_collective(self, call: Callable[[Any], Any]) -> Any:
         """`call(local)` on rank 0, its result on every rank; a `ProducerStopped` there raises on every rank."""
         out = None
         if self.local is not None:
@@ -73,17 +74,17 @@ class SharedProducer:
             raise out
         return out
 
-    def take(self, num_groups: int, stop_requested: Callable[[], bool] = lambda: False) -> list[Group] | None:
-        """The next `num_groups` queued groups (collective); None if rank 0's `stop_requested()` turns true first."""
-        return self._from_rank0(lambda producer: producer.take(num_groups, stop_requested=stop_requested))
+    def take_collective(self, num_groups: int, stop_requested: Callable[[], bool] = lambda: False) -> list[Group] | None:
+        """The next `num_groups` queued groups; None if rank 0's `stop_requested()` turns true first."""
+        return self._call_on_rank0_collective(lambda producer: producer.take(num_groups, stop_requested=stop_requested))
 
-    def queued(self) -> int:
-        """Groups in rank 0's queue (collective)."""
-        return self._from_rank0(lambda producer: len(producer.queue))
+    def queued_collective(self) -> int:
+        """Groups in rank 0's queue."""
+        return self._call_on_rank0_collective(lambda producer: len(producer.queue))
 
-    def generate(self, num_groups: int, version: int, relabel: Callable[[list[Group] | None], None]) -> None:
+    def generate_collective(self, num_groups: int, version: int, relabel: Callable[[list[Group] | None], None]) -> None:
         """Rank 0 generates `num_groups` groups with the engines at `version` and queues them; `relabel(groups)`
-        runs on every rank in between (collective; None off rank 0)."""
+        runs on every rank in between (None off rank 0)."""
         groups = self.local.generate(num_groups, version) if self.local is not None else None
         relabel(groups)
         if self.local is not None:
@@ -91,19 +92,19 @@ class SharedProducer:
 
     def generate_in_background(self, num_groups: int, version: int) -> None:
         """Rank 0 starts generating `num_groups` groups with the engines at `version` and returns at once; the
-        other ranks do nothing. `join_generation` queues them."""
+        other ranks do nothing. `join_generation_collective` queues them."""
         if self.local is not None:
             self.local.start_generation(num_groups, version)
 
-    def join_generation(self) -> float:
-        """Wait for the batch `generate_in_background` started and queue it (collective); its generation's wall
+    def join_generation_collective(self) -> float:
+        """Wait for the batch `generate_in_background` started and queue it; its generation's wall
         time in seconds, from rank 0."""
 
         def finish(producer) -> float:
             producer.put(producer.finish_generation())
             return producer.last_generation_s
 
-        return self._from_rank0(finish)
+        return self._call_on_rank0_collective(finish)
 
     def start(self, version: int) -> None:
         if self.local is not None:

@@ -1,4 +1,4 @@
-"""The engines' copy of the policy: `EngineSync.push(version)` sends the trainer's weights when they hold an older
+"""The engines' copy of the policy: `EngineSync.push_collective(version)` sends the trainer's weights when they hold an older
 version (docs/training.md, "weight sync"; the transports are `sync/weight_sync.py`)."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ class EngineSync:
         self.transport: WeightSync | None = None
         self.metrics: dict[str, float] = {}  # the last push's `sync/` scalars
 
-    def push(self, version: int) -> None:
+    def push_collective(self, version: int) -> None:
         """Give the engines the policy at `version`: collective over DP replica 0's ranks (every rank under expert
         parallelism); a no-op if they hold it."""
         takes_part = (
@@ -37,7 +37,7 @@ class EngineSync:
             return
         if self.transport is None:
             self.transport = self._build()
-        self.metrics = self.transport.push(version)
+        self.metrics = self.transport.push_collective(version)
         self.version = version
 
     def _build(self) -> WeightSync:

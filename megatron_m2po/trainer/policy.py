@@ -23,7 +23,7 @@ from megatron_m2po.trainer.batching import (
 )
 from megatron_m2po.trainer.distribute import broadcast_from_rank0, gather_to_rank0
 from megatron_m2po.trainer.optimizer import build_optimizer, wrap_ddp
-from megatron_m2po.trainer.step import forward_logprobs, train_update
+from megatron_m2po.trainer.step import forward_logprobs_collective, train_update_collective
 from megatron_m2po.types import Group
 
 
@@ -101,9 +101,9 @@ class Policy:
             multiple=multiple,
         )
 
-    def update(self, groups: list[Group], version: int, *, force_pre_pass: bool = False) -> dict[str, float]:
+    def update_collective(self, groups: list[Group], version: int, *, force_pre_pass: bool = False) -> dict[str, float]:
         """One optimizer update on one mini-batch of groups consumed at policy `version` (`force_pre_pass`:
-        see `step.train_update`)."""
+        see `step.train_update_collective`)."""
         cfg = self.cfg
         a = cfg.algorithm
         rewards = torch.tensor([reward for g in groups for reward in g.rewards], dtype=torch.float32)
@@ -127,7 +127,7 @@ class Policy:
             [len(row.tokens) - row.prompt_len if row.in_loss else 0 for row in rows]
         )
         normalizer = max(total, 1) / self.dp_size
-        return extra | train_update(
+        return extra | train_update_collective(
             self.model,
             self.optimizer,
             self.scheduler,
@@ -138,7 +138,7 @@ class Policy:
             force_pre_pass=force_pre_pass,
         )
 
-    def recompute_behavior_logprobs(self, groups: list[Group] | None) -> None:
+    def recompute_behavior_logprobs_collective(self, groups: list[Group] | None) -> None:
         """rollout.behavior_logprobs=trainer: log-probs of the current (= producing) weights, stored in the groups.
 
         Collective. Each DP rank computes an interleaved share; rank 0 collects them into its groups.
@@ -149,7 +149,7 @@ class Policy:
         out: dict[int, list[float]] = {}
         mbs = self._microbatches(rows, version=0)  # none on a rank whose share is empty
         if mbs:
-            lps = forward_logprobs(self.model, mbs, self.cfg.rollout.temperature)
+            lps = forward_logprobs_collective(self.model, mbs, self.cfg.rollout.temperature)
             for mb, lp in zip(mbs, lps):
                 for i, lp_row in zip(mb.row_index.tolist(), lp):
                     if i >= 0:

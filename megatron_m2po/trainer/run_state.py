@@ -40,13 +40,13 @@ def check_saved_state(state: dict) -> None:
             raise ValueError(f"'{key}': {shown}, expected {'a count' if kind is int else 'an object'}")
 
 
-def restore(trainer: Policy, ckpt_root: Path, resume: bool | str) -> tuple[Progress, dict | None]:
+def restore_collective(trainer: Policy, ckpt_root: Path, resume: bool | str) -> tuple[Progress, dict | None]:
     """With `resume`, load the newest checkpoint that loads (or the one `resume` names) into the trainer;
     return the progress and the saved state."""
     found = None
     if resume:
         path = resume if isinstance(resume, str) else None
-        found = checkpointing.load_newest_checkpoint(
+        found = checkpointing.load_newest_checkpoint_collective(
             ckpt_root, trainer.model, trainer.optimizer, path=path, check_state=check_saved_state
         )
     if found is None:
@@ -65,12 +65,12 @@ def restore(trainer: Policy, ckpt_root: Path, resume: bool | str) -> tuple[Progr
     return progress, saved
 
 
-def save(ckpt_root: Path, progress: Progress, trainer: Policy, producer: SharedProducer) -> None:
-    """Checkpoint (collective). The queue's commit point goes inside it; once it is on disk, the journal
+def save_collective(ckpt_root: Path, progress: Progress, trainer: Policy, producer: SharedProducer) -> None:
+    """Checkpoint the run. The queue's commit point goes inside it; once it is on disk, the journal
     segments that the oldest kept checkpoint consumed are freed (`--resume` may fall back to any kept one)."""
     state = {"step": progress.step, "version": progress.version, **trainer.state_dict_extra()}
     state = broadcast_from_rank0({**state, **producer.state_dict()})
-    checkpointing.save_checkpoint(
+    checkpointing.save_checkpoint_collective(
         ckpt_root,
         progress.step,
         trainer.model,

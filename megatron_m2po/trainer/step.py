@@ -11,7 +11,7 @@ A loss that says it needs log pi_theta of the whole mini-batch before the update
 (`PolicyLoss.inputs_before_update`): `m2po` in `global` scope its threshold over the DP group, `decoupled_ppo`
 its proximal log-probs. When one micro-batch per rank holds the whole mini-batch, the training forward's own
 detached log-probs are exactly those (same weights, same input), so `loss_func` computes them there; with more
-micro-batches a no-grad pre-pass (`forward_logprobs`) computes them first, since the first micro-batch's
+micro-batches a no-grad pre-pass (`forward_logprobs_collective`) computes them first, since the first micro-batch's
 loss needs every micro-batch's log-probs.
 """
 
@@ -78,7 +78,7 @@ def token_logprobs(output: torch.Tensor, mb: MicroBatch, temperature: float, *, 
 
 
 @torch.no_grad()
-def forward_logprobs(model, micro_batches: Sequence[MicroBatch], temperature: float) -> list[torch.Tensor]:
+def forward_logprobs_collective(model, micro_batches: Sequence[MicroBatch], temperature: float) -> list[torch.Tensor]:
     """log pi_theta of every micro-batch's targets [b, L-1] (on the last pipeline stage; [] elsewhere)."""
     device = next(model.parameters()).device
 
@@ -102,7 +102,7 @@ def forward_logprobs(model, micro_batches: Sequence[MicroBatch], temperature: fl
     return [d["logprobs"] for d in store] if parallel_state.is_pipeline_last_stage() else []
 
 
-def _reduce_metrics(per_microbatch: list[dict[str, float]], group) -> dict[str, float]:
+def _all_reduce_metrics(per_microbatch: list[dict[str, float]], group) -> dict[str, float]:
     """Mean over micro-batches and DP ranks (max for `*_max` keys, sum for `*num_tokens`)."""
     keys = sorted({k for d in per_microbatch for k in d})
     if group is not None and dist.get_world_size(group) > 1:
@@ -141,7 +141,7 @@ def _reduce_metrics(per_microbatch: list[dict[str, float]], group) -> dict[str, 
     return out
 
 
-def _inputs_before_update(loss_fn, current, micro_batches, device, dp_group) -> list[dict]:
+def _inputs_before_update_collective(loss_fn, current, micro_batches, device, dp_group) -> list[dict]:
     """Each micro-batch's extra loss inputs from the mini-batch's log-probs before the update (`current`).
 
     Collective over the DP group (m2po's threshold): called on the last pipeline stage of every DP rank."""
@@ -159,16 +159,16 @@ def _inputs_before_update(loss_fn, current, micro_batches, device, dp_group) -> 
     )
 
 
-def _pre_pass(model, micro_batches, loss_fn, temperature, device, dp_group) -> list[dict] | None:
-    """`_inputs_before_update` from a no-grad forward of every micro-batch (collective: every rank runs
+def _pre_pass_collective(model, micro_batches, loss_fn, temperature, device, dp_group) -> list[dict] | None:
+    """`_inputs_before_update_collective` from a no-grad forward of every micro-batch (collective: every rank runs
     it; None off the last pipeline stage, which computes no loss)."""
-    current = forward_logprobs(model, micro_batches, temperature)
+    current = forward_logprobs_collective(model, micro_batches, temperature)
     if not parallel_state.is_pipeline_last_stage():
         return None
-    return _inputs_before_update(loss_fn, current, micro_batches, device, dp_group)
+    return _inputs_before_update_collective(loss_fn, current, micro_batches, device, dp_group)
 
 
-def train_update(
+def train_update_collective(
     model,
     optimizer,
     scheduler,
@@ -191,7 +191,7 @@ def train_update(
     in_forward = needs_current and num_mb == 1 and not force_pre_pass
     loss_inputs = None
     if needs_current and not in_forward:
-        loss_inputs = _pre_pass(model, micro_batches, loss_fn, temperature, device, dp_group)
+        loss_inputs = _pre_pass_collective(model, micro_batches, loss_fn, temperature, device, dp_group)
     index = iter(range(num_mb))
 
     def forward_step(data_iterator, model_chunk):
@@ -199,16 +199,16 @@ def train_update(
         i = next(index)
         output = run_model(model_chunk, mb)
 
-        def loss_func(out):
+        def loss_collective(out):  # collective over DP for m2po's threshold
             lp, entropy = token_logprobs(out, mb, temperature, with_entropy=True)
             optional: dict[str, Any] = {
                 "staleness": mb.staleness,
                 "normalizer": normalizer,
                 "process_group": dp_group,
             }
-            if in_forward:  # the pre-pass's value: same weights, same micro-batch, as forward_logprobs
+            if in_forward:  # the pre-pass's value: same weights, same micro-batch, as forward_logprobs_collective
                 current = [lp.detach().float()]
-                optional.update(_inputs_before_update(loss_fn, current, [mb], device, dp_group)[0])
+                optional.update(_inputs_before_update_collective(loss_fn, current, [mb], device, dp_group)[0])
             elif loss_inputs is not None:
                 optional.update(loss_inputs[i])
             if loss_fn.needs_engine_logprobs:
@@ -223,7 +223,7 @@ def train_update(
             # The schedule divides by num_microbatches; the normalizer already made this a share of the mean.
             return loss * num_mb, metrics
 
-        return output, loss_func
+        return output, loss_collective
 
     model.zero_grad_buffer()
     optimizer.zero_grad()
@@ -239,7 +239,7 @@ def train_update(
 
     metrics: dict[str, float] = {}
     if parallel_state.is_pipeline_last_stage():
-        metrics = _reduce_metrics(list(store), dp_group)
+        metrics = _all_reduce_metrics(list(store), dp_group)
         # loss/value: a micro-batch's loss is its share of the DP-averaged mean, so the mini-batch loss is
         # the sum over micro-batches of the mean over DP ranks = (mean over both) x num_microbatches.
         if "loss/value" in metrics:

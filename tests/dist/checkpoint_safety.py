@@ -71,9 +71,9 @@ def main(hf_dir: str, work: str, out: str, tmpfs: str | None = None) -> None:
     pristine = work_dir / "pristine"
     hashes = {}
     for step, pid in ((1, "a"), (2, "bb")):
-        trainer.update([make_group(pid, 0)], step - 1)
+        trainer.update_collective([make_group(pid, 0)], step - 1)
         state = {"step": step, "version": step, "scheduler": {}, "data": {}, "queue": {}}
-        ck.save_checkpoint(pristine, step, model, opt, state, keep_last=2)
+        ck.save_checkpoint_collective(pristine, step, model, opt, state, keep_last=2)
         hashes[step] = params_hash(model)
     result: dict = {"children_after_save": [" ".join(c.cmdline()) for c in psutil.Process().children(True)]}
     marker = work_dir / "MARKER"
@@ -87,9 +87,9 @@ def main(hf_dir: str, work: str, out: str, tmpfs: str | None = None) -> None:
         try:
             skipped = None
             if newest:
-                path, _, skipped = ck.load_newest_checkpoint(root, model, opt, check_state=check_saved_state)
+                path, _, skipped = ck.load_newest_checkpoint_collective(root, model, opt, check_state=check_saved_state)
             else:
-                path, _ = root / "step_00000002", ck.load_checkpoint(root / "step_00000002", model, opt)
+                path, _ = root / "step_00000002", ck.load_checkpoint_collective(root / "step_00000002", model, opt)
             result[name] = {"loaded": path.name, "hash_ok": params_hash(model) == hashes[int(path.name[5:])]}
             if skipped:
                 result[name]["skipped"] = skipped
@@ -213,9 +213,9 @@ def main(hf_dir: str, work: str, out: str, tmpfs: str | None = None) -> None:
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", tmpfs], check=True)
         try:
             full = Path(tmpfs) / "ckpt"
-            ck.save_checkpoint(full, 1, model, opt, {"step": 1}, keep_last=1)
+            ck.save_checkpoint_collective(full, 1, model, opt, {"step": 1}, keep_last=1)
             try:
-                ck.save_checkpoint(full, 2, model, opt, {"step": 2}, keep_last=1)
+                ck.save_checkpoint_collective(full, 2, model, opt, {"step": 2}, keep_last=1)
                 result["disk_full"] = {"error": None}
             except ck.CheckpointError as e:
                 result["disk_full"] = {"error": str(e)}
@@ -223,7 +223,7 @@ def main(hf_dir: str, work: str, out: str, tmpfs: str | None = None) -> None:
                 result["disk_full"] = {"error": f"UNNAMED {type(e).__name__}: {e}"}
             result["disk_full"]["left"] = sorted(p.name for p in full.iterdir())
             result["disk_full"]["latest"] = (full / "latest").read_text().strip()
-            path, _, _ = ck.load_newest_checkpoint(full, model, opt)
+            path, _, _ = ck.load_newest_checkpoint_collective(full, model, opt)
             result["disk_full"]["resumed"] = path.name
         finally:
             subprocess.run(["umount", tmpfs], check=False)

@@ -35,16 +35,16 @@ def main(hf_dir: str, out: str, ckpt_dir: str, mode: str, *overrides: str) -> No
     trainer = Policy(cfg)
     if mode == "save":
         for version, prefix in enumerate(("a", "b")):
-            trainer.update(make_groups(prefix, 0), version=version)
+            trainer.update_collective(make_groups(prefix, 0), version=version)
         state = {"step": 2, "scheduler": trainer.scheduler.state_dict()}
-        checkpointing.save_checkpoint(ckpt_dir, 2, trainer.model, trainer.optimizer, state, keep_last=1)
+        checkpointing.save_checkpoint_collective(ckpt_dir, 2, trainer.model, trainer.optimizer, state, keep_last=1)
     else:
-        saved = checkpointing.load_checkpoint(
+        saved = checkpointing.load_checkpoint_collective(
             checkpointing.latest_checkpoint(ckpt_dir), trainer.model, trainer.optimizer
         )
         trainer.scheduler.load_state_dict(saved["scheduler"])
     m = broadcast_metrics(
-        trainer.update(make_groups("c", 0), version=2), torch.distributed.get_world_size() - 1
+        trainer.update_collective(make_groups("c", 0), version=2), torch.distributed.get_world_size() - 1
     )
     tensors = iter_hf_tensors(trainer.model, trainer.hf_config)
     checksum = sum(float(t.double().abs().sum()) for _, t in tensors if t is not None)

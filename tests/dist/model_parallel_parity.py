@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from megatron_m2po import platform
-from megatron_m2po.checkpoint import export_hf_dir, iter_hf_tensors
+from megatron_m2po.checkpoint import export_hf_dir_collective, iter_hf_tensors
 from megatron_m2po.checkpoint.hf_io import HFSafetensorsReader
 from megatron_m2po.checkpoint import load_policy
 from megatron_m2po.models import forward_logits, load_hf_config
@@ -133,7 +133,7 @@ def compute(path: Path, tp: int, pp: int, ids, weights, export_to: Path | None =
     hf_config = load_hf_config(path)
     model = load_policy(path)
     if export_to is not None:
-        export_hf_dir(model, hf_config, export_to, source_dir=path, max_shard_bytes=64 * 1024)
+        export_hf_dir_collective(model, hf_config, export_to, source_dir=path, max_shard_bytes=64 * 1024)
     logits = run_pipeline(model, ids, weights) if pp > 1 else run_single_stage(model, ids, weights)
     finalize_grads(model)
     grads = hf_named_grads(model, hf_config)

@@ -39,7 +39,7 @@ def main(hf_dir: Path, log_dir: Path) -> None:
             p.add_(0.01 * torch.randn_like(p))
 
     if rank != 0:
-        WeightSync(model, hf_config, None).push(version=2)
+        WeightSync(model, hf_config, None).push_collective(version=2)
         samples = None
     else:
         from megatron_m2po.rollout.engines.sglang_launcher import EngineLauncher
@@ -53,7 +53,7 @@ def main(hf_dir: Path, log_dir: Path) -> None:
                 return asyncio.run_coroutine_threadsafe(coro, sync.loop).result()
 
             before = generate()
-            metrics = sync.push(version=2)
+            metrics = sync.push_collective(version=2)
             samples = generate()
             asyncio.run_coroutine_threadsafe(engine.close(), sync.loop).result()
             sync.close()

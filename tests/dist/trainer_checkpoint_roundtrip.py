@@ -36,15 +36,15 @@ def main(hf_dir: str, out: str, ckpt_dir: str) -> None:
     from megatron_m2po.trainer.policy import Policy
 
     trainer = Policy(cfg)
-    first = [trainer.update([make_group(p, 0)], v) for v, p in enumerate(("a", "bb"))]
+    first = [trainer.update_collective([make_group(p, 0)], v) for v, p in enumerate(("a", "bb"))]
     state = {"step": 2, "scheduler": trainer.scheduler.state_dict()}
-    checkpointing.save_checkpoint(ckpt_dir, 2, trainer.model, trainer.optimizer, state, keep_last=1)
-    before = trainer.update([make_group("ccc", 0)], 2)
-    saved = checkpointing.load_checkpoint(
+    checkpointing.save_checkpoint_collective(ckpt_dir, 2, trainer.model, trainer.optimizer, state, keep_last=1)
+    before = trainer.update_collective([make_group("ccc", 0)], 2)
+    saved = checkpointing.load_checkpoint_collective(
         checkpointing.latest_checkpoint(ckpt_dir), trainer.model, trainer.optimizer
     )
     trainer.scheduler.load_state_dict(saved["scheduler"])
-    after = trainer.update([make_group("ccc", 0)], 2)
+    after = trainer.update_collective([make_group("ccc", 0)], 2)
     result = {
         "dtype": str(trainer.dtype),
         "device": str(next(trainer.model.parameters()).device),

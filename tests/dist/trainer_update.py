@@ -63,7 +63,7 @@ def main(hf_dir: str, out: str, tp: int, pp: int, loss: str, *overrides: str) ->
     last_stage = torch.distributed.get_world_size() - 1  # holds the loss metrics
     results = []
     for i, prefix in enumerate(("a", "b")):
-        m = trainer.update(make_groups(prefix, 0), version=i)
+        m = trainer.update_collective(make_groups(prefix, 0), version=i)
         m = broadcast_metrics(m, last_stage)
         results.append(
             {
