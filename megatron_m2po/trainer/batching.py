@@ -206,13 +206,6 @@ def pack_rows(rows: Sequence[SequenceRow], L: int, *, pad_id: int, packed_len: i
     return PackedLayout(tokens, positions, torch.tensor(bounds, dtype=torch.int32), index)
 
 
-def split_minibatches(groups: Sequence[Group], groups_per_update: int) -> list[list[Group]]:
-    """Consecutive mini-batches of whole prompt groups, one per optimizer update."""
-    if len(groups) % groups_per_update:
-        raise ValueError(f"{len(groups)} groups do not split into mini-batches of {groups_per_update}")
-    return [list(groups[i : i + groups_per_update]) for i in range(0, len(groups), groups_per_update)]
-
-
 def balanced_partition(weights: Sequence[int], k: int) -> list[list[int]]:
     """Indices of `weights` in k bins of near-equal sums (LPT: heaviest first into the lightest bin).
 

@@ -74,9 +74,13 @@ class SharedProducer:
             raise out
         return out
 
-    def take_collective(self, num_groups: int, stop_requested: Callable[[], bool] = lambda: False) -> list[Group] | None:
+    def take_collective(
+        self, num_groups: int, stop_requested: Callable[[], bool] = lambda: False
+    ) -> list[Group] | None:
         """The next `num_groups` queued groups; None if rank 0's `stop_requested()` turns true first."""
-        return self._call_on_rank0_collective(lambda producer: producer.take(num_groups, stop_requested=stop_requested))
+        return self._call_on_rank0_collective(
+            lambda producer: producer.take(num_groups, stop_requested=stop_requested)
+        )
 
     def queued_collective(self) -> int:
         """Groups in rank 0's queue."""

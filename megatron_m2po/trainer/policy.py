@@ -101,7 +101,9 @@ class Policy:
             multiple=multiple,
         )
 
-    def update_collective(self, groups: list[Group], version: int, *, force_pre_pass: bool = False) -> dict[str, float]:
+    def update_collective(
+        self, groups: list[Group], version: int, *, force_pre_pass: bool = False
+    ) -> dict[str, float]:
         """One optimizer update on one mini-batch of groups consumed at policy `version` (`force_pre_pass`:
         see `step.train_update_collective`)."""
         cfg = self.cfg

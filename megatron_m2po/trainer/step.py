@@ -10,9 +10,9 @@ A loss that says it needs log pi_theta of the whole mini-batch before the update
 (`PolicyLoss.needs_current_logprobs`) turns it into each micro-batch's extra inputs
 (`PolicyLoss.inputs_before_update`): `m2po` in `global` scope its threshold over the DP group, `decoupled_ppo`
 its proximal log-probs. When one micro-batch per rank holds the whole mini-batch, the training forward's own
-detached log-probs are exactly those (same weights, same input), so `loss_func` computes them there; with more
-micro-batches a no-grad pre-pass (`forward_logprobs_collective`) computes them first, since the first micro-batch's
-loss needs every micro-batch's log-probs.
+detached log-probs are exactly those (same weights, same input), so the loss function computes them there; with
+more micro-batches a no-grad pre-pass (`forward_logprobs_collective`) computes them first, since the first
+micro-batch's loss needs every micro-batch's log-probs.
 """
 
 from __future__ import annotations
@@ -78,7 +78,9 @@ def token_logprobs(output: torch.Tensor, mb: MicroBatch, temperature: float, *, 
 
 
 @torch.no_grad()
-def forward_logprobs_collective(model, micro_batches: Sequence[MicroBatch], temperature: float) -> list[torch.Tensor]:
+def forward_logprobs_collective(
+    model, micro_batches: Sequence[MicroBatch], temperature: float
+) -> list[torch.Tensor]:
     """log pi_theta of every micro-batch's targets [b, L-1] (on the last pipeline stage; [] elsewhere)."""
     device = next(model.parameters()).device
 
@@ -160,8 +162,8 @@ def _inputs_before_update_collective(loss_fn, current, micro_batches, device, dp
 
 
 def _pre_pass_collective(model, micro_batches, loss_fn, temperature, device, dp_group) -> list[dict] | None:
-    """`_inputs_before_update_collective` from a no-grad forward of every micro-batch (collective: every rank runs
-    it; None off the last pipeline stage, which computes no loss)."""
+    """`_inputs_before_update_collective` from a no-grad forward of every micro-batch (every rank runs it; None
+    off the last pipeline stage, which computes no loss)."""
     current = forward_logprobs_collective(model, micro_batches, temperature)
     if not parallel_state.is_pipeline_last_stage():
         return None
@@ -206,7 +208,7 @@ def train_update_collective(
                 "normalizer": normalizer,
                 "process_group": dp_group,
             }
-            if in_forward:  # the pre-pass's value: same weights, same micro-batch, as forward_logprobs_collective
+            if in_forward:  # the pre-pass's value: same weights and micro-batch as forward_logprobs_collective
                 current = [lp.detach().float()]
                 optional.update(_inputs_before_update_collective(loss_fn, current, [mb], device, dp_group)[0])
             elif loss_inputs is not None:
