@@ -30,7 +30,10 @@ from tools import convert_hf_to_megatron, convert_megatron_to_hf
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = ["README.md", *sorted(p.relative_to(REPO).as_posix() for p in (REPO / "docs").glob("*.md"))]
-EXAMPLE_READMES = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "examples").glob("*/README.md"))
+EXAMPLE_READMES = [
+    "examples/README.md",
+    *sorted(p.relative_to(REPO).as_posix() for p in (REPO / "examples").glob("*/README.md")),
+]
 # The staleness sweep's README documents a research procedure (shell variables carried between steps,
 # hours-long runs); its script parses its own arguments and has its own tests.
 NOT_CHECKED_FILES = {"examples/staleness_sweep/README.md"}
