@@ -95,3 +95,37 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-4) -> bool:
     """|a - b| <= tol, relative to the reference's scale where it exceeds 1 (gradients of summed logits)."""
     return max_abs_diff(a, b) <= tol * max(1.0, b.abs().max().item())
+
+
+@contextmanager
+def hf_forced_routing(model, routed_experts: torch.Tensor):
+    """transformers' Qwen3-MoE routing the tokens of a [batch, seq] forward to `routed_experts`
+    [batch, seq, layers, top_k]: each router's scores are its own softmax probabilities at the given experts
+    (renormalised under norm_topk_prob), the reference for a replayed forward."""
+    handles = []
+    for layer, block in enumerate(model.model.layers):
+        gate = block.mlp.gate
+
+        def hook(mod, args, output, layer=layer):
+            logits = output[0]
+            indices = routed_experts[:, :, layer, :].reshape(-1, mod.top_k).long()
+            scores = torch.softmax(logits, dim=-1, dtype=torch.float).gather(1, indices)
+            if mod.norm_topk_prob:
+                scores = scores / scores.sum(dim=-1, keepdim=True)
+            return logits, scores.to(logits.dtype), indices
+
+        handles.append(gate.register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def hf_routed_experts(router_logits: tuple[torch.Tensor, ...], top_k: int, batch: int) -> torch.Tensor:
+    """transformers' own top-k per token as [batch, seq, layers, top_k] (what an engine reports)."""
+    per_layer = [
+        torch.topk(logits.float(), top_k, dim=-1).indices.reshape(batch, -1, top_k)
+        for logits in router_logits
+    ]
+    return torch.stack(per_layer, dim=2)

@@ -14,16 +14,24 @@ from megatron_m2po.models.hf_config import load_hf_config
 
 
 def load_policy(
-    path: str | Path, *, dtype: torch.dtype | None = None, parallel=None, aux_loss_coef: float | None = None
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    parallel=None,
+    aux_loss_coef: float | None = None,
+    routing_replay: bool = False,
 ) -> GPTModel:
     """Build this rank's GPTModel and load its weights (parallel_state must be initialised).
 
     `path` is an HF dir (config.json + safetensors) or a Megatron checkpoint dir written by
     tools/convert_hf_to_megatron.py (resharded on load to the current TP/PP/EP). `aux_loss_coef` overrides
-    an MoE model's load-balancing coefficient (default: config.json's).
+    an MoE model's load-balancing coefficient (default: config.json's); `routing_replay` builds its routers
+    able to replay given routing (models/routing_replay.py).
     """
     hf_config = load_hf_config(path)
-    model = build_model(hf_config, dtype=dtype, parallel=parallel, aux_loss_coef=aux_loss_coef)
+    model = build_model(
+        hf_config, dtype=dtype, parallel=parallel, aux_loss_coef=aux_loss_coef, routing_replay=routing_replay
+    )
     if is_megatron_checkpoint(path):
         load_model_checkpoint(model, path)
     else:

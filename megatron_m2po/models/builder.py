@@ -23,7 +23,9 @@ _MEGATRON_LLAMA3_DEFAULTS = {
 }
 
 
-def moe_options(hf_config: PretrainedConfig, aux_loss_coef: float | None = None) -> dict:
+def moe_options(
+    hf_config: PretrainedConfig, aux_loss_coef: float | None = None, routing_replay: bool = False
+) -> dict:
     """The MoE fields of TransformerConfig for the Qwen3-MoE router and experts (empty for a dense model).
 
     Router: softmax over the expert logits, top-k, in fp32. HF's `norm_topk_prob` renormalises the k chosen
@@ -50,6 +52,7 @@ def moe_options(hf_config: PretrainedConfig, aux_loss_coef: float | None = None)
         "moe_grouped_gemm": grouped,
         "moe_token_dispatcher_type": "alltoall" if platform.on_gpu() else "allgather",
         "moe_permute_fusion": False,
+        "moe_enable_routing_replay": routing_replay,
         "expert_model_parallel_size": parallel_state.get_expert_model_parallel_world_size(),
         "expert_tensor_parallel_size": parallel_state.get_expert_tensor_parallel_world_size(),
     }
@@ -61,10 +64,11 @@ def transformer_config(
     dtype: torch.dtype | None = None,
     parallel: ParallelConfig | None = None,
     aux_loss_coef: float | None = None,
+    routing_replay: bool = False,
 ) -> TransformerConfig:
     """Megatron's TransformerConfig equivalent to the HF config, for the current TP/PP/EP sizes; `parallel`
     adds sequence parallelism and activation recompute (neither changes the math); `aux_loss_coef`
-    overrides an MoE model's load-balancing coefficient."""
+    overrides an MoE model's load-balancing coefficient; `routing_replay` lets its routers replay given routing."""
     parallel = parallel or ParallelConfig()
     recompute = {}
     if parallel.recompute == "selective":
@@ -110,7 +114,7 @@ def transformer_config(
         attention_softmax_in_fp32=True,
         sequence_parallel=parallel.sequence_parallel,
         **recompute,
-        **moe_options(hf_config, aux_loss_coef),
+        **moe_options(hf_config, aux_loss_coef, routing_replay),
     )
 
 
@@ -121,6 +125,7 @@ def build_model(
     use_transformer_engine: bool | None = None,
     parallel: ParallelConfig | None = None,
     aux_loss_coef: float | None = None,
+    routing_replay: bool = False,
 ) -> GPTModel:
     """The randomly initialised GPTModel for this TP/PP/EP rank (parallel_state must be initialised)."""
     validate_hf_config(hf_config, tensor_parallel=parallel_state.get_tensor_model_parallel_world_size())
@@ -129,7 +134,9 @@ def build_model(
         raise ValueError(
             f"num_hidden_layers={hf_config.num_hidden_layers} is not divisible by pipeline_parallel={pp}"
         )
-    config = transformer_config(hf_config, dtype=dtype, parallel=parallel, aux_loss_coef=aux_loss_coef)
+    config = transformer_config(
+        hf_config, dtype=dtype, parallel=parallel, aux_loss_coef=aux_loss_coef, routing_replay=routing_replay
+    )
     if use_transformer_engine is False:
         config.moe_grouped_gemm = False  # grouped GEMM comes with the TE spec
     rope = dict(getattr(hf_config, "rope_parameters", None) or {})

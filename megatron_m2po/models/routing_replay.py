@@ -1,0 +1,83 @@
+"""Replaying the engine's expert choices in the trainer's forward (Megatron-core's RouterReplay).
+
+Without replay the trainer's routers choose their own top-k, and wherever that differs from what the engine
+routed to, the importance ratio measures router disagreement instead of the policy's change. With replay
+every router takes the given experts and only recomputes their probabilities from its own logits, so the
+gradient still reaches the router weights through the chosen experts' scores.
+
+Routed experts come per token as [batch, seq, layers, top_k] (the layer index is the global one, 0-based);
+Megatron's routers see the tokens of a [seq, batch] activation flattened sequence-major, which is the order
+`replayed_routing` hands them over in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+from megatron_m2po.models.builder import unwrap_model
+
+
+def model_routers(model) -> dict[int, TopKRouter]:
+    """This stage's routers by global layer index (0-based); they must be built with routing replay on."""
+    routers = {m.layer_number - 1: m for m in unwrap_model(model).modules() if isinstance(m, TopKRouter)}
+    missing = [layer for layer, router in routers.items() if router.router_replay is None]
+    if missing:
+        raise ValueError(
+            f"layers {missing} have no RouterReplay: build the model with routing_replay=True "
+            "(algorithm.routing_replay: replay)"
+        )
+    return routers
+
+
+@contextmanager
+def replayed_routing(model, routed_experts: torch.Tensor) -> Iterator[None]:
+    """Within the block, every router of `model` routes the tokens of a [batch, seq] forward to the experts in
+    `routed_experts` [batch, seq, layers, top_k], forward and (for recomputed layers) backward."""
+    routers = model_routers(model)
+    if routed_experts.dim() != 4:
+        raise ValueError(
+            f"routed_experts: expected [batch, seq, layers, top_k], got {tuple(routed_experts.shape)}"
+        )
+    layers, top_k = routed_experts.shape[2:]
+    for layer, router in routers.items():
+        if layer >= layers:
+            raise ValueError(f"routed_experts has {layers} layers, the model routes at layer {layer}")
+        if top_k != router.topk:
+            raise ValueError(f"routed_experts has top_k={top_k}, the model's routers take {router.topk}")
+        per_token = routed_experts[:, :, layer, :].transpose(0, 1).reshape(-1, top_k).long()
+        if per_token.numel() and (per_token.min() < 0 or per_token.max() >= router.config.num_moe_experts):
+            raise ValueError(
+                f"routed_experts at layer {layer}: expert ids outside [0, {router.config.num_moe_experts})"
+            )
+        router.router_replay.clear_indices()
+        router.router_replay.set_target_indices(per_token)
+        router.router_replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+    try:
+        yield
+    finally:
+        for router in routers.values():
+            router.router_replay.clear_router_replay_action()
+            router.router_replay.clear_indices()
+
+
+@contextmanager
+def recorded_routing(model) -> Iterator[dict[int, torch.Tensor]]:
+    """Record the routers' own top-k: after the block, {layer: [seq * batch, top_k]} (sequence-major)."""
+    routers = model_routers(model)
+    seen: dict[int, torch.Tensor] = {}
+    for router in routers.values():
+        router.router_replay.clear_indices()
+        router.router_replay.set_router_replay_action(RouterReplayAction.RECORD)
+    try:
+        yield seen
+        for layer, router in routers.items():
+            seen[layer] = router.router_replay.get_recorded_indices()
+    finally:
+        for router in routers.values():
+            router.router_replay.clear_router_replay_action()
+            router.router_replay.clear_indices()
