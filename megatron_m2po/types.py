@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 
 @dataclass
 class SamplingParams:
@@ -30,6 +32,11 @@ class Sample:
 
     `versions[t]` is the policy version that produced response token t: a response that
     spans a weight update records both versions, so staleness is per token.
+
+    `routed_experts` (MoE engines asked for it): the experts the engine's routers chose for every token it
+    fed its model, prompt and response but the last response token, as an integer array
+    [len(prompt_ids) + len(response_ids) - 1, layers, top_k]; the trainer replays them. Left out of `==`
+    (an array has no single truth value): compare it with `same_routing`.
     """
 
     prompt_id: str
@@ -43,6 +50,7 @@ class Sample:
     timings: dict[str, float] = field(default_factory=dict)
     response_text: str = ""
     reward: float | None = None
+    routed_experts: np.ndarray | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         n = len(self.response_ids)
@@ -51,10 +59,27 @@ class Sample:
                 f"sample {self.prompt_id}#{self.group_index}: {n} response tokens but "
                 f"{len(self.behavior_logprobs)} behavior_logprobs and {len(self.versions)} versions"
             )
+        routed = self.routed_experts
+        if routed is not None:
+            fed = len(self.prompt_ids) + n - 1
+            if routed.ndim != 3 or routed.shape[0] != fed or routed.dtype.kind not in "iu":
+                raise ValueError(
+                    f"sample {self.prompt_id}#{self.group_index}: routed_experts must be integers "
+                    f"[{fed} fed tokens, layers, top_k], got {routed.dtype} {tuple(routed.shape)}"
+                )
 
     @property
     def min_version(self) -> int:
         return min(self.versions) if self.versions else -1
+
+
+def same_routing(a: Sample, b: Sample) -> bool:
+    """Whether two samples carry the same routed experts (both none, or equal arrays)."""
+    if a.routed_experts is None or b.routed_experts is None:
+        return a.routed_experts is None and b.routed_experts is None
+    return a.routed_experts.shape == b.routed_experts.shape and bool(
+        (a.routed_experts == b.routed_experts).all()
+    )
 
 
 @dataclass

@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,7 +19,7 @@ from queue_helpers import make_group
 from megatron_m2po.queue import JournalCorruptError, JournalError, JournalFormatError, ReplayQueue
 from megatron_m2po.queue.codec import CodecError, decode_group, encode_group
 from megatron_m2po.queue.journal import RECORD_HEADER, SEGMENT_HEADER, list_segments, scan_journal
-from megatron_m2po.types import Group, Sample
+from megatron_m2po.types import Group, Sample, same_routing
 from tests.conftest import subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,11 +36,21 @@ def groups(draw, float64: bool = False):
     for i in range(n_samples):
         n = draw(st.integers(1 if i == 0 else 0, 9))
         versions = draw(st.one_of(st.just([3] * n), st.lists(st.integers(0, 2**33), min_size=n, max_size=n)))
+        sample_prompt = prompt if draw(st.booleans()) else draw(st.lists(st.integers(0, 9), max_size=3))
+        fed = len(sample_prompt) + n - 1
+        routed = None
+        if fed >= 0 and draw(st.booleans()):  # an MoE engine's routing: 8 or 512 experts, 1-2 layers, top-2
+            experts, layers = draw(st.sampled_from([8, 512])), draw(st.integers(1, 2))
+            flat = draw(
+                st.lists(st.integers(0, experts - 1), min_size=fed * layers * 2, max_size=fed * layers * 2)
+            )
+            routed = np.array(flat, dtype=np.int64).reshape(fed, layers, 2)
         samples.append(
             Sample(
                 prompt_id="p",
                 group_index=i,
-                prompt_ids=prompt if draw(st.booleans()) else draw(st.lists(st.integers(0, 9), max_size=3)),
+                prompt_ids=sample_prompt,
+                routed_experts=routed,
                 response_ids=draw(st.lists(st.integers(0, 2**31 + 5), min_size=n, max_size=n)),
                 behavior_logprobs=draw(st.lists(floats, min_size=n, max_size=n)),
                 versions=versions,
@@ -60,7 +71,9 @@ def groups(draw, float64: bool = False):
 @given(group=groups())
 def test_codec_round_trip_is_exact(group):
     chunks, vr = encode_group(group)
-    assert decode_group(b"".join(chunks)) == group
+    decoded = decode_group(b"".join(chunks))
+    assert decoded == group
+    assert all(same_routing(a, b) for a, b in zip(decoded.samples, group.samples))
     versions = [v for s in group.samples for v in s.versions]
     assert (vr.low, vr.high) == (min(versions), max(versions))
 
@@ -70,6 +83,27 @@ def test_codec_round_trip_is_exact(group):
 def test_codec_float64_keeps_any_python_float(group):
     chunks, _ = encode_group(group, logprob_dtype="float64")
     assert decode_group(b"".join(chunks)) == group
+
+
+def test_routed_experts_take_one_byte_per_choice_up_to_256_experts():
+    prompt, response, layers = list(range(100)), list(range(1000)), 48
+    fed = len(prompt) + len(response) - 1
+    sample = Sample("p", 0, prompt, response, [0.0] * 1000, [1] * 1000, "stop")
+    plain = sum(len(c) for c in encode_group(Group("p", prompt, [sample]))[0])
+    for experts, width in ((128, 1), (256, 1), (512, 2)):
+        routed = np.random.default_rng(0).integers(0, experts, size=(fed, layers, 8))
+        sample.routed_experts = routed
+        chunks, _ = encode_group(Group("p", prompt, [sample]))
+        assert sum(len(c) for c in chunks) - plain < fed * layers * 8 * width + 32, experts
+        decoded = decode_group(b"".join(chunks)).samples[0].routed_experts
+        assert decoded.shape == routed.shape and (decoded == routed).all()
+
+
+def test_routed_experts_of_the_wrong_shape_are_refused():
+    with pytest.raises(ValueError, match=r"routed_experts must be integers \[4 fed tokens"):
+        Sample("p", 0, [1, 2], [3, 4, 5], [0.0] * 3, [0] * 3, "stop", routed_experts=np.zeros((5, 2, 2), int))
+    with pytest.raises(ValueError, match="routed_experts must be integers"):
+        Sample("p", 0, [1, 2], [3, 4, 5], [0.0] * 3, [0] * 3, "stop", routed_experts=np.zeros((4, 2, 2)))
 
 
 def test_codec_is_compact_binary():
@@ -265,7 +299,9 @@ def test_recovery_from_a_commit_older_than_the_gc_is_refused_naming_the_retired_
     old.close()
     # A commit from long before the last GC (what a fallback beyond keep_last would use)
     stale = dict(newest, low_water=0, next_seq=3, consumed_above=[], version=1)
-    with pytest.raises(JournalError, match=r"retired-prompt-ids.jsonl retires \d+ group\(s\) this checkpoint"):
+    with pytest.raises(
+        JournalError, match=r"retired-prompt-ids.jsonl retires \d+ group\(s\) this checkpoint"
+    ):
         ReplayQueue.recover(jdir, stale)
 
 

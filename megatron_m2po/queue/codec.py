@@ -5,7 +5,8 @@ JSON floats are slow and large, pickle is unsafe to load and Python-version depe
 The scalar fields go into a small msgpack header; the token ids, log-probs and versions go
 into a packed little-endian body (int32/float32 when exact, wider otherwise), which
 `struct` converts from Python lists at C speed. A response whose tokens all come from one
-policy version (the common case) stores its versions as one number.
+policy version (the common case) stores its versions as one number. An MoE sample's routed experts go in
+as uint8 (up to 256 experts) or uint16 arrays: one or two bytes per token, layer and choice.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
+import numpy as np
 
 from megatron_m2po.types import Group, Sample
 
@@ -23,6 +25,7 @@ _INT_CODES = {"i4": "i", "i8": "q"}
 _FLOAT_CODES = {"f4": "f", "f8": "d"}
 _ITEM_SIZE = {"i4": 4, "i8": 8, "f4": 4, "f8": 8}
 LOGPROB_DTYPES = ("float32", "float64")
+_EXPERT_DTYPES = {"u1": np.uint8, "u2": np.uint16}
 
 
 class CodecError(ValueError):
@@ -81,6 +84,18 @@ def _pack_floats(values: list[float], dtype: str) -> tuple[str, bytes]:
     return "f8", struct.pack(f"<{n}d", *values)
 
 
+def _pack_routing(s: Sample) -> tuple[list | None, bytes]:
+    """[dtype code, layers, top_k] and the bytes of a sample's routed experts (None: the sample has none)."""
+    routed = s.routed_experts
+    if routed is None:
+        return None, b""
+    if routed.size and (routed.min() < 0 or routed.max() > np.iinfo(np.uint16).max):
+        raise CodecError(f"sample {s.prompt_id}#{s.group_index}: routed expert ids outside [0, 65535]")
+    code = "u1" if not routed.size or routed.max() <= np.iinfo(np.uint8).max else "u2"
+    packed = np.ascontiguousarray(routed, dtype=np.dtype(_EXPERT_DTYPES[code]).newbyteorder("<"))
+    return [code, routed.shape[1], routed.shape[2]], packed.tobytes()
+
+
 def encode_group(group: Group, *, logprob_dtype: str = "float32") -> tuple[list[bytes], VersionRange]:
     """Encode `group` as a list of byte chunks (header first) to write with one `writev`.
 
@@ -129,6 +144,9 @@ def encode_group(group: Group, *, logprob_dtype: str = "float32") -> tuple[list[
                 meta["versions"] = [vcode]
                 body.append(blob)
             ranges.append(vr)
+        meta["routed"], blob = _pack_routing(s)
+        if blob:
+            body.append(blob)
         samples_meta.append(meta)
     group_range = _group_version_range(group, ranges)
     header = {
@@ -164,6 +182,17 @@ class _Reader:
         self.offset += size
         return values
 
+    def take_experts(self, code: str, layers: int, top_k: int, tokens: int) -> np.ndarray:
+        if code not in _EXPERT_DTYPES:
+            raise CodecError(f"unknown routed-experts dtype code {code!r}")
+        dtype = np.dtype(_EXPERT_DTYPES[code]).newbyteorder("<")
+        size = dtype.itemsize * tokens * layers * top_k
+        if self.offset + size > len(self.buf):
+            raise CodecError(f"routed experts of {tokens} tokens run past the end of the record")
+        values = np.frombuffer(self.buf, dtype=dtype, count=tokens * layers * top_k, offset=self.offset)
+        self.offset += size
+        return values.astype(_EXPERT_DTYPES[code]).reshape(tokens, layers, top_k)
+
 
 def decode_group(payload: bytes | memoryview) -> Group:
     """Inverse of `encode_group` (payload = the concatenated chunks)."""
@@ -187,6 +216,8 @@ def decode_group(payload: bytes | memoryview) -> Group:
                 versions = [vmeta[1]] * n
             else:
                 versions = reader.take(vmeta[0], n)
+            routed = meta.get("routed")
+            experts = None if routed is None else reader.take_experts(*routed, len(s_prompt) + n - 1)
             samples.append(
                 Sample(
                     prompt_id=header["prompt_id"],
@@ -200,6 +231,7 @@ def decode_group(payload: bytes | memoryview) -> Group:
                     timings=meta["timings"],
                     response_text=meta["response_text"],
                     reward=meta["reward"],
+                    routed_experts=experts,
                 )
             )
         if reader.offset != len(buf):
