@@ -50,6 +50,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from megatron_m2po.rollout.engines.base import Engine, EngineError, NamedTensors
+from megatron_m2po.rollout.engines.routing_capture import RoutingCapture, compact
 from megatron_m2po.rollout.seeding import SEED_BITS, request_seed
 from megatron_m2po.types import Sample, SamplingParams
 
@@ -89,6 +90,8 @@ class _Request:
         self.versions: list[list[int]] = [[] for _ in range(self.n)]
         self.finish = ["length"] * self.n
         self.live = self.n  # rows still decoding
+        self.prompt_routing: torch.Tensor | None = None  # [prompt, layers, top_k] when routing is recorded
+        self.routing: list[list[torch.Tensor]] = [[] for _ in range(self.n)]  # per fed response token
 
 
 @dataclass(frozen=True)
@@ -169,7 +172,8 @@ def sampling_distribution(scaled_logits: torch.Tensor, top_p: float, top_k: int)
 class LocalEngine(Engine):
     """HF model in this process. `threads` sets torch's (process-wide) intra-op threads; None leaves it.
     `max_batch_rows` caps the rows decoded together (a larger request still runs, alone); 0 decodes one
-    request at a time."""
+    request at a time. `record_routing` (MoE models): every sample carries the experts its tokens were
+    routed to (`Sample.routed_experts`)."""
 
     def __init__(
         self,
@@ -183,6 +187,7 @@ class LocalEngine(Engine):
         attn_implementation: str = "sdpa",
         device: str | torch.device = "cpu",
         max_batch_rows: int = 256,
+        record_routing: bool = False,
     ):
         super().__init__(engine_id)
         if max_batch_rows < 0:
@@ -200,6 +205,7 @@ class LocalEngine(Engine):
             .eval()
         )
         self.model.requires_grad_(False)
+        self._routing = RoutingCapture(self.model) if record_routing else None
         self.tokenizer = AutoTokenizer.from_pretrained(self.hf_dir)
         self._params = dict(self.model.named_parameters(remove_duplicate=False))
         self._fused_experts = any(_is_fused_expert(name) for name in self._params)
@@ -317,6 +323,9 @@ class LocalEngine(Engine):
                 return False
             version = self._version
             logits = [self._forward(batch, batch.last[:, None])] if batch.rows else []
+            if batch.rows and self._routing is not None:
+                for row, routed in zip(batch.rows, self._routing.take(len(batch.rows), 1)):
+                    row.request.routing[row.index].append(routed)
             if joining:
                 fresh = self._prefill(joining, version)
                 logits.append(fresh.logits)
@@ -355,6 +364,9 @@ class LocalEngine(Engine):
         pads = [longest - len(r.prompt_ids) for r in joining]
         ids = torch.tensor([[0] * pad + r.prompt_ids for pad, r in zip(pads, joining)], device=self.device)
         logits = self._forward(fresh, ids, torch.arange(longest)[None] >= torch.tensor(pads)[:, None])
+        if self._routing is not None:
+            for request, pad, routed in zip(joining, pads, self._routing.take(len(joining), longest)):
+                request.prompt_routing = routed[pad:]
         rows = torch.repeat_interleave(torch.tensor([r.n for r in joining]).to(self.device))  # row -> request
         fresh.select_rows(rows)
         fresh.logits = logits[rows]
@@ -430,6 +442,9 @@ class LocalEngine(Engine):
                 engine_id=self.engine_id,
                 timings=dict(timings),
                 response_text=self.tokenizer.decode(request.tokens[i], skip_special_tokens=True),
+                routed_experts=None
+                if request.prompt_routing is None
+                else compact([request.prompt_routing, *request.routing[i]]),
             )
             for i in range(request.n)
         ]
