@@ -176,8 +176,9 @@ def _reference_logprobs(engine: LocalEngine, sample, temperature: float) -> torc
     return torch.log_softmax(logits, -1).gather(-1, torch.tensor(sample.response_ids)[:, None]).squeeze(-1)
 
 
-def test_group_is_one_parallel_request_without_seed(hf_dir):
-    """A group is one /generate with sampling_params.n and no sampling_seed (SGLang ignores it unless the
+def test_group_is_one_request_per_sample_without_seed(hf_dir):
+    """A group is n /generate requests with n = 1 and their own rids (so /abort_request reaches each: 0.5.23
+    replaces the rids of an n > 1 request with uuids) and no sampling_seed (SGLang ignores it unless the
     server is deterministic, and then a fixed seed would give every group the same noise); real tokens and
     log-probs; per-token versions from meta_info.weight_versions."""
     engine = LocalEngine(hf_dir)
@@ -195,12 +196,12 @@ def test_group_is_one_parallel_request_without_seed(hf_dir):
 
     samples, requests = asyncio.run(run())
     gen = [body for path, body in requests if path == "/generate"]
-    assert len(gen) == 1
-    body = gen[0]
-    assert set(body) <= SGLANG_GENERATE_FIELDS and set(body["sampling_params"]) <= SGLANG_SAMPLING_FIELDS
-    assert body["return_logprob"] is True and body["input_ids"] == [40, 41, 42, 43]
-    assert body["sampling_params"]["stop_token_ids"] == [7] and body["sampling_params"]["n"] == 3
-    assert "sampling_seed" not in body["sampling_params"]
+    assert len(gen) == 3 and len({body["rid"] for body in gen}) == 3
+    for body in gen:
+        assert set(body) <= SGLANG_GENERATE_FIELDS and set(body["sampling_params"]) <= SGLANG_SAMPLING_FIELDS
+        assert body["return_logprob"] is True and body["input_ids"] == [40, 41, 42, 43]
+        assert body["sampling_params"]["stop_token_ids"] == [7] and body["sampling_params"].get("n", 1) == 1
+        assert "sampling_seed" not in body["sampling_params"]
     assert [s.group_index for s in samples] == [0, 1, 2]
     assert len({tuple(s.response_ids) for s in samples}) > 1  # independent draws, not one noise tape
     for s in samples:
@@ -343,6 +344,40 @@ def test_server_refusals_are_bad_requests_or_failed_updates(hf_dir):
     asyncio.run(run())
 
 
+def test_cpu_server_n_gt_1_abort_and_reply_as_pinned(hf_dir):
+    """As 0.5.23 (tokenizer_manager.py replaces an n > 1 request's expanded rids with uuids; io_struct.py
+    GenerateReqInput._normalize_rid): /abort_request with the client's rid reaches no sample, and an abort
+    pause answers the n > 1 request with a list of n aborted results (200), without `index` (streaming only)."""
+    import aiohttp
+
+    async def run():
+        async with Served(LocalEngine(hf_dir)) as served, aiohttp.ClientSession() as http:
+            body = {
+                "rid": "g",
+                "input_ids": [3, 4, 5],
+                "sampling_params": {"n": 3, "max_new_tokens": 4, "temperature": 1.0},
+                "return_logprob": True,
+            }
+            await http.post(f"{served.url}/pause_generation", json={"mode": "retract"})
+            request = asyncio.ensure_future(http.post(f"{served.url}/generate", json=body))
+            await asyncio.sleep(0.3)
+            await http.post(f"{served.url}/abort_request", json={"rid": "g"})
+            await asyncio.sleep(0.2)
+            assert not request.done() and "g" not in served.server.inflight
+            await http.post(f"{served.url}/pause_generation", json={"mode": "abort"})
+            reply = await request
+            return reply.status, await reply.json()
+
+    status, reply = asyncio.run(run())
+    assert status == 200 and isinstance(reply, list) and len(reply) == 3
+    assert [r["meta_info"]["finish_reason"]["type"] for r in reply] == ["abort"] * 3
+    assert len({r["meta_info"]["id"] for r in reply}) == 3 and "g" not in {
+        r["meta_info"]["id"] for r in reply
+    }
+    assert not any("index" in r for r in reply)
+    assert [parse_generate_reply(r, "w")[2] for r in reply] == ["abort"] * 3
+
+
 def test_pause_continue_abort_and_weights_from_disk(hf_dir, tmp_path):
     """Paused, the engine stays healthy (SGLang's /ready says 503, the client knows it paused it); a cancelled
     request is aborted on the server; a disk update while a request waits in a retract pause is accepted
@@ -359,8 +394,8 @@ def test_pause_continue_abort_and_weights_from_disk(hf_dir, tmp_path):
             assert await client.health()
             task = asyncio.ensure_future(client.generate("p", [3, 4, 5], 2, params))
             await asyncio.sleep(0.3)
-            assert not task.done() and len(served.server.inflight) == 1
-            task.cancel()  # the client aborts its rid on the server
+            assert not task.done() and len(served.server.inflight) == 2  # one request per sample
+            task.cancel()  # the client aborts each sample's rid on the server
             with pytest.raises(asyncio.CancelledError):
                 await task
             for _ in range(50):
@@ -368,7 +403,8 @@ def test_pause_continue_abort_and_weights_from_disk(hf_dir, tmp_path):
                     break
                 await asyncio.sleep(0.05)
             assert not served.server.inflight
-            assert sum(path == "/abort_request" for path, _ in served.requests) == 1
+            aborted = {body["rid"] for path, body in served.requests if path == "/abort_request"}
+            assert aborted == {body["rid"] for path, body in served.requests if path == "/generate"}
             await client.resume()
             waiting = asyncio.ensure_future(client.generate("p", [3, 4, 5], 1, params))
             await client.update_weights_from_disk(str(tmp_path), version=4)

@@ -202,7 +202,8 @@ class ContractServer:
             weight_version=spans[-1].version,
             weight_versions=spans,
         )
-        return api.GenerateResponse(text="x", meta_info=meta, output_ids=tokens, index=index).to_json_value()
+        # no `index`: 0.5.23 sets it on streamed chunks only
+        return api.GenerateResponse(text="x", meta_info=meta, output_ids=tokens).to_json_value()
 
     async def handle(self, request: web.Request) -> web.Response:
         path, method = request.path, request.method
@@ -272,7 +273,7 @@ PARAMS = SamplingParams(max_new_tokens=5, temperature=0.7, top_p=0.9, top_k=-1, 
 
 
 def test_generate_bodies_validate_against_pinned_schema(api):
-    """Single, parallel (n) and deterministic (seeded, one request per sample) bodies all decode with
+    """Groups of 1 and n (one request per sample) and deterministic (seeded) bodies all decode with
     GenerateRequest.from_json_value, use no field the schema ignores, and the replies built from
     GenerateResponse / GenerateMetaInfo come back as samples with per-token versions."""
 
@@ -287,7 +288,7 @@ def test_generate_bodies_validate_against_pinned_schema(api):
         server, samples = asyncio.run(run(deterministic, n))
         assert not server.errors, server.errors
         bodies = [b for _, path, b in server.requests if path == "/generate"]
-        assert len(bodies) == (n if deterministic else 1)
+        assert len(bodies) == n and len({b["rid"] for b in bodies}) == n  # each abortable by its rid
         for body in bodies:
             req = api.GenerateRequest.from_json_value(body)
             assert set(body) <= set(api.GenerateRequest.__struct_fields__)  # nothing silently ignored
@@ -295,16 +296,15 @@ def test_generate_bodies_validate_against_pinned_schema(api):
             sp = req.sampling_params
             assert (sp.temperature, sp.top_p, sp.top_k, sp.max_new_tokens) == (0.7, 0.9, -1, 5)
             assert sp.stop_token_ids == [2] and sp.no_stop_trim and not sp.skip_special_tokens
-            assert sp.n == (1 if deterministic else n)
+            assert sp.n == 1
         seeds = [api.GenerateRequest.from_json_value(b).sampling_params.sampling_seed for b in bodies]
         if deterministic:
             assert sorted(seeds) == sorted(request_seed(11, 3, "p7", i) for i in range(n))
         else:
-            assert seeds == [None]  # honoured only with --enable-deterministic-inference: never sent
+            assert seeds == [None] * n  # honoured only with --enable-deterministic-inference: never sent
         assert [s.group_index for s in samples] == list(range(n))
-        for i, s in enumerate(samples):
-            first = 10 if deterministic else 10 + i  # the contract server numbers the samples of one request
-            assert s.response_ids == [first + j for j in range(5)]
+        for s in samples:  # one request per sample: each is the contract server's sample 0
+            assert s.response_ids == [10 + j for j in range(5)]
             assert s.behavior_logprobs == [-0.25 * (j + 1) for j in range(5)]
             assert s.versions == [3, 3, 4, 4, 4] and s.finish_reason == "length"
 

@@ -46,6 +46,7 @@ import logging
 import math
 import os
 import secrets
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
@@ -457,27 +458,35 @@ class LocalSGLangServer:
         return input_ids, params, n
 
     async def generate(self, request: web.Request) -> web.Response:
+        """As SGLang 0.5.23: with n > 1 the rid is expanded to rid_0 .. rid_{n-1} (io_struct.py,
+        GenerateReqInput._normalize_rid) and each sample then gets a fresh uuid rid (tokenizer_manager.py), so
+        /abort_request with the client's rid reaches none of them; the reply is a list of n results, an
+        aborted one too (a normal 200 per sample)."""
         body = request["json"]
         input_ids, params, n = self._parse_generate(body)
         rid = str(body.get("rid") or os.urandom(8).hex())
-        if rid in self.inflight:  # abort by rid must reach one request
+        if n == 1 and rid in self.inflight:  # abort by rid must reach one request
             raise _BadRequest(f"rid {_short(rid)} is already in flight; a rid names one request at a time")
+        rids = [rid] if n == 1 else [uuid.uuid4().hex for _ in range(n)]
         return_logprob = bool(body.get("return_logprob", False))
         task = asyncio.ensure_future(self.engine.generate(rid, input_ids, n, params))
-        self.inflight[rid] = task
+        for r in rids:
+            self.inflight[r] = task
         try:
             samples = await task
         except asyncio.CancelledError:
             if request.transport is None or request.transport.is_closing():
                 raise
-            return web.json_response(self._reply(rid, input_ids, [], [], [], "abort", return_logprob))
+            aborted = [self._reply(r, input_ids, [], [], [], "abort", return_logprob) for r in rids]
+            return web.json_response(aborted[0] if n == 1 else aborted)
         except ValueError as e:
             raise _BadRequest(str(e)) from e
         finally:
-            self.inflight.pop(rid, None)
+            for r in rids:
+                self.inflight.pop(r, None)
         replies = [
             self._reply(
-                rid if n == 1 else f"{rid}_{s.group_index}",
+                rids[s.group_index],
                 input_ids,
                 s.response_ids,
                 s.behavior_logprobs,

@@ -366,11 +366,9 @@ class SGLangEngine(Engine):
         await self.connect()
         version = self._version
         tag = uuid.uuid4().hex[:8]
-        if not self.deterministic:
-            return await self._generate_request(
-                prompt_id, f"{prompt_id}-{tag}", prompt_ids, n, params, version
-            )
-        if params.seed is None:
+        # One request per sample, each under its own rid: with n > 1 in one request SGLang 0.5.23 replaces the
+        # rids with uuids (tokenizer_manager.py), so /abort_request could not reach a cancelled group's samples.
+        if self.deterministic and params.seed is None:
             raise ValueError(
                 f"engine {self.engine_id}: deterministic=True needs a run seed (train.seed) to derive request seeds"
             )
@@ -385,7 +383,7 @@ class SGLangEngine(Engine):
                     params,
                     version,
                     index=i,
-                    seed=request_seed(params.seed, version, prompt_id, i),
+                    seed=request_seed(params.seed, version, prompt_id, i) if self.deterministic else None,
                 )
             )
             for i in range(n)
@@ -428,8 +426,6 @@ class SGLangEngine(Engine):
             raise EngineReplyError(
                 f"{where}: sampling_params.n = {n} but the reply holds {len(replies)} results"
             )
-        if n > 1 and all(isinstance(r, dict) and isinstance(r.get("index"), int) for r in replies):
-            replies = sorted(replies, key=lambda r: r["index"])
         return [
             self._to_sample(
                 prompt_id, index + i, f"{where}[{i}]" if n > 1 else where, prompt_ids, r, version, elapsed
