@@ -107,3 +107,53 @@ def test_replay_refuses_a_model_built_without_it_and_bad_shapes(moe_dir, single_
     with pytest.raises(ValueError, match="expert ids outside"):
         with replayed_routing(model, torch.full((1, 4, config.num_hidden_layers, 2), 99)):
             pass
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_training_forward_replays_the_samples_routing(moe_dir, single_process, pack):
+    """Groups -> rows -> micro-batch (padded or packed) -> run_model: each sequence's log-probs are those of
+    transformers' model forced to the engine's routing; the last token and padding take experts 0..k-1."""
+    from megatron_m2po.trainer.batching import groups_to_rows, rows_to_microbatch
+    from megatron_m2po.trainer.step import run_model, token_logprobs
+    from megatron_m2po.types import Group, Sample
+
+    config = load_hf_config(moe_dir)
+    layers, k, e = config.num_hidden_layers, config.num_experts_per_tok, config.num_experts
+    g = torch.Generator().manual_seed(2)
+    samples = []
+    for i, (p, r) in enumerate(((5, 7), (9, 3))):
+        prompt = torch.randint(1, config.vocab_size, (p,), generator=g).tolist()
+        response = torch.randint(1, config.vocab_size, (r,), generator=g).tolist()
+        routed = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range((p + r - 1) * layers)])
+        samples.append(
+            Sample(
+                "q",
+                i,
+                prompt,
+                response,
+                [0.0] * r,
+                [0] * r,
+                "stop",
+                routed_experts=routed.reshape(p + r - 1, layers, k).numpy().astype("uint8"),
+            )
+        )
+    groups = [
+        Group("q", samples[0].prompt_ids, [samples[0]]),
+        Group("q2", samples[1].prompt_ids, [samples[1]]),
+    ]
+    rows = groups_to_rows(groups, torch.zeros(2))
+    mb = rows_to_microbatch(rows, consumer_version=0, pad_id=0, pack=pack)
+    model = load_policy(moe_dir, routing_replay=True).eval()
+    with torch.no_grad():
+        ours = token_logprobs(run_model(model, mb), mb, temperature=1.0)
+    reference = AutoModelForCausalLM.from_pretrained(moe_dir, attn_implementation="sdpa").eval()
+    for i, s in enumerate(samples):
+        ids = torch.tensor([s.prompt_ids + s.response_ids])
+        forced = torch.cat(
+            [torch.from_numpy(s.routed_experts.astype("int64")), torch.arange(k).expand(1, layers, k)]
+        )
+        with torch.no_grad(), hf_forced_routing(reference, forced[None]):
+            logits = reference(ids).logits[0, :-1]
+        expected = torch.log_softmax(logits.float(), -1).gather(-1, ids[0, 1:, None])[:, 0]
+        n = ids.shape[1] - 1
+        assert (ours[i, :n] - expected).abs().max().item() <= 1e-4, i

@@ -6,8 +6,9 @@ every router takes the given experts and only recomputes their probabilities fro
 gradient still reaches the router weights through the chosen experts' scores.
 
 Routed experts come per token as [batch, seq, layers, top_k] (the layer index is the global one, 0-based);
-Megatron's routers see the tokens of a [seq, batch] activation flattened sequence-major, which is the order
-`replayed_routing` hands them over in.
+Megatron's routers see the tokens of a [seq, batch] activation flattened sequence-major (with sequence
+parallelism, only this TP rank's contiguous share of the sequence), which is what `replayed_routing` hands
+them.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
@@ -44,6 +46,12 @@ def replayed_routing(model, routed_experts: torch.Tensor) -> Iterator[None]:
             f"routed_experts: expected [batch, seq, layers, top_k], got {tuple(routed_experts.shape)}"
         )
     layers, top_k = routed_experts.shape[2:]
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if routers and next(iter(routers.values())).config.sequence_parallel and tp > 1:
+        # sequence parallelism: this TP rank's routers see its contiguous 1/tp of the sequence
+        chunk = routed_experts.shape[1] // tp
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        routed_experts = routed_experts[:, rank * chunk : (rank + 1) * chunk]
     for layer, router in routers.items():
         if layer >= layers:
             raise ValueError(f"routed_experts has {layers} layers, the model routes at layer {layer}")

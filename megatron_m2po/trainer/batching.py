@@ -22,6 +22,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
 from megatron_m2po.types import Group
@@ -55,6 +56,7 @@ class PackedLayout:
     index: (
         torch.Tensor
     )  # [b, L-1] long: the packed position (of targets = tokens[:, 1:]) of each padded slot, -1 = none
+    routed_experts: torch.Tensor | None = None  # [1, T, layers, top_k] long, as MicroBatch.routed_experts
 
     @property
     def targets(self) -> torch.Tensor:
@@ -83,6 +85,9 @@ class MicroBatch:
     staleness: torch.Tensor  # [b, L-1] long, consumer version - producing version
     row_index: torch.Tensor  # [b] long: each row's index in the rows it was cut from (-1 = filler)
     packed: PackedLayout | None = None  # set when the model runs on the packed form
+    # [b, L, layers, top_k] long: the engine's experts for every token, replayed in the forward (MoE with
+    # routing replay); positions the engine did not feed (last token, padding) take experts 0..k-1
+    routed_experts: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -103,6 +108,7 @@ class SequenceRow:
     advantage: float
     versions: list[int]
     in_loss: bool = True  # False: trained on by nobody (overlong filtering), its tokens outside the mask
+    routed_experts: np.ndarray | None = None  # Sample.routed_experts: [len(tokens) - 1, layers, top_k]
 
 
 def groups_to_rows(
@@ -128,6 +134,7 @@ def groups_to_rows(
                     engine_logprobs=list(s.behavior_logprobs),
                     advantage=float(advantages[i]),
                     versions=list(s.versions),
+                    routed_experts=s.routed_experts,
                 )
             )
             i += 1
@@ -179,8 +186,29 @@ def rows_to_microbatch(
         targets=tokens[:, 1:].clone(),
         row_index=index,
         packed=pack_rows(rows, L, pad_id=pad_id, packed_len=packed_len) if pack else None,
+        routed_experts=_routed_rows(rows, b, L),
         **per_token,
     )
+
+
+def _routed_rows(rows: Sequence[SequenceRow], b: int, L: int) -> torch.Tensor | None:
+    """The rows' routed experts as one [b, L, layers, top_k] tensor (None when no row carries any).
+
+    Positions no engine routed (each row's last token, padding, filler rows) take experts 0..k-1: their
+    outputs reach no log-prob of the loss, and any valid choice keeps the replayed forward well defined.
+    """
+    shapes = {r.routed_experts.shape[1:] for r in rows if r.routed_experts is not None}
+    if not shapes:
+        return None
+    if len(shapes) > 1:
+        raise ValueError(f"rows carry routed experts of different [layers, top_k]: {sorted(shapes)}")
+    layers, top_k = shapes.pop()
+    out = torch.arange(top_k).expand(b, L, layers, top_k).clone()
+    for i, r in enumerate(rows):
+        if r.routed_experts is not None:
+            fed = torch.from_numpy(r.routed_experts.astype(np.int64))
+            out[i, : fed.shape[0]] = fed
+    return out
 
 
 def pack_rows(rows: Sequence[SequenceRow], L: int, *, pad_id: int, packed_len: int | None) -> PackedLayout:
@@ -203,7 +231,13 @@ def pack_rows(rows: Sequence[SequenceRow], L: int, *, pad_id: int, packed_len: i
     if T > offset:  # the filler is its own segment, so no real token attends to it (nor it to them)
         positions[0, offset:] = torch.arange(T - offset)
         bounds.append(T)
-    return PackedLayout(tokens, positions, torch.tensor(bounds, dtype=torch.int32), index)
+    routed = _routed_rows(rows, len(rows), L)
+    if routed is not None:  # the same rows concatenated, as the tokens are
+        layers, top_k = routed.shape[2:]
+        packed = torch.arange(top_k).expand(1, T, layers, top_k).clone()
+        packed[0, :total] = torch.cat([routed[i, :n] for i, n in enumerate(lengths)])
+        routed = packed
+    return PackedLayout(tokens, positions, torch.tensor(bounds, dtype=torch.int32), index, routed)
 
 
 def balanced_partition(weights: Sequence[int], k: int) -> list[list[int]]:

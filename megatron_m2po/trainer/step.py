@@ -28,6 +28,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_m2po import algorithms, platform
+from megatron_m2po.models.routing_replay import replayed_routing
 from megatron_m2po.trainer.batching import MicroBatch
 
 
@@ -38,7 +39,16 @@ def _positions(tokens: torch.Tensor) -> torch.Tensor:
 
 def run_model(model_chunk, mb: MicroBatch) -> torch.Tensor:
     """The model's output for one micro-batch: padded [b, L, ...], or packed [1, T, ...] through Megatron's THD
-    path (`PackedSeqParams`; rotary positions restart at every `cu_seqlens` bound)."""
+    path (`PackedSeqParams`; rotary positions restart at every `cu_seqlens` bound). A micro-batch carrying
+    the engine's routed experts is run with its routers replaying them."""
+    routed = mb.routed_experts if mb.packed is None else mb.packed.routed_experts
+    if routed is None:
+        return _run_model(model_chunk, mb)
+    with replayed_routing(model_chunk, routed):
+        return _run_model(model_chunk, mb)
+
+
+def _run_model(model_chunk, mb: MicroBatch) -> torch.Tensor:
     if mb.packed is None:
         return model_chunk(mb.tokens, _positions(mb.tokens), None)
     p = mb.packed
@@ -208,7 +218,9 @@ def train_update_collective(
                 "normalizer": normalizer,
                 "process_group": dp_group,
             }
-            if in_forward:  # the pre-pass's value: same weights and micro-batch as forward_logprobs_collective
+            if (
+                in_forward
+            ):  # the pre-pass's value: same weights and micro-batch as forward_logprobs_collective
                 current = [lp.detach().float()]
                 optional.update(_inputs_before_update_collective(loss_fn, current, [mb], device, dp_group)[0])
             elif loss_inputs is not None:
@@ -220,7 +232,9 @@ def train_update_collective(
             metrics = dict(metrics)
             metrics["loss/entropy"] = float((entropy.detach() * mask).sum() / mask.sum().clamp(min=1))
             metrics["loss/value"] = float(loss.detach())
-            if not mask.any():  # a filler micro-batch (token budget): no tokens, no say in the diagnostics' means
+            if (
+                not mask.any()
+            ):  # a filler micro-batch (token budget): no tokens, no say in the diagnostics' means
                 metrics = {"loss/value": metrics["loss/value"]}
             # The schedule divides by num_microbatches; the normalizer already made this a share of the mean.
             return loss * num_mb, metrics
