@@ -517,3 +517,73 @@ def test_failed_broadcast_bucket_keeps_old_weights_and_version(engine, tmp_path)
     assert end[0] == 400 and f"still serving version {version}" in end[1]["message"]
     assert engine.version == version
     assert all(torch.equal(engine.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("complete", [False, True], ids=["last_bucket_missing", "every_bucket"])
+def test_distributed_update_publishes_only_a_complete_set(engine, tmp_path, complete):
+    """The trainer fails after all but the last bucket and the session is closed (SGLang has no route to drop
+    one): end_weight_update answers 400 naming what is missing, and the old weights and version keep serving.
+    With every bucket sent the same update is published."""
+    import subprocess
+    import sys
+
+    before, version = engine.state_dict(), engine.version
+    new = {k: v * 1.5 + 0.01 for k, v in before.items()}
+    last = [k for k in new if "layers.0." in k]
+    buckets = [[k for k in new if k not in last], last]
+    sent = buckets if complete else buckets[:-1]
+    save_file({k: v.contiguous() for k, v in new.items()}, tmp_path / "new.safetensors")
+    port, name = free_port(), f"complete-set-{complete}"  # group names are process-wide
+    names = [k for bucket in sent for k in bucket]
+    trainer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            TRAINER_RANK.replace('"g"', repr(name)),
+            str(port),
+            str(tmp_path / "new.safetensors"),
+            *names,
+        ]
+    )
+    probe = {**gen({"temperature": 0, "max_new_tokens": 1}), "return_logprob": True}
+
+    async def run():
+        async with served(engine) as (_, url, http):
+            _, first = await call(http, url, "/generate", probe)
+            group = {"master_address": "127.0.0.1", "master_port": port, "rank_offset": 1, "world_size": 2}
+            assert (await call(http, url, "/init_weights_update_group", {**group, "group_name": name}))[
+                0
+            ] == 200
+            await call(http, url, "/begin_weight_update", {})
+            for bucket in sent:
+                body = {
+                    "names": bucket,
+                    "dtypes": [str(new[k].dtype).removeprefix("torch.") for k in bucket],
+                    "shapes": [list(new[k].shape) for k in bucket],
+                    "group_name": name,
+                    "flush_cache": False,
+                    "weight_version": str(version + 1),
+                }
+                assert (await call(http, url, "/update_weights_from_distributed", body))[0] == 200
+            end = await call(http, url, "/end_weight_update", {})
+            await call(http, url, "/destroy_weights_update_group", {"group_name": name})
+            _, info = await call(http, url, "/model_info", method="GET")
+            _, second = await call(http, url, "/generate", probe)
+            return first, end, info, second
+
+    try:
+        first, end, info, second = asyncio.run(run())
+        assert trainer.wait(timeout=60) == 0
+    finally:
+        trainer.kill()
+    logprob = [out["meta_info"]["output_token_logprobs"] for out in (first, second)]
+    if complete:
+        assert end[0] == 200 and info["weight_version"] == str(version + 1) == str(engine.version)
+        assert all(torch.equal(engine.state_dict()[k], v) for k, v in new.items())
+        assert logprob[0] != logprob[1]
+    else:
+        assert end[0] == 400 and f"still serving version {version}" in end[1]["message"]
+        assert f"lacks {len(last)} of" in end[1]["message"] and sorted(last)[0] in end[1]["message"]
+        assert info["weight_version"] == str(version) == str(engine.version)
+        assert all(torch.equal(engine.state_dict()[k], v) for k, v in before.items())
+        assert logprob[0] == logprob[1]

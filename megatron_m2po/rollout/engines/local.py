@@ -41,6 +41,7 @@ import stat
 import threading
 import time
 from collections import deque
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -537,6 +538,37 @@ class LocalEngine(Engine):
             )
         return target
 
+    def _weight_key(self, name: str) -> tuple:
+        """What a weight of this name overwrites: its parameter (a tied weight once), or one expert's
+        projection of a fused parameter."""
+        param, _ = self._destination(name)
+        match = _EXPERT_WEIGHT.match(name) if name not in self._params else None
+        return (id(self._params[param]),) + ((match["e"], match["proj"]) if match else ())
+
+    def unstaged_weights(self) -> list[str]:
+        """The model's weights (Hub names) that the staged update would leave as they are: a sender that
+        gave up between buckets leaves some, and publishing then would serve a mix of two versions. Empty
+        when nothing is staged: an empty update changes nothing."""
+        return self._missing(self._staged) if self._staged else []
+
+    def _missing(self, names: Iterable[str]) -> list[str]:
+        """The model's weights (Hub names) that weights of these names leave as they are."""
+        covered = {self._weight_key(name) for name in names}
+        return sorted(name for name in self.weight_names if self._weight_key(name) not in covered)
+
+    @property
+    def weight_names(self) -> list[str]:
+        """The names a full update sends: fused MoE experts one tensor per expert and projection, as on the Hub."""
+        names = []
+        for name, param in self._params.items():
+            if not _is_fused_expert(name):
+                names.append(name)
+                continue
+            prefix, kind = name.rsplit(".", 1)
+            projs = ("down",) if kind == "down_proj" else ("gate", "up")
+            names += [f"{prefix}.{e}.{p}_proj.weight" for e in range(param.shape[0]) for p in projs]
+        return names
+
     @property
     def num_elements(self) -> int:
         """Elements of the model's weights (a tied weight once)."""
@@ -617,8 +649,7 @@ class LocalEngine(Engine):
                 except (KeyError, ValueError) as e:
                     raise ValueError(f"{f}: {e}") from e
                 tensors.append((name, tensor))
-        loaded = {id(self._params[self._destination(name)[0]]) for name, _ in tensors}
-        missing = sorted(name for name, p in self._params.items() if id(p) not in loaded)
+        missing = self._missing(name for name, _ in tensors)
         if missing:
             raise ValueError(
                 f"engine {self.engine_id}: {hf_dir} lacks {len(missing)} of the model's weights, e.g. {missing[:3]}"

@@ -25,8 +25,8 @@ utils/auth.py, sampling/sampling_params.py) on what the client depends on:
 Beyond SGLang, `n` and `max_new_tokens` are capped by `--max-n` / `--max-new-tokens` (400 above); a
 `rid` already in flight is refused (400), so /abort_request reaches the request it names; every weight
 update is staged and published whole or not at all: a shard that fails to load, a bucket that fails
-(unknown name, wrong shape) or a broadcast that breaks off discards the update, so the engine keeps
-serving the old weights and version. The limits of server_limits.py hold against slow, many or large
+(unknown name, wrong shape), a broadcast that breaks off or a session ended before every weight of the
+model arrived discards the update, so the engine keeps serving the old weights and version. The limits of server_limits.py hold against slow, many or large
 clients (http_guard.py): request head and body deadlines, a connection cap, a body cap; bodies over
 64 KiB are parsed and weight files read off the event loop, so /health keeps answering. One update
 group forms at a time, in its own thread, for at most --rendezvous-timeout seconds.
@@ -693,11 +693,19 @@ class LocalSGLangServer:
         return web.json_response({"success": True, "message": "Success"})
 
     async def end_weight_update(self, request: web.Request) -> web.Response:
-        """Publish the staged weights and version, or discard them all if any bucket failed."""
+        """Publish the staged weights and version, or discard them all if any bucket failed or some weight of
+        the model never arrived (SGLang has no route to drop a session, so a sender that gives up between
+        buckets closes it here)."""
         await self._body(request)
         session, self.session = self.session, None
         if session is None:
             return _fail("no weight-update session is open; call begin_weight_update() first")
+        missing = self.engine.unstaged_weights() if session["error"] is None else []
+        if missing:
+            session["error"] = (
+                f"the update lacks {len(missing)} of the model's {len(self.engine.weight_names)} weights, "
+                f"e.g. {missing[:3]}"
+            )
         if session["error"]:
             await self.engine.discard_weight_update(session["error"])
             return _fail(f"update discarded, still serving version {self.engine.version}: {session['error']}")
