@@ -355,7 +355,7 @@ def test_the_grid_reads_accuracy_at_the_rules_final_update_and_decides_each_clai
         cell_run("grpo", 256, 0, grpo, clipped=0.01),
         cell_run("grpo_noclip", 256, 0, noclip),
     ]
-    text = grid.write_grid({("long", "fact", 1e-5, 0.01, 1280): runs}, tmp_path / "grid.md")
+    text = grid.write_grid({("long", "fact", 1e-4, 0.01, 1280): runs}, tmp_path / "grid.md")
     assert "on_policy seed 0 flattens at update 768: N = 768" in text
     lines = text.splitlines()
 
@@ -376,6 +376,8 @@ def test_the_grid_reads_accuracy_at_the_rules_final_update_and_decides_each_clai
     ]
     assert row("| grpo_noclip | 256 | 0 |")[-1] == "yes" and row("| m2po | 256 | 0 |")[-1] == "no"
     assert "grpo_noclip collapses in 1 of 1 seeds, m2po in 0 of 1: **holds**" in text
+    below = grid.write_grid({("long", "fact", 1e-5, 0.01, 1280): runs}, tmp_path / "grid.md")
+    assert "grpo_noclip collapses in 1 of 1 seeds, m2po in 0 of 1 (decided only at lr >= 0.0001)" in below
 
 
 def test_a_run_being_trained_is_not_trained_twice(tmp_path):

@@ -37,6 +37,7 @@ CLAIMS = (
 MASK_RATIO = 0.1  # "M2PO masks at most a tenth of what GRPO clips"
 PROSPERITY = 0.05  # a collapse needs a rise of at least 5 points over the start first ...
 COLLAPSE = 0.10  # ... and then a fall of at least 10 points from the best to the last evaluation
+COLLAPSE_LR = 1e-4  # the collapse claim is decided in the cells at this lr and above
 
 
 def plateau_length(
@@ -169,22 +170,25 @@ def token_rows(runs: list[dict], s: int) -> list[str]:
     return lines
 
 
-def collapse_decision(runs: list[dict]) -> str:
-    """The claim "without a trust region training collapses where M2PO does not", at this cell's lr."""
+def collapse_decision(runs: list[dict], lr: float) -> str:
+    """The claim "without a trust region training collapses where M2PO does not", at this cell's lr
+    (decided at lr >= COLLAPSE_LR, counted at every lr)."""
     noclip = [r["collapsed"] for r in runs if r["loss"] == "grpo_noclip"]
     m2po = [r["collapsed"] for r in runs if r["loss"] == "m2po"]
     if not noclip or not m2po:
         return "not decided here (needs grpo_noclip and m2po)"
+    counted = (
+        f"grpo_noclip collapses in {sum(noclip)} of {len(noclip)} seeds, m2po in {sum(m2po)} of {len(m2po)}"
+    )
+    if lr < COLLAPSE_LR:
+        return f"{counted} (decided only at lr >= {COLLAPSE_LR:g})"
     if all(noclip) and not any(m2po):
         verdict = "holds"
     elif not any(noclip):
         verdict = "fails"
     else:
         verdict = "mixed"
-    return (
-        f"grpo_noclip collapses in {sum(noclip)} of {len(noclip)} seeds, m2po in {sum(m2po)} of {len(m2po)}: "
-        f"**{verdict}**"
-    )
+    return f"{counted}: **{verdict}**"
 
 
 def table(title: str, header: list[str], rows: list[str]) -> list[str]:
@@ -250,7 +254,7 @@ def write_grid(cells: dict[tuple, list[dict]], path: Path) -> str:
         ordered = sorted(runs, key=lambda r: (r["s"], r["loss"], r["seed"]))
         lines += table(
             f"Prosperity before collapse (a rise of >= {100 * PROSPERITY:g} points over the start, then a fall "
-            f"of >= {100 * COLLAPSE:g} from the best to the last evaluation): {collapse_decision(runs)}",
+            f"of >= {100 * COLLAPSE:g} from the best to the last evaluation): {collapse_decision(runs, cell[2])}",
             ["loss", "s", "seed", "start", "best (update)", "last", "collapsed"],
             [
                 f"| {r['loss']} | {r['s']} | {r['seed']} | {100 * r['start']:.1f} | "
