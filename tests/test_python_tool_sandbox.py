@@ -49,10 +49,21 @@ def _still_works(pool: SandboxPool) -> None:
     assert result.ok and result.stdout == "42\n", result
 
 
+_EARLIER: set[int] = set()
+
+
+@pytest.fixture(autouse=True)
+def _children_of_earlier_tests():
+    """Children that earlier tests of the same session left running (reward-pool workers, engine servers) are
+    not a call's: only processes started during this test count as leftovers."""
+    _EARLIER.clear()
+    _EARLIER.update(p.pid for p in psutil.Process().children(recursive=True))
+
+
 def _leftovers() -> list[psutil.Process]:
     """Descendants of this test still running (a call's processes are all descendants of its launcher)."""
     mine = psutil.Process().children(recursive=True)
-    return [p for p in mine if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    return [p for p in mine if p.pid not in _EARLIER and p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
 
 def _cmdline(process: psutil.Process) -> list[str]:
@@ -110,7 +121,9 @@ def test_infinite_loop_is_killed_at_the_wall_limit(pool):
 def test_busy_loop_is_killed_at_the_cpu_limit(pool):
     result = pool.run("while True:\n    pass", timeout=60)  # wall time is generous on a loaded machine
     assert result.limit == "cpu" and result.signal == signal.SIGXCPU, result
-    assert LIMITS.cpu_seconds - 0.1 <= result.cpu_seconds < LIMITS.cpu_seconds + 1
+    # the kernel's SIGXCPU is the proof of the limit; the reported CPU time (the launcher's view of its child)
+    # was seen 0.16 s short of it on a loaded machine
+    assert LIMITS.cpu_seconds - 0.5 <= result.cpu_seconds < LIMITS.cpu_seconds + 1
 
 
 def test_fork_bomb_is_held_to_the_process_limit_and_leaves_nothing_behind(pool):
@@ -415,6 +428,10 @@ def test_a_world_writable_unix_socket_of_the_host_is_out_of_reach(pool, tmp_path
         paths[0].unlink(missing_ok=True)
 
 
+# The call gets a fresh /tmp: a checkout under the host's /tmp (as CI's may be) is not there at all.
+_REPO_WRITE_ERRNO = errno.ENOENT if REPO.resolve().is_relative_to("/tmp") else errno.EROFS
+
+
 def test_a_caller_without_root_maps_only_its_own_uid_and_is_isolated_alike(tmp_path):
     """Not root (uid 1000 in a user namespace): the sandbox maps the caller's own uid, gives up setgroups,
     and the code still finds no network, a read-only filesystem and its own /tmp."""
@@ -454,7 +471,7 @@ def test_a_caller_without_root_maps_only_its_own_uid_and_is_isolated_alike(tmp_p
         "caller 1000",
         "isolated: namespaces user, mount, network, pid, ipc, uts; private /proc True; code runs as the caller's uid",
         "1000 /tmp",
-        str(errno.EROFS),  # the repo: read-only
+        str(_REPO_WRITE_ERRNO),  # the repo: read-only, or absent where the checkout lies under the host's /tmp
         str(errno.ENOENT),  # the host's /tmp: not there, the call has its own
         str(errno.ENETUNREACH),
         "",
