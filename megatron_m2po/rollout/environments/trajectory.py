@@ -11,6 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 _PROBE_USER, _PROBE_REPLY = "probe question", "probe reply"
+# The probe's model turn carries a reasoning block: Qwen3's template drops an assistant turn's thinking or adds
+# an empty one depending on whether the turn is the conversation's last, unless the turn has reasoning of its
+# own, so only then does the probe render the same with and without the message after it.
+_PROBE_ASSISTANT = f"<think>\nprobe thought\n</think>\n\n{_PROBE_REPLY}"
 
 
 @dataclass
@@ -71,7 +75,7 @@ class EnvTurnRenderer:
     def __init__(self, tokenizer, eos_token_ids: list[int]):
         self.tokenizer = tokenizer
         self.eos_token_ids = set(eos_token_ids)
-        probe = [{"role": "user", "content": _PROBE_USER}, {"role": "assistant", "content": _PROBE_REPLY}]
+        probe = [{"role": "user", "content": _PROBE_USER}, {"role": "assistant", "content": _PROBE_ASSISTANT}]
         rendered = self._render(probe, generation_prompt=False)
         self._probe, self._turn_end = rendered, rendered[rendered.rindex(_PROBE_REPLY) + len(_PROBE_REPLY) :]
         self._probe_messages = probe
@@ -83,12 +87,16 @@ class EnvTurnRenderer:
 
     def ids(self, role: str, content: str, last_model_ids: list[int]) -> list[int]:
         """Ids of `content` as a `role` message, followed by the opening of the next assistant turn."""
-        full = self._render(
-            [*self._probe_messages, {"role": role, "content": content}], generation_prompt=True
-        )
+        return self.messages_ids([{"role": role, "content": content}], last_model_ids)
+
+    def messages_ids(self, messages: list[dict], last_model_ids: list[int]) -> list[int]:
+        """Ids of several environment messages in one turn (e.g. one tool reply per call: Qwen3's template
+        groups consecutive tool messages into one user turn), then the opening of the next assistant turn."""
+        full = self._render([*self._probe_messages, *messages], generation_prompt=True)
         if not full.startswith(self._probe):
+            roles = ", ".join(repr(m["role"]) for m in messages)
             raise ValueError(
-                f"chat template: rendering a {role!r} message changes the text before it; "
+                f"chat template: rendering {roles} message(s) after a model turn changes the text before them; "
                 "the environment turn cannot be appended token-exactly"
             )
         closing = self._turn_end
