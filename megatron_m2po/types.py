@@ -51,13 +51,29 @@ class Sample:
     response_text: str = ""
     reward: float | None = None
     routed_experts: np.ndarray | None = field(default=None, compare=False)
+    loss_mask: list[int] | None = None
+    turn_starts: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         n = len(self.response_ids)
+        where = f"sample {self.prompt_id}#{self.group_index}"
         if len(self.behavior_logprobs) != n or len(self.versions) != n:
             raise ValueError(
-                f"sample {self.prompt_id}#{self.group_index}: {n} response tokens but "
+                f"{where}: {n} response tokens but "
                 f"{len(self.behavior_logprobs)} behavior_logprobs and {len(self.versions)} versions"
+            )
+        if self.loss_mask is not None and (len(self.loss_mask) != n or not set(self.loss_mask) <= {0, 1}):
+            raise ValueError(
+                f"{where}: loss_mask must hold one 0 or 1 per response token ({n}), got "
+                f"{len(self.loss_mask)} values {sorted(set(self.loss_mask))[:4]}"
+            )
+        starts = self.turn_starts
+        if starts and (
+            starts[0] != 0 or starts[-1] >= max(n, 1) or any(a >= b for a, b in zip(starts, starts[1:]))
+        ):
+            raise ValueError(
+                f"{where}: turn_starts must rise strictly from 0 and stay below the {n} response tokens, "
+                f"got {starts[:8]}"
             )
         routed = self.routed_experts
         if routed is not None:
@@ -71,6 +87,11 @@ class Sample:
     @property
     def min_version(self) -> int:
         return min(self.versions) if self.versions else -1
+
+    @property
+    def model_tokens(self) -> int:
+        """Response tokens the model sampled (the tokens the loss trains on)."""
+        return len(self.response_ids) if self.loss_mask is None else sum(self.loss_mask)
 
 
 def same_routing(a: Sample, b: Sample) -> bool:

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from queue_helpers import make_group
 
 from megatron_m2po.queue import JournalCorruptError, JournalError, JournalFormatError, ReplayQueue
-from megatron_m2po.queue.codec import CodecError, decode_group, encode_group
+from megatron_m2po.queue.codec import CodecError, decode_group, encode_group, mask_from_runs, mask_runs
 from megatron_m2po.queue.journal import RECORD_HEADER, SEGMENT_HEADER, list_segments, scan_journal
 from megatron_m2po.types import Group, Sample, same_routing
 from tests.conftest import subprocess_env
@@ -45,6 +45,10 @@ def groups(draw, float64: bool = False):
                 st.lists(st.integers(0, experts - 1), min_size=fed * layers * 2, max_size=fed * layers * 2)
             )
             routed = np.array(flat, dtype=np.int64).reshape(fed, layers, 2)
+        mask, starts = None, []
+        if n and draw(st.booleans()):  # a multi-turn trajectory: its loss mask and turn starts
+            mask = draw(st.lists(st.integers(0, 1), min_size=n, max_size=n))
+            starts = sorted({0, *draw(st.lists(st.integers(0, n - 1), max_size=4))})
         samples.append(
             Sample(
                 prompt_id="p",
@@ -59,6 +63,8 @@ def groups(draw, float64: bool = False):
                 timings={"t": draw(st.floats(allow_nan=False))},
                 response_text=draw(st.text(max_size=10)),
                 reward=draw(st.one_of(st.none(), st.floats(allow_nan=False))),
+                loss_mask=mask,
+                turn_starts=starts,
             )
         )
     meta = draw(st.dictionaries(st.text(max_size=3), st.one_of(st.integers(-5, 5), st.text(max_size=3))))
@@ -104,6 +110,48 @@ def test_routed_experts_of_the_wrong_shape_are_refused():
         Sample("p", 0, [1, 2], [3, 4, 5], [0.0] * 3, [0] * 3, "stop", routed_experts=np.zeros((5, 2, 2), int))
     with pytest.raises(ValueError, match="routed_experts must be integers"):
         Sample("p", 0, [1, 2], [3, 4, 5], [0.0] * 3, [0] * 3, "stop", routed_experts=np.zeros((4, 2, 2)))
+
+
+@given(mask=st.lists(st.integers(0, 1), max_size=40))
+@example(mask=[])
+@example(mask=[0, 0, 1])
+def test_loss_mask_runs_round_trip(mask):
+    runs = mask_runs(mask)
+    assert mask_from_runs(runs) == mask
+    assert all(r > 0 for r in runs[1:]) and len(runs) <= len(mask) + 1
+
+
+def test_a_multi_turn_sample_stores_its_mask_as_runs_and_a_single_turn_one_stores_none():
+    n = 3000
+    mask = [1] * 1000 + [0] * 500 + [1] * 1500
+    multi = make_group("m", 1, n_samples=1, response_len=n)
+    multi.samples[0].loss_mask, multi.samples[0].turn_starts = mask, [0, 1000, 1500]
+    chunks, _ = encode_group(multi)
+    single, _ = encode_group(make_group("m", 1, n_samples=1, response_len=n))
+    assert len(b"".join(chunks)) - len(b"".join(single)) < 40  # a few run lengths, not a byte per token
+    back = decode_group(b"".join(chunks)).samples[0]
+    assert back.loss_mask == mask and back.turn_starts == [0, 1000, 1500] and back.model_tokens == 2500
+    assert decode_group(b"".join(single)).samples[0].loss_mask is None
+
+
+def test_a_sample_refuses_a_mask_or_turns_that_do_not_fit_its_response():
+    base = dict(
+        prompt_id="p",
+        group_index=0,
+        prompt_ids=[1],
+        response_ids=[5, 6, 7],
+        behavior_logprobs=[0.0] * 3,
+        versions=[0] * 3,
+        finish_reason="stop",
+    )
+    with pytest.raises(ValueError, match="loss_mask must hold one 0 or 1 per response token"):
+        Sample(**base, loss_mask=[1, 0])
+    with pytest.raises(ValueError, match="loss_mask must hold one 0 or 1"):
+        Sample(**base, loss_mask=[1, 2, 1])
+    with pytest.raises(ValueError, match="turn_starts must rise strictly from 0"):
+        Sample(**base, turn_starts=[0, 2, 2])
+    with pytest.raises(ValueError, match="turn_starts must rise strictly from 0"):
+        Sample(**base, turn_starts=[0, 3])
 
 
 def test_codec_is_compact_binary():

@@ -6,13 +6,17 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
 from megatron_m2po.models.tiny import make_tiny_model
+from megatron_m2po.queue.codec import decode_group, encode_group
 from megatron_m2po.rollout.environments.tool_calls import ToolCall, ToolCallError, parse_tool_calls
 from megatron_m2po.rollout.environments.trajectory import EnvTurnRenderer, Trajectory
+from megatron_m2po.trainer.batching import groups_to_rows, rows_to_microbatch
+from megatron_m2po.types import Group
 
 TOOLS = frozenset({"python"})
 
@@ -65,6 +69,21 @@ def test_ids_are_the_chat_templates_rendering_and_masks_align_at_every_turn(tok,
     assert traj.model_tokens == n1 + len(second)
     # The environment's ids begin by closing the model's turn where the model did not (cut by length).
     assert (env[0] == im_end) is (not first_turn_ends)
+    # As a Sample through the journal and into the trainer's rows: the mask selects the model's turns only.
+    sample = decode_group(
+        b"".join(encode_group(Group("q", traj.prompt_ids, [traj.to_sample("q", 0, "stop")]))[0])
+    ).samples[0]
+    assert (sample.response_ids, sample.loss_mask, sample.turn_starts) == (
+        traj.response_ids,
+        traj.loss_mask,
+        traj.turn_starts,
+    )
+    mb = rows_to_microbatch(
+        groups_to_rows([Group("q", traj.prompt_ids, [sample])], torch.ones(1)), consumer_version=4, pad_id=0
+    )
+    p = len(traj.prompt_ids)
+    assert mb.response_mask[0, p - 1 :].tolist() == [float(m) for m in traj.loss_mask]
+    assert mb.staleness[0, p - 1 :].tolist() == [4 - v for v in traj.versions]
 
 
 def test_a_model_turn_with_misaligned_arrays_is_refused():

@@ -6,7 +6,9 @@ The scalar fields go into a small msgpack header; the token ids, log-probs and v
 into a packed little-endian body (int32/float32 when exact, wider otherwise), which
 `struct` converts from Python lists at C speed. A response whose tokens all come from one
 policy version (the common case) stores its versions as one number. An MoE sample's routed experts go in
-as uint8 (up to 256 experts) or uint16 arrays: one or two bytes per token, layer and choice.
+as uint8 (up to 256 experts) or uint16 arrays: one or two bytes per token, layer and choice. A multi-turn
+sample's loss mask goes into the header as run lengths (its turns alternate: a few runs, whatever the
+length), with its turn starts; a single-turn sample stores neither.
 """
 
 from __future__ import annotations
@@ -96,6 +98,29 @@ def _pack_routing(s: Sample) -> tuple[list | None, bytes]:
     return [code, routed.shape[1], routed.shape[2]], packed.tobytes()
 
 
+def mask_runs(mask: list[int]) -> list[int]:
+    """Lengths of the alternating runs of 1s and 0s of `mask`, starting with a run of 1s (maybe empty)."""
+    runs, value, length = [], 1, 0
+    for m in mask:
+        if m == value:
+            length += 1
+        else:
+            runs.append(length)
+            value, length = m, 1
+    runs.append(length)
+    return runs
+
+
+def mask_from_runs(runs: list[int]) -> list[int]:
+    """Inverse of `mask_runs`."""
+    mask: list[int] = []
+    for i, length in enumerate(runs):
+        if not isinstance(length, int) or length < 0:
+            raise CodecError(f"loss-mask run lengths must be non-negative integers, got {runs[:8]}")
+        mask += [1 - i % 2] * length
+    return mask
+
+
 def encode_group(group: Group, *, logprob_dtype: str = "float32") -> tuple[list[bytes], VersionRange]:
     """Encode `group` as a list of byte chunks (header first) to write with one `writev`.
 
@@ -147,6 +172,10 @@ def encode_group(group: Group, *, logprob_dtype: str = "float32") -> tuple[list[
         meta["routed"], blob = _pack_routing(s)
         if blob:
             body.append(blob)
+        if s.loss_mask is not None:
+            meta["mask"] = mask_runs(s.loss_mask)
+        if s.turn_starts:
+            meta["turns"] = list(s.turn_starts)
         samples_meta.append(meta)
     group_range = _group_version_range(group, ranges)
     header = {
@@ -218,6 +247,7 @@ def decode_group(payload: bytes | memoryview) -> Group:
                 versions = reader.take(vmeta[0], n)
             routed = meta.get("routed")
             experts = None if routed is None else reader.take_experts(*routed, len(s_prompt) + n - 1)
+            runs = meta.get("mask")
             samples.append(
                 Sample(
                     prompt_id=header["prompt_id"],
@@ -232,6 +262,8 @@ def decode_group(payload: bytes | memoryview) -> Group:
                     response_text=meta["response_text"],
                     reward=meta["reward"],
                     routed_experts=experts,
+                    loss_mask=None if runs is None else mask_from_runs(runs),
+                    turn_starts=list(meta.get("turns", [])),
                 )
             )
         if reader.offset != len(buf):

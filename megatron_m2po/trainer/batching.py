@@ -3,7 +3,8 @@
 Layout the loss sees: a sequence is prompt + response tokens, right-padded. Position t of every per-token
 tensor is the prediction of token t+1 (`targets = tokens[:, 1:]`), so the log-prob of the model's output at
 position t lines up with `behavior_logprobs[:, t]`; `response_mask[:, t]` is 1 where token t+1 is a
-response token. Prompt and padding positions carry mask 0 and never reach the loss.
+response token the model sampled. Prompt and padding positions, and the environment's tokens inside a
+multi-turn response (`Sample.loss_mask` 0), carry mask 0 and never reach the loss or a diagnostic.
 
 Packing (`train.pack_sequences`): the model instead runs on the micro-batch's sequences concatenated into
 one row [1, T] (`PackedLayout`, Megatron's THD format with `cu_seqlens`), so no compute goes to padding;
@@ -78,7 +79,7 @@ class MicroBatch:
 
     tokens: torch.Tensor  # [b, L] long, right-padded
     targets: torch.Tensor  # [b, L-1] long
-    response_mask: torch.Tensor  # [b, L-1] float (1 = response token)
+    response_mask: torch.Tensor  # [b, L-1] float (1 = response token the model sampled)
     behavior_logprobs: torch.Tensor  # [b, L-1] float, log mu
     engine_logprobs: torch.Tensor  # [b, L-1] float, the engine's sampling log-probs
     advantages: torch.Tensor  # [b, L-1] float, per token
@@ -109,6 +110,14 @@ class SequenceRow:
     versions: list[int]
     in_loss: bool = True  # False: trained on by nobody (overlong filtering), its tokens outside the mask
     routed_experts: np.ndarray | None = None  # Sample.routed_experts: [len(tokens) - 1, layers, top_k]
+    loss_mask: list[int] | None = None  # Sample.loss_mask: 1 = the model's token; None: every response token
+
+    @property
+    def loss_tokens(self) -> int:
+        """The response tokens the loss counts (what token-mean losses divide by)."""
+        if not self.in_loss:
+            return 0
+        return len(self.tokens) - self.prompt_len if self.loss_mask is None else sum(self.loss_mask)
 
 
 def groups_to_rows(
@@ -135,6 +144,7 @@ def groups_to_rows(
                     advantage=float(advantages[i]),
                     versions=list(s.versions),
                     routed_experts=s.routed_experts,
+                    loss_mask=None if s.loss_mask is None else list(s.loss_mask),
                 )
             )
             i += 1
@@ -174,7 +184,10 @@ def rows_to_microbatch(
         n, p = len(r.tokens), r.prompt_len
         tokens[i, :n] = torch.tensor(r.tokens, dtype=torch.long)
         span = slice(p - 1, n - 1)  # positions predicting the response tokens
-        per_token["response_mask"][i, span] = 1.0 if r.in_loss else 0.0
+        if r.loss_mask is None or not r.in_loss:
+            per_token["response_mask"][i, span] = 1.0 if r.in_loss else 0.0
+        else:
+            per_token["response_mask"][i, span] = torch.tensor(r.loss_mask, dtype=torch.float32)
         per_token["behavior_logprobs"][i, span] = torch.tensor(r.behavior_logprobs, dtype=torch.float32)
         per_token["engine_logprobs"][i, span] = torch.tensor(r.engine_logprobs, dtype=torch.float32)
         per_token["advantages"][i, span] = r.advantage
@@ -335,6 +348,7 @@ def rollout_metrics(groups: Sequence[Group]) -> dict[str, float]:
     """`rollout/` scalars of a consumed batch (staleness depends on the consuming update: `step_metrics.staleness_of`)."""
     rewards = [r for g in groups for r in g.rewards]
     lengths = [len(s.response_ids) for g in groups for s in g.samples]
+    multi_turn = [s for g in groups for s in g.samples if s.loss_mask is not None]
     truncated = [s.finish_reason == "length" for g in groups for s in g.samples]
     flat = [len(set(g.rewards)) == 1 for g in groups]
     n = max(1, len(rewards))
@@ -345,4 +359,13 @@ def rollout_metrics(groups: Sequence[Group]) -> dict[str, float]:
         "rollout/response_length_max": float(max(lengths, default=0)),
         "rollout/truncated_fraction": sum(truncated) / max(1, len(truncated)),
         "rollout/zero_advantage_group_fraction": sum(flat) / max(1, len(flat)),
+    } | (_turn_metrics(multi_turn) if multi_turn else {})
+
+
+def _turn_metrics(samples: Sequence) -> dict[str, float]:
+    """Multi-turn responses: the model's share of their tokens and how many turns they took."""
+    n = len(samples)
+    return {
+        "rollout/model_tokens_mean": sum(s.model_tokens for s in samples) / n,
+        "rollout/turns_mean": sum(max(1, len(s.turn_starts)) for s in samples) / n,
     }

@@ -109,7 +109,7 @@ class Policy:
         cfg = self.cfg
         a = cfg.algorithm
         rewards = torch.tensor([reward for g in groups for reward in g.rewards], dtype=torch.float32)
-        lengths = torch.tensor([len(s.response_ids) for g in groups for s in g.samples])
+        lengths = torch.tensor([s.model_tokens for g in groups for s in g.samples])
         truncated = [s.finish_reason == "length" for g in groups for s in g.samples]
         extra: dict[str, float] = {}
         if a.overlong_buffer:
@@ -125,9 +125,7 @@ class Policy:
             extra["train/overlong_filtered_fraction"] = sum(truncated) / max(1, len(truncated))
         mbs = self._microbatches(rows, version)
         # The loss is a mean over the whole mini-batch (all DP ranks): DDP averages over DP, hence / dp.
-        total = self.loss_fn.normalizer_count(
-            [len(row.tokens) - row.prompt_len if row.in_loss else 0 for row in rows]
-        )
+        total = self.loss_fn.normalizer_count([row.loss_tokens for row in rows])
         normalizer = max(total, 1) / self.dp_size
         return extra | train_update_collective(
             self.model,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from megatron_m2po.types import Sample
+
 _PROBE_USER, _PROBE_REPLY = "probe question", "probe reply"
 # The probe's model turn carries a reasoning block: Qwen3's template drops an assistant turn's thinking or adds
 # an empty one depending on whether the turn is the conversation's last, unless the turn has reasoning of its
@@ -62,6 +64,21 @@ class Trajectory:
     @property
     def model_tokens(self) -> int:
         return sum(self.loss_mask)
+
+    def to_sample(self, prompt_id: str, group_index: int, finish_reason: str, **fields) -> Sample:
+        """The trajectory as the queue and trainer take it: the mask and turn starts ride along."""
+        return Sample(
+            prompt_id=prompt_id,
+            group_index=group_index,
+            prompt_ids=list(self.prompt_ids),
+            response_ids=list(self.response_ids),
+            behavior_logprobs=list(self.logprobs),
+            versions=list(self.versions),
+            finish_reason=finish_reason,
+            loss_mask=list(self.loss_mask),
+            turn_starts=list(self.turn_starts),
+            **fields,
+        )
 
 
 class EnvTurnRenderer:
