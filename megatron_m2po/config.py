@@ -230,6 +230,26 @@ class RolloutConfig:
     max_inflight_groups: int = opt(
         8, "bounded mode: prompt groups generated concurrently by the rollout manager", ge=1
     )
+    request_timeout: float = opt(
+        3600.0,
+        "seconds one generation request may take on an engine before the farm gives up on it (a hung engine) "
+        "and sends it to another; a late reply is discarded",
+        gt=0,
+    )
+    engine_max_failures: int = opt(
+        3,
+        "failed or timed-out requests in a row (or missed health checks) after which an engine leaves "
+        "rotation; it returns when a health check finds it answering. Missed health checks also resubmit "
+        "its requests in flight elsewhere",
+        ge=1,
+    )
+    health_interval: float = opt(10.0, "seconds between the engines' health checks (bounded mode)", gt=0)
+    weight_sync_timeout: float = opt(
+        300.0,
+        "seconds an engine may take for each step of a weight push (pause, finish, a load from disk): an "
+        "engine past it leaves the push and rotation, the push completes for the others",
+        gt=0,
+    )
     env: EnvName = opt(
         "math", "environment turning a prompt into scored samples: math = one model turn scored by reward_fn"
     )

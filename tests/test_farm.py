@@ -100,8 +100,8 @@ def test_least_loaded_routing(engines):
 
 def test_timeout_retries_on_another_engine_and_health_recovers(engines):
     async def run():
-        farm = EngineFarm(engines, request_timeout=0.5)
-        await engines[0].pause()  # e0 hangs: the attempt times out, e1 serves it
+        farm = EngineFarm(engines, request_timeout=0.5, max_engine_failures=1)
+        await engines[0].pause()  # e0 hangs: the attempt times out, e1 serves it, e0 leaves rotation
         farm._slots["e1"].served = 10  # make e0 the first choice
         (s,) = await farm.generate("p", [5, 6], 1, PARAMS)
         m = farm.metrics()
@@ -136,7 +136,7 @@ def test_cancelled_or_closed_engine_task_is_retried(engines):
 
 def test_all_engines_failing_raises_after_max_attempts(engines):
     async def run():
-        farm = EngineFarm(engines, max_attempts=3, no_engine_timeout=1.0)
+        farm = EngineFarm(engines, max_attempts=3, no_engine_timeout=1.0, max_engine_failures=1)
         for e in engines:
             await e.close()
         with pytest.raises(FarmError, match="request p: no healthy engine"):

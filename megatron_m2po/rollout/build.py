@@ -19,6 +19,7 @@ from megatron_m2po.rollout.engines.local import LocalEngine
 from megatron_m2po.rollout.engines.sglang import SGLangEngine
 from megatron_m2po.rollout.engines.vllm import VLLMEngine
 from megatron_m2po.rollout.environments import Environment, environment_class
+from megatron_m2po.rollout.farm import EngineFarm
 from megatron_m2po.rollout.rewards import RewardPool
 from megatron_m2po.types import SamplingParams
 
@@ -78,6 +79,18 @@ def build_engines(cfg: Config, hf_dir: str, dtype: torch.dtype) -> list:
             for i, url in enumerate(r.urls)
         ]
     return [VLLMEngine(hf_dir, engine_id=f"vllm-{i}") for i in range(r.num_engines)]  # in process
+
+
+def engine_farm(cfg: Config, hf_dir: str, dtype: torch.dtype) -> EngineFarm:
+    """The engines behind one farm, with the rollout section's timeouts and rotation settings."""
+    r = cfg.rollout
+    return EngineFarm(
+        build_engines(cfg, hf_dir, dtype),
+        request_timeout=r.request_timeout,
+        max_engine_failures=r.engine_max_failures,
+        health_interval=r.health_interval,
+        update_timeout=r.weight_sync_timeout,
+    )
 
 
 def environment(cfg: Config, farm, rewards, tokenizer, sampling: SamplingParams) -> Environment:

@@ -36,8 +36,7 @@ from megatron_m2po.config import Config
 from megatron_m2po.data.benchmarks import get_benchmark
 from megatron_m2po.data.prompts import PromptDataset
 from megatron_m2po.models.hf_config import hf_config_dir as run_hf_config_dir
-from megatron_m2po.rollout.build import build_engines
-from megatron_m2po.rollout.farm import EngineFarm
+from megatron_m2po.rollout.build import engine_farm
 from megatron_m2po.rollout.rewards import RewardPool
 from megatron_m2po.types import Sample, SamplingParams
 
@@ -132,7 +131,7 @@ def build_engine(
     seed: int = 0,
     threads: int | None = None,
 ):
-    """A farm serving the model, built as the trainer builds its own (`rollout.build.build_engines`, with
+    """A farm serving the model, built as the trainer builds its own (`rollout.build.engine_farm`, with
     its API-key environment variables): local in process, vLLM in process or by URL, SGLang servers by URL
     or an sglang-router (`router_url`) in front of them."""
     if kind not in ENGINES:
@@ -147,7 +146,7 @@ def build_engine(
     cfg = Config()
     cfg.rollout.engine, cfg.rollout.urls, cfg.rollout.router_url = kind, list(urls), router_url
     cfg.train.seed, cfg.train.torch_threads = seed, threads or 0
-    return EngineFarm(build_engines(cfg, str(hf_dir), torch.float32))
+    return engine_farm(cfg, str(hf_dir), torch.float32)
 
 
 def stop_token_ids(tokenizer) -> list[int]:

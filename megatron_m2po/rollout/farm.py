@@ -5,6 +5,12 @@ another engine (the first attempt's result, if it ever arrives, is discarded). A
 exactly-once, by the replay queue's `put` keyed on prompt_id. Across a weight update, in-flight
 requests either continue (tokens after the update record the new version: per-token staleness)
 or are aborted and resubmitted on the new weights (`inflight_on_update="abort"`).
+
+Rotation: an engine leaves it after `max_engine_failures` consecutive failed or timed-out requests, a
+failed health check, or a weight update it did not complete (dead, hung past `update_timeout`, or dropped
+from the update group); a health check that finds it answering brings it back (after a missed update, only
+once a later update reaches it). An engine that misses `max_engine_failures` health checks in a row is
+taken to be hung: its requests in flight are resubmitted elsewhere instead of waiting `request_timeout`.
 """
 
 from __future__ import annotations
@@ -27,6 +33,10 @@ class FarmError(RuntimeError):
     """No engine could serve a request within the allowed attempts."""
 
 
+class UpdateTimeout(EngineError):
+    """An engine did not finish its part of a weight-update step within the farm's update_timeout."""
+
+
 @dataclass
 class _Slot:
     """Farm-side state of one engine."""
@@ -38,6 +48,8 @@ class _Slot:
     tasks: set[asyncio.Task] = field(default_factory=set)
     served: int = 0
     failures: int = 0
+    failures_in_a_row: int = 0  # failed requests since its last success or return to rotation
+    missed_health_checks: int = 0  # in a row
 
     @property
     def routable(self) -> bool:
@@ -49,7 +61,9 @@ class EngineFarm:
 
     `request_timeout` bounds one attempt (None: no bound); `max_attempts` bounds failed attempts per
     request (resubmissions caused by a weight-update abort do not count). `health_interval` seconds
-    between background health checks once `start()` has been called.
+    between background health checks once `start()` has been called. `max_engine_failures`: failed
+    requests (or missed health checks) in a row that take an engine out of rotation. `update_timeout`
+    bounds each engine's part of each weight-update step (None: no bound).
     """
 
     def __init__(
@@ -61,6 +75,8 @@ class EngineFarm:
         health_interval: float = 10.0,
         inflight_on_update: str = "continue",
         no_engine_timeout: float = 60.0,
+        max_engine_failures: int = 3,
+        update_timeout: float | None = None,
     ):
         if inflight_on_update not in INFLIGHT_POLICIES:
             raise ValueError(
@@ -68,7 +84,10 @@ class EngineFarm:
             )
         if max_attempts < 1:
             raise ValueError(f"EngineFarm: max_attempts must be >= 1, got {max_attempts}")
+        if max_engine_failures < 1:
+            raise ValueError(f"EngineFarm: max_engine_failures must be >= 1, got {max_engine_failures}")
         self.max_attempts, self.request_timeout = max_attempts, request_timeout
+        self.max_engine_failures, self.update_timeout = max_engine_failures, update_timeout
         self.health_interval, self.no_engine_timeout = health_interval, no_engine_timeout
         self.inflight_on_update = inflight_on_update
         self._aborted: set[asyncio.Task] = set()
@@ -76,7 +95,15 @@ class EngineFarm:
         self._membership: asyncio.Event | None = None
         self._health_task: asyncio.Task | None = None
         self._targets: list[_Slot] = []
-        self._counts = {"requests": 0, "retries": 0, "failures": 0, "timeouts": 0, "resubmitted": 0}
+        self._counts = {
+            "requests": 0,
+            "retries": 0,
+            "failures": 0,
+            "timeouts": 0,
+            "resubmitted": 0,
+            "out_of_rotation": 0,  # times an engine left rotation (failures, health, a missed update)
+            "update_dropped": 0,  # engines dropped from a weight update (dead, hung, or failed)
+        }
         self._overhead_s = 0.0
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop it runs in (set by RolloutManager)
         self._slots: dict[str, _Slot] = {}
@@ -221,13 +248,15 @@ class EngineFarm:
                     resubmits += 1
                     continue
                 slot.served += 1
+                slot.failures_in_a_row = 0
                 self._overhead_s += (t_sent - t_enter) + (time.perf_counter() - t_back)
                 return samples
             failures += 1
             tried.add(engine.engine_id)
             slot.failures += 1
-            if engine.engine_id in self._slots:
-                slot.healthy = False
+            slot.failures_in_a_row += 1
+            if slot.failures_in_a_row >= self.max_engine_failures and engine.engine_id in self._slots:
+                self._leave_rotation(slot, f"{slot.failures_in_a_row} failed requests in a row")
             self._counts["failures"] += 1
             if failures < self.max_attempts:
                 self._counts["retries"] += 1
@@ -251,9 +280,20 @@ class EngineFarm:
         status = {}
         for slot, ok in zip(slots, results):
             ok = ok is True
-            if ok != slot.healthy:
-                logger.info("engine %s is now %s", slot.engine.engine_id, "healthy" if ok else "unhealthy")
-            slot.healthy = ok
+            if ok and not slot.healthy:
+                logger.info("engine %s answers its health check: back in rotation", slot.engine.engine_id)
+                slot.healthy, slot.failures_in_a_row = True, 0
+            elif not ok:
+                self._leave_rotation(slot, "failed its health check")
+            slot.missed_health_checks = 0 if ok else slot.missed_health_checks + 1
+            if slot.missed_health_checks == self.max_engine_failures and slot.tasks:
+                logger.warning(
+                    "engine %s missed %d health checks in a row: taken as hung, its %d requests go elsewhere",
+                    slot.engine.engine_id,
+                    slot.missed_health_checks,
+                    len(slot.tasks),
+                )
+                self._abort_tasks(slot)
             updating = self._update_done is not None and not self._update_done.is_set()
             if (  # e.g. a restarted server's start-up weights; mid-update an engine is already ahead
                 slot.synced and slot.engine.version != self._version and not updating
@@ -268,6 +308,12 @@ class EngineFarm:
             status[slot.engine.engine_id] = ok
         self._notify_membership()
         return status
+
+    def _leave_rotation(self, slot: _Slot, why: str) -> None:
+        if slot.healthy:
+            logger.warning("engine %s leaves rotation: %s", slot.engine.engine_id, why)
+            self._counts["out_of_rotation"] += 1
+        slot.healthy = False
 
     async def _health_loop(self) -> None:
         while True:
@@ -286,12 +332,26 @@ class EngineFarm:
     def _update_targets(self) -> list[_Slot]:
         return [s for s in self._slots.values() if s.healthy and not s.draining]
 
+    async def _bounded(self, engine: Engine, what: str, call) -> None:
+        """One engine's part of an update step, for at most `update_timeout` seconds."""
+        try:
+            await asyncio.wait_for(call, self.update_timeout)
+        except asyncio.TimeoutError:
+            raise UpdateTimeout(
+                f"engine {engine.engine_id}: {what} took more than {self.update_timeout}s (hung?)"
+            ) from None
+
     async def _each(self, slots: list[_Slot], what: str, make_call) -> None:
+        """Run an update step on every engine; one that fails leaves rotation until a later update reaches
+        it, one that timed out also leaves this update (it gets no further steps)."""
+        slots = list(slots)  # a timed-out engine is removed from the update's targets below
         if not slots:
             raise EngineError(
                 f"{what}: no engine to send it to (every engine is unhealthy or draining: {self.describe()})"
             )
-        results = await asyncio.gather(*(make_call(s.engine) for s in slots), return_exceptions=True)
+        results = await asyncio.gather(
+            *(self._bounded(s.engine, what, make_call(s.engine)) for s in slots), return_exceptions=True
+        )
         for slot, result in zip(slots, results):
             if isinstance(result, BaseException):
                 logger.error(
@@ -301,8 +361,32 @@ class EngineFarm:
                     result,
                 )
                 slot.synced = False
+                if isinstance(result, UpdateTimeout):
+                    self._drop_from_update(slot, str(result))
         if all(isinstance(r, BaseException) for r in results):
             raise EngineError(f"{what} failed on every engine: {results[0]}")
+
+    def _drop_from_update(self, slot: _Slot, why: str) -> None:
+        """The engine gets no further steps of this update and leaves rotation; its requests go elsewhere."""
+        if slot in self._targets:
+            self._targets.remove(slot)
+            self._counts["update_dropped"] += 1
+        slot.synced = False
+        self._leave_rotation(slot, why)
+        self._abort_tasks(slot)
+
+    @property
+    def updating(self) -> list[Engine]:
+        """The engines the weight update in progress still goes to."""
+        return [s.engine for s in self._targets]
+
+    async def leave_update(self, engine_ids: Iterable[str], reason: str) -> None:
+        """The sender dropped these engines from the update (dead or hung in the broadcast): they get no
+        finish, leave rotation, and their requests are resubmitted elsewhere."""
+        for engine_id in engine_ids:
+            slot = self._slots.get(engine_id)
+            if slot is not None:
+                self._drop_from_update(slot, reason)
 
     def _start_update(self) -> list[_Slot]:
         """Hold new requests (abort policy), abort in-flight ones if asked; returns the engines to update."""
@@ -380,6 +464,8 @@ class EngineFarm:
             "rollout/farm_timeouts": float(self._counts["timeouts"]),
             "rollout/farm_resubmitted": float(self._counts["resubmitted"]),
             "rollout/engines_healthy": float(sum(s.routable for s in self._slots.values())),
+            "rollout/engines_left_rotation": float(self._counts["out_of_rotation"]),
+            "rollout/engines_dropped_from_update": float(self._counts["update_dropped"]),
             "rollout/engines": float(len(self._slots)),
             "rollout/inflight": float(sum(len(s.tasks) for s in self._slots.values())),
             "rollout/farm_overhead_ms": 1000.0 * self._overhead_s / served,

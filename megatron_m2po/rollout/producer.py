@@ -26,7 +26,7 @@ from megatron_m2po.models.hf_config import hf_config_dir
 from megatron_m2po.queue import ReplayQueue
 from megatron_m2po.queue.journal import remove_journal
 from megatron_m2po.rollout.build import (
-    build_engines,
+    engine_farm,
     environment,
     prompt_dataset,
     queue_kwargs,
@@ -34,7 +34,6 @@ from megatron_m2po.rollout.build import (
     sampling_params,
 )
 from megatron_m2po.rollout.evaluation import FULL_REWARD, FileSpec, generate_all, open_dataset, stop_token_ids
-from megatron_m2po.rollout.farm import EngineFarm
 from megatron_m2po.rollout.manager import ProducerStopped, RolloutManager
 from megatron_m2po.types import Group
 
@@ -66,7 +65,7 @@ class Producer:
                     logger.warning("fresh run: %s is not the journal's: left as it is", other)
             self.eval_record.unlink(missing_ok=True)  # a fresh run's evaluations are its own
             self.queue = ReplayQueue(**kwargs)
-        self.farm = EngineFarm(build_engines(cfg, hf_dir, trainer.dtype))
+        self.farm = engine_farm(cfg, hf_dir, trainer.dtype)
         self.rewards = reward_pool(cfg)
         sampling = sampling_params(cfg, stop_token_ids=stop_token_ids(self.tokenizer))
         self.manager = RolloutManager(

@@ -218,6 +218,7 @@ class SGLangEngine(Engine):
         engine_id: str | None = None,
         request_timeout: float = 3600.0,
         control_timeout: float = 600.0,
+        health_timeout: float = 10.0,
         pause_mode: str = "retract",
         version: int = 0,
         deterministic: bool = False,
@@ -232,6 +233,7 @@ class SGLangEngine(Engine):
         if not self.worker_urls:
             raise ValueError(f"SGLangEngine {self.engine_id}: worker_urls is empty")
         self.request_timeout, self.control_timeout = request_timeout, control_timeout
+        self.health_timeout = health_timeout  # each health probe's bound: a hung server fails it in this time
         self.pause_mode = pause_mode
         self.deterministic = deterministic
         # Sent as "Authorization: Bearer KEY" (sglang --api-key); control routes take the admin key when set.
@@ -494,7 +496,7 @@ class SGLangEngine(Engine):
             return False
 
     async def _get_ok(self, url: str, path: str) -> bool:
-        status, _ = await self._request("GET", url, path, None, 10.0)
+        status, _ = await self._request("GET", url, path, None, self.health_timeout)
         return status == 200
 
     async def _server_alive(self, url: str) -> bool:
@@ -509,7 +511,7 @@ class SGLangEngine(Engine):
         serves its start-up weights): this engine takes the version the server serves, so the farm stops
         routing to it until the next update, which gives it a new update group first.
         """
-        status, info = await self._request("GET", url, "/model_info", None, 10.0)
+        status, info = await self._request("GET", url, "/model_info", None, self.health_timeout)
         if status != 200 or not isinstance(info, dict):
             return False
         reported = info.get("weight_version")
@@ -535,6 +537,8 @@ class SGLangEngine(Engine):
     async def begin_weight_update(self, version: int) -> None:
         """Pause, then open the update session on every server (0.5.21+ refuses updates outside one)."""
         self._update_error = None
+        # closed until this session opens: a stale flag would make the engine a broadcast receiver
+        self._update_open = False
         # a server restarted since the last health check has left the update group: notice it now
         await asyncio.gather(*(self._check_served_version(u) for u in self.worker_urls))
         await self.pause()
