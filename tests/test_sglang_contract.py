@@ -20,6 +20,7 @@ import json
 import os
 import re
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -43,8 +44,12 @@ from megatron_m2po.types import SamplingParams
 
 if os.environ.get("CI", "").lower() == "true":
     import msgspec  # in CI the contract check must run, never skip
+    import pydantic
 else:
     msgspec = pytest.importorskip("msgspec", reason="msgspec (the dev extra) loads SGLang's generated schema")
+    pydantic = pytest.importorskip(
+        "pydantic", reason="pydantic (the dev extra) parses bodies as SGLang's route"
+    )
 
 SRC = Path(os.environ.get("M2PO_SGLANG_SRC", f"~/.cache/m2po_ci/sglang-{SGLANG_VERSION}")).expanduser()
 API_TYPES = SRC / "sglang/api/v1/api_types.py"
@@ -55,7 +60,15 @@ ROUTER_DIR = SRC / "sglang_router"
 QWEN3_MOE = SRC / "sglang/srt/models/qwen3_moe.py"
 FUSED_MOE_LAYER = SRC / "sglang/srt/layers/moe/fused_moe_triton/layer.py"
 WEIGHT_UPDATER = SRC / "sglang/srt/model_executor/model_runner_components/weight_updater.py"
+API_CONTRACT = SRC / "sglang/srt/entrypoints/api_contract.py"
+SAMPLING_PARAMS = SRC / "sglang/srt/sampling/sampling_params.py"
+TOKENIZER_MANAGER = SRC / "sglang/srt/managers/tokenizer_manager.py"
+WEIGHT_VERSIONS = SRC / "sglang/srt/utils/weight_versions.py"
 PINNED = [
+    API_CONTRACT,
+    SAMPLING_PARAMS,
+    TOKENIZER_MANAGER,
+    WEIGHT_VERSIONS,
     API_TYPES,
     HTTP_SERVER,
     IO_STRUCT,
@@ -101,12 +114,9 @@ class _AnyName(dict):
         return builtin.get(key) or getattr(typing, key, typing.Any)
 
 
-def _io_structs() -> dict[str, type]:
-    """Every request class of the pinned io_struct.py as a strict msgspec Struct (unknown fields rejected).
-
-    Fields come from the class and its bases (BaseReq adds rid, http_worker_ipc); annotations are
-    evaluated with sglang-internal types taken as Any; defaults only mark a field optional.
-    """
+def _io_struct_fields() -> dict[str, dict[str, tuple[str, bool]]]:
+    """class -> field -> (annotation source, has a default) of every class of the pinned io_struct.py, with the
+    fields of its io_struct bases (BaseReq adds rid, http_worker_ipc)."""
     tree = ast.parse(IO_STRUCT.read_text())
     classes = {n.name: n for n in tree.body if isinstance(n, ast.ClassDef)}
 
@@ -117,23 +127,50 @@ def _io_structs() -> dict[str, type]:
                 out.update(fields(base.id))
         for stmt in node.body:
             if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
-                out[stmt.target.id] = (ast.unparse(stmt.annotation), stmt.value is not None)
+                annotation = stmt.annotation
+                if isinstance(annotation, ast.Subscript) and ast.unparse(annotation.value) == "Annotated":
+                    annotation = annotation.slice.elts[0]  # the type; its validator is sglang-internal
+                if not ast.unparse(annotation).startswith("ClassVar"):
+                    out[stmt.target.id] = (ast.unparse(annotation), stmt.value is not None)
         return out
 
+    return {name: fields(name) for name in classes}
+
+
+def _annotation_type(annotation: str):
+    """An io_struct annotation as a type: typing names resolve, sglang-internal types are Any."""
+    try:
+        return eval(annotation, {"__builtins__": {}}, _AnyName())  # noqa: S307 (the pinned source)
+    except Exception:
+        return typing.Any
+
+
+def _io_structs() -> dict[str, type]:
+    """Every request class of the pinned io_struct.py as a strict msgspec Struct (unknown fields rejected);
+    defaults only mark a field optional."""
     structs = {}
-    for name in classes:
-        spec = []
-        for field, (annotation, has_default) in fields(name).items():
-            if annotation.startswith("ClassVar"):
-                continue
-            try:
-                tp = eval(annotation, {"__builtins__": {}}, _AnyName())  # noqa: S307 (the pinned source)
-            except Exception:
-                tp = typing.Any
-            spec.append((field, tp, None) if has_default else (field, tp))
+    for name, fields in _io_struct_fields().items():
+        spec = [
+            (field, _annotation_type(ann), None) if has_default else (field, _annotation_type(ann))
+            for field, (ann, has_default) in fields.items()
+        ]
         spec.sort(key=len)  # required fields first
         structs[name] = msgspec.defstruct(name, spec, kw_only=True, forbid_unknown_fields=True)
     return structs
+
+
+def _generate_req_input_model():
+    """io_struct.GenerateReqInput as the pydantic model FastAPI validates a /generate body with (the pinned
+    route's `obj: GenerateReqInput`), strict about unknown fields: the route would drop them silently."""
+    fields = _io_struct_fields()["GenerateReqInput"]
+    spec = {
+        f: (_annotation_type(ann), None if has_default else ...) for f, (ann, has_default) in fields.items()
+    }
+    return pydantic.create_model(
+        "GenerateReqInput",
+        __config__=pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True),
+        **spec,
+    )
 
 
 def _routes(source: str) -> dict[str, tuple[set[str], str | None]]:
@@ -168,13 +205,97 @@ def _routes(source: str) -> dict[str, tuple[set[str], str | None]]:
     return routes
 
 
-class ContractServer:
-    """Answers the client as the pinned 0.5.23 routes would, from their own schema; records every request."""
+def _pinned_module(path: Path, **provided) -> dict:
+    """The top-level definitions of a pinned source file, executed without its `sglang.*` imports (they pull
+    in the GPU stack); `provided` stands in for the imported names the code under test never reaches."""
+    tree = ast.parse(path.read_text())
+    tree.body = [
+        node
+        for node in tree.body
+        if not (isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sglang"))
+    ]
+    module = types.ModuleType(f"pinned_sglang_{path.stem}")
+    module.__dict__.update(provided)
+    sys.modules[module.__name__] = module  # dataclasses resolve string annotations through it
+    exec(compile(tree, str(path), "exec"), module.__dict__)  # noqa: S102 (the pinned source)
+    return module.__dict__
 
-    def __init__(self, api, *, deterministic: bool = False, tp_size: int = 1, router_ready: bool = False):
+
+class PinnedServerSide:
+    """What the pinned 0.5.23 server does with a /generate body after its contract gate, run from its own source:
+    FastAPI parses the body into io_struct.GenerateReqInput (a field it does not know would be dropped silently,
+    so it is refused here), the tokenizer manager builds sampling_params.SamplingParams from
+    `sampling_params`, normalizes and verifies it; and how it writes the reply: log-prob entries by
+    TokenizerManager.detokenize_logprob_tokens, weight-version spans by utils/weight_versions.py."""
+
+    VOCAB = 1024
+
+    def __init__(self):
+        self.request_model = _generate_req_input_model()
+        # the watermark import is never reached: no request of the client carries a watermark
+        self.sampling_params_class = _pinned_module(
+            SAMPLING_PARAMS, WatermarkRequestConfig=typing.Any, normalize_watermark_request=lambda w: w
+        )["SamplingParams"]
+        self.weight_versions = _pinned_module(WEIGHT_VERSIONS, msgspec_struct_pydantic_core_schema=None)
+        detokenize = _method(TOKENIZER_MANAGER, "TokenizerManager", "detokenize_logprob_tokens")
+        namespace: dict = {"List": list}
+        exec(compile(ast.Module([detokenize], []), str(TOKENIZER_MANAGER), "exec"), namespace)  # noqa: S102
+        self._detokenize = namespace["detokenize_logprob_tokens"]
+
+    def check(self, body: dict):
+        """The body's SamplingParams as the server holds it; raises what the server would refuse."""
+        self.request_model.model_validate(body)
+        params = self.sampling_params_class(**(body.get("sampling_params") or {}))
+        params.normalize(None)
+        params.verify(self.VOCAB)
+        return params
+
+    def reply(
+        self, rid: str, prompt_len: int, tokens: list[int], logprobs: list[float], finish: dict, updates
+    ):
+        """The non-streaming reply dict the tokenizer manager returns for a finished request; `updates` are
+        (old version, output tokens generated before the update) as the scheduler records them."""
+        wv = self.weight_versions
+        events = [wv["WeightVersionEvent"](old_version=v, num_output_tokens=k) for v, k in updates[:-1]]
+        spans = wv["compute_weight_version_spans"](events, updates[-1][0], len(tokens))
+        meta = {
+            "id": rid,
+            "finish_reason": finish,
+            "prompt_tokens": prompt_len,
+            "reasoning_tokens": 0,
+            "completion_tokens": len(tokens),
+            "cached_tokens": 0,
+            "input_token_logprobs": [],
+            "output_token_logprobs": self._detokenize(None, logprobs, tokens, False),
+            "output_token_logprobs_length": len(tokens),
+        }
+        wv["add_weight_versions_to_meta_info"](meta, spans, num_output_tokens=len(tokens))
+        # the route answers through orjson: tuples become arrays
+        return json.loads(json.dumps({"text": "", "output_ids": list(tokens), "meta_info": meta}))
+
+
+class ContractServer:
+    """Answers the client as the pinned 0.5.23 routes would, from their own schema; records every request.
+
+    `script`, when given, is the model: input ids -> (output tokens, their log-probs, the matched stop token or
+    None, weight updates as (old version, tokens before it) ... (current version, None)); the reply is then
+    built by the pinned tokenizer manager's own code (PinnedServerSide.reply)."""
+
+    def __init__(
+        self,
+        api,
+        *,
+        deterministic: bool = False,
+        tp_size: int = 1,
+        router_ready: bool = False,
+        script=None,
+    ):
         self.api, self.deterministic, self.tp_size = api, deterministic, tp_size
         self.router_ready = router_ready  # also answers the router's /readiness (it stands in for one)
+        self.script = script
         self.structs = _io_structs()
+        self.server_side = PinnedServerSide()
+        self.sampling: list = []  # the pinned SamplingParams of every /generate, in order
         self.routes = _routes(HTTP_SERVER.read_text())
         self.requests: list[tuple[str, str, dict]] = []
         self.errors: list[str] = []
@@ -234,6 +355,21 @@ class ContractServer:
             except self.api.JsonContractError as e:  # http_server.generate_request: 400 {"error": ...}
                 self.errors.append(f"/generate {body}: {e}")
                 return web.json_response({"error": str(e)}, status=400)
+            try:
+                self.sampling.append(self.server_side.check(body))
+            except (pydantic.ValidationError, TypeError, ValueError) as e:
+                self.errors.append(f"/generate {body}: the pinned server refuses it: {e}")
+                return web.json_response({"error": str(e)}, status=400)
+            if self.script is not None:
+                tokens, logprobs, matched, updates = self.script(list(req.input_ids))
+                limit = req.sampling_params.max_new_tokens
+                finish = (
+                    {"type": "stop", "matched": matched}
+                    if matched is not None
+                    else {"type": "length", "length": limit}
+                )
+                reply = self.server_side.reply(req.rid, len(req.input_ids), tokens, logprobs, finish, updates)
+                return web.json_response(reply)
             n = req.sampling_params.n or 1
             max_new = req.sampling_params.max_new_tokens
             replies = [
@@ -647,3 +783,112 @@ def test_readiness_is_a_router_only_route():
     )
     assert ROUTER_ONLY_ROUTE not in _routes(HTTP_SERVER.read_text())
     assert "/server_info" in _routes(HTTP_SERVER.read_text())
+
+
+# ------------------------------------------------------------------------------ multi-turn, token in / token out
+
+
+def test_multi_turn_requests_are_token_in_token_out(api):
+    """A tool-calling conversation under Qwen3's chat template through the client: each turn's /generate sends
+    the trajectory's ids so far as `input_ids` (turn 2 = turn 1's input + its output ids + the environment's
+    ids: nothing is re-tokenized, and the server's prefix cache holds), and passes the contract gate, the
+    route's GenerateReqInput parse and the tokenizer manager's SamplingParams (the stop token kept in the
+    output, special tokens not skipped, log-probs of the output only). The replies, written by the pinned
+    tokenizer manager's own code, come back as each turn's ids, log-probs and per-token versions (a weight
+    update inside turn 1), and the trajectory is the template's rendering of the whole conversation."""
+    from qwen3_chat import TOOLS, im_end_id, qwen3_tokenizer
+
+    from megatron_m2po.rollout.environments.tool_calls import parse_tool_calls
+    from megatron_m2po.rollout.environments.trajectory import EnvTurnRenderer, Trajectory
+
+    tok = qwen3_tokenizer()
+    im_end, tool_response = im_end_id(tok), tok.convert_tokens_to_ids("<tool_response>")
+    call = (
+        "<think>\nUse the tool.\n</think>\n\n"
+        '<tool_call>\n{"name": "python", "arguments": {"code": "print(6 * 7)"}}\n</tool_call>'
+    )
+    answer = "<think>\nIt printed 42.\n</think>\n\nThe answer is \\boxed{42}."
+    update_after = 5  # turn 1: five tokens on v3, the rest on v4
+
+    def model(input_ids):
+        turn = input_ids.count(tool_response)
+        ids = tok.encode([call, answer][turn], add_special_tokens=False) + [im_end]
+        logprobs = [-0.01 * (i + 1) - turn for i in range(len(ids))]
+        return ids, logprobs, im_end, [("3", update_after), ("4", None)] if turn == 0 else [("4", None)]
+
+    question = [{"role": "user", "content": "What is 6 * 7?"}]
+    prompt = tok.encode(
+        tok.apply_chat_template(question, tools=TOOLS, add_generation_prompt=True, tokenize=False),
+        add_special_tokens=False,
+    )
+    params = SamplingParams(max_new_tokens=200, temperature=1.0, stop_token_ids=[im_end])
+
+    async def run():
+        async with ContractServer(api, script=model) as server:
+            client = SGLangEngine(server.url, engine_id="c", version=3)
+            traj, renderer, turns = Trajectory(list(prompt)), EnvTurnRenderer(tok, [im_end]), []
+            try:
+                while True:
+                    (sample,) = await client.generate("p", traj.ids, 1, params)
+                    turns.append(sample)
+                    traj.add_model_turn(sample.response_ids, sample.behavior_logprobs, sample.versions)
+                    if not parse_tool_calls(tok.decode(sample.response_ids), {"python"}):
+                        break
+                    traj.add_env_turn(renderer.ids("tool", "42", sample.response_ids))
+            finally:
+                await client.close()
+        return server, traj, turns
+
+    server, traj, turns = asyncio.run(run())
+    assert not server.errors, server.errors
+    bodies = [b for _, path, b in server.requests if path == "/generate"]
+    assert len(bodies) == len(turns) == 2
+    assert bodies[0]["input_ids"] == prompt
+    assert bodies[1]["input_ids"] == prompt + traj.response_ids[: traj.turn_starts[2]]
+    assert bodies[1]["input_ids"][: len(bodies[0]["input_ids"])] == bodies[0]["input_ids"]  # a cached prefix
+    for body, held in zip(bodies, server.sampling):
+        assert "text" not in body and "logprob_start_len" not in body  # token in; output log-probs only (-1)
+        assert body["return_logprob"] is True and body["stream"] is False
+        assert held.stop_token_ids == {im_end} and held.no_stop_trim and not held.skip_special_tokens
+        assert (held.max_new_tokens, held.temperature, held.n) == (200, 1.0, 1)
+
+    first, second = turns
+    assert first.response_ids == tok.encode(call, add_special_tokens=False) + [im_end]  # the stop token kept
+    assert first.behavior_logprobs == [-0.01 * (i + 1) for i in range(len(first.response_ids))]
+    assert first.versions == [3] * update_after + [4] * (len(first.response_ids) - update_after)
+    assert second.versions == [4] * len(second.response_ids) and second.finish_reason == "stop"
+    assert traj.versions[: len(first.response_ids)] == first.versions
+    messages = [
+        *question,
+        {"role": "assistant", "content": call},
+        {"role": "tool", "content": "42"},
+        {"role": "assistant", "content": answer},
+    ]
+    rendered = tok.apply_chat_template(messages, tools=TOOLS, tokenize=False)
+    assert traj.ids + tok.encode("\n", add_special_tokens=False) == tok.encode(
+        rendered, add_special_tokens=False
+    )
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"input_token_ids": [1, 2]}, "Extra inputs are not permitted"),  # the route would drop it silently
+        ({"input_ids": "1 2 3"}, "input_ids"),
+        ({"sampling_params": {"max_tokens": 5}}, "max_tokens"),  # OpenAI's name; SGLang's is max_new_tokens
+        ({"sampling_params": {"top_p": 0.0}}, "top_p must be in"),
+        ({"sampling_params": {"max_new_tokens": -1}}, "max_new_tokens must be at least 0"),
+    ],
+)
+def test_the_pinned_server_side_refuses_what_the_server_refuses(change, message):
+    """The checks the contract server adds to the gate fail where the pinned server would refuse the body (or
+    lose part of it), so the client's passing bodies mean something."""
+    _require_pinned()
+    body = {
+        "rid": "r",
+        "input_ids": [1, 2, 3],
+        "sampling_params": {"max_new_tokens": 4},
+        "return_logprob": True,
+    }
+    with pytest.raises((pydantic.ValidationError, TypeError, ValueError), match=message):
+        PinnedServerSide().check({**body, **change})
