@@ -28,7 +28,7 @@ NonFinite = Literal["raise", "mask"]
 # Where the behaviour log-probs come from: the engine's sampling ones, or the trainer's recomputed ones.
 BehaviorSource = Literal["engine", "trainer"]
 # Environments (rollout/environments): how a prompt becomes scored samples.
-EnvName = Literal["math"]
+EnvName = Literal["math", "tool_math"]
 # Rollout corrections (algorithms/corrections.py); the first two weight the loss by rho, the others only drop
 # tokens, so only those apply where the loss's ratio already divides by the engine's probabilities.
 WeightingCorrection = Literal["token_tis", "token_mis"]

@@ -251,7 +251,10 @@ class RolloutConfig:
         gt=0,
     )
     env: EnvName = opt(
-        "math", "environment turning a prompt into scored samples: math = one model turn scored by reward_fn"
+        "math",
+        "environment turning a prompt into scored samples: math = one model turn scored by reward_fn; "
+        "tool_math = model turns and sandboxed Python tool calls, the final answer scored by reward_fn "
+        "(docs/environments.md)",
     )
     env_settings: dict = opt(
         {}, "the environment's own settings, checked against it when the rollout side is built (docs/rollout.md)"

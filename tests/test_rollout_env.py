@@ -82,7 +82,7 @@ def test_math_environment_gives_the_direct_engine_call_and_its_rewards(setup):
 
 
 def test_env_is_chosen_by_name_and_its_settings_are_checked(tmp_path):
-    assert set(ENVIRONMENTS) == {"math"} and environment_class("math") is SingleTurnMath
+    assert set(ENVIRONMENTS) == {"math", "tool_math"} and environment_class("math") is SingleTurnMath
     with pytest.raises(ValueError, match="'rollout.env': unknown environment 'chess'"):
         environment_class("chess")
     recipe = tmp_path / "r.yaml"

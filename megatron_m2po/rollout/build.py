@@ -96,7 +96,9 @@ def engine_farm(cfg: Config, hf_dir: str, dtype: torch.dtype) -> EngineFarm:
 def environment(cfg: Config, farm, rewards, tokenizer, sampling: SamplingParams) -> Environment:
     """The `rollout.env` environment with its `rollout.env_settings` (checked here: a bad key is named)."""
     cls = environment_class(cfg.rollout.env)
-    return cls(farm, rewards, tokenizer, sampling, settings=cls.parse_settings(cfg.rollout.env_settings))
+    settings = cls.parse_settings(cfg.rollout.env_settings)
+    extra = {"sandbox": cfg.sandbox} if cls.uses_sandbox else {}
+    return cls(farm, rewards, tokenizer, sampling, settings=settings, **extra)
 
 
 def reward_pool(cfg: Config):

@@ -274,4 +274,5 @@ class RolloutManager:
         }
         out.update(self.farm.metrics())
         out.update(self.dataset.metrics())
+        out.update(self.environment.metrics())
         return out

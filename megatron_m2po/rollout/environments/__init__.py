@@ -7,8 +7,9 @@ from typing import get_args
 from megatron_m2po.choices import EnvName
 from megatron_m2po.rollout.environments.base import Environment
 from megatron_m2po.rollout.environments.single_turn_math import SingleTurnMath
+from megatron_m2po.rollout.environments.tool_math import ToolMath
 
-ENVIRONMENTS: dict[str, type[Environment]] = {cls.name: cls for cls in (SingleTurnMath,)}
+ENVIRONMENTS: dict[str, type[Environment]] = {cls.name: cls for cls in (SingleTurnMath, ToolMath)}
 if set(ENVIRONMENTS) != set(get_args(EnvName)):
     raise ImportError(f"environments {sorted(ENVIRONMENTS)} do not match choices.EnvName {get_args(EnvName)}")
 
@@ -22,4 +23,4 @@ def environment_class(name: str) -> type[Environment]:
         ) from None
 
 
-__all__ = ["ENVIRONMENTS", "Environment", "SingleTurnMath", "environment_class"]
+__all__ = ["ENVIRONMENTS", "Environment", "SingleTurnMath", "ToolMath", "environment_class"]

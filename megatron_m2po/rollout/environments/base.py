@@ -29,10 +29,15 @@ class Environment(ABC):
 
     name: ClassVar[str]
     Settings: ClassVar[type] = NoSettings
+    uses_sandbox: ClassVar[bool] = False  # built with `sandbox=` (the config's sandbox section)
 
     @abstractmethod
     async def rollout(self, prompt: Prompt, n: int) -> list[Sample]:
         """`n` scored samples for `prompt`; errors from the engines propagate (the manager counts them)."""
+
+    def metrics(self) -> dict[str, float]:
+        """The environment's own scalars (`env/...`, tool pool counts), beside the manager's."""
+        return {}
 
     async def close(self) -> None:
         """Release what the environment holds (tool pools); the engines and reward pool belong to others."""

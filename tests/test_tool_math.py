@@ -1,0 +1,218 @@
+"""The tool environment (`rollout.env=tool_math`): model turns generated from the trajectory's ids, tool replies
+from the real sandbox rendered by the chat template, budgets, rewards from the final answer, and many
+trajectories in flight at once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from megatron_m2po.config import Config, ConfigError, SandboxConfig
+from megatron_m2po.data.prompts import Prompt, PromptDataset
+from megatron_m2po.event_loop import LoopThread
+from megatron_m2po.models.tiny import make_tiny_model
+from megatron_m2po.rollout import build
+from megatron_m2po.rollout.engines.local import LocalEngine
+from megatron_m2po.rollout.environments import ToolMath
+from megatron_m2po.rollout.environments.tool_math import ToolMathSettings
+from megatron_m2po.rollout.evaluation import stop_token_ids
+from megatron_m2po.rollout.farm import EngineFarm
+from megatron_m2po.rollout.manager import RolloutManager
+from megatron_m2po.rollout.rewards import RewardPool
+from megatron_m2po.rollout.tools import SandboxPool
+from megatron_m2po.types import Sample, SamplingParams
+
+torch.set_num_threads(1)
+CALL = '<tool_call>{"name": "python", "arguments": {"code": "print(123*456)"}}</tool_call>'
+SCRIPTS = {  # trajectory index -> its model turns, in order (the last one repeats)
+    0: ["Let me compute." + CALL, "\\boxed{56088}"],
+    1: ['<tool_call>{"name": "python", "arguments": {"cod', "\\boxed{56088}"],  # cut off, then answers
+    2: ["\\boxed{56000}"],  # answers at once, wrongly
+    3: [CALL + CALL],  # calls forever: two calls per turn
+}
+
+
+class ScriptedEngine(LocalEngine):
+    """A LocalEngine whose turns are the script's text for (trajectory, turn), read from the request id the
+    environment sends; the log-probs are the real model's for those tokens given the ids it was sent, so a
+    test can check what the environment generated from and where each turn's numbers land."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.requests: list[tuple[str, list[int]]] = []
+        self.inflight = self.max_inflight = 0
+
+    async def generate(self, prompt_id, prompt_ids, n, params):
+        self.requests.append((prompt_id, list(prompt_ids)))
+        self.inflight += 1
+        self.max_inflight = max(self.max_inflight, self.inflight)
+        try:
+            await asyncio.sleep(0.05)  # every trajectory's turn is requested before any is answered
+            _, index, turn = prompt_id.rsplit("/", 2)
+            script = SCRIPTS[int(index)]
+            text = script[min(int(turn), len(script) - 1)]
+            end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+            ids = (self.tokenizer.encode(text, add_special_tokens=False) + [end])[: params.max_new_tokens]
+            with torch.no_grad():
+                logits = self.model(torch.tensor([list(prompt_ids) + ids])).logits[
+                    0, len(prompt_ids) - 1 : -1
+                ]
+            logprobs = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(ids)[:, None])[:, 0]
+            finish = "stop" if ids[-1] == end else "length"
+            return [
+                Sample(
+                    prompt_id, 0, list(prompt_ids), ids, logprobs.tolist(), [self.version] * len(ids), finish
+                )
+            ]
+        finally:
+            self.inflight -= 1
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toolmath")
+    hf_dir = make_tiny_model("qwen3", root / "model", seed=2)
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    rewards = RewardPool(workers=1, timeout=20)
+    pool = SandboxPool(SandboxConfig(workers=4, wall_seconds=20))
+    loop = LoopThread("tool-math-test")
+    yield hf_dir, tok, rewards, pool, loop
+    loop.stop()
+    pool.close()
+    rewards.close()
+
+
+def _prompt(tok) -> Prompt:
+    text = "What is 123*456?"
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    return Prompt("task:1", list(ids), "56088", text)
+
+
+def _rollout(setup, settings: ToolMathSettings, n: int = 4, engine=None):
+    hf_dir, tok, rewards, pool, loop = setup
+    engine = engine or ScriptedEngine(hf_dir, engine_id="scripted")
+    params = SamplingParams(max_new_tokens=200, temperature=1.0, seed=3, stop_token_ids=stop_token_ids(tok))
+    env = ToolMath(EngineFarm([engine]), rewards, tok, params, settings, sandbox=pool)
+    return env, engine, loop.run(env.rollout(_prompt(tok), n))
+
+
+def test_trajectories_are_token_exact_with_the_sandbox_s_replies_and_answers_scored(setup):
+    _, tok, *_ = setup
+    env, engine, samples = _rollout(setup, ToolMathSettings(max_turns=3))
+    prompt = _prompt(tok)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+
+    # trajectory 0: a call, the sandbox's output, the answer; the ids are the chat template's rendering
+    s = samples[0]
+    reply = "56088\n"
+    messages = [
+        {"role": "user", "content": prompt.text},
+        {"role": "assistant", "content": SCRIPTS[0][0]},
+        {"role": "tool", "content": reply},
+        {"role": "assistant", "content": SCRIPTS[0][1]},
+    ]
+    rendered = tok.apply_chat_template(messages, tokenize=False)
+    assert s.prompt_ids + s.response_ids + tok.encode("\n") == tok.encode(rendered, add_special_tokens=False)
+    first = tok.encode(SCRIPTS[0][0]) + [im_end]
+    second = tok.encode(SCRIPTS[0][1]) + [im_end]
+    env_len = len(s.response_ids) - len(first) - len(second)
+    assert s.loss_mask == [1] * len(first) + [0] * env_len + [1] * len(second)
+    assert s.turn_starts == [0, len(first), len(first) + env_len]
+    assert (s.reward, s.finish_reason, s.model_tokens) == (1.0, "stop", len(first) + len(second))
+    # each turn was generated from the ids so far, and its log-probs sit on its own tokens
+    sent = {pid: ids for pid, ids in engine.requests}
+    assert sent["task:1/0/0"] == s.prompt_ids
+    assert sent["task:1/0/1"] == s.prompt_ids + s.response_ids[: len(first) + env_len]
+    assert all(lp == 0.0 for lp, m in zip(s.behavior_logprobs, s.loss_mask) if not m)
+    assert all(lp < 0.0 for lp, m in zip(s.behavior_logprobs, s.loss_mask) if m)
+
+    # trajectory 1: the cut-off call is answered with an error, the model answers after it
+    text1 = samples[1].response_text
+    assert "not closed with </tool_call>" in text1 and samples[1].reward == 1.0
+    # trajectory 2: one turn, a wrong answer, no environment tokens
+    assert samples[2].loss_mask == [1] * len(samples[2].response_ids) and samples[2].reward == 0.0
+    # trajectory 3: calls every turn until max_turns; its last turn's calls are not answered
+    assert (len(samples[3].turn_starts), samples[3].finish_reason, samples[3].reward) == (5, "length", 0.0)
+    # the four trajectories' turns were in flight together, and the tool ran where the script called it
+    assert engine.max_inflight == 4
+    m = env.metrics()
+    assert m["env/used_tool_fraction"] == 0.5 and m["tool/calls"] >= 1 + 4
+    assert m["env/call_errors"] == 1
+
+
+def test_budgets_end_trajectories_and_refuse_calls_beyond_the_limit(setup):
+    _, _, samples = _rollout(setup, ToolMathSettings(max_turns=3, max_tool_calls=1), n=4)
+    calls = samples[3].response_text
+    assert calls.count("56088") == 1 and "the limit of 1 tool calls is reached" in calls
+    _, _, short = _rollout(setup, ToolMathSettings(max_turns=3, max_total_tokens=60), n=4)
+    for s in short:
+        assert len(s.response_ids) <= 60
+    assert short[0].finish_reason == "length" and len(short[0].turn_starts) == 1  # no room for the reply
+
+
+def test_tool_use_reward_is_off_by_default_and_adds_when_set(setup):
+    _, _, plain = _rollout(setup, ToolMathSettings(max_turns=3), n=3)
+    _, _, bonus = _rollout(setup, ToolMathSettings(max_turns=3, tool_use_reward=0.25), n=3)
+    assert [s.reward for s in plain] == [1.0, 1.0, 0.0]
+    assert [s.reward for s in bonus] == [1.25, 1.0, 0.0]  # trajectory 1's call never ran
+
+
+def test_settings_are_validated_and_named():
+    assert ToolMath.parse_settings({"max_turns": 2}).max_turns == 2
+    with pytest.raises(
+        ConfigError, match=r"'rollout.env_settings.max_turn': not a setting of rollout.env=tool_math"
+    ):
+        ToolMath.parse_settings({"max_turn": 2})
+    with pytest.raises(ConfigError, match="max_total_tokens must be an integer >= 1"):
+        ToolMath.parse_settings({"max_total_tokens": 0})
+    with pytest.raises(ConfigError, match="tool_timeout must be > 0"):
+        ToolMath.parse_settings({"tool_timeout": -1})
+
+
+def test_through_the_manager_with_the_real_engine_every_turn_is_the_engine_s_own(setup, tmp_path):
+    """rollout.env=tool_math built from the config, a random tiny model on the real local engine: each
+    sample's first turn is exactly what the engine returns for the same request."""
+    hf_dir, tok, rewards, pool, _ = setup
+    data = tmp_path / "p.jsonl"
+    data.write_text(
+        "".join(json.dumps({"problem": f"{i}*{i}=", "answer": str(i * i)}) + "\n" for i in range(4))
+    )
+    cfg = Config()
+    cfg.rollout.env, cfg.rollout.env_settings = "tool_math", {"max_turns": 2, "max_total_tokens": 24}
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=5, stop_token_ids=stop_token_ids(tok))
+    farm = EngineFarm([LocalEngine(hf_dir, engine_id="e0", seed=0)])
+    env = build.environment(cfg, farm, rewards, tok, params)
+    assert isinstance(env, ToolMath) and env.settings.max_turns == 2
+    manager = RolloutManager(
+        PromptDataset(data, tok, seed=0),
+        farm,
+        rewards,
+        None,
+        responses_per_prompt=2,
+        sampling=params,
+        environment=env,
+    )
+    try:
+        groups = manager.generate_batch(2, version=0)
+        metrics = manager.metrics()
+    finally:
+        manager.stop()
+    assert "env/turns_mean" in metrics and "tool/calls" in metrics
+    reference = EngineFarm([LocalEngine(hf_dir, engine_id="e0", seed=0)])
+    loop = LoopThread("reference")
+    try:
+        for g in groups:
+            for i, s in enumerate(g.samples):
+                end = s.turn_starts[1] if len(s.turn_starts) > 1 else len(s.response_ids)
+                (direct,) = loop.run(reference.generate(f"{g.prompt_id}/{i}/0", s.prompt_ids, 1, params))
+                assert s.response_ids[:end] == direct.response_ids
+                # (batched with the other trajectories' rows there, alone here: equal to float rounding)
+                assert s.behavior_logprobs[:end] == pytest.approx(direct.behavior_logprobs, abs=1e-5)
+                assert len(s.response_ids) <= 24 and s.loss_mask[:end] == [1] * end
+    finally:
+        loop.run(reference.close())
+        loop.stop()
