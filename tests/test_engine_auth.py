@@ -68,6 +68,15 @@ def test_rollout_node_serves_in_the_rollout_environment_with_the_key(tmp_path):
     assert "--host 0.0.0.0" in call and "--tp 2 " in call and "--servers 4 " in call
 
 
+def test_rollout_node_passes_its_supervision_flags_to_the_engines(tmp_path):
+    proc, calls = _node(
+        tmp_path, NNODES="2", NODE_RANK="1", M2PO_API_KEY="k", ENGINE_SUPERVISION="--max-restarts 9 --backoff 3"
+    )
+    assert proc.returncode == 0, proc.stderr
+    (call,) = calls
+    assert call.endswith("--max-restarts 9 --backoff 3")
+
+
 def test_trainer_node_trains_in_the_trainer_environment_with_the_key(tmp_path):
     proc, calls = _node(tmp_path, NNODES="2", NODE_RANK="0", M2PO_API_KEY="s3cret", ROLLOUT_HOSTS="r0")
     assert proc.returncode == 0, proc.stderr

@@ -892,3 +892,17 @@ def test_the_pinned_server_side_refuses_what_the_server_refuses(change, message)
     }
     with pytest.raises((pydantic.ValidationError, TypeError, ValueError), match=message):
         PinnedServerSide().check({**body, **change})
+
+
+def test_router_worker_api_is_what_the_supervisor_calls():
+    """sglang-router 0.3.2 (the `smg` crate in its binary) has the worker routes RouterWorkers uses: GET / POST
+    /workers, DELETE /workers/{worker_id}, with a WorkerConfigRequest body holding `url` and `api_key`; and no
+    legacy /add_worker or /remove_worker routes."""
+    _require_pinned()
+    native = next(ROUTER_DIR.glob("sglang_router_rs*.so")).read_bytes()
+    for handler in (b"list_workers_rest", b"create_worker", b"delete_worker", b"get_worker"):
+        assert b"smg..server.." + handler in native, handler
+    assert b"/workers/{worker_id}" in native
+    assert b"struct WorkerConfigRequest with 20 elements" in native
+    assert b"urlapi_keyworker_type" in native  # the request's first fields, as serde names them
+    assert b"/add_worker" not in native and b"/remove_worker" not in native

@@ -10,6 +10,8 @@
 # ROLLOUT_HOSTS (space-separated hostnames of the rollout nodes, in node order).
 # Optional: ROLLOUT_NODES (default NNODES/2), GPUS_PER_NODE (8), GPUS_TRAIN (GPUS_PER_NODE),
 # EVAL_DATA (your own held-out file, evaluated beside the recipe's eval.benchmarks), RUN_ID, RDZV_PORT (29500), ENGINE_BASE_PORT (30000), LOG_DIR, extra `a.b=c` overrides as args.
+# ENGINE_SUPERVISION: flags for `m2po engines`' supervision of its servers (it restarts one that exits or stops
+# answering), e.g. "--max-restarts 10 --health-timeout 30" (docs/rollout.md, "Failure model").
 #
 # Two environments (docs/rollout.md): the trainer runs under TRAINER_PYTHON (the NGC image: torch, Transformer
 # Engine, megatron-core; Dockerfile), the SGLang servers under ROLLOUT_PYTHON (sglang==0.5.23's own torch;
@@ -45,12 +47,14 @@ if [[ -z "${M2PO_API_KEY:-}" ]]; then
 fi
 export M2PO_API_KEY  # read by the launcher (--api-key-env) and the trainer (rollout.api_key_env)
 
-serve() {  # serve GPUS on this node with SGLang servers of ENGINE_TP GPUs each, bound to HOST (blocks)
+serve() {  # serve GPUS on this node with supervised SGLang servers of ENGINE_TP GPUs each, bound to HOST (blocks)
   local gpus=$1 host=$2
   local servers=$((gpus / ENGINE_TP))
+  local supervision
+  read -ra supervision <<<"${ENGINE_SUPERVISION:-}"
   exec "${ROLLOUT_PY[@]}" -m megatron_m2po engines --model "$MODEL_DIR" \
     --servers "$servers" --tp "$ENGINE_TP" --host "$host" --base-port "$ENGINE_BASE_PORT" \
-    --log-dir "$LOG_DIR/engines-node$NODE_RANK"
+    --log-dir "$LOG_DIR/engines-node$NODE_RANK" "${supervision[@]}"
 }
 
 engine_urls() {  # comma-separated URLs of every server of the job

@@ -1,7 +1,9 @@
 """`m2po engines --model HF_DIR --servers N [--tp T] [--router]`: serve a node's engines until SIGINT / SIGTERM.
 
 Starts the servers (`rollout/engines/sglang_launcher.py`: SGLang, or `--backend local` for CPU engines behind
-the same HTTP API), prints their URLs (or the router's) on one line, and stops them on the way out. The keys
+the same HTTP API), prints their URLs (or the router's) on one line, keeps them up (`rollout/engines/
+supervisor.py`: a server that exits or stops answering is restarted, with backoff and a budget; exit 1 when
+every server is past its budget), and stops them on the way out. The keys
 come from environment variables (`--api-key-env`, default M2PO_API_KEY), so they stay out of configs and shell
 history; a host other than loopback without a key is refused.
 """
@@ -16,6 +18,18 @@ import signal
 
 from megatron_m2po.rollout.engines.local_server import is_loopback
 from megatron_m2po.rollout.engines.sglang_launcher import EngineLauncher
+from megatron_m2po.rollout.engines.supervisor import EngineSupervisor, RestartPolicy
+
+SUPERVISION_HELP = {
+    "check_interval": "seconds between health probes of each server",
+    "health_timeout": "seconds a probe (GET /health) may take before it counts as failed",
+    "unhealthy_after": "failed probes in a row before a live (hung) server is killed and restarted",
+    "backoff": "seconds before a failed server's first restart; doubles with each restart within the window",
+    "backoff_max": "longest wait before a restart",
+    "max_restarts": "restarts of one server within --restart-window before it is left down (0: never restart)",
+    "restart_window": "seconds over which --max-restarts counts (and the backoff doubles)",
+    "start_timeout": "seconds a restarted server has to answer /health",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,11 +64,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--router-port", type=int, default=29000)
     parser.add_argument("--log-dir", default=None, help="one <name>.log per server")
     parser.add_argument("--server-args", default="", help="extra flags for every server, one quoted string")
+    supervision = parser.add_argument_group("supervision (docs/rollout.md, 'Failure model')")
+    defaults = RestartPolicy()
+    for name, text in SUPERVISION_HELP.items():
+        default = getattr(defaults, name)
+        supervision.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=type(default),
+            default=default,
+            help=f"{text} (default {default})",
+        )
 
 
 def run(args: argparse.Namespace) -> int:
     """Start the servers, print their URLs on one line, serve until SIGINT / SIGTERM."""
-    logging.basicConfig(level=logging.INFO)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        policy = RestartPolicy(**{name: getattr(args, name) for name in SUPERVISION_HELP})
+    except ValueError as e:
+        raise SystemExit(f"m2po engines: {e}") from None
     if not os.environ.get(args.api_key_env) and not is_loopback(args.host):
         raise SystemExit(
             f"m2po engines: refusing to serve on {args.host} without a key: set {args.api_key_env} "
@@ -83,10 +111,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         launcher.start()
         print(" ".join([launcher.router_url] if args.router else launcher.urls), flush=True)
-        while True:
-            signal.pause()
+        EngineSupervisor(launcher, policy).run()
     except KeyboardInterrupt:
         pass
+    except RuntimeError as e:
+        logging.getLogger("m2po.engines").error("%s", e)
+        return 1
     finally:
         launcher.stop()
     return 0

@@ -36,6 +36,14 @@ from megatron_m2po.rollout.engines.sglang import SGLangEngine
 logger = logging.getLogger(__name__)
 
 
+KEY_FLAGS = ("--api-key", "--admin-api-key")
+
+
+def _redacted(cmd: list[str]) -> list[str]:
+    """The command line as logged: key values replaced (the keys are never written to a log)."""
+    return ["***" if i and cmd[i - 1] in KEY_FLAGS else a for i, a in enumerate(cmd)]
+
+
 class EngineLauncher:
     """The servers of one node. Use as a context manager, or call start() / stop()."""
 
@@ -169,15 +177,35 @@ class EngineLauncher:
             args += ["--admin-api-key", self.admin_api_key]
         return args
 
-    def _spawn(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str], *, append: bool = False) -> None:
         out = subprocess.DEVNULL
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            out = open(self.log_dir / f"{name}.log", "w")  # noqa: SIM115 (kept open for the child's lifetime)
-        logger.info("starting %s: %s", name, " ".join(cmd))
-        self.procs[name] = subprocess.Popen(
-            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
+            # a restart appends: the log of the run that failed is what the operator needs
+            out = open(self.log_dir / f"{name}.log", "a" if append else "w")  # noqa: SIM115 (the child's)
+        logger.info("starting %s: %s", name, " ".join(_redacted(cmd)))
+        try:
+            self.procs[name] = subprocess.Popen(
+                cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        finally:
+            if out is not subprocess.DEVNULL:
+                out.close()  # the child holds its own copy
+
+    def spawn_server(self, i: int) -> None:
+        """(Re)start server i with its command line (EngineSupervisor restarts a failed one this way)."""
+        self._spawn(f"server-{i}", *self._server_cmd(i), append=True)
+
+    def reap(self, name: str) -> None:
+        """Collect an exited server's process (its group killed first, so nothing of it is left)."""
+        proc = self.procs.get(name)
+        if proc is None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
 
     def start(self, timeout: float = 900.0) -> list[str]:
         """Start every server, wait for /health, then the router's /readiness (its workers registered and
