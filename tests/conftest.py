@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import subprocess
@@ -19,6 +20,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """Arm a watchdog for the interpreter's exit: a thread, executor or child left blocked by a test would
+    otherwise keep the finished run alive until CI's own limit, with no trace of where. After 120 s every
+    thread's stack goes to stderr and the process exits 1."""
+    faulthandler.dump_traceback_later(120, exit=True, file=sys.__stderr__)
 
 
 def free_port() -> int:

@@ -110,6 +110,7 @@ def test_quick_demo_verbose_shows_every_library_message(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3700)
 def test_full_demo_lifts_heldout_accuracy_by_20_points(tmp_path):
     _, last = _demo(tmp_path / "demo", timeout=3600)
     before, after = map(float, LAST_LINE.match(last).groups())
