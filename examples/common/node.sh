@@ -8,7 +8,8 @@
 #
 # Required: RECIPE, MODEL_DIR, TRAIN_DATA, ENGINE_TP.  Multi-node: NNODES, NODE_RANK, MASTER_ADDR and
 # ROLLOUT_HOSTS (space-separated hostnames of the rollout nodes, in node order).
-# Optional: ROLLOUT_NODES (default NNODES/2), GPUS_PER_NODE (8), GPUS_TRAIN (GPUS_PER_NODE),
+# Optional: ENGINE_ARGS (extra SGLang server flags, e.g. "--ep-size 8" for MoE expert parallelism),
+# ROLLOUT_NODES (default NNODES/2), GPUS_PER_NODE (8), GPUS_TRAIN (GPUS_PER_NODE),
 # EVAL_DATA (your own held-out file, evaluated beside the recipe's eval.benchmarks), RUN_ID, RDZV_PORT (29500), ENGINE_BASE_PORT (30000), LOG_DIR, extra `a.b=c` overrides as args.
 # ENGINE_SUPERVISION: flags for `m2po engines`' supervision of its servers (it restarts one that exits or stops
 # answering), e.g. "--max-restarts 10 --health-timeout 30" (docs/rollout.md, "Failure model").
@@ -54,7 +55,7 @@ serve() {  # serve GPUS on this node with supervised SGLang servers of ENGINE_TP
   read -ra supervision <<<"${ENGINE_SUPERVISION:-}"
   exec "${ROLLOUT_PY[@]}" -m megatron_m2po engines --model "$MODEL_DIR" \
     --servers "$servers" --tp "$ENGINE_TP" --host "$host" --base-port "$ENGINE_BASE_PORT" \
-    --log-dir "$LOG_DIR/engines-node$NODE_RANK" "${supervision[@]}"
+    --server-args "${ENGINE_ARGS:-}" --log-dir "$LOG_DIR/engines-node$NODE_RANK" "${supervision[@]}"
 }
 
 engine_urls() {  # comma-separated URLs of every server of the job
