@@ -100,8 +100,14 @@ def test_parameter_formula_matches_a_real_model(arch):
         num_key_value_heads=2,
         head_dim=16,
     )
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    dims = memory_estimate.Dims(
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(c)
+    assert _dims_of(c, arch).parameters() == sum(p.numel() for p in model.parameters())
+
+
+def _dims_of(c, arch: str) -> memory_estimate.Dims:
+    """memory_estimate's dimensions of a transformers config of family `arch`."""
+    return memory_estimate.Dims(
         "tiny",
         c.vocab_size,
         c.hidden_size,
@@ -109,14 +115,14 @@ def test_parameter_formula_matches_a_real_model(arch):
         c.intermediate_size,
         c.num_attention_heads,
         c.num_key_value_heads,
-        head_dim,
+        getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
         c.tie_word_embeddings,
         arch == "qwen2",
-        arch == "qwen3",
+        arch.startswith("qwen3"),
+        getattr(c, "num_experts", 0),
+        getattr(c, "num_experts_per_tok", 0),
+        getattr(c, "moe_intermediate_size", 0),
     )
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(c)
-    assert dims.parameters() == sum(p.numel() for p in model.parameters())
 
 
 def test_parameter_counts_match_the_published_totals():
@@ -230,22 +236,7 @@ def test_moe_parameter_formula_matches_a_real_qwen3_moe():
     c = tiny_config(
         "qwen3_moe", hidden_size=96, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2
     )
-    dims = memory_estimate.Dims(
-        "tiny",
-        c.vocab_size,
-        c.hidden_size,
-        c.num_hidden_layers,
-        c.intermediate_size,
-        c.num_attention_heads,
-        c.num_key_value_heads,
-        c.head_dim,
-        c.tie_word_embeddings,
-        False,
-        True,
-        c.num_experts,
-        c.num_experts_per_tok,
-        c.moe_intermediate_size,
-    )
+    dims = _dims_of(c, "qwen3_moe")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(c)
     params = dict(model.named_parameters())
