@@ -88,7 +88,11 @@ def served(tmp_path_factory):
         ports = {"processed": a.getsockname()[1], "raw": b.getsockname()[1]}
     procs = {
         name: start_server(
-            hf_dir, port=ports[name], extra_args=SERVER_ARGS + extra, log_path=root / f"{name}.log", wait=False
+            hf_dir,
+            port=ports[name],
+            extra_args=SERVER_ARGS + extra,
+            log_path=root / f"{name}.log",
+            wait=False,
         )
         for name, extra in (("processed", []), ("raw", ["--logprobs-mode", "raw_logprobs"]))
     }
@@ -132,7 +136,9 @@ def test_server_logprobs_are_after_temperature(served):
 
 def test_server_with_raw_logprobs_is_refused_when_t_is_not_1(served):
     async def run(engine):
-        at_one = await engine.generate("r@0", PROMPT, 2, SamplingParams(max_new_tokens=4, temperature=1.0, seed=1))
+        at_one = await engine.generate(
+            "r@0", PROMPT, 2, SamplingParams(max_new_tokens=4, temperature=1.0, seed=1)
+        )
         with pytest.raises(EngineRequestError, match="raw log-probs"):
             await engine.generate("r@1", PROMPT, 2, SamplingParams(max_new_tokens=4, temperature=0.7, seed=1))
         return at_one
@@ -263,3 +269,72 @@ def test_server_weight_update_reaches_the_server(served):
     model.load_state_dict(second)
     assert all(s.versions == [2] * len(s.response_ids) for s in out["after2"])
     assert_trainer_logprobs(model, out["after2"], 0.9)
+
+
+def test_server_multi_turn_is_token_in_token_out(served):
+    """Three model turns through the real server, each generated from the trajectory's ids so far (the model's
+    earlier turns as sampled, the environment's replies tokenized by the chat template, never the decoded
+    text), with a weight update between turns 1 and 2: every model token's vLLM log-prob equals HF's forward
+    of the whole trajectory under the weights that turn was sampled with (so no token was re-tokenized, added
+    or dropped), and the loss mask, log-probs and versions align at every turn boundary."""
+    from transformers import AutoTokenizer
+
+    from megatron_m2po.rollout.environments.trajectory import EnvTurnRenderer, Trajectory
+
+    model, temperature = served["model"], 0.8
+    tok = AutoTokenizer.from_pretrained(served["hf_dir"])
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    params = SamplingParams(max_new_tokens=10, temperature=temperature, seed=21, stop_token_ids=[im_end])
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is 6 * 7?"}], add_generation_prompt=True, tokenize=False
+    )
+    gen = torch.Generator().manual_seed(1)
+    old = {k: v.clone() for k, v in model.state_dict().items()}
+    new = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in old.items()}
+
+    async def run(engine):
+        traj, renderer, sent = (
+            Trajectory(tok.encode(prompt, add_special_tokens=False)),
+            EnvTurnRenderer(tok, [im_end]),
+            [],
+        )
+        for turn in range(3):
+            if turn == 1:
+                await engine.update_weights(new.items(), version=1)
+            (sample,) = await engine.generate(f"mt@{turn}", traj.ids, 1, params)
+            sent.append(list(sample.prompt_ids))
+            traj.add_model_turn(sample.response_ids, sample.behavior_logprobs, sample.versions)
+            if turn < 2:
+                traj.add_env_turn(renderer.ids("tool", f"result {turn}", sample.response_ids))
+        return traj, sent
+
+    try:
+        traj, sent = asyncio.run(_with_engine(served["url"], run))
+    finally:
+        model.load_state_dict(new)  # what the server holds from here on (the weight-update test reloads it)
+    starts = traj.turn_starts + [len(traj.response_ids)]
+    assert traj.model_turns == [True, False, True, False, True]
+    for turn in range(3):  # each turn was sent exactly the ids accumulated before it
+        assert sent[turn] == traj.prompt_ids + traj.response_ids[: starts[2 * turn]]
+    ids = torch.tensor([traj.ids])
+    mask = torch.tensor(traj.loss_mask, dtype=torch.bool)
+    reference = []
+    for weights in (old, new):
+        model.load_state_dict(weights)
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(traj.prompt_ids) - 1 : -1].float() / temperature
+        reference.append(
+            torch.log_softmax(logits, -1).gather(-1, torch.tensor(traj.response_ids)[:, None])[:, 0]
+        )
+    turn1 = torch.zeros_like(mask)
+    turn1[: starts[1]] = True
+    expected = torch.where(turn1, reference[0], reference[1])
+    engine_lp = torch.tensor(traj.logprobs)
+    diff = (engine_lp - expected)[mask].abs().max()
+    assert diff <= 1e-4, f"|vLLM - HF| over the model's tokens = {diff}"
+    assert (engine_lp[~mask] == 0).all() and int(mask.sum()) == traj.model_tokens
+    for turn, (a, b) in enumerate(zip(starts, starts[1:])):
+        model_turn = turn % 2 == 0
+        assert traj.loss_mask[a:b] == [int(model_turn)] * (b - a)
+        version = 0 if turn < 2 else 1  # the environment's reply carries the version of the turn before it
+        assert traj.versions[a:b] == [version] * (b - a), turn
