@@ -72,7 +72,11 @@ def test_math_environment_gives_the_direct_engine_call_and_its_rewards(setup):
             texts = [tok.decode(s.response_ids, skip_special_tokens=True) for s in direct]
             rewards = pool.score(texts, [group.answer] * 3)
             assert [s.response_ids for s in group.samples] == [s.response_ids for s in direct]
-            assert [s.behavior_logprobs for s in group.samples] == [s.behavior_logprobs for s in direct]
+            # the same tokens, but the engine's batches may be cut differently under load (other matmul shapes)
+            for mine, theirs in zip(group.samples, direct):
+                torch.testing.assert_close(
+                    torch.tensor(mine.behavior_logprobs), torch.tensor(theirs.behavior_logprobs), rtol=0, atol=1e-5
+                )
             assert [s.versions for s in group.samples] == [s.versions for s in direct]
             assert [s.response_text for s in group.samples] == texts
             assert group.rewards == [float(r) for r in rewards]
