@@ -250,6 +250,23 @@ class RolloutConfig:
         "engine past it leaves the push and rotation, the push completes for the others",
         gt=0,
     )
+    dynamic_sampling: bool = opt(
+        False,
+        "drop prompt groups whose rewards do not vary (std 0 or below dynamic_sampling_min_std) before the queue "
+        "and generate others in their place, so every trained group carries signal (DAPO; docs/training.md)",
+    )
+    dynamic_sampling_min_std: float = opt(
+        0.0,
+        "dynamic sampling: lowest kept standard deviation (Bessel's) of a group's task rewards; 0 = drop only "
+        "groups whose rewards are all equal",
+        ge=0,
+    )
+    dynamic_sampling_max_oversampling: float = opt(
+        10.0,
+        "dynamic sampling: most prompt groups generated per group trained; a run that needs more (its prompts "
+        "saturated) stops with PromptsSaturated",
+        ge=1,
+    )
     env: EnvName = opt(
         "math",
         "environment turning a prompt into scored samples: math = one model turn scored by reward_fn; "
@@ -812,6 +829,14 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
             f"'algorithm.overlong_buffer': {a.overlong_buffer} is longer than rollout.max_new_tokens="
             f"{r.max_new_tokens} (the penalty ramp lies inside the response budget)"
         )
+    if r.dynamic_sampling and t.responses_per_prompt < 2:
+        raise ConfigError(
+            "'rollout.dynamic_sampling': needs train.responses_per_prompt >= 2 (the rewards of a group of one "
+            "response never vary, so every group would be dropped)"
+        )
+    for key in ("dynamic_sampling_min_std", "dynamic_sampling_max_oversampling"):
+        if not r.dynamic_sampling and getattr(r, key) != getattr(RolloutConfig, key):
+            raise ConfigError(f"'rollout.{key}': set, but rollout.dynamic_sampling is off")
     for name in a.rollout_corrections:
         if name in typing.get_args(WeightingCorrection) and r.behavior_logprobs != "trainer":
             raise ConfigError(

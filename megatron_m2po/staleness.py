@@ -112,6 +112,10 @@ class _InLine(StalenessMode):
     anything else (evaluation, the next push) uses them and before a checkpoint records the queue. Not when
     `rollout.behavior_logprobs=trainer`: its relabel pass runs the trainer's model at the producing version.
 
+    With `rollout.dynamic_sampling` each generation call still returns the groups it was asked for: the rollout
+    manager oversamples, drops groups with flat rewards and refills with the engines' weights of that call (no
+    push happens before it returns), so a refilled batch is as old as any other and the FIFO keeps its meaning.
+
     A SIGTERM is honoured at the step's phases: before its generation (none starts) and before its batch is
     taken (the step ends before its first update, so the checkpoint is the previous step's state and the
     generated groups stay in the journal for the resumed run)."""
@@ -209,7 +213,8 @@ class Fixed(_InLine):
 class Bounded(StalenessMode):
     """`bounded`: a background thread generates continuously; the queue admits work only if it can be consumed
     within `staleness.max_staleness` updates. Each update takes its own mini-batch; the engines get new
-    weights every `rollout.sync_every` updates. A SIGTERM ends a wait for a step's first mini-batch at once,
+    weights every `rollout.sync_every` updates. With `rollout.dynamic_sampling` the producer gives back the
+    reservation of each group it drops and goes on generating within the bound. A SIGTERM ends a wait for a step's first mini-batch at once,
     and a wait for a later one after the stop request's grace period."""
 
     name = "bounded"

@@ -29,3 +29,14 @@ def held_from_checkpoint(response: str, answer: str) -> float:
             open(gate + ".waiting", "a").close()
             time.sleep(0.05)
     return odd_char_fraction(response, answer)
+
+
+def odd_length(response: str, answer: str) -> float:
+    """1 for a response of odd length, else 0: binary, so a small group's rewards are often all equal (the
+    groups dynamic sampling drops)."""
+    return float(len(response) % 2)
+
+
+def always_zero(response: str, answer: str) -> float:
+    """Every response wrong: every group's rewards are flat (prompts saturated for dynamic sampling)."""
+    return 0.0

@@ -113,6 +113,12 @@ def test_fixed_lag_is_k_times_updates_per_step(recipe):
             "'algorithm.overlong_buffer': 100000 is longer than rollout.max_new_tokens",
         ),
         ("staleness.max_staleness=-1", "'staleness.max_staleness': must be >= 0"),
+        ("rollout.dynamic_sampling_min_std=-0.1", "'rollout.dynamic_sampling_min_std': must be >= 0"),
+        ("rollout.dynamic_sampling_max_oversampling=0.5", "'rollout.dynamic_sampling_max_oversampling': must be >= 1"),
+        (
+            "rollout.dynamic_sampling_min_std=0.2",
+            "'rollout.dynamic_sampling_min_std': set, but rollout.dynamic_sampling is off",
+        ),
         (
             "eval.benchmarks=[math500,aime2024]",
             "'eval.benchmarks': 'aime2024' is not one of .*did you mean 'aime24'",
@@ -138,6 +144,14 @@ def test_a_correction_band_must_be_a_band(recipe):
         "algorithm.rollout_corrections=[token_tis]",
     ]
     assert load_config(recipe, sync).algorithm.rollout_corrections == ["token_tis"]
+
+
+def test_dynamic_sampling_needs_groups_that_can_vary(recipe):
+    on = ["rollout.dynamic_sampling=true", "train.responses_per_prompt=1"]
+    with pytest.raises(ConfigError, match="'rollout.dynamic_sampling': needs train.responses_per_prompt >= 2"):
+        load_config(recipe, on)
+    cfg = load_config(recipe, [on[0], "train.responses_per_prompt=2", "rollout.dynamic_sampling_min_std=0.2"])
+    assert cfg.rollout.dynamic_sampling and cfg.rollout.dynamic_sampling_min_std == 0.2
 
 
 @pytest.mark.parametrize(

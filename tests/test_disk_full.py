@@ -95,8 +95,9 @@ def test_producer_stops_after_bounded_write_failures_and_says_why(tmp_path):
     from megatron_m2po.queue import ReplayQueue
     from megatron_m2po.rollout.engines.local import LocalEngine
     from megatron_m2po.rollout.farm import EngineFarm
-    from megatron_m2po.rollout.manager import ProducerStopped, RolloutManager
+    from megatron_m2po.rollout.manager import RolloutManager
     from megatron_m2po.rollout.rewards import RewardPool
+    from megatron_m2po.rollout.stops import ProducerStopped
     from megatron_m2po.types import SamplingParams
 
     torch.set_num_threads(1)

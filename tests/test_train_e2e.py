@@ -485,7 +485,11 @@ def test_rollout_masks_in_bounded_mode_compare_the_policy_before_the_update_and_
 
 @pytest.mark.parametrize(
     "mode",
-    [["staleness.mode=fixed"], pytest.param(BOUNDED_OVERRIDES[:3], marks=pytest.mark.slow)],
+    [
+        ["staleness.mode=fixed"],
+        pytest.param(["staleness.mode=sync", "staleness.fixed_lag_steps=0"], marks=pytest.mark.slow),
+        pytest.param(BOUNDED_OVERRIDES[:3], marks=pytest.mark.slow),
+    ],
 )
 def test_overlong_filtering_and_soft_punishment_in_a_run(setup, mode):
     """Responses cut at max_new_tokens (8) leave the loss, and the soft punishment over the last 4 tokens
@@ -509,3 +513,78 @@ def test_overlong_filtering_and_soft_punishment_in_a_run(setup, mode):
         assert filtered[step] == pytest.approx(truncated[step], abs=1e-6)
     # a truncated response (8 tokens, L_max - L_cache = 4) costs exactly -1
     assert all(-1 <= v <= -truncated[s] + 1e-6 for s, v in series["train/overlong_penalty_mean"])
+
+
+DYNAMIC_SAMPLING = [
+    "rollout.dynamic_sampling=true",
+    "rollout.reward_fn=tests.e2e_rewards:odd_length",  # binary: half of the 2-response groups are flat
+    "train.responses_per_prompt=2",
+]
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        ["staleness.mode=fixed"],
+        pytest.param(["staleness.mode=sync", "staleness.fixed_lag_steps=0"], marks=pytest.mark.slow),
+        BOUNDED_OVERRIDES[:3],
+    ],
+)
+def test_dynamic_sampling_trains_only_on_groups_whose_rewards_vary(setup, mode):
+    """Flat groups are dropped before the queue and replaced: every consumed batch has no zero-advantage group,
+    the drops are counted, and the mode's promise still holds (fixed: the exact lag; bounded: the bound)."""
+    root, recipe = setup
+    run_dir = root / f"dynamic_sampling_{mode[0].split('=')[1]}"
+    run_train(recipe, run_dir, *mode, *DYNAMIC_SAMPLING)
+    series = read_scalars(run_dir)
+    assert [v for _, v in series["rollout/zero_advantage_group_fraction"]] == [0.0] * 3
+    kept = series["rollout/dynamic_sampling_kept_groups"][-1][1]
+    dropped = series["rollout/dynamic_sampling_dropped_groups"][-1][1]
+    surplus = series["rollout/dynamic_sampling_surplus_groups"][-1][1]
+    assert dropped > 0, "no flat group was met: the test does not exercise dropping"
+    judged = kept + dropped + surplus
+    # every generated group is judged (in bounded mode the producer may finish one between the two reads)
+    assert series["rollout/groups"][-1][1] - judged in ((0,) if mode[0] != BOUNDED_OVERRIDES[0] else (0, 1))
+    assert series["rollout/samples_per_kept_group"][-1][1] == pytest.approx(2 * judged / kept)
+    records = consumed(run_dir)
+    ids = [pid for r in records for pid, _ in r["groups"]]
+    assert len(ids) == len(set(ids)) == 6
+    for r in records:
+        for _, produced in r["groups"]:
+            if mode[0] == "staleness.mode=fixed":  # s = 2: the refill came from the same version
+                assert produced == max(0, (r["step"] - 1) * 2 - 2), r
+            else:
+                assert r["version"] - produced <= 2, r
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        BOUNDED_OVERRIDES[:3],
+        pytest.param(["staleness.mode=sync", "staleness.fixed_lag_steps=0"], marks=pytest.mark.slow),
+    ],
+)
+def test_a_run_whose_prompts_saturated_stops_with_a_named_error(setup, mode):
+    """Every reward 0: no group can be kept; the run ends (status 1) naming PromptsSaturated and the cap."""
+    root, recipe = setup
+    run_dir = root / f"saturated_{mode[0].split('=')[1]}"
+    proc = subprocess.run(
+        train_cmd(
+            recipe,
+            run_dir,
+            *mode,
+            *DYNAMIC_SAMPLING[:1],
+            "rollout.reward_fn=tests.e2e_rewards:always_zero",
+            "train.responses_per_prompt=2",
+            "rollout.dynamic_sampling_max_oversampling=3",
+        ),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env(),
+        cwd=REPO,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "PromptsSaturated: dynamic sampling generated" in proc.stderr
+    assert "rollout.dynamic_sampling_max_oversampling=3" in proc.stderr
+    assert not (run_dir / "consumed.jsonl").exists() or not consumed(run_dir)

@@ -14,7 +14,7 @@ import sys
 from megatron_m2po import console, platform
 from megatron_m2po.config import ConfigError, load_config
 from megatron_m2po.io_errors import WriteError
-from megatron_m2po.rollout.manager import ProducerStopped
+from megatron_m2po.rollout.stops import ProducerStopped
 from megatron_m2po.train import train
 from megatron_m2po.trainer.checkpointing import CheckpointError
 

@@ -15,6 +15,7 @@ import torch
 
 from megatron_m2po.config import Config
 from megatron_m2po.data.prompts import PromptDataset
+from megatron_m2po.rollout.dynamic_sampling import DynamicSampling
 from megatron_m2po.rollout.engines.local import LocalEngine
 from megatron_m2po.rollout.engines.sglang import SGLangEngine
 from megatron_m2po.rollout.engines.vllm import VLLMEngine
@@ -51,6 +52,18 @@ def queue_kwargs(cfg: Config, journal_dir: Path) -> dict[str, Any]:
         "segment_bytes": s.journal_segment_bytes,
         "fixed_lag_updates": cfg.fixed_lag_updates,
     }
+
+
+def dynamic_sampling(cfg: Config) -> DynamicSampling | None:
+    """`rollout.dynamic_sampling`'s rule and cap (None when it is off)."""
+    r = cfg.rollout
+    if not r.dynamic_sampling:
+        return None
+    return DynamicSampling(
+        min_std=r.dynamic_sampling_min_std,
+        max_oversampling=r.dynamic_sampling_max_oversampling,
+        groups_per_update=cfg.train.groups_per_update,
+    )
 
 
 def build_engines(cfg: Config, hf_dir: str, dtype: torch.dtype) -> list:

@@ -6,12 +6,17 @@ admit one group (the queue's staleness rule decides when producing is allowed), 
 prompt_id). In `sync` / `fixed` modes the trainer calls `generate_batch` in line (or `submit_batch`,
 and trains while it runs). Advantages are
 the trainer's job; rewards are stored in `Sample.reward`.
+
+With dynamic sampling (`rollout/dynamic_sampling.py`) a group whose rewards do not vary never reaches the
+queue: in the background its reservation is released and the producer goes on within the staleness bound; in
+line the batch is refilled at the same version until it holds the groups asked for.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from concurrent.futures import Future
 from typing import Any
@@ -19,15 +24,13 @@ from typing import Any
 from megatron_m2po.data.prompts import Prompt, PromptDataset
 from megatron_m2po.event_loop import LoopThread
 from megatron_m2po.io_errors import WriteError
+from megatron_m2po.rollout.dynamic_sampling import DynamicSampling
 from megatron_m2po.rollout.environments import Environment, SingleTurnMath
 from megatron_m2po.rollout.farm import EngineFarm, FarmError
+from megatron_m2po.rollout.stops import ProducerStopped, PromptsSaturated
 from megatron_m2po.types import Group, SamplingParams
 
 logger = logging.getLogger(__name__)
-
-
-class ProducerStopped(RuntimeError):
-    """The background producer ended by itself (a persistent write failure, or a crash); says why."""
 
 
 class RolloutManager:
@@ -36,7 +39,9 @@ class RolloutManager:
 
     `max_write_failures`: the background producer stops after this many groups in a row failed to be
     written for a reason retrying does not cure (disk full, I/O error, read-only filesystem), and
-    `check_alive` raises that error for the trainer, instead of generating and failing forever."""
+    `check_alive` raises that error for the trainer, instead of generating and failing forever.
+
+    `dynamic_sampling`: drop groups with flat rewards and generate others in their place (None: keep all)."""
 
     def __init__(
         self,
@@ -51,6 +56,7 @@ class RolloutManager:
         max_write_failures: int = 8,
         loop: LoopThread | None = None,
         environment: Environment | None = None,
+        dynamic_sampling: DynamicSampling | None = None,
     ):
         if responses_per_prompt < 1:
             raise ValueError(f"RolloutManager: responses_per_prompt must be >= 1, got {responses_per_prompt}")
@@ -67,7 +73,8 @@ class RolloutManager:
         self._stopping = False
         self.max_write_failures = max_write_failures
         self._write_failures = 0  # consecutive groups whose journal write failed persistently
-        self.fatal_error: WriteError | None = None
+        self.fatal_error: WriteError | PromptsSaturated | None = None
+        self.dynamic_sampling = dynamic_sampling
         self._counts = {
             "groups": 0,
             "samples": 0,
@@ -131,6 +138,12 @@ class RolloutManager:
                 version,
                 self.farm.version,
             )
+        if self.dynamic_sampling is not None:
+            return await self.dynamic_sampling.generate_kept(num_groups, self._new_groups, time.monotonic)
+        return await self._new_groups(num_groups)
+
+    async def _new_groups(self, num_groups: int) -> list[Group]:
+        """Groups for the next `num_groups` prompts, generated together."""
         prompts = [self._next_prompt() for _ in range(num_groups)]
         try:
             return list(await asyncio.gather(*(self._make_group(p) for p in prompts)))
@@ -170,6 +183,9 @@ class RolloutManager:
         accepted = False
         try:
             group = await self._make_group(prompt)
+            if not self._worth_queueing(group):
+                self._inflight_states.pop(prompt.prompt_id, None)  # done: never queued, never trained
+                return
             accepted = await self.queue.put_async(group)
             self._write_failures = 0
             if not accepted:
@@ -193,6 +209,19 @@ class RolloutManager:
                     pass
             else:
                 self._inflight_states.pop(prompt.prompt_id, None)
+
+    def _worth_queueing(self, group: Group) -> bool:
+        """Dynamic sampling's verdict on a background group; stops the producer once the prompts saturated."""
+        sampling = self.dynamic_sampling
+        if sampling is None:
+            return True
+        kept = sampling.keeps(group)
+        saturated = sampling.window_exhausted(kept)
+        if saturated is not None and self.fatal_error is None:
+            self.fatal_error = PromptsSaturated(saturated)
+            self._stopping = True
+            logger.error("rollout producer stopping: %s", saturated)
+        return kept
 
     def _write_failed(self, prompt: Prompt, error: WriteError) -> None:
         if not error.persistent:
@@ -221,6 +250,8 @@ class RolloutManager:
 
         The trainer calls it while waiting for data, so a producer that can no longer deliver ends the
         run with its reason instead of a wait that never returns."""
+        if isinstance(self.fatal_error, PromptsSaturated):
+            raise self.fatal_error
         if self.fatal_error is not None:
             raise ProducerStopped(
                 f"the rollout producer stopped after {self._write_failures} failed writes in a row: "
@@ -238,6 +269,11 @@ class RolloutManager:
                 raise ProducerStopped(message) from error
             closed = " (the replay queue was closed)" if self.queue.closed else ""
             raise ProducerStopped(f"the rollout producer ended{closed}")
+
+    @property
+    def generated_tokens(self) -> int:
+        """Response tokens of every group generated so far (those dynamic sampling dropped included)."""
+        return self._counts["response_tokens"]
 
     @property
     def started(self) -> bool:
@@ -272,6 +308,8 @@ class RolloutManager:
             "rollout/generated_response_length_mean": self._counts["response_tokens"] / samples,
             "rollout/responses_per_group": self._counts["samples"] / groups,
         }
+        if self.dynamic_sampling is not None:
+            out.update(self.dynamic_sampling.metrics())
         out.update(self.farm.metrics())
         out.update(self.dataset.metrics())
         out.update(self.environment.metrics())

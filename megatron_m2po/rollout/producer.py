@@ -27,6 +27,7 @@ from megatron_m2po.queue import ReplayQueue
 from megatron_m2po.queue.journal import remove_journal
 from megatron_m2po.rollout.build import (
     engine_farm,
+    dynamic_sampling,
     environment,
     prompt_dataset,
     queue_kwargs,
@@ -34,7 +35,8 @@ from megatron_m2po.rollout.build import (
     sampling_params,
 )
 from megatron_m2po.rollout.evaluation import FULL_REWARD, FileSpec, generate_all, open_dataset, stop_token_ids
-from megatron_m2po.rollout.manager import ProducerStopped, RolloutManager
+from megatron_m2po.rollout.manager import RolloutManager
+from megatron_m2po.rollout.stops import ProducerStopped
 from megatron_m2po.types import Group
 
 logger = logging.getLogger(__name__)
@@ -77,10 +79,11 @@ class Producer:
             sampling=sampling,
             max_inflight_groups=cfg.rollout.max_inflight_groups,
             environment=environment(cfg, self.farm, self.rewards, self.tokenizer, sampling),
+            dynamic_sampling=dynamic_sampling(cfg),
         )
         if saved is not None:
             self.manager.load_state_dict(saved["data"])
-        self._gen_tokens = 0
+        self._gen_tokens = self._tokens_at_start = 0
         self._gen_seconds = 0.0
         self._pending: tuple[Future, float, list[float]] | None = None  # a started batch (future, start, end)
         self.last_generation_s = 0.0
@@ -95,6 +98,7 @@ class Producer:
         """Begin generating `num_groups` groups with the engines at `version`; `finish_generation` returns them."""
         if self._pending is not None:
             raise RuntimeError("start_generation: the previous batch was not finished")
+        self._tokens_at_start = self.manager.generated_tokens
         future, done = self.manager.submit_batch(num_groups, version), []
         future.add_done_callback(lambda _: done.append(time.monotonic()))
         self._pending = (future, time.monotonic(), done)
@@ -110,7 +114,7 @@ class Producer:
             self._pending = None
         self.last_generation_s = (done[0] if done else time.monotonic()) - started
         self._gen_seconds += self.last_generation_s
-        self._gen_tokens += sum(len(s.response_ids) for g in groups for s in g.samples)
+        self._gen_tokens += self.manager.generated_tokens - self._tokens_at_start  # dropped groups' too
         return groups
 
     def put(self, groups: list[Group]) -> None:

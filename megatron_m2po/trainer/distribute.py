@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from megatron_m2po import platform
 from megatron_m2po.platform import rank, world
-from megatron_m2po.rollout.manager import ProducerStopped
+from megatron_m2po.rollout.stops import ProducerStopped
 from megatron_m2po.trainer.checkpointing import oldest_trainer_state
 from megatron_m2po.types import Group
 
@@ -61,18 +61,19 @@ class SharedProducer:
         self.local = local
         self.farm = local.farm if local is not None else None  # the engines, for weight sync (rank 0)
 
-    def _call_on_rank0_collective(self, call: Callable[[Any], Any]) -> Any:
-        """`call(local)` on rank 0, its result on every rank; a `ProducerStopped` there raises on every rank."""
+    def _call_on_rank0_collective(self, call: Callable[[Any], Any], *, share_result: bool = True) -> Any:
+        """`call(local)` on rank 0, its result on every rank (`share_result=False`: on rank 0 only, None
+        elsewhere); a `ProducerStopped` there raises on every rank."""
         out = None
         if self.local is not None:
             try:
                 out = call(self.local)
             except ProducerStopped as e:
                 out = e
-        out = broadcast_from_rank0(out)
-        if isinstance(out, ProducerStopped):
-            raise out
-        return out
+        shared = broadcast_from_rank0(out if share_result or isinstance(out, ProducerStopped) else None)
+        if isinstance(shared, ProducerStopped):
+            raise shared
+        return shared if share_result else out
 
     def take_collective(
         self, num_groups: int, stop_requested: Callable[[], bool] = lambda: False
@@ -89,7 +90,9 @@ class SharedProducer:
     def generate_collective(self, num_groups: int, version: int, relabel: Callable[[list[Group] | None], None]) -> None:
         """Rank 0 generates `num_groups` groups with the engines at `version` and queues them; `relabel(groups)`
         runs on every rank in between (None off rank 0)."""
-        groups = self.local.generate(num_groups, version) if self.local is not None else None
+        groups = self._call_on_rank0_collective(
+            lambda producer: producer.generate(num_groups, version), share_result=False
+        )
         relabel(groups)
         if self.local is not None:
             self.local.put(groups)
