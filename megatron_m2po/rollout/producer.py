@@ -26,8 +26,8 @@ from megatron_m2po.models.hf_config import hf_config_dir
 from megatron_m2po.queue import ReplayQueue
 from megatron_m2po.queue.journal import remove_journal
 from megatron_m2po.rollout.build import (
-    engine_farm,
     dynamic_sampling,
+    engine_farm,
     environment,
     prompt_dataset,
     queue_kwargs,
