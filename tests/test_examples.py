@@ -32,8 +32,36 @@ def test_there_is_a_recipe_per_model_size():
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_recipe_loads_and_validates(recipe):
+    from megatron_m2po.rollout.environments import environment_class
+
     cfg = load_config(recipe)
     assert cfg.train.groups_per_step % cfg.train.groups_per_update == 0
+    # the environment's own settings, checked when the rollout side is built
+    environment_class(cfg.rollout.env).parse_settings(cfg.rollout.env_settings)
+
+
+def test_tool_math_recipe_fits_its_trajectories():
+    """The tool recipe's micro-batch holds the longest trajectory: the prompt, the tool's schema in the system
+    prompt (measured with the real Qwen3 template on the tiny byte-level tokenizer: an upper bound of Qwen3's
+    BPE count) and the trajectory's token budget."""
+    from qwen3_chat import qwen3_tokenizer
+
+    from megatron_m2po.rollout.environments.tool_math import PYTHON_TOOL_SCHEMA
+
+    cfg = load_config(EXAMPLES / "qwen3_8b_tool_math" / "recipe.yaml")
+    settings = cfg.rollout.env_settings
+    assert cfg.rollout.env == "tool_math" and settings["max_total_tokens"] <= cfg.rollout.max_new_tokens
+    tok = qwen3_tokenizer()
+    question = [{"role": "user", "content": ""}]
+
+    def tokens(**tools) -> int:
+        text = tok.apply_chat_template(question, add_generation_prompt=True, tokenize=False, **tools)
+        return len(tok.encode(text, add_special_tokens=False))
+
+    schema_tokens = tokens(tools=[PYTHON_TOOL_SCHEMA]) - tokens()
+    assert schema_tokens > 100  # the schema and its instructions are in the system prompt
+    longest = cfg.data.max_prompt_tokens + schema_tokens + settings["max_total_tokens"]
+    assert cfg.train.max_tokens_per_microbatch >= longest, (schema_tokens, longest)
 
 
 def _layout_rows(readme: Path) -> list[tuple[int, int, int, int]]:
