@@ -426,6 +426,12 @@ class TrainConfig:
 class ParallelConfig:
     tensor: int = opt(1, "tensor-parallel size", ge=1)
     pipeline: int = opt(1, "pipeline-parallel size", ge=1)
+    context: int = opt(
+        1,
+        "context-parallel size: every sequence is cut into 2 x context chunks, each rank holding two (one "
+        "early, one late: balanced causal attention); for long responses (16-32k tokens). Carved from DP",
+        ge=1,
+    )
     expert: int = opt(
         1, "MoE models: expert-parallel size (each rank holds num_experts / expert experts); carved from DP", ge=1
     )
@@ -861,10 +867,17 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         key, problem = problems[0]
         raise ConfigError(f"'{key}': {problem}")
     longest = cfg.data.max_prompt_tokens + r.max_new_tokens
-    if t.max_tokens_per_microbatch and t.max_tokens_per_microbatch < longest:
+    cp_multiple = 2 * cfg.parallel.context if cfg.parallel.context > 1 else 1
+    padded_longest = -(-longest // cp_multiple) * cp_multiple
+    if t.max_tokens_per_microbatch and t.max_tokens_per_microbatch < padded_longest:
         raise ConfigError(
             f"'train.max_tokens_per_microbatch': {t.max_tokens_per_microbatch} cannot hold the longest "
             f"sequence, data.max_prompt_tokens + rollout.max_new_tokens = {longest}"
+            + (
+                f", padded to a multiple of 2 x parallel.context = {cp_multiple}: {padded_longest}"
+                if cp_multiple > 1
+                else ""
+            )
         )
     pl = cfg.parallel
     if pl.sequence_parallel and pl.tensor == 1:
@@ -962,10 +975,11 @@ def validate_parallel(cfg: Config, world_size: int, model: Any = None) -> int:
     Megatron splits over the ranks; return the data-parallel size. Runs before Megatron starts, so a bad
     layout is an error naming the key rather than a traceback from inside Megatron."""
     t, p = cfg.train, cfg.parallel
-    mp = p.tensor * p.pipeline
+    mp = p.tensor * p.pipeline * p.context
     if world_size % mp:
         raise ConfigError(
-            f"'parallel.tensor' x 'parallel.pipeline' = {mp} does not divide the world size {world_size}"
+            f"'parallel.tensor' x 'parallel.pipeline' x 'parallel.context' = {p.tensor} x {p.pipeline} x "
+            f"{p.context} = {mp} does not divide the world size {world_size}"
         )
     for hf_key, key in _SPLIT_BY.items():
         size, value = getattr(p, key.split(".")[1]), getattr(model, hf_key, None)

@@ -32,6 +32,7 @@ _CUDA_FACTORY_MODULES = (
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.pipeline_parallel.p2p_communication",
     "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.models.common.embeddings.rope_utils",  # context parallelism's rotary slices (pinned)
     "megatron.core.optimizer.clip_grads",
     "megatron.core.optimizer.optimizer",
     "megatron.core.optimizer.distrib_optimizer",
@@ -272,11 +273,13 @@ def init_distributed(
     pipeline_parallel: int = 1,
     seed: int = 0,
     *,
+    context_parallel: int = 1,
     expert_parallel: int = 1,
     expert_tensor_parallel: int | None = None,
 ) -> None:
     """Initialise torch.distributed, Megatron's parallel_state and its RNG tracker.
 
+    `context_parallel` splits every sequence over that many ranks (Megatron's CP group, carved from DP).
     `expert_parallel` / `expert_tensor_parallel` lay out MoE experts (Megatron's expert grid: ETP x EP x PP
     ranks, the rest expert-data-parallel; ETP defaults to `tensor_parallel`); dense models leave them unset.
 
@@ -303,10 +306,10 @@ def init_distributed(
                 backend=dist_backend(), store=store, rank=0, world_size=1, timeout=timeout
             )
     world = torch.distributed.get_world_size()
-    if world % (tensor_parallel * pipeline_parallel) != 0:
+    if world % (tensor_parallel * pipeline_parallel * context_parallel) != 0:
         raise ValueError(
             f"world size {world} is not divisible by tensor_parallel={tensor_parallel} x "
-            f"pipeline_parallel={pipeline_parallel}"
+            f"pipeline_parallel={pipeline_parallel} x context_parallel={context_parallel}"
         )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -321,6 +324,7 @@ def init_distributed(
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
+        context_parallel_size=context_parallel,
         expert_model_parallel_size=expert_parallel,
         expert_tensor_parallel_size=expert_tensor_parallel,
     )

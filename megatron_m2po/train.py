@@ -63,6 +63,7 @@ def train(cfg: Config, *, resume: bool | str = False) -> dict[str, float]:
         cfg.parallel.tensor,
         cfg.parallel.pipeline,
         seed=cfg.train.seed,
+        context_parallel=cfg.parallel.context,
         expert_parallel=cfg.parallel.expert,
         expert_tensor_parallel=cfg.parallel.expert_tensor_size,
     )

@@ -252,8 +252,9 @@ def test_a_tensor_parallel_size_that_cannot_split_the_model_is_a_config_error(tm
         capture_output=True, text=True, timeout=300, env=subprocess_env(OMP_NUM_THREADS="1"), cwd=REPO,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "config error: 'parallel.tensor' x 'parallel.pipeline' = 3 does not divide the world size 1" in (
-        proc.stderr
+    assert (
+        "config error: 'parallel.tensor' x 'parallel.pipeline' x 'parallel.context' = 3 x 1 x 1 = 3 does not "
+        "divide the world size 1" in proc.stderr
     )
     assert "Traceback" not in proc.stderr and not run_dir.exists()
 

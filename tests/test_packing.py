@@ -4,8 +4,9 @@ The padded single-process update (tests/dist/trainer_update.py: two m2po updates
 pre-pass) is the reference. Packing with the same micro-batches must reproduce every logged value (loss,
 grad norm, M2 diagnostics) and the weights after both updates; a token budget regroups the sequences, so
 the loss, grad norm and weights must match (diagnostics are means over micro-batches and may not).
-Sequence parallel, activation recompute and the distributed optimizer change where things are computed
-or kept, not the math: every logged value and the weights must match.
+Sequence parallel, activation recompute, the distributed optimizer and context parallelism (CP = 2: each
+rank runs two chunks of every sequence, the log-probs gathered back) change where things are computed or
+kept, not the math: every logged value and the weights must match.
 """
 
 from __future__ import annotations
@@ -61,15 +62,19 @@ def test_packed_equals_padded(tiny_dir, tmp_path, padded, nproc, tp, pp):
 
 @pytest.mark.dist
 @pytest.mark.parametrize(
-    "nproc, tp, pp, budget",
+    "nproc, tp, pp, budget, overrides",
     [
-        pytest.param(2, 1, 1, 12, id="dp2-12"),  # about one sequence per micro-batch
-        pytest.param(2, 1, 2, 24, id="pp2-24", marks=pytest.mark.slow),  # every micro-batch 24 tokens
-        pytest.param(2, 2, 1, 40, id="tp2-40", marks=pytest.mark.slow),
+        pytest.param(2, 1, 1, 12, [], id="dp2-12"),  # about one sequence per micro-batch
+        pytest.param(2, 1, 2, 24, [], id="pp2-24", marks=pytest.mark.slow),  # every micro-batch 24 tokens
+        pytest.param(2, 2, 1, 40, [], id="tp2-40", marks=pytest.mark.slow),
+        # every sequence padded to a multiple of 4 tokens, within the budget
+        pytest.param(2, 1, 1, 24, ["parallel.context=2"], id="cp2-24", marks=pytest.mark.slow),
     ],
 )
-def test_token_budget_gradient_independent_of_split(tiny_dir, tmp_path, padded, nproc, tp, pp, budget):
-    got = _run(tiny_dir, tmp_path, nproc, tp, pp, f"train.max_tokens_per_microbatch={budget}")
+def test_token_budget_gradient_independent_of_split(
+    tiny_dir, tmp_path, padded, nproc, tp, pp, budget, overrides
+):
+    got = _run(tiny_dir, tmp_path, nproc, tp, pp, f"train.max_tokens_per_microbatch={budget}", *overrides)
     _assert_same(got, padded, keys=EXACT)
     assert [u["loss/num_tokens"] for u in got["updates"]] == [u["loss/num_tokens"] for u in padded["updates"]]
 
@@ -100,6 +105,15 @@ def test_token_budget_gradient_independent_of_split(tiny_dir, tmp_path, padded, 
             2, 2, 1, ["parallel.recompute=selective"], id="recompute-selective-tp2", marks=pytest.mark.slow
         ),
         pytest.param(2, 2, 1, ["parallel.recompute=full"], id="recompute-full-tp2", marks=pytest.mark.slow),
+        pytest.param(2, 1, 1, ["parallel.context=2"], id="cp2"),
+        pytest.param(
+            2,
+            1,
+            1,
+            ["parallel.context=2", "train.pack_sequences=true"],
+            id="cp2-packed",
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_parallel_option_keeps_the_update(tiny_dir, tmp_path, padded, nproc, tp, pp, overrides):

@@ -381,6 +381,20 @@ def test_two_processes_tp2_trains_checkpoints_and_resumes(setup):
 
 @pytest.mark.dist
 @pytest.mark.slow
+def test_two_processes_cp2_packed_trains_checkpoints_and_resumes(setup):
+    """Context parallelism through the real entry point: packed micro-batches cut over two CP ranks, the
+    trainer's behaviour log-probs gathered back, the weight sync from CP rank 0, a checkpoint and its resume."""
+    root, recipe = setup
+    run_dir = root / "cp2"
+    settings = ("parallel.context=2", "train.pack_sequences=true", "rollout.behavior_logprobs=trainer")
+    run_train(recipe, run_dir, *settings, "train.steps=2", nproc=2)
+    run_train(recipe, run_dir, *settings, "train.steps=3", resume=True, nproc=2)
+    assert_metrics_logged(run_dir, 3)
+    assert [r["version"] for r in consumed(run_dir)] == list(range(6))
+
+
+@pytest.mark.dist
+@pytest.mark.slow
 def test_two_processes_dp2_with_trainer_logprobs(setup):
     root, recipe = setup
     run_dir = root / "dp2"

@@ -66,7 +66,7 @@ def transformer_config(
     aux_loss_coef: float | None = None,
     routing_replay: bool = False,
 ) -> TransformerConfig:
-    """Megatron's TransformerConfig equivalent to the HF config, for the current TP/PP/EP sizes; `parallel`
+    """Megatron's TransformerConfig equivalent to the HF config, for the current TP/PP/CP/EP sizes; `parallel`
     adds sequence parallelism and activation recompute (neither changes the math); `aux_loss_coef`
     overrides an MoE model's load-balancing coefficient; `routing_replay` lets its routers replay given routing."""
     parallel = parallel or ParallelConfig()
@@ -101,6 +101,7 @@ def transformer_config(
         init_method_std=getattr(hf_config, "initializer_range", 0.02),
         tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        context_parallel_size=parallel_state.get_context_parallel_world_size(),
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         fp16=dtype == torch.float16,

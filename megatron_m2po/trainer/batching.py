@@ -161,11 +161,13 @@ def rows_to_microbatch(
     row_index: Sequence[int] | None = None,
     pack: bool = False,
     packed_len: int | None = None,
+    segment_multiple: int = 1,
 ) -> MicroBatch:
     """Right-pad rows into tensors; `seq_len`/`batch_size` force a fixed shape (pipeline p2p needs it).
 
     Extra rows added to reach `batch_size` are all padding with mask 0: they cost compute, not loss.
-    `pack` adds the packed form (`PackedLayout`), padded to `packed_len` tokens when given.
+    `pack` adds the packed form (`PackedLayout`), padded to `packed_len` tokens when given, each sequence's
+    segment to a multiple of `segment_multiple` tokens.
     """
     longest = max((len(r.tokens) for r in rows), default=2)
     L = seq_len or longest
@@ -198,7 +200,9 @@ def rows_to_microbatch(
         tokens=tokens,
         targets=tokens[:, 1:].clone(),
         row_index=index,
-        packed=pack_rows(rows, L, pad_id=pad_id, packed_len=packed_len) if pack else None,
+        packed=pack_rows(rows, L, pad_id=pad_id, packed_len=packed_len, segment_multiple=segment_multiple)
+        if pack
+        else None,
         routed_experts=_routed_rows(rows, b, L),
         **per_token,
     )
@@ -224,33 +228,49 @@ def _routed_rows(rows: Sequence[SequenceRow], b: int, L: int) -> torch.Tensor | 
     return out
 
 
-def pack_rows(rows: Sequence[SequenceRow], L: int, *, pad_id: int, packed_len: int | None) -> PackedLayout:
-    """Concatenate rows into one [1, T] row with segment bounds; `index` maps padded slots [b, L-1] to it."""
+def packed_segment_length(tokens: int, segment_multiple: int) -> int:
+    """A sequence's segment in a packed row: its tokens, padded to a multiple of `segment_multiple`."""
+    return -(-tokens // segment_multiple) * segment_multiple
+
+
+def pack_rows(
+    rows: Sequence[SequenceRow], L: int, *, pad_id: int, packed_len: int | None, segment_multiple: int = 1
+) -> PackedLayout:
+    """Concatenate rows into one [1, T] row with segment bounds; `index` maps padded slots [b, L-1] to it.
+
+    Each row's segment is padded at its end to a multiple of `segment_multiple` (context parallelism cuts
+    every segment into 2 x CP equal chunks); causality hides that padding from the row's tokens."""
     lengths = [len(r.tokens) for r in rows]
-    total = sum(lengths)
+    segments = [packed_segment_length(n, segment_multiple) for n in lengths]
+    total = sum(segments)
     T = packed_len or total
     if T < total:
         raise ValueError(f"packed_len {T} is shorter than the micro-batch's {total} tokens")
+    if (T - total) % segment_multiple:
+        raise ValueError(
+            f"packed_len {T} leaves a filler segment that is not a multiple of {segment_multiple}"
+        )
     tokens = torch.full((1, T), pad_id, dtype=torch.long)
     positions = torch.zeros(1, T, dtype=torch.long)
     index = torch.full((len(rows), L - 1), -1, dtype=torch.long)
+    routed = _routed_rows(rows, len(rows), L)
+    packed_routed = None
+    if routed is not None:  # the same rows concatenated, as the tokens are
+        layers, top_k = routed.shape[2:]
+        packed_routed = torch.arange(top_k).expand(1, T, layers, top_k).clone()
     bounds, offset = [0], 0
-    for i, (r, n) in enumerate(zip(rows, lengths)):
+    for i, (r, n, m) in enumerate(zip(rows, lengths, segments)):
         tokens[0, offset : offset + n] = torch.tensor(r.tokens, dtype=torch.long)
-        positions[0, offset : offset + n] = torch.arange(n)
+        positions[0, offset : offset + m] = torch.arange(m)
         index[i, : n - 1] = torch.arange(offset, offset + n - 1)
-        offset += n
+        if packed_routed is not None:
+            packed_routed[0, offset : offset + n] = routed[i, :n]
+        offset += m
         bounds.append(offset)
     if T > offset:  # the filler is its own segment, so no real token attends to it (nor it to them)
         positions[0, offset:] = torch.arange(T - offset)
         bounds.append(T)
-    routed = _routed_rows(rows, len(rows), L)
-    if routed is not None:  # the same rows concatenated, as the tokens are
-        layers, top_k = routed.shape[2:]
-        packed = torch.arange(top_k).expand(1, T, layers, top_k).clone()
-        packed[0, :total] = torch.cat([routed[i, :n] for i, n in enumerate(lengths)])
-        routed = packed
-    return PackedLayout(tokens, positions, torch.tensor(bounds, dtype=torch.int32), index, routed)
+    return PackedLayout(tokens, positions, torch.tensor(bounds, dtype=torch.int32), index, packed_routed)
 
 
 def balanced_partition(weights: Sequence[int], k: int) -> list[list[int]]:
@@ -312,11 +332,13 @@ def make_microbatches(
     batch_size: int | None = None,
     packed_len: int | None = None,
     multiple: int = 1,
+    segment_multiple: int = 1,
 ) -> list[MicroBatch]:
     """This rank's micro-batches: `plan` lists the row indices of each; an empty one holds a filler row.
 
     Padded: `seq_len`/`batch_size` fix the shape for every micro-batch. Packed: `packed_len` does, else
-    each is its own length rounded up to `multiple` (sequence parallel splits it over the TP ranks).
+    each is its own length rounded up to `multiple` (sequence parallel splits it over the TP ranks, context
+    parallelism over the CP ranks), every sequence's segment to a multiple of `segment_multiple` (2 x CP).
     """
     filler = SequenceRow(
         tokens=[pad_id, pad_id],
@@ -338,7 +360,12 @@ def make_microbatches(
                 batch_size=None if pack else batch_size,
                 row_index=list(ids) or [-1],
                 pack=pack,
-                packed_len=packed_len or multiple * math.ceil(sum(len(r.tokens) for r in chunk) / multiple),
+                packed_len=packed_len
+                or multiple
+                * math.ceil(
+                    sum(packed_segment_length(len(r.tokens), segment_multiple) for r in chunk) / multiple
+                ),
+                segment_multiple=segment_multiple,
             )
         )
     return out

@@ -27,12 +27,11 @@ class EngineSync:
         self.metrics: dict[str, float] = {}  # the last push's `sync/` scalars
 
     def push_collective(self, version: int) -> None:
-        """Give the engines the policy at `version`: collective over DP replica 0's ranks (every rank under expert
-        parallelism); a no-op if they hold it."""
+        """Give the engines the policy at `version`: collective over the ranks of DP replica 0 and CP rank 0
+        (every rank under expert parallelism); a no-op if they hold it."""
         takes_part = (
-            parallel_state.get_data_parallel_rank() == 0
-            or parallel_state.get_expert_model_parallel_world_size() > 1
-        )
+            parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_context_parallel_rank() == 0
+        ) or parallel_state.get_expert_model_parallel_world_size() > 1
         if not takes_part or self.version == version:
             return
         if self.transport is None:

@@ -19,6 +19,7 @@ from megatron_m2po.trainer.batching import (
     TRAINER_LOGPROBS_KEY,
     groups_to_rows,
     make_microbatches,
+    packed_segment_length,
     plan_microbatches,
 )
 from megatron_m2po.trainer.distribute import broadcast_from_rank0, gather_to_rank0
@@ -70,25 +71,28 @@ class Policy:
     def _microbatches(self, rows, version: int):
         """This DP rank's micro-batches of `rows` (`batching.plan_microbatches`), in one shape wherever the
         pipeline's p2p buffers need it: padded to the longest of `rows`, or packed to the token budget;
-        lengths are multiples of the TP size under sequence parallelism (it splits the sequence)."""
-        settings = self.cfg.train
+        lengths are multiples of the TP size under sequence parallelism (it splits the sequence) and of
+        2 x CP under context parallelism (every sequence is cut into 2 x CP chunks; packed, each sequence)."""
+        settings, parallel = self.cfg.train, self.cfg.parallel
+        segment_multiple = 2 * parallel.context if parallel.context > 1 else 1
+        multiple = segment_multiple * (parallel.tensor if parallel.sequence_parallel else 1)
+        pack = settings.pack_sequences or bool(settings.max_tokens_per_microbatch)
+        lengths = [packed_segment_length(len(row.tokens), segment_multiple if pack else 1) for row in rows]
         plan = plan_microbatches(
-            [len(row.tokens) for row in rows],
+            lengths,
             self.dp_size,
             micro_batch_size=settings.micro_batch_size,
             max_tokens=settings.max_tokens_per_microbatch,
         )
-        multiple = self.cfg.parallel.tensor if self.cfg.parallel.sequence_parallel else 1
-        pack = settings.pack_sequences or bool(settings.max_tokens_per_microbatch)
         if pack:
             seq_len = None
-            longest = max(sum(len(rows[i].tokens) for i in mb) for shard in plan for mb in shard)
+            longest = max(sum(lengths[i] for i in mb) for shard in plan for mb in shard)
             fixed = parallel_state.get_pipeline_model_parallel_world_size() > 1
             packed_len = (
                 _round_up(max(settings.max_tokens_per_microbatch, longest), multiple) if fixed else None
             )
         else:
-            seq_len, packed_len = _round_up(max(len(row.tokens) for row in rows), multiple), None
+            seq_len, packed_len = _round_up(max(lengths), multiple), None
         return make_microbatches(
             rows,
             plan[self.dp_rank],
@@ -99,6 +103,7 @@ class Policy:
             batch_size=settings.micro_batch_size,
             packed_len=packed_len,
             multiple=multiple,
+            segment_multiple=segment_multiple,
         )
 
     def update_collective(

@@ -30,6 +30,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_m2po import algorithms, platform
 from megatron_m2po.models.routing_replay import replayed_routing
 from megatron_m2po.trainer.batching import MicroBatch
+from megatron_m2po.trainer.context_parallel import context_share, next_tokens
 
 
 def _positions(tokens: torch.Tensor) -> torch.Tensor:
@@ -39,28 +40,34 @@ def _positions(tokens: torch.Tensor) -> torch.Tensor:
 
 def run_model(model_chunk, mb: MicroBatch) -> torch.Tensor:
     """The model's output for one micro-batch: padded [b, L, ...], or packed [1, T, ...] through Megatron's THD
-    path (`PackedSeqParams`; rotary positions restart at every `cu_seqlens` bound). A micro-batch carrying
-    the engine's routed experts is run with its routers replaying them."""
+    path (`PackedSeqParams`; rotary positions restart at every `cu_seqlens` bound). Under context parallelism
+    only this CP rank's share of the positions ([b, L / cp, ...], `context_parallel.py`). A micro-batch
+    carrying the engine's routed experts is run with its routers replaying them."""
+    share = context_share(mb)
     routed = mb.routed_experts if mb.packed is None else mb.packed.routed_experts
     if routed is None:
-        return _run_model(model_chunk, mb)
-    with replayed_routing(model_chunk, routed):
-        return _run_model(model_chunk, mb)
+        return _run_model(model_chunk, mb, share)
+    with replayed_routing(model_chunk, routed if share is None else share.take(routed)):
+        return _run_model(model_chunk, mb, share)
 
 
-def _run_model(model_chunk, mb: MicroBatch) -> torch.Tensor:
+def _run_model(model_chunk, mb: MicroBatch, share) -> torch.Tensor:
     if mb.packed is None:
-        return model_chunk(mb.tokens, _positions(mb.tokens), None)
-    p = mb.packed
-    cu = p.cu_seqlens.to(device=mb.tokens.device, dtype=torch.int32)
-    params = PackedSeqParams(
-        qkv_format="thd",
-        cu_seqlens_q=cu,
-        cu_seqlens_kv=cu,
-        max_seqlen_q=p.max_seqlen,
-        max_seqlen_kv=p.max_seqlen,
-    )
-    return model_chunk(p.tokens, p.position_ids, None, packed_seq_params=params)
+        tokens, positions, params = mb.tokens, _positions(mb.tokens), None
+    else:
+        p = mb.packed
+        cu = p.cu_seqlens.to(device=mb.tokens.device, dtype=torch.int32)
+        tokens, positions = p.tokens, p.position_ids
+        params = PackedSeqParams(
+            qkv_format="thd",
+            cu_seqlens_q=cu,
+            cu_seqlens_kv=cu,
+            max_seqlen_q=p.max_seqlen,
+            max_seqlen_kv=p.max_seqlen,
+        )
+    if share is not None:
+        tokens, positions = share.take(tokens), share.take(positions)
+    return model_chunk(tokens, positions, None, packed_seq_params=params)
 
 
 def _schedule_kwargs(micro_batches: Sequence[MicroBatch]) -> dict[str, Any]:
@@ -71,20 +78,28 @@ def _schedule_kwargs(micro_batches: Sequence[MicroBatch]) -> dict[str, Any]:
 
 def token_logprobs(output: torch.Tensor, mb: MicroBatch, temperature: float, *, with_entropy: bool = False):
     """Log-probs (and entropy) of `mb.targets` [b, L-1] from this TP rank's logits shard ([b, L, V/tp], or
-    [1, T, V/tp] packed: computed on the packed tokens only, then laid out as the padded targets)."""
-    logits = output[:, :-1, :]
+    [1, T, V/tp] packed: computed on the packed tokens only, then laid out as the padded targets). Under
+    context parallelism the logits are this CP rank's positions; the results of every CP rank are gathered
+    back into sequence order first."""
+    share = context_share(mb)
+    row = mb.tokens if mb.packed is None else mb.packed.tokens
+    if share is None:
+        logits, targets = output[:, :-1, :], row[:, 1:]
+    else:
+        logits, targets = output, share.take(next_tokens(row))
     out = algorithms.vocab_parallel_logprobs(
         logits,
-        mb.targets if mb.packed is None else mb.packed.targets,
+        targets,
         tp_group=parallel_state.get_tensor_model_parallel_group(),
         temperature=temperature,
         with_entropy=with_entropy,
     )
-    if mb.packed is None:
-        return out
-    if with_entropy:
-        return tuple(mb.packed.unpack(t) for t in out)
-    return mb.packed.unpack(out)
+    out = out if with_entropy else (out,)
+    if share is not None:
+        out = tuple(share.gather(t)[:, :-1] for t in out)
+    if mb.packed is not None:
+        out = tuple(mb.packed.unpack(t) for t in out)
+    return out if with_entropy else out[0]
 
 
 @torch.no_grad()

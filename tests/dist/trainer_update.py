@@ -55,7 +55,7 @@ def main(hf_dir: str, out: str, tp: int, pp: int, loss: str, *overrides: str) ->
     for key, value in map(parse_override, overrides):
         section, name = key.split(".")
         setattr(getattr(cfg, section), name, value)
-    platform.init_distributed(tp, pp, seed=0)
+    platform.init_distributed(tp, pp, seed=0, context_parallel=cfg.parallel.context)
     from megatron_m2po.checkpoint.gather import iter_hf_tensors
     from megatron_m2po.trainer.policy import Policy
 
