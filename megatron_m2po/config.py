@@ -970,11 +970,19 @@ def _validate_expert_layout(cfg: Config, world_size: int, model: Any) -> None:
         )
 
 
-def validate_parallel(cfg: Config, world_size: int, model: Any = None) -> int:
+def validate_parallel(
+    cfg: Config, world_size: int, model: Any = None, *, transformer_engine: bool = False
+) -> int:
     """Check the parallel layout against the world size and, given `model` (its HF config), against what
     Megatron splits over the ranks; return the data-parallel size. Runs before Megatron starts, so a bad
-    layout is an error naming the key rather than a traceback from inside Megatron."""
+    layout is an error naming the key rather than a traceback from inside Megatron. `transformer_engine`:
+    the model will run Transformer Engine's layers (a GPU that has it)."""
     t, p = cfg.train, cfg.parallel
+    if p.context > 1 and transformer_engine and cfg.model.dtype == "float32":
+        raise ConfigError(
+            "'model.dtype': float32 with parallel.context > 1 on GPUs: Transformer Engine's context-parallel "
+            "attention runs only its flash and fused kernels, which take bf16 or fp16 (use auto or bfloat16)"
+        )
     mp = p.tensor * p.pipeline * p.context
     if world_size % mp:
         raise ConfigError(

@@ -57,7 +57,12 @@ def train(cfg: Config, *, resume: bool | str = False) -> dict[str, float]:
     if cfg.train.torch_threads:
         torch.set_num_threads(cfg.train.torch_threads)
     # before Megatron starts: a layout it cannot split is a config error naming the key, not its traceback
-    validate_parallel(cfg, int(os.environ.get("WORLD_SIZE", "1")), load_hf_config(cfg.model.path))
+    validate_parallel(
+        cfg,
+        int(os.environ.get("WORLD_SIZE", "1")),
+        load_hf_config(cfg.model.path),
+        transformer_engine=platform.has_transformer_engine(),
+    )
     check_run_dir(cfg, resume=resume)  # nothing written yet: a directory of other files is refused
     platform.init_distributed(
         cfg.parallel.tensor,

@@ -120,6 +120,11 @@ def test_layouts_with_context_parallelism_are_checked_before_megatron_starts():
     with pytest.raises(ConfigError, match=r"= 2 x 1 x 2 = 4 does not divide the world size 6"):
         validate_parallel(_cfg(context=2, tensor=2), 6)
     cfg = _cfg(context=2)
+    cfg.model.dtype = "float32"
+    assert validate_parallel(cfg, 2) == 1  # the CPU reference attention computes in fp32
+    with pytest.raises(ConfigError, match=r"'model.dtype': float32 with parallel.context > 1 on GPUs"):
+        validate_parallel(cfg, 2, transformer_engine=True)
+    cfg = _cfg(context=2)
     cfg.train.groups_per_update, cfg.train.responses_per_prompt = 1, 3
     with pytest.raises(ConfigError, match="not divisible by the data-parallel size 2"):
         validate_parallel(cfg, 4)  # CP does not split the batch: DP = 4 / 2

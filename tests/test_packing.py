@@ -114,6 +114,16 @@ def test_token_budget_gradient_independent_of_split(
             id="cp2-packed",
             marks=pytest.mark.slow,
         ),
+        # four processes: CP with TP (sequence parallel) and with PP
+        pytest.param(
+            4,
+            2,
+            1,
+            ["parallel.context=2", "parallel.sequence_parallel=true", "train.pack_sequences=true"],
+            id="cp2-sp-tp2-packed",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(4, 1, 2, ["parallel.context=2"], id="cp2-pp2", marks=pytest.mark.slow),
     ],
 )
 def test_parallel_option_keeps_the_update(tiny_dir, tmp_path, padded, nproc, tp, pp, overrides):
