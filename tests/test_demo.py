@@ -98,6 +98,30 @@ def test_quick_demo_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
+def test_quick_tool_demo_end_to_end(tmp_path):
+    """`--env tool_math --quick`: tool traces warm-start the model, the figures with and without the tool are
+    measured before and after RL, and the RL stage trained multi-turn trajectories through the sandbox."""
+    from megatron_m2po.metrics import read_scalars
+
+    out = tmp_path / "demo"
+    proc, last = _demo(out, "--env", "tool_math", "--quick", timeout=1200)
+    assert LAST_LINE.match(last), f"last line {last!r}"
+    result = json.loads((out / "demo_result.json").read_text())
+    for when in ("before_rl", "after_rl"):
+        assert set(result[when]) == {"with_tool", "without_tool"}
+        assert set(result[when]["with_tool"]) == {"accuracy", "used_tool_fraction", "called_tool_fraction"}
+    assert result["before_rl"]["with_tool"]["accuracy"] == pytest.approx(
+        float(LAST_LINE.match(last).group(1))
+    )
+    assert (out / "rl" / "hf" / "config.json").is_file()
+    scalars = read_scalars(out / "rl")
+    assert (
+        "env/turns_mean" in scalars and "env/tool_calls" in scalars and "rollout/model_tokens_mean" in scalars
+    )
+    assert "before RL: accuracy with the tool" in proc.stdout
+
+
+@pytest.mark.slow
 def test_quick_demo_verbose_shows_every_library_message(tmp_path):
     proc, last = _demo(tmp_path / "demo", "--quick", "--verbose", timeout=600)
     assert LAST_LINE.match(last), f"last line {last!r}"

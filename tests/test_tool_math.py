@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from megatron_m2po.commands.tool_demo import call_text, trace_pairs
 from megatron_m2po.config import Config, ConfigError, SandboxConfig
 from megatron_m2po.data.prompts import Prompt, PromptDataset
 from megatron_m2po.event_loop import LoopThread
@@ -19,6 +20,7 @@ from megatron_m2po.rollout import build
 from megatron_m2po.rollout.engines.local import LocalEngine
 from megatron_m2po.rollout.environments import ToolMath
 from megatron_m2po.rollout.environments.tool_math import ToolMathSettings
+from megatron_m2po.rollout.environments.trajectory import EnvTurnRenderer
 from megatron_m2po.rollout.evaluation import stop_token_ids
 from megatron_m2po.rollout.farm import EngineFarm
 from megatron_m2po.rollout.manager import RolloutManager
@@ -33,6 +35,8 @@ SCRIPTS = {  # trajectory index -> its model turns, in order (the last one repea
     1: ['<tool_call>{"name": "python", "arguments": {"cod', "\\boxed{56088}"],  # cut off, then answers
     2: ["\\boxed{56000}"],  # answers at once, wrongly
     3: [CALL + CALL],  # calls forever: two calls per turn
+    4: ["\\boxed{1}", "\\boxed{56088}"],  # wrong, then (told so) right
+    5: [call_text("123*456"), "\\boxed{56088}"],  # the tool demo's warm-start trace
 }
 
 
@@ -86,18 +90,19 @@ def setup(tmp_path_factory):
     rewards.close()
 
 
-def _prompt(tok) -> Prompt:
-    text = "What is 123*456?"
-    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-    return Prompt("task:1", list(ids), "56088", text)
+def _prompt(tok, text: str = "What is 123*456?", prompt_id: str = "task:1") -> Prompt:
+    rendered = tok.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+    )
+    return Prompt(prompt_id, tok.encode(rendered, add_special_tokens=False), "56088", text)
 
 
-def _rollout(setup, settings: ToolMathSettings, n: int = 4, engine=None):
+def _rollout(setup, settings: ToolMathSettings, n: int = 4, engine=None, prompt=None):
     hf_dir, tok, rewards, pool, loop = setup
     engine = engine or ScriptedEngine(hf_dir, engine_id="scripted")
     params = SamplingParams(max_new_tokens=200, temperature=1.0, seed=3, stop_token_ids=stop_token_ids(tok))
     env = ToolMath(EngineFarm([engine]), rewards, tok, params, settings, sandbox=pool)
-    return env, engine, loop.run(env.rollout(_prompt(tok), n))
+    return env, engine, loop.run(env.rollout(prompt or _prompt(tok), n))
 
 
 def test_trajectories_are_token_exact_with_the_sandbox_s_replies_and_answers_scored(setup):
@@ -125,7 +130,7 @@ def test_trajectories_are_token_exact_with_the_sandbox_s_replies_and_answers_sco
     assert (s.reward, s.finish_reason, s.model_tokens) == (1.0, "stop", len(first) + len(second))
     # each turn was generated from the ids so far, and its log-probs sit on its own tokens
     sent = {pid: ids for pid, ids in engine.requests}
-    assert sent["task:1/0/0"] == s.prompt_ids
+    assert sent["task:1/0/0"] == s.prompt_ids == prompt.prompt_ids  # the template has no place for tools
     assert sent["task:1/0/1"] == s.prompt_ids + s.response_ids[: len(first) + env_len]
     assert all(lp == 0.0 for lp, m in zip(s.behavior_logprobs, s.loss_mask) if not m)
     assert all(lp < 0.0 for lp, m in zip(s.behavior_logprobs, s.loss_mask) if m)
@@ -140,7 +145,7 @@ def test_trajectories_are_token_exact_with_the_sandbox_s_replies_and_answers_sco
     # the four trajectories' turns were in flight together, and the tool ran where the script called it
     assert engine.max_inflight == 4
     m = env.metrics()
-    assert m["env/used_tool_fraction"] == 0.5 and m["tool/calls"] >= 1 + 4
+    assert m["env/used_tool_fraction"] == 0.5 and m["env/tool_calls"] >= 1 + 4
     assert m["env/call_errors"] == 1
 
 
@@ -159,6 +164,36 @@ def test_tool_use_reward_is_off_by_default_and_adds_when_set(setup):
     _, _, bonus = _rollout(setup, ToolMathSettings(max_turns=3, tool_use_reward=0.25), n=3)
     assert [s.reward for s in plain] == [1.0, 1.0, 0.0]
     assert [s.reward for s in bonus] == [1.25, 1.0, 0.0]  # trajectory 1's call never ran
+
+
+def test_a_wrong_answer_gets_feedback_while_attempts_remain(setup):
+    _, tok, *_ = setup
+    _, _, once = _rollout(setup, ToolMathSettings(max_turns=4), n=5)
+    assert [len(s.turn_starts) for s in once[2:5:2]] == [1, 1] and once[4].reward == 0.0
+    _, engine, retried = _rollout(setup, ToolMathSettings(max_turns=4, max_attempts=3), n=5)
+    wrong, fixed = retried[2], retried[4]
+    assert (len(wrong.turn_starts), wrong.reward, wrong.finish_reason) == (5, 0.0, "stop")  # 3 answers
+    assert (len(fixed.turn_starts), fixed.reward) == (3, 1.0)
+    feedback = fixed.response_ids[fixed.turn_starts[1] : fixed.turn_starts[2]]
+    assert "That answer is not correct. Try again." in tok.decode(feedback)
+    assert fixed.loss_mask.count(0) == len(feedback)
+    sent = dict(engine.requests)
+    assert sent["task:1/4/1"] == fixed.prompt_ids + fixed.response_ids[: fixed.turn_starts[2]]
+
+
+def test_the_tool_demo_s_warm_start_traces_are_what_the_environment_produces(setup):
+    """The demo imitates trajectories token for token: the pairs of a tool trace (context, model turn) are the
+    prefixes and model turns of the trajectory the environment builds from the same turns and the sandbox."""
+    _, tok, *_ = setup
+    prompt = _prompt(tok, "123*456=", "task:2")
+    _, _, samples = _rollout(setup, ToolMathSettings(max_turns=2), n=6, prompt=prompt)
+    s = samples[5]
+    renderer = EnvTurnRenderer(tok, stop_token_ids(tok))
+    (c1, t1), (c2, t2) = trace_pairs(tok, renderer, prompt, use_tool=True)
+    assert c1 == s.prompt_ids and c2 + t2 == s.prompt_ids + s.response_ids
+    assert t1 == s.response_ids[: s.turn_starts[1]] and t2 == s.response_ids[s.turn_starts[2] :]
+    assert s.reward == 1.0
+    assert trace_pairs(tok, renderer, prompt, use_tool=False) == [(c1, t2)]
 
 
 def test_settings_are_validated_and_named():
@@ -201,7 +236,7 @@ def test_through_the_manager_with_the_real_engine_every_turn_is_the_engine_s_own
         metrics = manager.metrics()
     finally:
         manager.stop()
-    assert "env/turns_mean" in metrics and "tool/calls" in metrics
+    assert "env/turns_mean" in metrics and "env/tool_calls" in metrics
     reference = EngineFarm([LocalEngine(hf_dir, engine_id="e0", seed=0)])
     loop = LoopThread("reference")
     try:

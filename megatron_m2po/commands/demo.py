@@ -31,6 +31,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from megatron_m2po import console, platform
+from megatron_m2po.commands import tool_demo
 from megatron_m2po.commands.plot import plot_run
 from megatron_m2po.commands.sft import greedy_accuracy, response_ids, save_hf, warm_start
 from megatron_m2po.config import load_config
@@ -106,6 +107,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="a shortened smoke run (tests): 20 warm-start steps, 2 RL steps, 30 held-out problems",
     )
+    parser.add_argument(
+        "--env",
+        choices=["math", "tool_math"],
+        default="math",
+        help="math: 2-digit addition, one turn (the default demo); tool_math: 3-digit x 2-digit multiplication "
+        "with a sandboxed Python tool (docs/environments.md)",
+    )
+    tool_demo.add_arguments(parser)
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides of the RL recipe")
 
 
@@ -337,6 +346,8 @@ def _max_staleness(cfg) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.env == "tool_math":
+        return tool_demo.run_tool_demo(args)
     console.setup(getattr(args, "verbose", False))
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)

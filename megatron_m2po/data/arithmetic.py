@@ -153,3 +153,33 @@ def write_jsonl(problems: Iterable[ArithmeticProblem], path: str | Path) -> Path
 def write_splits(out_dir: str | Path, splits: dict[str, list[ArithmeticProblem]]) -> dict[str, Path]:
     """Write each split to `<out_dir>/<name>.jsonl`; returns name -> path."""
     return {name: write_jsonl(problems, Path(out_dir) / f"{name}.jsonl") for name, problems in splits.items()}
+
+
+def multiplication_splits(
+    *,
+    seed: int = 0,
+    num_train: int = 4000,
+    num_heldout: int = 200,
+    num_validation: int = 100,
+    left: tuple[int, int] = (100, 999),
+    right: tuple[int, int] = (10, 99),
+) -> dict[str, list[ArithmeticProblem]]:
+    """Products "a*b" of a 3-digit and a 2-digit number (the tool demo's task: no sub-million-parameter
+    model multiplies these in its head; with a Python tool it only copies the operands and the result).
+
+    Distinct problems drawn with `seed`, dealt to `heldout`, `validation` and `train`; a left operand
+    always has three digits and a right one two, so no problem has a twin (b*a) in another split."""
+    count = num_train + num_heldout + num_validation
+    space = (left[1] - left[0] + 1) * (right[1] - right[0] + 1)
+    if count > space:
+        raise ValueError(f"arithmetic: {count} multiplication problems asked, only {space} exist")
+    rng = random.Random(seed)
+    pairs: dict[tuple[int, int], None] = {}
+    while len(pairs) < count:
+        pairs[(rng.randint(*left), rng.randint(*right))] = None
+    problems = [ArithmeticProblem(f"{a}*{b}", str(a * b)) for a, b in pairs]
+    return {
+        "heldout": problems[:num_heldout],
+        "validation": problems[num_heldout : num_heldout + num_validation],
+        "train": problems[num_heldout + num_validation :],
+    }

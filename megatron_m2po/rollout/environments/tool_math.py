@@ -5,9 +5,10 @@ Each of a prompt's `n` trajectories alternates model turns and tool replies, all
 is generated from the trajectory's token ids so far (the engine's own ids, never re-tokenized); only the
 tool replies are tokenized, rendered by the model's chat template (`EnvTurnRenderer`). A trajectory ends
 when a model turn makes no tool call (its answer), or at a budget: model turns, response tokens (model and
-tool tokens together), tool calls. The reward is the reward function's score of the final model turn
-against the answer, plus an optional bonus for using the tool (off by default; `rollout.format_reward`
-gives the reward function's format term, as in single-turn math).
+tool tokens together), tool calls. With `max_attempts` > 1 a wrong answer is met with a short feedback turn
+("not correct, try again") while attempts remain. The reward is the reward function's score of the final
+model turn against the answer, plus an optional bonus for using the tool (off by default;
+`rollout.format_reward` gives the reward function's format term, as in single-turn math).
 """
 
 from __future__ import annotations
@@ -51,9 +52,11 @@ class ToolMathSettings:
     tool_timeout: float | None = None  # wall seconds per call (None: sandbox.wall_seconds)
     tool_use_reward: float = 0.0  # added to the reward of a trajectory in which a tool call ran
     tools_in_prompt: bool = True  # render the prompt with the tool's schema (`tools=`) by the chat template
+    max_attempts: int = 1  # answers per trajectory: a wrong one gets `retry_message` while attempts remain
+    retry_message: str = "That answer is not correct. Try again."
 
     def __post_init__(self) -> None:
-        for key in ("max_turns", "max_total_tokens"):
+        for key in ("max_turns", "max_total_tokens", "max_attempts"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
                 raise ValueError(f"{key} must be an integer >= 1, got {getattr(self, key)!r}")
         if not isinstance(self.max_tool_calls, int) or self.max_tool_calls < 0:
@@ -70,6 +73,8 @@ class _Run:
 
     turns: int = 0
     calls: int = 0  # tool calls run
+    attempts: int = 0  # answers given
+    score: float = 0.0  # the reward function's score of the last answer
     finish: str = "stop"
 
 
@@ -106,11 +111,16 @@ class ToolMath(Environment):
     async def rollout(self, prompt: Prompt, n: int) -> list[Sample]:
         prompt_ids = self._prompt_ids(prompt)
         runs = await asyncio.gather(*(self._trajectory(prompt, prompt_ids, i) for i in range(n)))
-        finals = [self._final_text(traj) for traj, _ in runs]
-        scores = await self.reward_pool.score_async(finals, [prompt.answer] * n)
+        unscored = [(traj, run) for traj, run in runs if not run.attempts]  # ended by a budget, not an answer
+        if unscored:
+            scores = await self.reward_pool.score_async(
+                [self._final_text(traj) for traj, _ in unscored], [prompt.answer] * len(unscored)
+            )
+            for (_, run), score in zip(unscored, scores):
+                run.score = float(score)
         samples = []
-        for i, ((traj, run), score) in enumerate(zip(runs, scores)):
-            reward = float(score) + (self.settings.tool_use_reward if run.calls else 0.0)
+        for i, (traj, run) in enumerate(runs):
+            reward = run.score + (self.settings.tool_use_reward if run.calls else 0.0)
             text = self.tokenizer.decode(traj.response_ids, skip_special_tokens=False)
             samples.append(traj.to_sample(prompt.prompt_id, i, run.finish, response_text=text, reward=reward))
             self._count(run)
@@ -145,16 +155,21 @@ class ToolMath(Environment):
             traj.add_model_turn(list(turn.response_ids), list(turn.behavior_logprobs), list(turn.versions))
             text = self.tokenizer.decode(turn.response_ids, skip_special_tokens=True)
             calls = parse_tool_calls(text, {PYTHON_TOOL})
-            if not calls:
-                run.finish = turn.finish_reason
-                return traj, run
-            replies = await asyncio.gather(*(self._reply(call, run) for call in calls))
-            env_ids = self.renderer.messages_ids(
-                [{"role": "tool", "content": reply} for reply in replies], turn.response_ids
-            )
+            if calls:
+                replies = await asyncio.gather(*(self._reply(call, run) for call in calls))
+                messages = [{"role": "tool", "content": reply} for reply in replies]
+            else:  # an answer
+                run.attempts += 1
+                (score,) = await self.reward_pool.score_async([text], [prompt.answer])
+                run.score, run.finish = float(score), turn.finish_reason
+                if run.score >= 1.0 or run.attempts >= s.max_attempts:
+                    return traj, run
+                messages = [{"role": "user", "content": s.retry_message}]
+            env_ids = self.renderer.messages_ids(messages, turn.response_ids)
             if len(traj.response_ids) + len(env_ids) >= s.max_total_tokens or run.turns >= s.max_turns:
-                run.finish = "length"  # no room (or no turn) left for the model to read the reply
-                return traj, run
+                if calls:  # no room (or no turn) left for the model to read the reply
+                    run.finish = "length"
+                return traj, run  # (after an answer: it stands)
             traj.add_env_turn(env_ids)
 
     async def _reply(self, call: ToolCall | ToolCallError, run: _Run) -> str:
@@ -195,7 +210,7 @@ class ToolMath(Environment):
             "env/used_tool_fraction": c["used_tool"] / n,
             "env/call_errors": float(c["call_errors"]),
             "env/length_end_fraction": c["budget_ends"] / n,
-        } | self.pool.metrics()
+        } | {f"env/{key.replace('/', '_')}": value for key, value in self.pool.metrics().items()}
 
     async def close(self) -> None:
         if self._owns_pool:
