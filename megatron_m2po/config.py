@@ -354,6 +354,18 @@ class AlgorithmConfig:
     seq_mask_high: float | None = opt(
         None, "seq_product_mask: highest kept product of rho; null = the rule's own (2)", gt=0
     )
+    routing_replay: Literal["off", "replay"] | None = opt(
+        None,
+        "MoE models: replay = the engines return the experts they routed every token to and the trainer's "
+        "forwards route to the same ones; off = each routes on its own (nothing recorded); unset = replay for MoE "
+        "models; replay is refused for dense models and for vllm engines",
+    )
+    routing_diagnostics_every: int = opt(
+        10,
+        "routing replay on: every this many optimizer updates, two extra no-grad forwards (with and without "
+        "replay) before the update give moe/router_agreement and moe/m2_before_(no_)replay; 0 = never",
+        ge=0,
+    )
     overlong_filtering: bool = opt(
         False, "leave responses cut at rollout.max_new_tokens out of the loss and its token count (DAPO)"
     )
@@ -633,6 +645,8 @@ def _coerce(key: str, value: Any, tp: Any, where: str) -> Any:
         tp = next(a for a in args if a is not type(None))
         origin = typing.get_origin(tp)
     if choices_of(tp):  # membership is checked in `validate`, with a did-you-mean
+        if isinstance(value, bool) and isinstance(choices_of(tp)[0], str):
+            value = "on" if value else "off"  # YAML 1.1 reads on / off (yes / no) as booleans
         tp = type(choices_of(tp)[0])
     if tp is bool:
         if isinstance(value, bool):
@@ -945,7 +959,7 @@ def _validate_expert_layout(cfg: Config, world_size: int, model: Any) -> None:
     if model is None:
         return
     experts = getattr(model, "num_experts", None)
-    if not isinstance(experts, int) or experts < 1:
+    if not is_moe(model):
         for key, value, unset in (("expert", p.expert, 1), ("expert_tensor", p.expert_tensor, None)):
             if value != unset:
                 raise ConfigError(
@@ -968,6 +982,34 @@ def _validate_expert_layout(cfg: Config, world_size: int, model: Any) -> None:
             f"'parallel.expert_tensor': {etp} does not divide the model's moe_intermediate_size = "
             f"{ffn} ({cfg.model.path})"
         )
+
+
+def is_moe(model: Any) -> bool:
+    """An HF config with routed experts (Qwen3-MoE's num_experts)."""
+    experts = getattr(model, "num_experts", None)
+    return isinstance(experts, int) and experts > 0
+
+
+def routing_replay_on(cfg: Config, model: Any) -> bool:
+    """Whether the engines record routing and the trainer replays it, for the model of HF config `model`;
+    raises ConfigError naming algorithm.routing_replay where replay cannot run."""
+    choice = cfg.algorithm.routing_replay
+    moe = is_moe(model)
+    if choice == "replay" and not moe:
+        raise ConfigError(
+            f"'algorithm.routing_replay': replay, but {cfg.model.path} is a dense model (no router to replay); "
+            "leave it unset or set off"
+        )
+    replay = moe and choice != "off"
+    if replay and cfg.rollout.engine == "vllm":
+        raise ConfigError(
+            "'algorithm.routing_replay': "
+            + ("replay" if choice else "unset (= replay for this MoE model)")
+            + " cannot run with rollout.engine=vllm: the vllm engine does not return the experts it routed to "
+            "(docs/models.md, \"Routing replay\"); use rollout.engine=sglang or local, or set "
+            "algorithm.routing_replay=off"
+        )
+    return replay
 
 
 def validate_parallel(
@@ -997,6 +1039,8 @@ def validate_parallel(
                 f"Megatron splits it evenly over the {size} ranks"
             )
     _validate_expert_layout(cfg, world_size, model)
+    if model is not None:
+        routing_replay_on(cfg, model)
     dp = world_size // mp
     seqs_per_update = t.groups_per_update * t.responses_per_prompt
     if seqs_per_update % dp:

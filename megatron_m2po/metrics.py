@@ -24,7 +24,7 @@ from megatron_m2po.trackers import RunInfo, Tracker, code_commit, start_trackers
 
 logger = logging.getLogger(__name__)
 
-NAMESPACES = ("rollout/", "queue/", "loss/", "perf/", "train/", "eval/", "reward/", "data/", "sync/", "env/")
+NAMESPACES = ("rollout/", "queue/", "loss/", "perf/", "train/", "eval/", "reward/", "data/", "sync/", "env/", "moe/")
 
 # Dense bf16 peak of one GPU, for the MFU estimate (H100 SXM / H200 share the figure).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -115,45 +116,140 @@ def test_training_forward_replays_the_samples_routing(moe_dir, single_process, p
     transformers' model forced to the engine's routing; the last token and padding take experts 0..k-1."""
     from megatron_m2po.trainer.batching import groups_to_rows, rows_to_microbatch
     from megatron_m2po.trainer.step import run_model, token_logprobs
-    from megatron_m2po.types import Group, Sample
 
-    config = load_hf_config(moe_dir)
-    layers, k, e = config.num_hidden_layers, config.num_experts_per_tok, config.num_experts
-    g = torch.Generator().manual_seed(2)
-    samples = []
-    for i, (p, r) in enumerate(((5, 7), (9, 3))):
-        prompt = torch.randint(1, config.vocab_size, (p,), generator=g).tolist()
-        response = torch.randint(1, config.vocab_size, (r,), generator=g).tolist()
-        routed = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range((p + r - 1) * layers)])
-        samples.append(
-            Sample(
-                "q",
-                i,
-                prompt,
-                response,
-                [0.0] * r,
-                [0] * r,
-                "stop",
-                routed_experts=routed.reshape(p + r - 1, layers, k).numpy().astype("uint8"),
-            )
-        )
-    groups = [
-        Group("q", samples[0].prompt_ids, [samples[0]]),
-        Group("q2", samples[1].prompt_ids, [samples[1]]),
-    ]
+    groups = _routed_groups(load_hf_config(moe_dir), lengths=((5, (7,)), (9, (3,))))
     rows = groups_to_rows(groups, torch.zeros(2))
     mb = rows_to_microbatch(rows, consumer_version=0, pad_id=0, pack=pack)
     model = load_policy(moe_dir, routing_replay=True).eval()
     with torch.no_grad():
         ours = token_logprobs(run_model(model, mb), mb, temperature=1.0)
+    for i, expected in enumerate(_forced_logprobs(moe_dir, groups)):
+        assert (ours[i, : len(expected)] - expected).abs().max().item() <= 1e-4, i
+
+
+def _routed_groups(config, lengths=((5, (7, 4)), (9, (3, 6))), seed: int = 2):
+    """Groups of random tokens (prompt length, response lengths), each sample routed to random experts (what
+    an engine reports) and rewarded 1 or 0 in turn."""
+    from megatron_m2po.types import Group, Sample
+
+    layers, k, e = config.num_hidden_layers, config.num_experts_per_tok, config.num_experts
+    g = torch.Generator().manual_seed(seed)
+    groups = []
+    for i, (p, responses) in enumerate(lengths):
+        prompt = torch.randint(1, config.vocab_size, (p,), generator=g).tolist()
+        samples = []
+        for j, r in enumerate(responses):
+            response = torch.randint(1, config.vocab_size, (r,), generator=g).tolist()
+            routed = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range((p + r - 1) * layers)])
+            samples.append(
+                Sample(
+                    f"q{i}",
+                    j,
+                    prompt,
+                    response,
+                    [-1.0] * r,
+                    [0] * r,
+                    "stop",
+                    reward=float(j % 2),
+                    routed_experts=routed.reshape(p + r - 1, layers, k).numpy().astype("uint8"),
+                )
+            )
+        groups.append(Group(f"q{i}", prompt, samples))
+    return groups
+
+
+def _forced_logprobs(moe_dir, groups) -> list[torch.Tensor]:
+    """transformers' log-probs of every sample's tokens [len - 1], its routers forced to the sample's routing
+    (the last token, which no engine fed, routed to experts 0..k-1)."""
     reference = AutoModelForCausalLM.from_pretrained(moe_dir, attn_implementation="sdpa").eval()
-    for i, s in enumerate(samples):
+    config = reference.config
+    layers, k = config.num_hidden_layers, config.num_experts_per_tok
+    out = []
+    for s in (s for g in groups for s in g.samples):
         ids = torch.tensor([s.prompt_ids + s.response_ids])
         forced = torch.cat(
             [torch.from_numpy(s.routed_experts.astype("int64")), torch.arange(k).expand(1, layers, k)]
         )
         with torch.no_grad(), hf_forced_routing(reference, forced[None]):
             logits = reference(ids).logits[0, :-1]
-        expected = torch.log_softmax(logits.float(), -1).gather(-1, ids[0, 1:, None])[:, 0]
-        n = ids.shape[1] - 1
-        assert (ours[i, :n] - expected).abs().max().item() <= 1e-4, i
+        out.append(torch.log_softmax(logits.float(), -1).gather(-1, ids[0, 1:, None])[:, 0])
+    return out
+
+
+def _policy_config(model_dir, **algorithm):
+    from megatron_m2po.config import Config
+
+    cfg = Config()
+    cfg.model.path, cfg.data.path = str(model_dir), "unused"
+    cfg.train.groups_per_step = cfg.train.groups_per_update = 2
+    cfg.train.responses_per_prompt, cfg.train.micro_batch_size, cfg.train.lr = 2, 2, 1e-3
+    cfg.algorithm.routing_diagnostics_every = 1
+    for key, value in algorithm.items():
+        setattr(cfg.algorithm, key, value)
+    return cfg
+
+
+def test_config_key_defaults_to_replay_for_moe_and_is_refused_where_it_cannot_run(moe_dir, tmp_path):
+    from megatron_m2po.config import ConfigError, routing_replay_on, validate_parallel
+    from megatron_m2po.models.tiny import tiny_config
+
+    moe, dense = tiny_config("qwen3_moe"), tiny_config("qwen3")
+    assert routing_replay_on(_policy_config(moe_dir), moe) is True  # unset: replay for MoE
+    assert routing_replay_on(_policy_config(moe_dir, routing_replay="off"), moe) is False
+    assert routing_replay_on(_policy_config(moe_dir), dense) is False
+    assert routing_replay_on(_policy_config(moe_dir, routing_replay="off"), dense) is False
+    with pytest.raises(ConfigError, match="'algorithm.routing_replay': replay, but .* is a dense model"):
+        validate_parallel(_policy_config(moe_dir, routing_replay="replay"), 1, dense)
+    vllm = _policy_config(moe_dir)
+    vllm.rollout.engine = "vllm"
+    with pytest.raises(ConfigError, match="'algorithm.routing_replay': unset .* rollout.engine=vllm"):
+        validate_parallel(vllm, 1, moe)
+    vllm.algorithm.routing_replay = "off"
+    assert validate_parallel(vllm, 1, moe) == 1
+    with pytest.raises(ConfigError, match="'algorithm.routing_replay'.*not one of"):
+        from megatron_m2po.config import load_config
+
+        load_config(None, ["model.path=m", "data.path=d", "algorithm.routing_replay=on"])
+
+
+def test_policy_replays_in_the_behaviour_recompute_and_the_update(moe_dir, single_process):
+    """rollout.behavior_logprobs=trainer: the recompute forward replays the engine's routing (its log-probs are
+    transformers' forced to that routing); the update trains on the replayed forward; with replay off the same
+    groups train with the routers' own choices, and replay on refuses samples that carry no routing."""
+    from megatron_m2po.trainer.batching import TRAINER_LOGPROBS_KEY
+    from megatron_m2po.trainer.policy import Policy
+    from megatron_m2po.trainer.routing_diagnostics import routing_diagnostics_collective
+
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    # process-wide in megatron-core: a plain backward (the gradient test above) leaves a 0-dim scale that the
+    # pipeline schedule's [1]-shaped one cannot be copied into
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
+    groups = _routed_groups(load_hf_config(moe_dir))
+    policy = Policy(_policy_config(moe_dir))
+    assert policy.routing_replay and policy.routed_experts_shape == (2, 2)
+    policy.recompute_behavior_logprobs_collective(groups)
+    recomputed = [lp for g in groups for lp in g.metadata[TRAINER_LOGPROBS_KEY]]
+    samples = [s for g in groups for s in g.samples]
+    for s, ours, expected in zip(samples, recomputed, _forced_logprobs(moe_dir, groups), strict=True):
+        assert torch.allclose(torch.tensor(ours), expected[len(s.prompt_ids) - 1 :], atol=1e-4)
+    own_groups = copy.deepcopy(groups)  # the same samples, routed where the trainer's routers route them
+    for s in (s for g in own_groups for s in g.samples):
+        with torch.no_grad(), recorded_routing(policy.model) as own:
+            forward_logits(policy.model.module, torch.tensor([s.prompt_ids + s.response_ids]))
+        s.routed_experts = torch.stack([own[layer] for layer in sorted(own)], 1)[:-1].numpy().astype("uint8")
+    rows = policy._rows(own_groups, torch.tensor([1.0, -1.0, 1.0, -1.0]), "engine")
+    agreeing = routing_diagnostics_collective(policy.model, policy._microbatches(rows, 0), 1.0)
+    assert agreeing["moe/router_agreement"] == 1.0
+    assert agreeing["moe/m2_before_replay"] == pytest.approx(agreeing["moe/m2_before_no_replay"], abs=1e-9)
+    metrics = policy.update_collective(groups, version=0)
+    assert metrics["train/grad_norm"] > 0
+    assert metrics["moe/router_agreement"] < 0.5  # random experts agree with 1 / C(8, 2) per token-layer
+    assert metrics["moe/m2_before_replay"] != metrics["moe/m2_before_no_replay"]
+
+    off = Policy(_policy_config(moe_dir, routing_replay="off"))
+    assert off.routed_experts_shape is None
+    assert "moe/router_agreement" not in off.update_collective(groups, version=0)
+    groups[1].samples[1].routed_experts = None
+    with pytest.raises(ValueError, match="routing_replay is on but samples \\['q1#1'\\] carry no"):
+        policy.update_collective(groups, version=1)

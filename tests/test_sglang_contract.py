@@ -64,11 +64,19 @@ API_CONTRACT = SRC / "sglang/srt/entrypoints/api_contract.py"
 SAMPLING_PARAMS = SRC / "sglang/srt/sampling/sampling_params.py"
 TOKENIZER_MANAGER = SRC / "sglang/srt/managers/tokenizer_manager.py"
 WEIGHT_VERSIONS = SRC / "sglang/srt/utils/weight_versions.py"
+ROUTED_EXPERTS = SRC / "sglang/srt/state_capturer/routed_experts.py"
+DETOKENIZER = SRC / "sglang/srt/managers/detokenizer_manager.py"
+EXEC_ARGS = SRC / "sglang/srt/arg_groups/fields/exec_.py"
+ARG_UTILS = SRC / "sglang/srt/arg_groups/arg_utils.py"
 PINNED = [
     API_CONTRACT,
     SAMPLING_PARAMS,
     TOKENIZER_MANAGER,
     WEIGHT_VERSIONS,
+    ROUTED_EXPERTS,
+    DETOKENIZER,
+    EXEC_ARGS,
+    ARG_UTILS,
     API_TYPES,
     HTTP_SERVER,
     IO_STRUCT,
@@ -867,6 +875,119 @@ def test_multi_turn_requests_are_token_in_token_out(api):
     rendered = tok.apply_chat_template(messages, tools=TOOLS, tokenize=False)
     assert traj.ids + tok.encode("\n", add_special_tokens=False) == tok.encode(
         rendered, add_special_tokens=False
+
+    )
+
+
+def _pinned_function(path: Path, name: str, **namespace):
+    """A module-level function or staticmethod of a pinned source file, compiled alone (its module imports
+    the GPU stack); `namespace` supplies the names it uses."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.FunctionDef) and node.name == name:
+            node.decorator_list = []
+            code = compile(ast.Module(body=[node], type_ignores=[]), str(path), "exec")
+            scope = {"Optional": typing.Optional, "List": list, **namespace}
+            exec(code, scope)  # noqa: S102 (the pinned source)
+            return scope[name]
+    raise AssertionError(f"{path}: no function {name}")
+
+
+def test_routed_experts_follow_the_pinned_source(api, tmp_path):
+    """Routing replay against 0.5.23: /generate's contract gate (api_contract.py: api_types.GenerateRequest,
+    unknown keys ignored) admits the body and the route's own GenerateReqInput (io_struct.py, what FastAPI
+    builds the request from) has every field of it, return_routed_experts included; the client decodes what
+    the detokenizer encodes; the CPU engine server's reply decodes with the pinned
+    extract_routed_experts_from_meta_info and gives the samples the engine's own routing; the launcher's flag
+    is the CLI name of the pinned server argument."""
+    import base64
+
+    import numpy as np
+    import torch
+
+    from megatron_m2po.models.tiny import make_tiny_model
+    from megatron_m2po.rollout.engines.local import LocalEngine
+    from megatron_m2po.rollout.engines.local_server import LocalSGLangServer
+    from megatron_m2po.rollout.engines.sglang import (
+        generate_payload,
+        parse_routed_experts,
+        sglang_sampling_params,
+    )
+    from megatron_m2po.rollout.engines.sglang_launcher import ROUTED_EXPERTS_FLAG, EngineLauncher
+
+    params = SamplingParams(max_new_tokens=4, temperature=0.9, stop_token_ids=[2])
+    body = generate_payload("r", [5, 6, 7], sglang_sampling_params(params), routed_experts=True)
+    gate = _pinned_function(
+        API_CONTRACT,
+        "generate_contract_error",
+        GenerateRequest=api.GenerateRequest,
+        JsonContractError=api.JsonContractError,
+        Any=typing.Any,
+    )
+    assert gate(body) is None
+    assert body["return_routed_experts"] is True and body["routed_experts_start_len"] == 0
+    assert "return_routed_experts" not in api.GenerateRequest.__struct_fields__  # the gate ignores it ...
+    request_type = next(
+        n
+        for n in ast.parse(IO_STRUCT.read_text()).body
+        if isinstance(n, ast.ClassDef) and n.name == "GenerateReqInput"
+    )
+    fields = {
+        n.target.id: ast.unparse(n.annotation) for n in request_type.body if isinstance(n, ast.AnnAssign)
+    }
+    assert set(body) <= set(fields)  # ... the route's own request type has every field
+    assert (fields["return_routed_experts"], fields["routed_experts_start_len"]) == ("bool", "int")
+    assert "routed_experts" not in generate_payload("r", [5], sglang_sampling_params(params))  # dense / off
+
+    encode = _pinned_function(DETOKENIZER, "_b64_encode_per_request", pybase64=base64, torch=torch)
+    routing = torch.randint(0, 128, (9, 3, 2), dtype=torch.int32)
+    (encoded,) = encode([routing])
+    decoded = parse_routed_experts({"routed_experts": encoded}, 9, (3, 2), "w")
+    assert decoded.dtype == np.uint8 and np.array_equal(decoded, routing.numpy())
+
+    moe_dir = make_tiny_model("qwen3_moe", tmp_path / "moe", seed=11)
+    engine = LocalEngine(moe_dir, record_routing=True)
+    config = engine.model.config
+    shape = (config.num_hidden_layers, config.num_experts_per_tok)
+    extract = _pinned_function(
+        ROUTED_EXPERTS, "extract_routed_experts_from_meta_info", np=np, pybase64=base64
+    )
+
+    async def run():
+        runner = web.AppRunner(LocalSGLangServer(engine).app)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"http://127.0.0.1:{port}/generate", json=body) as r:
+                reply = await r.json()
+        client = SGLangEngine(f"http://127.0.0.1:{port}", engine_id="c", routed_experts=shape)
+        samples = await client.generate("p", [5, 6, 7], 2, params)
+        await client.close()
+        await runner.cleanup()
+        return reply, samples
+
+    reply, samples = asyncio.run(run())
+    fed = 3 + reply["meta_info"]["completion_tokens"] - 1
+    assert extract(reply).reshape(fed, *shape).shape == (fed, *shape)
+    for s in samples:
+        assert s.routed_experts.shape == (len(s.prompt_ids) + len(s.response_ids) - 1, *shape)
+        assert s.routed_experts.max() < config.num_experts
+
+    server_args = {
+        n.target.id: ast.unparse(n.annotation)
+        for n in ast.walk(ast.parse(EXEC_ARGS.read_text()))
+        if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
+    }
+    assert server_args["enable_return_routed_experts"].startswith("A[bool")
+    assert (
+        _pinned_function(ARG_UTILS, "_field_to_cli_name")("enable_return_routed_experts")
+        == ROUTED_EXPERTS_FLAG
+    )
+    launcher = EngineLauncher(moe_dir, backend="local", ports=[1])
+    assert ROUTED_EXPERTS_FLAG in launcher._server_cmd(0)[0]
+    assert (
+        ROUTED_EXPERTS_FLAG
+        not in EngineLauncher(moe_dir, backend="local", ports=[1], routed_experts=False)._server_cmd(0)[0]
     )
 
 
@@ -906,3 +1027,27 @@ def test_router_worker_api_is_what_the_supervisor_calls():
     assert b"struct WorkerConfigRequest with 20 elements" in native
     assert b"urlapi_keyworker_type" in native  # the request's first fields, as serde names them
     assert b"/add_worker" not in native and b"/remove_worker" not in native
+
+
+@pytest.mark.parametrize(
+    "meta, message",
+    [
+        ({}, "meta_info.routed_experts is missing.*--enable-return-routed-experts"),
+        ({"routed_experts": [1, 2]}, "meta_info.routed_experts is list"),
+        ({"routed_experts": "%%%"}, "meta_info.routed_experts is not base64"),
+        (
+            {"routed_experts": "AAAAAA=="},
+            "meta_info.routed_experts holds 4 bytes, expected 48 \\(int32 \\[3 tokens, 2 layers, top_k 2\\]\\)",
+        ),
+        (
+            {"routed_experts": "/////wAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"},
+            "meta_info.routed_experts holds expert ids outside \\[0, 65535\\]",
+        ),
+    ],
+)
+def test_malformed_routed_experts_are_named(meta, message):
+    from megatron_m2po.rollout.engines.base import EngineReplyError
+    from megatron_m2po.rollout.engines.sglang import parse_routed_experts
+
+    with pytest.raises(EngineReplyError, match="where: " + message):
+        parse_routed_experts(meta, 3, (2, 2), "where")

@@ -64,6 +64,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--router-port", type=int, default=29000)
     parser.add_argument("--log-dir", default=None, help="one <name>.log per server")
     parser.add_argument("--server-args", default="", help="extra flags for every server, one quoted string")
+    parser.add_argument(
+        "--routed-experts",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="servers return the experts each token was routed to (--enable-return-routed-experts, for the "
+        "trainer's routing replay); auto = on for MoE models",
+    )
     supervision = parser.add_argument_group("supervision (docs/rollout.md, 'Failure model')")
     defaults = RestartPolicy()
     for name, text in SUPERVISION_HELP.items():
@@ -102,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         log_dir=args.log_dir,
         api_key=os.environ.get(args.api_key_env) or None,
         admin_api_key=os.environ.get(args.admin_api_key_env) or None,
+        routed_experts={"auto": None, "on": True, "off": False}[args.routed_experts],
     )
 
     def _exit(signum, frame):

@@ -36,6 +36,22 @@ def model_routers(model) -> dict[int, TopKRouter]:
     return routers
 
 
+def routers_share(routers: dict[int, TopKRouter], per_token: torch.Tensor) -> torch.Tensor:
+    """The part of a per-token tensor [batch, seq, ...] that this rank's routers see: with sequence
+    parallelism, this TP rank's contiguous 1/tp of the sequence; else all of it."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if not routers or tp == 1 or not next(iter(routers.values())).config.sequence_parallel:
+        return per_token
+    chunk = per_token.shape[1] // tp
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    return per_token[:, rank * chunk : (rank + 1) * chunk]
+
+
+def sequence_major(per_token: torch.Tensor) -> torch.Tensor:
+    """[batch, seq, ...] -> [seq * batch, ...]: the token order of Megatron's [seq, batch] activations."""
+    return per_token.transpose(0, 1).reshape(-1, *per_token.shape[2:])
+
+
 @contextmanager
 def replayed_routing(model, routed_experts: torch.Tensor) -> Iterator[None]:
     """Within the block, every router of `model` routes the tokens of a [batch, seq] forward to the experts in
@@ -46,18 +62,13 @@ def replayed_routing(model, routed_experts: torch.Tensor) -> Iterator[None]:
             f"routed_experts: expected [batch, seq, layers, top_k], got {tuple(routed_experts.shape)}"
         )
     layers, top_k = routed_experts.shape[2:]
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    if routers and next(iter(routers.values())).config.sequence_parallel and tp > 1:
-        # sequence parallelism: this TP rank's routers see its contiguous 1/tp of the sequence
-        chunk = routed_experts.shape[1] // tp
-        rank = parallel_state.get_tensor_model_parallel_rank()
-        routed_experts = routed_experts[:, rank * chunk : (rank + 1) * chunk]
+    routed_experts = routers_share(routers, routed_experts)
     for layer, router in routers.items():
         if layer >= layers:
             raise ValueError(f"routed_experts has {layers} layers, the model routes at layer {layer}")
         if top_k != router.topk:
             raise ValueError(f"routed_experts has top_k={top_k}, the model's routers take {router.topk}")
-        per_token = routed_experts[:, :, layer, :].transpose(0, 1).reshape(-1, top_k).long()
+        per_token = sequence_major(routed_experts[:, :, layer, :]).long()
         if per_token.numel() and (per_token.min() < 0 or per_token.max() >= router.config.num_moe_experts):
             raise ValueError(
                 f"routed_experts at layer {layer}: expert ids outside [0, {router.config.num_moe_experts})"

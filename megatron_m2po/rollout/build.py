@@ -66,18 +66,32 @@ def dynamic_sampling(cfg: Config) -> DynamicSampling | None:
     )
 
 
-def build_engines(cfg: Config, hf_dir: str, dtype: torch.dtype) -> list:
+def build_engines(
+    cfg: Config, hf_dir: str, dtype: torch.dtype, *, routed_experts: tuple[int, int] | None = None
+) -> list:
+    """The `rollout.engine` engines; `routed_experts` = (MoE layers, top_k): every sample carries the experts
+    the engine routed its tokens to (routing replay), as the local engine records and SGLang returns them."""
     r = cfg.rollout
     if r.engine == "local":
         threads = cfg.train.torch_threads or None
         if r.local_dtype != "auto":
             dtype = getattr(torch, r.local_dtype)
         return [
-            LocalEngine(hf_dir, engine_id=f"local-{i}", dtype=dtype, threads=threads, seed=cfg.train.seed + i)
+            LocalEngine(
+                hf_dir,
+                engine_id=f"local-{i}",
+                dtype=dtype,
+                threads=threads,
+                seed=cfg.train.seed + i,
+                record_routing=routed_experts is not None,
+            )
             for i in range(r.num_engines)
         ]
+    if routed_experts is not None and r.engine != "sglang":  # config.routing_replay_on refuses it first
+        raise ValueError(f"rollout.engine={r.engine} does not return routed experts")
     if r.engine == "sglang":
         kwargs = {
+            "routed_experts": routed_experts,
             "deterministic": r.sglang_deterministic,
             "api_key": os.environ.get(r.api_key_env) or None,
             "admin_api_key": os.environ.get(r.admin_api_key_env) or None,
@@ -94,11 +108,14 @@ def build_engines(cfg: Config, hf_dir: str, dtype: torch.dtype) -> list:
     return [VLLMEngine(hf_dir, engine_id=f"vllm-{i}") for i in range(r.num_engines)]  # in process
 
 
-def engine_farm(cfg: Config, hf_dir: str, dtype: torch.dtype) -> EngineFarm:
-    """The engines behind one farm, with the rollout section's timeouts and rotation settings."""
+def engine_farm(
+    cfg: Config, hf_dir: str, dtype: torch.dtype, *, routed_experts: tuple[int, int] | None = None
+) -> EngineFarm:
+    """The engines behind one farm, with the rollout section's timeouts and rotation settings
+    (`routed_experts`: see `build_engines`)."""
     r = cfg.rollout
     return EngineFarm(
-        build_engines(cfg, hf_dir, dtype),
+        build_engines(cfg, hf_dir, dtype, routed_experts=routed_experts),
         request_timeout=r.request_timeout,
         max_engine_failures=r.engine_max_failures,
         health_interval=r.health_interval,

@@ -67,7 +67,7 @@ class Producer:
                     logger.warning("fresh run: %s is not the journal's: left as it is", other)
             self.eval_record.unlink(missing_ok=True)  # a fresh run's evaluations are its own
             self.queue = ReplayQueue(**kwargs)
-        self.farm = engine_farm(cfg, hf_dir, trainer.dtype)
+        self.farm = engine_farm(cfg, hf_dir, trainer.dtype, routed_experts=trainer.routed_experts_shape)
         self.rewards = reward_pool(cfg)
         sampling = sampling_params(cfg, stop_token_ids=stop_token_ids(self.tokenizer))
         self.manager = RolloutManager(

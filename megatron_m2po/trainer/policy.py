@@ -13,7 +13,7 @@ from megatron.core import parallel_state
 
 from megatron_m2po import algorithms, platform
 from megatron_m2po.checkpoint import load_policy
-from megatron_m2po.config import Config
+from megatron_m2po.config import Config, routing_replay_on
 from megatron_m2po.models import load_hf_config
 from megatron_m2po.trainer.batching import (
     TRAINER_LOGPROBS_KEY,
@@ -24,6 +24,7 @@ from megatron_m2po.trainer.batching import (
 )
 from megatron_m2po.trainer.distribute import broadcast_from_rank0, gather_to_rank0
 from megatron_m2po.trainer.optimizer import build_optimizer, wrap_ddp
+from megatron_m2po.trainer.routing_diagnostics import routing_diagnostics_collective
 from megatron_m2po.trainer.step import forward_logprobs_collective, train_update_collective
 from megatron_m2po.types import Group
 
@@ -47,12 +48,16 @@ class Policy:
         self.cfg = cfg
         self.dtype = _dtype(cfg)
         self.hf_config = load_hf_config(cfg.model.path)
+        # MoE with algorithm.routing_replay: the engines' expert choices are replayed in every forward that
+        # gives log-probs (the loss's, the M2 pre-pass, the behaviour recompute)
+        self.routing_replay = routing_replay_on(cfg, self.hf_config)
         if model is None:
             model = load_policy(
                 cfg.model.path,
                 dtype=self.dtype,
                 parallel=cfg.parallel,
                 aux_loss_coef=cfg.model.router_aux_loss_coef,
+                routing_replay=self.routing_replay,
             )
         self.model = wrap_ddp(model, cfg.parallel)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.dtype)
@@ -67,6 +72,30 @@ class Policy:
             * parallel_state.get_pipeline_model_parallel_world_size()
         )
         self.num_params = sum(p.numel() for p in self.model.parameters()) * mp  # for the MFU estimate
+
+    @property
+    def routed_experts_shape(self) -> tuple[int, int] | None:
+        """(layers, top_k) of the routing the engines must return with every sample; None without replay."""
+        if not self.routing_replay:
+            return None
+        return self.hf_config.num_hidden_layers, self.hf_config.num_experts_per_tok
+
+    def _rows(self, groups: list[Group], advantages: torch.Tensor, behavior_source: str):
+        """`groups_to_rows`, without the samples' routing when replay is off (a journal written by a run with
+        replay may carry it; this model's routers cannot replay it)."""
+        rows = groups_to_rows(groups, advantages, behavior_source=behavior_source)
+        if not self.routing_replay:
+            for row in rows:
+                row.routed_experts = None
+            return rows
+        samples = [s for g in groups for s in g.samples]
+        unrouted = [f"{s.prompt_id}#{s.group_index}" for s in samples if s.routed_experts is None]
+        if unrouted:
+            raise ValueError(
+                f"algorithm.routing_replay is on but samples {unrouted[:4]} carry no routed experts (an engine "
+                "that does not return them, or a queue journal written by a run with routing replay off)"
+            )
+        return rows
 
     def _microbatches(self, rows, version: int):
         """This DP rank's micro-batches of `rows` (`batching.plan_microbatches`), in one shape wherever the
@@ -123,12 +152,15 @@ class Policy:
             extra["train/overlong_penalty_mean"] = float(penalty.mean())
         ids = [g.prompt_id for g in groups for _ in g.samples]
         advantages = algorithms.compute_advantages(rewards, ids, estimator=a.advantage)
-        rows = groups_to_rows(groups, advantages, behavior_source=cfg.rollout.behavior_logprobs)
+        rows = self._rows(groups, advantages, cfg.rollout.behavior_logprobs)
         if a.overlong_filtering:
             for row, cut in zip(rows, truncated):
                 row.in_loss = not cut
             extra["train/overlong_filtered_fraction"] = sum(truncated) / max(1, len(truncated))
         mbs = self._microbatches(rows, version)
+        every = a.routing_diagnostics_every
+        if self.routing_replay and every and version % every == 0:
+            extra |= routing_diagnostics_collective(self.model, mbs, cfg.rollout.temperature)
         # The loss is a mean over the whole mini-batch (all DP ranks): DDP averages over DP, hence / dp.
         total = self.loss_fn.normalizer_count([row.loss_tokens for row in rows])
         normalizer = max(total, 1) / self.dp_size
@@ -150,7 +182,7 @@ class Policy:
         """
         groups = broadcast_from_rank0(groups)
         zeros = torch.zeros(len([s for g in groups for s in g.samples]))
-        rows = groups_to_rows(groups, zeros, behavior_source="engine")
+        rows = self._rows(groups, zeros, "engine")
         out: dict[int, list[float]] = {}
         mbs = self._microbatches(rows, version=0)  # none on a rank whose share is empty
         if mbs:

@@ -18,7 +18,7 @@ micro-batch's loss needs every micro-batch's log-probs.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -28,7 +28,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_m2po import algorithms, platform
-from megatron_m2po.models.routing_replay import replayed_routing
+from megatron_m2po.models.routing_replay import recorded_routing, replayed_routing
 from megatron_m2po.trainer.batching import MicroBatch
 from megatron_m2po.trainer.context_parallel import context_share, next_tokens
 
@@ -38,14 +38,14 @@ def _positions(tokens: torch.Tensor) -> torch.Tensor:
     return torch.arange(L, device=tokens.device).unsqueeze(0).expand(b, L)
 
 
-def run_model(model_chunk, mb: MicroBatch) -> torch.Tensor:
+def run_model(model_chunk, mb: MicroBatch, *, replay: bool = True) -> torch.Tensor:
     """The model's output for one micro-batch: padded [b, L, ...], or packed [1, T, ...] through Megatron's THD
     path (`PackedSeqParams`; rotary positions restart at every `cu_seqlens` bound). Under context parallelism
     only this CP rank's share of the positions ([b, L / cp, ...], `context_parallel.py`). A micro-batch
-    carrying the engine's routed experts is run with its routers replaying them."""
+    carrying the engine's routed experts is run with its routers replaying them (unless `replay` is False)."""
     share = context_share(mb)
     routed = mb.routed_experts if mb.packed is None else mb.packed.routed_experts
-    if routed is None:
+    if routed is None or not replay:
         return _run_model(model_chunk, mb, share)
     with replayed_routing(model_chunk, routed if share is None else share.take(routed)):
         return _run_model(model_chunk, mb, share)
@@ -104,14 +104,27 @@ def token_logprobs(output: torch.Tensor, mb: MicroBatch, temperature: float, *, 
 
 @torch.no_grad()
 def forward_logprobs_collective(
-    model, micro_batches: Sequence[MicroBatch], temperature: float
+    model,
+    micro_batches: Sequence[MicroBatch],
+    temperature: float,
+    *,
+    replay: bool = True,
+    on_routing: Callable[[MicroBatch, dict[int, torch.Tensor]], None] | None = None,
 ) -> list[torch.Tensor]:
-    """log pi_theta of every micro-batch's targets [b, L-1] (on the last pipeline stage; [] elsewhere)."""
+    """log pi_theta of every micro-batch's targets [b, L-1] (on the last pipeline stage; [] elsewhere).
+
+    `replay=False`: the routers choose their own experts; `on_routing(mb, {layer: [tokens, top_k]})` is then
+    told what this stage's routers chose for each micro-batch (an MoE model built with routing replay)."""
     device = next(model.parameters()).device
 
     def forward_step(data_iterator, model_chunk):
         mb = next(data_iterator).to(device)
-        output = run_model(model_chunk, mb)
+        if on_routing is None or replay:
+            output = run_model(model_chunk, mb, replay=replay)
+        else:
+            with recorded_routing(model_chunk) as own:
+                output = run_model(model_chunk, mb, replay=False)
+            on_routing(mb, own)
 
         def loss_func(out):
             lp = token_logprobs(out, mb, temperature)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import functools
 import ipaddress
@@ -51,6 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
+import numpy as np
 import torch
 from aiohttp import web
 
@@ -469,6 +471,7 @@ class LocalSGLangServer:
             raise _BadRequest(f"rid {_short(rid)} is already in flight; a rid names one request at a time")
         rids = [rid] if n == 1 else [uuid.uuid4().hex for _ in range(n)]
         return_logprob = bool(body.get("return_logprob", False))
+        routed_from = self._routed_experts_start(body, input_ids)
         task = asyncio.ensure_future(self.engine.generate(rid, input_ids, n, params))
         for r in rids:
             self.inflight[r] = task
@@ -494,12 +497,29 @@ class LocalSGLangServer:
                 s.finish_reason,
                 return_logprob,
                 s.response_text,
+                routed=None if routed_from is None else _routed_base64(s.routed_experts, routed_from),
             )
             for s in samples
         ]
         return web.json_response(replies[0] if n == 1 else replies)
 
-    def _reply(self, rid, input_ids, tokens, logprobs, versions, finish, return_logprob, text="") -> dict:
+    @staticmethod
+    def _routed_experts_start(body: dict, input_ids: list[int]) -> int | None:
+        """The first position whose routing the reply carries, when the request asks for it (as 0.5.23's
+        scheduler: routed_experts_start_len in [0, prompt tokens])."""
+        if body.get("return_routed_experts") is not True:
+            return None
+        start = body.get("routed_experts_start_len", 0)
+        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start <= len(input_ids):
+            raise _BadRequest(
+                f"routed_experts_start_len must be an integer in [0, {len(input_ids)}] (the input tokens), "
+                f"got {_short(repr(start))}"
+            )
+        return start
+
+    def _reply(
+        self, rid, input_ids, tokens, logprobs, versions, finish, return_logprob, text="", routed=None
+    ) -> dict:
         reason: dict[str, Any] = {"type": finish}
         if finish == "stop" and tokens:
             reason["matched"] = tokens[-1]
@@ -518,6 +538,8 @@ class LocalSGLangServer:
         }
         if return_logprob:
             meta["output_token_logprobs"] = [[lp, tok, None] for lp, tok in zip(logprobs, tokens)]
+        if routed is not None:
+            meta["routed_experts"] = routed
         return {"text": text, "output_ids": list(tokens), "meta_info": meta}
 
     # -- control ---------------------------------------------------------------------------------------
@@ -799,6 +821,15 @@ async def serve(engine: LocalEngine, host: str, port: int, **server_kwargs) -> w
     return await LocalSGLangServer(engine, **server_kwargs).start(host, port)
 
 
+def _routed_base64(routed_experts, start: int) -> str | None:
+    """A sample's routing from position `start` as SGLang 0.5.23 sends it: base64 of the int32 array
+    [tokens, layers, top_k]; None when the engine records none (started without --enable-return-routed-experts,
+    where SGLang's reply has no routed_experts either)."""
+    if routed_experts is None:
+        return None
+    return base64.b64encode(np.ascontiguousarray(routed_experts[start:], dtype="<i4").tobytes()).decode()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -822,6 +853,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="largest sampling_params.max_new_tokens (default: context)",
     )
+    parser.add_argument(
+        "--enable-return-routed-experts",
+        action="store_true",
+        help="MoE models: record the experts every token is routed to and return them to requests that ask "
+        "(return_routed_experts), as SGLang's flag of the same name",
+    )
     server_limits.add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
@@ -833,7 +870,11 @@ def main(argv: list[str] | None = None) -> None:
 
     async def run() -> None:
         engine = LocalEngine(
-            args.model, engine_id=args.engine_id or f"local@{args.port}", threads=args.threads, seed=args.seed
+            args.model,
+            engine_id=args.engine_id or f"local@{args.port}",
+            threads=args.threads,
+            seed=args.seed,
+            record_routing=args.enable_return_routed_experts,
         )
         await serve(
             engine,

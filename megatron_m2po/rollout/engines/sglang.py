@@ -12,6 +12,11 @@ with `--enable-deterministic-inference` (and then seeds every unseeded request w
 Behaviour log-probs are log_softmax(logits / T) (leave SGLANG_RETURN_ORIGINAL_LOGPROB unset). The server
 reports per-token policy versions as `meta_info.weight_versions` spans; they become `Sample.versions`.
 
+Routing replay (MoE, `routed_experts=(layers, top_k)`): each /generate asks for `return_routed_experts` from
+position 0 (`routed_experts_start_len`), and the reply's `meta_info.routed_experts` (base64 of the int32 array
+[prompt + response - 1, layers, top_k]) becomes `Sample.routed_experts`; the servers must run with
+`--enable-return-routed-experts` (EngineLauncher adds it for MoE models).
+
 Weight updates (0.5.23): pause (`pause_mode`, default "retract": running requests go back to the queue and
 their KV is recomputed on the new weights), POST /begin_weight_update, one /update_weights_from_distributed
 per bucket while the trainer broadcasts (sync/broadcast.py), /end_weight_update, /flush_cache (refused
@@ -23,6 +28,8 @@ stays a bad request (EngineRequestError, not retried elsewhere).
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import logging
 import math
@@ -32,6 +39,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
+import numpy as np
 
 from megatron_m2po.rollout.engines.base import (
     Engine,
@@ -87,15 +95,54 @@ def sglang_sampling_params(params: SamplingParams, *, n: int = 1, seed: int | No
     return out
 
 
-def generate_payload(rid: str, prompt_ids: list[int], sampling_params: dict[str, Any]) -> dict[str, Any]:
-    """Body of one non-streaming /generate request that returns per-token log-probs."""
-    return {
+def generate_payload(
+    rid: str, prompt_ids: list[int], sampling_params: dict[str, Any], *, routed_experts: bool = False
+) -> dict[str, Any]:
+    """Body of one non-streaming /generate request that returns per-token log-probs (and, with
+    `routed_experts`, the experts of every token the model was fed, from the first prompt token on)."""
+    body = {
         "rid": rid,
         "input_ids": list(prompt_ids),
         "sampling_params": sampling_params,
         "return_logprob": True,
         "stream": False,
     }
+    if routed_experts:
+        body.update(return_routed_experts=True, routed_experts_start_len=0)
+    return body
+
+
+def parse_routed_experts(meta: dict[str, Any], tokens: int, shape: tuple[int, int], where: str) -> np.ndarray:
+    """meta_info["routed_experts"] of a reply -> [tokens, layers, top_k] expert ids, as `Sample.routed_experts`.
+
+    SGLang 0.5.23 sends the int32 array [fed tokens, layers, top_k] of positions [routed_experts_start_len,
+    prompt + response - 1) as base64 of its bytes (srt/state_capturer/routed_experts.py); it sends nothing
+    when the server runs without --enable-return-routed-experts."""
+    layers, top_k = shape
+    encoded = meta.get("routed_experts")
+    if not isinstance(encoded, str):
+        raise EngineReplyError(
+            f"{where}: meta_info.routed_experts is {'missing' if encoded is None else type(encoded).__name__}, "
+            "expected base64 of int32 expert ids (start the SGLang servers with --enable-return-routed-experts, "
+            "or set algorithm.routing_replay=off)"
+        )
+    try:
+        raw = base64.b64decode(encoded, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise EngineReplyError(f"{where}: meta_info.routed_experts is not base64: {e}") from None
+    expected = tokens * layers * top_k * 4
+    if len(raw) != expected:
+        raise EngineReplyError(
+            f"{where}: meta_info.routed_experts holds {len(raw)} bytes, expected {expected} (int32 "
+            f"[{tokens} tokens, {layers} layers, top_k {top_k}])"
+        )
+    experts = np.frombuffer(raw, dtype="<i4").reshape(tokens, layers, top_k)
+    if experts.size and (experts.min() < 0 or experts.max() > np.iinfo(np.uint16).max):
+        raise EngineReplyError(
+            f"{where}: meta_info.routed_experts holds expert ids outside [0, 65535] "
+            f"({int(experts.min())}..{int(experts.max())})"
+        )
+    return experts.astype(np.uint8 if experts.size == 0 or experts.max() < 256 else np.uint16)
 
 
 def parse_generate_reply(reply: Any, where: str) -> tuple[list[int], list[float], str, dict[str, Any]]:
@@ -224,8 +271,12 @@ class SGLangEngine(Engine):
         deterministic: bool = False,
         api_key: str | None = None,
         admin_api_key: str | None = None,
+        routed_experts: tuple[int, int] | None = None,
     ):
+        """`routed_experts` = (layers, top_k) of an MoE model: every request asks for the experts it was routed
+        to and every sample carries them (`Sample.routed_experts`)."""
         super().__init__(engine_id or url)
+        self.routed_experts = routed_experts
         if pause_mode not in PAUSE_MODES:
             raise ValueError(f"SGLangEngine: pause_mode must be one of {PAUSE_MODES}, got {pause_mode!r}")
         self.url = url.rstrip("/")
@@ -410,7 +461,12 @@ class SGLangEngine(Engine):
         seed: int | None = None,
     ) -> list[Sample]:
         """One /generate request for n samples (indices index .. index + n - 1)."""
-        payload = generate_payload(rid, prompt_ids, sglang_sampling_params(params, n=n, seed=seed))
+        payload = generate_payload(
+            rid,
+            prompt_ids,
+            sglang_sampling_params(params, n=n, seed=seed),
+            routed_experts=self.routed_experts is not None,
+        )
         where = f"{self.url}/generate rid={rid}"
         t0 = time.perf_counter()
         try:
@@ -446,6 +502,11 @@ class SGLangEngine(Engine):
         elapsed: float,
     ) -> Sample:
         token_ids, logprobs, finish, meta = parse_generate_reply(reply, where)
+        routed = None
+        # an aborted sample is resubmitted by the farm: its routing, if any, is not needed
+        if self.routed_experts is not None and token_ids and (finish != "abort" or "routed_experts" in meta):
+            fed = len(prompt_ids) + len(token_ids) - 1
+            routed = parse_routed_experts(meta, fed, self.routed_experts, where)
         return Sample(
             prompt_id=prompt_id,
             group_index=index,
@@ -457,6 +518,7 @@ class SGLangEngine(Engine):
             engine_id=self.engine_id,
             timings={"generate_s": elapsed},
             response_text=str(reply.get("text", "")),
+            routed_experts=routed,
         )
 
     async def _abort_quietly(self, rid: str) -> None:

@@ -19,6 +19,7 @@ key is refused.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -34,6 +35,19 @@ from megatron_m2po.rollout.engines.local_server import check_bind
 from megatron_m2po.rollout.engines.sglang import SGLangEngine
 
 logger = logging.getLogger(__name__)
+
+ROUTED_EXPERTS_FLAG = "--enable-return-routed-experts"
+
+
+def _local_moe(model_path: str | Path) -> bool:
+    """Whether `model_path` is a local model dir whose config.json has routed experts; a Hub
+    name or a dir without config.json reads as dense (give routed_experts=True for those)."""
+    config = Path(model_path) / "config.json"
+    if not config.is_file():
+        return False
+    raw = json.loads(config.read_text())
+    experts = raw.get("num_experts", raw.get("num_local_experts"))  # transformers 5 writes the latter
+    return isinstance(experts, int) and experts > 0
 
 
 KEY_FLAGS = ("--api-key", "--admin-api-key")
@@ -65,7 +79,10 @@ class EngineLauncher:
         env: dict[str, str] | None = None,
         api_key: str | None = None,
         admin_api_key: str | None = None,
+        routed_experts: bool | None = None,
     ):
+        """`routed_experts`: servers record and return the experts each token is routed to (routing replay,
+        `--enable-return-routed-experts`); None = when `model_path` is a local MoE model dir."""
         if backend not in ("sglang", "local"):
             raise ValueError(f"EngineLauncher: backend must be 'sglang' or 'local', got {backend!r}")
         if servers < 1:
@@ -91,6 +108,7 @@ class EngineLauncher:
                 f"EngineLauncher: {servers} servers x tp {tp} need {servers * tp} GPUs, "
                 f"got gpu_ids {self.gpu_ids}"
             )
+        self.routed_experts = _local_moe(model_path) if routed_experts is None else routed_experts
         self.extra_args = list(extra_args)
         self.log_dir = Path(log_dir) if log_dir else None
         self.procs: dict[str, subprocess.Popen] = {}
@@ -151,6 +169,8 @@ class EngineLauncher:
             # /health without a one-token generation: it then answers while paused or updating, so neither the
             # router's health checks nor this launcher's drop a worker the trainer has paused.
             env.setdefault("SGLANG_ENABLE_HEALTH_ENDPOINT_GENERATION", "0")
+        if self.routed_experts:  # the same flag in 0.5.23 (srt/arg_groups/fields/exec_.py) and local_server
+            cmd.append(ROUTED_EXPERTS_FLAG)
         return cmd + self._key_args() + self.extra_args, env
 
     def _router_cmd(self) -> list[str]:
