@@ -38,6 +38,10 @@ experts it goes to, its bf16 input copy (2 h) and SwiGLU intermediates (gate and
 product: 8 x moe_intermediate / ETP bytes). Balanced routing is assumed (EP spreads experts, not tokens: a
 rank computes as many token-expert pairs as its own tokens send out); a skewed router puts more on some
 ranks. Engines: SGLang's expert parallelism (`--ep`) splits expert weights like its TP splits the rest.
+
+Context parallelism (`--cp`, `parallel.context`) cuts every sequence over CP ranks: a rank's activations
+are those of tokens / CP tokens, and the distributed optimizer shards the dense part over DP x CP
+(Megatron's data-parallel group with context parallelism); the expert grid does not involve CP.
 """
 
 from __future__ import annotations
@@ -162,13 +166,16 @@ def estimate(
     recompute: str = "none",
     ep: int = 1,
     etp: int | None = None,
+    cp: int = 1,
 ) -> dict[str, float]:
-    """`dp` is the trainer's data-parallel size (world = TP x PP x DP); `ep` / `etp` the expert-parallel and
-    expert-tensor-parallel sizes of an MoE model (`etp` unset: TP, Megatron's default). The engine's expert
-    parallelism splits expert weights like its TP, so `engine_tp` covers both."""
+    """`dp` is the trainer's data-parallel size (world = TP x PP x CP x DP); `ep` / `etp` the expert-parallel and
+    expert-tensor-parallel sizes of an MoE model (`etp` unset: TP, Megatron's default); `cp` the
+    context-parallel size (`parallel.context`: each rank holds 1 / CP of a sequence's tokens, and the
+    distributed optimizer shards the dense part over DP x CP). The engine's expert parallelism splits expert
+    weights like its TP, so `engine_tp` covers both."""
     d = MODELS[name]
     etp = tp if etp is None else etp
-    world = tp * pp * dp
+    world = tp * pp * cp * dp
     if world % (etp * ep * pp):
         raise ValueError(f"{name}: ETP x EP x PP = {etp} x {ep} x {pp} does not divide the world {world}")
     expert_dp = world // (etp * ep * pp)
@@ -178,13 +185,14 @@ def estimate(
         return TRAINER_BYTES_PER_PARAM - sharded
 
     params, expert_params = d.parameters(), d.expert_parameters()
-    states = (params - expert_params) * per_param(dp) / (tp * pp)
+    states = (params - expert_params) * per_param(dp * cp) / (tp * pp)
     states += expert_params * per_param(expert_dp) / (etp * ep * pp)
     return {
         "params_b": params / 1e9,
         "active_params_b": d.active_parameters() / 1e9,
         "trainer_gib_per_gpu": states / GIB,
-        "activations_gib_per_gpu": activation_bytes(d, tokens, tp, sequence_parallel, recompute, etp) / GIB,
+        "activations_gib_per_gpu": activation_bytes(d, tokens / cp, tp, sequence_parallel, recompute, etp)
+        / GIB,
         "engine_weights_gib_per_gpu": params * ENGINE_BYTES_PER_PARAM / engine_tp / GIB,
     }
 
@@ -200,6 +208,7 @@ def main() -> None:
     parser.add_argument("--engine-tp", type=int, help="GPUs per SGLang server")
     parser.add_argument("--ep", type=int, help="MoE: trainer expert parallel")
     parser.add_argument("--etp", type=int, help="MoE: trainer expert tensor parallel (default: --tp)")
+    parser.add_argument("--cp", type=int, default=1, help="trainer context parallel (parallel.context)")
     parser.add_argument(
         "--distributed-optimizer", action=argparse.BooleanOptionalAction, help="ZeRO-1 over DP"
     )
@@ -222,12 +231,13 @@ def main() -> None:
         sp = args.sequence_parallel and tp > 1
         e = estimate(
             name, tp, pp, engine_tp, dp=dp, distributed_optimizer=zero, tokens=tokens,
-            sequence_parallel=sp, recompute=args.recompute, ep=ep, etp=etp,
+            sequence_parallel=sp, recompute=args.recompute, ep=ep, etp=etp, cp=args.cp,
         )  # fmt: skip
         how = (
             f"{tokens} tokens"
             + (", SP" if sp else "")
             + (f", {args.recompute} recompute" if args.recompute != "none" else "")
+            + (f", CP {args.cp}" if args.cp > 1 else "")
         )
         experts = f"{ep} ({etp or tp})" if MODELS[name].experts else "-"
         print(

@@ -231,6 +231,10 @@ def test_moe_layouts_validate_against_the_model_and_match_the_estimate(example, 
             cfg.parallel.expert_tensor_size,
         )
         assert validate_parallel(cfg, gpus, hf) == dp
+    cfg.parallel.context = 2  # the READMEs' long-response variant: DP halves, the expert grid stays
+    gpus, dp = int(rows[0][0]), int(rows[0][3])
+    assert validate_parallel(cfg, gpus, hf) == dp // 2
+    cfg.parallel.context = 1
     memory = re.findall(
         r"^\| (\d+) x (\d+) x (\d+) \| (\d+) \((\d+)\) \| ([\d.]+) GiB \| ([\d.]+) GiB \| ([\d.]+) GiB \|",
         readme,
@@ -297,6 +301,23 @@ def test_moe_memory_estimate_by_hand(monkeypatch):
     assert no_sp["trainer_gib_per_gpu"] * gib == pytest.approx(153984 * 18 / 2 + 98304 * 18 / (2 * 4))
     with pytest.raises(ValueError, match="does not divide the world"):
         memory_estimate.estimate("toy", 2, 1, 1, dp=3, ep=4, etp=1)
+    # context parallelism 2 at DP 2 (the same 8 ranks): half the tokens per rank, the dense optimizer state over
+    # DP x CP = 4 as before, the experts' as before (expert-DP 2)
+    cp = memory_estimate.estimate(
+        "toy",
+        2,
+        1,
+        1,
+        dp=2,
+        cp=2,
+        distributed_optimizer=True,
+        tokens=100,
+        sequence_parallel=True,
+        ep=4,
+        etp=1,
+    )
+    assert cp["trainer_gib_per_gpu"] * gib == pytest.approx(692928 + 294912)
+    assert cp["activations_gib_per_gpu"] * gib == pytest.approx((480 + 416) * 2 * 50)
 
 
 def _sglang_flags(fields_dir: Path) -> set[str]:
