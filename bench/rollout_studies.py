@@ -48,7 +48,11 @@ MISMATCH_VARIANTS: dict[str, list[str]] = {
 # the study's summary columns: TensorBoard tag -> how the run's series is reduced
 MEAN_TAGS = (
     "loss/m2_before",
+    "loss/m2_all",
+    "loss/ratio_min",
+    "loss/ratio_max",
     "loss/masked_fraction",
+    "loss/clip_fraction",
     "loss/correction_ratio_max",
     "loss/correction_inverse_ratio_max",
     "loss/correction_kept_fraction",
@@ -126,6 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", default="runs/rollout_studies", help="where the runs and the result go")
     parser.add_argument("--only", nargs="*", default=None, help="run only these variants (by name)")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="summarise a variant's finished run in --out instead of running it again",
+    )
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides for every run")
     args = parser.parse_args(argv)
     demo, out = Path(args.demo_dir).resolve(), Path(args.out).resolve()
@@ -145,9 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     for name, (steps, overrides) in variants.items():
         slug = name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
         run_dir = out / f"{args.study}_{slug}"
-        wall = run(
-            name, run_dir, demo, steps, args.eval_every, [*overrides, *args.overrides], out / f"{slug}.log"
-        )
+        finished = run_dir / "consumed.jsonl"
+        if args.reuse and finished.is_file() and len(finished.read_text().splitlines()) >= steps:
+            wall = float("nan")
+        else:
+            log = out / f"{slug}.log"
+            wall = run(name, run_dir, demo, steps, args.eval_every, [*overrides, *args.overrides], log)
         result["runs"][name] = {"steps": steps, "wall_s": wall, "overrides": overrides, **summary(run_dir, 8)}
         (out / f"{args.study}_result.json").write_text(json.dumps(result, indent=2))
         print(f"{name}: {wall:.0f} s", flush=True)
