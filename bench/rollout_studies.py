@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from megatron_m2po.metrics import read_scalars  # noqa: E402
+from megatron_m2po.rollout.producer import EVAL_RECORD, read_eval_record  # noqa: E402
 
 SYNC = ["staleness.mode=sync"]
 MISMATCH_TRAINER = [*SYNC, "rollout.local_dtype=bfloat16", "rollout.behavior_logprobs=trainer"]
@@ -113,7 +114,16 @@ def summary(run_dir: Path, responses_per_prompt: int) -> dict:
     for tag in ("dynamic_sampling/kept_groups", "dynamic_sampling/dropped_groups", "rollout/groups"):
         if scalars.get(tag):
             means[tag] = scalars[tag][-1][1]  # cumulative: the run's total
-    return {"accuracy": accuracy, "means": means}
+    correct = {str(step): bits for step, bits in read_eval_record(run_dir / EVAL_RECORD).items()}
+    return {"accuracy": accuracy, "means": means, "correct": correct}
+
+
+def paired_difference(a: str, b: str) -> tuple[float, float, float]:
+    """Accuracy of `a` minus `b` on the same problems (0/1 strings), in points, with its normal 95% interval."""
+    d = [int(x) - int(y) for x, y in zip(a, b, strict=True)]
+    mean = sum(d) / len(d)
+    half = 1.96 * (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+    return 100 * mean, 100 * (mean - half), 100 * (mean + half)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,14 +166,30 @@ def main(argv: list[str] | None = None) -> int:
         run_dir = out / f"{args.study}_{slug}"
         finished = run_dir / "consumed.jsonl"
         if args.reuse and finished.is_file() and len(finished.read_text().splitlines()) >= steps:
-            wall = float("nan")
+            wall = None  # the run's own time is in its events (perf/time_step)
         else:
             log = out / f"{slug}.log"
             wall = run(name, run_dir, demo, steps, args.eval_every, [*overrides, *args.overrides], log)
         result["runs"][name] = {"steps": steps, "wall_s": wall, "overrides": overrides, **summary(run_dir, 8)}
         (out / f"{args.study}_result.json").write_text(json.dumps(result, indent=2))
-        print(f"{name}: {wall:.0f} s", flush=True)
-    for name, r in result["runs"].items():
+        print(f"{name}: " + ("reused" if wall is None else f"{wall:.0f} s"), flush=True)
+    runs = list(result["runs"].items())
+    for name, r in runs[1:]:  # each run against the first, evaluation by evaluation (paired on the problems)
+        base_name, base = runs[0]
+        samples = {str(a["step"]): a["generated_samples"] for a in r["accuracy"]}
+        base_samples = {str(a["step"]): a["generated_samples"] for a in base["accuracy"]}
+        last = max(r["correct"], key=int)
+        pairs = [(step, step) for step in sorted(set(r["correct"]) & set(base["correct"]), key=int)]
+        pairs += [
+            (last, step) for step in sorted(base["correct"], key=int) if step != last
+        ]  # by samples spent
+        for mine, theirs in pairs:
+            diff, low, high = paired_difference(r["correct"][mine], base["correct"][theirs])
+            print(
+                f"{name} at step {mine} ({samples.get(mine, 0):.0f} samples) - {base_name} at step {theirs} "
+                f"({base_samples.get(theirs, 0):.0f}): {diff:+.1f} [{low:+.1f}, {high:+.1f}] points"
+            )
+    for name, r in runs:
         curve = " ".join(
             f"{a['step']}:{a['accuracy']:.3f}@{a['generated_samples']:.0f}" for a in r["accuracy"]
         )
