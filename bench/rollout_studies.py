@@ -2,8 +2,8 @@
 in one setting; held-out accuracy and the rollout statistics are read back from each run's TensorBoard events.
 
     m2po demo --out runs/demo                      # once: the task files and the warm-started model
-    python -m bench.rollout_studies dynamic_sampling --demo-dir runs/demo --steps 40
-    python -m bench.rollout_studies engine_mismatch --demo-dir runs/demo --steps 40
+    python -m bench.rollout_studies dynamic_sampling --demo-dir runs/demo --steps 20
+    python -m bench.rollout_studies engine_mismatch --demo-dir runs/demo --steps 20
 
 `dynamic_sampling`: the demo recipe (`bounded`, staleness <= 2, 16 prompts x 8 responses per update) with
 `rollout.dynamic_sampling` off for 2 x `--steps` steps and on for `--steps` steps. Held-out accuracy is read per
