@@ -5,10 +5,12 @@ through vLLM's RL routes), each checked against HF transformers' forward of the 
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import socket
 import subprocess
+import sys
 
 import aiohttp
 import pytest
@@ -338,3 +340,120 @@ def test_server_multi_turn_is_token_in_token_out(served):
         assert traj.loss_mask[a:b] == [int(model_turn)] * (b - a)
         version = 0 if turn < 2 else 1  # the environment's reply carries the version of the turn before it
         assert traj.versions[a:b] == [version] * (b - a), turn
+
+
+# Bigram policy: a tiny Qwen3 whose layers add nothing (o_proj and down_proj zero), so the next token depends on
+# the current token alone, through the embedding and lm_head. After the assistant turn's opening newline it
+# answers (`ANSWER`) or calls the Python tool (`<tool_call>`, one token of JSON, `</tool_call>`), half and half,
+# and closes the turn; after the tool's reply the chat template opens a new assistant turn, so it chooses again.
+CALL_JSON = '{"name": "python", "arguments": {"code": "print(6 * 7)"}}'
+ANSWER = "The answer is \\boxed{42}."
+
+
+def _bigram_policy(root, like: dict[str, torch.Tensor]):
+    """An HF dir (Qwen3's chat template, the tool-call words as tokens) and the served model's tensors set to
+    the bigram policy above; `like` is the served model's state dict (same shapes, so a weight update turns
+    the server into this policy)."""
+    from qwen3_chat import TEMPLATE
+
+    from megatron_m2po.models.tiny import build_tokenizer
+
+    vocab = like["lm_head.weight"].shape[0]
+    words = ["<tool_call>", CALL_JSON, "</tool_call>", ANSWER]
+    tok = build_tokenizer(vocab - len(words))
+    tok.add_tokens(words)
+    tok.chat_template = TEMPLATE.read_text()
+    ids = {w: tok.convert_tokens_to_ids(w) for w in [*words, "<|im_end|>", "<|endoftext|>"]}
+    newline = tok.encode("\n", add_special_tokens=False)[0]
+    successors = {
+        newline: [ids["<tool_call>"], ids[ANSWER]],
+        ids["<tool_call>"]: [ids[CALL_JSON]],
+        ids[CALL_JSON]: [ids["</tool_call>"]],
+        ids["</tool_call>"]: [ids["<|im_end|>"]],
+        ids[ANSWER]: [ids["<|im_end|>"]],
+        ids["<|im_end|>"]: [ids["<|endoftext|>"]],
+    }
+    state = {k: v.clone() for k, v in like.items()}
+    hidden = state["model.embed_tokens.weight"].shape[1]
+    for name, tensor in state.items():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            tensor.zero_()
+    state["model.norm.weight"].fill_(1.0)
+    embed, head = state["model.embed_tokens.weight"], state["lm_head.weight"]
+    for k, token in enumerate(successors):
+        embed[token] = 0.0
+        embed[token, k] = 1.0  # one direction per token of the chain; RMSNorm scales it to sqrt(hidden)
+        head[:, k] = 0.0
+        for nxt in successors[token]:
+            head[nxt, k] = 30.0 / hidden**0.5  # logit 30 for each successor, 0 for every other token
+    out = root / "bigram"
+    model = AutoModelForCausalLM.from_pretrained(root / "m", dtype=torch.float32)
+    model.load_state_dict(state)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out, state
+
+
+def test_server_multi_turn_training_run(served, tmp_path):
+    """`m2po train` with rollout.env=tool_math through the real vLLM server: bounded-mode M2PO on multi-turn
+    trajectories whose model turns vLLM generates from token prompts and whose tool turns the sandboxed Python
+    tool answers, the trainer pushing its weights to the server after its updates. The policy (a bigram
+    model, above) calls the tool half the time, so trajectories have one to three model turns and rewards
+    vary; the run's metrics show the tool turns, the model tokens apart from the tool's, and finite losses."""
+    import json
+
+    from megatron_m2po.metrics import read_scalars
+    from tests.conftest import REPO, subprocess_env
+
+    hf_dir, state = _bigram_policy(served["root"], served["model"].state_dict())
+
+    async def load_policy(engine):
+        await engine.update_weights(state.items(), version=0)
+        return await engine.server_version()
+
+    before = asyncio.run(_with_engine(served["url"], load_policy))
+    served["model"].load_state_dict(state)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"problem": f"What is 6 * 7? ({i})", "answer": "42"}) + "\n" for i in range(8))
+    )
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""
+model: {{path: {hf_dir}}}
+data: {{path: {prompts}, template: plain, apply_chat_template: true, max_prompt_tokens: 64}}
+rollout: {{engine: vllm, urls: [{served["url"]}], max_new_tokens: 16, temperature: 1.0, reward_workers: 1,
+          env: tool_math, env_settings: {{max_turns: 3, max_tool_calls: 2, max_total_tokens: 120, tools_in_prompt: false}}}}
+sandbox: {{workers: 2}}
+algorithm: {{loss: m2po, m2_budget: 0.04}}
+staleness: {{mode: bounded, max_staleness: 1}}
+train: {{steps: 2, groups_per_step: 2, groups_per_update: 1, responses_per_prompt: 4, micro_batch_size: 4,
+         lr: 1.0e-5, torch_threads: 1}}
+logging: {{console: none}}
+""")
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megatron_m2po",
+            "train",
+            "--config",
+            str(recipe),
+            f"logging.run_dir={run_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=subprocess_env(OMP_NUM_THREADS="1"),
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, f"train failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    series = {tag: [v for _, v in points] for tag, points in read_scalars(run_dir).items()}
+    assert len(series["loss/value"]) == 2 and all(math.isfinite(v) for v in series["loss/value"])
+    assert max(series["rollout/turns_mean"]) > 1  # trajectories with a tool turn were trained on
+    assert all(
+        m < r for m, r in zip(series["rollout/model_tokens_mean"], series["rollout/response_length_mean"])
+    )  # the tool's tokens are in the response, not among the model's
+    assert max(series["env/used_tool_fraction"]) > 0  # the sandboxed tool ran
+    after = asyncio.run(_with_engine(served["url"], lambda e: e.server_version()))
+    assert after != before  # the trainer's updates reached the server
