@@ -30,6 +30,14 @@ from tests.test_train_e2e import (
 FIXED = ["train.steps=4", "staleness.journal_segment_bytes=4096"]
 BOUNDED = [*BOUNDED_OVERRIDES, "staleness.journal_segment_bytes=4096"]
 COMPARED = ("loss/value", "train/grad_norm", "loss/m2_before", "rollout/reward_mean")
+# Multi-turn trajectories: the tiny model's answers are rarely right (the reward is mostly below 1), so each is
+# told so and answers again: up to three model turns with feedback turns between them, in the journal and the loss.
+MULTI_TURN = [
+    *FIXED,
+    "rollout.env=tool_math",
+    "rollout.env_settings={max_attempts: 3, max_total_tokens: 256, retry_message: 'No.'}",
+    "sandbox.workers=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -234,3 +242,34 @@ def test_a_full_disk_during_a_checkpoint_stops_the_run_by_name_and_the_last_chec
         assert (mount / "latest").read_text().strip() == "step_00000003"
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.fixture(scope="module")
+def multi_turn_baseline(tiny):
+    root, recipe = tiny
+    run_dir = root / "chaos_multi_turn_baseline"
+    run_train(recipe, run_dir, *MULTI_TURN, timeout=900)
+    return run_dir
+
+
+def _assert_multi_turn(run_dir: Path) -> None:
+    scalars = read_scalars(run_dir)
+    turns = [v for _, v in scalars["rollout/turns_mean"]]
+    assert len(turns) == 4 and all(v > 3.0 for v in turns), turns  # most trajectories answer three times
+    tokens, model = scalars["rollout/response_length_mean"], scalars["rollout/model_tokens_mean"]
+    assert all(m < t for (_, m), (_, t) in zip(model, tokens))  # the feedback's tokens are outside the loss
+
+
+@pytest.mark.slow
+def test_a_multi_turn_run_sigkilled_mid_step_resumes_exactly(tiny, multi_turn_baseline):
+    """Whole trajectories (ids, loss mask, per-token versions and log-probs, turn starts) through the journal:
+    killed mid-step, the resumed run consumes the same groups with the same losses as the uninterrupted one."""
+    root, recipe = tiny
+    _assert_multi_turn(multi_turn_baseline)
+    run_dir, log = root / "chaos_multi_turn", root / "chaos_multi_turn.log"
+    _kill_when(recipe, run_dir, MULTI_TURN, _consumed_step(2), log, resume=False)
+    run_train(recipe, run_dir, *MULTI_TURN, resume=True, timeout=900)
+    _assert_multi_turn(run_dir)
+    assert_same_as(run_dir, multi_turn_baseline)
+    got, want = read_scalars(run_dir), read_scalars(multi_turn_baseline)
+    assert got["rollout/model_tokens_mean"] == want["rollout/model_tokens_mean"]
