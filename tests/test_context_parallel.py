@@ -156,3 +156,16 @@ def test_cp2_gives_cp1_logprobs_and_gradients(tmp_path):
     for arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
         for layout in ("padded", "packed"):
             assert f"{arch} {layout}: log-probs and" in proc.stdout, proc.stdout[-3000:]
+
+
+@pytest.mark.dist
+@pytest.mark.slow
+def test_cp2_with_expert_parallelism_gives_cp1(tmp_path):
+    """EP = 2 beside CP = 2 on two processes (every expert reached by both CP ranks' tokens through the
+    allgather dispatcher) against EP = 2 at CP = 1: log-probs, dense and expert gradients."""
+    from megatron_m2po.models.tiny import make_tiny_model
+
+    moe = make_tiny_model("qwen3_moe", tmp_path / "qwen3_moe", seed=5)
+    proc = run_torchrun(REPO / "tests" / "dist" / "context_parallel_parity.py", 2, "ep2", moe, timeout=600)
+    for layout in ("padded", "packed"):
+        assert f"Qwen3MoeForCausalLM {layout} ep2: log-probs and" in proc.stdout, proc.stdout[-3000:]

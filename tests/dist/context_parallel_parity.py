@@ -64,8 +64,8 @@ def microbatches(rows, pack: bool):
     )
 
 
-def logprobs_and_grads(path: str, cp: int, pack: bool, routing_replay: bool):
-    platform.init_distributed(context_parallel=cp)
+def logprobs_and_grads(path: str, cp: int, pack: bool, routing_replay: bool, ep: int = 1):
+    platform.init_distributed(context_parallel=cp, expert_parallel=ep)
     from megatron.core import parallel_state
 
     hf_config = load_hf_config(path)
@@ -86,7 +86,12 @@ def logprobs_and_grads(path: str, cp: int, pack: bool, routing_replay: bool):
     grads = {}
     for name, p in model.named_parameters():
         grad = p.grad.detach().clone()
-        torch.distributed.all_reduce(grad, group=parallel_state.get_context_parallel_group())
+        if ".experts." in name and ep > 1:
+            # an expert lives on one EP rank, which the tokens of every CP rank reach: its gradient is whole
+            # there; at CP = 1 both ranks (DP = 2, the same micro-batches) send it every token twice
+            grad = grad if cp > 1 else grad / 2
+        else:
+            torch.distributed.all_reduce(grad, group=parallel_state.get_context_parallel_group())
         grads[name] = grad
     attention = type(unwrap_model(model).decoder.layers[0].self_attention.core_attention).__name__
     return out, grads, attention
@@ -96,7 +101,10 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
-def main(*paths: str) -> None:
+def main(*args: str) -> None:
+    """Args: [ep2] HF_DIR...: ep2 runs the MoE models at EP = 2 in both layouts (the EP group is the CP group
+    at CP = 2, the DP group at CP = 1)."""
+    ep, paths = (2, args[1:]) if args[0] == "ep2" else (1, args)
     torch.set_num_threads(1)
     # fp32 (CPU): equal up to summation order; bf16 (GPU): TE's ring attention rounds differently
     tolerance = 1e-5 if platform.default_dtype() == torch.float32 else 5e-2
@@ -104,9 +112,11 @@ def main(*paths: str) -> None:
         hf_config = load_hf_config(path)
         moe = bool(getattr(hf_config, "num_experts", None))
         for pack in (False, True):
-            name = f"{hf_config.architectures[0]} {'packed' if pack else 'padded'}"
-            ref_lp, ref_grads, _ = logprobs_and_grads(path, 1, pack, routing_replay=moe)
-            lp, grads, attention = logprobs_and_grads(path, 2, pack, routing_replay=moe)
+            name = f"{hf_config.architectures[0]} {'packed' if pack else 'padded'}" + (
+                " ep2" if ep > 1 else ""
+            )
+            ref_lp, ref_grads, _ = logprobs_and_grads(path, 1, pack, routing_replay=moe, ep=ep)
+            lp, grads, attention = logprobs_and_grads(path, 2, pack, routing_replay=moe, ep=ep)
             for i, (a, b) in enumerate(zip(lp, ref_lp)):
                 assert a.shape == b.shape, (name, i, a.shape, b.shape)
                 assert torch.allclose(a, b, rtol=tolerance, atol=tolerance), (
