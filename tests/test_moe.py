@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -161,9 +162,12 @@ def test_init_distributed_refuses_an_expert_grid_that_does_not_fit():
 @pytest.mark.dist
 def test_expert_parallel_matches_transformers(moe_dir, moe_megatron_dir):
     """EP = 2: logits, per-expert gradients from both EP ranks, routing and weights equal transformers';
-    the converted checkpoint loads split over the two EP ranks and gathers back bitwise."""
+    the converted checkpoint loads split over the two EP ranks and gathers back bitwise; with routing replay
+    the logits equal transformers' forced to the replayed experts (also at TP = 2 with sequence parallelism
+    and PP = 2, the slow test below)."""
     proc = run_torchrun(SCRIPT, 2, "ep", moe_dir, moe_megatron_dir)
     assert proc.stdout.count("ep: logits, 69 gradients") == 2
+    assert proc.stdout.count("replayed routing of 24 tokens gives its logits") == 2  # each EP rank its rows
 
 
 @pytest.mark.dist
@@ -172,6 +176,7 @@ def test_expert_parallel_matches_transformers(moe_dir, moe_megatron_dir):
 def test_tensor_and_pipeline_parallel_match_transformers(moe_dir, moe_megatron_dir, mode):
     proc = run_torchrun(SCRIPT, 2, mode, moe_dir, moe_megatron_dir)
     assert f"{mode}: logits, 69 gradients" in proc.stdout
+    assert "replayed routing of 48 tokens gives its logits" in proc.stdout
 
 
 @pytest.mark.dist
@@ -211,3 +216,45 @@ parallel: {{expert: 2}}
     assert proc.returncode == 0, proc.stderr[-6000:]
     steps = [json.loads(line) for line in (tmp_path / "run" / "consumed.jsonl").read_text().splitlines()]
     assert steps and max(s["step"] for s in steps) == 2
+
+
+@pytest.mark.dist
+def test_m2po_trains_a_moe_end_to_end_with_routing_replay(moe_dir, tmp_path):
+    """`m2po train` of the tiny Qwen3-MoE (8 experts, top-2) with M2PO, bounded mode, the local engine recording
+    its routing and the trainer replaying it (algorithm.routing_replay unset = replay for MoE): every step's
+    diagnostics show the engine's routing aligned with the trainer's tokens (an fp32 engine routes like the
+    fp32 trainer: agreement near 1, where a shift by one token would give chance, 1 / 28)."""
+    import subprocess
+
+    from megatron_m2po.metrics import read_scalars
+    from tests.conftest import subprocess_env
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(
+            json.dumps({"problem": f"{a}+{b}", "answer": str(a + b)}) + "\n"
+            for a in range(8)
+            for b in range(4)
+        )
+    )
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""
+model: {{path: {moe_dir}}}
+data: {{path: {prompts}, apply_chat_template: true, max_prompt_tokens: 64}}
+rollout: {{max_new_tokens: 8, reward_fn: "tests.e2e_rewards:odd_char_fraction", reward_workers: 1}}
+algorithm: {{loss: m2po, m2_budget: 0.04, routing_diagnostics_every: 1}}
+staleness: {{mode: bounded}}
+train: {{steps: 2, groups_per_step: 2, groups_per_update: 1, responses_per_prompt: 4, micro_batch_size: 4,
+         lr: 1.0e-4, torch_threads: 1}}
+checkpoint: {{save_at_end: false}}
+logging: {{console: none, run_dir: {tmp_path / "run"}}}
+""")
+    cmd = [sys.executable, "-m", "megatron_m2po", "train", "--config", str(recipe)]
+    env = subprocess_env(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    series = read_scalars(tmp_path / "run")
+    for tag in ("moe/router_agreement", "moe/m2_before_replay", "moe/m2_before_no_replay", "loss/m2_before"):
+        assert [step for step, _ in series[tag]] == [1, 2], tag
+    assert all(value > 0.9 for _, value in series["moe/router_agreement"]), series["moe/router_agreement"]
+    assert all(value < 1e-3 for _, value in series["moe/m2_before_replay"]), series["moe/m2_before_replay"]

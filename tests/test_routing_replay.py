@@ -216,11 +216,11 @@ def test_policy_replays_in_the_behaviour_recompute_and_the_update(moe_dir, singl
     """rollout.behavior_logprobs=trainer: the recompute forward replays the engine's routing (its log-probs are
     transformers' forced to that routing); the update trains on the replayed forward; with replay off the same
     groups train with the routers' own choices, and replay on refuses samples that carry no routing."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
     from megatron_m2po.trainer.batching import TRAINER_LOGPROBS_KEY
     from megatron_m2po.trainer.policy import Policy
     from megatron_m2po.trainer.routing_diagnostics import routing_diagnostics_collective
-
-    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
     # process-wide in megatron-core: a plain backward (the gradient test above) leaves a 0-dim scale that the
     # pipeline schedule's [1]-shaped one cannot be copied into

@@ -4,7 +4,8 @@
 #     bash tools/gpu_checks.sh [RESULTS_DIR]      # default RESULTS_DIR: $OUT, else gpu-results/
 #
 # Writes pytest's report and each benchmark's JSON to RESULTS_DIR; exits non-zero if a test failed.
-# Tests needing two GPUs (EP = 2, CP = 2) skip themselves on a one-GPU machine. Add new gpu tests by marking them
+# Tests needing two GPUs (EP = 2: alltoall dispatcher, grouped GEMM, routing replay; CP = 2) skip themselves
+# on a one-GPU machine. Add new gpu tests by marking them
 # `@pytest.mark.gpu` (collected here) and new GPU benchmarks as a line below.
 set -uo pipefail
 cd "$(dirname "$0")/.."

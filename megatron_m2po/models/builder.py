@@ -53,6 +53,8 @@ def moe_options(
         "moe_token_dispatcher_type": "alltoall" if platform.on_gpu() else "allgather",
         "moe_permute_fusion": False,
         "moe_enable_routing_replay": routing_replay,
+        # TE's fused top-k (moe_utils.topk_routing_with_score_function, fused=True) never asks RouterReplay
+        "moe_router_fusion": False,
         "expert_model_parallel_size": parallel_state.get_expert_model_parallel_world_size(),
         "expert_tensor_parallel_size": parallel_state.get_expert_tensor_parallel_world_size(),
     }

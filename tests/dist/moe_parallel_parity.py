@@ -9,6 +9,9 @@ every token to the experts transformers sends it to, with a clear top-k margin o
 tests/moe_reference.py), and `iter_hf_tensors` gives back the HF weights bitwise, also for the model
 loaded from MEGATRON_DIR (the converter's checkpoint of HF_DIR, resharded on load to this layout).
 
+With the routers replaying random expert choices (routing replay: what an engine reports), the logits equal
+transformers' with its routers forced to the same experts, at each layout.
+
 Layouts: ep = EP 2 (whole experts, ETP 1; the two ranks are data-parallel for the dense weights, so each
 takes half of the batch); tp = TP 2 with sequence parallelism (MoE training needs it) and experts split
 over the same 2 ranks (ETP = TP); pp = PP 2 through Megatron's pipeline schedule. The load-balancing loss
@@ -17,7 +20,6 @@ is off on both sides (transformers adds it only with labels; its formula differs
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -25,10 +27,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from megatron_m2po import platform
-from megatron_m2po.checkpoint import iter_hf_tensors
+from megatron_m2po.checkpoint import iter_hf_tensors, load_policy
 from megatron_m2po.checkpoint.hf_io import HFSafetensorsReader
 from megatron_m2po.config import ParallelConfig
-from megatron_m2po.checkpoint import load_policy
 from megatron_m2po.models import forward_logits, load_hf_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -36,6 +37,7 @@ from tests.dist.model_parallel_parity import BATCH, MICRO_BATCHES, SEQ, run_pipe
 from tests.moe_reference import (  # noqa: E402
     assert_clear_margins,
     close,
+    hf_forced_routing,
     hf_named_grads,
     hf_topk_masks,
     max_abs_diff,
@@ -156,6 +158,66 @@ def check_weights(model, hf_config, hf_dir: Path, what: str) -> None:
                 assert torch.equal(tensor, reader.read(name)), (what, name, "not bitwise equal")
 
 
+def engine_routing(hf_config) -> torch.Tensor:
+    """Random expert choices [micro-batches, batch, seq, layers, top_k], the same on every rank: what an engine
+    would report, unrelated to what either model's routers would choose."""
+    g = torch.Generator().manual_seed(7)
+    layers, k, experts = hf_config.num_hidden_layers, hf_config.num_experts_per_tok, hf_config.num_experts
+    picks = [torch.randperm(experts, generator=g)[:k] for _ in range(MICRO_BATCHES * BATCH * SEQ * layers)]
+    return torch.stack(picks).reshape(MICRO_BATCHES, BATCH, SEQ, layers, k)
+
+
+@torch.no_grad()
+def check_replay(model, hf_dir: Path, ids, rows: slice, mode: str) -> int:
+    """Routing replay at this layout: with the routers replaying `engine_routing`, the logits (hence the
+    log-probs) equal transformers' with its routers forced to the same experts. Collective."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_m2po.models.routing_replay import replayed_routing
+
+    hf_config = load_hf_config(hf_dir)
+    routed = engine_routing(hf_config)
+    reference = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="sdpa", dtype=torch.float32)
+    reference.to(platform.device()).eval()
+    expected = []
+    for mb in range(MICRO_BATCHES):
+        with hf_forced_routing(reference, routed[mb]):
+            expected.append(reference(ids[mb]).logits)
+    expected = torch.stack(expected)[:, rows]
+    model.eval()
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        logits = []
+        for mb in range(MICRO_BATCHES):
+            with replayed_routing(model, routed[mb, rows]):
+                logits.append(gather_vocab(forward_logits(model, ids[mb, rows])))
+        logits = torch.stack(logits)
+    else:
+        collected = []
+
+        def forward_step(data_iterator, chunk):
+            mb = next(data_iterator)
+            positions = torch.arange(SEQ, device=ids.device).unsqueeze(0).expand(BATCH, SEQ)
+            with replayed_routing(chunk, routed[mb]):
+                output = chunk(ids[mb], positions, None)
+            return output, lambda out: (collected.append(out.detach()) or out.sum(), {})
+
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(range(MICRO_BATCHES)),
+            model=[model],
+            num_microbatches=MICRO_BATCHES,
+            seq_length=SEQ,
+            micro_batch_size=BATCH,
+            forward_only=True,
+        )
+        logits = torch.stack(collected) if collected else expected.clone()
+        last = ps.get_pipeline_model_parallel_last_rank()
+        torch.distributed.broadcast(logits, src=last, group=ps.get_pipeline_model_parallel_group())
+    assert close(logits, expected, TOL), (mode, "replayed logits", max_abs_diff(logits, expected))
+    return logits.shape[0] * logits.shape[1] * logits.shape[2]
+
+
 def main(mode: str, hf_dir: Path, megatron_dir: Path | None = None) -> None:
     torch.set_num_threads(1)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -173,6 +235,7 @@ def main(mode: str, hf_dir: Path, megatron_dir: Path | None = None) -> None:
         dtype=torch.float32,
         parallel=ParallelConfig(tensor=tp, sequence_parallel=tp > 1),
         aux_loss_coef=0.0,
+        routing_replay=True,  # routes on its own until a replay is set (check_replay)
     )
     model.train()
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -195,6 +258,7 @@ def main(mode: str, hf_dir: Path, megatron_dir: Path | None = None) -> None:
         check_weights(
             load_policy(megatron_dir, dtype=torch.float32), hf_config, hf_dir, f"{mode} from Megatron"
         )
+    replayed_tokens = check_replay(model, hf_dir, ids, rows, mode)
     if ps.get_tensor_model_parallel_rank() == 0 and ps.get_pipeline_model_parallel_rank() == 0:
         assert sorted(grads) == sorted(ref_grads), (mode, sorted(set(grads) ^ set(ref_grads)))
         for name, ref in ref_grads.items():
@@ -202,7 +266,7 @@ def main(mode: str, hf_dir: Path, megatron_dir: Path | None = None) -> None:
             assert close(grads[name], ref, TOL), (mode, name, max_abs_diff(grads[name], ref))
     print(
         f"rank {rank} {mode}: logits, {len(grads)} gradients, weights and the routing of {tokens} "
-        "token-layers match transformers",
+        f"token-layers match transformers; replayed routing of {replayed_tokens} tokens gives its logits",
         flush=True,
     )
     platform.destroy_distributed()
