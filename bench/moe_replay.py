@@ -2,7 +2,7 @@
 numerics differ from the fp32 trainer's (`rollout.local_dtype=bfloat16`), once with `algorithm.routing_replay`
 replay and once off, same seed and prompts.
 
-    python bench/moe_replay.py --out runs/moe_replay [--steps 12] [--experts 8] [--top-k 2]
+    python -m bench.moe_replay --out runs/moe_replay [--steps 12] [--experts 8] [--top-k 2]
 
 Per run, the mean over its steps of: `moe/router_agreement` (trainer top-k = engine top-k, per token-layer of the
 responses, the trainer routing on its own), `moe/m2_before_replay` / `moe/m2_before_no_replay` (M2 before
