@@ -218,7 +218,6 @@ parallel: {{expert: 2}}
     assert steps and max(s["step"] for s in steps) == 2
 
 
-@pytest.mark.dist
 def test_m2po_trains_a_moe_end_to_end_with_routing_replay(moe_dir, tmp_path):
     """`m2po train` of the tiny Qwen3-MoE (8 experts, top-2) with M2PO, bounded mode, the local engine recording
     its routing and the trainer replaying it (algorithm.routing_replay unset = replay for MoE): every step's
