@@ -72,7 +72,12 @@ def test_replay_makes_the_trainer_route_like_the_engine(moe_dir, single_process)
         assert torch.allclose(forward_logits(model, ids), free, atol=1e-6)
 
 
-def test_replayed_gradients_match_forced_routing(moe_dir, single_process):
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_replayed_gradients_match_forced_routing(moe_dir, single_process, recompute):
+    """Also under full activation recompute, where the backward runs every layer's forward again after the
+    replay block: the routers replay the queued routing there too."""
+    from megatron_m2po.config import ParallelConfig
+
     config = load_hf_config(moe_dir)
     k, b, s = config.num_experts_per_tok, 1, 24
     ids = torch.randint(1, config.vocab_size, (b, s), generator=torch.Generator().manual_seed(8))
@@ -82,10 +87,11 @@ def test_replayed_gradients_match_forced_routing(moe_dir, single_process):
             for i in range(b * s * 2)
         ]
     ).reshape(b, s, config.num_hidden_layers, k)
-    model = load_policy(moe_dir, routing_replay=True)
+    model = load_policy(moe_dir, routing_replay=True, parallel=ParallelConfig(recompute=recompute)).train()
     reference = AutoModelForCausalLM.from_pretrained(moe_dir, attn_implementation="sdpa")
     with replayed_routing(model, routed):
-        forward_logits(model, ids).logsumexp(-1).sum().backward()
+        loss = forward_logits(model, ids).logsumexp(-1).sum()
+    loss.backward()  # after the block, as the pipeline schedule runs it
     with hf_forced_routing(reference, routed):
         reference(ids).logits.logsumexp(-1).sum().backward()
     for layer in range(config.num_hidden_layers):

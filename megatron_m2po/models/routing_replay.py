@@ -55,7 +55,12 @@ def sequence_major(per_token: torch.Tensor) -> torch.Tensor:
 @contextmanager
 def replayed_routing(model, routed_experts: torch.Tensor) -> Iterator[None]:
     """Within the block, every router of `model` routes the tokens of a [batch, seq] forward to the experts in
-    `routed_experts` [batch, seq, layers, top_k], forward and (for recomputed layers) backward."""
+    `routed_experts` [batch, seq, layers, top_k].
+
+    Under full activation recompute the backward runs each layer's forward again, after the block: the routers
+    are then left replaying backward, and each recomputation takes the oldest pending routing (megatron-core's
+    REPLAY_BACKWARD list), which is the right one because micro-batches run their backward in forward order
+    (no pipelining and 1F1B alike). `clear_replay` empties what a forward-only pass left pending."""
     routers = model_routers(model)
     if routed_experts.dim() != 4:
         raise ValueError(
@@ -73,13 +78,30 @@ def replayed_routing(model, routed_experts: torch.Tensor) -> Iterator[None]:
             raise ValueError(
                 f"routed_experts at layer {layer}: expert ids outside [0, {router.config.num_moe_experts})"
             )
-        router.router_replay.clear_indices()
-        router.router_replay.set_target_indices(per_token)
-        router.router_replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+        replay = router.router_replay
+        recomputed = router.config.recompute_granularity == "full"
+        if not recomputed:
+            replay.clear_indices()
+        replay.set_target_indices(per_token)  # also queued for the backward's recomputation
+        replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
     try:
         yield
     finally:
         for router in routers.values():
+            replay = router.router_replay
+            replay.target_topk_idx = None
+            if router.config.recompute_granularity == "full":
+                replay.set_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
+            else:
+                replay.clear_router_replay_action()
+                replay.clear_indices()
+
+
+def clear_replay(model) -> None:
+    """No routing pending for a backward and no replay action set (before a schedule: a forward-only pass
+    under full recompute leaves its micro-batches' routing queued)."""
+    for router in unwrap_model(model).modules():
+        if isinstance(router, TopKRouter) and router.router_replay is not None:
             router.router_replay.clear_router_replay_action()
             router.router_replay.clear_indices()
 

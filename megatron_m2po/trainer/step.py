@@ -28,7 +28,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_m2po import algorithms, platform
-from megatron_m2po.models.routing_replay import recorded_routing, replayed_routing
+from megatron_m2po.models.routing_replay import clear_replay, recorded_routing, replayed_routing
 from megatron_m2po.trainer.batching import MicroBatch
 from megatron_m2po.trainer.context_parallel import context_share, next_tokens
 
@@ -132,6 +132,7 @@ def forward_logprobs_collective(
 
         return output, loss_func
 
+    clear_replay(model)
     store = get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iter(micro_batches),
@@ -271,6 +272,7 @@ def train_update_collective(
 
     model.zero_grad_buffer()
     optimizer.zero_grad()
+    clear_replay(model)  # full recompute: each micro-batch's routing is queued for its backward
     store = get_forward_backward_func()(
         forward_step_func=forward_step,
         data_iterator=iter(micro_batches),

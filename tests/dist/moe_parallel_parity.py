@@ -177,7 +177,7 @@ def check_replay(model, hf_dir: Path, ids, rows: slice, mode: str) -> int:
     from megatron_m2po.models.routing_replay import replayed_routing
 
     hf_config = load_hf_config(hf_dir)
-    routed = engine_routing(hf_config)
+    routed = engine_routing(hf_config).to(platform.device())
     reference = AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="sdpa", dtype=torch.float32)
     reference.to(platform.device()).eval()
     expected = []
