@@ -246,8 +246,9 @@ class RolloutConfig:
     health_interval: float = opt(10.0, "seconds between the engines' health checks (bounded mode)", gt=0)
     weight_sync_timeout: float = opt(
         300.0,
-        "seconds an engine may take for each step of a weight push (pause, finish, a load from disk): an "
-        "engine past it leaves the push and rotation, the push completes for the others",
+        "seconds an engine may take for each step of a weight push (pause, one bucket's broadcast and reply, "
+        "finish, a load from disk): an engine past it, or dead, leaves the push and rotation, the update group "
+        "is rebuilt for the others under a new name and the push completes for them",
         gt=0,
     )
     dynamic_sampling: bool = opt(

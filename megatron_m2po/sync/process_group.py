@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import ipaddress
 import os
+import time
 from datetime import timedelta
 
 import psutil
@@ -84,8 +85,27 @@ def bind_gloo_to(address: str) -> str | None:
     return None
 
 
-def broadcast_from_trainer(group: dist.ProcessGroup, tensor: torch.Tensor) -> None:
-    """Broadcast `tensor` from group rank 0 in place (works without torchrun's default group)."""
+def broadcast_from_trainer(
+    group: dist.ProcessGroup, tensor: torch.Tensor, timeout: float | None = None
+) -> None:
+    """Broadcast `tensor` from group rank 0 in place (works without torchrun's default group). With `timeout`
+    (seconds) a broadcast not complete by then raises `TimeoutError`; the group is then unusable (abort it)."""
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
-    group.broadcast([tensor], opts).wait()
+    work = group.broadcast([tensor], opts)
+    if timeout is not None:
+        deadline = time.monotonic() + timeout
+        while not work.is_completed():  # NCCL's wait() blocks the stream, not this thread, without a bound
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the weight broadcast did not complete within {timeout:g}s")
+            time.sleep(0.001)
+    work.wait()
+
+
+def abort_group(group: dist.ProcessGroup, backend: str) -> None:
+    """Tear down a group whose collective failed or hung: NCCL's communicator is aborted (a destroy would wait
+    on the stuck kernel), gloo's is destroyed (its operations end at the group's timeout)."""
+    if backend == "nccl":
+        c10d._abort_process_group(group)
+    else:
+        dist.destroy_process_group(group)

@@ -66,22 +66,42 @@ class WeightSync:
             self._own_loop = LoopThread("weight-sync")
             self.loop = self._own_loop.loop
         self.last: dict[str, float] = {}
+        self._dropped: set[str] = set()  # engine ids dropped from the push in progress
 
     # -- engine calls, in the rollout loop -------------------------------------------------------------
     def _engines(self) -> list:
         return list(self.target.engines) if hasattr(self.target, "engines") else list(self.target)
 
+    def _is_farm(self) -> bool:
+        return not isinstance(self.target, (list, tuple))
+
     def _call(self, method: str, *args):
-        """Call `method` on the farm, or on every engine of a list, in the rollout loop; wait for it."""
-        if hasattr(self.target, method) and not isinstance(self.target, (list, tuple)):
+        """Call `method` on the farm, or on every engine of a list (but those dropped from this push), in the
+        rollout loop; wait for it."""
+        if hasattr(self.target, method) and self._is_farm():
             coro = getattr(self.target, method)(*args)
         else:
 
             async def each():
-                await asyncio.gather(*(getattr(e, method)(*args) for e in self.target))
+                await asyncio.gather(
+                    *(getattr(e, method)(*args) for e in self.target if e.engine_id not in self._dropped)
+                )
 
             coro = each()
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def _updating(self) -> list:
+        """The engines this push still goes to (a farm drops those that failed or timed out on a step)."""
+        if self._is_farm() and hasattr(self.target, "updating"):
+            return list(self.target.updating)
+        return [e for e in self._engines() if e.engine_id not in self._dropped]
+
+    def _leave_update(self, dropped: list) -> None:
+        """Engines the broadcaster dropped (dead or hung mid-push): no finish for them, out of rotation."""
+        ids = [e.engine_id for e in dropped]
+        self._dropped.update(ids)
+        if self._is_farm() and hasattr(self.target, "leave_update"):
+            self._call("leave_update", ids, "dropped from the weight-update group mid-push (dead or hung)")
 
     def _receivers(self) -> list:
         """Distributed transport: the engines whose update session opened; the group is rebuilt when they are
@@ -89,7 +109,7 @@ class WeightSync:
         missed update in finish_weight_update and stay out of rotation until a later one reaches them."""
         if self.transport != "distributed":
             return []
-        receivers = [e for e in self._engines() if getattr(e, "update_open", False)]
+        receivers = [e for e in self._updating() if getattr(e, "update_open", False)]
         if receivers:
             self.broadcaster.ensure_members(receivers, self.loop)
         else:
@@ -111,11 +131,12 @@ class WeightSync:
             logger.warning(
                 "WeightSync.push_collective with engines on global rank %d (expected rank 0)", dist.get_rank()
             )
-        n_bytes = n_buckets = 0
+        n_bytes = n_buckets = n_dropped = 0
         if self.transport == "disk":
             n_bytes, n_buckets = self._write_hf_dir(tensors, version)
             self._call("update_weights_from_disk", str(self._version_dir(version)), version)
         else:
+            self._dropped = set()
             self._call("begin_weight_update", version)
             try:
                 receivers = self._receivers()
@@ -125,7 +146,10 @@ class WeightSync:
                     if self.transport == "tensors":
                         self._call("update_weights_bucket", bucket)
                     elif receivers:
-                        self.broadcaster.send_bucket(bucket, version, self.loop)
+                        dropped = self.broadcaster.send_bucket(bucket, version, self.loop)
+                        if dropped:
+                            self._leave_update(dropped)
+                            n_dropped += len(dropped)
             except BaseException as e:  # part of the weights went out: the engines must not publish them
                 try:
                     self._call("discard_weight_update", f"{type(e).__name__}: {e}")
@@ -140,6 +164,7 @@ class WeightSync:
             "sync/buckets": float(n_buckets),
             "sync/gbytes_per_s": n_bytes / max(seconds, 1e-9) / 1e9,
             "sync/version": float(version),
+            "sync/engines_dropped": float(n_dropped),
         }
         # one per update: DEBUG (--verbose), the figures are the step's sync/ scalars in TensorBoard
         logger.debug(

@@ -62,6 +62,7 @@ class EngineSync:
                 master_port=free_port(""),
                 backend=platform.dist_backend(),
                 device=platform.device(),
+                timeout=rollout.weight_sync_timeout,
             )
             broadcaster.connect(self.farm.loop)
             kwargs["broadcaster"] = broadcaster

@@ -763,8 +763,10 @@ class LocalSGLangServer:
         return specs
 
     async def update_weights_from_distributed(self, request: web.Request) -> web.Response:
-        """Receive the announced tensors by broadcast from the trainer (rank 0), then stage them. A broadcast
-        that fails (the trainer died, a timeout) fails the session: end_weight_update discards it."""
+        """Receive the announced tensors by broadcast from the trainer (rank 0), then stage them. A bucket whose
+        broadcast breaks off (the trainer died or gave the group up, a timeout) stages nothing: the trainer
+        sends it again on a new group, or end_weight_update finds its weights missing and discards the update.
+        A bucket that arrived but cannot be staged (unknown name, wrong shape) fails the session."""
         body = await self._body(request)
         if self.session is None:  # sglang >= 0.5.21: refused, and the broadcast is not joined
             return _fail(
@@ -788,10 +790,10 @@ class LocalSGLangServer:
 
         try:
             tensors = await asyncio.get_running_loop().run_in_executor(self._receive_pool, receive)
-        except Exception as e:  # noqa: BLE001 (the broadcast broke off: nothing of it is served)
-            tensors = None
-            session["error"] = (
-                session["error"] or f"the broadcast failed: {type(e).__name__}: {_short(str(e), 300)}"
+        except Exception as e:  # noqa: BLE001 (the broadcast broke off: nothing of this bucket is staged)
+            return _fail(
+                f"Failed to update weights: the broadcast failed ({type(e).__name__}: {_short(str(e), 300)}); "
+                "nothing of this bucket is staged: send it again, or end_weight_update discards the update"
             )
         if session["error"] is None:
             try:

@@ -297,6 +297,7 @@ class SGLangEngine(Engine):
         self._paused = False  # paused by this client: /ready answers 503 then, the server is still alive
         self._update_open = False
         self._update_error: str | None = None
+        self._failed_buckets: dict[str, str] = {}  # first weight name -> why that bucket failed (this update)
 
     @property
     def via_router(self) -> bool:
@@ -599,21 +600,34 @@ class SGLangEngine(Engine):
     async def begin_weight_update(self, version: int) -> None:
         """Pause, then open the update session on every server (0.5.21+ refuses updates outside one)."""
         self._update_error = None
+        self._failed_buckets = {}
         # closed until this session opens: a stale flag would make the engine a broadcast receiver
         self._update_open = False
         # a server restarted since the last health check has left the update group: notice it now
         await asyncio.gather(*(self._check_served_version(u) for u in self.worker_urls))
         await self.pause()
+        replies = await asyncio.gather(
+            *(self._begin_session(u) for u in self.worker_urls), return_exceptions=True
+        )
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        self._update_open = True
+
+    async def _begin_session(self, url: str) -> None:
+        """Open the update session on one server, closing a stale one left by an interrupted update (its end
+        may fail: an incomplete session is discarded, which is what it is closed for)."""
         try:
-            await self._control("/begin_weight_update", {})
+            await self._control_one(url, "/begin_weight_update", {})
         except EngineError as e:
             if "already open" not in str(e):
                 raise
-            # a session left open by an interrupted update: close it and open a fresh one
             logger.warning("engine %s: %s; closing the stale session", self.engine_id, e)
-            await self._control("/end_weight_update", {})
-            await self._control("/begin_weight_update", {})
-        self._update_open = True
+            try:
+                await self._control_one(url, "/end_weight_update", {})
+            except EngineError as stale:
+                logger.warning("engine %s: the stale session ended with: %s", self.engine_id, stale)
+            await self._control_one(url, "/begin_weight_update", {})
 
     async def update_weights_bucket(self, named_tensors: NamedTensors) -> None:
         raise EngineError(
@@ -627,7 +641,7 @@ class SGLangEngine(Engine):
         The version advances only when every bucket loaded; otherwise the EngineError names the server's
         message and the farm keeps this engine out of rotation until a later update reaches it.
         """
-        errors = [self._update_error] if self._update_error else []
+        errors = ([self._update_error] if self._update_error else []) + list(self._failed_buckets.values())
         if not self._update_open:
             errors.append("no weight-update session was open (begin_weight_update failed)")
         else:
@@ -642,7 +656,7 @@ class SGLangEngine(Engine):
                 except EngineError as e:
                     errors.append(str(e))
         await self.resume()
-        self._update_error = None
+        self._update_error, self._failed_buckets = None, {}
         if errors:
             raise EngineError(
                 f"engine {self.engine_id}: weight update to v{version} failed: {'; '.join(errors)}"
@@ -719,7 +733,8 @@ class SGLangEngine(Engine):
         group_name: str = "weight_update_group",
     ) -> None:
         """Receive one bucket by broadcast (the trainer sends meanwhile). A failure is remembered and
-        reported by finish_weight_update, after the session is closed and the engine resumed."""
+        reported by finish_weight_update, after the session is closed and the engine resumed, unless the same
+        bucket arrives later (the trainer sends it again on a rebuilt group after a broadcast broke)."""
         if not self._update_open:
             raise EngineError(f"engine {self.engine_id}: update_weights_from_distributed outside a session")
         payload: dict[str, Any] = {
@@ -734,8 +749,9 @@ class SGLangEngine(Engine):
         try:
             await self._control("/update_weights_from_distributed", payload)
         except EngineError as e:
-            self._update_error = self._update_error or str(e)
+            self._failed_buckets.setdefault(names[0] if names else "", str(e))
             raise
+        self._failed_buckets.pop(names[0] if names else "", None)  # sent again after a broken broadcast
 
     async def close(self) -> None:
         if self._session is not None:
