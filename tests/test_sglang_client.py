@@ -531,8 +531,8 @@ def test_a_refused_bucket_takes_that_engine_out_not_the_update(hf_dir, tmp_path,
         ):
             (good,), (bad,) = a.engines(), b.engines()
             farm = EngineFarm([good, bad])
-            broadcaster = DistributedWeightBroadcaster(
-                farm.engines, master_address="127.0.0.1", master_port=free_port(), backend="gloo"
+            broadcaster = DistributedWeightBroadcaster(  # the refused broadcast ends within `timeout`
+                farm.engines, master_address="127.0.0.1", master_port=free_port(), backend="gloo", timeout=20
             )
             sync = WeightSync(
                 model, hf_config, farm, transport="distributed", broadcaster=broadcaster, bucket_bytes=1 << 20

@@ -198,14 +198,14 @@ def test_nccl_push_to_a_hung_member_is_aborted_in_bounded_time(tmp_path):
         t0 = time.monotonic()
         with pytest.raises(TimeoutError, match="did not complete within 3s"):
             push(group, 2, timeout=3)
-        abort_group(group, "nccl")
+        abort_group(group, "nccl", stuck=True, timeout=60)
         assert time.monotonic() - t0 < 30
         proc.kill()
         fresh, group = member("m2po_nccl_fault-2")
         procs.append(fresh)
         push(group, 3, timeout=60)
         assert fresh.stdout.readline().strip() == "received 3.0"
-        abort_group(group, "nccl")
+        abort_group(group, "nccl", stuck=True, timeout=60)
     finally:
         for p in procs:
             p.kill()

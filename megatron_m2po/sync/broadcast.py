@@ -189,28 +189,47 @@ class DistributedWeightBroadcaster:
         dropped: list = []
         while True:
             members = list(self.engines)
-            replies = asyncio.run_coroutine_threadsafe(self._announce(members, bucket, version), loop)
+            replies = [
+                asyncio.run_coroutine_threadsafe(self._announce(m, bucket, version), loop) for m in members
+            ]
+
+            def refused(members=members, replies=replies) -> str | None:
+                """A member whose reply failed while the broadcast runs will not take part (it refused the
+                bucket, or its connection broke): waiting for the broadcast would only run into the timeout."""
+                failed = [m.engine_id for m, r in zip(members, replies) if r.done() and r.exception()]
+                return f"{failed} failed their bucket" if failed else None
+
             broken: Exception | None = None
             try:
                 for _, tensor in bucket:
                     broadcast_from_trainer(
-                        self.group, tensor.detach().to(self.device).contiguous(), timeout=self.timeout
+                        self.group,
+                        tensor.detach().to(self.device).contiguous(),
+                        timeout=self.timeout,
+                        give_up=refused,
                     )
-            except Exception as e:  # noqa: BLE001 (a member died or hung: found below by its reply)
+            except Exception as e:  # noqa: BLE001 (a member died, hung or refused: found below by its reply)
                 broken = e.with_traceback(None)  # its frames would keep the group, and its sockets, alive
-            if broken is not None:
-                self._abort()  # the members still receiving this bucket now fail at once instead of waiting
-            results = replies.result()
+            early = [m for m, r in zip(members, replies) if r.done() and r.exception()]
+            if broken is not None:  # members still receiving this bucket fail once the group's sockets close
+                self._abort(stuck=isinstance(broken, TimeoutError))
+            results = []
+            for r in replies:  # after the broadcast (or its abort) every live member answers promptly
+                try:
+                    results.append(r.result(timeout=self.timeout))
+                except Exception as e:  # noqa: BLE001 (a member's failure, or no reply within the bound)
+                    r.cancel()
+                    results.append(e)
             failed = [m for m, r in zip(members, results) if isinstance(r, BaseException)]
             for m, r in zip(members, results):
                 if isinstance(r, BaseException):
                     logger.error("engine %s: weight bucket %s... failed: %r", m.engine_id, names[:1], r)
             gone = self._not_answering(failed, loop)
-            if broken is not None and not gone:
-                gone = failed  # they answer but could not take the bucket (never joined its broadcast)
+            if broken is not None:  # those that failed before it broke never took part (refused, or dead)
+                gone += [m for m in early if m not in gone]
                 if not gone:
                     raise RuntimeError(
-                        f"weight broadcast of {names[:1]}... failed while every engine received it: {broken}"
+                        f"weight broadcast of {names[:1]}... failed while every engine took part: {broken}"
                     ) from broken
             if not gone:
                 return dropped
@@ -219,22 +238,13 @@ class DistributedWeightBroadcaster:
             if broken is None:  # every survivor received this bucket
                 return dropped
 
-    async def _announce(self, members: list, bucket: list[tuple[str, torch.Tensor]], version: int) -> list:
-        """Every member's /update_weights_from_distributed for the bucket, each bounded by `timeout`."""
+    async def _announce(self, member, bucket: list[tuple[str, torch.Tensor]], version: int) -> None:
+        """One member's /update_weights_from_distributed for the bucket (it then receives the broadcast)."""
         names = [n for n, _ in bucket]
         dtypes = [dtype_name(t.dtype) for _, t in bucket]
         shapes = [list(t.shape) for _, t in bucket]
-        return await asyncio.gather(
-            *(
-                asyncio.wait_for(
-                    e.update_weights_from_distributed(
-                        names, dtypes, shapes, version, group_name=self.group_name
-                    ),
-                    self.timeout,
-                )
-                for e in members
-            ),
-            return_exceptions=True,
+        await member.update_weights_from_distributed(
+            names, dtypes, shapes, version, group_name=self.group_name
         )
 
     def _not_answering(self, engines: list, loop: asyncio.AbstractEventLoop) -> list:
@@ -250,9 +260,9 @@ class DistributedWeightBroadcaster:
         results = asyncio.run_coroutine_threadsafe(probe(), loop).result()
         return [e for e, ok in zip(engines, results) if ok is not True]
 
-    def _abort(self) -> None:
+    def _abort(self, stuck: bool = False) -> None:
         if self.group is not None:
-            abort_group(self.group, self.backend)
+            abort_group(self.group, self.backend, stuck=stuck, timeout=self.timeout)
             self.group = None
 
     def _rebuild_without(self, gone: list, loop: asyncio.AbstractEventLoop, broken: Exception | None) -> None:

@@ -14,7 +14,9 @@ from __future__ import annotations
 import inspect
 import ipaddress
 import os
+import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import psutil
@@ -86,26 +88,44 @@ def bind_gloo_to(address: str) -> str | None:
 
 
 def broadcast_from_trainer(
-    group: dist.ProcessGroup, tensor: torch.Tensor, timeout: float | None = None
+    group: dist.ProcessGroup,
+    tensor: torch.Tensor,
+    timeout: float | None = None,
+    give_up: Callable[[], str | None] | None = None,
 ) -> None:
     """Broadcast `tensor` from group rank 0 in place (works without torchrun's default group). With `timeout`
-    (seconds) a broadcast not complete by then raises `TimeoutError`; the group is then unusable (abort it)."""
+    (seconds) a broadcast not complete by then raises `TimeoutError`, and so does one for which `give_up()`
+    returns a reason (a member that will never take part); the group is then unusable (abort it)."""
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
     work = group.broadcast([tensor], opts)
-    if timeout is not None:
-        deadline = time.monotonic() + timeout
+    if timeout is not None or give_up is not None:
+        deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
         while not work.is_completed():  # NCCL's wait() blocks the stream, not this thread, without a bound
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the weight broadcast did not complete within {timeout:g}s")
+            reason = give_up() if give_up is not None else None
+            if reason:
+                raise TimeoutError(f"the weight broadcast was given up: {reason}")
             time.sleep(0.001)
     work.wait()
 
 
-def abort_group(group: dist.ProcessGroup, backend: str) -> None:
-    """Tear down a group whose collective failed or hung: NCCL's communicator is aborted (a destroy would wait
-    on the stuck kernel), gloo's is destroyed (its operations end at the group's timeout)."""
+def abort_group(group: dist.ProcessGroup, backend: str, *, stuck: bool, timeout: float) -> None:
+    """Tear down a group whose collective failed (`stuck` False: it ended with an error) or did not end
+    (`stuck` True), without waiting for it: NCCL's communicator is aborted (a destroy would wait on the stuck
+    kernel); a gloo group is destroyed, which closes its connections, so members still receiving fail at once.
+    A stuck gloo operation cannot be cut short: the group's object, whose destructor waits for it, is released
+    by a daemon timer after the group's own `timeout` (seconds) ended the operation."""
     if backend == "nccl":
         c10d._abort_process_group(group)
-    else:
-        dist.destroy_process_group(group)
+        return
+    dist.destroy_process_group(group)
+    if stuck:
+        _PARKED.append(group)
+        timer = threading.Timer(timeout + 5.0, _PARKED.remove, args=(group,))
+        timer.daemon = True
+        timer.start()
+
+
+_PARKED: list[dist.ProcessGroup] = []  # aborted gloo groups whose last operation may still be running
