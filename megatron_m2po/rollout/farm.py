@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from megatron_m2po.rollout.engines.base import Engine, EngineError, NamedTensors
@@ -50,10 +50,12 @@ class _Slot:
     failures: int = 0
     failures_in_a_row: int = 0  # failed requests since its last success or return to rotation
     missed_health_checks: int = 0  # in a row
+    out_since: float | None = None  # when it left rotation (seen at the farm's last look)
+    catching_up: bool = False  # loading the farm's weights outside an update (`EngineFarm.catch_up`)
 
     @property
     def routable(self) -> bool:
-        return self.healthy and self.synced and not self.draining
+        return self.healthy and self.synced and not self.draining and not self.catching_up
 
 
 class EngineFarm:
@@ -105,6 +107,11 @@ class EngineFarm:
             "update_dropped": 0,  # engines dropped from a weight update (dead, hung, or failed)
         }
         self._overhead_s = 0.0
+        self._out_of_rotation_s = 0.0  # engine-seconds out of rotation, up to each slot's out_since
+        # Set by the weight sync once it has pushed a version: brings one engine that lags the farm (a restarted
+        # server) to the farm's version now, instead of at the next update (e.g. from the last HF dir on disk).
+        self.catch_up: Callable[[Engine], Awaitable[None]] | None = None
+        self._catch_ups: set[asyncio.Task] = set()
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop it runs in (set by RolloutManager)
         self._slots: dict[str, _Slot] = {}
         engines = list(engines)
@@ -306,14 +313,51 @@ class EngineFarm:
                 )
                 slot.synced = False
             status[slot.engine.engine_id] = ok
+            if ok and not slot.synced and self.catch_up is not None and not updating and not slot.catching_up:
+                slot.catching_up = True
+                task = asyncio.ensure_future(self._catch_up(slot))
+                self._catch_ups.add(task)
+                task.add_done_callback(self._catch_ups.discard)
+        self._rotation_clock()
         self._notify_membership()
         return status
+
+    async def _catch_up(self, slot: _Slot) -> None:
+        """Bring a healthy engine that lags the farm (restarted: start-up weights) to the farm's version; it
+        takes requests again only once it holds that version."""
+        engine, version = slot.engine, self._version
+        try:
+            await self._bounded(engine, f"catch-up to v{version}", self.catch_up(engine))
+        except Exception as e:  # noqa: BLE001 (any failure: the next health check tries again)
+            logger.warning("engine %s: catching up to v%d failed: %s", engine.engine_id, version, e)
+        else:
+            updating = self._update_done is not None and not self._update_done.is_set()
+            slot.synced = engine.version == self._version and not updating
+            if slot.synced:
+                logger.warning(
+                    "engine %s holds the farm's v%d again: back in rotation", engine.engine_id, version
+                )
+        finally:
+            slot.catching_up = False
+            self._rotation_clock()
+            self._notify_membership()
+
+    def _rotation_clock(self) -> None:
+        """Account the engines' time out of rotation (at each health check, update and metrics call)."""
+        now = time.monotonic()
+        for slot in self._slots.values():
+            if not slot.routable and slot.out_since is None:
+                slot.out_since = now
+            elif slot.routable and slot.out_since is not None:
+                self._out_of_rotation_s += now - slot.out_since
+                slot.out_since = None
 
     def _leave_rotation(self, slot: _Slot, why: str) -> None:
         if slot.healthy:
             logger.warning("engine %s leaves rotation: %s", slot.engine.engine_id, why)
             self._counts["out_of_rotation"] += 1
         slot.healthy = False
+        self._rotation_clock()
 
     async def _health_loop(self) -> None:
         while True:
@@ -330,7 +374,8 @@ class EngineFarm:
 
     # -- weight updates --------------------------------------------------------------------------------
     def _update_targets(self) -> list[_Slot]:
-        return [s for s in self._slots.values() if s.healthy and not s.draining]
+        """Engines catching up are left out: one load at a time; a version they miss is caught up next."""
+        return [s for s in self._slots.values() if s.healthy and not s.draining and not s.catching_up]
 
     async def _bounded(self, engine: Engine, what: str, call) -> None:
         """One engine's part of an update step, for at most `update_timeout` seconds."""
@@ -405,6 +450,7 @@ class EngineFarm:
         for slot in targets:
             slot.synced = slot.engine.version == version
         self._update_done.set()
+        self._rotation_clock()
         self._notify_membership()
 
     async def begin_weight_update(self, version: int) -> None:
@@ -456,6 +502,8 @@ class EngineFarm:
         )
 
     def metrics(self) -> dict[str, float]:
+        self._rotation_clock()
+        now = time.monotonic()
         served = max(sum(s.served for s in self._slots.values()), 1)
         return {
             "rollout/farm_requests": float(self._counts["requests"]),
@@ -464,6 +512,12 @@ class EngineFarm:
             "rollout/farm_timeouts": float(self._counts["timeouts"]),
             "rollout/farm_resubmitted": float(self._counts["resubmitted"]),
             "rollout/engines_healthy": float(sum(s.routable for s in self._slots.values())),
+            "rollout/engines_up": float(sum(s.healthy for s in self._slots.values())),
+            "rollout/engine_restarts": float(
+                sum(getattr(s.engine, "restarts_seen", 0) for s in self._slots.values())
+            ),
+            "rollout/engines_out_of_rotation_s": self._out_of_rotation_s
+            + sum(now - s.out_since for s in self._slots.values() if s.out_since is not None),
             "rollout/engines_left_rotation": float(self._counts["out_of_rotation"]),
             "rollout/engines_dropped_from_update": float(self._counts["update_dropped"]),
             "rollout/engines": float(len(self._slots)),
@@ -475,4 +529,7 @@ class EngineFarm:
         if self._health_task is not None:
             self._health_task.cancel()
             self._health_task = None
+        for task in list(self._catch_ups):
+            task.cancel()
+        await asyncio.gather(*self._catch_ups, return_exceptions=True)
         await asyncio.gather(*(s.engine.close() for s in self._slots.values()), return_exceptions=True)

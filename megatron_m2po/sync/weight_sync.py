@@ -67,6 +67,7 @@ class WeightSync:
             self.loop = self._own_loop.loop
         self.last: dict[str, float] = {}
         self._dropped: set[str] = set()  # engine ids dropped from the push in progress
+        self._pushed: int | None = None  # the newest version written to disk_dir
 
     # -- engine calls, in the rollout loop -------------------------------------------------------------
     def _engines(self) -> list:
@@ -135,6 +136,9 @@ class WeightSync:
         if self.transport == "disk":
             n_bytes, n_buckets = self._write_hf_dir(tensors, version)
             self._call("update_weights_from_disk", str(self._version_dir(version)), version)
+            self._pushed = version
+            if hasattr(self.target, "catch_up"):  # a restarted engine loads the newest dir at once
+                self.target.catch_up = self._catch_up_from_disk
         else:
             self._dropped = set()
             self._call("begin_weight_update", version)
@@ -176,6 +180,11 @@ class WeightSync:
             seconds,
         )
         return self.last
+
+    async def _catch_up_from_disk(self, engine) -> None:
+        """Load the newest pushed version into one engine (the farm calls it for a restarted server)."""
+        version = self._pushed
+        await engine.update_weights_from_disk(str(self._version_dir(version)), version)
 
     def _version_dir(self, version: int) -> Path:
         return self.disk_dir / f"v{version}"

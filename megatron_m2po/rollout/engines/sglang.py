@@ -293,6 +293,7 @@ class SGLangEngine(Engine):
         self._session: aiohttp.ClientSession | None = None
         # A server that lost our weights (restarted) must get a new update group: it has left the old one.
         self.needs_new_group = False
+        self.restarts_seen = 0  # times a server was found serving other weights than ours (the farm's metric)
         self.server_info: list[dict[str, Any]] | None = None  # one per worker, read by connect()
         self._paused = False  # paused by this client: /ready answers 503 then, the server is still alive
         self._update_open = False
@@ -586,14 +587,15 @@ class SGLangEngine(Engine):
             return True  # not a version this client set: nothing to compare
         if served != self._version:
             logger.warning(
-                "engine %s: %s serves weight version %r, expected v%d (restarted?); out of rotation until the "
-                "next update, which rebuilds its update group",
+                "engine %s: %s serves weight version %r, expected v%d (restarted?); out of rotation until it "
+                "holds the farm's version (loaded from disk, or the next update, which rebuilds its update group)",
                 self.engine_id,
                 url,
                 reported,
                 self._version,
             )
             self._version, self.needs_new_group = served, True
+            self.restarts_seen += 1
         return True
 
     # -- weights ---------------------------------------------------------------------------------------
@@ -671,6 +673,8 @@ class SGLangEngine(Engine):
 
     async def update_weights_from_disk(self, hf_dir: str, version: int) -> None:
         """Every server loads the HF dir while paused; the cache is flushed unless requests stay in place."""
+        # a server restarted since the last health check is counted (restarts_seen) before the load hides it
+        await asyncio.gather(*(self._check_served_version(u) for u in self.worker_urls))
         await self.pause()
         try:
             await self._control(
