@@ -29,12 +29,12 @@ from tests.conftest import REPO
 from tests.fault_injection.tcp_proxy import TcpProxy
 from tests.test_train_e2e import (
     BOUNDED_OVERRIDES,
-    _journal_accounting,
     _reap,
-    consumed,
+    _start,
+    _wait_for_step,
+    assert_bounded_invariants,
     env,
     setup,  # noqa: F401 - the fixture `tiny` builds on
-    train_cmd,
 )
 
 torch.set_num_threads(1)
@@ -228,21 +228,10 @@ def test_an_engine_killed_during_generation_is_restarted_and_the_run_loses_and_r
         "rollout.health_interval=0.5",
         "rollout.request_timeout=60",
     ]
-    proc = subprocess.Popen(
-        train_cmd(recipe, run_dir, *overrides),
-        env=env(),
-        cwd=REPO,
-        start_new_session=True,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-    )
+    proc = _start(recipe, run_dir, overrides, log, resume=False)
     try:
-        deadline = time.monotonic() + 300
-        # after step 2 the engines hold a pushed version (not their start-up weights)
-        while not ((run_dir / "consumed.jsonl").exists() and any(r["step"] >= 2 for r in consumed(run_dir))):
-            assert proc.poll() is None, log.read_text()[-4000:]
-            assert time.monotonic() < deadline, "no step within 300 s"
-            time.sleep(0.1)
+        # after step 2 the engines hold a pushed version, not their start-up weights
+        _wait_for_step(proc, run_dir, 2, log)
         victim = _server_pid(engines_proc, urls[0])
         os.kill(victim, signal.SIGKILL)
         _wait_for(log, "engine sglang-0 leaves rotation", proc)  # its requests failed, or a health check did
@@ -257,16 +246,7 @@ def test_an_engine_killed_during_generation_is_restarted_and_the_run_loses_and_r
         assert proc.wait(400) == 0, log.read_text()[-6000:]
     finally:
         _reap(proc)
-    records = consumed(run_dir)
-    assert [r["version"] for r in records] == list(range(16))
-    ids = [pid for r in records for pid, _ in r["groups"]]
-    assert len(ids) == len(set(ids)), "a group was consumed twice"
-    assert all(r["version"] - produced <= 2 for r in records for _, produced in r["groups"])
-    accepted, queued, dropped = _journal_accounting(
-        run_dir, {"mode": "bounded", "max_staleness": 2, "groups_per_update": 1, "capacity": 1024}
-    )
-    assert set(ids).isdisjoint(queued) and set(ids) | set(queued) <= accepted
-    assert len(accepted - set(ids) - set(queued)) == dropped, "an accepted group was lost"
+    assert_bounded_invariants(run_dir, 8)
     supervisor_log, train_log = engines_log.read_text(), log.read_text()
     assert f"server-0 ({urls[0]}) exited with code -9; restart 1/5" in supervisor_log
     # the farm saw the restarted server's start-up weights before it loaded a pushed version from disk
@@ -274,7 +254,8 @@ def test_an_engine_killed_during_generation_is_restarted_and_the_run_loses_and_r
     series = read_scalars(run_dir)
     last = {tag: values[-1][1] for tag, values in series.items() if values}
     assert last["rollout/engine_restarts"] == 1, last
-    # the kill is seen: requests failed over and the engine left rotation; its time out of it is counted
-    assert last["rollout/farm_failures"] >= 1 and last["rollout/engines_left_rotation"] >= 1, last
+    # the kill is seen: the engine left rotation (its requests in flight, if any, failed over: farm_failures)
+    # and its time out of it is counted
+    assert last["rollout/engines_left_rotation"] >= 1, last
     assert last["rollout/engines_out_of_rotation_s"] > 0, last
     assert last["rollout/engines_up"] == 2 and last["rollout/engines_healthy"] == 2, last

@@ -286,6 +286,23 @@ def _journal_accounting(run_dir: Path, recipe_overrides: dict) -> tuple[set[str]
         q.close()
 
 
+def assert_bounded_invariants(run_dir: Path, steps: int, *, max_staleness: int = 2) -> list[dict]:
+    """A bounded-mode run (two groups a step, one per update) after faults: every step trained once, no group
+    twice, max_staleness held, every accepted group consumed, still queued or counted as dropped."""
+    records = consumed(run_dir)
+    assert [r["version"] for r in records] == list(range(2 * steps))
+    ids = [pid for r in records for pid, _ in r["groups"]]
+    assert len(ids) == len(set(ids)), "a group was consumed twice"
+    assert all(r["version"] - produced <= max_staleness for r in records for _, produced in r["groups"])
+    accepted, queued, dropped = _journal_accounting(
+        run_dir, {"mode": "bounded", "max_staleness": max_staleness, "groups_per_update": 1, "capacity": 1024}
+    )
+    assert set(ids).isdisjoint(queued) and set(ids) | set(queued) <= accepted
+    # the rest were dropped as too stale, each counted (seen in CI: one group after the SIGKILL and resume)
+    assert len(accepted - set(ids) - set(queued)) == dropped, "an accepted group was lost"
+    return records
+
+
 def _start(recipe, run_dir, overrides, log: Path, *, resume: bool) -> subprocess.Popen:
     return subprocess.Popen(
         train_cmd(recipe, run_dir, *overrides, resume=resume),
@@ -351,21 +368,10 @@ def test_sigterm_and_kill_9_then_resume_lose_and_repeat_nothing(setup):
         _reap(proc)
     run_train(recipe, run_dir, *BOUNDED_OVERRIDES, resume=True)
 
-    records = consumed(run_dir)
+    records = assert_bounded_invariants(run_dir, 6)
     assert [r["step"] for r in records] == [
         s for s in range(1, 7) for _ in range(2)
     ]  # the step count continued
-    assert [r["version"] for r in records] == list(range(12))
-    ids = [pid for r in records for pid, _ in r["groups"]]
-    assert len(ids) == len(set(ids)), "a group was consumed twice"
-    for r in records:
-        assert all(r["version"] - produced <= 2 for _, produced in r["groups"])  # max_staleness held
-    accepted, queued, dropped = _journal_accounting(
-        run_dir, {"mode": "bounded", "max_staleness": 2, "groups_per_update": 1, "capacity": 1024}
-    )
-    assert set(ids).isdisjoint(queued) and set(ids) | set(queued) <= accepted
-    # the rest were dropped as too stale, each counted (seen in CI: one group after the SIGKILL and resume)
-    assert len(accepted - set(ids) - set(queued)) == dropped, "an accepted group was lost"
     assert_metrics_logged(run_dir, 6)
 
 
