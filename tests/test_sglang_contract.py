@@ -665,10 +665,12 @@ def test_the_contract_check_rejects_bodies_the_pinned_structs_reject(api, path, 
 # ------------------------------------------------------------------------------ Qwen3-MoE weight names
 
 
-def _method(path: Path, cls: str, name: str) -> ast.FunctionDef:
+def _method(path: Path, cls: str, name: str) -> ast.FunctionDef | ast.AsyncFunctionDef:
     tree = ast.parse(path.read_text())
     (node,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls]
-    (fn,) = [f for f in node.body if isinstance(f, ast.FunctionDef) and f.name == name]
+    (fn,) = [
+        f for f in node.body if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) and f.name == name
+    ]
     return fn
 
 
@@ -875,7 +877,6 @@ def test_multi_turn_requests_are_token_in_token_out(api):
     rendered = tok.apply_chat_template(messages, tools=TOOLS, tokenize=False)
     assert traj.ids + tok.encode("\n", add_special_tokens=False) == tok.encode(
         rendered, add_special_tokens=False
-
     )
 
 
@@ -1051,3 +1052,110 @@ def test_malformed_routed_experts_are_named(meta, message):
 
     with pytest.raises(EngineReplyError, match="where: " + message):
         parse_routed_experts(meta, 3, (2, 2), "where")
+
+
+def _branches(fn: ast.AST, test_source: str) -> tuple[list[ast.stmt], list[ast.stmt]]:
+    """The body and else branch of the `if` in `fn` whose test reads `test_source`."""
+    for node in ast.walk(fn):
+        if isinstance(node, ast.If) and ast.unparse(node.test) == test_source:
+            return node.body, node.orelse
+    raise AssertionError(f"no `if {test_source}` in the pinned {fn.name}")
+
+
+def _assigns_regenerated_rid(nodes: list[ast.stmt]) -> bool:
+    """Whether `nodes` assign `<x>.rid = <y>.regenerate_rid()` (the request goes on under a fresh uuid)."""
+    return any(
+        isinstance(n, ast.Assign)
+        and ast.unparse(n.targets[0]).endswith(".rid")
+        and ast.unparse(n.value).endswith(".regenerate_rid()")
+        for stmt in nodes
+        for n in ast.walk(stmt)
+    )
+
+
+def _pinned_abort_request():
+    """TokenizerManager.abort_request from the pinned source, with the scheduler dispatch recorded."""
+    namespace: dict = {
+        "AbortReq": lambda rid, abort_all: ("abort", rid, abort_all),
+        "get_serving": lambda: types.SimpleNamespace(tokenizer_worker_num=1),
+        "logger": types.SimpleNamespace(warning=lambda *a: None),
+    }
+    fn = _method(TOKENIZER_MANAGER, "TokenizerManager", "abort_request")
+    exec(compile(ast.Module([fn], []), str(TOKENIZER_MANAGER), "exec"), namespace)  # noqa: S102
+    return namespace["abort_request"]
+
+
+def _manager(rids) -> types.SimpleNamespace:
+    dispatched: list = []
+    return types.SimpleNamespace(
+        rid_to_state={r: types.SimpleNamespace(abort_sent=False) for r in rids},
+        _dispatch_to_scheduler=dispatched.append,
+        enable_metrics=False,
+        dispatched=dispatched,
+    )
+
+
+def test_an_abort_reaches_every_sample_under_the_pinned_rid_handling(api):
+    """Read from the pinned tokenizer_manager.py: an n > 1 request's samples go on under fresh uuid rids
+    (regenerate_rid in the parallel-sampling branch), while an n = 1 request keeps the client's rid; and
+    abort_request with an rid the manager does not hold returns without telling the scheduler. So aborting
+    an n > 1 request by the client's rid reaches nothing, and the client sends one n = 1 request per sample:
+    each abort it sends (checked against io_struct.AbortReq by the contract server) reaches its sample."""
+    handle = _method(TOKENIZER_MANAGER, "TokenizerManager", "_handle_batch_request")
+    single, parallel = _branches(handle, "getattr(obj, 'parallel_sample_num', 1) == 1")
+    assert _assigns_regenerated_rid(parallel) and not _assigns_regenerated_rid(single)
+    regenerate = _method(IO_STRUCT, "GenerateReqInput", "regenerate_rid")
+    namespace: dict = {"uuid": __import__("uuid")}
+    exec(compile(ast.Module([regenerate], []), str(IO_STRUCT), "exec"), namespace)  # noqa: S102
+    sample = types.SimpleNamespace(rid="p7-tag_0")
+    assert namespace["regenerate_rid"](sample) != "p7-tag_0" and re.fullmatch(r"[0-9a-f]{32}", sample.rid)
+    abort_request = _pinned_abort_request()
+
+    # the old client: one n = 3 request under "p7-tag"; the manager holds the samples' uuid rids only
+    old = _manager([sample.rid, "0" * 32, "1" * 32])
+    abort_request(old, rid="p7-tag")
+    assert old.dispatched == []
+
+    async def run():
+        async with ContractServer(api) as server:
+            client = SGLangEngine(server.url, engine_id="c")
+            await client.generate("p7", [5, 6, 7], 3, PARAMS)
+            rids = [b["rid"] for _, path, b in server.requests if path == "/generate"]
+            for rid in rids:  # what the client sends when it cancels a sample's request
+                await client._abort_quietly(rid)
+            await client.close()
+        aborts = [b["rid"] for _, path, b in server.requests if path == "/abort_request"]
+        return server, rids, aborts
+
+    server, rids, aborts = asyncio.run(run())
+    assert not server.errors, server.errors
+    assert len(set(rids)) == 3 and aborts == rids
+    new = _manager(rids)  # n = 1 requests: the manager holds the client's rids as sent
+    for rid in aborts:
+        abort_request(new, rid=rid)
+    assert new.dispatched == [("abort", rid, False) for rid in rids]
+
+
+def test_an_n_gt_1_request_answers_a_list_of_n_results_as_pinned():
+    """Read from the pinned tokenizer_manager.py: with parallel sampling, one response generator per sample
+    (inside `for _ in range(obj.parallel_sample_num)`) and the non-streaming reply is the list
+    `_collect_batch_responses` gathers from them, an aborted sample being one of its entries (so the CPU
+    server answers an aborted n > 1 request with n results)."""
+    handle = _method(TOKENIZER_MANAGER, "TokenizerManager", "_handle_batch_request")
+    _, parallel = _branches(handle, "getattr(obj, 'parallel_sample_num', 1) == 1")
+    per_sample = [
+        n
+        for stmt in parallel
+        for n in ast.walk(stmt)
+        if isinstance(n, ast.For) and ast.unparse(n.iter) == "range(obj.parallel_sample_num)"
+    ]
+    assert per_sample and "generators.append(self._wait_one_response(" in ast.unparse(per_sample[0])
+    (not_streaming,) = [
+        n for n in ast.walk(handle) if isinstance(n, ast.If) and ast.unparse(n.test) == "not is_stream"
+    ]
+    assert [ast.unparse(n) for n in not_streaming.body] == [
+        "outputs = await self._collect_batch_responses(generators)",
+        "yield outputs",
+    ]
+    collect = ast.unparse(_method(TOKENIZER_MANAGER, "TokenizerManager", "_collect_batch_responses"))
+    assert "return await asyncio.gather(*tasks)" in collect
