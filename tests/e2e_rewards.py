@@ -31,10 +31,13 @@ def held_from_checkpoint(response: str, answer: str) -> float:
     return odd_char_fraction(response, answer)
 
 
-def odd_length(response: str, answer: str) -> float:
-    """1 for a response of odd length, else 0: binary, so a small group's rewards are often all equal (the
-    groups dynamic sampling drops)."""
-    return float(len(response) % 2)
+def checksum_parity(response: str, answer: str) -> float:
+    """The parity of the response's CRC-32: binary, so a small group's rewards are often all equal (the groups
+    dynamic sampling drops), and unlike a response's length not something a few updates can learn to satisfy
+    for every response (which would saturate the prompts)."""
+    import zlib
+
+    return float(zlib.crc32(response.encode()) % 2)
 
 
 def always_zero(response: str, answer: str) -> float:

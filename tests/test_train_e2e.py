@@ -537,7 +537,7 @@ def test_overlong_filtering_and_soft_punishment_in_a_run(setup, mode):
 
 DYNAMIC_SAMPLING = [
     "rollout.dynamic_sampling=true",
-    "rollout.reward_fn=tests.e2e_rewards:odd_length",  # binary: half of the 2-response groups are flat
+    "rollout.reward_fn=tests.e2e_rewards:checksum_parity",  # binary: half of the 2-response groups are flat
     "train.responses_per_prompt=2",
 ]
 
@@ -608,3 +608,37 @@ def test_a_run_whose_prompts_saturated_stops_with_a_named_error(setup, mode):
     assert "PromptsSaturated: dynamic sampling generated" in proc.stderr
     assert "rollout.dynamic_sampling_max_oversampling=3" in proc.stderr
     assert not (run_dir / "consumed.jsonl").exists() or not consumed(run_dir)
+
+
+@pytest.mark.slow
+def test_dynamic_sampling_in_bounded_mode_survives_kill_9_without_loss_or_repeats(setup):
+    """SIGKILL mid-run with dynamic sampling, then --resume: no group is consumed twice, no accepted group is
+    lost (consumed, still queued, or counted as too stale), and the journal holds no group with flat rewards."""
+    from megatron_m2po.queue.codec import decode_group
+    from megatron_m2po.queue.journal import scan_journal
+    from megatron_m2po.rollout.dynamic_sampling import reward_std
+
+    root, recipe = setup
+    run_dir, log = root / "dynamic_sampling_killed", root / "dynamic_sampling_killed.log"
+    overrides = [*BOUNDED_OVERRIDES, *DYNAMIC_SAMPLING]
+    proc = _start(recipe, run_dir, overrides, log, resume=False)
+    try:
+        _wait_for_step(proc, run_dir, 3, log)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        _reap(proc)
+    run_train(recipe, run_dir, *overrides, resume=True)
+    records = consumed(run_dir)
+    assert [r["version"] for r in records] == list(range(12))
+    ids = [pid for r in records for pid, _ in r["groups"]]
+    assert len(ids) == len(set(ids)), "a group was consumed twice"
+    assert all(r["version"] - produced <= 2 for r in records for _, produced in r["groups"])
+    accepted, queued, dropped = _journal_accounting(
+        run_dir, {"mode": "bounded", "max_staleness": 2, "groups_per_update": 1, "capacity": 1024}
+    )
+    assert set(ids).isdisjoint(queued) and set(ids) | set(queued) <= accepted
+    assert len(accepted - set(ids) - set(queued)) == dropped, "an accepted group was lost"
+    journaled = [decode_group(r.payload) for r in scan_journal(run_dir / "queue").records]
+    assert journaled and all(reward_std(g) > 0 for g in journaled)
+    assert all(v == 0 for _, v in read_scalars(run_dir)["rollout/zero_advantage_group_fraction"])
