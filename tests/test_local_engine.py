@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -15,6 +17,7 @@ from megatron_m2po.models.tiny import make_tiny_model
 from megatron_m2po.rollout.engines.base import EngineError
 from megatron_m2po.rollout.engines.local import LocalEngine, sampling_distribution
 from megatron_m2po.types import SamplingParams
+from tests.conftest import subprocess_env
 
 torch.set_num_threads(1)
 
@@ -435,3 +438,28 @@ def test_row_cap_and_close(hf_dir, engine_pair):
 
     outcomes = asyncio.run(close_while_decoding())
     assert all(isinstance(e, EngineError) and "closed" in str(e) for e in outcomes), outcomes
+
+
+def test_a_paused_engine_never_closed_does_not_hold_the_interpreters_exit(hf_dir):
+    """A request waiting on a paused engine that its owner forgot to close: the process still exits (the
+    worker thread is joined at exit by concurrent.futures; it must notice the exit and give up)."""
+    script = f"""
+import asyncio
+from megatron_m2po.rollout.engines.local import LocalEngine
+from megatron_m2po.types import SamplingParams
+
+engine = LocalEngine({str(hf_dir)!r}, engine_id="forgotten", seed=0)
+
+async def main():
+    await engine.pause()
+    task = asyncio.ensure_future(engine.generate("p", [1, 2, 3], 2, SamplingParams(max_new_tokens=4)))
+    await asyncio.sleep(0.5)  # the worker is now waiting for resume()
+    assert not task.done()
+    print("waiting", flush=True)
+
+asyncio.run(main())
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=subprocess_env()
+    )
+    assert proc.returncode == 0 and "waiting" in proc.stdout, proc.stderr[-3000:]

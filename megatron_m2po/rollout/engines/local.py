@@ -42,7 +42,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -224,8 +224,12 @@ class LocalEngine(Engine):
         self._update_error: Exception | None = None  # a failed bucket: finish discards the update
         self._pending: deque[_Request] = deque()  # submitted, not yet in the batch
         self._pending_lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"engine-{engine_id}")
         self._closed = False
+        # The decoding loop runs on a daemon thread: an executor's worker is joined at the interpreter's
+        # exit, so an engine paused (or mid-update) and never closed would hold the exit forever.
+        self._wake = threading.Event()  # set when a request is pending (or on close)
+        self._worker = threading.Thread(target=self._serve, name=f"engine-{engine_id}", daemon=True)
+        self._worker.start()
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
@@ -260,11 +264,10 @@ class LocalEngine(Engine):
             max_new=min(params.max_new_tokens, self._max_positions - len(prompt_ids)),
         )
         with self._pending_lock:
+            if self._closed:  # close() drains what was appended before it, under this lock
+                raise EngineError(f"engine {self.engine_id} is closed")
             self._pending.append(request)
-        try:
-            self._executor.submit(self._work)  # a no-op when the running batch has taken the request already
-        except RuntimeError as e:  # shut down by close()
-            raise EngineError(f"engine {self.engine_id} is closed") from e
+        self._wake.set()  # a no-op when the running batch takes the request in at its next step
         try:
             return await asyncio.wrap_future(request.future)
         except asyncio.CancelledError:
@@ -285,6 +288,14 @@ class LocalEngine(Engine):
                     taken.append(request)
                     rows += request.n
         return taken
+
+    def _serve(self) -> None:
+        """The worker thread: run the decoding loop whenever requests are pending, until close()."""
+        while not self._closed:
+            self._wake.wait()
+            self._wake.clear()  # before the loop: a request appended during it sets the event again
+            if not self._closed:
+                self._work()
 
     def _work(self) -> None:
         """The worker thread's loop: decode until no row is left and nothing is pending."""
@@ -698,7 +709,7 @@ class LocalEngine(Engine):
     async def close(self) -> None:
         """Requests still decoding or waiting fail with EngineError (the farm retries them elsewhere)."""
         self._closed = True
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._wake.set()
         with self._pending_lock:
             waiting, self._pending = self._pending, deque()
         for request in waiting:
