@@ -36,6 +36,10 @@ TORCH_COLLECTIVES = {
 }
 COLLECTIVE_PREFIXES = ("broadcast", "gather", "all_", "barrier")  # torch.distributed's own verbs
 ENTRY_POINTS = {"train"}  # the loop itself: every rank runs it
+# Parts of the model forward that Megatron's schedule runs on every rank of a TP / CP group inside the
+# forward step (their callers, which start the schedule, carry the name): the CP gather of log-probs is
+# communication of the forward, as the TP all-reduce inside vocab_parallel_logprobs is.
+FORWARD_STEP = {"token_logprobs"}
 
 
 def python_files(*roots: Path) -> list[Path]:
@@ -118,7 +122,7 @@ def unnamed_collectives(path: Path) -> list[str]:
     """Functions in `path` that make a collective call but are not named as collectives themselves."""
     out = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name in ENTRY_POINTS:
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name in ENTRY_POINTS | FORWARD_STEP:
             continue
         calls = collective_calls(node)
         if calls and not is_collective_name(node.name):
