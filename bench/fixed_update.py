@@ -3,6 +3,8 @@ commit and from this working tree, both started at once so the machine's noise f
 
     python -m bench.fixed_update                                  # base bca40bf, s = 4, 40 updates
     python -m bench.fixed_update --baseline-ref HEAD~2 --updates 20
+    python -m bench.fixed_update --baseline-ref HEAD~1 --lag 0 --updates 64 --eval-every 64 --eval-prompts 1000 \
+        --model TASK/warmstart --data TASK/data             # a staleness-sweep run's shape (sync, s = 0)
 
 Both runs: the CPU demo recipe (examples/cpu_demo/config.yaml of each tree: m2po, 16 prompts x 8 samples per
 update, one micro-batch of 128, the local engine, one torch thread) on the demo's task, from a tiny
@@ -15,7 +17,18 @@ The figures are the runs' own clocks (TensorBoard `perf/time_*`, `megatron_m2po.
 the steps after the first (the first fills the FIFO with K + 1 batches): seconds per update (`time_step`), and
 its parts: generation in line (`time_generate`), training (`time_train`), waiting for data (`time_wait`:
 the queue, and in the after run the overlapped generation's remainder), weight sync (`time_sync`); the after
-run's `time_generate_overlapped` is its generation beside the updates.
+run's `time_generate_overlapped` is its generation beside the updates. Beside them, each run's CPU seconds
+(user + system, its reward workers included) per update over the whole process, start-up and evaluations
+included: on a machine other jobs share, wall clocks measure the share each run got, CPU time its work.
+
+`--lag 0` runs `sync` mode (s = 0, the sweep's on_policy shape); `--eval-every` / `--eval-prompts` add the
+held-out evaluations, on `--data`'s heldout.jsonl (a folder with train.jsonl and heldout.jsonl, e.g. a
+sweep's `task*/data`). `same_numbers`: whether the two runs logged the same value for every scalar that is
+not a clock (loss, ratios, rewards, gradient norm, held-out accuracy...) at every step, and wrote the same
+per-problem evaluations; the differing tags are listed. A change that should not alter the numbers must
+leave it true, up to what differs between two runs of one tree (the local engine batches concurrent
+requests as they arrive, so rounding in the behaviour log-probs can differ: run the base against itself,
+`--after-ref` = the base, to see that).
 """
 
 from __future__ import annotations
@@ -35,6 +48,9 @@ sys.path.insert(0, str(REPO))
 from megatron_m2po.metrics import read_scalars  # noqa: E402
 
 PARTS = ("time_generate", "time_train", "time_wait", "time_sync", "time_generate_overlapped")
+
+
+TIMING = ("perf/", "time", "seconds", "latency", "per_s", "_ms")
 
 
 def warm_model(out: Path, steps: int) -> tuple[Path, dict[str, Path]]:
@@ -93,15 +109,18 @@ def check_imports_from(tree: Path) -> None:
 
 
 def start(tree: Path, run_dir: Path, warm: Path, data: dict[str, Path], args, log: Path) -> subprocess.Popen:
+    mode = "fixed" if args.lag else "sync"
     overrides = [
         f"model.path={warm}",
         f"data.path={data['train']}",
         f"eval.path={data['heldout']}",
-        "eval.every=0",
+        f"eval.every={args.eval_every}",
+        f"eval.max_prompts={args.eval_prompts}",
         f"logging.run_dir={run_dir}",
         "logging.console=none",
-        "staleness.mode=fixed",
+        f"staleness.mode={mode}",
         f"staleness.fixed_lag_steps={args.lag}",
+        f"staleness.queue_capacity={16 * (args.lag + 2)}",
         f"train.steps={args.updates}",
         "checkpoint.save_at_end=false",
         *args.overrides,
@@ -116,6 +135,29 @@ def start(tree: Path, run_dir: Path, warm: Path, data: dict[str, Path], args, lo
         *overrides,
     ]
     return subprocess.Popen(cmd, cwd=tree, env=side_env(tree), stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def wait_cpu(proc: subprocess.Popen) -> tuple[int, float]:
+    """The process's exit status and CPU seconds (user + system, its waited-for children included)."""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_utime + usage.ru_stime
+
+
+def numbers(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every logged scalar that is not a clock, by tag."""
+    return {tag: points for tag, points in read_scalars(run_dir).items() if not any(t in tag for t in TIMING)}
+
+
+def differing(before: Path, after: Path) -> list[str]:
+    """Tags (and `eval_correct.csv`) whose values differ between the two runs."""
+    a, b = numbers(before), numbers(after)
+    tags = sorted(tag for tag in set(a) | set(b) if a.get(tag) != b.get(tag))
+    evals = [
+        (run / "eval_correct.csv").read_text() if (run / "eval_correct.csv").is_file() else ""
+        for run in (before, after)
+    ]
+    return tags + (["eval_correct.csv"] if evals[0] != evals[1] else [])
 
 
 def per_update(run_dir: Path) -> dict[str, float]:
@@ -146,6 +188,15 @@ def main(argv: list[str] | None = None) -> int:
         "--warm-steps", type=int, default=150, help="supervised warm-start steps of the model"
     )
     parser.add_argument(
+        "--eval-every", type=int, default=0, help="held-out evaluation every N updates (0: none)"
+    )
+    parser.add_argument(
+        "--eval-prompts", type=int, default=0, help="held-out problems per evaluation (0: all)"
+    )
+    parser.add_argument(
+        "--data", help="a folder with train.jsonl and heldout.jsonl (default: the demo task's)"
+    )
+    parser.add_argument(
         "--model",
         help="an HF dir of the demo's model to use instead (e.g. a sweep's task/warmstart); read only",
     )
@@ -159,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     warm, data = warm_model(out / "task", 0 if args.model else args.warm_steps)
     warm = Path(args.model).resolve() if args.model else warm
+    if args.data:
+        data = {split: Path(args.data).resolve() / f"{split}.jsonl" for split in ("train", "heldout")}
     with tempfile.TemporaryDirectory(prefix="fixed_update_") as tmp:
         trees = {"before": Path(tmp) / "before", "after": REPO}
         commit = checkout(args.baseline_ref, trees["before"])
@@ -175,32 +228,54 @@ def main(argv: list[str] | None = None) -> int:
             side: start(tree, run_dirs[side], warm, data, args, out / f"{stamp}_{side}.log")
             for side, tree in trees.items()
         }
-        codes = {side: proc.wait() for side, proc in procs.items()}
+        waited = {side: wait_cpu(proc) for side, proc in procs.items()}
         wall = time.monotonic() - t0
+    codes = {side: code for side, (code, _) in waited.items()}
     failed = [side for side, code in codes.items() if code != 0]
     if failed:
         sys.exit(f"the {', '.join(failed)} run failed: see {out}/{stamp}_<side>.log")
-    result = {side: per_update(run_dirs[side]) for side in trees}
+    result = {
+        side: per_update(run_dirs[side]) | {"cpu_s_per_update": waited[side][1] / args.updates}
+        for side in trees
+    }
     result["ratio_after_over_before"] = result["after"]["time_step"] / result["before"]["time_step"]
+    result["cpu_ratio_after_over_before"] = (
+        result["after"]["cpu_s_per_update"] / result["before"]["cpu_s_per_update"]
+    )
+    result["differing"] = differing(run_dirs["before"], run_dirs["after"])
+    result["same_numbers"] = not result["differing"]
     result.update(
         baseline=commit,
         after_tree=after,
         updates=args.updates,
         lag=args.lag,
+        eval_every=args.eval_every,
+        eval_prompts=args.eval_prompts,
         wall_s=wall,
         overrides=args.overrides,
     )
     (out / f"{stamp}_result.json").write_text(json.dumps(result, indent=2))
     print(
-        f"fixed mode, s = {args.lag}, {args.updates} updates each, run side by side ({wall:.0f} s); "
-        f"mean over steps 2..{args.updates}, seconds per update:"
+        f"{'fixed' if args.lag else 'sync'} mode, s = {args.lag}, {args.updates} updates each, run side by side "
+        f"({wall:.0f} s); mean over steps 2..{args.updates}, seconds per update:"
     )
-    print(f"{'':8} {'step':>7}" + "".join(f" {part[5:]:>20}" for part in PARTS))
+    print(f"{'':8} {'step':>7}" + "".join(f" {part[5:]:>20}" for part in PARTS) + f" {'cpu':>7}")
     for side in trees:
         row = result[side]
-        print(f"{side:8} {row['time_step']:7.2f}" + "".join(f" {row[part]:20.2f}" for part in PARTS))
-    ratio = result["ratio_after_over_before"]
-    print(f"after / before = {ratio:.3f}  (before = {commit[:10]}, after = {after[:12]})")
+        print(
+            f"{side:8} {row['time_step']:7.2f}"
+            + "".join(f" {row[part]:20.2f}" for part in PARTS)
+            + f" {row['cpu_s_per_update']:7.3f}"
+        )
+    ratio, cpu_ratio = result["ratio_after_over_before"], result["cpu_ratio_after_over_before"]
+    print(
+        f"after / before = {ratio:.3f} (wall), {cpu_ratio:.3f} (CPU)  (before = {commit[:10]}, after = {after[:12]})"
+    )
+    print(
+        "same numbers: yes"
+        if result["same_numbers"]
+        else f"same numbers: NO, differing: {result['differing']}"
+    )
     return 0
 
 
