@@ -7,6 +7,7 @@ every wait is bounded."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -21,6 +22,7 @@ import pytest
 import torch
 
 from megatron_m2po.metrics import read_scalars
+from megatron_m2po.net import is_healthy
 from megatron_m2po.rollout.engines.sglang import SGLangEngine
 from megatron_m2po.rollout.engines.sglang_launcher import EngineLauncher
 from megatron_m2po.rollout.farm import EngineFarm
@@ -33,6 +35,7 @@ from tests.test_train_e2e import (
     _start,
     _wait_for_step,
     assert_bounded_invariants,
+    consumed,
     env,
     setup,  # noqa: F401 - the fixture `tiny` builds on
 )
@@ -259,3 +262,62 @@ def test_an_engine_killed_during_generation_is_restarted_and_the_run_loses_and_r
     assert last["rollout/engines_left_rotation"] >= 1, last
     assert last["rollout/engines_out_of_rotation_s"] > 0, last
     assert last["rollout/engines_up"] == 2 and last["rollout/engines_healthy"] == 2, last
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_random_engine_faults_for_minutes_lose_and_repeat_nothing(tiny, supervised_engines, tmp_path):
+    """For M2PO_CHAOS_SECONDS (default 240) a bounded-mode run meets random faults, one engine at a time (the
+    other answering): SIGKILL, or SIGSTOP for 1-6 s (long enough, sometimes, for the supervisor to kill it as
+    hung). Then SIGTERM stops the run at a step; the journal's invariants hold over every step it trained."""
+    root, recipe = tiny
+    urls, engines_proc, engines_log = supervised_engines
+    seconds = float(os.environ.get("M2PO_CHAOS_SECONDS", "240"))
+    rng = random.Random(0)
+    run_dir, log = tmp_path / "run", tmp_path / "train.log"
+    overrides = [
+        *BOUNDED_OVERRIDES,
+        "train.steps=100000",
+        "rollout.engine=sglang",
+        f"rollout.urls={','.join(urls)}",
+        "rollout.health_interval=0.5",
+        "rollout.request_timeout=30",
+    ]
+    proc = _start(recipe, run_dir, overrides, log, resume=False)
+    faults: list[tuple[str, str]] = []
+    stopped: set[int] = set()
+    try:
+        _wait_for_step(proc, run_dir, 2, log)
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            time.sleep(rng.uniform(2.0, 6.0))
+            assert proc.poll() is None, log.read_text()[-4000:]
+            victim, other = rng.sample(urls, 2)
+            if not is_healthy(other, timeout=2.0) or not is_healthy(victim, timeout=2.0):
+                continue  # one fault at a time: the other engine must be serving
+            pid = _server_pid(engines_proc, victim)
+            if rng.random() < 0.5:
+                os.kill(pid, signal.SIGKILL)
+                faults.append((victim, "kill"))
+            else:
+                os.kill(pid, signal.SIGSTOP)
+                stopped.add(pid)
+                faults.append((victim, "stop"))
+                time.sleep(rng.uniform(1.0, 6.0))
+                with contextlib.suppress(ProcessLookupError):  # the supervisor may have killed it as hung
+                    os.kill(pid, signal.SIGCONT)
+                stopped.discard(pid)
+        proc.send_signal(signal.SIGTERM)  # checkpoints at the step it is in and exits 0
+        assert proc.wait(300) == 0, log.read_text()[-6000:]
+    finally:
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        _reap(proc)
+    steps = max(r["step"] for r in consumed(run_dir))
+    assert steps > 2 and len(faults) >= 2, (steps, faults)
+    assert_bounded_invariants(run_dir, steps)
+    last = {tag: values[-1][1] for tag, values in read_scalars(run_dir).items() if values}
+    assert last["rollout/engines_left_rotation"] >= 1, last
+    kills = sum(kind == "kill" for _, kind in faults)
+    assert engines_log.read_text().count("exited with code -9") >= kills

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 import torch
@@ -259,14 +260,20 @@ def test_every_request_answered_once_under_random_failures(flaky, schedules, n_r
     assert m["rollout/farm_failures"] == injected - left
 
 
-def test_an_update_with_no_engine_in_rotation_says_so(engines):
+def test_an_update_with_no_engine_in_rotation_says_so_and_the_run_goes_on(engines, caplog):
+    """Every engine unhealthy at a push (one restarting, the other's probe timed out on a loaded machine, as the
+    random chaos test met): the push is logged as reaching nobody, the farm takes the new version, and the
+    engines stay out of rotation until they hold it (the next update or a catch-up from disk)."""
+
     async def run():
         farm = EngineFarm(engines[:1])
-        farm._slots["e0"].healthy = False  # e.g. its health probe timed out on a loaded machine
-        with pytest.raises(EngineError, match=r"no engine to send it to .*e0\(v0 unhealthy"):
-            await farm.update_weights_from_disk("unused", 1)
+        farm._slots["e0"].healthy = False
+        await farm.update_weights_from_disk("unused", 1)
+        return farm
 
-    asyncio.run(run())
+    farm = asyncio.run(run())
+    assert re.search(r"update from disk to v1: no engine to send it to .*e0\(v0 unhealthy", caplog.text)
+    assert farm.version == 1 and engines[0].version == 0 and not farm._slots["e0"].routable
 
 
 def test_a_health_check_during_an_update_keeps_an_engine_that_is_already_ahead(engines):

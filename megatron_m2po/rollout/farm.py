@@ -390,10 +390,15 @@ class EngineFarm:
         """Run an update step on every engine; one that fails leaves rotation until a later update reaches
         it, one that timed out also leaves this update (it gets no further steps)."""
         slots = list(slots)  # a timed-out engine is removed from the update's targets below
+        # e.g. one engine restarting while the other's probe timed out: both catch up once they answer
         if not slots:
-            raise EngineError(
-                f"{what}: no engine to send it to (every engine is unhealthy or draining: {self.describe()})"
+            logger.error(
+                "%s: no engine to send it to (every engine is unhealthy or draining: %s); the farm moves on "
+                "and each engine takes the weights when it answers again (from disk, or the next update)",
+                what,
+                self.describe(),
             )
+            return
         results = await asyncio.gather(
             *(self._bounded(s.engine, what, make_call(s.engine)) for s in slots), return_exceptions=True
         )
