@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from megatron_m2po.rollout.engines.local import LocalEngine
 from megatron_m2po.rollout.environments import ToolMath
 from megatron_m2po.rollout.environments.tool_math import ToolMathSettings
 from megatron_m2po.rollout.environments.trajectory import EnvTurnRenderer
-from megatron_m2po.rollout.evaluation import stop_token_ids
+from megatron_m2po.rollout.evaluation import environment_eval_metrics, rollout_all, stop_token_ids
 from megatron_m2po.rollout.farm import EngineFarm
 from megatron_m2po.rollout.manager import RolloutManager
 from megatron_m2po.rollout.rewards import RewardPool
@@ -251,3 +252,63 @@ def test_through_the_manager_with_the_real_engine_every_turn_is_the_engine_s_own
     finally:
         loop.run(reference.close())
         loop.stop()
+
+
+def test_held_out_evaluation_runs_through_the_environment_with_the_tool(setup):
+    """Evaluation's environment answers with the sandbox's tool, one answer per trajectory and no tool bonus,
+    with counters of its own: accuracy and the share of answers given after a tool call ran."""
+    hf_dir, tok, rewards, pool, loop = setup
+    engine = ScriptedEngine(hf_dir, engine_id="scripted")
+    train_sampling = SamplingParams(
+        max_new_tokens=200, temperature=1.0, seed=3, stop_token_ids=stop_token_ids(tok)
+    )
+    settings = ToolMathSettings(max_turns=4, tool_use_reward=0.25, max_attempts=3)
+    env = ToolMath(EngineFarm([engine]), rewards, tok, train_sampling, settings, sandbox=pool)
+    greedy = replace(train_sampling, temperature=0.0)
+    evaluation = env.for_evaluation(greedy)
+    assert evaluation.pool is env.pool and evaluation.sampling == greedy
+    assert (evaluation.settings.tool_use_reward, evaluation.settings.max_attempts) == (0.0, 1)
+    prompts = [_prompt(tok), _prompt(tok, prompt_id="task:3")]
+    groups = loop.run(rollout_all(evaluation, prompts, 5, concurrency=2))
+    # per prompt: 0 calls then answers right, 1's call is cut off then right, 2 wrong, 3 calls until max_turns,
+    # 4 wrong once (no second attempt): the rewards are the reward function's alone
+    assert [[s.reward for s in g] for g in groups] == [[1.0, 1.0, 0.0, 0.0, 0.0]] * 2
+    assert [len(s.turn_starts) for s in groups[0]] == [3, 3, 1, 7, 1]
+    m = environment_eval_metrics(evaluation)
+    assert m["used_tool_fraction"] == 2 / 5 and m["turns_mean"] == (2 + 2 + 1 + 4 + 1) / 5
+    assert set(m) == {"turns_mean", "tool_calls_mean", "used_tool_fraction", "length_end_fraction"}
+    assert env.metrics()["env/turns_mean"] == 0.0  # the training environment's counters are untouched
+    loop.run(evaluation.close())
+    assert pool.run("print(2+2)").stdout == "4\n"  # the shared pool still runs
+
+
+def test_m2po_evaluate_with_the_tool_environment_on_the_real_engine(setup, tmp_path):
+    """`m2po evaluate --env tool_math`: the local engine's greedy turns through the environment and the sandbox;
+    the file's metrics hold the tool's figures beside accuracy."""
+    hf_dir, *_ = setup
+    from megatron_m2po.commands.m2po import main
+
+    data = tmp_path / "p.jsonl"
+    data.write_text(
+        "".join(json.dumps({"problem": f"{i}+{i}=", "answer": str(2 * i)}) + "\n" for i in range(3))
+    )
+    out = tmp_path / "eval.json"
+    settings = {"max_turns": 2, "max_total_tokens": 20}
+    argv = [
+        "evaluate", str(hf_dir), "--data", str(data), "--max-new-tokens", "8", "--template", "plain",
+        "--reward-workers", "1", "--output", str(out), "--keep-responses", "--env", "tool_math",
+        "--env-settings", json.dumps(settings),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    payload = json.loads(out.read_text())
+    assert (payload["env"], payload["env_settings"]) == ("tool_math", settings)
+    (result,) = payload["results"]
+    m = result["metrics"]
+    assert m["num_prompts"] == 3 and 0.0 <= m["used_tool_fraction"] <= 1.0
+    assert (
+        1.0 <= m["turns_mean"] <= 2.0 and m["avg@1"] == sum(r["correct"][0] for r in result["responses"]) / 3
+    )
+    with pytest.raises(
+        ConfigError, match="'rollout.env_settings.max_turn': not a setting of rollout.env=tool_math"
+    ):
+        main([*argv[:-1], '{"max_turn": 2}'])

@@ -12,15 +12,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import typing
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
 from megatron_m2po import console
+from megatron_m2po.choices import EnvName
 from megatron_m2po.rollout.evaluation import BENCHMARK_NAMES, ENGINES, FileResult, FileSpec, evaluate
 from megatron_m2po.types import SamplingParams
 
 logger = logging.getLogger(__name__)
+ENV_NAMES = typing.get_args(EnvName)
 
 
 def format_table(results: Sequence[FileResult]) -> str:
@@ -111,6 +114,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed", type=int, default=0, help="run seed: each request's sampling seed derives from it"
     )
+    parser.add_argument(
+        "--env",
+        choices=ENV_NAMES,
+        default="math",
+        help="the rollout.env answering each prompt: math (one model turn) or tool_math (model turns with the "
+        "Python tool in a sandbox, as a tool_math run's rollouts; greedy unless --temperature)",
+    )
+    parser.add_argument(
+        "--env-settings",
+        type=json.loads,
+        default=None,
+        metavar="JSON",
+        help="the environment's rollout.env_settings as a JSON object, e.g. '{\"max_turns\": 4}'",
+    )
     parser.add_argument("--engine", choices=ENGINES, default="local", help="rollout engine")
     parser.add_argument("--url", nargs="*", default=[], help="sglang or vllm server base URLs")
     parser.add_argument(
@@ -162,6 +179,8 @@ def run(args: argparse.Namespace) -> int:
         keep_responses=args.keep_responses,
         threads=args.threads,
         hf_config_dir=args.hf_config_dir,
+        env=args.env,
+        env_settings=args.env_settings,
     )
     print(format_table(results))
     output = Path(args.output) if args.output else Path(args.checkpoint) / "eval.json"
@@ -171,6 +190,8 @@ def run(args: argparse.Namespace) -> int:
         "sampling": asdict(sampling),
         "responses_per_prompt": k,
         "template": args.template,
+        "env": args.env,
+        "env_settings": args.env_settings or {},
         "results": [asdict(r) for r in results],
     }
     output.parent.mkdir(parents=True, exist_ok=True)

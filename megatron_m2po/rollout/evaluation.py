@@ -20,7 +20,7 @@ import math
 import tempfile
 import time
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,11 +32,12 @@ from transformers import AutoTokenizer
 from megatron_m2po.checkpoint.convert import convert_megatron_to_hf
 from megatron_m2po.checkpoint.megatron_ckpt import is_megatron_checkpoint
 from megatron_m2po.choices import BenchmarkName
-from megatron_m2po.config import Config
+from megatron_m2po.config import Config, SandboxConfig
 from megatron_m2po.data.benchmarks import get_benchmark
 from megatron_m2po.data.prompts import PromptDataset
 from megatron_m2po.models.hf_config import hf_config_dir as run_hf_config_dir
 from megatron_m2po.rollout.build import engine_farm
+from megatron_m2po.rollout.environments import Environment, environment_class
 from megatron_m2po.rollout.rewards import RewardPool
 from megatron_m2po.types import Sample, SamplingParams
 
@@ -168,16 +169,49 @@ async def generate_all(
 ) -> list[list[Sample]]:
     """n samples for every prompt, at most `concurrency` prompts in flight, in prompt order;
     `on_prompt_done()` as each prompt's samples arrive (a progress bar)."""
+    # the engine seeds each request from params.seed (the run seed) and the prompt id
+    return await _each_prompt(
+        lambda p: engine.generate(p.prompt_id, p.prompt_ids, n, params), prompts, concurrency, on_prompt_done
+    )
+
+
+async def rollout_all(
+    environment: Environment,
+    prompts: Sequence,
+    n: int,
+    concurrency: int,
+    on_prompt_done: Callable[[], None] | None = None,
+) -> list[list[Sample]]:
+    """`generate_all` through a multi-turn environment: n trajectories per prompt, scored by it (`Sample.reward`)."""
+    return await _each_prompt(lambda p: environment.rollout(p, n), prompts, concurrency, on_prompt_done)
+
+
+async def _each_prompt(
+    rollout: Callable[[Any], Awaitable[list[Sample]]],
+    prompts: Sequence,
+    concurrency: int,
+    on_prompt_done: Callable[[], None] | None,
+) -> list[list[Sample]]:
     limit = asyncio.Semaphore(concurrency)
 
     async def one(prompt) -> list[Sample]:
-        async with limit:  # the engine seeds each request from params.seed (the run seed) and the prompt id
-            samples = await engine.generate(prompt.prompt_id, prompt.prompt_ids, n, params)
+        async with limit:
+            samples = await rollout(prompt)
         if on_prompt_done is not None:
             on_prompt_done()
         return samples
 
     return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+
+def environment_eval_metrics(environment: Environment) -> dict[str, float]:
+    """An evaluation environment's per-trajectory means and fractions (`env/used_tool_fraction` ->
+    `used_tool_fraction`: the share of answers given after a tool call ran), without its running counts."""
+    return {
+        key.removeprefix("env/"): value
+        for key, value in environment.metrics().items()
+        if key.startswith("env/") and key.endswith(("_mean", "_fraction"))
+    }
 
 
 # ----------------------------------------------------------------------------------------- datasets
@@ -255,9 +289,16 @@ def evaluate(
     threads: int | None = None,
     hf_config_dir: str | Path | None = None,
     on_prompt_done: Callable[[], None] | None = None,
+    env: str = "math",
+    env_settings: dict[str, Any] | None = None,
+    sandbox: SandboxConfig | None = None,
 ) -> list[FileResult]:
     """Sample every prompt of every file `responses_per_prompt` times and score them; one result per file.
-    `on_prompt_done()` as each prompt's samples arrive."""
+    `on_prompt_done()` as each prompt's samples arrive.
+
+    `env` (a `rollout.env` name, with its `env_settings`): a multi-turn environment answers every prompt
+    through its own turns (tool_math: with the tool, run in a pool built from `sandbox`), as a training
+    run's rollouts do; each file's metrics then also hold its `environment_eval_metrics`."""
     if responses_per_prompt < 1:
         raise ValueError(f"responses_per_prompt must be >= 1, got {responses_per_prompt}")
     too_big = [k for k in pass_ks if not 1 <= k <= responses_per_prompt]
@@ -276,6 +317,9 @@ def evaluate(
             engine, hf_dir, urls=urls, router_url=router_url, seed=params.seed or 0, threads=threads
         )
         with RewardPool(reward_fn, workers=reward_workers, timeout=reward_timeout) as rewards:
+            environment = _multi_turn_environment(
+                env, env_settings, sandbox, farm, rewards, tokenizer, params
+            )
 
             async def all_files() -> None:
                 try:
@@ -295,13 +339,35 @@ def evaluate(
                                 concurrency=concurrency,
                                 keep_responses=keep_responses,
                                 on_prompt_done=on_prompt_done,
+                                environment=environment,
                             )
                         )
                 finally:
+                    if environment is not None:
+                        await environment.close()
                     await farm.close()
 
             asyncio.run(all_files())
     return results
+
+
+def _multi_turn_environment(
+    name: str,
+    settings: dict[str, Any] | None,
+    sandbox: SandboxConfig | None,
+    farm,
+    rewards,
+    tokenizer,
+    params,
+) -> Environment | None:
+    """The `env` environment when it is multi-turn (None for single-turn: one engine call per prompt)."""
+    cls = environment_class(name)
+    if not cls.multi_turn:
+        if settings:
+            cls.parse_settings(settings)  # a key it does not have is named, even where none is used
+        return None
+    extra = {"sandbox": sandbox or SandboxConfig()} if cls.uses_sandbox else {}
+    return cls(farm, rewards, tokenizer, params, settings=cls.parse_settings(settings), **extra)
 
 
 async def _evaluate_file(
@@ -319,21 +385,30 @@ async def _evaluate_file(
     concurrency,
     keep_responses,
     on_prompt_done=None,
+    environment: Environment | None = None,
 ) -> FileResult:
     start = time.perf_counter()
     _, prompts = open_dataset(
         spec, tokenizer, template=template, apply_chat_template=apply_chat_template, max_prompts=max_prompts
     )
-    groups = await generate_all(farm, prompts, n, params, concurrency, on_prompt_done)
-    texts = [s.response_text for g in groups for s in g]
-    answers = [p.answer for p, g in zip(prompts, groups) for _ in g]
-    scores = await rewards.score_async(texts, answers)
+    if environment is None:
+        groups = await generate_all(farm, prompts, n, params, concurrency, on_prompt_done)
+        texts = [s.response_text for g in groups for s in g]
+        answers = [p.answer for p, g in zip(prompts, groups) for _ in g]
+        scores = await rewards.score_async(texts, answers)
+    else:
+        file_env = environment.for_evaluation(params)  # this file's own counters
+        groups = await rollout_all(file_env, prompts, n, concurrency, on_prompt_done)
+        texts = [s.response_text for g in groups for s in g]
+        scores = [s.reward for g in groups for s in g]
     correct = [[score >= FULL_REWARD for score in scores[i * n : (i + 1) * n]] for i in range(len(prompts))]
     metrics = summarize(correct, ks)
     metrics["mean_response_tokens"] = sum(len(s.response_ids) for g in groups for s in g) / max(1, len(texts))
     metrics["truncated_fraction"] = sum(s.finish_reason == "length" for g in groups for s in g) / max(
         1, len(texts)
     )
+    if environment is not None:
+        metrics.update(environment_eval_metrics(file_env))
     responses = []
     if keep_responses:
         for i, (p, g) in enumerate(zip(prompts, groups)):

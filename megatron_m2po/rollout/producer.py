@@ -34,7 +34,15 @@ from megatron_m2po.rollout.build import (
     reward_pool,
     sampling_params,
 )
-from megatron_m2po.rollout.evaluation import FULL_REWARD, FileSpec, generate_all, open_dataset, stop_token_ids
+from megatron_m2po.rollout.evaluation import (
+    FULL_REWARD,
+    FileSpec,
+    environment_eval_metrics,
+    generate_all,
+    open_dataset,
+    rollout_all,
+    stop_token_ids,
+)
 from megatron_m2po.rollout.manager import RolloutManager
 from megatron_m2po.rollout.stops import ProducerStopped
 from megatron_m2po.types import Group
@@ -175,15 +183,21 @@ class Producer:
         """`eval/` metrics: the engines (holding `version`) answer the held-out sets; accuracy = avg@k.
 
         One set: `eval/accuracy`, ... With several (eval.benchmarks and eval.path), each set's under
-        `eval/<set>/`, and `eval/accuracy` is their mean, so the console and plots read one figure."""
+        `eval/<set>/`, and `eval/accuracy` is their mean, so the console and plots read one figure.
+        A multi-turn `rollout.env` answers through its own turns, as the run's rollouts do (tool_math: with
+        the tool, in the run's sandbox pool), and adds its means and fractions (`used_tool_fraction`, ...)."""
         e = self.cfg.eval
         sets = [FileSpec.benchmark(name) for name in e.benchmarks]
         if e.path:
             sets.append(FileSpec(Path(e.path), e.problem_key, e.answer_key, e.answer_format))
         params = replace(self.manager.sampling, temperature=e.temperature, top_p=1.0, top_k=-1)
         n = e.responses_per_prompt
+        env = self.manager.environment
 
-        async def run(prompts) -> tuple[list, list[float]]:
+        async def run(prompts, env_copy) -> tuple[list, list[float]]:
+            if env_copy is not None:
+                groups = await rollout_all(env_copy, prompts, n, concurrency=EVAL_CONCURRENCY)
+                return groups, [s.reward for g in groups for s in g]
             groups = await generate_all(self.farm, prompts, n, params, concurrency=EVAL_CONCURRENCY)
             texts = [s.response_text for g in groups for s in g]
             return groups, await self.rewards.score_async(
@@ -200,7 +214,8 @@ class Producer:
                 apply_chat_template=self.cfg.data.apply_chat_template,
                 max_prompts=e.max_prompts,
             )
-            groups, scores = asyncio.run_coroutine_threadsafe(run(prompts), self.farm.loop).result()
+            env_copy = env.for_evaluation(params) if env.multi_turn else None  # this set's own counters
+            groups, scores = asyncio.run_coroutine_threadsafe(run(prompts, env_copy), self.farm.loop).result()
             lengths = [len(s.response_ids) for g in groups for s in g]
             correct = [score >= FULL_REWARD for score in scores]
             append_eval_record(self.eval_record, version, spec.label, n, correct)
@@ -208,6 +223,8 @@ class Producer:
             out[f"{prefix}accuracy"] = sum(correct) / max(1, len(correct))
             out[f"{prefix}reward_mean"] = sum(scores) / max(1, len(scores))
             out[f"{prefix}response_length_mean"] = sum(lengths) / max(1, len(lengths))
+            if env_copy is not None:
+                out.update({prefix + key: value for key, value in environment_eval_metrics(env_copy).items()})
         if len(sets) > 1:
             out["eval/accuracy"] = sum(out[f"eval/{s.label}/accuracy"] for s in sets) / len(sets)
         out["eval/seconds"] = time.monotonic() - t

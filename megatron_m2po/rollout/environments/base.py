@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from megatron_m2po.config import ConfigError
 from megatron_m2po.data.prompts import Prompt
-from megatron_m2po.types import Sample
+from megatron_m2po.types import Sample, SamplingParams
 
 
 @dataclasses.dataclass
@@ -30,10 +30,19 @@ class Environment(ABC):
     name: ClassVar[str]
     Settings: ClassVar[type] = NoSettings
     uses_sandbox: ClassVar[bool] = False  # built with `sandbox=` (the config's sandbox section)
+    # A sample spans several model turns with environment tokens between them (`Sample.loss_mask`); held-out
+    # evaluation then runs through the environment (`for_evaluation`), not as one engine call per prompt.
+    multi_turn: ClassVar[bool] = False
 
     @abstractmethod
     async def rollout(self, prompt: Prompt, n: int) -> list[Sample]:
         """`n` scored samples for `prompt`; errors from the engines propagate (the manager counts them)."""
+
+    def for_evaluation(self, sampling: SamplingParams) -> Environment:
+        """The environment as held-out evaluation uses it: `sampling` (greedy), the same engines, rewards and
+        tools, counters of its own (its `metrics` describe the evaluation alone) and no reward shaping, so
+        a correct answer is the reward function's full score."""
+        raise NotImplementedError(f"rollout.env={self.name}: no held-out evaluation through the environment")
 
     def metrics(self) -> dict[str, float]:
         """The environment's own scalars (`env/...`, tool pool counts), beside the manager's."""

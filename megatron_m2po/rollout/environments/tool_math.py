@@ -87,6 +87,7 @@ class ToolMath(Environment):
     name = "tool_math"
     Settings = ToolMathSettings
     uses_sandbox = True
+    multi_turn = True
 
     def __init__(
         self,
@@ -106,6 +107,12 @@ class ToolMath(Environment):
         self._counts = dict.fromkeys(
             ("trajectories", "turns", "tool_calls", "call_errors", "used_tool", "budget_ends"), 0
         )
+
+    def for_evaluation(self, sampling: SamplingParams) -> ToolMath:
+        """Shares this environment's sandbox pool. One answer per trajectory (the retry feedback is told by the
+        reference answer) and no tool-use bonus: accuracy is what the model answers with the tool at hand."""
+        settings = dataclasses.replace(self.settings, tool_use_reward=0.0, max_attempts=1)
+        return ToolMath(self.farm, self.reward_pool, self.tokenizer, sampling, settings, sandbox=self.pool)
 
     # -- one prompt ------------------------------------------------------------------------------------
     async def rollout(self, prompt: Prompt, n: int) -> list[Sample]:
