@@ -27,8 +27,10 @@ M2Scope = Literal["global", "per_microbatch"]
 NonFinite = Literal["raise", "mask"]
 # Where the behaviour log-probs come from: the engine's sampling ones, or the trainer's recomputed ones.
 BehaviorSource = Literal["engine", "trainer"]
-# Environments (rollout/environments): how a prompt becomes scored samples.
-EnvName = Literal["math", "tool_math"]
+# Environments (rollout/environments): how a prompt becomes scored samples; the multi-turn ones put
+# environment tokens between model turns (`Environment.multi_turn`).
+MultiTurnEnvName = Literal["tool_math"]
+EnvName = Literal["math", MultiTurnEnvName]
 # Rollout corrections (algorithms/corrections.py); the first two weight the loss by rho, the others only drop
 # tokens, so only those apply where the loss's ratio already divides by the engine's probabilities.
 WeightingCorrection = Literal["token_tis", "token_mis"]

@@ -29,10 +29,16 @@ from megatron_m2po.choices import (
     EnvName,
     LossName,
     M2Scope,
+    MultiTurnEnvName,
     TrackerName,
     WeightingCorrection,
 )
 from megatron_m2po.staleness import MODES, ModeName, mode_named
+
+# A multi-turn environment's bound on a trajectory's response (model and environment tokens together):
+# rollout.env -> (its rollout.env_settings key, the default). The environment's settings take the default
+# from here, so the microbatch check below and the environment agree on the longest response.
+ENV_RESPONSE_BUDGET: dict[str, tuple[str, int]] = {"tool_math": ("max_total_tokens", 2048)}
 
 
 class ConfigError(ValueError):
@@ -881,13 +887,16 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     if problems:
         key, problem = problems[0]
         raise ConfigError(f"'{key}': {problem}")
-    longest = cfg.data.max_prompt_tokens + r.max_new_tokens
+    if a.routing_replay == "replay" and r.env in typing.get_args(MultiTurnEnvName):
+        raise ConfigError(_multi_turn_replay_problem("replay", r.env))
+    response_key, response_tokens = longest_response(cfg)
+    longest = cfg.data.max_prompt_tokens + response_tokens
     cp_multiple = 2 * cfg.parallel.context if cfg.parallel.context > 1 else 1
     padded_longest = -(-longest // cp_multiple) * cp_multiple
     if t.max_tokens_per_microbatch and t.max_tokens_per_microbatch < padded_longest:
         raise ConfigError(
             f"'train.max_tokens_per_microbatch': {t.max_tokens_per_microbatch} cannot hold the longest "
-            f"sequence, data.max_prompt_tokens + rollout.max_new_tokens = {longest}"
+            f"sequence, data.max_prompt_tokens + {response_key} = {longest}"
             + (
                 f", padded to a multiple of 2 x parallel.context = {cp_multiple}: {padded_longest}"
                 if cp_multiple > 1
@@ -991,6 +1000,27 @@ def is_moe(model: Any) -> bool:
     return isinstance(experts, int) and experts > 0
 
 
+def longest_response(cfg: Config) -> tuple[str, int]:
+    """The longest response a rollout can return, with the key that bounds it: rollout.max_new_tokens for
+    one model turn; a multi-turn environment's response budget (tool_math: model and tool tokens together)."""
+    if cfg.rollout.env not in ENV_RESPONSE_BUDGET:
+        return "rollout.max_new_tokens", cfg.rollout.max_new_tokens
+    key, default = ENV_RESPONSE_BUDGET[cfg.rollout.env]
+    value = (cfg.rollout.env_settings or {}).get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"'rollout.env_settings.{key}': must be an integer, got {value!r}")
+    return f"rollout.env_settings.{key}", value
+
+
+def _multi_turn_replay_problem(choice: str, env: str) -> str:
+    return (
+        f"'algorithm.routing_replay': {choice} cannot run with rollout.env={env}: a multi-turn trajectory's "
+        "routed experts are not carried across turns (each turn's engine routing covers that turn's request "
+        "alone, and the environment's tokens were never routed by the engine), so the trainer would have no "
+        "routing to replay for most positions; set algorithm.routing_replay=off (docs/environments.md)"
+    )
+
+
 def routing_replay_on(cfg: Config, model: Any) -> bool:
     """Whether the engines record routing and the trainer replays it, for the model of HF config `model`;
     raises ConfigError naming algorithm.routing_replay where replay cannot run."""
@@ -1009,6 +1039,10 @@ def routing_replay_on(cfg: Config, model: Any) -> bool:
             + " cannot run with rollout.engine=vllm: the vllm engine does not return the experts it routed to "
             "(docs/models.md, \"Routing replay\"); use rollout.engine=sglang or local, or set "
             "algorithm.routing_replay=off"
+        )
+    if replay and cfg.rollout.env in typing.get_args(MultiTurnEnvName):
+        raise ConfigError(
+            _multi_turn_replay_problem(choice or "unset (= replay for this MoE model)", cfg.rollout.env)
         )
     return replay
 

@@ -13,10 +13,10 @@ import torch
 from transformers import AutoTokenizer
 
 from megatron_m2po.commands.tool_demo import call_text, trace_pairs
-from megatron_m2po.config import Config, ConfigError, SandboxConfig
+from megatron_m2po.config import Config, ConfigError, SandboxConfig, routing_replay_on, validate
 from megatron_m2po.data.prompts import Prompt, PromptDataset
 from megatron_m2po.event_loop import LoopThread
-from megatron_m2po.models.tiny import make_tiny_model
+from megatron_m2po.models.tiny import make_tiny_model, tiny_config
 from megatron_m2po.rollout import build
 from megatron_m2po.rollout.engines.local import LocalEngine
 from megatron_m2po.rollout.environments import ToolMath
@@ -312,3 +312,64 @@ def test_m2po_evaluate_with_the_tool_environment_on_the_real_engine(setup, tmp_p
         ConfigError, match="'rollout.env_settings.max_turn': not a setting of rollout.env=tool_math"
     ):
         main([*argv[:-1], '{"max_turn": 2}'])
+
+
+def _tool_math_config(**env_settings) -> Config:
+    cfg = Config()
+    cfg.model.path, cfg.data.path = "model", "prompts.jsonl"
+    cfg.train.groups_per_step = cfg.train.groups_per_update = 8
+    cfg.rollout.env, cfg.rollout.env_settings = "tool_math", env_settings
+    return cfg
+
+
+def test_routing_replay_is_refused_with_a_multi_turn_environment_by_name():
+    """Routed experts are not carried across turns: replay (set, or unset on an MoE model) is a config error
+    naming both keys; off, a dense model and single-turn math stay allowed."""
+    cfg = _tool_math_config()
+    cfg.algorithm.routing_replay = "replay"
+    with pytest.raises(
+        ConfigError, match=r"'algorithm.routing_replay': replay cannot run with rollout.env=tool_math"
+    ):
+        validate(cfg)
+    moe, dense = tiny_config("qwen3_moe"), tiny_config("qwen3")
+    cfg.algorithm.routing_replay = None
+    validate(cfg)
+    with pytest.raises(
+        ConfigError, match=r"unset \(= replay for this MoE model\) cannot run with rollout.env=tool_math"
+    ):
+        routing_replay_on(cfg, moe)
+    assert routing_replay_on(cfg, dense) is False
+    cfg.algorithm.routing_replay = "off"
+    assert routing_replay_on(cfg, moe) is False
+    single = _tool_math_config()
+    single.rollout.env, single.rollout.env_settings, single.algorithm.routing_replay = "math", {}, "replay"
+    validate(single)
+    assert routing_replay_on(single, moe) is True
+
+
+def test_the_microbatch_token_budget_holds_a_whole_trajectory():
+    """A tool_math response reaches env_settings.max_total_tokens (its default when unset), not
+    rollout.max_new_tokens: the token budget is checked against it, naming the keys."""
+    cfg = _tool_math_config(max_total_tokens=3000)
+    cfg.data.max_prompt_tokens, cfg.rollout.max_new_tokens = 512, 1024
+    cfg.train.max_tokens_per_microbatch = 3511
+    with pytest.raises(
+        ConfigError,
+        match=r"'train.max_tokens_per_microbatch': 3511 cannot hold the longest sequence, "
+        r"data.max_prompt_tokens \+ rollout.env_settings.max_total_tokens = 3512",
+    ):
+        validate(cfg)
+    cfg.train.max_tokens_per_microbatch = 3512
+    validate(cfg)
+    default = _tool_math_config()  # the environment's own default bounds the response
+    default.data.max_prompt_tokens, default.train.max_tokens_per_microbatch = 512, 512 + 2047
+    assert ToolMathSettings().max_total_tokens == 2048
+    with pytest.raises(ConfigError, match=r"rollout.env_settings.max_total_tokens = 2560"):
+        validate(default)
+    with pytest.raises(ConfigError, match=r"'rollout.env_settings.max_total_tokens': must be an integer"):
+        validate(_tool_math_config(max_total_tokens="many"))
+    single = _tool_math_config()
+    single.rollout.env, single.rollout.env_settings = "math", {}
+    single.data.max_prompt_tokens, single.rollout.max_new_tokens = 512, 1024
+    single.train.max_tokens_per_microbatch = 1536
+    validate(single)

@@ -17,7 +17,7 @@ import asyncio
 import dataclasses
 from dataclasses import dataclass
 
-from megatron_m2po.config import SandboxConfig
+from megatron_m2po.config import ENV_RESPONSE_BUDGET, SandboxConfig
 from megatron_m2po.data.prompts import Prompt
 from megatron_m2po.rollout.environments.base import Environment
 from megatron_m2po.rollout.environments.tool_calls import ToolCall, ToolCallError, parse_tool_calls
@@ -48,7 +48,8 @@ class ToolMathSettings:
 
     max_turns: int = 4  # model turns per trajectory
     max_tool_calls: int = 4  # tool calls run per trajectory; later calls are answered "not run"
-    max_total_tokens: int = 2048  # response tokens per trajectory, the model's and the tools' together
+    # response tokens per trajectory, the model's and the tools' together
+    max_total_tokens: int = ENV_RESPONSE_BUDGET["tool_math"][1]
     tool_timeout: float | None = None  # wall seconds per call (None: sandbox.wall_seconds)
     tool_use_reward: float = 0.0  # added to the reward of a trajectory in which a tool call ran
     tools_in_prompt: bool = True  # render the prompt with the tool's schema (`tools=`) by the chat template
