@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from megatron_m2po.rollout.environments.trajectory import EnvTurnRenderer
 from megatron_m2po.rollout.evaluation import environment_eval_metrics, rollout_all, stop_token_ids
 from megatron_m2po.rollout.farm import EngineFarm
 from megatron_m2po.rollout.manager import RolloutManager
+from megatron_m2po.rollout.producer import EVAL_RECORD, Producer, read_eval_record
 from megatron_m2po.rollout.rewards import RewardPool
 from megatron_m2po.rollout.tools import SandboxPool
 from megatron_m2po.types import Sample, SamplingParams
@@ -373,3 +375,37 @@ def test_the_microbatch_token_budget_holds_a_whole_trajectory():
     single.data.max_prompt_tokens, single.rollout.max_new_tokens = 512, 1024
     single.train.max_tokens_per_microbatch = 1536
     validate(single)
+
+
+def test_the_run_s_periodic_evaluation_answers_with_the_tool(setup, tmp_path):
+    """`eval.every` in a tool_math run: the producer's evaluation goes through the run's environment (its
+    settings, its sandbox pool) and logs the share of answers given after a tool call beside accuracy."""
+    hf_dir, tok, *_ = setup
+    data = tmp_path / "p.jsonl"
+    data.write_text(
+        "".join(json.dumps({"problem": f"123*456 ({i})", "answer": "56088"}) + "\n" for i in range(3))
+    )
+    cfg = Config()
+    cfg.model.path, cfg.data.path, cfg.eval.path = str(hf_dir), str(data), str(data)
+    cfg.rollout.env, cfg.rollout.env_settings = "tool_math", {"max_turns": 3, "tool_use_reward": 0.5}
+    cfg.sandbox.workers = 2
+    producer = Producer(
+        cfg, SimpleNamespace(dtype=torch.float32, routed_experts_shape=None), tmp_path, saved=None
+    )
+    try:
+        env = producer.manager.environment
+        env.farm = EngineFarm(
+            [ScriptedEngine(hf_dir, engine_id="scripted")]
+        )  # trajectory 0: a call, the answer
+        out = producer.evaluate(version=3)
+        assert (out["eval/accuracy"], out["eval/reward_mean"]) == (1.0, 1.0)  # no tool bonus in evaluation
+        assert (out["eval/used_tool_fraction"], out["eval/turns_mean"], out["eval/tool_calls_mean"]) == (
+            1.0,
+            2.0,
+            1.0,
+        )
+        assert env.pool.metrics()["tool/calls"] == 3  # the run's own pool ran the calls
+        assert env.metrics()["env/turns_mean"] == 0.0  # the training counters are untouched
+        assert read_eval_record(tmp_path / EVAL_RECORD) == {3: "111"}
+    finally:
+        producer.close()
