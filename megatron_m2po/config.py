@@ -889,20 +889,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         raise ConfigError(f"'{key}': {problem}")
     if a.routing_replay == "replay" and r.env in typing.get_args(MultiTurnEnvName):
         raise ConfigError(_multi_turn_replay_problem("replay", r.env))
-    response_key, response_tokens = longest_response(cfg)
-    longest = cfg.data.max_prompt_tokens + response_tokens
-    cp_multiple = 2 * cfg.parallel.context if cfg.parallel.context > 1 else 1
-    padded_longest = -(-longest // cp_multiple) * cp_multiple
-    if t.max_tokens_per_microbatch and t.max_tokens_per_microbatch < padded_longest:
-        raise ConfigError(
-            f"'train.max_tokens_per_microbatch': {t.max_tokens_per_microbatch} cannot hold the longest "
-            f"sequence, data.max_prompt_tokens + {response_key} = {longest}"
-            + (
-                f", padded to a multiple of 2 x parallel.context = {cp_multiple}: {padded_longest}"
-                if cp_multiple > 1
-                else ""
-            )
-        )
+    check_microbatch_budget(cfg)
     pl = cfg.parallel
     if pl.sequence_parallel and pl.tensor == 1:
         raise ConfigError("'parallel.sequence_parallel': needs parallel.tensor > 1 (it splits over the TP ranks)")
@@ -1010,6 +997,29 @@ def longest_response(cfg: Config) -> tuple[str, int]:
     if not isinstance(value, int) or isinstance(value, bool):
         raise ConfigError(f"'rollout.env_settings.{key}': must be an integer, got {value!r}")
     return f"rollout.env_settings.{key}", value
+
+
+def check_microbatch_budget(cfg: Config, prompt_extra: tuple[str, int] | None = None) -> None:
+    """`train.max_tokens_per_microbatch` holds the longest sequence: the longest prompt (plus `prompt_extra`,
+    (what, tokens) the environment adds to every prompt) and the longest response, padded for CP."""
+    t = cfg.train
+    response_key, response_tokens = longest_response(cfg)
+    extra_key, extra_tokens = prompt_extra or ("", 0)
+    longest = cfg.data.max_prompt_tokens + extra_tokens + response_tokens
+    cp_multiple = 2 * cfg.parallel.context if cfg.parallel.context > 1 else 1
+    padded_longest = -(-longest // cp_multiple) * cp_multiple
+    if t.max_tokens_per_microbatch and t.max_tokens_per_microbatch < padded_longest:
+        raise ConfigError(
+            f"'train.max_tokens_per_microbatch': {t.max_tokens_per_microbatch} cannot hold the longest "
+            f"sequence, data.max_prompt_tokens + "
+            + (f"{extra_key} ({extra_tokens} tokens) + " if extra_tokens else "")
+            + f"{response_key} = {longest}"
+            + (
+                f", padded to a multiple of 2 x parallel.context = {cp_multiple}: {padded_longest}"
+                if cp_multiple > 1
+                else ""
+            )
+        )
 
 
 def _multi_turn_replay_problem(choice: str, env: str) -> str:

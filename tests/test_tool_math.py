@@ -394,18 +394,54 @@ def test_the_run_s_periodic_evaluation_answers_with_the_tool(setup, tmp_path):
     )
     try:
         env = producer.manager.environment
-        env.farm = EngineFarm(
-            [ScriptedEngine(hf_dir, engine_id="scripted")]
-        )  # trajectory 0: a call, the answer
+        # the script's trajectory 0 for every prompt: a call, then the answer
+        env.farm = EngineFarm([ScriptedEngine(hf_dir, engine_id="scripted")])
         out = producer.evaluate(version=3)
         assert (out["eval/accuracy"], out["eval/reward_mean"]) == (1.0, 1.0)  # no tool bonus in evaluation
-        assert (out["eval/used_tool_fraction"], out["eval/turns_mean"], out["eval/tool_calls_mean"]) == (
-            1.0,
-            2.0,
-            1.0,
-        )
+        tool = (out["eval/used_tool_fraction"], out["eval/turns_mean"], out["eval/tool_calls_mean"])
+        assert tool == (1.0, 2.0, 1.0)
         assert env.pool.metrics()["tool/calls"] == 3  # the run's own pool ran the calls
         assert env.metrics()["env/turns_mean"] == 0.0  # the training counters are untouched
         assert read_eval_record(tmp_path / EVAL_RECORD) == {3: "111"}
     finally:
         producer.close()
+
+
+TOOLS_TEMPLATE = (  # a chat template with a place for tools, as Qwen3's: a system block listing them
+    "{%- if tools %}<|im_start|>system\n# Tools\n{%- for tool in tools %}\n{{ tool | tojson }}{%- endfor %}"
+    "<|im_end|>\n{%- endif %}{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+    "{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+)
+
+
+def test_the_token_budget_counts_the_tool_schema_the_prompt_grows_by(setup):
+    """`data.max_prompt_tokens` counts the prompt without the tool's schema: building the environment checks
+    the budget with the schema's tokens as the template renders them, the same growth every prompt gets."""
+    hf_dir, _, rewards, _, loop = setup
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    tok.chat_template = TOOLS_TEMPLATE
+    what, extra = ToolMath.prompt_extra_tokens(tok, ToolMathSettings())
+    assert what.endswith("(rollout.env_settings.tools_in_prompt)") and extra > 20
+    assert ToolMath.prompt_extra_tokens(tok, ToolMathSettings(tools_in_prompt=False)) == ("", 0)
+    plain = AutoTokenizer.from_pretrained(hf_dir)  # the tiny model's template has no place for tools
+    assert ToolMath.prompt_extra_tokens(plain, ToolMathSettings())[1] == 0
+    cfg = _tool_math_config(max_total_tokens=100)
+    cfg.data.max_prompt_tokens = 50
+    cfg.train.max_tokens_per_microbatch = 150 + extra - 1
+    validate(cfg)  # without the tokenizer the schema cannot be counted
+    params = SamplingParams(max_new_tokens=20, stop_token_ids=stop_token_ids(tok))
+    farm = EngineFarm([LocalEngine(hf_dir, engine_id="e0")])
+    with pytest.raises(
+        ConfigError,
+        match=rf"'train.max_tokens_per_microbatch': {149 + extra} cannot hold the longest sequence, "
+        rf"data.max_prompt_tokens \+ the tool schema \(rollout.env_settings.tools_in_prompt\) \({extra} tokens\) "
+        rf"\+ rollout.env_settings.max_total_tokens = {150 + extra}",
+    ):
+        build.environment(cfg, farm, rewards, tok, params)
+    cfg.train.max_tokens_per_microbatch = 150 + extra
+    env = build.environment(cfg, farm, rewards, tok, params)
+    try:
+        prompt = _prompt(tok)
+        assert len(env._prompt_ids(prompt)) - len(prompt.prompt_ids) == extra
+    finally:
+        loop.run(env.close())

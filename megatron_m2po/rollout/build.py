@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from megatron_m2po.config import Config
+from megatron_m2po.config import Config, check_microbatch_budget
 from megatron_m2po.data.prompts import PromptDataset
 from megatron_m2po.rollout.dynamic_sampling import DynamicSampling
 from megatron_m2po.rollout.engines.local import LocalEngine
@@ -127,6 +127,7 @@ def environment(cfg: Config, farm, rewards, tokenizer, sampling: SamplingParams)
     """The `rollout.env` environment with its `rollout.env_settings` (checked here: a bad key is named)."""
     cls = environment_class(cfg.rollout.env)
     settings = cls.parse_settings(cfg.rollout.env_settings)
+    check_microbatch_budget(cfg, cls.prompt_extra_tokens(tokenizer, settings))  # what validate cannot count
     extra = {"sandbox": cfg.sandbox} if cls.uses_sandbox else {}
     return cls(farm, rewards, tokenizer, sampling, settings=settings, **extra)
 

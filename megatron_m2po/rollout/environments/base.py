@@ -34,6 +34,12 @@ class Environment(ABC):
     # evaluation then runs through the environment (`for_evaluation`), not as one engine call per prompt.
     multi_turn: ClassVar[bool] = False
 
+    @classmethod
+    def prompt_extra_tokens(cls, tokenizer, settings) -> tuple[str, int]:
+        """(what, tokens) the environment adds to every prompt beyond `data.max_prompt_tokens`'s count
+        (tool_math: the tool's schema in the chat template): the micro-batch token budget must hold it."""
+        return "", 0
+
     @abstractmethod
     async def rollout(self, prompt: Prompt, n: int) -> list[Sample]:
         """`n` scored samples for `prompt`; errors from the engines propagate (the manager counts them)."""

@@ -115,6 +115,19 @@ class ToolMath(Environment):
         settings = dataclasses.replace(self.settings, tool_use_reward=0.0, max_attempts=1)
         return ToolMath(self.farm, self.reward_pool, self.tokenizer, sampling, settings, sandbox=self.pool)
 
+    @classmethod
+    def prompt_extra_tokens(cls, tokenizer, settings: ToolMathSettings) -> tuple[str, int]:
+        """The schema's tokens: a probe prompt rendered with the tool less the same without it."""
+        if not settings.tools_in_prompt or not getattr(tokenizer, "chat_template", None):
+            return "", 0
+        probe = [{"role": "user", "content": "probe"}]
+        texts = [
+            tokenizer.apply_chat_template(probe, tools=tools, tokenize=False, add_generation_prompt=True)
+            for tools in (None, [PYTHON_TOOL_SCHEMA])
+        ]
+        lengths = [len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
+        return "the tool schema (rollout.env_settings.tools_in_prompt)", lengths[1] - lengths[0]
+
     # -- one prompt ------------------------------------------------------------------------------------
     async def rollout(self, prompt: Prompt, n: int) -> list[Sample]:
         prompt_ids = self._prompt_ids(prompt)
