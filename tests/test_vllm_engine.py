@@ -191,17 +191,20 @@ def test_server_first_token_distribution_matches_engine_probabilities(served):
     assert result.pvalue > 1e-3, f"chi-square p = {result.pvalue} over {int(big.sum()) + 1} bins"
 
 
-async def _until_running(session, url: str, timeout: float = 60.0) -> None:
+async def _until_running(session, url: str, task: asyncio.Future, timeout: float = 60.0) -> bool:
     """Wait until the server decodes a request (its Prometheus gauge vllm:num_requests_running > 0); a fixed
-    sleep let a free machine finish all 400 tokens before the abort came."""
+    sleep let a free machine finish all 400 tokens before the abort came. False when `task` finished first
+    (the gauge can miss a request that a free machine decodes between two polls)."""
     deadline = asyncio.get_running_loop().time() + timeout
-    while asyncio.get_running_loop().time() < deadline:
+    while asyncio.get_running_loop().time() < deadline and not task.done():
         async with session.get(f"{url}/metrics") as r:
             text = await r.text()
         running = [line for line in text.splitlines() if line.startswith("vllm:num_requests_running")]
         if any(float(line.rsplit(" ", 1)[1]) > 0 for line in running):
-            return
+            return True
         await asyncio.sleep(0.01)
+    if task.done():
+        return False
     raise AssertionError(f"{url}: no request running after {timeout} s")
 
 
@@ -218,17 +221,23 @@ def test_server_bad_request_is_not_retried_and_aborts_come_back(served):
             await farm.close()
 
         async def aborted(engine):  # a request cut by /pause?mode=abort returns its tokens as "abort"
-            task = asyncio.ensure_future(
-                engine.generate("a@0", PROMPT, 4, SamplingParams(max_new_tokens=400, seed=2))
+            for attempt in range(3):  # again if the request ran to its end before the gauge showed it
+                task = asyncio.ensure_future(
+                    engine.generate(f"a{attempt}@0", PROMPT, 4, SamplingParams(max_new_tokens=400, seed=2))
+                )
+                async with aiohttp.ClientSession() as s:
+                    if not await _until_running(s, served["url"], task):  # abort as soon as it decodes
+                        await task
+                        continue
+                    async with s.post(f"{served['url']}/pause", params={"mode": "abort"}) as r:
+                        assert r.status == 200
+                try:
+                    return await task
+                finally:
+                    await engine.resume()
+            raise AssertionError(
+                "three requests of 4 x 400 tokens each finished before the server showed one"
             )
-            async with aiohttp.ClientSession() as s:
-                await _until_running(s, served["url"])  # abort as soon as it decodes: long before 400 tokens
-                async with s.post(f"{served['url']}/pause", params={"mode": "abort"}) as r:
-                    assert r.status == 200
-            try:
-                return await task
-            finally:
-                await engine.resume()
 
         return metrics, await _with_engine(served["url"], aborted)
 
