@@ -18,7 +18,6 @@ held-out accuracy with the tool before and after RL.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import random
@@ -40,7 +39,7 @@ from megatron_m2po.rollout.environments import SingleTurnMath, ToolMath
 from megatron_m2po.rollout.environments.tool_calls import CALL_CLOSE, CALL_OPEN
 from megatron_m2po.rollout.environments.tool_math import PYTHON_TOOL, ToolMathSettings
 from megatron_m2po.rollout.environments.trajectory import EnvTurnRenderer
-from megatron_m2po.rollout.evaluation import stop_token_ids
+from megatron_m2po.rollout.evaluation import environment_eval_metrics, rollout_all, stop_token_ids
 from megatron_m2po.rollout.farm import EngineFarm
 from megatron_m2po.rollout.rewards import RewardPool
 from megatron_m2po.rollout.tools import SandboxPool, ToolResult
@@ -96,11 +95,6 @@ def tool_settings(cfg) -> ToolMathSettings:
     return ToolMath.parse_settings(cfg.rollout.env_settings)
 
 
-async def _all(env, prompts) -> list:
-    """One greedy trajectory per prompt, all in flight at once (the engine batches their turns)."""
-    return list(await asyncio.gather(*(env.rollout(p, 1) for p in prompts)))
-
-
 def heldout_figures(hf_dir: Path, heldout: Path, n: int, cfg, pool: SandboxPool, threads: int) -> dict:
     """Greedy held-out accuracy with the tool (the RL recipe's tool environment) and without it (one turn),
     and the fraction of answers that used the tool (a call ran) or tried to (a call without the tool)."""
@@ -118,19 +112,18 @@ def heldout_figures(hf_dir: Path, heldout: Path, n: int, cfg, pool: SandboxPool,
     farm = EngineFarm([LocalEngine(hf_dir, engine_id="eval", threads=threads)])
     try:
         out = {}
+        tool_env = ToolMath(farm, rewards, tokenizer, params, tool_settings(cfg), sandbox=pool)
         for name, env in (
-            ("with_tool", ToolMath(farm, rewards, tokenizer, params, tool_settings(cfg), sandbox=pool)),
+            ("with_tool", tool_env.for_evaluation(params)),  # as the run's periodic evaluation answers
             ("without_tool", SingleTurnMath(farm, rewards, tokenizer, params)),
         ):
-            groups = loop.run(_all(env, prompts))
+            # one greedy trajectory per prompt, all in flight at once (the engine batches their turns)
+            groups = loop.run(rollout_all(env, prompts, 1, concurrency=max(1, len(prompts))))
             samples = [g[0] for g in groups]
-            used = (
-                [len(s.turn_starts) > 1 for s in samples] if name == "with_tool" else [False] * len(samples)
-            )
             tried = [CALL_OPEN in s.response_text for s in samples]
             out[name] = {
                 "accuracy": sum(s.reward >= 1.0 for s in samples) / len(samples),
-                "used_tool_fraction": sum(used) / len(samples),
+                "used_tool_fraction": environment_eval_metrics(env).get("used_tool_fraction", 0.0),
                 "called_tool_fraction": sum(tried) / len(samples),
             }
         return out
