@@ -109,6 +109,7 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict:
         cfg.train.max_tokens_per_microbatch = max(budget, max(seq_lengths))
         cfg.train.lr = 1e-6
         cfg.parallel.recompute = args.recompute
+        cfg.algorithm.routing_replay = "off"  # synthetic samples carry no engine routing: the router routes
         trainer = model = None
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
