@@ -475,6 +475,7 @@ group = new_weight_update_group("127.0.0.1", int(sys.argv[1]), 0, 2, "g", "gloo"
 tensors = load_file(sys.argv[2])
 for name in sys.argv[3:]:  # in the order the server is told about them
     broadcast_from_trainer(group, tensors[name].contiguous())
+torch.distributed.destroy_process_group(group)  # at exit, a live gloo group's threads can abort the process
 """
 
 
