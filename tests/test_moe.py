@@ -184,19 +184,11 @@ def test_tensor_and_pipeline_parallel_match_transformers(moe_dir, moe_megatron_d
 def test_m2po_train_runs_at_expert_parallel_2(moe_dir, tmp_path):
     """`m2po train` of the tiny Qwen3-MoE at EP = 2 (2 processes): the weight sync after an update gathers the
     experts over the EP group, which spans both data-parallel replicas, so both ranks must take part."""
-    import json
     import subprocess
 
     from tests.conftest import subprocess_env, torchrun_prefix
 
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(
-        "".join(
-            json.dumps({"problem": f"{a}+{b}", "answer": str(a + b)}) + "\n"
-            for a in range(8)
-            for b in range(4)
-        )
-    )
+    prompts = _addition_prompts(tmp_path)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"""
 model: {{path: {moe_dir}}}
@@ -218,6 +210,14 @@ parallel: {{expert: 2}}
     assert steps and max(s["step"] for s in steps) == 2
 
 
+def _addition_prompts(tmp_path):
+    """32 one-digit addition prompts for the MoE `m2po train` runs."""
+    prompts = tmp_path / "prompts.jsonl"
+    rows = ({"problem": f"{a}+{b}", "answer": str(a + b)} for a in range(8) for b in range(4))
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return prompts
+
+
 def test_m2po_trains_a_moe_end_to_end_with_routing_replay(moe_dir, tmp_path):
     """`m2po train` of the tiny Qwen3-MoE (8 experts, top-2) with M2PO, bounded mode, the local engine recording
     its routing and the trainer replaying it (algorithm.routing_replay unset = replay for MoE): every step's
@@ -228,14 +228,7 @@ def test_m2po_trains_a_moe_end_to_end_with_routing_replay(moe_dir, tmp_path):
     from megatron_m2po.metrics import read_scalars
     from tests.conftest import subprocess_env
 
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(
-        "".join(
-            json.dumps({"problem": f"{a}+{b}", "answer": str(a + b)}) + "\n"
-            for a in range(8)
-            for b in range(4)
-        )
-    )
+    prompts = _addition_prompts(tmp_path)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"""
 model: {{path: {moe_dir}}}
