@@ -146,6 +146,65 @@ def test_member_hung_or_killed_mid_push_is_dropped_and_the_push_completes(push, 
     _serves(run, farm, model, survivor.engine_id, 4)
 
 
+MEMBER_THAT_NEVER_RECEIVES = """
+import sys, time
+from megatron_m2po.sync.process_group import new_weight_update_group
+group = new_weight_update_group("127.0.0.1", int(sys.argv[1]), 1, 2, sys.argv[2], "gloo")
+print("joined", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("member_dies", [True, False], ids=["member-killed", "member-alive"])
+def test_a_given_up_broadcast_reports_a_dead_members_broken_connection_not_a_stuck_group(member_dies):
+    """A member's HTTP reply often reports its death before the trainer's broadcast fails on the closed
+    socket (the race CI hit): give_up() fires first. The broadcast then gets its grace to fail by itself:
+    with the member killed it raises gloo's connection error (not stuck: destroying the group frees the
+    other members at once); with the member alive but never receiving it is given up as stuck after the
+    grace, well before the broadcast's own timeout."""
+    import subprocess
+    import sys
+
+    from megatron_m2po.sync.process_group import (
+        GIVE_UP_GRACE,
+        abort_group,
+        broadcast_from_trainer,
+        new_weight_update_group,
+    )
+    from tests.conftest import subprocess_env
+
+    port, name = free_port(), f"m2po_give_up-{member_dies}"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", MEMBER_THAT_NEVER_RECEIVES, str(port), name],
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        group = new_weight_update_group("127.0.0.1", port, 0, 2, name, "gloo", timeout=timedelta(seconds=60))
+        assert proc.stdout.readline().strip() == "joined"
+        if member_dies:
+            threading.Timer(0.3, proc.kill).start()
+        t0 = time.monotonic()
+        with pytest.raises(Exception) as raised:  # 64 MiB cannot sit in socket buffers: the send waits
+            broadcast_from_trainer(
+                group, torch.zeros(1 << 24), timeout=60, give_up=lambda: "the member's reply failed"
+            )
+        elapsed = time.monotonic() - t0
+        if member_dies:
+            assert not isinstance(raised.value, TimeoutError), raised.value
+            assert elapsed < GIVE_UP_GRACE
+            abort_group(group, "gloo", stuck=False, timeout=60)
+        else:
+            assert isinstance(raised.value, TimeoutError)
+            assert "given up: the member's reply failed" in str(raised.value)
+            assert GIVE_UP_GRACE <= elapsed < GIVE_UP_GRACE + 5
+            abort_group(group, "gloo", stuck=True, timeout=60)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
 RECEIVER = """
 import sys, torch
 from megatron_m2po.sync.process_group import broadcast_from_trainer, new_weight_update_group

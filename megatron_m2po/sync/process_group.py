@@ -95,20 +95,31 @@ def broadcast_from_trainer(
 ) -> None:
     """Broadcast `tensor` from group rank 0 in place (works without torchrun's default group). With `timeout`
     (seconds) a broadcast not complete by then raises `TimeoutError`, and so does one for which `give_up()`
-    returns a reason (a member that will never take part); the group is then unusable (abort it)."""
+    returns a reason (a member that will never take part); the group is then unusable (abort it).
+
+    A member whose process died is often reported by its HTTP reply a moment before the broadcast itself
+    fails on the closed connection. The broadcast gets `GIVE_UP_GRACE` seconds to end on its own: one
+    that ended with an error raises it (the group is not stuck, and destroying it frees the other members
+    at once); only one still running after the grace is given up as stuck."""
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
     work = group.broadcast([tensor], opts)
     if timeout is not None or give_up is not None:
         deadline = time.monotonic() + (timeout if timeout is not None else float("inf"))
+        reason = None
         while not work.is_completed():  # NCCL's wait() blocks the stream, not this thread, without a bound
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
+                if reason:
+                    raise TimeoutError(f"the weight broadcast was given up: {reason}")
                 raise TimeoutError(f"the weight broadcast did not complete within {timeout:g}s")
-            reason = give_up() if give_up is not None else None
-            if reason:
-                raise TimeoutError(f"the weight broadcast was given up: {reason}")
+            if reason is None and give_up is not None and (reason := give_up()):
+                deadline = min(deadline, now + GIVE_UP_GRACE)
             time.sleep(0.001)
     work.wait()
+
+
+GIVE_UP_GRACE = 2.0  # seconds a given-up broadcast may take to fail by itself (a dead member's closed socket)
 
 
 def abort_group(group: dist.ProcessGroup, backend: str, *, stuck: bool, timeout: float) -> None:
