@@ -108,8 +108,9 @@ def test_quick_tool_demo_end_to_end(tmp_path):
     assert LAST_LINE.match(last), f"last line {last!r}"
     result = json.loads((out / "demo_result.json").read_text())
     for when in ("before_rl", "after_rl"):
-        assert set(result[when]) == {"with_tool", "without_tool"}
-        assert set(result[when]["with_tool"]) == {"accuracy", "used_tool_fraction", "called_tool_fraction"}
+        assert set(result[when]) == {"with_tool", "without_tool", "sampled_with_tool"}
+        for figures in result[when].values():
+            assert set(figures) == {"accuracy", "used_tool_fraction", "called_tool_fraction"}
     assert result["before_rl"]["with_tool"]["accuracy"] == pytest.approx(
         float(LAST_LINE.match(last).group(1))
     )
@@ -139,3 +140,24 @@ def test_full_demo_lifts_heldout_accuracy_by_20_points(tmp_path):
     _, last = _demo(tmp_path / "demo", timeout=3600)
     before, after = map(float, LAST_LINE.match(last).groups())
     assert after - before >= 0.20, last
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1900)
+def test_full_tool_demo_learns_the_tool_and_rl_raises_its_use(tmp_path):
+    """`m2po demo --env tool_math` with its defaults: the warm-started model answers with the tool far better
+    than without it, and RL raises the accuracy and the tool use of the answers it samples (docs/environments.md
+    records one run's figures)."""
+    out = tmp_path / "demo"
+    _demo(out, "--env", "tool_math", timeout=1800)
+    result = json.loads((out / "demo_result.json").read_text())
+    before, after = result["before_rl"], result["after_rl"]
+    for figures in (before, after):
+        assert figures["with_tool"]["accuracy"] >= figures["without_tool"]["accuracy"] + 0.5
+        assert figures["without_tool"]["used_tool_fraction"] == 0.0
+    assert after["with_tool"]["accuracy"] >= 0.6
+    assert after["sampled_with_tool"]["accuracy"] >= before["sampled_with_tool"]["accuracy"] + 0.15
+    assert (
+        after["sampled_with_tool"]["used_tool_fraction"]
+        >= before["sampled_with_tool"]["used_tool_fraction"] + 0.15
+    )

@@ -65,3 +65,43 @@ def test_warm_start_learns_the_response_tokens(task):
     assert losses[-1] < 0.5 * losses[0]
     with pytest.raises(ValueError, match="no training pairs"):
         warm_start(model, [], lambda m: 0.0)
+
+
+@pytest.mark.parametrize("mean_per_pair", [False, True])
+def test_warm_start_loss_is_the_token_mean_or_the_mean_of_each_pairs_token_mean(task, mean_per_pair):
+    """The first step's reported loss, recomputed with the reference model on the batch it drew: a long and a
+    short response weigh by their tokens, or (mean_per_pair, the tool demo's call and answer) equally."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, _, base = task
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    prompt = tokenizer("12+34=", add_special_tokens=False)["input_ids"]
+    pairs = [
+        (prompt, tokenizer("1" * 40, add_special_tokens=False)["input_ids"]),
+        (prompt, [tokenizer.eos_token_id]),
+    ]
+    losses: list[float] = []
+    warm_start(
+        model,
+        pairs,
+        lambda m: 0.0,
+        batch_size=6,
+        max_steps=1,
+        check_every=1,
+        pad_id=tokenizer.pad_token_id,
+        seed=5,
+        on_step=lambda step, loss, accuracy: losses.append(loss),
+        mean_per_pair=mean_per_pair,
+    )
+    picks = torch.randint(len(pairs), (6,), generator=torch.Generator().manual_seed(5)).tolist()
+    assert len(set(picks)) == 2  # the seed draws both pairs
+    with torch.no_grad():
+        nlls = []
+        for i in picks:
+            p, r = pairs[i]
+            logits = reference(input_ids=torch.tensor([p + r])).logits[0, len(p) - 1 : -1]
+            nlls.append(torch.nn.functional.cross_entropy(logits, torch.tensor(r), reduction="none"))
+    expected = torch.stack([n.mean() for n in nlls]).mean() if mean_per_pair else torch.cat(nlls).mean()
+    assert losses[0] == pytest.approx(expected.item(), rel=1e-4)

@@ -49,6 +49,45 @@ def _batch(pairs: Sequence[tuple[list[int], list[int]]], pad_id: int) -> tuple[t
 
 
 @torch.no_grad()
+def greedy_continuations(
+    model,
+    contexts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    stop_ids: Sequence[int],
+    pad_id: int,
+    batch_size: int = 256,
+) -> list[list[int]]:
+    """The greedy continuation of each context (token ids, cut after the first stop id).
+
+    Batched `generate` with left padding: fast enough to check every few dozen warm-start steps.
+    """
+    was_training = model.training
+    model.eval()
+    continuations: list[list[int]] = []
+    for start in range(0, len(contexts), batch_size):
+        chunk = contexts[start : start + batch_size]
+        length = max(len(c) for c in chunk)
+        ids = torch.full((len(chunk), length), pad_id, dtype=torch.long)
+        attention = torch.zeros_like(ids)
+        for i, c in enumerate(chunk):
+            ids[i, length - len(c) :] = torch.tensor(list(c))
+            attention[i, length - len(c) :] = 1
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=attention,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=list(stop_ids),
+            pad_token_id=pad_id,
+        )
+        for row in out[:, length:].tolist():
+            end = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
+            continuations.append(row[:end])
+    model.train(was_training)
+    return continuations
+
+
 def greedy_accuracy(
     model,
     tokenizer,
@@ -58,33 +97,18 @@ def greedy_accuracy(
     stop_ids: Sequence[int],
     batch_size: int = 256,
 ) -> float:
-    """Fraction of `prompts` (items with `prompt_ids` and `answer`) answered correctly by greedy decoding.
-
-    Batched `generate` with left padding: fast enough to check every few dozen warm-start steps.
-    """
-    was_training = model.training
-    model.eval()
+    """Fraction of `prompts` (items with `prompt_ids` and `answer`) answered correctly by greedy decoding."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    correct = 0
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        length = max(len(p.prompt_ids) for p in chunk)
-        ids = torch.full((len(chunk), length), pad, dtype=torch.long)
-        attention = torch.zeros_like(ids)
-        for i, p in enumerate(chunk):
-            ids[i, length - len(p.prompt_ids) :] = torch.tensor(p.prompt_ids)
-            attention[i, length - len(p.prompt_ids) :] = 1
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=attention,
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=list(stop_ids),
-            pad_token_id=pad,
-        )
-        texts = tokenizer.batch_decode(out[:, length:], skip_special_tokens=True)
-        correct += sum(math_reward(t, p.answer) >= 1.0 for t, p in zip(texts, chunk))
-    model.train(was_training)
+    continuations = greedy_continuations(
+        model,
+        [p.prompt_ids for p in prompts],
+        max_new_tokens=max_new_tokens,
+        stop_ids=stop_ids,
+        pad_id=pad,
+        batch_size=batch_size,
+    )
+    texts = tokenizer.batch_decode(continuations, skip_special_tokens=True)
+    correct = sum(math_reward(t, p.answer) >= 1.0 for t, p in zip(texts, prompts))
     return correct / max(1, len(prompts))
 
 
@@ -101,8 +125,13 @@ def warm_start(
     pad_id: int = 0,
     seed: int = 0,
     on_step: Callable[[int, float, float | None], None] | None = None,
+    mean_per_pair: bool = False,
 ) -> WarmStartResult:
     """AdamW cross-entropy on response tokens until `validate(model) >= target_accuracy` or `max_steps`.
+
+    The loss is the mean over the batch's response tokens, or with `mean_per_pair` the mean over pairs of
+    each pair's token mean, so a short response (the tool demo's answer after the tool's reply) weighs as
+    much as a long one (its tool call).
 
     `validate` is called every `check_every` steps; stopping at the first check that reaches the target
     is what leaves the model at partial accuracy, with room for RL to improve it. `on_step(step, loss,
@@ -119,6 +148,8 @@ def warm_start(
     while step < max_steps:
         picks = torch.randint(len(train_pairs), (batch_size,), generator=generator).tolist()
         ids, mask = _batch([train_pairs[i] for i in picks], pad_id)
+        if mean_per_pair:
+            mask = mask / mask.sum(dim=1, keepdim=True) * (mask.sum() / len(picks))
         logits = model(input_ids=ids).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
         loss = (nll * mask).sum() / mask.sum()
@@ -130,7 +161,9 @@ def warm_start(
         if checked:
             accuracy = validate(model)
             history.append((step, accuracy))
-            logger.debug("warm start step %d: loss %.3f, validation accuracy %.3f", step, loss.item(), accuracy)
+            logger.debug(
+                "warm start step %d: loss %.3f, validation accuracy %.3f", step, loss.item(), accuracy
+            )
         if on_step is not None:
             on_step(step, loss.item(), accuracy if checked else None)
         if checked and accuracy >= target_accuracy:
