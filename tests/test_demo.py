@@ -145,19 +145,18 @@ def test_full_demo_lifts_heldout_accuracy_by_20_points(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(1900)
 def test_full_tool_demo_learns_the_tool_and_rl_raises_its_use(tmp_path):
-    """`m2po demo --env tool_math` with its defaults: the warm-started model answers with the tool far better
-    than without it, and RL raises the accuracy and the tool use of the answers it samples (docs/environments.md
-    records one run's figures)."""
+    """`m2po demo --env tool_math` with its defaults: the warm start teaches the tool, RL teaches using it.
+    After RL the greedy policy calls the tool and answers far better with it than without it; RL raised the
+    accuracy and the tool use of the answers it samples (docs/environments.md records two seeds' figures)."""
     out = tmp_path / "demo"
     _demo(out, "--env", "tool_math", timeout=1800)
     result = json.loads((out / "demo_result.json").read_text())
     before, after = result["before_rl"], result["after_rl"]
-    for figures in (before, after):
-        assert figures["with_tool"]["accuracy"] >= figures["without_tool"]["accuracy"] + 0.5
-        assert figures["without_tool"]["used_tool_fraction"] == 0.0
-    assert after["with_tool"]["accuracy"] >= 0.6
+    assert result["warm_start"]["validation_traces_right"] >= 0.5
+    assert before["without_tool"]["used_tool_fraction"] == after["without_tool"]["used_tool_fraction"] == 0.0
+    assert after["with_tool"]["accuracy"] >= 0.5
+    assert after["with_tool"]["used_tool_fraction"] >= 0.9
+    assert after["with_tool"]["accuracy"] >= after["without_tool"]["accuracy"] + 0.4
     assert after["sampled_with_tool"]["accuracy"] >= before["sampled_with_tool"]["accuracy"] + 0.15
-    assert (
-        after["sampled_with_tool"]["used_tool_fraction"]
-        >= before["sampled_with_tool"]["used_tool_fraction"] + 0.15
-    )
+    sampled_use = [f["sampled_with_tool"]["used_tool_fraction"] for f in (before, after)]
+    assert sampled_use[1] >= sampled_use[0] + 0.3
