@@ -223,7 +223,8 @@ def test_server_bad_request_is_not_retried_and_aborts_come_back(served):
         async def aborted(engine):  # a request cut by /pause?mode=abort returns its tokens as "abort"
             # When to abort: once the server's running gauge shows the request (a loaded machine), else after
             # a fixed delay (a free machine decodes the tiny model's 4 x 400 tokens between two gauge polls).
-            for attempt, delay in enumerate([None, 0.0, 0.02, 0.05, 0.1, 0.2, 0.4]):
+            outcomes = []
+            for attempt, delay in enumerate([None, None, 0.0, 0.02, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6]):
                 task = asyncio.ensure_future(
                     engine.generate(f"a{attempt}@0", PROMPT, 4, SamplingParams(max_new_tokens=400, seed=2))
                 )
@@ -239,9 +240,11 @@ def test_server_bad_request_is_not_retried_and_aborts_come_back(served):
                 # resumed before waiting: a request that reached the server only after the pause waits for it
                 await engine.resume()
                 samples = await task
+                outcomes.append((delay, running, [(x.finish_reason, len(x.response_ids)) for x in samples]))
                 if any(x.finish_reason == "abort" and 0 < len(x.response_ids) < 400 for x in samples):
                     return samples
-            raise AssertionError("no abort landed while the server decoded the request")
+            # (delay, paused while running, (finish reason, tokens) of each sample) per attempt
+            raise AssertionError(f"no abort landed while the server decoded the request: {outcomes}")
 
         return metrics, await _with_engine(served["url"], aborted)
 
