@@ -105,7 +105,7 @@ def tool_skill_check(problems: list, tokenizer, renderer: EnvTurnRenderer):
     """The warm start's stopping check, on validation problems: the fraction whose tool trace the model
     writes greedily, both turns, given the trace so far (the call after `<tool_call>`, and the answer after
     the tool's reply). Copying the reply into the answer appears suddenly, after a number of steps that
-    varies with the seed (400 to 900 seen), so the warm start runs until it has, not for fixed steps."""
+    varies with the seed (300 to 1000 seen), so the warm start runs until it has, not for fixed steps."""
     traces = [trace_pairs(tokenizer, renderer, p, use_tool=True) for p in problems]
     opened = len(tokenizer(CALL_OPEN, add_special_tokens=False)["input_ids"])
     calls = [(ctx + turn[:opened], turn[opened:]) for (ctx, turn), _ in traces]
@@ -137,10 +137,11 @@ SAMPLES_PER_PROBLEM = 2  # trajectories per held-out problem for the figures at 
 
 
 def heldout_figures(hf_dir: Path, heldout: Path, n: int, cfg, pool: SandboxPool, threads: int) -> dict:
-    """Held-out figures of the model at `hf_dir` on the first `n` problems: greedy accuracy with the tool (the
-    RL recipe's tool environment) and without it (every call answered "not run"), and with the tool at the recipe's sampling
-    temperature (`SAMPLES_PER_PROBLEM` trajectories a problem: what RL samples, so what it improves first);
-    each with the fraction of answers that used the tool (a call ran) or tried to (a call block written)."""
+    """Held-out figures of the model at `hf_dir` on the first `n` problems: greedy accuracy with the tool
+    (the RL recipe's tool environment) and without it (every call answered "not run"), and with the tool
+    at the recipe's sampling temperature (`SAMPLES_PER_PROBLEM` trajectories a problem: what RL samples,
+    so what it improves first); each with the fraction of answers that used the tool (a call ran) or
+    tried to (a call block written)."""
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     prompts = PromptDataset(heldout, tokenizer, template=DEMO_TEMPLATE, shuffle=False)
     prompts = [prompts[i] for i in range(min(n, len(prompts)))]
@@ -156,11 +157,12 @@ def heldout_figures(hf_dir: Path, heldout: Path, n: int, cfg, pool: SandboxPool,
     farm = EngineFarm([LocalEngine(hf_dir, engine_id="eval", threads=threads)])
     try:
         out = {}
-        tool_env = ToolMath(farm, rewards, tokenizer, greedy, tool_settings(cfg), sandbox=pool)
+        settings = tool_settings(cfg)
+        tool_env = ToolMath(farm, rewards, tokenizer, greedy, settings, sandbox=pool)
         # The tiny model's chat template has no place to say whether a tool is offered, so "without" is the
         # tool environment with no call allowed: each call is answered "not run" and the model answers on
         # its next turn from its own head (scoring the call block itself, as one turn would, says nothing).
-        disabled = dataclasses.replace(tool_settings(cfg), max_tool_calls=0)
+        disabled = dataclasses.replace(settings, max_tool_calls=0)
         without_tool = ToolMath(farm, rewards, tokenizer, greedy, disabled, sandbox=pool)
         for name, env, samples in (
             ("with_tool", tool_env.for_evaluation(greedy), 1),  # as the run's periodic evaluation answers
