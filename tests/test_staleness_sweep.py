@@ -374,10 +374,46 @@ def test_the_grid_reads_accuracy_at_the_rules_final_update_and_decides_each_clai
         "1/20.0",
         "**holds**",
     ]
-    assert row("| grpo_noclip | 256 | 0 |")[-1] == "yes" and row("| m2po | 256 | 0 |")[-1] == "no"
+    assert row("| grpo_noclip | 256 | 0 |")[6:] == ["yes", "40.0 (64 -> 1088)"]
+    assert row("| m2po | 256 | 0 |")[6:] == ["no", "0"]
     assert "grpo_noclip collapses in 1 of 1 seeds, m2po in 0 of 1: **holds**" in text
     below = grid.write_grid({("long", "fact", 1e-5, 0.01, 1280): runs}, tmp_path / "grid.md")
     assert "grpo_noclip collapses in 1 of 1 seeds, m2po in 0 of 1 (decided only at lr >= 0.0001)" in below
+
+
+@given(st.lists(st.integers(0, 1000), min_size=1, max_size=25))
+@example([460, 896, 526, 906])  # the lr 1e-4 grpo_noclip seed-0 shape: a collapse recovered by the end
+@example([500, 400, 300])  # falling from the start
+def test_the_deepest_fall_is_the_largest_drop_to_any_later_evaluation(per_mille):
+    evals = [(64 * i, a / 1000) for i, a in enumerate(per_mille)]
+    fall, start, end = grid.deepest_fall(evals)
+    drops = [(a - b, i, j) for i, (_, a) in enumerate(evals) for j, (_, b) in enumerate(evals) if i < j]
+    largest = max([d for d, _, _ in drops], default=0.0)
+    assert fall == pytest.approx(max(largest, 0.0))
+    if fall > 0:
+        accuracy = dict(evals)
+        assert start < end and accuracy[start] - accuracy[end] == pytest.approx(fall)
+    else:
+        assert (start, end) == (None, None)
+
+
+def test_a_collapse_recovered_by_the_last_evaluation_is_seen_beside_the_pre_registered_rule(tmp_path):
+    updates = range(0, 1281, 64)
+    # up 40 points, down 37 between updates 576 and 832, back up by the end (the lr 1e-4 seed-0 shape)
+    noclip = {u: 0.46 if u == 0 else (0.526 if 640 <= u <= 960 else 0.896) for u in updates}
+    m2po = {u: 0.46 if u == 0 else (0.88 if u == 768 else 0.915) for u in updates}
+    runs = [cell_run("grpo_noclip", 256, 0, noclip), cell_run("m2po", 256, 0, m2po, masked=0.004)]
+    text = grid.write_grid({("long", "fact", 1e-4, 0.01, 1280): runs}, tmp_path / "grid.md")
+    lines = text.splitlines()
+    (noclip_row,) = [x for x in lines if x.startswith("| grpo_noclip | 256 | 0 |")]
+    (m2po_row,) = [x for x in lines if x.startswith("| m2po | 256 | 0 |")]
+    # the pre-registered rule (best against last) decides no collapse ...
+    assert noclip_row.split("|")[7].strip() == "no"
+    assert "grpo_noclip collapses in 0 of 1 seeds, m2po in 0 of 1: **fails**" in text
+    # ... and the deepest fall shows the one that recovered, and M2PO's dip below the threshold
+    assert noclip_row.split("|")[8].strip() == "37.0 (64 -> 640)"
+    assert m2po_row.split("|")[8].strip() == "3.5 (64 -> 768)"
+    assert "at any point: grpo_noclip 1 of 1, m2po 0 of 1." in text
 
 
 def test_a_run_being_trained_is_not_trained_twice(tmp_path):

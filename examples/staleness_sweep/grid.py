@@ -8,7 +8,9 @@
 - each claim of CLAIMS as a paired difference over problems (paired.py) with its decision, beside the
   per-seed differences (the spread over seeds) and each seed's exact McNemar test;
 - the token claim (M2PO's masked fraction at most MASK_RATIO of GRPO's clipped), whole run and steady;
-- prosperity before collapse: each run's start, best and last accuracy, and whether it collapsed.
+- prosperity before collapse: each run's start, best and last accuracy, and whether it collapsed;
+  beside it, not pre-registered, each run's deepest fall (`deepest_fall`), which sees a collapse that
+  recovers before the last evaluation.
 
 `write_grid` takes the runs already read (no file access but the table it writes), so the rules are
 tested on exact inputs.
@@ -38,6 +40,21 @@ MASK_RATIO = 0.1  # "M2PO masks at most a tenth of what GRPO clips"
 PROSPERITY = 0.05  # a collapse needs a rise of at least 5 points over the start first ...
 COLLAPSE = 0.10  # ... and then a fall of at least 10 points from the best to the last evaluation
 COLLAPSE_LR = 1e-4  # the collapse claim is decided in the cells at this lr and above
+
+
+def deepest_fall(evals: list[tuple[int, float]]) -> tuple[float, int | None, int | None]:
+    """(fall, from, to): the largest drop in accuracy from an evaluation to any later one, and the two
+    updates. Not pre-registered: added (2026-12-07) after the lr 1e-4 seed-0 curves, where
+    grpo_noclip fell 37 points mid-run and was back at its best by the last evaluation, so the
+    pre-registered rule (best against last) cannot see it."""
+    fall, at = 0.0, (None, None)
+    best, best_at = -math.inf, None
+    for update, acc in sorted(evals):
+        if acc > best:
+            best, best_at = acc, update
+        elif best - acc > fall:
+            fall, at = best - acc, (best_at, update)
+    return fall, *at
 
 
 def plateau_length(
@@ -113,6 +130,8 @@ def analyse_cell(runs: list[dict]) -> dict:
         for field in ("masked_fraction", "clip_fraction", "m2_before"):
             r[field] = mean_upto(r["curves"], field, 0, n)
             r[field + "_steady"] = mean_upto(r["curves"], field, s, n)
+        r["fall"], r["fall_from"], r["fall_to"] = deepest_fall([(x, accuracy(b)) for x, b in evals.items()])
+        r["fall_peak"] = accuracy(evals[r["fall_from"]]) if r["fall_from"] is not None else math.nan
         r["collapsed"] = (
             r["best"] - r["start"] >= PROSPERITY and r["best"] - r["acc_last"] >= COLLAPSE
             if not math.isnan(r["best"]) and not math.isnan(r["start"])
@@ -168,6 +187,18 @@ def token_rows(runs: list[dict], s: int) -> list[str]:
             else f"| {phase} | 0 | {100 * clipped:.3f} | 0 | **holds** |"
         )
     return lines
+
+
+def fall_summary(runs: list[dict]) -> str:
+    """Per loss, how many runs fell at least COLLAPSE from a point PROSPERITY above their start at any
+    later evaluation (a collapse, recovered or not): exploratory, not a pre-registered rule."""
+    counts = {}
+    for r in sorted(runs, key=lambda r: r["loss"]):
+        peak = r["fall_peak"]
+        fell = not math.isnan(peak) and peak - r["start"] >= PROSPERITY and r["fall"] >= COLLAPSE
+        done, total = counts.get(r["loss"], (0, 0))
+        counts[r["loss"]] = (done + fell, total + 1)
+    return ", ".join(f"{loss} {done} of {total}" for loss, (done, total) in counts.items())
 
 
 def collapse_decision(runs: list[dict], lr: float) -> str:
@@ -255,14 +286,22 @@ def write_grid(cells: dict[tuple, list[dict]], path: Path) -> str:
         lines += table(
             f"Prosperity before collapse (a rise of >= {100 * PROSPERITY:g} points over the start, then a fall "
             f"of >= {100 * COLLAPSE:g} from the best to the last evaluation): {collapse_decision(runs, cell[2])}",
-            ["loss", "s", "seed", "start", "best (update)", "last", "collapsed"],
+            ["loss", "s", "seed", "start", "best (update)", "last", "collapsed", "deepest fall (updates)"],
             [
                 f"| {r['loss']} | {r['s']} | {r['seed']} | {100 * r['start']:.1f} | "
                 f"{100 * r['best']:.1f} ({r['best_at']}) | {100 * r['acc_last']:.1f} | "
-                f"{'yes' if r['collapsed'] else 'no'} |"
+                f"{'yes' if r['collapsed'] else 'no'} | "
+                + (f"{100 * r['fall']:.1f} ({r['fall_from']} -> {r['fall_to']}) |" if r["fall_to"] else "0 |")
                 for r in ordered
             ],
         )
+        lines += [
+            "",
+            "Deepest fall (not pre-registered; added 2026-12-07 after the lr 1e-4 seed-0 curves): the largest "
+            "drop from an evaluation to a later one, which sees a collapse the run recovers from before its "
+            f"last evaluation. Runs that fell >= {100 * COLLAPSE:g} points after rising >= {100 * PROSPERITY:g} "
+            f"at any point: {fall_summary(runs)}.",
+        ]
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text
