@@ -90,6 +90,7 @@ def test_sweep_smoke(tmp_path):
     plots = [
         "sweep_short-fact_lr2e-05_wd0.01_n3_accuracy.png",
         "sweep_short-fact_lr2e-05_wd0.01_n3_by_staleness.png",
+        "sweep_short-fact_lr2e-05_wd0.01_n3_by_seed.png",  # each run's own curves, a column per seed
     ]
     assert all((results / name).stat().st_size > 5_000 for name in plots)
     # per-problem correctness: the warm start and the final policy on all 20 held-out problems, each

@@ -25,7 +25,8 @@ reused, so a sweep resumes on any machine from a fresh clone (an unfinished run 
 Writes RESULTS/sweep.csv (one row per run of every regime: lr, weight decay and updates are columns),
 RESULTS/sweep.md (mean +- std over seeds) and per regime RESULTS/sweep_<regime>_accuracy.png (held-out
 accuracy vs updates, a panel per loss, a line per s) and RESULTS/sweep_<regime>_by_staleness.png (a
-column per s, a line per loss, on-policy in every panel: the paper's comparison).
+column per s, a line per loss, on-policy in every panel: the paper's comparison), and for the grid's
+records RESULTS/sweep_<regime>_by_seed.png (a column per seed: each run's own curves).
 """
 
 from __future__ import annotations
@@ -680,7 +681,9 @@ TRAINING_ROWS = (
 def plot(rows: list[dict], out: Path, prefix: str) -> list[Path]:
     """PREFIX_accuracy.png: a panel per loss, a line per s. PREFIX_by_staleness.png: a column per s > 0, a
     line per loss (on-policy, s = 0, dashed in every accuracy panel), rows: accuracy, token fraction
-    masked (M2PO) or clipped (PPO), M2; all means over seeds."""
+    masked (M2PO) or clipped (PPO), M2 (and reward, entropy, gradient norm where the records have them);
+    all means over seeds. PREFIX_by_seed.png (records with those training curves): the same rows, a
+    column per seed, each run's own curves."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -734,6 +737,21 @@ def plot(rows: list[dict], out: Path, prefix: str) -> list[Path]:
         lines = [(loss, select(loss, s), {"color": f"C{LOSSES.index(loss)}"}) for loss in losses]
         return (reference if on_policy and key == "curve" else []) + [line for line in lines if line[1]]
 
+    def by_seed(seed: int, key: str):
+        """Each run of this seed alone: a mean over seeds would hide a collapse that only one seed shows."""
+        of_seed = [r for r in rows if int(r["seed"]) == seed]
+        lines = []
+        for r in sorted(of_seed, key=lambda r: (int(r["staleness"]) > 0, LOSSES.index(r["loss"]))):
+            if int(r["staleness"]) == 0 and key != "curve":
+                continue  # fresh data: nothing masked or clipped, M2 zero
+            style = (
+                {"color": f"C{LOSSES.index(r['loss'])}"}
+                if int(r["staleness"])
+                else {"color": "k", "linestyle": "--"}
+            )
+            lines.append((f"{r['loss']} (s={r['staleness']})", [r], style))
+        return lines
+
     paths = [draw(out / f"{prefix}_accuracy.png", losses, by_s, str, PANEL_ROWS[:1])]
     stale = [s for s in staleness if s > 0]
     panel_rows = PANEL_ROWS + (TRAINING_ROWS if all(r["reward_curve"] for r in rows) else ())
@@ -741,6 +759,9 @@ def plot(rows: list[dict], out: Path, prefix: str) -> list[Path]:
         paths.append(
             draw(out / f"{prefix}_by_staleness.png", stale, by_loss, lambda s: f"s = {s}", panel_rows)
         )
+    seeds = sorted({int(r["seed"]) for r in rows})
+    if stale and panel_rows != PANEL_ROWS:  # the grid's records (with training curves): a column per seed
+        paths.append(draw(out / f"{prefix}_by_seed.png", seeds, by_seed, lambda s: f"seed {s}", panel_rows))
     return paths
 
 
