@@ -32,6 +32,7 @@ EXTRAS = {
         "msgspec>=0.18",  # loads the pinned SGLang schema in tests/test_sglang_contract.py
         "pydantic>=2",  # parses /generate bodies there as the pinned SGLang route (FastAPI) does
         "setproctitle>=1.3",  # imported by the pinned sglang-router launcher that tests run (test_engine_supervisor)
+        "orjson>=3.9",  # imported by that launcher's mini_lb (test_engine_supervisor)
         "scipy>=1.11",  # chi-square test of sampled tokens (tests/test_sampling_independence.py)
         "datasets>=2.19",  # the [hub] prompt path, tested on local files
         "wandb>=0.19",  # the [tracking] backends, tested offline
